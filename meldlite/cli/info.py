@@ -1,0 +1,48 @@
+"""`meldlite info`: what a model file holds."""
+
+import json
+
+import click
+
+from meldlite.cli import command
+
+
+@command("info")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def info(model, as_json):
+    """Architecture, sizes, parameters and quant types of MODEL."""
+    import meldlite
+    d = meldlite.load(model, n_ctx=16).info()
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+        return
+    for line in format_info(d):
+        click.echo(line)
+
+
+def format_info(d):
+    yield f"model        {d['path']}"
+    yield f"architecture {d['architecture']}  ({d['name']})"
+    yield (f"size         {d['file_bytes'] / 2**20:.2f} MiB of tensors, experts "
+           f"{d['expert_bytes'] / 2**20:.2f} MiB ({d['expert_layout'] or 'dense'})")
+    yield (f"shape        vocab {d['n_vocab']}, ctx {d['n_ctx_train']}, embd {d['n_embd']}, "
+           f"layers {d['n_layer']}, heads {d['n_head']}/{d['n_head_kv']} x {d['head_dim']}")
+    if d["n_expert"]:
+        yield (f"experts      {d['n_expert_used']} of {d['n_expert']} per token, FFN {d['n_ff_exp']}"
+               + (f", shared FFN {d['n_ff_shexp']}" if d["n_ff_shexp"] else ""))
+    else:
+        yield f"ffn          {d['n_ff']}"
+    yield f"parameters   {d['params_total']:,} total, {d['params_active']:,} active per token"
+    yield "types        " + ", ".join(f"{k} x{v}" for k, v in sorted(d["tensor_types"].items()))
+    yield ""
+    yield f"{'tensor':<36} {'type':<7} {'shape':<20} bytes"
+    for t in d["tensors"]:
+        if "_exps." in t["name"] and d["expert_layout"] == "per_expert":
+            continue
+        yield f"{t['name']:<36} {t['type']:<7} {str(tuple(t['shape'])):<20} {t['bytes']}"
+    if d["expert_types"]:
+        yield ""
+        yield "expert types (gate/up/down) per layer:"
+        for i, layer in enumerate(d["expert_types"]):
+            yield f"  blk.{i}: " + " ".join(f"{e}:{'/'.join(t)}" for e, t in enumerate(layer))

@@ -1,0 +1,144 @@
+"""Model configuration: hyper-parameters from GGUF metadata plus a table of
+per-architecture traits.
+
+Architectures are data, not code: everything one supported architecture does
+differently from another is a field of `ArchTraits`, and the forward pass
+(`meldlite.model`) reads these fields. llama.cpp hard-codes some of these per
+architecture (expert-weight renormalisation, RoPE style) rather than reading
+them from the file; the table mirrors what its graph builders do.
+"""
+
+from dataclasses import dataclass
+
+from gguf import Keys
+
+from meldlite.errors import FormatError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """What differs between supported architectures."""
+    rope_neox: bool            # NEOX RoPE rotates (x[i], x[i+d/2]); normal rotates (x[2i], x[2i+1])
+    qk_norm: str               # "" none, "head": RMSNorm per head (qwen3), "full": over the whole projection (olmoe)
+    norm_topk: bool            # renormalise the chosen experts' weights to sum 1
+    shared_expert: bool        # a dense shared expert with a sigmoid gate beside the routed ones
+    expert_ff_key: str         # metadata key giving the routed experts' FFN width
+    expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
+    gating: str = "softmax"    # router probabilities over all experts
+    tied_output: bool = True   # `output.weight` may be absent: use `token_embd.weight`
+
+
+ARCHITECTURES = {
+    "qwen3moe": ArchTraits(rope_neox=True, qk_norm="head", norm_topk=True, shared_expert=False,
+                           expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+                           expert_ff_split=True),
+    "qwen2moe": ArchTraits(rope_neox=True, qk_norm="", norm_topk=False, shared_expert=True,
+                           expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
+    "olmoe": ArchTraits(rope_neox=True, qk_norm="full", norm_topk=False, shared_expert=False,
+                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH, tied_output=False),
+    "llama": ArchTraits(rope_neox=False, qk_norm="", norm_topk=True, shared_expert=False,
+                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH),
+    "qwen2": ArchTraits(rope_neox=True, qk_norm="", norm_topk=False, shared_expert=False,
+                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH),
+    "qwen3": ArchTraits(rope_neox=True, qk_norm="head", norm_topk=False, shared_expert=False,
+                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of one model, all read from GGUF metadata."""
+    arch: str
+    traits: ArchTraits
+    n_vocab: int
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int
+    rope_base: float
+    rms_eps: float
+    n_ff: int                  # dense FFN width (also the shared expert's default)
+    n_expert: int              # 0 for a dense model
+    n_expert_used: int
+    n_ff_exp: int              # routed expert FFN width
+    n_ff_shexp: int            # shared expert FFN width (0 without one)
+
+    @property
+    def is_moe(self):
+        return self.n_expert > 0
+
+    @classmethod
+    def from_metadata(cls, md, n_vocab=None):
+        """Build the config from a GGUF metadata dict; raise on missing or bad keys."""
+        arch = md.get(Keys.General.ARCHITECTURE)
+        if arch not in ARCHITECTURES:
+            raise UnsupportedError(f"unsupported architecture {arch!r}; supported: "
+                                   + ", ".join(sorted(ARCHITECTURES)))
+        traits = ARCHITECTURES[arch]
+
+        def get(key, default=None, kind=int):
+            name = key.format(arch=arch)
+            value = md.get(name, default)
+            if value is None:
+                raise FormatError(f"missing metadata key {name!r} required for {arch}")
+            if isinstance(value, list):  # per-layer arrays: meldlite needs one value
+                if not value or any(v != value[0] for v in value):
+                    raise UnsupportedError(f"per-layer values for {name!r} are not supported")
+                value = value[0]
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise FormatError(f"metadata key {name!r} has bad value {value!r}") from None
+
+        n_embd = get(Keys.LLM.EMBEDDING_LENGTH)
+        n_head = get(Keys.Attention.HEAD_COUNT)
+        n_head_kv = get(Keys.Attention.HEAD_COUNT_KV, n_head)
+        head_dim_k = get(Keys.Attention.KEY_LENGTH, n_embd // max(n_head, 1))
+        n_expert = get(Keys.LLM.EXPERT_COUNT, 0)
+        n_ff = get(Keys.LLM.FEED_FORWARD_LENGTH, 0)
+        n_expert_used = get(Keys.LLM.EXPERT_USED_COUNT, 0)
+        n_ff_exp = 0
+        if n_expert:
+            fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
+            n_ff_exp = get(traits.expert_ff_key, fallback or None)
+        cfg = cls(
+            arch=arch, traits=traits,
+            n_vocab=n_vocab if n_vocab is not None else get(Keys.LLM.VOCAB_SIZE, 0),
+            n_ctx_train=get(Keys.LLM.CONTEXT_LENGTH, 2048),
+            n_embd=n_embd, n_layer=get(Keys.LLM.BLOCK_COUNT),
+            n_head=n_head, n_head_kv=n_head_kv,
+            head_dim_k=head_dim_k,
+            head_dim_v=get(Keys.Attention.VALUE_LENGTH, head_dim_k),
+            n_rot=get(Keys.Rope.DIMENSION_COUNT, head_dim_k),
+            rope_base=get(Keys.Rope.FREQ_BASE, 10000.0, float),
+            rms_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, kind=float),
+            n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
+            n_ff_shexp=(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, n_ff)
+                        if traits.shared_expert else 0),
+        )
+        cfg.check()
+        return cfg
+
+    def check(self):
+        """Reject hyper-parameters that cannot describe a working model."""
+        positive = ("n_embd", "n_layer", "n_head", "n_head_kv", "head_dim_k", "head_dim_v", "n_rot")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise FormatError(f"{self.arch}: {name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_head_kv:
+            raise FormatError(f"{self.arch}: head_count {self.n_head} is not a multiple of "
+                              f"head_count_kv {self.n_head_kv}")
+        if self.n_rot > self.head_dim_k or self.n_rot % 2:
+            raise FormatError(f"{self.arch}: rope dimension_count {self.n_rot} must be even "
+                              f"and at most the head size {self.head_dim_k}")
+        if self.n_expert and not 0 < self.n_expert_used <= self.n_expert:
+            raise FormatError(f"{self.arch}: expert_used_count {self.n_expert_used} must be in "
+                              f"1..expert_count ({self.n_expert})")
+        if self.n_expert and self.n_ff_exp <= 0:
+            raise FormatError(f"{self.arch}: expert FFN width must be positive")
+        if not self.n_expert and self.n_ff <= 0:
+            raise FormatError(f"{self.arch}: feed_forward_length must be positive")

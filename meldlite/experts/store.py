@@ -1,0 +1,68 @@
+"""The expert-store seam.
+
+The forward pass never touches expert weights itself: it hands a layer's
+hidden states, chosen expert ids and router weights to an `ExpertStore` and
+gets back the weighted sum of the experts' outputs. A store may compute from
+weights it holds (all resident, or a budgeted cache) or ask a remote peer.
+Every store adds expert outputs in the same order (top-k slot order, see
+`meldlite.kernels.moe_ffn`), so swapping stores does not change results.
+"""
+
+import numpy as np
+
+from meldlite import kernels
+from meldlite.errors import FormatError
+
+
+class ExpertStore:
+    """Interface: `moe`, optional `hint` for prefetch, `stats`, `close`."""
+
+    def moe(self, layer, x, ids, weights):
+        """x (T, E) float32, ids (T, k) int32 (-1 = skipped), weights (T, k) -> (T, E)."""
+        raise NotImplementedError
+
+    def hint(self, layer, ids):
+        """Experts `ids` of `layer` will probably be needed soon (may be ignored)."""
+
+    def stats(self):
+        """Counters of this store (hits, misses, bytes read, ...)."""
+        return {}
+
+    def close(self):
+        """Release files, threads and sockets."""
+
+
+def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
+    """(mats, types) of one layer for `kernels.moe_ffn`, as views of the file.
+
+    Checks every expert matrix has the shape the config promises.
+    """
+    arrays, types = [], np.empty((n_expert, 3), np.int32)                # types: (X, 3)
+    expected = {"gate": (n_ff, n_embd), "up": (n_ff, n_embd), "down": (n_embd, n_ff)}
+    for e in range(n_expert):
+        for j, kind in enumerate(("gate", "up", "down")):
+            t = gguf.expert_tensor(layer, kind, e)
+            if tuple(t.shape) != expected[kind]:
+                raise FormatError(f"layer {layer} expert {e} {kind} has shape {t.shape}, "
+                                  f"expected {expected[kind]}")
+            arrays.append(np.asarray(t.raw))                             # (rows, row_bytes)
+            types[e, j] = int(t.ggml_type)
+    kernels.check_types(types)
+    return kernels.expert_list(arrays), types
+
+
+class ResidentStore(ExpertStore):
+    """All experts stay where the memory map puts them; nothing is evicted."""
+
+    def __init__(self, gguf, cfg):
+        self._layers = [expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
+                        for i in range(cfg.n_layer)]
+        self._calls = 0
+
+    def moe(self, layer, x, ids, weights):
+        mats, types = self._layers[layer]
+        self._calls += 1
+        return kernels.moe_ffn(x, ids, weights, mats, types)
+
+    def stats(self):
+        return {"moe_calls": self._calls}

@@ -1,0 +1,73 @@
+"""Resident (non-expert) weights, looked up by their GGUF tensor names.
+
+`Weights["blk.0.attn_q.weight"]` gives a `QMatrix` for a 2-D tensor (kept in
+its quantized form, multiplied by the kernels) or a float32 array for a 1-D
+tensor (norms, biases). Nothing is renamed, so loading needs no mapping table.
+"""
+
+import numpy as np
+
+from meldlite import kernels
+from meldlite.errors import FormatError
+
+
+class QMatrix:
+    """A 2-D weight matrix in its GGUF quantized form, y = x @ W.T."""
+
+    def __init__(self, tensor):
+        if len(tensor.shape) != 2:
+            raise FormatError(f"tensor {tensor.name!r} should be 2-D, has shape {tensor.shape}")
+        self.name = tensor.name
+        self.qtype = tensor.qtype
+        self.ggml_type = tensor.ggml_type
+        self.shape = tensor.shape                       # (n_out, n_in)
+        self.raw = np.asarray(tensor.raw)               # (n_out, row_bytes) uint8, memmap view
+        self.nbytes = tensor.nbytes
+
+    def __matmul__(self, x):
+        """x: (T, n_in) or (n_in,) float32 -> (T, n_out) or (n_out,)."""
+        return kernels.matmul(self.raw, self.ggml_type, np.ascontiguousarray(x, dtype=np.float32))
+
+    def rows(self, ids):
+        """Dequantized rows (embedding lookup): ids (T,) -> (T, n_in) float32."""
+        return kernels.dequantize(self.raw[np.asarray(ids)], self.ggml_type)
+
+
+class Weights:
+    """Lazy, cached access to a GGUF file's non-expert tensors by name."""
+
+    def __init__(self, gguf):
+        self.gguf = gguf
+        self._cache = {}
+
+    def __contains__(self, name):
+        return self.gguf.has_tensor(name)
+
+    def __getitem__(self, name):
+        if name not in self._cache:
+            tensor = self.gguf.tensor(name)
+            if len(tensor.shape) == 1:
+                self._cache[name] = np.ascontiguousarray(tensor.dequantize(), dtype=np.float32)
+            else:
+                self._cache[name] = QMatrix(tensor)
+        return self._cache[name]
+
+    def get(self, name):
+        """The tensor, or None when the file does not have it (optional tensors)."""
+        return self[name] if name in self else None
+
+    def vector(self, name, length):
+        """A 1-D float32 tensor checked against its expected length."""
+        v = self[name]
+        if not isinstance(v, np.ndarray) or v.shape != (length,):
+            raise FormatError(f"tensor {name!r} should have shape ({length},), "
+                              f"has {getattr(v, 'shape', None)}")
+        return v
+
+    def matrix(self, name, n_out, n_in):
+        """A 2-D QMatrix checked against its expected (n_out, n_in)."""
+        m = self[name]
+        if not isinstance(m, QMatrix) or m.shape != (n_out, n_in):
+            raise FormatError(f"tensor {name!r} should have shape ({n_out}, {n_in}), "
+                              f"has {getattr(m, 'shape', None)}")
+        return m
