@@ -173,6 +173,8 @@ def _walk_metadata(cur, n_kv):
     for _ in range(n_kv):
         start = cur.pos
         key = cur.string("metadata key")
+        if not key:
+            raise FormatError(f"empty metadata key at byte {start}")
         if key in seen:
             raise FormatError(f"duplicate metadata key {key!r} at byte {start}")
         seen.add(key)
@@ -283,11 +285,11 @@ def _check_tensor_data(infos, alignment, data_offset, file_size):
             raise FormatError(f"duplicate tensor name {info.name!r} at byte {info.info_offset} "
                               f"(first at byte {seen[info.name]})")
         seen[info.name] = info.info_offset
-        _check_offset(info, alignment, expected, previous)
         end = data_offset + info.offset + info.nbytes
         if end > file_size:
             raise FormatError(f"tensor {info.name!r}: data [{data_offset + info.offset}, {end}) "
                               f"runs past the end of the file ({file_size} bytes)")
+        _check_offset(info, alignment, expected, previous)
         expected, previous = info.offset + _pad(info.nbytes, alignment), info
 
 
