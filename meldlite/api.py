@@ -5,26 +5,17 @@ import math
 import os
 import resource
 import time
-from importlib import resources
-
 import numpy as np
 
 from meldlite import sampling
 from meldlite.config import ModelConfig
+from meldlite.data import default_model_path
 from meldlite.errors import OptionError
 from meldlite.experts import ResidentStore
 from meldlite.formats import read_gguf
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.tokenizer import Tokenizer
 from meldlite.weights import Weights
-
-DEFAULT_MODEL = "tinystories-moe-q4_k_m.gguf"
-
-
-def default_model_path():
-    """Path of the built-in default model shipped inside the package."""
-    return str(resources.files("meldlite") / "data" / DEFAULT_MODEL)
-
 
 def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512):
     """Open a GGUF model (`None`: the built-in default model).

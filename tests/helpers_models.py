@@ -1,0 +1,164 @@
+"""Random-weight GGUF models of every supported architecture, for parity tests.
+
+Written with gguf-py's GGUFWriter; the vocabulary is copied from the built-in
+model so that llama.cpp (the reference) can load the files as they are.
+"""
+
+import ctypes
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
+
+from meldlite.data import default_model_path
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_vocab: int = 4096           # fixed by the borrowed vocabulary
+    n_embd: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 64
+    n_ff: int = 256
+    n_expert: int = 8
+    n_expert_used: int = 2
+    n_ff_exp: int = 256
+    n_ff_shexp: int = 256
+    n_ctx: int = 256
+
+
+# Which blocks each architecture has: (moe, shared expert, qk norm, qkv bias, tied output ok)
+ARCHS = {
+    "qwen3moe": dict(moe=True, shexp=False, qk_norm="head", bias=False),
+    "qwen2moe": dict(moe=True, shexp=True, qk_norm="", bias=True),
+    "llama-moe": dict(moe=True, shexp=False, qk_norm="", bias=False),
+    "olmoe": dict(moe=True, shexp=False, qk_norm="full", bias=False),
+    "llama": dict(moe=False, shexp=False, qk_norm="", bias=False),
+    "qwen2": dict(moe=False, shexp=False, qk_norm="", bias=True),
+    "qwen3": dict(moe=False, shexp=False, qk_norm="head", bias=False),
+}
+
+
+def vocab_fields():
+    """(key, value, value type, sub type) of the built-in model's tokenizer keys."""
+    r = GGUFReader(default_model_path())
+    out = []
+    for key, field in r.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        main = field.types[0]
+        if main == GGUFValueType.ARRAY:
+            out.append((key, field.contents(), main, field.types[1]))
+        else:
+            out.append((key, field.contents(), main, None))
+    return out
+
+
+def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=False):
+    """Write a random-weight model of `arch` (a key of ARCHS) to `path`."""
+    spec = ARCHS[arch]
+    gguf_arch = "llama" if arch == "llama-moe" else arch
+    s = shape
+    if arch == "olmoe":  # olmoe's q/k norms span the full projection: keep heads equal
+        s = replace(s, n_head_kv=s.n_head)
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(os.fspath(path), gguf_arch)
+    w.add_context_length(s.n_ctx)
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_feed_forward_length(s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe") else s.n_ff)
+    w.add_head_count(s.n_head)
+    w.add_head_count_kv(s.n_head_kv)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_dimension_count(s.head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(1 if dtype == np.float16 else 0)
+    if spec["moe"]:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
+        if gguf_arch in ("qwen3moe", "qwen2moe"):
+            w.add_expert_feed_forward_length(s.n_ff_exp)
+        if spec["shexp"]:
+            w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
+    for key, value, vtype, sub in vocab_fields():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+    def mat(name, *dims, scale=None, keep_f32=False):
+        fan_in = dims[-1]
+        a = rng.standard_normal(dims).astype(np.float32) * np.float32(scale or fan_in ** -0.5)
+        w.add_tensor(name, a if keep_f32 or a.ndim == 1 else a.astype(dtype))
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    e, hd = s.n_embd, s.head_dim
+    mat("token_embd.weight", s.n_vocab, e, scale=1.0)
+    norm("output_norm.weight", e)
+    if not tied:
+        mat("output.weight", s.n_vocab, e, scale=4 * e ** -0.5)
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight", e)
+        mat(p + "attn_q.weight", s.n_head * hd, e)
+        mat(p + "attn_k.weight", s.n_head_kv * hd, e)
+        mat(p + "attn_v.weight", s.n_head_kv * hd, e)
+        mat(p + "attn_output.weight", e, s.n_head * hd)
+        if spec["bias"]:
+            mat(p + "attn_q.bias", s.n_head * hd, scale=0.1)
+            mat(p + "attn_k.bias", s.n_head_kv * hd, scale=0.1)
+            mat(p + "attn_v.bias", s.n_head_kv * hd, scale=0.1)
+        if spec["qk_norm"] == "head":
+            norm(p + "attn_q_norm.weight", hd)
+            norm(p + "attn_k_norm.weight", hd)
+        elif spec["qk_norm"] == "full":
+            norm(p + "attn_q_norm.weight", s.n_head * hd)
+            norm(p + "attn_k_norm.weight", s.n_head_kv * hd)
+        norm(p + "ffn_norm.weight", e)
+        if spec["moe"]:
+            mat(p + "ffn_gate_inp.weight", s.n_expert, e, scale=2 * e ** -0.5, keep_f32=True)
+            mat(p + "ffn_gate_exps.weight", s.n_expert, s.n_ff_exp, e)
+            mat(p + "ffn_up_exps.weight", s.n_expert, s.n_ff_exp, e)
+            mat(p + "ffn_down_exps.weight", s.n_expert, e, s.n_ff_exp)
+            if spec["shexp"]:
+                mat(p + "ffn_gate_inp_shexp.weight", e)
+                mat(p + "ffn_gate_shexp.weight", s.n_ff_shexp, e)
+                mat(p + "ffn_up_shexp.weight", s.n_ff_shexp, e)
+                mat(p + "ffn_down_shexp.weight", e, s.n_ff_shexp)
+        else:
+            mat(p + "ffn_gate.weight", s.n_ff, e)
+            mat(p + "ffn_up.weight", s.n_ff, e)
+            mat(p + "ffn_down.weight", e, s.n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llamacpp_quantize(src, dst, ftype_name, pure=False):
+    """Quantize `src` to `dst` with llama.cpp's own quantizer (e.g. "Q4_K_M")."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.nthread = 2
+    params.pure = pure
+    rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype_name}) failed: {rc}")
+    return dst
+
+
+def llamacpp_logits(path, tokens, n_ctx=256, n_threads=2):
+    """llama.cpp's logits (len(tokens), n_vocab) for tokens from a fresh context."""
+    import llama_cpp
+    llm = llama_cpp.Llama(os.fspath(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                          logits_all=True, verbose=False)
+    llm.eval(list(map(int, tokens)))
+    out = np.array(llm.scores[:len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
