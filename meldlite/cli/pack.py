@@ -1,0 +1,45 @@
+"""`meldlite pack`: per-expert layout with a quantization type chosen per expert."""
+
+import click
+
+from meldlite.cli import command
+from meldlite.errors import OptionError
+
+SPEC_HELP = """Which source each expert comes from (its type label).
+Inline: a default, then overrides, the last matching one wins:
+"Q4_K,3.*=Q8_0,0.5=Q6_K" (layer 3 from Q8_0, expert 5 of layer 0
+from Q6_K); selectors are N, A-B or *, e.g. "*.0=Q8_0", "2-4=Q8_0".
+Or a JSON file: {"default": "Q4_K", "layers": {"3": "Q8_0"},
+"experts": {"0.5": "Q6_K"}}. SRC is labelled SRC, by its file type
+(e.g. Q4_K_M) and by its expert type (e.g. Q4_K)."""
+
+
+@command("pack")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--expert-types", "spec", required=True, metavar="SPEC", help=SPEC_HELP)
+@click.option("--from", "sources", multiple=True, metavar="LABEL=FILE",
+              help="Another quantization of the same model, as source LABEL (repeatable).")
+def pack(src, out, spec, sources):
+    """Write OUT in meldlite's per-expert layout: every non-expert tensor and all
+    metadata from SRC, each expert's bytes from the source SPEC names for it
+    (copied, not re-quantized; gate/up/down keep that source's types)."""
+    from meldlite.formats.pack import pack as pack_file
+    result = pack_file(src, out, spec, parse_sources(sources))
+    counts = ", ".join(f"{label} x{n}" for label, n in sorted(result.labels.items()))
+    click.echo(f"wrote {result.path}: {result.n_experts} experts ({counts}), "
+               f"{result.nbytes / 2**20:.2f} MiB")
+
+
+def parse_sources(items):
+    """("LABEL=FILE", ...) -> {LABEL: FILE}."""
+    sources = {}
+    for item in items:
+        label, eq, path = item.partition("=")
+        if not eq or not label.strip() or not path.strip():
+            raise OptionError(f"--from {item!r}: expected LABEL=FILE, e.g. Q8_0=model-q8_0.gguf")
+        key = label.strip().upper()
+        if key in sources:
+            raise OptionError(f"--from label {key} given twice")
+        sources[key] = path.strip()
+    return sources
