@@ -1,0 +1,20 @@
+"""Numba CPU kernels: ggml block decoding, quantized matmul, the MoE expert step.
+
+Public API:
+- `dequantize(raw, ggml_type)`: (..., row_bytes) uint8 -> (..., n_cols) float32,
+  bit-identical to `gguf.quants.dequantize`.
+- `matmul(raw, ggml_type, x, out=None)`: W x from the blocks, x (n_cols,) or (n_tok, n_cols).
+- `moe_ffn(x, ids, weights, mats, types, out=None)`: one layer's routed experts.
+- `expert_list`, `set_expert`, `placeholder`, `check_types`: helpers for `mats`.
+- `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
+
+All kernels are compiled with Numba's on-disk cache; NumPy references are in `reference`.
+"""
+
+from meldlite.kernels.dequant import dequantize
+from meldlite.kernels.matmul import matmul
+from meldlite.kernels.moe import check_types, expert_list, moe_ffn, placeholder, set_expert
+from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
+
+__all__ = ["SUPPORTED_TYPES", "check_type", "check_types", "dequantize", "expert_list",
+           "matmul", "moe_ffn", "placeholder", "set_expert"]

@@ -1,0 +1,210 @@
+"""moe_ffn: one jitted call for a layer's routed experts, any mix of quant types.
+
+out[t] = sum over slots j = 0..k-1 with ids[t, j] >= 0, in slot order, starting from 0.0,
+         of weights[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]),   e = ids[t, j].
+
+The (token, slot) pairs are grouped by expert, each used expert runs once on all its
+tokens (mat-mat, so its blocks are decoded once), its outputs land in one row per pair,
+and only then are the rows added per token in slot order. Every matmul output is a
+serial sum that does not depend on the batch (see matmul.py), so a batch gives exactly
+the same bits as the same tokens one by one.
+
+`mats` is a numba.typed.List of read-only 2-D C-contiguous uint8 arrays, three per
+expert (gate, up, down); unused experts may hold the (0, 0) `placeholder()`. Build it
+with `expert_list`, replace entries with `set_expert`; `check_types` rejects types the
+kernels lack (moe_ffn checks the experts it uses itself).
+"""
+
+import numpy as np
+from numba import njit, prange, types as nbtypes
+from numba.typed import List
+
+from gguf import GGMLQuantizationType
+
+from meldlite.errors import OptionError, UnsupportedError
+from meldlite.kernels._cache import track_sources
+from meldlite.kernels.matmul import matmat_rows
+from meldlite.kernels.qtypes import SUPPORTED_IDS, check_type, row_bytes
+
+MATRIX_TYPE = nbtypes.Array(nbtypes.uint8, 2, "C", readonly=True)  # numba type of each entry of `mats`
+GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
+
+
+@njit(cache=True, error_model="numpy")
+def swiglu(g, u):
+    """g <- silu(g) * u in float32, silu(v) = v / (1 + exp(-v))."""
+    for i in range(g.shape[0]):  # g, u (n, n_ff)
+        for c in range(g.shape[1]):
+            v = g[i, c]
+            g[i, c] = v / (np.float32(1.0) + np.exp(-v)) * u[i, c]
+
+
+@njit(cache=True, error_model="numpy")
+def group_by_expert(ids, n_expert):
+    """Pairs p = t*k + j sorted by expert (stable), and starts (n_expert+1,) into them."""
+    n_tok, k = ids.shape
+    starts = np.zeros(n_expert + 1, dtype=np.int64)  # (n_expert+1,)
+    for t in range(n_tok):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                starts[ids[t, j] + 1] += 1
+    starts = np.cumsum(starts)
+    fill = starts[:-1].copy()  # (n_expert,)
+    pairs = np.empty(starts[-1], dtype=np.int64)  # (n_pairs,)
+    for t in range(n_tok):
+        for j in range(k):
+            e = ids[t, j]
+            if e >= 0:
+                pairs[fill[e]] = t * k + j
+                fill[e] += 1
+    return pairs, starts
+
+
+@njit(cache=True, error_model="numpy")
+def expert_ffn(x, toks, gate, up, down, tys, y):
+    """y (n, n_embd) <- down(silu(gate xs) * up xs) for xs = x[toks]; False on unknown type."""
+    n = toks.shape[0]
+    xs = np.empty((n, x.shape[1]), dtype=np.float32)  # (n, n_embd)
+    for i in range(n):
+        xs[i] = x[toks[i]]
+    g = np.empty((n, gate.shape[0]), dtype=np.float32)  # (n, n_ff)
+    u = np.empty((n, up.shape[0]), dtype=np.float32)  # (n, n_ff)
+    ok = matmat_rows(gate, np.int64(tys[GATE]), xs, g)
+    ok &= matmat_rows(up, np.int64(tys[UP]), xs, u)
+    swiglu(g, u)
+    ok &= matmat_rows(down, np.int64(tys[DOWN]), g, y)
+    return ok
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def combine_slots(ids, weights, pairs, ys, out):
+    """out[t] = sum in slot order of weights[t, j] * ys[row of pair (t, j)]."""
+    n_tok, k = ids.shape
+    row_of = np.empty(n_tok * k, dtype=np.int64)  # (n_tok*k,) pair -> row of ys
+    for i in range(pairs.shape[0]):
+        row_of[pairs[i]] = i
+    for t in prange(n_tok):
+        out[t, :] = 0.0
+        for j in range(k):
+            if ids[t, j] >= 0:
+                w = weights[t, j]
+                y = ys[row_of[t * k + j]]
+                for c in range(out.shape[1]):
+                    out[t, c] += w * y[c]
+
+
+@njit(cache=True, error_model="numpy")
+def moe_ffn_kernel(x, ids, weights, mats, types, out):
+    """The whole routed-expert step; False if some used expert has an unknown type."""
+    pairs, starts = group_by_expert(ids, types.shape[0])
+    ys = np.empty((pairs.shape[0], x.shape[1]), dtype=np.float32)  # (n_pairs, n_embd)
+    toks = pairs // ids.shape[1]  # (n_pairs,) token of each pair
+    ok = True
+    for e in range(types.shape[0]):
+        s, s_end = starts[e], starts[e + 1]
+        if s_end > s:
+            ok &= expert_ffn(x, toks[s:s_end], mats[3 * e + GATE], mats[3 * e + UP],
+                             mats[3 * e + DOWN], types[e], ys[s:s_end])
+    combine_slots(ids, weights, pairs, ys, out)
+    return ok
+
+
+def placeholder() -> np.ndarray:
+    """A (0, 0) read-only uint8 array for experts that are not loaded."""
+    arr = np.zeros((0, 0), dtype=np.uint8)
+    arr.flags.writeable = False
+    return arr
+
+
+def _as_matrix(arr, what) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8 or arr.ndim != 2 or not arr.flags.c_contiguous:
+        raise OptionError(f"{what} must be a 2-D C-contiguous uint8 array, got {arr.dtype} {arr.shape}")
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
+def expert_list(arrays) -> List:
+    """typed List for `moe_ffn` from a flat sequence [gate_0, up_0, down_0, gate_1, ...] of
+    2-D C-contiguous uint8 arrays (None for a matrix that is not loaded). No copies."""
+    mats = List.empty_list(MATRIX_TYPE)
+    for i, arr in enumerate(arrays):
+        what = f"expert {i // 3} {('gate', 'up', 'down')[i % 3]} matrix"
+        mats.append(placeholder() if arr is None else _as_matrix(arr, what))
+    return mats
+
+
+def set_expert(mats: List, e: int, gate=None, up=None, down=None) -> None:
+    """Replace expert e's three matrices (None = placeholder, e.g. when it leaves a cache)."""
+    for m, arr in enumerate((gate, up, down)):
+        mats[3 * e + m] = placeholder() if arr is None else _as_matrix(arr, f"expert {e}")
+
+
+def check_types(types, experts=None) -> None:
+    """Raise UnsupportedError if an expert in `experts` (default: all) has a type the kernels lack."""
+    types = np.asarray(types)
+    rows = np.arange(types.shape[0]) if experts is None else np.asarray(experts)
+    bad = ~np.isin(types[rows], SUPPORTED_IDS)  # (n_checked, 3)
+    if bad.any():
+        i, m = np.argwhere(bad)[0]
+        name = GGMLQuantizationType(types[rows[i], m]).name if types[rows[i], m] in \
+            GGMLQuantizationType._value2member_map_ else f"id {types[rows[i], m]}"
+        raise UnsupportedError(f"expert {rows[i]} {('gate', 'up', 'down')[m]} matrix has ggml type "
+                               f"{name}, which the kernels do not support")
+
+
+def _check_expert_shapes(mats, types, e, n_embd) -> None:
+    gate, up, down = mats[3 * e + GATE], mats[3 * e + UP], mats[3 * e + DOWN]
+    n_ff = gate.shape[0]
+    want = ((n_ff, row_bytes(check_type(types[e, GATE]), n_embd)),
+            (n_ff, row_bytes(check_type(types[e, UP]), n_embd)),
+            (n_embd, row_bytes(check_type(types[e, DOWN]), n_ff)))
+    for name, arr, shape in zip(("gate", "up", "down"), (gate, up, down), want):
+        if arr.shape != shape or not arr.flags.c_contiguous:
+            raise OptionError(f"expert {e} {name} matrix has shape {arr.shape}, expected a "
+                              f"C-contiguous {shape} for n_embd={n_embd}, n_ff={n_ff}")
+
+
+def _check_inputs(x, ids, weights, types):
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim != 2:
+        raise OptionError(f"x must be float32 (n_tok, n_embd), got {x.dtype} {x.shape}")
+    ids, weights, types = np.asarray(ids), np.asarray(weights), np.asarray(types)
+    if ids.ndim != 2 or ids.shape[0] != x.shape[0] or not np.issubdtype(ids.dtype, np.integer):
+        raise OptionError(f"ids must be integer (n_tok={x.shape[0]}, k), got {ids.dtype} {ids.shape}")
+    if weights.dtype != np.float32 or weights.shape != ids.shape:
+        raise OptionError(f"weights must be float32 {ids.shape}, got {weights.dtype} {weights.shape}")
+    if types.ndim != 2 or types.shape[1] != 3 or not np.issubdtype(types.dtype, np.integer):
+        raise OptionError(f"types must be integer (n_expert, 3), got {types.dtype} {types.shape}")
+    if ids.size and (ids.min() < -1 or ids.max() >= types.shape[0]):
+        raise OptionError(f"expert ids must be -1 (skip) or in [0, {types.shape[0]}), "
+                          f"got {ids.min()}..{ids.max()}")
+    return (np.ascontiguousarray(x), np.ascontiguousarray(ids, dtype=np.int32),
+            np.ascontiguousarray(weights), np.ascontiguousarray(types, dtype=np.int32))
+
+
+def moe_ffn(x, ids, weights, mats, types, out=None) -> np.ndarray:
+    """Routed experts of one layer for x (n_tok, n_embd) -> float32 (n_tok, n_embd).
+
+    ids (n_tok, k) int32 expert per slot (-1 = skipped), weights (n_tok, k) float32,
+    mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids."""
+    x, ids, weights, types = _check_inputs(x, ids, weights, types)
+    if isinstance(mats, list):
+        mats = expert_list(mats)
+    if len(mats) != 3 * types.shape[0]:
+        raise OptionError(f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}")
+    used = np.unique(ids[ids >= 0])
+    check_types(types, used)
+    for e in used:
+        _check_expert_shapes(mats, types, int(e), x.shape[1])
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
+        raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
+    if not moe_ffn_kernel(x, ids, weights, mats, types, out):
+        raise AssertionError("jitted kernel rejected an expert type")  # checked above
+    return out
+
+
+track_sources(swiglu, group_by_expert, expert_ffn, combine_slots, moe_ffn_kernel)
