@@ -321,6 +321,14 @@ def test_bad_expert_order_metadata(tmp_path):
     check_rejected(tmp_path, gguf_bytes([arch, blocks, layout, order], infos, F32_DATA * 3), "expert_order")
 
 
+def test_metadata_array_element_limit(tmp_path, monkeypatch):
+    from meldlite.formats import validate
+    monkeypatch.setattr(validate, "MAX_ARRAY_ELEMENTS", 10)
+    arr = lambda n: u32(V.UINT8) + u64(n) + b"\1" * n     # noqa: E731
+    check_rejected(tmp_path, gguf_bytes([kv("a", V.ARRAY, arr(6)), kv("b", V.ARRAY, arr(6))]),
+                   "key 'b'.*12 array elements")
+
+
 def test_directory_and_missing_file(tmp_path):
     with pytest.raises(OSError):
         read_gguf(tmp_path)

@@ -162,15 +162,27 @@ def test_versions_and_metadata_round_trip(tmp_path, version):
         assert isinstance(v, (str, int, float, bool, list))
 
 
+def test_metadata_equals_gguf_py_contents(moe_path):
+    """meldlite keeps arrays as one view; the values must still be gguf-py's."""
+    from gguf import GGUFReader
+    r = GGUFReader(moe_path)
+    expected = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert read_gguf(moe_path).metadata == expected
+
+
 def test_metadata_types_and_utf8(tmp_path):
     from gguf import GGUFValueType as V
     meta = [("x.u8", 200, V.UINT8), ("x.i64", -2**40, V.INT64), ("x.u64", 2**63, V.UINT64),
             ("x.f64", 0.1, V.FLOAT64), ("x.s", "héllo ✓", V.STRING),
-            ("x.bools", [True, False], (V.ARRAY, V.BOOL))]
+            ("x.bools", [True, False], (V.ARRAY, V.BOOL)), ("x.u64s", [2**64 - 1, 0], (V.ARRAY, V.UINT64)),
+            ("x.f64s", [0.5, -1e300], (V.ARRAY, V.FLOAT64)), ("x.i8s", [-128, 127], (V.ARRAY, V.INT8)),
+            ("x.strs", ["", "✓", "a" * 300], (V.ARRAY, V.STRING))]
     f = read_gguf(write_gguf(tmp_path / "m.gguf", {"a": np.zeros((2, 32), np.float32)}, meta))
     assert f.metadata["x.u8"] == 200 and f.metadata["x.i64"] == -2**40
     assert f.metadata["x.u64"] == 2**63 and f.metadata["x.f64"] == 0.1
     assert f.metadata["x.s"] == "héllo ✓" and f.metadata["x.bools"] == [True, False]
+    assert f.metadata["x.u64s"] == [2**64 - 1, 0] and f.metadata["x.f64s"] == [0.5, -1e300]
+    assert f.metadata["x.i8s"] == [-128, 127] and f.metadata["x.strs"] == ["", "✓", "a" * 300]
     assert f.metadata_types["x.bools"] == (V.ARRAY, V.BOOL)
     assert f.metadata_types["x.u8"] == (V.UINT8, None)
 

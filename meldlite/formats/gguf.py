@@ -9,6 +9,7 @@ stacked layout of llama.cpp and meldlite's per-expert layout (see layout.py and
 docs/format.md).
 """
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, Keys
 
 from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.formats import layout
-from meldlite.formats.validate import check_header
+from meldlite.formats.validate import SCALAR_DTYPES, check_header
 
 _RESERVED_PREFIX = "GGUF."    # GGUFReader's pseudo-fields for the header counts
 
@@ -32,17 +33,38 @@ def read_gguf(path):
         header = check_header(path)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
-    reader = _open_reader(path)
+    reader = _open_reader(path, header.array_spans)
     return GGUFFile(path, reader, header)
 
 
-def _open_reader(path):
+def _open_reader(path, array_spans):
     try:
-        return GGUFReader(path, "r")
+        return _CompactReader(path, array_spans)
     except OSError:
         raise
     except Exception as e:  # gguf-py raises ValueError/KeyError/IndexError on bad input
         raise FormatError(f"{path}: gguf-py cannot parse the file: {type(e).__name__}: {e}") from None
+
+
+class _CompactReader(GGUFReader):
+    """GGUFReader keeping each metadata array as one uint8 view of its elements'
+    bytes, instead of a numpy view per element (which costs ~800 bytes each:
+    ~450 MB and seconds for a 150k-token vocabulary with its merges).
+    The element spans come from the header walk, which has already checked them."""
+
+    def __init__(self, path, array_spans):
+        self._array_spans = array_spans
+        super().__init__(path, "r")
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        etype = self._get(orig_offs, np.uint32)                 # (1,) element type
+        count = self._get(orig_offs + 4, np.uint64)             # (1,) element count
+        start = orig_offs + 12
+        elements = self.data[start:start + self._array_spans[start]]   # uint8 (nbytes,)
+        types = [GGUFValueType.ARRAY, GGUFValueType(int(etype[0]))]
+        return 12 + elements.nbytes, [etype, count, elements], [2], types
 
 
 class TensorView:
@@ -75,7 +97,7 @@ class TensorView:
         return self.raw.shape[-1]
 
     def dequantize(self):
-        """float32 array of `self.shape` (the bytes decoded by meldlite.kernels)."""
+        """float32 array of `self.shape`, decoded by `meldlite.kernels.dequantize`."""
         return dequantize_raw(self.raw, self.ggml_type, self.name).reshape(self.shape)
 
     def expert_slice(self, e, name):
@@ -89,15 +111,11 @@ class TensorView:
 
 def dequantize_raw(raw, ggml_type, name="tensor"):
     """Decode uint8 rows (..., row_bytes) of `ggml_type` into float32 (..., n_cols)."""
-    from meldlite import kernels
-    fn = getattr(kernels, "dequantize", None)
-    if fn is None:                          # until meldlite.kernels.dequantize lands
-        from gguf.quants import dequantize as fn
+    from meldlite.kernels import dequantize   # imported here: opening a file needs no Numba
     try:
-        out = fn(raw, ggml_type)
-    except NotImplementedError:
-        raise UnsupportedError(f"{name}: dequantizing {ggml_type.name} is not implemented") from None
-    return np.asarray(out, dtype=np.float32)
+        return dequantize(raw, ggml_type)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"{name}: {e}") from None
 
 
 class GGUFFile:
@@ -246,15 +264,29 @@ def _read_metadata(reader, path):
     for key, field in reader.fields.items():
         if key.startswith(_RESERVED_PREFIX) and field.offset < 24:
             continue
+        main = field.types[0]
+        sub = field.types[1] if main == GGUFValueType.ARRAY else None
         try:
-            values[key] = field.contents()
+            values[key] = _array_value(field, sub) if sub is not None else field.contents()
         except Exception as e:
             raise FormatError(f"{path}: metadata {key!r} at byte {field.offset} "
                               f"cannot be decoded: {e}") from None
-        main = field.types[0]
-        sub = field.types[-1] if main == GGUFValueType.ARRAY and len(field.types) > 1 else None
         types[key] = (main, sub)
     return values, types
+
+
+def _array_value(field, etype):
+    """List of an array field's elements, from the one view `_CompactReader` keeps."""
+    elements = field.parts[field.data[0]]                   # uint8 (nbytes,)
+    count = int(field.parts[field.data[0] - 1][0])          # parts: ..., etype, count, elements
+    if etype != GGUFValueType.STRING:
+        return elements.view(np.dtype(SCALAR_DTYPES[etype]).newbyteorder("<")).tolist()
+    buf, out, pos = elements.tobytes(), [], 0
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        out.append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
+        pos += 8 + n
+    return out
 
 
 def _tensor_views(reader, header, path):

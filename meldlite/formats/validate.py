@@ -32,9 +32,12 @@ from meldlite.errors import FormatError
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4                 # GGML_MAX_DIMS
 MAX_NAME_BYTES = 63          # GGML_MAX_NAME - 1 (room for the NUL in C)
+# Metadata becomes Python lists: bound their total size (a 256k-token vocabulary
+# with scores, types and merges is about 1M elements).
+MAX_ARRAY_ELEMENTS = 1 << 23
 INT64_MAX = 2**63 - 1
 
-_SCALAR_DTYPES = {
+SCALAR_DTYPES = {
     GGUFValueType.UINT8: np.uint8, GGUFValueType.INT8: np.int8,
     GGUFValueType.UINT16: np.uint16, GGUFValueType.INT16: np.int16,
     GGUFValueType.UINT32: np.uint32, GGUFValueType.INT32: np.int32,
@@ -42,7 +45,7 @@ _SCALAR_DTYPES = {
     GGUFValueType.UINT64: np.uint64, GGUFValueType.INT64: np.int64,
     GGUFValueType.FLOAT64: np.float64,
 }
-SCALAR_SIZES = {t: np.dtype(d).itemsize for t, d in _SCALAR_DTYPES.items()}
+SCALAR_SIZES = {t: np.dtype(d).itemsize for t, d in SCALAR_DTYPES.items()}
 
 # Smallest encodings, used to bound counts against the bytes that remain.
 _MIN_KV_BYTES = 8 + 4 + 1                # key length, value type, 1-byte value
@@ -69,6 +72,7 @@ class Header:
     data_offset: int     # absolute start of the data section
     file_size: int
     tensors: tuple       # of TensorInfo, in file order
+    array_spans: dict    # absolute offset of each metadata array's elements -> their byte size
 
 
 class _Cursor:
@@ -133,12 +137,12 @@ def _walk(cur):
     n_tensors = cur.u64("tensor count")
     n_kv = cur.u64("metadata key count")
     _check_count(cur, n_kv, _MIN_KV_BYTES, "metadata key count")
-    alignment = _walk_metadata(cur, n_kv)
+    alignment, arrays = _walk_metadata(cur, n_kv)
     _check_count(cur, n_tensors, _MIN_TENSOR_INFO_BYTES, "tensor count")
     infos = [_read_tensor_info(cur) for _ in range(n_tensors)]
     data_offset = _pad(cur.pos, alignment)
     _check_tensor_data(infos, alignment, data_offset, cur.size)
-    return Header(version, n_kv, alignment, data_offset, cur.size, tuple(infos))
+    return Header(version, n_kv, alignment, data_offset, cur.size, tuple(infos), arrays.spans)
 
 
 def _check_magic(cur):
@@ -166,10 +170,18 @@ def _check_count(cur, count, min_bytes, what):
                           f"at least {count * min_bytes} bytes needed, {cur.remaining()} remain")
 
 
+class _Arrays:
+    """Where the metadata arrays' elements lie, and how many there are in all."""
+
+    def __init__(self):
+        self.spans, self.n_elements = {}, 0
+
+
 def _walk_metadata(cur, n_kv):
-    """Walk the key/value section; return the data alignment it declares."""
+    """Walk the key/value section; return the data alignment it declares and its arrays."""
     seen = set()
     alignment = GGUF_DEFAULT_ALIGNMENT
+    arrays = _Arrays()
     for _ in range(n_kv):
         start = cur.pos
         key = cur.string("metadata key")
@@ -182,8 +194,8 @@ def _walk_metadata(cur, n_kv):
         if key == Keys.General.ALIGNMENT:
             alignment = _read_alignment(cur, vtype)
         else:
-            _skip_value(cur, vtype, key)
-    return alignment
+            _skip_value(cur, vtype, key, arrays)
+    return alignment, arrays
 
 
 def _value_type(cur, what):
@@ -206,16 +218,16 @@ def _read_alignment(cur, vtype):
     return alignment
 
 
-def _skip_value(cur, vtype, key):
+def _skip_value(cur, vtype, key, arrays):
     if vtype in SCALAR_SIZES:
         cur.skip(SCALAR_SIZES[vtype], f"value of key {key!r}")
     elif vtype == GGUFValueType.STRING:
         cur.string(f"string value of key {key!r}")
     else:
-        _skip_array(cur, key)
+        _skip_array(cur, key, arrays)
 
 
-def _skip_array(cur, key):
+def _skip_array(cur, key, arrays):
     etype = _value_type(cur, f"array element type of key {key!r}")
     pos = cur.pos
     count = cur.u64(f"array length of key {key!r}")
@@ -225,11 +237,17 @@ def _skip_array(cur, key):
     if count * min_size > cur.remaining():
         raise FormatError(f"absurd array length {count} for key {key!r} at byte {pos}: "
                           f"{cur.remaining()} bytes remain")
+    arrays.n_elements += count
+    if arrays.n_elements > MAX_ARRAY_ELEMENTS:
+        raise FormatError(f"array of key {key!r} at byte {pos} brings the metadata to "
+                          f"{arrays.n_elements} array elements (limit {MAX_ARRAY_ELEMENTS})")
+    start = cur.pos
     if etype == GGUFValueType.STRING:
         for i in range(count):
             cur.string(f"element {i} of key {key!r}")
     else:
         cur.skip(count * min_size, f"array of key {key!r}")
+    arrays.spans[start] = cur.pos - start
 
 
 def _read_tensor_info(cur):
