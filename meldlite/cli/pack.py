@@ -15,8 +15,8 @@ Or a JSON file: {"default": "Q4_K", "layers": {"3": "Q8_0"},
 
 
 @command("pack")
-@click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("src")
+@click.argument("out")
 @click.option("--expert-types", "spec", required=True, metavar="SPEC", help=SPEC_HELP)
 @click.option("--from", "sources", multiple=True, metavar="LABEL=FILE",
               help="Another quantization of the same model, as source LABEL (repeatable).")
