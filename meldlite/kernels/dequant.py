@@ -46,6 +46,8 @@ def dequantize(raw, ggml_type) -> np.ndarray:
         raise OptionError("raw data must have at least one dimension (the row bytes)")
     n_cols = row_cols(qtype, raw.shape[-1])
     rows = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1])  # (n_rows, row_bytes)
+    rows = rows.view()
+    rows.flags.writeable = False  # one jitted signature for memmaps and in-memory arrays
     out = np.empty((rows.shape[0], n_cols), dtype=np.float32)  # (n_rows, n_cols)
     if not dequantize_rows(rows, int(qtype), out):
         raise AssertionError(f"jitted decoder rejected {qtype.name}")  # check_type lets only known types in

@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType
 
 from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.matmul import matmat_rows
+from meldlite.kernels.matmul import matmat_rows, writable_rows
 from meldlite.kernels.qtypes import SUPPORTED_IDS, check_type, row_bytes
 
 MATRIX_TYPE = nbtypes.Array(nbtypes.uint8, 2, "C", readonly=True)  # numba type of each entry of `mats`
@@ -157,9 +157,13 @@ def check_types(types, experts=None) -> None:
 def _check_expert_shapes(mats, types, e, n_embd) -> None:
     gate, up, down = mats[3 * e + GATE], mats[3 * e + UP], mats[3 * e + DOWN]
     n_ff = gate.shape[0]
-    want = ((n_ff, row_bytes(check_type(types[e, GATE]), n_embd)),
-            (n_ff, row_bytes(check_type(types[e, UP]), n_embd)),
-            (n_embd, row_bytes(check_type(types[e, DOWN]), n_ff)))
+    try:
+        want = ((n_ff, row_bytes(check_type(types[e, GATE]), n_embd)),
+                (n_ff, row_bytes(check_type(types[e, UP]), n_embd)),
+                (n_embd, row_bytes(check_type(types[e, DOWN]), n_ff)))
+    except OptionError as err:
+        raise OptionError(f"expert {e} (n_embd={n_embd}, n_ff={n_ff} from its gate matrix "
+                          f"of shape {gate.shape}): {err}") from None
     for name, arr, shape in zip(("gate", "up", "down"), (gate, up, down), want):
         if arr.shape != shape or not arr.flags.c_contiguous:
             raise OptionError(f"expert {e} {name} matrix has shape {arr.shape}, expected a "
@@ -180,7 +184,7 @@ def _check_inputs(x, ids, weights, types):
     if ids.size and (ids.min() < -1 or ids.max() >= types.shape[0]):
         raise OptionError(f"expert ids must be -1 (skip) or in [0, {types.shape[0]}), "
                           f"got {ids.min()}..{ids.max()}")
-    return (np.ascontiguousarray(x), np.ascontiguousarray(ids, dtype=np.int32),
+    return (writable_rows(x, x.shape[1]), np.ascontiguousarray(ids, dtype=np.int32),
             np.ascontiguousarray(weights), np.ascontiguousarray(types, dtype=np.int32))
 
 
