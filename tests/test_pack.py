@@ -5,9 +5,7 @@ One small random F16 qwen3moe-like model is quantized twice by llama.cpp
 per layer and per expert and are checked byte for byte against them.
 """
 
-import ctypes
 import json
-import os
 
 import numpy as np
 import pytest
@@ -20,30 +18,21 @@ from meldlite.formats import read_gguf
 from meldlite.formats.layout import KINDS, stacked_name
 from meldlite.formats.pack import non_expert_names, pack
 from meldlite.formats.spec import parse_spec
+from helpers_gguf import quantize_with_llamacpp
 from test_formats import write_moe_gguf
 
 N_LAYERS, N_EXPERT = 3, 4
 
 
-def quantize_with_llamacpp(src, dst, ftype_name):
-    """llama.cpp's own quantizer, e.g. ftype_name "Q4_K_M"."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
-    params.nthread = 1
-    rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize({ftype_name}) failed: {rc}"
-    return dst
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """{label: path} of the F16 model and its Q4_K_M and Q8_0 quantizations."""
+    """{label: path} of the F16 model and its Q4_K_M (mixed, not pure) and Q8_0 quantizations."""
+    pytest.importorskip("llama_cpp")
     d = tmp_path_factory.mktemp("pack")
     f16 = write_moe_gguf(d / "f16.gguf", n_layers=N_LAYERS, n_expert=N_EXPERT, n_embd=256, n_ff=256)
     return {"F16": f16,
-            "Q4_K_M": quantize_with_llamacpp(f16, d / "q4_k_m.gguf", "Q4_K_M"),
-            "Q8_0": quantize_with_llamacpp(f16, d / "q8_0.gguf", "Q8_0")}
+            "Q4_K_M": quantize_with_llamacpp(f16, d / "q4_k_m.gguf", "Q4_K_M", pure=False, nthread=1),
+            "Q8_0": quantize_with_llamacpp(f16, d / "q8_0.gguf", "Q8_0", nthread=1)}
 
 
 SPEC = "Q4_K,1.*=Q8_0,0.2=Q8_0,2.3=F16"
