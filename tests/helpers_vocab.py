@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import gguf
+import pytest
 from gguf import TokenType
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -224,7 +225,7 @@ class LlamaOracle:
     """llama.cpp's vocab of a GGUF file (llama-cpp-python, vocab_only=True)."""
 
     def __init__(self, path):
-        import llama_cpp
+        llama_cpp = pytest.importorskip("llama_cpp")
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         self.vocab = self.llm._model.vocab

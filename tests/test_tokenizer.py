@@ -6,6 +6,7 @@ written as vocab-only GGUF files, one per supported `tokenizer.ggml.pre`.
 Unicode classes: vocabularies whose merges reveal, code point by code point,
 whether llama.cpp's pre-tokenizer joins a character to a letter/number/
 punctuation/mark run.
+Oracle tests skip when llama-cpp-python is not installed.
 """
 
 import random
@@ -20,7 +21,6 @@ from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.tokenizer import StreamDecoder, Tokenizer
 from meldlite.tokenizer import unicode_data
 
-llama_cpp = pytest.importorskip("llama_cpp")
 K = Keys.Tokenizer
 needs_model = pytest.mark.skipif(not TINYSTORIES.exists(), reason="shared/models not present")
 FLAGS = [(True, False), (False, False), (True, True), (False, True)]   # (add_bos, parse_special)
@@ -55,10 +55,15 @@ def assert_same_detokenize(tok, oracle, texts):
 # -- SPM: the tinystories model ----------------------------------------------------
 
 @pytest.fixture(scope="module")
-def spm():
+def spm_tok():
     if not TINYSTORIES.exists():
         pytest.skip("shared/models not present")
-    return Tokenizer.from_metadata(read_metadata(TINYSTORIES)), LlamaOracle(TINYSTORIES)
+    return Tokenizer.from_metadata(read_metadata(TINYSTORIES))
+
+
+@pytest.fixture(scope="module")
+def spm(spm_tok):
+    return spm_tok, LlamaOracle(TINYSTORIES)
 
 
 @needs_model
@@ -91,8 +96,8 @@ def test_spm_detokenize_matches_llama_cpp(spm):
 
 
 @needs_model
-def test_spm_round_trip(spm):
-    tok, _ = spm
+def test_spm_round_trip(spm_tok):
+    tok = spm_tok
     for text in VARIED + valid_stories(10):
         if "\u2581" in text:
             continue                     # a literal U+2581 decodes to " ", in llama.cpp too
@@ -123,12 +128,16 @@ SPM_VARIANTS = {
     "eos_no_bos": dict(extra={K.ADD_BOS: False, K.ADD_EOS: True}),
     "specials": dict(add_tokens=[("<|user|>", TokenType.USER_DEFINED), ("<ctl>", TokenType.CONTROL),
                                  ("<|im_end|>", TokenType.NORMAL), ("<unused7>", TokenType.UNUSED)]),
+    # tokens with U+2581 inside: merges across the cut points of the SPM speed-up
+    "inner_spaces": dict(add_tokens=[("\u2581\u2581", TokenType.NORMAL), ("e\u2581t", TokenType.NORMAL),
+                                     ("\u2581\u2581\u2581\u2581", TokenType.NORMAL),
+                                     (".\u2581", TokenType.NORMAL)]),
     # llama.cpp refuses a "phi-3" vocab without <|endoftext|>
     "phi3_rstrip": dict(add_tokens=[("<|user|>", TokenType.USER_DEFINED), ("<|end|>", TokenType.CONTROL),
                                     ("<|endoftext|>", TokenType.CONTROL)],
                         general_name="Phi-3 test"),
 }
-SPM_VARIANT_TEXTS = VARIED + [
+SPM_VARIANT_TEXTS = VARIED + valid_stories(2) + [
     "<|user|> hi <ctl> there <|im_end|>  <|user|>\n<|end|>  x", " <|user|>", "<|user|> ",
     "a<|end|>\n\n b <|user|>  c", "<unused7><s>",
 ]
@@ -261,6 +270,32 @@ def test_unicode_classes_match_llama_cpp(tmp_path, pre):
                 f"lead {lead!r}, chars U+{ord(chars[i]):04X}..U+{ord(chars[i + 199 if i + 199 < len(chars) else -1]):04X}"
 
 
+# -- random strings ----------------------------------------------------------------
+
+FUZZ_ALPHABET = list("abcXYZ019 \t\n\r'sStTdDmMlLrReEvV.,!?$+<=>^~|`-_\"()[]{}\\/@#%&*;:") + [
+    "\u00a0", "\u2003", "\u3000", "\u0085", "\u2028", "é", "ß", "日", "😀", "\u0301", "٣", "½", "Ⅻ",
+    "\x0b", "\x1c", "\x00", "\u200b", "\u0378", "\u0897", "\u2581", "<|endoftext|>", "<|im_start|>",
+    "<mask>", "<tool_call>", "<s>", "</s>", "'s", "'LL", "'Re", "123", "4567"]
+
+
+def random_texts(seed, n):
+    rng = random.Random(seed)
+    return [("".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randrange(30))),
+             rng.random() < 0.5, rng.random() < 0.5) for _ in range(n)]
+
+
+@pytest.mark.parametrize("pre", ["spm", "default", "gpt-2", "llama3", "qwen2", "qwen35", "jina-v2-de"])
+def test_random_strings_match_llama_cpp(tmp_path, bpe_tables, pre):
+    if pre == "spm" and not TINYSTORIES.exists():
+        pytest.skip("shared/models not present")
+    path = TINYSTORIES if pre == "spm" else _bpe_file(tmp_path, bpe_tables, pre, {})
+    tok, oracle = Tokenizer.from_metadata(read_metadata(path)), LlamaOracle(path)
+    for text, add_bos, special in random_texts(len(pre), 400):
+        ids = oracle.tokenize(text, add_bos, special)
+        assert tok.encode(text, add_bos=add_bos, parse_special=special) == ids, (text, add_bos, special)
+        assert tok.decode_bytes(ids, special=True) == oracle.detokenize(ids, False, True), text
+
+
 # -- errors ---------------------------------------------------------------------------
 
 def _bpe_meta(**changes):
@@ -309,8 +344,8 @@ def test_out_of_range_ids_are_option_errors():
 # -- streaming ----------------------------------------------------------------------
 
 @needs_model
-def test_stream_decoder_buffers_partial_utf8(spm):
-    tok, _ = spm
+def test_stream_decoder_buffers_partial_utf8(spm_tok):
+    tok = spm_tok
     text = "Emoji 😀 and 日本語 done"
     ids = tok.encode(text, add_bos=False)
     stream = StreamDecoder(tok)
