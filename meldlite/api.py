@@ -17,15 +17,19 @@ from meldlite.model import KVCache, check_weights, forward
 from meldlite.tokenizer import Tokenizer
 from meldlite.weights import Weights
 
-def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512):
+def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True):
     """Open a GGUF model (`None`: the built-in default model).
 
     n_ctx: context length (default: the model's training context, at most 4096);
     n_threads: compute threads (default: all cores); n_batch: prompt tokens per
-    forward call during prefill.
+    forward call during prefill; llama_numerics: round activations before each
+    quantized matmul as llama.cpp does (8-bit blocks for quantized weights,
+    f16 for F16), which makes logits agree with llama.cpp's; False computes
+    with float activations instead.
     """
     return Model(default_model_path() if path is None else os.fspath(path),
-                 n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
+                 n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
+                 llama_numerics=llama_numerics)
 
 
 def peak_rss_bytes():
@@ -47,11 +51,11 @@ def set_threads(n_threads):
 class Model:
     """A loaded model: tokenizer, resident weights, expert store and KV cache."""
 
-    def __init__(self, path, n_ctx=None, n_threads=None, n_batch=512):
+    def __init__(self, path, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True):
         self.path = path
         self.gguf = read_gguf(path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-        self.weights = Weights(self.gguf)
+        self.weights = Weights(self.gguf, llama_numerics)
         self.cfg = ModelConfig.from_metadata(self.gguf.metadata,
                                              n_vocab=self.weights["token_embd.weight"].shape[0])
         check_weights(self.cfg, self.weights)
@@ -64,7 +68,8 @@ class Model:
             raise OptionError(f"n_batch must be >= 1, got {n_batch}")
         self.n_batch = int(n_batch)
         self.n_threads = set_threads(n_threads)
-        self.store = ResidentStore(self.gguf, self.cfg) if self.cfg.is_moe else None
+        self.store = (ResidentStore(self.gguf, self.cfg, llama_numerics)
+                      if self.cfg.is_moe else None)
         self.cache = KVCache(self.cfg, self.n_ctx)
         self.timings = {}
 

@@ -9,12 +9,13 @@ import numpy as np
 
 from meldlite import kernels
 from meldlite.errors import FormatError
+from meldlite.kernels.actquant import round_activations
 
 
 class QMatrix:
     """A 2-D weight matrix in its GGUF quantized form, y = x @ W.T."""
 
-    def __init__(self, tensor):
+    def __init__(self, tensor, llama_numerics=True):
         if len(tensor.shape) != 2:
             raise FormatError(f"tensor {tensor.name!r} should be 2-D, has shape {tensor.shape}")
         self.name = tensor.name
@@ -23,10 +24,17 @@ class QMatrix:
         self.shape = tensor.shape                       # (n_out, n_in)
         self.raw = np.asarray(tensor.raw)               # (n_out, row_bytes) uint8, memmap view
         self.nbytes = tensor.nbytes
+        self.llama_numerics = llama_numerics
 
     def __matmul__(self, x):
-        """x: (T, n_in) or (n_in,) float32 -> (T, n_out) or (n_out,)."""
-        return kernels.matmul(self.raw, self.ggml_type, np.ascontiguousarray(x, dtype=np.float32))
+        """x: (T, n_in) or (n_in,) float32 -> (T, n_out) or (n_out,).
+
+        With llama_numerics, x is first rounded as llama.cpp rounds the
+        activations for this weight type (see kernels.actquant)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.llama_numerics:
+            x = round_activations(x, self.ggml_type)
+        return kernels.matmul(self.raw, self.ggml_type, x)
 
     def rows(self, ids):
         """Dequantized rows (embedding lookup): ids (T,) -> (T, n_in) float32."""
@@ -36,8 +44,9 @@ class QMatrix:
 class Weights:
     """Lazy, cached access to a GGUF file's non-expert tensors by name."""
 
-    def __init__(self, gguf):
+    def __init__(self, gguf, llama_numerics=True):
         self.gguf = gguf
+        self.llama_numerics = llama_numerics
         self._cache = {}
 
     def __contains__(self, name):
@@ -49,7 +58,7 @@ class Weights:
             if len(tensor.shape) == 1:
                 self._cache[name] = np.ascontiguousarray(tensor.dequantize(), dtype=np.float32)
             else:
-                self._cache[name] = QMatrix(tensor)
+                self._cache[name] = QMatrix(tensor, self.llama_numerics)
         return self._cache[name]
 
     def get(self, name):

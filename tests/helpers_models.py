@@ -9,14 +9,14 @@ import os
 from dataclasses import dataclass, replace
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
 
 from meldlite.data import default_model_path
 
 
 @dataclass(frozen=True)
 class Shape:
-    n_vocab: int = 4096           # fixed by the borrowed vocabulary
+    n_vocab: int = 4096           # >= the borrowed vocabulary's 4096 (padded with unused tokens)
     n_embd: int = 256
     n_layer: int = 2
     n_head: int = 4
@@ -42,8 +42,9 @@ ARCHS = {
 }
 
 
-def vocab_fields():
-    """(key, value, value type, sub type) of the built-in model's tokenizer keys."""
+def vocab_fields(n_vocab=4096):
+    """(key, value, value type, sub type) of the built-in model's tokenizer keys,
+    padded with unused tokens up to n_vocab."""
     r = GGUFReader(default_model_path())
     out = []
     for key, field in r.fields.items():
@@ -51,7 +52,12 @@ def vocab_fields():
             continue
         main = field.types[0]
         if main == GGUFValueType.ARRAY:
-            out.append((key, field.contents(), main, field.types[1]))
+            value = field.contents()
+            extra = n_vocab - len(value)
+            pad = {Keys.Tokenizer.LIST: [f"<unused{i}>" for i in range(extra)],
+                   Keys.Tokenizer.SCORES: [0.0] * extra,
+                   Keys.Tokenizer.TOKEN_TYPE: [int(TokenType.UNUSED)] * extra}
+            out.append((key, value + pad.get(key, []), main, field.types[1]))
         else:
             out.append((key, field.contents(), main, None))
     return out
@@ -85,7 +91,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
             w.add_expert_feed_forward_length(s.n_ff_exp)
         if spec["shexp"]:
             w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
-    for key, value, vtype, sub in vocab_fields():
+    for key, value, vtype, sub in vocab_fields(s.n_vocab):
         w.add_key_value(key, value, vtype, sub_type=sub)
 
     def mat(name, *dims, scale=None, keep_f32=False):
@@ -100,7 +106,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     mat("token_embd.weight", s.n_vocab, e, scale=1.0)
     norm("output_norm.weight", e)
     if not tied:
-        mat("output.weight", s.n_vocab, e, scale=4 * e ** -0.5)
+        mat("output.weight", s.n_vocab, e, scale=2 * e ** -0.5)
     for i in range(s.n_layer):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight", e)
