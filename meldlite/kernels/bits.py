@@ -1,4 +1,4 @@
-"""Scalar bit-level conversions used by the block decoders (jitted, inlined).
+"""Scalar bit-level conversions used by the block decoders (small jitted functions).
 
 Each matches NumPy / gguf-py bit for bit, including NaN payloads:
 - f16 -> f32 as `np.float16(...).astype(np.float32)` (NumPy keeps the NaN payload, quiet or not);
@@ -9,7 +9,8 @@ Each matches NumPy / gguf-py bit for bit, including NaN payloads:
 import numpy as np
 from numba import njit
 
-_F16_TO_F32_SCALE = np.float32(2.0 ** 112)  # moves a f16 exponent (bias 15) to f32's (bias 127)
+_F16_SUBNORMAL_UNIT = np.float32(2.0 ** -24)  # value of the f16 subnormal step
+_EXP_REBIAS = np.uint32((127 - 15) << 23)  # f16 -> f32 exponent bias, at the f32 exponent
 
 
 @njit
@@ -23,11 +24,11 @@ def f16_to_f32(h):
     h = np.uint32(h)
     sign = np.uint32((h & np.uint32(0x8000)) << np.uint32(16))
     mag = np.uint32(h & np.uint32(0x7FFF))
-    if mag >= np.uint32(0x7C00):  # inf / NaN: keep the payload
-        bits = np.uint32(np.uint32(0x7F800000) | np.uint32((mag & np.uint32(0x3FF)) << np.uint32(13)))
-    else:  # normal or subnormal: shift into f32 position, rescale by an exact power of two
-        v = u32_as_f32(np.uint32(mag << np.uint32(13))) * _F16_TO_F32_SCALE
-        bits = np.float32(v).view(np.uint32)
+    bits = np.uint32((mag << np.uint32(13)) + _EXP_REBIAS)  # normal numbers
+    if mag >= np.uint32(0x7C00):  # inf/NaN: exponent 255, payload kept
+        bits = np.uint32(bits + _EXP_REBIAS)
+    if mag < np.uint32(0x400):  # zero and subnormals, exact
+        bits = np.float32(np.float32(mag) * _F16_SUBNORMAL_UNIT).view(np.uint32)
     return u32_as_f32(np.uint32(bits | sign))
 
 

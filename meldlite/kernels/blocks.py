@@ -4,8 +4,9 @@
 array (any stride) receiving the block's values. Field order and float operation order
 follow gguf-py's `quants.py` (e.g. Q4_K is `(d*sc)*q - (dmin*m)` in float32), so results
 match `gguf.quants.dequantize` bit for bit. `decode_span` decodes a run of whole blocks of
-one row for any supported type. They are small `@njit` functions that LLVM inlines into
-the calling kernels (Numba-level inlining made compilation ~6x slower for no speed).
+one row for any supported type. Block decoders are inlined (at Numba level) into the
+per-span loops: a call per block costs 3x the decoding; inlining more (the dispatch into
+the kernels) made compilation ~6x slower for no speed.
 """
 
 import numpy as np
@@ -20,13 +21,13 @@ KVALUES_IQ4NL = np.array(gguf_quants.IQ4_NL.kvalues, dtype=np.float32)  # (16,)
 KVALUES_MXFP4 = np.array(gguf_quants.MXFP4.kvalues, dtype=np.float32)  # (16,) E2M1 x2
 
 
-@njit
+@njit(inline="always")
 def _i8(b):
     """uint8 byte -> its int8 value (as int)."""
     return np.int32(b ^ 0x80) - 128
 
 
-@njit
+@njit(inline="always")
 def decode_q4_0(blk, out):  # d:f16, qs[16]
     d = read_f16(blk, 0)
     for j in range(16):
@@ -35,7 +36,7 @@ def decode_q4_0(blk, out):  # d:f16, qs[16]
         out[j + 16] = d * np.float32(np.int32(q >> 4) - 8)
 
 
-@njit
+@njit(inline="always")
 def decode_q4_1(blk, out):  # d:f16, m:f16, qs[16]
     d = read_f16(blk, 0)
     m = read_f16(blk, 2)
@@ -45,7 +46,7 @@ def decode_q4_1(blk, out):  # d:f16, m:f16, qs[16]
         out[j + 16] = d * np.float32(q >> 4) + m
 
 
-@njit
+@njit(inline="always")
 def _q5_codes(blk, qh_off, j):
     """5-bit codes of elements j and j+16 (j < 16): nibble of qs[j] plus a bit of the u32 qh."""
     qh = read_u16(blk, qh_off) | (read_u16(blk, qh_off + 2) << np.uint32(16))
@@ -55,7 +56,7 @@ def _q5_codes(blk, qh_off, j):
     return lo, hi
 
 
-@njit
+@njit(inline="always")
 def decode_q5_0(blk, out):  # d:f16, qh[4], qs[16]; (q-16)*d
     d = read_f16(blk, 0)
     for j in range(16):
@@ -64,7 +65,7 @@ def decode_q5_0(blk, out):  # d:f16, qh[4], qs[16]; (q-16)*d
         out[j + 16] = d * np.float32(hi - 16)
 
 
-@njit
+@njit(inline="always")
 def decode_q5_1(blk, out):  # d:f16, m:f16, qh[4], qs[16]; q*d + m
     d = read_f16(blk, 0)
     m = read_f16(blk, 2)
@@ -74,14 +75,14 @@ def decode_q5_1(blk, out):  # d:f16, m:f16, qh[4], qs[16]; q*d + m
         out[j + 16] = d * np.float32(hi) + m
 
 
-@njit
+@njit(inline="always")
 def decode_q8_0(blk, out):  # d:f16, qs[32] int8
     d = read_f16(blk, 0)
     for j in range(32):
         out[j] = np.float32(_i8(blk[2 + j])) * d
 
 
-@njit
+@njit(inline="always")
 def decode_q2_k(blk, out):  # scales[16], qs[64], d:f16, dmin:f16
     d = read_f16(blk, 80)
     dmin = read_f16(blk, 82)
@@ -96,7 +97,7 @@ def decode_q2_k(blk, out):  # scales[16], qs[64], d:f16, dmin:f16
                     out[h * 128 + s * 32 + l] = dl * np.float32(q) - ml
 
 
-@njit
+@njit(inline="always")
 def _q3_k_scale(blk, i):
     """6-bit scale i (0..15) of a Q3_K block, minus 32."""
     lo = (blk[96 + i % 8] >> (4 * (i // 8))) & 0xF
@@ -104,7 +105,7 @@ def _q3_k_scale(blk, i):
     return np.int32(lo | (hi << 4)) - 32
 
 
-@njit
+@njit(inline="always")
 def decode_q3_k(blk, out):  # hmask[32], qs[64], scales[12], d:f16
     d = read_f16(blk, 108)
     for h in range(2):
@@ -117,7 +118,7 @@ def decode_q3_k(blk, out):  # hmask[32], qs[64], scales[12], d:f16
                     out[h * 128 + s * 32 + l] = dl * np.float32(ql - 4 * (1 - hbit))
 
 
-@njit
+@njit(inline="always")
 def _k_scale_min(blk, off, i):
     """(scale, min) of sub-block i (0..7) from the 12 packed bytes at `off` (Q4_K/Q5_K)."""
     if i < 4:
@@ -127,7 +128,7 @@ def _k_scale_min(blk, off, i):
     return sc, m
 
 
-@njit
+@njit(inline="always")
 def decode_q4_k(blk, out):  # d, dmin, scales[12], qs[128]
     d = read_f16(blk, 0)
     dmin = read_f16(blk, 2)
@@ -141,7 +142,7 @@ def decode_q4_k(blk, out):  # d, dmin, scales[12], qs[128]
             out[i * 32 + l] = dl * np.float32(q) - ml
 
 
-@njit
+@njit(inline="always")
 def decode_q5_k(blk, out):  # d, dmin, scales[12], qh[32], qs[128]
     d = read_f16(blk, 0)
     dmin = read_f16(blk, 2)
@@ -155,7 +156,7 @@ def decode_q5_k(blk, out):  # d, dmin, scales[12], qh[32], qs[128]
             out[i * 32 + l] = dl * np.float32(q) - ml
 
 
-@njit
+@njit(inline="always")
 def decode_q6_k(blk, out):  # ql[128], qh[64], scales[16] int8, d:f16
     d = read_f16(blk, 208)
     for h in range(2):
@@ -167,7 +168,7 @@ def decode_q6_k(blk, out):  # ql[128], qh[64], scales[16] int8, d:f16
                 out[h * 128 + r] = dl * np.float32(np.int32(ql | (qh << 4)) - 32)
 
 
-@njit
+@njit(inline="always")
 def decode_iq4_nl(blk, out):  # d:f16, qs[16] -> kvalues_iq4nl
     d = read_f16(blk, 0)
     for j in range(16):
@@ -176,7 +177,7 @@ def decode_iq4_nl(blk, out):  # d:f16, qs[16] -> kvalues_iq4nl
         out[j + 16] = d * KVALUES_IQ4NL[q >> 4]
 
 
-@njit
+@njit(inline="always")
 def decode_iq4_xs(blk, out):  # d:f16, scales_h:u16, scales_l[4], qs[128]
     d = read_f16(blk, 0)
     scales_h = read_u16(blk, 2)
@@ -190,7 +191,7 @@ def decode_iq4_xs(blk, out):  # d:f16, scales_h:u16, scales_l[4], qs[128]
             out[i * 32 + 16 + m] = dl * KVALUES_IQ4NL[q >> 4]
 
 
-@njit
+@njit(inline="always")
 def decode_mxfp4(blk, out):  # e:E8M0, qs[16] -> kvalues_mxfp4
     d = e8m0_to_f32_half(blk[0])
     for j in range(16):
@@ -205,18 +206,51 @@ def _f32_at(row, o):
     return np.uint32(bits).view(np.float32)
 
 
+@njit(inline="always")
+def decode_f32_16(src, out):  # 16 little-endian f32
+    for j in range(16):
+        out[j] = _f32_at(src, 4 * j)
+
+
+@njit(inline="always")
+def decode_f16_16(src, out):  # 16 f16
+    for j in range(16):
+        out[j] = f16_to_f32(read_u16(src, 2 * j))
+
+
+@njit(inline="always")
+def decode_bf16_16(src, out):  # 16 bf16
+    for j in range(16):
+        out[j] = bf16_to_f32(read_u16(src, 2 * j))
+
+
+@njit(inline="always")
+def _plain_value(t, row, i):
+    """Value i of a row of F32 / F16 / BF16 bytes."""
+    if t == F32:
+        return _f32_at(row, 4 * i)
+    if t == F16:
+        return f16_to_f32(read_u16(row, 2 * i))
+    return bf16_to_f32(read_u16(row, 2 * i))
+
+
 @njit
 def _decode_plain(t, row, c0, cn, out):
-    """F32 / F16 / BF16 values c0..c0+cn of a row of raw bytes."""
+    """F32 / F16 / BF16 values c0..c0+cn of a row of raw bytes, in groups of 16 (constant
+    loops become scalar stores; runtime-length ones would be vectorized into scatters when
+    `out` is a strided column of the matmul tile)."""
+    n16 = cn - cn % 16
     if t == F32:
-        for i in range(cn):
-            out[i] = _f32_at(row, 4 * (c0 + i))
+        for g in range(0, n16, 16):
+            decode_f32_16(row[4 * (c0 + g):], out[g:])
     elif t == F16:
-        for i in range(cn):
-            out[i] = f16_to_f32(read_u16(row, 2 * (c0 + i)))
+        for g in range(0, n16, 16):
+            decode_f16_16(row[2 * (c0 + g):], out[g:])
     else:
-        for i in range(cn):
-            out[i] = bf16_to_f32(read_u16(row, 2 * (c0 + i)))
+        for g in range(0, n16, 16):
+            decode_bf16_16(row[2 * (c0 + g):], out[g:])
+    for i in range(n16, cn):
+        out[i] = _plain_value(t, row, c0 + i)
 
 
 @njit

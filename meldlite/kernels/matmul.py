@@ -15,10 +15,10 @@ from meldlite.errors import OptionError
 from meldlite.kernels._cache import track_sources
 from meldlite.kernels.blocks import decode_span
 from meldlite.kernels.dequant import as_raw_bytes
-from meldlite.kernels.qtypes import check_type, row_cols
+from meldlite.kernels.qtypes import BLOCK_ELEMS, check_type, row_cols
 
 ROWS = 64  # rows per tile = float32 lanes of the accumulation
-COLS = 256  # columns decoded per step: must be a multiple of every block size (decode_span)
+COLS = 256  # columns decoded per step (half for types with blocks of <= 32): a multiple of every block size
 
 
 @njit
@@ -36,9 +36,12 @@ def _tile(raw, t, x, out, r0, wbuf, acc):
     """out[:, r0:r0+nr] for one tile of rows; False if `t` is unknown."""
     n_tok, n_cols = x.shape
     nr = min(ROWS, raw.shape[0] - r0)
+    if t < 0 or t >= BLOCK_ELEMS.shape[0]:
+        return False
     acc[:] = 0.0
-    for c0 in range(0, n_cols, COLS):
-        cn = min(COLS, n_cols - c0)
+    step = COLS if BLOCK_ELEMS[t] == COLS else COLS // 2  # keep the tile in L1 when blocks allow
+    for c0 in range(0, n_cols, step):
+        cn = min(step, n_cols - c0)
         for r in range(nr):
             if not decode_span(t, raw[r0 + r], c0, cn, wbuf[:, r]):
                 return False
