@@ -44,8 +44,8 @@ def rope_tables(n_pos, n_rot, base):
     cos = np.empty((n_pos, n_rot // 2), F32)                                # (P, R/2)
     sin = np.empty((n_pos, n_rot // 2), F32)                                # (P, R/2)
     for i in range(n_rot // 2):
-        cos[:, i] = np.cos(theta)
-        sin[:, i] = np.sin(theta)
+        cos[:, i] = np.cos(theta.astype(np.float64))   # correctly rounded, like libm cosf
+        sin[:, i] = np.sin(theta.astype(np.float64))
         theta = theta * theta_scale
     return cos, sin
 

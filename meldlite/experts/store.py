@@ -54,15 +54,16 @@ def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
 class ResidentStore(ExpertStore):
     """All experts stay where the memory map puts them; nothing is evicted."""
 
-    def __init__(self, gguf, cfg):
+    def __init__(self, gguf, cfg, llama_numerics=True):
         self._layers = [expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
                         for i in range(cfg.n_layer)]
+        self._round = llama_numerics
         self._calls = 0
 
     def moe(self, layer, x, ids, weights):
         mats, types = self._layers[layer]
         self._calls += 1
-        return kernels.moe_ffn(x, ids, weights, mats, types)
+        return kernels.moe_ffn(x, ids, weights, mats, types, round_acts=self._round)
 
     def stats(self):
         return {"moe_calls": self._calls}

@@ -15,9 +15,13 @@ SIMD path); Q8_K blocks of 256 with iscale = -127/max (signed max),
 q = min(127, nearest_int(iscale*x)) and d = 1/iscale kept in f32.
 """
 
+import math
+
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
+
+from meldlite.kernels._cache import track_sources
 
 NONE, ROUND_F16, ROUND_BF16, Q8_0, Q8_K = 0, 1, 2, 3, 4
 
@@ -39,7 +43,19 @@ def mode_of(ggml_type):
 
 @njit(cache=True, inline="always")
 def _f16_round(v):
-    return np.float32(np.float16(v))
+    """v rounded to the nearest float16 value (ties to even), as float32."""
+    a = abs(v)
+    if not np.isfinite(a):
+        return v
+    if a < np.float32(2.0 ** -14):                  # f16 subnormal: quantum 2^-24
+        step = np.float32(2.0 ** -24)
+    else:
+        _, ex = math.frexp(a)                       # a = m * 2^ex, m in [0.5, 1)
+        step = np.float32(math.ldexp(1.0, ex - 11))  # 10 mantissa bits below the leading one
+    r = np.float32(np.rint(v / step)) * step
+    if abs(r) > np.float32(65504.0):
+        return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
+    return r
 
 
 @njit(cache=True, inline="always")
@@ -139,3 +155,6 @@ def round_activations_reference(x, ggml_type):
             d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
         return (np.minimum(np.rint(iscale * b), 127) * d).reshape(x.shape).astype(np.float32)
     return x
+
+
+track_sources(_q8_0_block, _q8_k_block, round_row, _round_rows)

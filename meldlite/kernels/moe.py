@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType
 
 from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels._cache import track_sources
+from meldlite.kernels.actquant import MODE_BY_ID, NONE, round_row
 from meldlite.kernels.matmul import matmat_rows, writable_rows
 from meldlite.kernels.qtypes import SUPPORTED_IDS, check_type, row_bytes
 
@@ -61,18 +62,33 @@ def group_by_expert(ids, n_expert):
 
 
 @njit(cache=True, error_model="numpy")
-def expert_ffn(x, toks, gate, up, down, tys, y):
-    """y (n, n_embd) <- down(silu(gate xs) * up xs) for xs = x[toks]; False on unknown type."""
+def rounded(a, mode):
+    """a (n, m) with each row rounded per activation mode (a itself when mode is NONE)."""
+    if mode == NONE:
+        return a
+    r = np.empty_like(a)  # (n, m)
+    for i in range(a.shape[0]):
+        round_row(a[i], mode, r[i])
+    return r
+
+
+@njit(cache=True, error_model="numpy")
+def expert_ffn(x, toks, gate, up, down, tys, modes, y):
+    """y (n, n_embd) <- down(silu(gate xs) * up xs) for xs = x[toks]; False on unknown type.
+
+    `modes` (3,) rounds each matrix's input activations as llama.cpp does (actquant)."""
     n = toks.shape[0]
     xs = np.empty((n, x.shape[1]), dtype=np.float32)  # (n, n_embd)
     for i in range(n):
         xs[i] = x[toks[i]]
     g = np.empty((n, gate.shape[0]), dtype=np.float32)  # (n, n_ff)
     u = np.empty((n, up.shape[0]), dtype=np.float32)  # (n, n_ff)
-    ok = matmat_rows(gate, np.int64(tys[GATE]), xs, g)
-    ok &= matmat_rows(up, np.int64(tys[UP]), xs, u)
+    xg = rounded(xs, modes[GATE])  # (n, n_embd)
+    xu = xg if modes[UP] == modes[GATE] else rounded(xs, modes[UP])  # (n, n_embd)
+    ok = matmat_rows(gate, np.int64(tys[GATE]), xg, g)
+    ok &= matmat_rows(up, np.int64(tys[UP]), xu, u)
     swiglu(g, u)
-    ok &= matmat_rows(down, np.int64(tys[DOWN]), g, y)
+    ok &= matmat_rows(down, np.int64(tys[DOWN]), rounded(g, modes[DOWN]), y)
     return ok
 
 
@@ -94,7 +110,7 @@ def combine_slots(ids, weights, pairs, ys, out):
 
 
 @njit(cache=True, error_model="numpy")
-def moe_ffn_kernel(x, ids, weights, mats, types, out):
+def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
     """The whole routed-expert step; False if some used expert has an unknown type."""
     pairs, starts = group_by_expert(ids, types.shape[0])
     ys = np.empty((pairs.shape[0], x.shape[1]), dtype=np.float32)  # (n_pairs, n_embd)
@@ -104,7 +120,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, out):
         s, s_end = starts[e], starts[e + 1]
         if s_end > s:
             ok &= expert_ffn(x, toks[s:s_end], mats[3 * e + GATE], mats[3 * e + UP],
-                             mats[3 * e + DOWN], types[e], ys[s:s_end])
+                             mats[3 * e + DOWN], types[e], modes[e], ys[s:s_end])
     combine_slots(ids, weights, pairs, ys, out)
     return ok
 
@@ -188,11 +204,12 @@ def _check_inputs(x, ids, weights, types):
             np.ascontiguousarray(weights), np.ascontiguousarray(types, dtype=np.int32))
 
 
-def moe_ffn(x, ids, weights, mats, types, out=None) -> np.ndarray:
+def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndarray:
     """Routed experts of one layer for x (n_tok, n_embd) -> float32 (n_tok, n_embd).
 
     ids (n_tok, k) int32 expert per slot (-1 = skipped), weights (n_tok, k) float32,
-    mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids."""
+    mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids.
+    round_acts: round each matrix's input as llama.cpp does (see actquant)."""
     x, ids, weights, types = _check_inputs(x, ids, weights, types)
     if isinstance(mats, list):
         mats = expert_list(mats)
@@ -206,9 +223,10 @@ def moe_ffn(x, ids, weights, mats, types, out=None) -> np.ndarray:
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
         raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
-    if not moe_ffn_kernel(x, ids, weights, mats, types, out):
+    modes = MODE_BY_ID[types] if round_acts else np.zeros_like(types)  # (n_expert, 3)
+    if not moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
         raise AssertionError("jitted kernel rejected an expert type")  # checked above
     return out
 
 
-track_sources(swiglu, group_by_expert, expert_ffn, combine_slots, moe_ffn_kernel)
+track_sources(swiglu, group_by_expert, rounded, expert_ffn, combine_slots, moe_ffn_kernel)
