@@ -28,16 +28,22 @@ def story_nll(logits, ids):
     return -logp[np.arange(len(ids) - 1), ids[1:]].sum()
 
 
-def llamacpp_perplexity(path, stories):
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2,
+def llamacpp_perplexity(path, stories, n_ctx=512):
+    """llama.cpp's perplexity with meldlite's definition: each story alone as
+    BOS + story; a story longer than the context in windows of n_ctx tokens
+    overlapping by one, each from a fresh context, every token scored once."""
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2,
                           verbose=False)
     nll, n = 0.0, 0
     for story in stories:
         ids = llm.tokenize(story.encode(), add_bos=True)
-        llm.reset()
-        llm.eval(ids)
-        nll += story_nll(np.array(llm.scores[:len(ids)]), np.array(ids))
-        n += len(ids) - 1
+        for start in range(0, len(ids) - 1, n_ctx - 1):
+            window = ids[start:start + n_ctx]
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            llm.eval(window)
+            nll += story_nll(np.array(llm.scores[:len(window)]), np.array(window))
+            n += len(window) - 1
     llm.close()
     return math.exp(nll / n)
 
