@@ -330,9 +330,23 @@ def test_moe_rejects_bad_input(experts):
         kernels.expert_list([arrays[0][:, ::2]])
 
 
+def test_moe_empty_batch_and_plain_list(experts):
+    arrays, types = experts
+    x = np.random.default_rng(14).standard_normal((3, N_EMBD)).astype(np.float32)
+    ids, weights = np.array([[2, 0]] * 3, np.int32), np.ones((3, 2), np.float32)
+    mats = kernels.expert_list(arrays)
+    np.testing.assert_array_equal(kernels.moe_ffn(x, ids, weights, list(arrays), types),
+                                  kernels.moe_ffn(x, ids, weights, mats, types))
+    assert kernels.moe_ffn(x[:0], ids[:0], weights[:0], mats, types).shape == (0, N_EMBD)
+
+
 def test_kernels_use_the_disk_cache():
+    """cache=True, and the cache key covers every kernel source file (Numba alone only
+    looks at the file that defines the jitted function, not the decoders it calls)."""
+    from meldlite.kernels._cache import sources_digest
     from meldlite.kernels.dequant import dequantize_rows
     from meldlite.kernels.matmul import matmat_rows
     from meldlite.kernels.moe import moe_ffn_kernel
     for dispatcher in (dequantize_rows, matmat_rows, moe_ffn_kernel):
         assert dispatcher._cache.__class__.__name__ != "NullCache", dispatcher
+        assert sources_digest() in dispatcher._cache._cache_file._source_stamp
