@@ -78,7 +78,7 @@ class QuietTimer:
     """median_time, retried while other processes used more than `limit` of a CPU meanwhile
     (on a shared machine a parallel kernel stalls whenever one of its threads is preempted)."""
 
-    def __init__(self, reps, tries=6, limit=0.1):
+    def __init__(self, reps, tries=4, limit=0.1):
         self.reps, self.tries, self.limit = reps, tries, limit
         self.measured = self.retried = self.noisy = 0
 
@@ -93,7 +93,7 @@ class QuietTimer:
             if foreign <= self.limit * (time.perf_counter() - wall0):
                 return dt
             self.retried += 1
-            time.sleep(0.5 * (attempt + 1))
+            time.sleep(0.3 * (attempt + 1))
         self.noisy += 1
         return dt
 
