@@ -135,7 +135,8 @@ def round_activations_reference(x, ggml_type):
     mode = mode_of(ggml_type)
     x = np.asarray(x, np.float32)
     if mode == ROUND_F16:
-        return x.astype(np.float16).astype(np.float32)
+        with np.errstate(over="ignore"):        # beyond f16's range rounds to inf, as in ggml
+            return x.astype(np.float16).astype(np.float32)
     if mode == ROUND_BF16:
         u = x.view(np.uint32).astype(np.uint64)
         r = ((u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000).astype(np.uint32).view(np.float32)

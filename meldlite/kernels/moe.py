@@ -223,7 +223,10 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
         raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
-    modes = MODE_BY_ID[types] if round_acts else np.zeros_like(types)  # (n_expert, 3)
+    modes = np.zeros_like(types)  # (n_expert, 3) activation rounding per matrix
+    if round_acts:  # unused experts may hold any id: look up only known ones
+        known = (types >= 0) & (types < len(MODE_BY_ID))
+        modes[known] = MODE_BY_ID[types[known]]
     if not moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
         raise AssertionError("jitted kernel rejected an expert type")  # checked above
     return out
