@@ -21,14 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers_models import ARCHS, llamacpp_quantize, write_random_model  # noqa: E402
-
-
-def kl(ref, ours):
-    def log_softmax(x):
-        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    lp, lq = log_softmax(ref), log_softmax(ours)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+from meldlite.metrics import kl_divergence as kl  # noqa: E402
 
 
 def llamacpp_paths(path, ids):

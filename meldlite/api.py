@@ -13,6 +13,7 @@ from meldlite.data import default_model_path
 from meldlite.errors import OptionError
 from meldlite.experts import ResidentStore
 from meldlite.formats import read_gguf
+from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.tokenizer import Tokenizer
 from meldlite.weights import Weights
@@ -192,10 +193,3 @@ class Model:
     def close(self):
         if self.store:
             self.store.close()
-
-
-def log_softmax(logits):
-    """log softmax over the vocabulary, in float64: (T, V) -> (T, V)."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -14,6 +14,7 @@ from helpers_models import ARCHS, llamacpp_logits, llamacpp_quantize, write_rand
 
 pytest.importorskip("llama_cpp")
 import meldlite  # noqa: E402
+from meldlite.metrics import kl_divergence as kl_per_position  # noqa: E402
 
 N_TOKENS = 128
 
@@ -21,15 +22,6 @@ N_TOKENS = 128
 def tokens(seed=1):
     rng = np.random.default_rng(seed)
     return [1] + rng.integers(3, 4096, N_TOKENS - 1).tolist()
-
-
-def kl_per_position(ref, ours):
-    """KL(ref || ours) of the softmax distributions, per position."""
-    def log_softmax(x):
-        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    lp, lq = log_softmax(ref), log_softmax(ours)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from helpers_models import llamacpp_quantize
 llama_cpp = pytest.importorskip("llama_cpp")
 import meldlite  # noqa: E402
 from meldlite.errors import OptionError  # noqa: E402
+from meldlite.metrics import log_softmax  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,7 @@ def trained(shared_models, tmp_path_factory):
 
 
 def story_nll(logits, ids):
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    logp = log_softmax(logits)
     return -logp[np.arange(len(ids) - 1), ids[1:]].sum()
 
 
