@@ -1,0 +1,51 @@
+"""Adaptive top-k: skip routed experts whose share of the router weight is small.
+
+A pure function on a layer's routing, applied by the expert stores before they
+load or compute anything, so a skipped expert costs neither I/O nor FLOPs.
+"""
+
+import numpy as np
+
+from meldlite.errors import OptionError
+
+F32 = np.float32
+
+
+def check_min_weight(value):
+    """None/0 (off) or a float in (0, 1); OptionError otherwise."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"min_expert_weight must be a number in [0, 1), got {value!r}") from None
+    if not 0 <= v < 1 or v != v:
+        raise OptionError(f"min_expert_weight must be in [0, 1), got {value!r}")
+    return v or None
+
+
+def skip_light_experts(ids, weights, min_weight):
+    """Drop slots whose renormalised weight w / sum(w) is below `min_weight`.
+
+    ids (T, k) int32 (-1 = skipped), weights (T, k) float32 -> (ids', weights')
+    with dropped slots set to id -1 and weight 0. The heaviest expert of each
+    token is always kept, and the kept weights are scaled so that they add up to
+    what all k added up to (for norm_topk architectures: 1), i.e. the token is
+    routed as if top-k had picked fewer experts. Returns the inputs themselves
+    when nothing is dropped.
+    """
+    ids = np.asarray(ids)
+    weights = np.asarray(weights, dtype=F32)
+    valid = ids >= 0                                                      # (T, k)
+    w = np.where(valid, weights, F32(0))                                  # (T, k)
+    total = w.sum(axis=-1, keepdims=True, dtype=F32)                      # (T, 1)
+    share = w / np.maximum(total, F32(1e-30))                             # (T, k)
+    drop = valid & (share < F32(min_weight))                              # (T, k)
+    drop[np.arange(len(ids)), np.argmax(share, axis=-1)] = False
+    if not drop.any():
+        return ids, weights
+    kept = np.where(drop, F32(0), w)                                      # (T, k)
+    scale = total / np.maximum(kept.sum(axis=-1, keepdims=True, dtype=F32), F32(1e-30))
+    new_w = np.where(drop, F32(0), kept * scale).astype(F32)
+    new_ids = np.where(drop, np.int32(-1), ids).astype(np.int32)
+    return np.ascontiguousarray(new_ids), np.ascontiguousarray(new_w)
