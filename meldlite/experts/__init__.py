@@ -1,5 +1,18 @@
-"""Expert stores: where the forward pass gets a layer's routed experts from."""
+"""Expert stores: where the forward pass gets a layer's routed experts from.
+
+- `ResidentStore`: every expert stays in the memory map (no budget).
+- `CachedStore`: experts in a memory budget, loaded from the file on demand and
+  ahead of time by predictive prefetch (cache.py, prefetch.py, policy.py, io.py).
+- `make_store`: the store `meldlite.load`'s options ask for.
+- `build_profile` / `save_profile` / `read_profile`: routing profiles (profile.py).
+- `skip_light_experts`: adaptive top-k (adaptive.py).
+"""
 
 from meldlite.experts.store import ExpertStore, ResidentStore
+from meldlite.experts.cache import CachedStore
+from meldlite.experts.factory import make_store
+from meldlite.experts.adaptive import skip_light_experts
+from meldlite.experts.profile import build_profile, read_profile, save_profile
 
-__all__ = ["ExpertStore", "ResidentStore"]
+__all__ = ["CachedStore", "ExpertStore", "ResidentStore", "build_profile", "make_store",
+           "read_profile", "save_profile", "skip_light_experts"]

@@ -1,0 +1,647 @@
+"""The memory-budgeted expert store: a cache of experts in bounded memory,
+filled from the model file on demand and ahead of time by predictive prefetch.
+
+Two mechanisms hold the cached experts (`mechanism=`):
+- "pread": preallocated slabs (one anonymous mapping per size class of expert,
+  `budget` bytes in all); a miss copies the expert's byte range from the file
+  into a free slot with os.preadv (one read per expert in the per-expert layout)
+  and drops those pages from the page cache.
+- "mmap": the experts stay in the file's memory map; a load faults the pages in
+  (MADV_POPULATE_READ), an eviction unmaps them (MADV_DONTNEED) and drops them
+  from the page cache; the budget bounds the mapped pages.
+In both, the memory map's expert ranges are set MADV_RANDOM (no read-around) and
+never touched outside a load, so no expert page is resident unless it is cached.
+
+The compute thread (the one calling `moe`) is the only one that runs kernels and
+the only one that writes the kernels' `mats` list; the loader thread only reads
+files into slots. State shared by the two (slot states, pins, the load queue,
+the policy, counters) is guarded by one condition variable.
+
+Results are bit-identical to `ResidentStore`: when all of a layer's experts are
+cached at once the same `moe_ffn` call runs; otherwise the experts are computed
+in groups, each (token, slot) pair with weight 1 (y = 0 + 1*y exactly), and the
+pairs are added per token in slot order as `moe_ffn` adds them (see `combine`).
+"""
+
+import mmap
+import time
+
+import numpy as np
+
+from meldlite import kernels
+from meldlite.errors import BudgetError, FormatError, OptionError
+from meldlite.experts import io as eio
+from meldlite.experts.adaptive import skip_light_experts
+from meldlite.experts.budget import format_bytes
+from meldlite.experts.policy import make_policy
+from meldlite.experts.prefetch import DEMAND, HINTED, PREDICTED, Loader, LoadQueue, RoutePredictor
+from meldlite.experts.store import ExpertStore, expert_matrices
+
+ABSENT, LOADING, READY = 0, 1, 2
+MECHANISMS = ("pread", "mmap")
+KINDS = ("gate", "up", "down")
+SLOT_ALIGN = 64            # slab slots start on cache-line boundaries
+F32 = np.float32
+
+
+class ExpertPlan:
+    """Where each expert's bytes are in the file and where they go in a slab.
+
+    Experts are numbered g = layer * n_expert + e."""
+
+    def __init__(self, gguf, cfg):
+        L, X = cfg.n_layer, cfg.n_expert
+        n = L * X
+        self.n_layer, self.n_expert = L, X
+        self.reads = []                              # per g: [(file offset, nbytes, slab offset)]
+        self.mats = []                               # per g: 3 x (slab offset, rows, row_bytes)
+        self.nbytes = np.zeros(n, np.int64)          # (L*X,) bytes of a slab slot
+        self.span = np.zeros(n, np.int64)            # (L*X,) whole pages the ranges cover
+        self.offset = np.zeros(n, np.int64)          # (L*X,) file offset of the first byte
+        self.types = np.zeros((L, X, 3), np.int32)   # (L, X, 3) ggml type ids
+        want = {"gate": (cfg.n_ff_exp, cfg.n_embd), "up": (cfg.n_ff_exp, cfg.n_embd),
+                "down": (cfg.n_embd, cfg.n_ff_exp)}
+        for layer in range(L):
+            for e in range(X):
+                g = layer * X + e
+                reads, pos = [], 0
+                for off, nb in gguf.expert_ranges(layer, e):
+                    reads.append((off, nb, pos))
+                    pos += nb
+                mats = []
+                for j, kind in enumerate(KINDS):
+                    t = gguf.expert_tensor(layer, kind, e)
+                    if tuple(t.shape) != want[kind]:
+                        raise FormatError(f"layer {layer} expert {e} {kind} has shape {t.shape}, "
+                                          f"expected {want[kind]}")
+                    off, _, at = next(r for r in reads if r[0] <= t.offset < r[0] + r[1])
+                    mats.append((at + t.offset - off, t.raw.shape[0], t.raw.shape[1]))
+                    self.types[layer, e, j] = int(t.ggml_type)
+                self.reads.append(reads)
+                self.mats.append(mats)
+                self.nbytes[g] = -(-pos // SLOT_ALIGN) * SLOT_ALIGN
+                self.span[g] = sum(eio.page_span(off, nb)[1] for off, nb, _ in reads)
+                self.offset[g] = reads[0][0]
+        for layer in range(L):
+            kernels.check_types(self.types[layer])
+
+    @property
+    def expert_bytes(self):
+        """Bytes of all expert tensors in the file."""
+        return int(sum(nb for reads in self.reads for _, nb, _ in reads))
+
+    def min_budget(self, k, sizes):
+        """Bytes of the k largest experts of the layer where they are largest."""
+        per_layer = np.sort(sizes.reshape(self.n_layer, self.n_expert), axis=1)[:, ::-1]
+        return int(per_layer[:, :k].sum(axis=1).max())
+
+
+class SlabPool:
+    """n_slots slots of slot_bytes each, in one anonymous mapping (pread mechanism).
+
+    The mapping is committed page by page as slots are first filled, so RSS grows
+    up to the pool's size and no further."""
+
+    def __init__(self, slot_bytes, n_slots):
+        self.slot_bytes, self.n_slots = int(slot_bytes), int(n_slots)
+        self.capacity = self.slot_bytes * self.n_slots
+        self._mem = mmap.mmap(-1, max(self.capacity, eio.PAGE))
+        self.buf = np.frombuffer(self._mem, np.uint8)       # (capacity,)
+        self._free = list(range(self.n_slots - 1, -1, -1))
+
+    def has_room(self, nbytes):
+        return bool(self._free)
+
+    def take(self, nbytes):
+        return self._free.pop()
+
+    def give(self, nbytes, slot):
+        self._free.append(slot)
+
+    def view(self, slot, offset, nbytes):
+        start = slot * self.slot_bytes + offset
+        return self.buf[start:start + nbytes]
+
+
+class BytePool:
+    """A byte budget for experts that live in the memory map (mmap mechanism)."""
+
+    def __init__(self, capacity):
+        self.capacity, self.used = int(capacity), 0
+        self.n_slots = None
+
+    def has_room(self, nbytes):
+        return self.used + nbytes <= self.capacity
+
+    def take(self, nbytes):
+        self.used += int(nbytes)
+        return 0
+
+    def give(self, nbytes, slot):
+        self.used -= int(nbytes)
+
+
+def split_budget(budget, sizes):
+    """Slots per size class: {slot_bytes: n_slots}, splitting `budget` in
+    proportion to each class's share of the expert bytes (every class gets at
+    least one slot; then leftover bytes go to the class with the smallest share
+    of its experts cached)."""
+    classes, counts = np.unique(sizes, return_counts=True)
+    total = float((classes * counts).sum())
+    n = np.minimum(counts, np.floor(budget * counts / total * 1.0)).astype(np.int64)
+    n = np.maximum(n, 1)
+    left = budget - int((n * classes).sum())
+    while True:
+        open_ = np.flatnonzero((n < counts) & (classes <= left))
+        if open_.size == 0:
+            break
+        c = open_[np.argmin(n[open_] / counts[open_])]
+        n[c] += 1
+        left -= int(classes[c])
+    return {int(s): int(k) for s, k in zip(classes, n)}, left
+
+
+def combine(ids, weights, Y):
+    """out[t] = sum over slots j in order, ids[t, j] >= 0, of weights[t, j] * Y[t, j],
+    in float32 from 0.0 -- the same operations, in the same order, as moe_ffn's
+    combine step."""
+    T, k = ids.shape
+    out = np.zeros((T, Y.shape[2]), F32)                               # (T, E)
+    for j in range(k):
+        m = ids[:, j] >= 0                                              # (T,)
+        if m.all():
+            out += weights[:, j, None] * Y[:, j]
+        elif m.any():
+            out[m] += weights[m, j, None] * Y[m, j]
+    return out
+
+
+class CachedStore(ExpertStore):
+    """Experts in a cache of `budget` bytes, loaded from the file when routed to.
+
+    See the module docstring; options are documented in `meldlite.load`."""
+
+    def __init__(self, gguf, cfg, weights, budget, *, policy="forecast", prefetch=True,
+                 mechanism="pread", llama_numerics=True, min_expert_weight=None,
+                 io_throttle=None, prior=None, drop_cache=True, prefetch_depth=1):
+        if mechanism not in MECHANISMS:
+            raise OptionError(f"expert_io {mechanism!r} is not one of {', '.join(MECHANISMS)}")
+        self.cfg = cfg
+        self.n_layer, self.n_expert, self.k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
+        self.mechanism = mechanism
+        self._round = llama_numerics
+        self.min_weight = min_expert_weight
+        self.plan = plan = ExpertPlan(gguf, cfg)
+        n = self.n_layer * self.n_expert
+        self.sizes = plan.nbytes if mechanism == "pread" else plan.span
+        self.budget = int(budget)
+        self._init_pools()
+
+        tensor0 = gguf.expert_tensor(0, "gate", 0)
+        map_base = tensor0.raw.ctypes.data - tensor0.offset
+        self.file = eio.ExpertFile(gguf.path, eio.Throttle(io_throttle) if io_throttle else None,
+                                   drop_cache=drop_cache, map_base=map_base,
+                                   map_size=gguf.path.stat().st_size)
+        self._quiet_map(map_base)
+
+        self.types = [np.ascontiguousarray(plan.types[i]) for i in range(self.n_layer)]
+        if mechanism == "mmap":
+            self.mats = [expert_matrices(gguf, i, self.n_expert, cfg.n_embd, cfg.n_ff_exp)[0]
+                         for i in range(self.n_layer)]
+        else:
+            self.mats = [kernels.expert_list([None] * (3 * self.n_expert)) for _ in range(self.n_layer)]
+        self._bound = np.full(n, -1, np.int64)       # (L*X,) slot each mats entry points to
+
+        self.state = np.zeros(n, np.int8)            # (L*X,) ABSENT / LOADING / READY
+        self.slot = np.full(n, -1, np.int64)         # (L*X,) slot of a cached expert
+        self.pins = np.zeros(n, np.int32)            # (L*X,) compute thread is using / waiting for it
+        self.protected = np.zeros(n, bool)           # (L*X,) kept for decode after a prefill
+        self.reserved = np.zeros(n, bool)            # (L*X,) predicted for the next layer
+        self.by_prefetch = np.zeros(n, bool)         # (L*X,) loaded by prefetch, not used yet
+        self.errors = {}                             # g -> exception of a failed background read
+        self.policy = make_policy(policy, self.n_layer, self.n_expert, self.k, prior)
+        self.pool_of = self._pool_index()
+
+        import threading
+        self._cond = threading.Condition()
+        self._queue = LoadQueue()
+        self._tick = 0
+        self._layer_now = self.n_layer - 1
+        self._visits = np.zeros(self.n_layer, np.int64)
+        self._in_prefill = False
+        self._pred = [None] * self.n_layer
+        self._rank_hits = np.full(self.k, 1.0)       # per predicted rank: hits (+1 prior)
+        self._rank_tries = np.full(self.k, 2.0)      # per predicted rank: tries (+2 prior)
+        self.prefetch_depth = prefetch_depth
+        self.c = dict.fromkeys(
+            ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
+             "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
+             "prefetch_late", "prefetch_refused", "predicted", "predicted_right", "actual_routed",
+             "experts_skipped", "expert_uses", "moe_calls", "groups_split"), 0)
+        self.t = dict.fromkeys(("stall_seconds", "io_seconds"), 0.0)
+        self.predictor = RoutePredictor(weights, cfg) if prefetch else None
+        self.loader = None
+        if prefetch:
+            self.loader = Loader(self)
+            self.loader.start()
+
+    # -- setup ---------------------------------------------------------------
+
+    def _init_pools(self):
+        plan, sizes = self.plan, self.sizes
+        minimum = plan.min_budget(self.k, sizes)
+        if self.mechanism == "pread":
+            classes = np.unique(sizes)
+            minimum = max(minimum, int(classes.sum()))
+        self.min_budget = minimum
+        if self.budget < minimum:
+            raise BudgetError(
+                f"mem_budget {format_bytes(self.budget)} is too small: this model needs at least "
+                f"{format_bytes(minimum)} ({minimum} bytes: the {self.k} largest experts of one "
+                f"layer); its experts total {format_bytes(plan.expert_bytes)}")
+        if self.mechanism == "pread":
+            split, _ = split_budget(self.budget, sizes)
+            self.pools = [SlabPool(s, k) for s, k in sorted(split.items())]
+            self.capacity_bytes = sum(p.capacity for p in self.pools)
+        else:
+            self.pools = [BytePool(min(self.budget, int(sizes.sum())))]
+            self.capacity_bytes = self.pools[0].capacity
+        self.capacity_experts = int(self.capacity_bytes // max(1, np.mean(sizes)))
+
+    def _pool_index(self):
+        if self.mechanism == "mmap":
+            return np.zeros(len(self.sizes), np.int64)
+        index = {p.slot_bytes: i for i, p in enumerate(self.pools)}
+        return np.array([index[int(s)] for s in self.sizes], np.int64)
+
+    def _quiet_map(self, map_base):
+        """No read-around into expert pages and none mapped now (see module doc)."""
+        if map_base % eio.PAGE:
+            return
+        for reads in self.plan.reads:
+            for off, nb, _ in reads:
+                self.file.advise(off, nb, eio.MADV_RANDOM, outward=True)
+                self.file.advise(off, nb, eio.MADV_DONTNEED, outward=False)
+
+    # -- the ExpertStore interface -----------------------------------------------
+
+    def moe(self, layer, x, ids, weights):
+        ids = np.asarray(ids)
+        weights = np.asarray(weights, dtype=F32)
+        if self.min_weight:
+            n_before = int((ids >= 0).sum())
+            ids, weights = skip_light_experts(ids, weights, self.min_weight)
+            self.c["experts_skipped"] += n_before - int((ids >= 0).sum())
+        n_tok, X = x.shape[0], self.n_expert
+        self._phase(layer, n_tok)
+        valid = ids[ids >= 0]
+        counts = np.bincount(valid, minlength=X)                         # (X,)
+        used = np.flatnonzero(counts)
+        gs = layer * X + used                                            # (U,)
+        recent = np.zeros(X, bool)                                       # (X,)
+        if n_tok:
+            recent[ids[-1][ids[-1] >= 0]] = True
+        self._score_prediction(layer, used, n_tok)
+        with self._cond:
+            self._tick += 1
+            self._layer_now = layer
+            self._visits[layer] += 1
+            state = self.state[gs]
+            hit = state == READY
+            self.pins[gs] += 1
+            self.c["moe_calls"] += 1
+            self.c["expert_uses"] += len(gs)
+            self.c["expert_hits"] += int(hit.sum())
+            self.c["expert_misses"] += int((~hit).sum())
+            self.c["prefetch_late"] += int((state == LOADING).sum())
+            self.c["prefetch_useful"] += int(self.by_prefetch[gs[hit]].sum())
+            self.by_prefetch[gs] = False
+            self.policy.on_use(layer, counts, n_tok, self._tick, recent)
+            missing = gs[state == ABSENT]
+            if self.loader is not None:
+                for g in missing[np.argsort(self.plan.offset[missing])]:
+                    self._queue.push(int(g), DEMAND)
+                if missing.size:
+                    self._cond.notify_all()
+        held = set(int(g) for g in gs)          # pinned by this call until computed
+        try:
+            if self.predictor is not None:
+                self._prefetch(layer, x)
+            if hit.all():
+                out = self._compute_all(layer, x, ids, weights, gs)
+            elif self.loader is not None:
+                out = self._compute_waiting(layer, x, ids, weights, gs, hit, held)
+            else:
+                out = self._compute_loading(layer, x, ids, weights, gs, hit, missing, held)
+        finally:
+            self._unpin(list(held), held)
+        if n_tok > 1:
+            self._protect(layer)
+        return out
+
+    def hint(self, layer, ids):
+        """Queue background loads of experts `ids` of `layer` (ignored without prefetch)."""
+        if self.loader is None:
+            return
+        with self._cond:
+            for e in np.unique(np.asarray(ids).reshape(-1)):
+                g = layer * self.n_expert + int(e)
+                if 0 <= e < self.n_expert and self.state[g] == ABSENT:
+                    self._queue.push(g, HINTED, (layer, int(self._visits[layer])))
+            self._cond.notify_all()
+
+    def stats(self):
+        with self._cond:
+            c = dict(self.c)
+            t = dict(self.t)
+            cached = int((self.state == READY).sum())
+        uses = max(1, c["expert_uses"])
+        out = {k: c[k] for k in ("expert_hits", "expert_misses", "bytes_read", "prefetch_issued",
+                                 "prefetch_useful")}
+        out["stall_seconds"] = t["stall_seconds"]
+        out.update(
+            hit_rate=c["expert_hits"] / uses,
+            prefetch_precision=c["prefetch_useful"] / max(1, c["prefetch_issued"]),
+            prefetch_recall=c["prefetch_useful"] / max(1, c["prefetch_useful"] + c["expert_misses"]),
+            predictor_precision=c["predicted_right"] / max(1, c["predicted"]),
+            predictor_recall=c["predicted_right"] / max(1, c["actual_routed"]),
+            prefetch_late=c["prefetch_late"], prefetch_wasted=c["prefetch_wasted"],
+            prefetch_refused=c["prefetch_refused"],
+            bytes_read_prefetch=c["bytes_read_prefetch"], loads=c["loads"],
+            evictions=c["evictions"], io_seconds=t["io_seconds"],
+            experts_skipped=c["experts_skipped"], expert_uses=c["expert_uses"],
+            moe_calls=c["moe_calls"], groups_split=c["groups_split"],
+            experts_cached=cached, budget_bytes=self.budget, cache_bytes=self.capacity_bytes,
+            min_budget_bytes=self.min_budget, expert_bytes=self.plan.expert_bytes,
+            cache_policy=self.policy.name, expert_io=self.mechanism,
+            prefetch=self.loader is not None,
+            io_throttle_bytes_per_s=self.file.throttle.bytes_per_s if self.file.throttle else None)
+        return out
+
+    def close(self):
+        if self.loader is not None:
+            self.loader.stop()
+            self.loader = None
+        self.file.close()
+
+    # -- compute -------------------------------------------------------------
+
+    def _unpin(self, gs, held):
+        """Drop this call's pins on gs and forget them in `held`."""
+        gs = [int(g) for g in gs if int(g) in held]
+        if not gs:
+            return
+        with self._cond:
+            self.pins[gs] -= 1
+            self._cond.notify_all()
+        held.difference_update(gs)
+
+    def _bind(self, layer, gs):
+        """Point the kernel's mats entries of experts gs at their slots (pread)."""
+        if self.mechanism != "pread":
+            return
+        mats = self.mats[layer]
+        for g in gs:
+            s = int(self.slot[g])
+            if self._bound[g] == s:
+                continue
+            pool = self.pools[self.pool_of[g]]
+            arrays = [pool.view(s, off, rows * rb).reshape(rows, rb)
+                      for off, rows, rb in self.plan.mats[g]]
+            kernels.set_expert(mats, int(g - layer * self.n_expert), *arrays)
+            self._bound[g] = s
+
+    def _compute_all(self, layer, x, ids, weights, gs):
+        self._bind(layer, gs)
+        return kernels.moe_ffn(x, ids, weights, self.mats[layer], self.types[layer],
+                               round_acts=self._round)
+
+    def _compute_group(self, layer, x, ids, gs, Y):
+        """Y[t, j] = expert ids[t, j]'s output for token t, for the experts in gs."""
+        self._bind(layer, gs)
+        mask = np.isin(ids, gs - layer * self.n_expert)                  # (T, k)
+        t_idx, j_idx = np.nonzero(mask)
+        xp = np.ascontiguousarray(x[t_idx], dtype=F32)                   # (P, E)
+        ip = np.ascontiguousarray(ids[t_idx, j_idx][:, None], dtype=np.int32)   # (P, 1)
+        wp = np.ones((len(t_idx), 1), F32)                               # (P, 1)
+        Y[t_idx, j_idx] = kernels.moe_ffn(xp, ip, wp, self.mats[layer], self.types[layer],
+                                          round_acts=self._round)
+        self.c["groups_split"] += 1
+
+    def _compute_loading(self, layer, x, ids, weights, gs, hit, missing, held):
+        """On-demand: read each missing expert now, on this thread."""
+        ready = [int(g) for g in gs[hit]]
+        Y = None
+        for g in missing[np.argsort(self.plan.offset[missing], kind="stable")]:
+            g = int(g)
+            with self._cond:
+                ok = self._make_room(g, speculative=False)
+            if not ok:                   # the budget is full of this layer's experts: compute them
+                if Y is None:
+                    Y = np.zeros((*ids.shape, x.shape[1]), F32)            # (T, k, E)
+                self._compute_group(layer, x, ids, np.array(ready, np.int64), Y)
+                self._unpin(ready, held)
+                ready = []
+                with self._cond:
+                    ok = self._make_room(g, speculative=False)
+                if not ok:
+                    raise RuntimeError("expert cache: no slot can be freed")   # budget >= one expert per class
+            t0 = time.perf_counter()
+            try:
+                self._read(g)
+            except BaseException:
+                with self._cond:
+                    self._release(g)
+                raise
+            dt = time.perf_counter() - t0
+            with self._cond:
+                self._finish((g, False), None)
+                self.t["stall_seconds"] += dt
+            ready.append(g)
+        if Y is None:
+            return self._compute_all(layer, x, ids, weights, gs)
+        self._compute_group(layer, x, ids, np.array(ready, np.int64), Y)
+        return combine(ids, weights, Y)
+
+    def _compute_waiting(self, layer, x, ids, weights, gs, hit, held):
+        """With the loader: compute what is cached while the rest is read, in groups."""
+        Y = np.zeros((*ids.shape, x.shape[1]), F32)                      # (T, k, E)
+        group = [int(g) for g in gs[hit]]
+        while True:
+            if group:
+                self._compute_group(layer, x, ids, np.array(group, np.int64), Y)
+                self._unpin(group, held)
+            if not held:
+                return combine(ids, weights, Y)
+            t0 = time.perf_counter()
+            with self._cond:
+                while True:
+                    failed = [g for g in held if g in self.errors]
+                    if failed:
+                        raise self.errors.pop(failed[0])
+                    group = sorted(g for g in held if self.state[g] == READY)
+                    if group:
+                        break
+                    for g in held:                   # e.g. a speculative copy failed: ask again
+                        if self.state[g] == ABSENT and not self._queue.queued(g):
+                            self._queue.push(g, DEMAND)
+                            self._cond.notify_all()
+                    self._cond.wait(timeout=1.0)
+            self.t["stall_seconds"] += time.perf_counter() - t0
+
+    # -- cache bookkeeping (call with self._cond held) --------------------------
+
+    def _make_room(self, g, speculative):
+        """Reserve space for expert g (evicting as the policy says); mark it LOADING.
+        False if nothing may be evicted (speculative loads also may not displace
+        pinned, protected or predicted experts, nor one the policy values more)."""
+        pool = self.pools[self.pool_of[g]]
+        size = int(self.sizes[g])
+        while not pool.has_room(size):
+            cand = (self.state == READY) & (self.pins == 0) & (self.pool_of == self.pool_of[g])
+            if speculative:
+                cand &= ~self.protected & ~self.reserved
+            elif (cand & ~self.protected).any():
+                cand &= ~self.protected
+            idx = np.flatnonzero(cand)
+            if idx.size == 0:
+                return False
+            victim = int(idx[np.argmin(self.policy.value(idx, self._layer_now))])
+            if speculative and not self.policy.admit(g, victim, self._layer_now):
+                return False
+            self._evict(victim)
+        self.slot[g] = pool.take(size)
+        self.state[g] = LOADING
+        return True
+
+    def _evict(self, g):
+        if self.mechanism == "mmap":
+            for off, nb, _ in self.plan.reads[g]:
+                self.file.release(off, nb)
+        self.pools[self.pool_of[g]].give(int(self.sizes[g]), int(self.slot[g]))
+        self.state[g] = ABSENT
+        self.slot[g] = -1
+        self.c["evictions"] += 1
+        if self.by_prefetch[g]:
+            self.c["prefetch_wasted"] += 1
+            self.by_prefetch[g] = False
+
+    def _release(self, g):
+        """Undo _make_room after a failed read."""
+        self.pools[self.pool_of[g]].give(int(self.sizes[g]), int(self.slot[g]))
+        self.state[g] = ABSENT
+        self.slot[g] = -1
+
+    def _claim_next(self):
+        """Loader: the next load it may start, as (g, speculative), or None."""
+        while True:
+            entry = self._queue.peek()
+            if entry is None:
+                return None
+            prio, _, g, target = entry
+            speculative = prio != DEMAND
+            if self.state[g] != ABSENT:
+                self._queue.pop()
+                continue
+            if speculative and target is not None and self._visits[target[0]] > target[1]:
+                self._queue.pop()                 # its layer has run: too late to help
+                continue
+            if not self._make_room(g, speculative):
+                if speculative:
+                    self._queue.pop()
+                    self.c["prefetch_refused"] += 1
+                    continue
+                return None                        # wait until the compute thread unpins
+            self._queue.pop()
+            return g, speculative
+
+    def _finish(self, job, err):
+        g, speculative = job if isinstance(job, tuple) else (job, False)
+        if err is not None:
+            self._release(g)
+            if self.pins[g] > 0 or not speculative:
+                self.errors[g] = err
+            return
+        self.state[g] = READY
+        self.policy.on_load(g, self._tick)
+        self.c["loads"] += 1
+        self.c["bytes_read"] += int(self.plan.nbytes[g])
+        if speculative:
+            self.c["loads_prefetch"] += 1
+            self.c["bytes_read_prefetch"] += int(self.plan.nbytes[g])
+            self.c["prefetch_issued"] += 1
+            if self.pins[g] == 0:
+                self.by_prefetch[g] = True
+
+    # -- I/O (no lock held) -------------------------------------------------------
+
+    def _read(self, job):
+        g = job[0] if isinstance(job, tuple) else job
+        t0 = time.perf_counter()
+        if self.mechanism == "pread":
+            pool = self.pools[self.pool_of[g]]
+            for off, nb, at in self.plan.reads[g]:
+                self.file.read_into(pool.view(int(self.slot[g]), at, nb), off)
+        else:
+            for off, nb, _ in self.plan.reads[g]:
+                self.file.populate(off, nb)
+        self.t["io_seconds"] += time.perf_counter() - t0
+
+    # -- prefetch, prefill -----------------------------------------------------
+
+    def _prefetch(self, layer, x):
+        """Queue the predicted experts of the next layer(s)."""
+        limit = max(self.k, 1)
+        nxt = (layer + 1) % self.n_layer
+        if layer + 1 < self.n_layer:
+            experts = self.predictor.predict(layer, x, limit)
+            self._pred[nxt] = experts
+            conf = self._rank_hits / self._rank_tries                        # (k,)
+            prio = PREDICTED
+        else:                                   # next token's first layer: popularity
+            experts = self.policy.likely(nxt, self.k)
+            conf = np.full(len(experts), 0.5)
+            prio = HINTED
+        gs = nxt * self.n_expert + np.asarray(experts, np.int64)
+        with self._cond:
+            self.reserved[:] = False
+            self.reserved[gs] = True
+            self.policy.expect(gs, conf[:len(gs)])
+            for r, g in enumerate(gs):
+                if self.state[g] == ABSENT:
+                    self._queue.push(int(g), prio + r / 1000, (nxt, int(self._visits[nxt])))
+            self._cond.notify_all()
+
+    def _score_prediction(self, layer, used, n_tok):
+        pred = self._pred[layer]
+        self._pred[layer] = None
+        if pred is None or n_tok != 1:
+            return
+        right = np.isin(pred, used)
+        self.c["predicted"] += len(pred)
+        self.c["predicted_right"] += int(right.sum())
+        self.c["actual_routed"] += len(used)
+        self._rank_tries[:len(pred)] += 1
+        self._rank_hits[:len(pred)] += right
+
+    def _phase(self, layer, n_tok):
+        """Track prefill (batches) vs decode (one token) for the prefill protection."""
+        if n_tok > 1 and layer == 0:
+            self._in_prefill = True
+            with self._cond:
+                self.protected[:] = False
+        elif n_tok == 1 and self._in_prefill:
+            self._in_prefill = False
+            with self._cond:
+                self.protected[:] = False
+
+    def _protect(self, layer):
+        """After a prefill batch ran `layer`: keep the experts its last tokens make most
+        likely (the policy's ranking) through the rest of the prefill, up to a share
+        of the cache per layer, so that decoding starts with them cached."""
+        quota = max(0, (self.capacity_experts - self.k) // self.n_layer)
+        if quota == 0:
+            return
+        with self._cond:
+            best = layer * self.n_expert + np.asarray(self.policy.likely(layer, quota), np.int64)
+            self.protected[best[self.state[best] == READY]] = True

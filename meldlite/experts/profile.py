@@ -1,0 +1,257 @@
+"""Routing profiles: `meldlite profile MODEL TEXTFILE -o PROFILE`.
+
+A profile records how a model routes a text: per layer, each expert's
+popularity and router-weight mass, co-activation within a token and from one
+layer to the next, how often a token's experts were already used by the
+previous few tokens (route recurrence: what any cache can hope to gain), how
+well layer L's hidden state predicts layer L+1's experts (what prefetch can
+gain), the distribution of the renormalised router weights (for adaptive
+top-k), and per-expert input statistics (mean squared input per channel, the
+"importance matrix" an activation-aware per-expert quantizer needs).
+
+The file is JSON, `"format": "meldlite-expert-profile"`, `"version": 1`; the
+fields are listed in docs/experts.md. Arrays of floats that can be large are
+stored as {"dtype", "shape", "base64"} (little-endian). `load_prior` reads a
+profile back as the cache policies' popularity prior.
+"""
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from meldlite.errors import FormatError, OptionError
+from meldlite.experts.prefetch import RoutePredictor
+from meldlite.experts.store import ExpertStore
+
+FORMAT = "meldlite-expert-profile"
+VERSION = 1
+WINDOWS = (1, 2, 4, 8)                 # route recurrence: look back this many tokens
+LIGHT = (0.02, 0.05, 0.1, 0.15, 0.2)   # adaptive top-k thresholds reported
+
+
+def encode_array(a):
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"dtype": "float32", "shape": list(a.shape),
+            "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(obj):
+    if not isinstance(obj, dict) or obj.get("dtype") != "float32":
+        raise FormatError("profile array is not a {dtype: float32, shape, base64} object")
+    raw = base64.b64decode(obj["base64"])
+    return np.frombuffer(raw, "<f4").reshape(obj["shape"]).astype(np.float32)
+
+
+class _Recorder(ExpertStore):
+    """Wraps a store: passes every call through and records the routing."""
+
+    def __init__(self, inner, cfg, weights):
+        self.inner = inner
+        self.cfg = cfg
+        self.predictor = RoutePredictor(weights, cfg)
+        L, X, E = cfg.n_layer, cfg.n_expert, cfg.n_embd
+        self.ids = [[] for _ in range(L)]                       # per layer: [(T, k) int16]
+        self.weights = [[] for _ in range(L)]                   # per layer: [(T, k) float32]
+        self.pred = [[] for _ in range(L)]                      # per layer: [(T, k) predicted]
+        self.sq = np.zeros((L, X, E), np.float64)               # (L, X, E) sum of x^2 per expert
+
+    def moe(self, layer, x, ids, weights):
+        ids = np.asarray(ids)
+        self.ids[layer].append(ids.astype(np.int16))
+        self.weights[layer].append(np.asarray(weights, np.float32))
+        sel = np.zeros((len(ids), self.cfg.n_expert), np.float64)        # (T, X)
+        rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+        ok = ids.reshape(-1) >= 0
+        sel[rows[ok], ids.reshape(-1)[ok]] = 1.0
+        self.sq[layer] += sel.T @ (x.astype(np.float64) ** 2)
+        if layer + 1 < self.cfg.n_layer:
+            z = np.ascontiguousarray(x * self.predictor.ratio[layer + 1], np.float32)
+            logits = self.predictor.routers[layer + 1] @ z                # (T, X)
+            k = self.cfg.n_expert_used
+            self.pred[layer + 1].append(np.argsort(-logits, axis=-1, kind="stable")[:, :k])
+        return self.inner.moe(layer, x, ids, weights)
+
+    def end_document(self):
+        """Mark a document boundary (recurrence does not look across it)."""
+        for lst in (self.ids, self.weights, self.pred):
+            for per_layer in lst:
+                per_layer.append(None)
+
+
+def _split_docs(seq):
+    docs, cur = [], []
+    for a in seq:
+        if a is None:
+            if cur:
+                docs.append(np.concatenate(cur))
+            cur = []
+        else:
+            cur.append(a)
+    if cur:
+        docs.append(np.concatenate(cur))
+    return docs
+
+
+def recurrence(docs, n_expert, window):
+    """Fraction of (token, expert) picks whose expert was also picked by one of
+    the previous `window` tokens of the same document (first tokens excluded)."""
+    hit = total = 0
+    for ids in docs:
+        T = len(ids)
+        if T <= 1:
+            continue
+        onehot = np.zeros((T, n_expert), bool)                              # (T, X)
+        for j in range(ids.shape[1]):
+            ok = ids[:, j] >= 0
+            onehot[np.flatnonzero(ok), ids[ok, j]] = True
+        seen = np.zeros((T, n_expert), bool)                                 # used in the window before t
+        for w in range(1, window + 1):
+            seen[w:] |= onehot[:-w]
+        hit += int((onehot[1:] & seen[1:]).sum())
+        total += int(onehot[1:].sum())
+    return hit / total if total else 0.0
+
+
+def build_profile(model, text, separator="<|endoftext|>", max_tokens=None, text_name=None,
+                  progress=None):
+    """Run `model` over `text` (each document alone, as BOS + document, in
+    windows of the context) and return the profile as a dict."""
+    cfg = model.cfg
+    if not cfg.is_moe:
+        raise OptionError("profile needs a Mixture-of-Experts model; this one has no experts")
+    docs = [d.strip("\n") for d in text.split(separator)] if separator else [text]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise OptionError("profile needs some text")
+    rec = _Recorder(model.store, cfg, model.weights)
+    saved, model.store = model.store, rec
+    n_tok, n_docs, t0 = 0, 0, time.perf_counter()
+    try:
+        for doc in docs:
+            ids = model.tokenize(doc, add_bos=True)
+            for start in range(0, len(ids), model.n_ctx):
+                window = ids[start:start + model.n_ctx]
+                model.logits(window)
+                rec.end_document()
+                n_tok += len(window)
+            n_docs += 1
+            if progress:
+                progress(n_docs, n_tok)
+            if max_tokens and n_tok >= max_tokens:
+                break
+    finally:
+        model.store = saved
+    return summarize(rec, cfg, model, n_tok, n_docs, text_name, separator,
+                     time.perf_counter() - t0)
+
+
+def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
+    L, X, k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
+    layers = []
+    for layer in range(L):
+        docs = _split_docs(rec.ids[layer])
+        ids = np.concatenate(docs).astype(np.int64)                          # (N, k)
+        w = np.concatenate(_split_docs(rec.weights[layer]))                  # (N, k)
+        valid = ids >= 0
+        counts = np.bincount(ids[valid], minlength=X)                        # (X,)
+        share = counts / max(1, counts.sum())
+        rel = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)            # renormalised
+        mass = np.bincount(ids[valid], weights=rel[valid], minlength=X) / max(1, len(ids))
+        onehot = np.zeros((len(ids), X), np.int64)                           # (N, X)
+        for j in range(k):
+            ok = valid[:, j]
+            onehot[np.flatnonzero(ok), ids[ok, j]] = 1
+        co = onehot.T @ onehot                                               # (X, X)
+        entry = {
+            "layer": layer,
+            "tokens": int(len(ids)),
+            "counts": counts.tolist(),
+            "share": [round(float(s), 6) for s in share],
+            "weight_mass": [round(float(m), 6) for m in mass],
+            "entropy": float(-(share[share > 0] * np.log(share[share > 0])).sum()),
+            "coactivation": co.tolist(),
+            "recurrence": {str(wn): round(recurrence(docs, X, wn), 6) for wn in WINDOWS},
+            "slot_weight_mean": [round(float(v), 6) for v in rel.mean(axis=0)],
+            "light_fraction": {str(t): round(float((rel[valid] < t).mean()), 6) for t in LIGHT},
+            "input_sq_mean": encode_array(rec.sq[layer] / np.maximum(counts, 1)[:, None]),
+        }
+        entry["entropy_ratio"] = entry["entropy"] / np.log(X)
+        if layer + 1 < L:
+            nxt = np.concatenate(_split_docs(rec.ids[layer + 1])).astype(np.int64)
+            nxt_hot = np.zeros((len(nxt), X), np.int64)
+            for j in range(k):
+                ok = nxt[:, j] >= 0
+                nxt_hot[np.flatnonzero(ok), nxt[ok, j]] = 1
+            entry["next_layer_coactivation"] = (onehot.T @ nxt_hot).tolist()
+        if layer > 0:
+            pred = np.concatenate(_split_docs(rec.pred[layer])).astype(np.int64)
+            overlap = np.array([len(np.intersect1d(p, a[a >= 0])) for p, a in zip(pred, ids)])
+            exact = overlap == valid.sum(axis=1)
+            entry["prediction"] = {"overlap": round(float(overlap.mean() / k), 6),
+                                   "exact": round(float(exact.mean()), 6)}
+        layers.append(entry)
+    path = Path(model.path)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"file": path.name, "file_size": path.stat().st_size,
+                  "architecture": cfg.arch, "n_layer": L, "n_expert": X,
+                  "n_expert_used": k, "n_embd": cfg.n_embd, "n_ff_exp": cfg.n_ff_exp},
+        "text": {"file": text_name, "separator": separator, "documents": n_docs,
+                 "tokens": n_tok, "seconds": round(seconds, 3)},
+        "windows": list(WINDOWS),
+        "layers": layers,
+        "summary": {
+            "recurrence": {str(wn): round(float(np.mean([lay["recurrence"][str(wn)] for lay in layers])), 6)
+                           for wn in WINDOWS},
+            "prediction_overlap": (round(float(np.mean([lay["prediction"]["overlap"]
+                                                        for lay in layers[1:]])), 6) if L > 1 else None),
+            "entropy_ratio": round(float(np.mean([lay["entropy_ratio"] for lay in layers])), 6),
+        },
+    }
+
+
+def save_profile(profile, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(profile, f, separators=(",", ":"))
+    os.replace(tmp, path)
+    return path
+
+
+def read_profile(path):
+    """The profile dict at `path`; FormatError if it is not a profile this version reads."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prof = json.load(f)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: not a JSON profile: {e}") from None
+    if not isinstance(prof, dict) or prof.get("format") != FORMAT:
+        raise FormatError(f"{path}: not a meldlite expert profile (format != {FORMAT!r})")
+    if prof.get("version") != VERSION:
+        raise FormatError(f"{path}: profile version {prof.get('version')!r}, this meldlite reads {VERSION}")
+    return prof
+
+
+def load_prior(profile, cfg):
+    """Per-layer expert popularity (n_layer, n_expert) from a profile (dict or path),
+    checked against the model's shape."""
+    prof = profile if isinstance(profile, dict) else read_profile(profile)
+    m = prof.get("model", {})
+    if (m.get("n_layer"), m.get("n_expert")) != (cfg.n_layer, cfg.n_expert):
+        raise OptionError(f"profile is for a model with {m.get('n_layer')} layers x "
+                          f"{m.get('n_expert')} experts, this one has {cfg.n_layer} x {cfg.n_expert}")
+    try:
+        share = np.array([lay["share"] for lay in prof["layers"]], np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise FormatError("profile layers lack a valid 'share' list") from None
+    if share.shape != (cfg.n_layer, cfg.n_expert) or not np.isfinite(share).all():
+        raise FormatError(f"profile 'share' has shape {share.shape}, expected "
+                          f"({cfg.n_layer}, {cfg.n_expert})")
+    return share
