@@ -11,14 +11,17 @@ from meldlite import sampling
 from meldlite.config import ModelConfig
 from meldlite.data import default_model_path
 from meldlite.errors import OptionError
-from meldlite.experts import ResidentStore
+from meldlite.experts import make_store
+from meldlite.experts.io import drop_file_cache
 from meldlite.formats import read_gguf
 from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.tokenizer import Tokenizer
 from meldlite.weights import Weights
 
-def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True):
+def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True,
+         mem_budget=None, cache_policy=None, prefetch=True, min_expert_weight=None,
+         io_throttle=None, cold=False, profile=None, expert_io=None):
     """Open a GGUF model (`None`: the built-in default model).
 
     n_ctx: context length (default: the model's training context, at most 4096);
@@ -27,10 +30,25 @@ def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=T
     quantized matmul as llama.cpp does (8-bit blocks for quantized weights,
     f16 for F16), which makes logits agree with llama.cpp's; False computes
     with float activations instead.
+
+    Expert offloading (docs/experts.md): mem_budget ("64MB", "1.5GB", "25%" of
+    the expert bytes, or bytes) keeps at most that much expert weight in memory,
+    reading experts from the file when routed to (None: all experts stay in the
+    memory map); cache_policy "forecast" (default), "lfu" or "lru"; prefetch:
+    predict the next layer's experts and load them in a background thread;
+    profile: a `meldlite profile` JSON whose popularity seeds the policy;
+    expert_io: "pread" (slabs, default) or "mmap" (madvise'd map).
+    min_expert_weight: adaptive top-k, skip routed experts whose renormalised
+    router weight is below it (changes results; any store).
+    Measurement aids: io_throttle ("200MB/s") emulates slower storage for expert
+    reads; cold drops the model file from the page cache before opening it.
     """
     return Model(default_model_path() if path is None else os.fspath(path),
                  n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
-                 llama_numerics=llama_numerics)
+                 llama_numerics=llama_numerics, cold=cold, mem_budget=mem_budget,
+                 cache_policy=cache_policy, prefetch=prefetch,
+                 min_expert_weight=min_expert_weight, io_throttle=io_throttle,
+                 profile=profile, expert_io=expert_io)
 
 
 def peak_rss_bytes():
@@ -52,8 +70,10 @@ def set_threads(n_threads):
 class Model:
     """A loaded model: tokenizer, resident weights, expert store and KV cache."""
 
-    def __init__(self, path, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True):
+    def __init__(self, path, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True,
+                 cold=False, **store_options):
         self.path = path
+        self.cold_cache = drop_file_cache(path) if cold else None   # (cached before, after)
         self.gguf = read_gguf(path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.weights = Weights(self.gguf, llama_numerics)
@@ -69,8 +89,10 @@ class Model:
             raise OptionError(f"n_batch must be >= 1, got {n_batch}")
         self.n_batch = int(n_batch)
         self.n_threads = set_threads(n_threads)
-        self.store = (ResidentStore(self.gguf, self.cfg, llama_numerics)
-                      if self.cfg.is_moe else None)
+        if not self.cfg.is_moe and store_options.get("mem_budget") is not None:
+            raise OptionError("mem_budget applies to Mixture-of-Experts models; this one has no experts")
+        self.store = (make_store(self.gguf, self.cfg, self.weights, llama_numerics=llama_numerics,
+                                 **store_options) if self.cfg.is_moe else None)
         self.cache = KVCache(self.cfg, self.n_ctx)
         self.timings = {}
 
