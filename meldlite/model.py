@@ -9,6 +9,7 @@ import numpy as np
 
 from meldlite import layers
 from meldlite.errors import OptionError
+from meldlite.kernels.block import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
 
 F32 = np.float32
 
@@ -33,6 +34,10 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
     Returns logits (T, V) float32, or (1, V) for the last token only when
     `all_logits` is False. `on_route(layer, h, ids)` (optional) sees each
     layer's routing, for profiling and prefetch.
+
+    Each layer's attention half (norm, projections, RoPE, KV cache, attention,
+    residual, FFN norm, router) is one jitted call (`kernels.block`); the
+    routed experts go through `store.moe`.
     """
     tr = cfg.traits
     n_tok, pos0 = len(tokens), cache.n_past
@@ -40,43 +45,18 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
         raise OptionError(f"context overflow: {pos0 + n_tok} tokens > n_ctx {cache.n_ctx}")
     if n_tok == 0:
         return np.zeros((0, cfg.n_vocab), F32)
-    cos, sin = cache.cos[pos0:pos0 + n_tok], cache.sin[pos0:pos0 + n_tok]   # (T, R/2)
-    nh, ng, dk, dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim_k, cfg.head_dim_v
     x = w["token_embd.weight"].rows(tokens)                                  # (T, E)
-
-    for i in range(cfg.n_layer):
+    kc, vc = cache.k.view(np.uint16), cache.v.view(np.uint16)               # float16 bits
+    k_used = max(cfg.n_expert_used, 1)
+    for i, layer in enumerate(layer_plans(cfg, w)):
         p = f"blk.{i}."
-        # --- attention ---
-        h = layers.rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_eps)      # (T, E)
-        q = w[p + "attn_q.weight"] @ h                                       # (T, H*D)
-        k = w[p + "attn_k.weight"] @ h                                       # (T, G*D)
-        v = w[p + "attn_v.weight"] @ h                                       # (T, G*Dv)
-        for name, t in (("attn_q.bias", q), ("attn_k.bias", k), ("attn_v.bias", v)):
-            if p + name in w:
-                t += w[p + name]
-        if tr.qk_norm == "full":
-            q = layers.rms_norm(q, w[p + "attn_q_norm.weight"], cfg.rms_eps)  # (T, H*D)
-            k = layers.rms_norm(k, w[p + "attn_k_norm.weight"], cfg.rms_eps)  # (T, G*D)
-        q = q.reshape(n_tok, nh, dk)                                         # (T, H, D)
-        k = k.reshape(n_tok, ng, dk)                                         # (T, G, D)
-        if tr.qk_norm == "head":
-            q = layers.rms_norm(q, w[p + "attn_q_norm.weight"], cfg.rms_eps)  # (T, H, D)
-            k = layers.rms_norm(k, w[p + "attn_k_norm.weight"], cfg.rms_eps)  # (T, G, D)
-        q = layers.rope(q, cos, sin, cfg.n_rot, tr.rope_neox)               # (T, H, D)
-        k = layers.rope(k, cos, sin, cfg.n_rot, tr.rope_neox)               # (T, G, D)
-        cache.k[i, pos0:pos0 + n_tok] = k
-        cache.v[i, pos0:pos0 + n_tok] = v.reshape(n_tok, ng, dv)
-        a = layers.attention(q, cache.k[i, :pos0 + n_tok], cache.v[i, :pos0 + n_tok], pos0)  # (T, H*Dv)
-        a = w[p + "attn_output.weight"] @ a                                  # (T, E)
-        if p + "attn_output.bias" in w:
-            a += w[p + "attn_output.bias"]
-        x = x + a                                                            # (T, E)
-
-        # --- feed-forward: routed experts (+ shared expert) or dense ---
-        h = layers.rms_norm(x, w[p + "ffn_norm.weight"], cfg.rms_eps)       # (T, E)
+        h = np.empty_like(x)                                                 # (T, E)
+        ids = np.empty((n_tok, k_used), np.int32)                            # (T, k)
+        weights = np.empty((n_tok, k_used), F32)                             # (T, k)
+        attention_block(x, *layer.attn, kc[i], vc[i], cache.cos, cache.sin, pos0,
+                        cfg.n_head, cfg.n_rot, tr.rope_neox, cfg.rms_eps, *layer.ffn,
+                        k_used, tr.norm_topk, h, ids, weights)
         if cfg.is_moe:
-            router = w[p + "ffn_gate_inp.weight"] @ h                        # (T, X)
-            ids, weights = layers.route(router, cfg.n_expert_used, tr.norm_topk)  # (T, k), (T, k)
             if on_route is not None:
                 on_route(i, h, ids)
             f = store.moe(i, h, ids, weights)                                # (T, E)
@@ -90,13 +70,57 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
             g = w[p + "ffn_gate.weight"] @ h                                 # (T, F)
             u = w[p + "ffn_up.weight"] @ h                                   # (T, F)
             f = w[p + "ffn_down.weight"] @ (layers.silu(g) * u)              # (T, E)
-        x = x + f                                                            # (T, E)
+        x += f                                                               # (T, E)
 
     cache.n_past = pos0 + n_tok
     if not all_logits:
         x = x[-1:]                                                           # (1, E)
-    x = layers.rms_norm(x, w["output_norm.weight"], cfg.rms_eps)            # (T, E)
-    return output_matrix(cfg, w) @ x                                         # (T, V)
+    h = np.empty_like(x)
+    rms_norm_rows(x, w["output_norm.weight"], cfg.rms_eps, h)               # (T, E)
+    return output_matrix(cfg, w) @ h                                         # (T, V)
+
+
+_EMPTY_F32 = np.zeros(0, F32)
+_NO_MATRIX = np.zeros((0, 0), np.uint8)
+_NO_MATRIX.flags.writeable = False
+
+
+class LayerPlan:
+    """One layer's arguments for `attention_block`, looked up once per model.
+
+    attn: (attn_norm, then raw/type/mode of q, k, v, output, the four biases (empty when
+    absent), q/k norm weights (empty when absent), qk-norm kind); ffn: (ffn_norm, router
+    raw/type/mode: an empty matrix for dense models)."""
+
+    def __init__(self, cfg, w, i):
+        p = f"blk.{i}."
+
+        def mat(name):
+            m = w[p + name]
+            if m.mat is None:           # a type the kernels lack: raise their error now
+                m @ np.zeros(m.shape[1], F32)
+            return m.mat, m.t, m.mode
+
+        def vec(name):
+            return w[p + name] if p + name in w else _EMPTY_F32
+
+        qk = {"": QK_NONE, "head": QK_HEAD, "full": QK_FULL}[cfg.traits.qk_norm]
+        self.attn = (w[p + "attn_norm.weight"], *mat("attn_q.weight"), *mat("attn_k.weight"),
+                     *mat("attn_v.weight"), *mat("attn_output.weight"),
+                     vec("attn_q.bias"), vec("attn_k.bias"), vec("attn_v.bias"),
+                     vec("attn_output.bias"), vec("attn_q_norm.weight"),
+                     vec("attn_k_norm.weight"), qk)
+        router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
+        self.ffn = (w[p + "ffn_norm.weight"], *router)
+
+
+def layer_plans(cfg, w):
+    """The LayerPlan of every layer, built on first use and kept on `w`."""
+    plans = getattr(w, "_layer_plans", None)
+    if plans is None or len(plans) != cfg.n_layer:
+        plans = [LayerPlan(cfg, w, i) for i in range(cfg.n_layer)]
+        w._layer_plans = plans
+    return plans
 
 
 def output_matrix(cfg, w):

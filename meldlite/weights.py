@@ -8,8 +8,10 @@ tensor (norms, biases). Nothing is renamed, so loading needs no mapping table.
 import numpy as np
 
 from meldlite import kernels
-from meldlite.errors import FormatError
-from meldlite.kernels.actquant import round_activations
+from meldlite.errors import FormatError, UnsupportedError
+from meldlite.kernels.actquant import NONE, mode_of
+from meldlite.kernels.matmul import readonly_matrix
+from meldlite.kernels.qdot import linear
 
 
 class QMatrix:
@@ -25,16 +27,29 @@ class QMatrix:
         self.raw = np.asarray(tensor.raw)               # (n_out, row_bytes) uint8, memmap view
         self.nbytes = tensor.nbytes
         self.llama_numerics = llama_numerics
+        try:
+            self.mat = readonly_matrix(self.raw, kernels.check_type(self.ggml_type))  # for jitted code
+        except UnsupportedError:
+            self.mat = None                             # __matmul__ raises the kernels' error
+        self.t = int(self.ggml_type)
+        # how the input is rounded first: as llama.cpp does for this type, or not at all
+        self.mode = mode_of(self.ggml_type) if llama_numerics else NONE
 
     def __matmul__(self, x):
         """x: (T, n_in) or (n_in,) float32 -> (T, n_out) or (n_out,).
 
         With llama_numerics, x is first rounded as llama.cpp rounds the
-        activations for this weight type (see kernels.actquant)."""
+        activations for this weight type (see kernels.actquant), and quantized
+        types multiply by integer dot products (kernels.qdot)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.llama_numerics:
-            x = round_activations(x, self.ggml_type)
-        return kernels.matmul(self.raw, self.ggml_type, x)
+        if self.mat is None:
+            return kernels.matmul(self.raw, self.ggml_type, x)
+        x2 = x.reshape(-1, self.shape[1])               # (T, n_in)
+        if not x2.flags.writeable:
+            x2 = x2.copy()
+        out = np.empty((x2.shape[0], self.shape[0]), np.float32)  # (T, n_out)
+        linear(self.mat, self.t, self.mode, x2, out)
+        return out.reshape(*x.shape[:-1], self.shape[0])
 
     def rows(self, ids):
         """Dequantized rows (embedding lookup): ids (T,) -> (T, n_in) float32."""

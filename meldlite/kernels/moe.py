@@ -25,7 +25,8 @@ from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels._cache import track_sources
 from meldlite.kernels.actquant import MODE_BY_ID, NONE, round_row
 from meldlite.kernels.matmul import matmat_rows, writable_rows
-from meldlite.kernels.qtypes import SUPPORTED_IDS, check_type, row_bytes
+from meldlite.kernels.qdot import CHUNK, PARALLEL_MIN_BYTES, quantize_row, rows_times_tokens
+from meldlite.kernels.qtypes import BLOCK_BYTES, BLOCK_ELEMS, SUPPORTED_IDS, check_type, row_bytes
 
 MATRIX_TYPE = nbtypes.Array(nbtypes.uint8, 2, "C", readonly=True)  # numba type of each entry of `mats`
 GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
@@ -125,6 +126,161 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
     return ok
 
 
+# ---------------------------------------------------------------- integer path (round_acts)
+# The same sum as moe_ffn_kernel with rounded activations, computed as llama.cpp does:
+# integer dot products against 8-bit activation codes (qdot.py). Work is split into
+# (expert, CHUNK rows) items: one parallel pass for gate+up+SwiGLU, one for down.
+
+@njit(cache=True, error_model="numpy")
+def _act_slots(ids, modes):
+    """slot (n_modes,) of each activation mode the used experts' gate/up need (-1: none)."""
+    slot = np.full(8, -1, dtype=np.int64)  # (n_modes,) modes are small ints (actquant)
+    n = 0
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if e >= 0:
+                for m in range(2):
+                    if slot[modes[e, m]] < 0:
+                        slot[modes[e, m]] = n
+                        n += 1
+    return slot, n
+
+
+@njit(cache=True, error_model="numpy")
+def _items(starts, n_rows_of, types, which):
+    """Work items (expert, first row) over the used experts' matrices `which`."""
+    n = 0
+    for e in range(types.shape[0]):
+        if starts[e + 1] > starts[e]:
+            n += (n_rows_of[e, which] + CHUNK - 1) // CHUNK
+    item_e = np.empty(n, dtype=np.int64)  # (n_items,)
+    item_r = np.empty(n, dtype=np.int64)  # (n_items,)
+    i = 0
+    for e in range(types.shape[0]):
+        if starts[e + 1] > starts[e]:
+            for r0 in range(0, n_rows_of[e, which], CHUNK):
+                item_e[i] = e
+                item_r[i] = r0
+                i += 1
+    return item_e, item_r
+
+
+@njit(cache=True, error_model="numpy")
+def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr, g, u):
+    """g/u[p, r0:r0+CHUNK] for the pairs p of expert e, then g <- silu(g) * u."""
+    s, s_end = starts[e], starts[e + 1]
+    gate, up = mats[3 * e + GATE], mats[3 * e + UP]
+    r1 = min(gate.shape[0], r0 + CHUNK)
+    scratch = np.empty(xr.shape[2], dtype=np.float32)  # (n_embd,) float fallback
+    a, b = slot[modes[e, GATE]], slot[modes[e, UP]]
+    rows_times_tokens(gate, types[e, GATE], r0, r1, qa[a], da[a], bs[a], xr[a], toks[s:s_end],
+                      g[s:s_end], scratch, True)
+    rows_times_tokens(up, types[e, UP], r0, r1, qa[b], da[b], bs[b], xr[b], toks[s:s_end],
+                      u[s:s_end], scratch, True)
+    for p in range(s, s_end):
+        for c in range(r0, r1):
+            v = g[p, c]
+            g[p, c] = v / (np.float32(1.0) + np.exp(-v)) * u[p, c]
+
+
+@njit(cache=True, error_model="numpy")
+def _down_item(mats, types, e, r0, starts, pair_ids, qa, da, bs, xr, ys):
+    s, s_end = starts[e], starts[e + 1]
+    down = mats[3 * e + DOWN]
+    scratch = np.empty(xr.shape[1], dtype=np.float32)  # (n_ff,)
+    rows_times_tokens(down, types[e, DOWN], r0, min(down.shape[0], r0 + CHUNK), qa, da, bs, xr,
+                      pair_ids[s:s_end], ys[s:s_end], scratch, True)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _gate_up_parallel(mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u):
+    for i in prange(item_e.shape[0]):
+        _gate_up_item(mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs, xr, g, u)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _down_parallel(mats, types, item_e, item_r, starts, pair_ids, qa, da, bs, xr, ys):
+    for i in prange(item_e.shape[0]):
+        _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, qa, da, bs, xr, ys)
+
+
+@njit(cache=True, error_model="numpy")
+def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out):
+    """moe_ffn_kernel with every matmul input rounded as llama.cpp does, by integer dots."""
+    n_tok, n_embd = x.shape
+    pairs, starts = group_by_expert(ids, types.shape[0])
+    n_pairs = pairs.shape[0]
+    toks = pairs // ids.shape[1]  # (n_pairs,) token of each pair
+    n_rows_of = np.zeros((types.shape[0], 3), dtype=np.int64)  # (n_expert, 3)
+    n_ff = 0
+    work = 0
+    for e in range(types.shape[0]):
+        if starts[e + 1] > starts[e]:
+            for m in range(3):
+                n_rows_of[e, m] = mats[3 * e + m].shape[0]
+                work += mats[3 * e + m].size * (starts[e + 1] - starts[e])
+            n_ff = mats[3 * e + GATE].shape[0]
+    # activations of x, once per rounding mode the gate/up matrices need
+    slot, n_slots = _act_slots(ids, modes)
+    nb = max(1, n_embd // 32)
+    qa = np.empty((n_slots, n_tok, n_embd), dtype=np.int8)  # (S, T, E)
+    da = np.empty((n_slots, n_tok, nb), dtype=np.float32)  # (S, T, E/32)
+    bs = np.empty((n_slots, n_tok, nb), dtype=np.int32)  # (S, T, E/32)
+    xr = np.empty((n_slots, n_tok, n_embd), dtype=np.float32)  # (S, T, E)
+    for mode in range(slot.shape[0]):
+        if slot[mode] >= 0:
+            k = slot[mode]
+            for t in range(n_tok):
+                if ids[t].max() >= 0:
+                    quantize_row(x[t], mode, qa[k, t], da[k, t], bs[k, t], xr[k, t])
+    g = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F) gate, then silu(gate) * up
+    u = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F)
+    item_e, item_r = _items(starts, n_rows_of, types, GATE)
+    parallel = work >= PARALLEL_MIN_BYTES and item_e.shape[0] > 1
+    if parallel:
+        _gate_up_parallel(mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u)
+    else:
+        for i in range(item_e.shape[0]):
+            _gate_up_item(mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs,
+                          xr, g, u)
+    # the down matrices' inputs: each pair's SwiGLU row, rounded per its expert's down type
+    nbf = max(1, n_ff // 32)
+    qh = np.empty((n_pairs, n_ff), dtype=np.int8)  # (P, F)
+    dh = np.empty((n_pairs, nbf), dtype=np.float32)  # (P, F/32)
+    bh = np.empty((n_pairs, nbf), dtype=np.int32)  # (P, F/32)
+    xh = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F)
+    for e in range(types.shape[0]):
+        for p in range(starts[e], starts[e + 1]):
+            quantize_row(g[p], modes[e, DOWN], qh[p], dh[p], bh[p], xh[p])
+    ys = np.empty((n_pairs, n_embd), dtype=np.float32)  # (P, E)
+    pair_ids = np.arange(n_pairs)  # (P,) row of each pair in the down activations
+    item_e, item_r = _items(starts, n_rows_of, types, DOWN)
+    if parallel:
+        _down_parallel(mats, types, item_e, item_r, starts, pair_ids, qh, dh, bh, xh, ys)
+    else:
+        for i in range(item_e.shape[0]):
+            _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, qh, dh, bh, xh, ys)
+    _combine(ids, weights, pairs, ys, out)
+
+
+@njit(cache=True, error_model="numpy")
+def _combine(ids, weights, pairs, ys, out):
+    """combine_slots on one thread (the same operations in the same order)."""
+    n_tok, k = ids.shape
+    row_of = np.empty(n_tok * k, dtype=np.int64)  # (n_tok*k,)
+    for i in range(pairs.shape[0]):
+        row_of[pairs[i]] = i
+    for t in range(n_tok):
+        out[t, :] = 0.0
+        for j in range(k):
+            if ids[t, j] >= 0:
+                w = weights[t, j]
+                y = ys[row_of[t * k + j]]
+                for c in range(out.shape[1]):
+                    out[t, c] += w * y[c]
+
+
 def placeholder() -> np.ndarray:
     """A (0, 0) read-only uint8 array for experts that are not loaded."""
     arr = np.zeros((0, 0), dtype=np.uint8)
@@ -197,11 +353,49 @@ def _check_inputs(x, ids, weights, types):
         raise OptionError(f"weights must be float32 {ids.shape}, got {weights.dtype} {weights.shape}")
     if types.ndim != 2 or types.shape[1] != 3 or not np.issubdtype(types.dtype, np.integer):
         raise OptionError(f"types must be integer (n_expert, 3), got {types.dtype} {types.shape}")
-    if ids.size and (ids.min() < -1 or ids.max() >= types.shape[0]):
-        raise OptionError(f"expert ids must be -1 (skip) or in [0, {types.shape[0]}), "
-                          f"got {ids.min()}..{ids.max()}")
     return (writable_rows(x, x.shape[1]), np.ascontiguousarray(ids, dtype=np.int32),
             np.ascontiguousarray(weights), np.ascontiguousarray(types, dtype=np.int32))
+
+
+_SUPPORTED = np.zeros(len(MODE_BY_ID), dtype=np.bool_)  # (n_type_ids,) types the kernels decode
+_SUPPORTED[SUPPORTED_IDS] = True
+
+
+@njit(cache=True, error_model="numpy")
+def _fast_checks(n_embd, ids, mats, types, supported, block_elems, block_bytes, round_acts,
+                 mode_by_id, modes):
+    """True if every used expert id is in range, has supported types and matrices of the
+    right shapes (then modes (n_expert, 3) holds each matrix's activation rounding);
+    False sends the caller to the checks that name the problem."""
+    n_expert = types.shape[0]
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if e < -1 or e >= n_expert:
+                return False
+    for e in range(n_expert):
+        for m in range(3):
+            ty = types[e, m]
+            modes[e, m] = mode_by_id[ty] if round_acts and 0 <= ty < mode_by_id.shape[0] else 0
+    seen = np.zeros(n_expert, dtype=np.bool_)  # (n_expert,)
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if e < 0 or seen[e]:
+                continue
+            seen[e] = True
+            for m in range(3):
+                ty = types[e, m]
+                if ty < 0 or ty >= supported.shape[0] or not supported[ty]:
+                    return False
+            gate, up, down = mats[3 * e + GATE], mats[3 * e + UP], mats[3 * e + DOWN]
+            n_ff = gate.shape[0]
+            for m, mat, rows, cols in ((GATE, gate, n_ff, n_embd), (UP, up, n_ff, n_embd),
+                                       (DOWN, down, n_embd, n_ff)):
+                el = block_elems[types[e, m]]
+                if cols % el or mat.shape[0] != rows or mat.shape[1] != cols // el * block_bytes[types[e, m]]:
+                    return False
+    return True
 
 
 def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndarray:
@@ -209,27 +403,40 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
 
     ids (n_tok, k) int32 expert per slot (-1 = skipped), weights (n_tok, k) float32,
     mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids.
-    round_acts: round each matrix's input as llama.cpp does (see actquant)."""
+    round_acts: round each matrix's input as llama.cpp does (see actquant) and multiply
+    by integer dot products (qdot), as llama.cpp's CPU backend does."""
     x, ids, weights, types = _check_inputs(x, ids, weights, types)
     if isinstance(mats, list):
         mats = expert_list(mats)
     if len(mats) != 3 * types.shape[0]:
         raise OptionError(f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}")
-    used = np.unique(ids[ids >= 0])
-    check_types(types, used)
-    for e in used:
-        _check_expert_shapes(mats, types, int(e), x.shape[1])
+    modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
+    if not _fast_checks(x.shape[1], ids, mats, types, _SUPPORTED, BLOCK_ELEMS, BLOCK_BYTES,
+                        bool(round_acts), MODE_BY_ID, modes):
+        _slow_checks(x, ids, mats, types)
+        raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
         raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
-    modes = np.zeros_like(types)  # (n_expert, 3) activation rounding per matrix
-    if round_acts:  # unused experts may hold any id: look up only known ones
-        known = (types >= 0) & (types < len(MODE_BY_ID))
-        modes[known] = MODE_BY_ID[types[known]]
-    if not moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
+    if round_acts:
+        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out)
+    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
         raise AssertionError("jitted kernel rejected an expert type")  # checked above
     return out
 
 
-track_sources(swiglu, group_by_expert, rounded, expert_ffn, combine_slots, moe_ffn_kernel)
+def _slow_checks(x, ids, mats, types):
+    """Raise the error that says what is wrong with the experts' inputs."""
+    if ids.size and (ids.min() < -1 or ids.max() >= types.shape[0]):
+        raise OptionError(f"expert ids must be -1 (skip) or in [0, {types.shape[0]}), "
+                          f"got {ids.min()}..{ids.max()}")
+    used = np.unique(ids[ids >= 0])
+    check_types(types, used)
+    for e in used:
+        _check_expert_shapes(mats, types, int(e), x.shape[1])
+
+
+track_sources(swiglu, group_by_expert, rounded, expert_ffn, combine_slots, moe_ffn_kernel,
+              _act_slots, _items, _gate_up_item, _down_item, _gate_up_parallel, _down_parallel,
+              moe_ffn_int_kernel, _combine, _fast_checks)

@@ -1,0 +1,238 @@
+"""The non-expert half of a transformer layer in one jitted call (`attention_block`).
+
+RMSNorm -> Q/K/V projections -> (bias) -> Q/K norm -> RoPE -> KV cache (float16 bits)
+-> causal grouped-query attention -> output projection -> residual -> FFN RMSNorm ->
+router -> softmax top-k. The NumPy versions in `meldlite.layers` are the references;
+the numerics follow them (and llama.cpp, REFERENCES.md section 5): squares summed in
+float64, Q and the softmax probabilities rounded to float16, softmax summed in float64,
+every projection through qdot's kernels with the activations rounded as llama.cpp does
+(`llama` true) or in float (`llama` false).
+
+Shape letters: T tokens, E n_embd, H/G query/KV heads, D/Dv head sizes, C context,
+R/2 rotated pairs, X experts, k experts used.
+"""
+
+import numpy as np
+from numba import njit
+
+from meldlite.kernels._cache import track_sources
+from meldlite.kernels.actquant import NONE, _f16_round
+from meldlite.kernels.qdot import _f16_bits_to_f32, matmul_acts, quantize_rows
+
+QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
+
+
+@njit(cache=True, error_model="numpy")
+def rms_norm_rows(x, w, eps, out):
+    """out[t] = x[t] * 1/sqrt(mean(x[t]^2) + eps) * w; squares summed in float64.
+    x (T, n) may equal out; w (n,) (or (m,) with n a multiple of m: per-head norm)."""
+    n = x.shape[1]
+    m = w.shape[0]
+    for t in range(x.shape[0]):
+        for h in range(n // m):
+            s = 0.0
+            for i in range(h * m, h * m + m):
+                s += np.float64(x[t, i] * x[t, i])
+            scale = np.float32(1.0) / np.sqrt(np.float32(s / m) + np.float32(eps))
+            for i in range(h * m, h * m + m):
+                out[t, i] = (x[t, i] * scale) * w[i - h * m]
+
+
+@njit(cache=True, error_model="numpy")
+def rope_rows(x, n_head, d, cos, sin, pos0, n_rot, neox):
+    """Rotate the first n_rot dims of each head of x (T, n_head*d) in place."""
+    half = n_rot // 2
+    for t in range(x.shape[0]):
+        c, s = cos[pos0 + t], sin[pos0 + t]
+        for h in range(n_head):
+            o = h * d
+            for i in range(half):
+                if neox:
+                    ia, ib = o + i, o + i + half
+                else:
+                    ia, ib = o + 2 * i, o + 2 * i + 1
+                a, b = x[t, ia], x[t, ib]
+                x[t, ia] = a * c[i] - b * s[i]
+                x[t, ib] = a * s[i] + b * c[i]
+
+
+@njit(inline="always")
+def f32_to_f16_bits(v):
+    """float32 -> IEEE half bits (round to nearest even, overflow to inf), as numpy does."""
+    r = _f16_round(v)  # an exactly representable half value (or inf / NaN)
+    u = np.array([r], np.float32).view(np.uint32)[0]
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = abs(r)
+    if a != a:
+        return np.uint16(sign | np.uint16(0x7E00))
+    if a == np.inf:
+        return np.uint16(sign | np.uint16(0x7C00))
+    if a < np.float32(2.0 ** -14):  # subnormal half: multiple of 2^-24
+        return np.uint16(sign | np.uint16(np.int32(a * np.float32(2.0 ** 24))))
+    e = np.int32((u >> np.uint32(23)) & np.uint32(0xFF)) - 112
+    return np.uint16(sign | np.uint16((e << 10) | np.int32((u >> np.uint32(13)) & np.uint32(0x3FF))))
+
+
+@njit(cache=True, error_model="numpy")
+def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
+    """Write k (T, G*D), v (T, G*Dv) as float16 bits into kc (C, G, D), vc (C, G, Dv)."""
+    for t in range(k.shape[0]):
+        for g in range(n_head_kv):
+            for i in range(dk):
+                kc[pos0 + t, g, i] = f32_to_f16_bits(k[t, g * dk + i])
+            for i in range(dv):
+                vc[pos0 + t, g, i] = f32_to_f16_bits(v[t, g * dv + i])
+
+
+@njit(cache=True, error_model="numpy")
+def attention_rows(q, kc, vc, pos0, n_head, out):
+    """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
+
+    Per head: scores = f16(q) . K (float32 sums), times 1/sqrt(D); softmax summed in
+    float64; probabilities rounded to float16; out = sum over positions of p * V."""
+    n_tok = q.shape[0]
+    n_kv, n_head_kv, d = kc.shape[0], kc.shape[1], kc.shape[2]
+    dv = vc.shape[2]
+    group = n_head // n_head_kv
+    scale = np.float32(1.0 / np.sqrt(d))
+    n_s = pos0 + n_tok
+    kf = np.empty((n_s, d), dtype=np.float32)  # (S, D) keys of one KV head
+    vf = np.empty((n_s, dv), dtype=np.float32)  # (S, Dv)
+    qh = np.empty(d, dtype=np.float32)  # (D,)
+    p = np.empty(n_s, dtype=np.float32)  # (S,)
+    acc = np.empty(dv, dtype=np.float32)  # (Dv,)
+    for g in range(n_head_kv):
+        for s in range(n_s):
+            for i in range(d):
+                kf[s, i] = _f16_bits_to_f32(np.uint32(kc[s, g, i]))
+            for i in range(dv):
+                vf[s, i] = _f16_bits_to_f32(np.uint32(vc[s, g, i]))
+        for t in range(n_tok):
+            last = pos0 + t  # attends to positions 0..last
+            for j in range(group):
+                h = g * group + j
+                for i in range(d):
+                    qh[i] = _f16_round(q[t, h * d + i])
+                mx = -np.inf
+                for s in range(last + 1):
+                    a = np.float32(0.0)
+                    for i in range(d):
+                        a += qh[i] * kf[s, i]
+                    a *= scale
+                    p[s] = a
+                    mx = max(mx, a)
+                tot = 0.0
+                for s in range(last + 1):
+                    e = np.exp(p[s] - mx)
+                    p[s] = e
+                    tot += np.float64(e)
+                inv = 1.0 / tot
+                for i in range(dv):
+                    acc[i] = 0.0
+                for s in range(last + 1):
+                    w = _f16_round(np.float32(p[s] * inv))
+                    for i in range(dv):
+                        acc[i] += w * vf[s, i]
+                for i in range(dv):
+                    out[t, h * dv + i] = acc[i]
+
+
+@njit(cache=True, error_model="numpy")
+def route_rows(logits, k, norm_topk, ids, weights):
+    """Softmax over experts (float64 sum), the k most probable (ties: lower id first) in
+    descending order, their probabilities, renormalised to sum 1 when norm_topk."""
+    n_x = logits.shape[1]
+    probs = np.empty(n_x, dtype=np.float32)  # (X,)
+    taken = np.zeros(n_x, dtype=np.bool_)  # (X,)
+    for t in range(logits.shape[0]):
+        mx = logits[t].max()
+        tot = 0.0
+        for e in range(n_x):
+            probs[e] = np.exp(logits[t, e] - mx)
+            tot += np.float64(probs[e])
+        inv = 1.0 / tot
+        for e in range(n_x):
+            probs[e] = np.float32(probs[e] * inv)
+            taken[e] = False
+        wsum = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(n_x):
+                if not taken[e] and (best < 0 or probs[e] > probs[best]):
+                    best = e
+            taken[best] = True
+            ids[t, j] = best
+            weights[t, j] = probs[best]
+            wsum += probs[best]
+        if norm_topk:
+            total = max(wsum, np.float32(6.103515625e-5))
+            for j in range(k):
+                weights[t, j] = weights[t, j] / total
+
+
+@njit(cache=True, error_model="numpy")
+def project(raw, t, mode, src, qa, da, bs, xr, toks, out, quantize):
+    """out = W src with src's rounded activations in qa/da/bs/xr (filled when `quantize`)."""
+    if quantize:
+        quantize_rows(src, mode, qa, da, bs, xr)
+    matmul_acts(raw, t, qa, da, bs, xr, toks, out, mode != NONE)
+
+
+@njit(cache=True, error_model="numpy")
+def attention_block(x, attn_norm, wq, tq, mq, wk, tk, mk, wv, tv, mv, wo, to, mo,
+                    bq, bk, bv, bo, q_norm, k_norm, qk_norm, kc, vc, cos, sin, pos0,
+                    n_head, n_rot, neox, eps, ffn_norm, wr, tr, mr, k_used, norm_topk,
+                    h, ids, weights):
+    """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
+    ids/weights (T, k) <- routing (when the router wr has rows). Modes m* say how each
+    projection's input is rounded (actquant; NONE = float)."""
+    n_tok, n_embd = x.shape
+    n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    toks = np.arange(n_tok)
+    rms_norm_rows(x, attn_norm, eps, h)
+    n = n_embd
+    nb = max(1, n // 32)
+    qa = np.empty((n_tok, n), dtype=np.int8)
+    da = np.empty((n_tok, nb), dtype=np.float32)
+    bs = np.empty((n_tok, nb), dtype=np.int32)
+    xr = np.empty((n_tok, n), dtype=np.float32)
+    q = np.empty((n_tok, wq.shape[0]), dtype=np.float32)  # (T, H*D)
+    k = np.empty((n_tok, wk.shape[0]), dtype=np.float32)  # (T, G*D)
+    v = np.empty((n_tok, wv.shape[0]), dtype=np.float32)  # (T, G*Dv)
+    project(wq, tq, mq, h, qa, da, bs, xr, toks, q, True)
+    project(wk, tk, mk, h, qa, da, bs, xr, toks, k, mk != mq)
+    project(wv, tv, mv, h, qa, da, bs, xr, toks, v, mv != mk)
+    if bq.shape[0]:
+        for t in range(n_tok):
+            q[t] += bq
+            k[t] += bk
+            v[t] += bv
+    if qk_norm == QK_FULL or qk_norm == QK_HEAD:
+        rms_norm_rows(q, q_norm, eps, q)
+        rms_norm_rows(k, k_norm, eps, k)
+    rope_rows(q, n_head, dk, cos, sin, pos0, n_rot, neox)
+    rope_rows(k, n_head_kv, dk, cos, sin, pos0, n_rot, neox)
+    store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0)
+    a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
+    attention_rows(q, kc, vc, pos0, n_head, a)
+    n = a.shape[1]
+    nb = max(1, n // 32)
+    qa2 = np.empty((n_tok, n), dtype=np.int8)
+    da2 = np.empty((n_tok, nb), dtype=np.float32)
+    bs2 = np.empty((n_tok, nb), dtype=np.int32)
+    xr2 = np.empty((n_tok, n), dtype=np.float32)
+    o = np.empty((n_tok, n_embd), dtype=np.float32)  # (T, E)
+    project(wo, to, mo, a, qa2, da2, bs2, xr2, toks, o, True)
+    for t in range(n_tok):
+        for i in range(n_embd):
+            ob = o[t, i] + bo[i] if bo.shape[0] else o[t, i]
+            x[t, i] = x[t, i] + ob
+    rms_norm_rows(x, ffn_norm, eps, h)
+    if wr.shape[0]:
+        logits = np.empty((n_tok, wr.shape[0]), dtype=np.float32)  # (T, X)
+        project(wr, tr, mr, h, qa, da, bs, xr, toks, logits, True)
+        route_rows(logits, k_used, norm_topk, ids, weights)
+
+
+track_sources(rms_norm_rows, rope_rows, store_kv, attention_rows, route_rows, project,
+              attention_block)

@@ -1,0 +1,468 @@
+"""Integer dot products against 8-bit activations, as llama.cpp's CPU matmuls compute them.
+
+llama.cpp quantizes the activations before a quantized matmul (see actquant.py) and then
+takes integer dot products of the weight codes with the 8-bit activation codes, scaled per
+block. Here the same: `quantize_rows` turns x (T, n) float32 into `Acts` arrays,
+
+    qa (T, n) int8       activation codes,
+    da (T, n/32) f32     one scale per 32 (Q8_0: f16-rounded amax/127) or per 256 (Q8_K: 1/iscale),
+    bs (T, n/32) int32   sum of the codes of each 32-block (for the K-quant mins),
+    xr (T, n) f32        the rounded values qa*da (or x rounded to f16 for F16 weights),
+
+and `dot_row` multiplies one weight row by one token. A Q4_K row against Q8_K activations:
+
+    sum_b  da_b * ( d_b * sum_j sc_bj * S_bj  -  dmin_b * sum_j m_bj * bs_bj ),
+    S_bj = sum_l q_bjl * qa_bjl   (int32; j = 32-value sub-block)
+
+which equals the float product of the dequantized weights with xr up to float rounding
+(integer sums are exact, the float steps are fewer). Q4_K, Q6_K, Q8_0, Q4_0 and Q5_0 have
+integer kernels; F16 and F32 rows use float lanes; every other type decodes the row into
+float (blocks.decode_span) and dots it with xr.
+
+Each output (token, row) is one call of the same row function with a fixed operation order,
+so results do not depend on thread count, batch size or which rows share a chunk.
+
+Vectorization notes (Numba 0.68 / LLVM): Numba widens int32 arithmetic to int64, so each
+accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
+to vpdpwssd/vpmaddwd; the inner loops run to a *runtime* length `L` (32 or 16, passed in)
+because loops with constant trip counts are fully unrolled before the loop vectorizer sees
+them and then stay scalar. Several independent sums per loop (one per sub-block) replace
+the per-sub-block horizontal reduction a loop per sub-block would need.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from meldlite.kernels._cache import track_sources
+from meldlite.kernels.actquant import NONE, Q8_0 as MODE_Q8_0, Q8_K as MODE_Q8_K, _f16_round, round_row
+from meldlite.kernels.bits import f16_to_f32
+from meldlite.kernels.blocks import decode_span
+from meldlite.kernels.qtypes import F16, F32, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
+
+INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)  # ggml type ids with integer kernels
+CHUNK = 16  # rows per parallel work item
+
+
+# ---------------------------------------------------------------- activations
+
+@njit(cache=True, error_model="numpy")
+def quantize_q8_0_row(x, qa, da, bs):
+    """One row as Q8_0 blocks of 32 (the x86 rounding of actquant: round-half-even)."""
+    for b in range(x.shape[0] // 32):
+        amax = np.float32(0.0)
+        for j in range(32 * b, 32 * b + 32):
+            amax = max(amax, abs(x[j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        da[b] = _f16_round(d)
+        s = 0
+        for j in range(32 * b, 32 * b + 32):
+            q = np.int32(np.rint(x[j] * inv))
+            qa[j] = q
+            s += q
+        bs[b] = s
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_q8_k_row(x, qa, da, bs):
+    """One row as Q8_K blocks of 256: iscale = -127/max (signed), q = min(127, rint)."""
+    for b in range(x.shape[0] // 256):
+        amax, mx = np.float32(0.0), np.float32(0.0)
+        for j in range(256 * b, 256 * b + 256):
+            if abs(x[j]) > amax:
+                amax, mx = abs(x[j]), x[j]
+        if amax == 0:
+            da[b] = 0.0
+            for j in range(256 * b, 256 * b + 256):
+                qa[j] = 0
+        else:
+            iscale = np.float32(-127.0) / mx
+            da[b] = np.float32(1.0) / iscale
+            for j in range(256 * b, 256 * b + 256):
+                qa[j] = np.int32(min(np.float32(127.0), np.rint(iscale * x[j])))
+        for s in range(8 * b, 8 * b + 8):
+            t = 0
+            for j in range(32 * s, 32 * s + 32):
+                t += qa[j]
+            bs[s] = t
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_row(x, mode, qa, da, bs, xr):
+    """Fill one token's activation arrays for `mode` (actquant's modes)."""
+    n = x.shape[0]
+    if mode == MODE_Q8_0 and n % 32 == 0:
+        quantize_q8_0_row(x, qa, da, bs)
+        for j in range(n):
+            xr[j] = np.float32(qa[j]) * da[j // 32]
+    elif mode == MODE_Q8_K and n % 256 == 0:
+        quantize_q8_k_row(x, qa, da, bs)
+        for j in range(n):
+            xr[j] = np.float32(qa[j]) * da[j // 256]
+    else:
+        round_row(x, mode, xr)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_rows(x, mode, qa, da, bs, xr):
+    """x (T, n) float32 -> qa (T, n) int8, da (T, n/32), bs (T, n/32), xr (T, n)."""
+    for t in range(x.shape[0]):
+        quantize_row(x[t], mode, qa[t], da[t], bs[t], xr[t])
+
+
+def empty_acts(n_tok, n):
+    """Uninitialised activation arrays (qa, da, bs, xr) for n_tok rows of n values."""
+    nb = max(1, n // 32)
+    return (np.empty((n_tok, n), np.int8), np.empty((n_tok, nb), np.float32),
+            np.empty((n_tok, nb), np.int32), np.empty((n_tok, n), np.float32))
+
+
+# ---------------------------------------------------------------- row kernels
+
+@njit(inline="always")
+def _f16(row, o):
+    return f16_to_f32(np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8)))
+
+
+@njit(inline="always")
+def _k_scale_min(row, o, i):
+    """(scale, min) of sub-block i of the 12 packed scale bytes at row[o+4:] (Q4_K/Q5_K)."""
+    if i < 4:
+        return np.int32(row[o + 4 + i] & 63), np.int32(row[o + 8 + i] & 63)
+    sc = (row[o + 8 + i] & 0xF) | ((row[o + i] >> 2) & 0x30)
+    m = (row[o + 8 + i] >> 4) | ((row[o + 4 + i] >> 2) & 0x30)
+    return np.int32(sc), np.int32(m)
+
+
+@njit(cache=True, error_model="numpy")
+def dot_q4_k(row, qa, da, bs, nb, L):
+    """Q4_K row (nb super-blocks of 144 bytes) . Q8_K activations; L must be 32."""
+    sumf = np.float32(0.0)
+    for b in range(nb):
+        o = b * 144
+        oq = o + 16
+        oa = b * 256
+        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+        s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
+        for l in range(L):
+            v0 = row[oq + l]; v1 = row[oq + 32 + l]; v2 = row[oq + 64 + l]; v3 = row[oq + 96 + l]
+            s0 = np.int32(s0 + np.int16(v0 & 15) * np.int16(qa[oa + l]))
+            s1 = np.int32(s1 + np.int16(v0 >> 4) * np.int16(qa[oa + 32 + l]))
+            s2 = np.int32(s2 + np.int16(v1 & 15) * np.int16(qa[oa + 64 + l]))
+            s3 = np.int32(s3 + np.int16(v1 >> 4) * np.int16(qa[oa + 96 + l]))
+            s4 = np.int32(s4 + np.int16(v2 & 15) * np.int16(qa[oa + 128 + l]))
+            s5 = np.int32(s5 + np.int16(v2 >> 4) * np.int16(qa[oa + 160 + l]))
+            s6 = np.int32(s6 + np.int16(v3 & 15) * np.int16(qa[oa + 192 + l]))
+            s7 = np.int32(s7 + np.int16(v3 >> 4) * np.int16(qa[oa + 224 + l]))
+        sc0, m0 = _k_scale_min(row, o, 0)
+        sc1, m1 = _k_scale_min(row, o, 1)
+        sc2, m2 = _k_scale_min(row, o, 2)
+        sc3, m3 = _k_scale_min(row, o, 3)
+        sc4, m4 = _k_scale_min(row, o, 4)
+        sc5, m5 = _k_scale_min(row, o, 5)
+        sc6, m6 = _k_scale_min(row, o, 6)
+        sc7, m7 = _k_scale_min(row, o, 7)
+        ob = 8 * b
+        isum = (sc0 * s0 + sc1 * s1 + sc2 * s2 + sc3 * s3 + sc4 * s4 + sc5 * s5
+                + sc6 * s6 + sc7 * s7)
+        msum = (m0 * bs[ob] + m1 * bs[ob + 1] + m2 * bs[ob + 2] + m3 * bs[ob + 3]
+                + m4 * bs[ob + 4] + m5 * bs[ob + 5] + m6 * bs[ob + 6] + m7 * bs[ob + 7])
+        sumf += _f16(row, o) * da[b] * np.float32(isum) - _f16(row, o + 2) * da[b] * np.float32(msum)
+    return sumf
+
+
+@njit(inline="always")
+def _i8(b):
+    return np.int32(b ^ 0x80) - 128
+
+
+@njit(cache=True, error_model="numpy")
+def dot_q6_k(row, qa, da, nb, L):
+    """Q6_K row (nb super-blocks of 210 bytes) . Q8_K activations; L must be 16.
+
+    Half h of a super-block: ql at 64h, qh at 128+32h, values at 128h; byte l (< 32) holds
+    values l, 32+l, 64+l, 96+l of the half; scale i covers values 16i..16i+15."""
+    sumf = np.float32(0.0)
+    for b in range(nb):
+        o = b * 210
+        isum = 0
+        for h in range(2):
+            ol = o + 64 * h
+            oh = o + 128 + 32 * h
+            oa = 256 * b + 128 * h
+            s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+            s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
+            for l in range(L):
+                a0 = row[ol + l]; a1 = row[ol + 16 + l]; b0 = row[ol + 32 + l]; b1 = row[ol + 48 + l]
+                c0 = row[oh + l]; c1 = row[oh + 16 + l]
+                s0 = np.int32(s0 + (np.int16((a0 & 15) | ((c0 & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + l]))
+                s1 = np.int32(s1 + (np.int16((a1 & 15) | ((c1 & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 16 + l]))
+                s2 = np.int32(s2 + (np.int16((b0 & 15) | (((c0 >> 2) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 32 + l]))
+                s3 = np.int32(s3 + (np.int16((b1 & 15) | (((c1 >> 2) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 48 + l]))
+                s4 = np.int32(s4 + (np.int16((a0 >> 4) | (((c0 >> 4) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 64 + l]))
+                s5 = np.int32(s5 + (np.int16((a1 >> 4) | (((c1 >> 4) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 80 + l]))
+                s6 = np.int32(s6 + (np.int16((b0 >> 4) | ((c0 >> 6) << 4)) - np.int16(32)) * np.int16(qa[oa + 96 + l]))
+                s7 = np.int32(s7 + (np.int16((b1 >> 4) | ((c1 >> 6) << 4)) - np.int16(32)) * np.int16(qa[oa + 112 + l]))
+            sc = o + 192 + 8 * h
+            isum += (_i8(row[sc]) * s0 + _i8(row[sc + 1]) * s1 + _i8(row[sc + 2]) * s2
+                     + _i8(row[sc + 3]) * s3 + _i8(row[sc + 4]) * s4 + _i8(row[sc + 5]) * s5
+                     + _i8(row[sc + 6]) * s6 + _i8(row[sc + 7]) * s7)
+        sumf += _f16(row, o + 208) * da[b] * np.float32(isum)
+    return sumf
+
+
+@njit(cache=True, error_model="numpy")
+def dot_q8_0(row, qa, da, nb, L):
+    """Q8_0 row (nb blocks of 34 bytes) . Q8_0 activations; L must be 32.
+    Four blocks per pass so that the loop holds four independent sums."""
+    sumf = np.float32(0.0)
+    b = 0
+    while b + 4 <= nb:
+        o = 34 * b
+        oa = 32 * b
+        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+        for l in range(L):
+            s0 = np.int32(s0 + np.int16(np.int8(row[o + 2 + l])) * np.int16(qa[oa + l]))
+            s1 = np.int32(s1 + np.int16(np.int8(row[o + 36 + l])) * np.int16(qa[oa + 32 + l]))
+            s2 = np.int32(s2 + np.int16(np.int8(row[o + 70 + l])) * np.int16(qa[oa + 64 + l]))
+            s3 = np.int32(s3 + np.int16(np.int8(row[o + 104 + l])) * np.int16(qa[oa + 96 + l]))
+        sumf += _f16(row, o) * da[b] * np.float32(s0)
+        sumf += _f16(row, o + 34) * da[b + 1] * np.float32(s1)
+        sumf += _f16(row, o + 68) * da[b + 2] * np.float32(s2)
+        sumf += _f16(row, o + 102) * da[b + 3] * np.float32(s3)
+        b += 4
+    while b < nb:
+        o = 34 * b
+        s = np.int32(0)
+        for l in range(L):
+            s = np.int32(s + np.int16(np.int8(row[o + 2 + l])) * np.int16(qa[32 * b + l]))
+        sumf += _f16(row, o) * da[b] * np.float32(s)
+        b += 1
+    return sumf
+
+
+@njit(cache=True, error_model="numpy")
+def dot_q4_0(row, qa, da, nb, L):
+    """Q4_0 row (nb blocks of 18 bytes) . Q8_0 activations; L must be 16.
+    Byte l of a block holds values l (low nibble) and 16+l (high nibble), minus 8."""
+    sumf = np.float32(0.0)
+    b = 0
+    while b + 2 <= nb:
+        o = 18 * b
+        oa = 32 * b
+        s0 = np.int32(0); s1 = np.int32(0)
+        for l in range(L):
+            v0 = row[o + 2 + l]
+            v1 = row[o + 20 + l]
+            s0 = np.int32(s0 + (np.int16(v0 & 15) - np.int16(8)) * np.int16(qa[oa + l])
+                          + (np.int16(v0 >> 4) - np.int16(8)) * np.int16(qa[oa + 16 + l]))
+            s1 = np.int32(s1 + (np.int16(v1 & 15) - np.int16(8)) * np.int16(qa[oa + 32 + l])
+                          + (np.int16(v1 >> 4) - np.int16(8)) * np.int16(qa[oa + 48 + l]))
+        sumf += _f16(row, o) * da[b] * np.float32(s0)
+        sumf += _f16(row, o + 18) * da[b + 1] * np.float32(s1)
+        b += 2
+    while b < nb:
+        o = 18 * b
+        s = np.int32(0)
+        for l in range(L):
+            v = row[o + 2 + l]
+            s = np.int32(s + (np.int16(v & 15) - np.int16(8)) * np.int16(qa[32 * b + l])
+                         + (np.int16(v >> 4) - np.int16(8)) * np.int16(qa[32 * b + 16 + l]))
+        sumf += _f16(row, o) * da[b] * np.float32(s)
+        b += 1
+    return sumf
+
+
+@njit(cache=True, error_model="numpy")
+def dot_q5_0(row, qa, da, nb, L):
+    """Q5_0 row (nb blocks of 22 bytes: d, qh u32, qs[16]) . Q8_0 activations; L = 16.
+    Value l has bit l of qh as its 5th bit, value 16+l bit 16+l; minus 16."""
+    sumf = np.float32(0.0)
+    for b in range(nb):
+        o = 22 * b
+        oa = 32 * b
+        qh = (np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << np.uint32(8))
+              | (np.uint32(row[o + 4]) << np.uint32(16)) | (np.uint32(row[o + 5]) << np.uint32(24)))
+        s = np.int32(0)
+        for l in range(L):
+            v = row[o + 6 + l]
+            lo = np.int16(v & 15) | np.int16(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
+            hi = np.int16(v >> 4) | np.int16(((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4))
+            s = np.int32(s + (lo - np.int16(16)) * np.int16(qa[oa + l])
+                         + (hi - np.int16(16)) * np.int16(qa[oa + 16 + l]))
+        sumf += _f16(row, o) * da[b] * np.float32(s)
+    return sumf
+
+
+@njit(inline="always")
+def _f16_bits_to_f32(h):
+    """f16 bits (uint32) -> float32, branch-free (vectorizable), exact incl. inf/NaN."""
+    em = h & np.uint32(0x7FFF)
+    f = np.uint32(em << np.uint32(13)).view(np.float32) * np.float32(2.0 ** 112)
+    if em >= np.uint32(0x7C00):
+        f = np.uint32((em << np.uint32(13)) | np.uint32(0x7F800000)).view(np.float32)
+    return -f if h & np.uint32(0x8000) else f
+
+
+@njit(inline="always")
+def _f16w(row, i):
+    return _f16_bits_to_f32(np.uint32(row[2 * i]) | (np.uint32(row[2 * i + 1]) << np.uint32(8)))
+
+
+@njit(cache=True, error_model="numpy")
+def f16_row_to_f32(row, n, out):
+    """n float16 values (little-endian bytes of `row`) -> out[:n] float32 (vectorized)."""
+    for i in range(n):
+        out[i] = _f16w(row, i)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def dot_lanes16(w, xr, n, acc, L):
+    """sum of w[i] * xr[i] as llama.cpp's AVX-512 GEMM sums it (tinyBLAS): 16 lanes (lane l
+    takes i = l, l+16, ...) accumulated with FMA, then reduced as _mm512_reduce_add_ps
+    does (l + l+8, then + 4, then pairs); a tail of n % 16 is added after.
+    acc: (16,) float32 scratch; L must be 16 (a runtime count, see the module notes)."""
+    for l in range(L):
+        acc[l] = 0.0
+    n16 = n - n % 16
+    for i in range(0, n16, 16):
+        for l in range(L):
+            acc[l] += w[i + l] * xr[i + l]
+    for l in range(8):
+        acc[l] += acc[l + 8]
+    for l in range(4):
+        acc[l] += acc[l + 4]
+    s = (acc[0] + acc[1]) + (acc[2] + acc[3])
+    for i in range(n16, n):
+        s += w[i] * xr[i]
+    return s
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def dot_f32(w, xr, n):
+    """Float row . float activations (w: n float32)."""
+    s = np.float32(0.0)
+    for i in range(n):
+        s += w[i] * xr[i]
+    return s
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def dot_float(wf, xr, n):
+    s = np.float32(0.0)
+    for i in range(n):
+        s += wf[i] * xr[i]
+    return s
+
+
+# ---------------------------------------------------------------- rows x tokens
+
+@njit(cache=True, error_model="numpy")
+def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_int):
+    """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
+
+    qa/da/bs/xr are (n_tok_all, ...) activation arrays; toks (n,) picks the tokens;
+    out (n, n_rows). `scratch` (n_cols,) float32 is used by the float fallback, which
+    every quantized type takes when not `use_int` (float activations in xr)."""
+    n_cols = xr.shape[1]
+    acc16 = np.empty(16, dtype=np.float32)  # (16,) lanes of dot_lanes16
+    for r in range(r0, r1):
+        row = raw[r]
+        for i in range(toks.shape[0]):
+            k = toks[i]
+            if t == F16:
+                if i == 0:
+                    f16_row_to_f32(row, n_cols, scratch)
+                v = dot_lanes16(scratch, xr[k], n_cols, acc16, 16)
+            elif t == F32:
+                v = dot_f32(row.view(np.float32), xr[k], n_cols)
+            elif not use_int:
+                if i == 0:
+                    decode_span(t, row, 0, n_cols, scratch)
+                v = dot_float(scratch, xr[k], n_cols)
+            elif t == Q4_K:
+                v = dot_q4_k(row, qa[k], da[k], bs[k], n_cols // 256, 32)
+            elif t == Q6_K:
+                v = dot_q6_k(row, qa[k], da[k], n_cols // 256, 16)
+            elif t == Q8_0:
+                v = dot_q8_0(row, qa[k], da[k], n_cols // 32, 32)
+            elif t == Q4_0:
+                v = dot_q4_0(row, qa[k], da[k], n_cols // 32, 16)
+            elif t == Q5_0:
+                v = dot_q5_0(row, qa[k], da[k], n_cols // 32, 16)
+            else:
+                if i == 0:
+                    decode_span(t, row, 0, n_cols, scratch)
+                v = dot_float(scratch, xr[k], n_cols)
+            out[i, r] = v
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int):
+    """out (n, n_rows) for all rows, CHUNK rows per work item, in parallel."""
+    n_rows = raw.shape[0]
+    n_chunks = (n_rows + CHUNK - 1) // CHUNK
+    for c in prange(n_chunks):
+        scratch = np.empty(xr.shape[1], np.float32)
+        rows_times_tokens(raw, t, c * CHUNK, min(n_rows, c * CHUNK + CHUNK), qa, da, bs, xr,
+                          toks, out, scratch, use_int)
+
+
+@njit(cache=True, error_model="numpy")
+def matmul_serial(raw, t, qa, da, bs, xr, toks, out, use_int):
+    """matmul_parallel on the calling thread (small matrices: no thread start-up)."""
+    scratch = np.empty(xr.shape[1], np.float32)
+    rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, scratch, use_int)
+
+
+PARALLEL_MIN_BYTES = 1 << 17  # weight bytes x tokens below which one thread is faster
+
+
+@njit(cache=True, error_model="numpy")
+def matmul_acts(raw, t, qa, da, bs, xr, toks, out, use_int):
+    """Pick the serial or parallel row loop by work size (both give the same bits)."""
+    if raw.shape[0] * raw.shape[1] * toks.shape[0] < PARALLEL_MIN_BYTES or raw.shape[0] < 2 * CHUNK:
+        matmul_serial(raw, t, qa, da, bs, xr, toks, out, use_int)
+    else:
+        matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int)
+
+
+track_sources(quantize_q8_0_row, quantize_q8_k_row, quantize_row, quantize_rows, dot_q4_k,
+              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
+              rows_times_tokens, matmul_parallel, matmul_serial, matmul_acts)
+
+
+@njit(cache=True, error_model="numpy")
+def linear(raw, t, mode, x, out):
+    """out (T, n_rows) = W x for x (T, n_cols) rounded per `mode`, in one call."""
+    n_tok, n = x.shape
+    qa = np.empty((n_tok, n), dtype=np.int8)  # (T, n)
+    nb = max(1, n // 32)
+    da = np.empty((n_tok, nb), dtype=np.float32)  # (T, n/32)
+    bs = np.empty((n_tok, nb), dtype=np.int32)  # (T, n/32)
+    xr = np.empty((n_tok, n), dtype=np.float32)  # (T, n)
+    quantize_rows(x, mode, qa, da, bs, xr)
+    matmul_acts(raw, t, qa, da, bs, xr, np.arange(n_tok), out, mode != NONE)
+
+
+def qmatmul(raw, ggml_type, x, out=None):
+    """W x with x rounded as llama.cpp rounds a matmul's activations (actquant), by integer
+    dot products where the type has them. Arguments as `kernels.matmul`."""
+    from meldlite.kernels.actquant import mode_of
+    from meldlite.kernels.matmul import _check_out, readonly_matrix, writable_rows
+    from meldlite.kernels.qtypes import check_type, row_cols
+    from meldlite.errors import OptionError
+    qtype = check_type(ggml_type)
+    raw = readonly_matrix(raw, qtype)
+    n_rows, n_cols = raw.shape[0], row_cols(qtype, raw.shape[1])
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim not in (1, 2) or x.shape[-1] != n_cols:
+        raise OptionError(f"x must be float32 (n_cols,) or (n_tok, n_cols) with n_cols={n_cols}, "
+                          f"got {x.dtype} {x.shape}")
+    shape = (*x.shape[:-1], n_rows)
+    out = np.empty(shape, dtype=np.float32) if out is None else _check_out(out, shape)
+    linear(raw, int(qtype), mode_of(qtype), writable_rows(x, n_cols), out.reshape(-1, n_rows))
+    return out
+
+
+track_sources(linear)

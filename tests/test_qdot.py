@@ -1,0 +1,218 @@
+"""The fast paths against their references.
+
+- qdot: activations quantized exactly as actquant rounds them; integer (and float-lane)
+  matmuls equal a float64 product with the rounded activations up to float rounding,
+  the same bits for a token alone or in a batch, on 1 or 2 threads;
+- moe_ffn(round_acts=True): the integer MoE against the float kernel on rounded inputs,
+  batch == token by token bit for bit;
+- block: the jitted attention pieces against the NumPy layers (meldlite.layers).
+"""
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from meldlite import kernels, layers
+from meldlite.kernels import block, qdot
+from meldlite.kernels.actquant import MODE_BY_ID, NONE, mode_of, round_activations_reference
+from meldlite.kernels.moe import moe_ffn_kernel
+from meldlite.kernels.reference import matmul_ref
+from test_kernels import EXPERT_TYPES, N_EMBD, N_FF, random_matrix, rel_err, routing
+
+FAST = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16", "F32"]
+FALLBACK = ["Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS", "MXFP4", "BF16"]
+
+
+def cols(qtype):
+    return 512 if qtype in (T.F16, T.F32, T.BF16) else 1024
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "F16", "BF16", "F32"])
+def test_quantize_rows_equals_actquant(name):
+    qtype = T[name]
+    rng = np.random.default_rng(int(qtype))
+    x = (rng.standard_normal((4, 512)) * np.exp(rng.uniform(-8, 6, (4, 512)))).astype(np.float32)
+    x[0, :256] = 0.0                                           # an all-zero block
+    qa, da, bs, xr = qdot.empty_acts(4, 512)
+    qdot.quantize_rows(x, mode_of(qtype), qa, da, bs, xr)
+    ref = round_activations_reference(x, qtype)
+    np.testing.assert_array_equal(xr, ref)      # as values: codes of 0 give +0.0 where ref has -0.0
+    mode = mode_of(qtype)
+    if mode in (3, 4):                                          # Q8_0 / Q8_K codes and sums
+        per = 32 if mode == 3 else 256
+        np.testing.assert_array_equal(qa.astype(np.float32) * np.repeat(da[:, :512 // per], per, axis=1), xr)
+        np.testing.assert_array_equal(bs[:, :16], qa.reshape(4, 16, 32).astype(np.int32).sum(-1))
+
+
+@pytest.mark.parametrize("name", FAST + FALLBACK)
+def test_qmatmul_equals_rounded_float64_product(name):
+    qtype = T[name]
+    rng = np.random.default_rng(20 + int(qtype))
+    n_cols = cols(qtype)
+    raw = random_matrix(rng, qtype, 70, n_cols)
+    x = rng.standard_normal((5, n_cols)).astype(np.float32)
+    y = kernels.qmatmul(raw, qtype, x)                          # (5, 70)
+    want = matmul_ref(raw, qtype, round_activations_reference(x, qtype))
+    assert y.shape == (5, 70) and y.dtype == np.float32
+    assert rel_err(y, want) < 2e-6
+    np.testing.assert_array_equal(kernels.qmatmul(raw, qtype, x[2]), y[2])   # batch-invariant
+
+
+def test_qmatmul_threads_and_parallel_split():
+    """A matrix big enough for the parallel row loop gives the serial loop's bits."""
+    rng = np.random.default_rng(30)
+    raw = random_matrix(rng, T.Q4_K, 300, 1024)
+    raw.flags.writeable = False
+    x = rng.standard_normal((3, 1024)).astype(np.float32)
+    qa, da, bs, xr = qdot.empty_acts(3, 1024)
+    qdot.quantize_rows(x, mode_of(T.Q4_K), qa, da, bs, xr)
+    toks = np.arange(3)
+    a, b = np.empty((3, 300), np.float32), np.empty((3, 300), np.float32)
+    qdot.matmul_parallel(raw, int(T.Q4_K), qa, da, bs, xr, toks, a, True)
+    qdot.matmul_serial(raw, int(T.Q4_K), qa, da, bs, xr, toks, b, True)
+    np.testing.assert_array_equal(a, b)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = kernels.qmatmul(raw, T.Q4_K, x)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(one, a)
+
+
+def test_float_activations_take_the_float_path():
+    """mode NONE (llama_numerics=False): quantized types multiply float x, unrounded."""
+    rng = np.random.default_rng(31)
+    raw = random_matrix(rng, T.Q4_K, 40, 512)
+    raw.flags.writeable = False
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    out = np.empty((2, 40), np.float32)
+    qdot.linear(raw, int(T.Q4_K), NONE, x, out)
+    assert rel_err(out, matmul_ref(raw, T.Q4_K, x)) < 2e-6
+
+
+def test_integer_kernels_vectorize():
+    """The inner loops of the integer kernels compile to vector integer multiply-adds
+    (vpdpwssd / vpmaddwd; Q6_K gets vpmulld) - skipped on CPUs without AVX-512 VNNI."""
+    import llvmlite.binding as llvm
+    if "+avx512vnni" not in llvm.get_host_cpu_features().flatten():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    from numba import types as nt
+    row = nt.Array(nt.uint8, 1, "C", readonly=True)
+    i8, f32, i32 = (nt.Array(d, 1, "C") for d in (nt.int8, nt.float32, nt.int32))
+    sigs = {qdot.dot_q4_k: (row, i8, f32, i32, nt.int64, nt.int64),
+            qdot.dot_q6_k: (row, i8, f32, nt.int64, nt.int64),
+            qdot.dot_q8_0: (row, i8, f32, nt.int64, nt.int64)}
+    for fn, sig in sigs.items():     # an uncached copy: Numba cannot inspect cached code
+        fresh = numba.njit(error_model="numpy")(fn.py_func)
+        fresh.compile(sig)
+        asm = fresh.inspect_asm(fresh.signatures[0])
+        assert any(op in asm for op in ("vpdpwssd", "vpmaddwd", "vpmulld")), fn.__name__
+
+
+# ---------------------------------------------------------------- MoE integer path
+
+@pytest.fixture(scope="module")
+def experts():
+    rng = np.random.default_rng(9)
+    arrays, types = [], []
+    for names in EXPERT_TYPES:
+        qts = [T[n] for n in names]
+        arrays += [random_matrix(rng, qts[0], N_FF, N_EMBD, rms=N_EMBD ** -0.5),
+                   random_matrix(rng, qts[1], N_FF, N_EMBD, rms=N_EMBD ** -0.5),
+                   random_matrix(rng, qts[2], N_EMBD, N_FF, rms=N_FF ** -0.5)]
+        types.append([int(q) for q in qts])
+    return kernels.expert_list(arrays), np.array(types, np.int32)
+
+
+@pytest.mark.parametrize("n_tok", [1, 17])
+def test_moe_round_acts_matches_float_kernel_on_rounded_inputs(experts, n_tok):
+    mats, types = experts
+    rng = np.random.default_rng(40 + n_tok)
+    x = rng.standard_normal((n_tok, N_EMBD)).astype(np.float32)
+    ids, weights = routing(rng, n_tok)
+    fast = kernels.moe_ffn(x, ids, weights, mats, types, round_acts=True)
+    slow = np.empty_like(fast)
+    assert moe_ffn_kernel(x, ids, weights, mats, types, MODE_BY_ID[types], slow)
+    # the SwiGLU output is re-quantized before down: a 1-ulp change can move one code
+    assert rel_err(fast, slow) < 2e-4
+
+
+def test_moe_round_acts_batch_equals_token_by_token(experts):
+    mats, types = experts
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((20, N_EMBD)).astype(np.float32)
+    ids, weights = routing(rng, 20, k=4)
+    ids[0] = -1
+    ids[1] = [5, 5, -1, 2]
+    batch = kernels.moe_ffn(x, ids, weights, mats, types, round_acts=True)
+    one = np.concatenate([kernels.moe_ffn(x[t:t + 1], ids[t:t + 1], weights[t:t + 1], mats, types,
+                                          round_acts=True) for t in range(20)])
+    np.testing.assert_array_equal(batch, one)
+    np.testing.assert_array_equal(batch[0], 0.0)
+    # one pair alone with weight 1 is that pair's expert output (what CachedStore relies on)
+    y = kernels.moe_ffn(x[2:3], ids[2:3, 1:2], np.ones((1, 1), np.float32), mats, types, round_acts=True)
+    want = kernels.moe_ffn(x[2:3], ids[2:3, :2], np.array([[0.0, 1.0]], np.float32), mats, types,
+                           round_acts=True)
+    np.testing.assert_array_equal(y, want)
+
+
+# ---------------------------------------------------------------- attention pieces
+
+def test_f32_to_f16_bits_matches_numpy():
+    rng = np.random.default_rng(50)
+    v = (rng.standard_normal(4000) * np.exp(rng.uniform(-20, 12, 4000))).astype(np.float32)
+    v[:8] = [0.0, -0.0, 65504.0, 65520.0, -1e9, 6e-8, 2.0 ** -25, np.nan]
+    got = np.array([block.f32_to_f16_bits(np.float32(a)) for a in v], np.uint16)
+    with np.errstate(over="ignore"):
+        want = v.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(got[:7], want[:7])
+    np.testing.assert_array_equal(got[8:], want[8:])
+    assert np.isnan(got[7:8].view(np.float16)[0])
+
+
+def test_block_pieces_match_numpy_layers():
+    rng = np.random.default_rng(51)
+    n_tok, n_head, n_kv, d, pos0, n_ctx = 5, 4, 2, 64, 7, 16
+    x = rng.standard_normal((n_tok, 256)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(256)).astype(np.float32)
+    got = np.empty_like(x)
+    block.rms_norm_rows(x, w, 1e-6, got)
+    assert rel_err(got, layers.rms_norm(x, w, 1e-6)) < 1e-6
+    wh = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)     # per-head norm
+    got = np.empty((n_tok, n_head * d), np.float32)
+    q = rng.standard_normal((n_tok, n_head * d)).astype(np.float32)
+    block.rms_norm_rows(q, wh, 1e-6, got)
+    want = layers.rms_norm(q.reshape(n_tok, n_head, d), wh, 1e-6).reshape(n_tok, -1)
+    assert rel_err(got, want) < 1e-6
+
+    cos, sin = layers.rope_tables(n_ctx, d, 10000.0)
+    for neox in (True, False):
+        r = q.copy()
+        block.rope_rows(r, n_head, d, cos, sin, pos0, d, neox)
+        want = layers.rope(q.reshape(n_tok, n_head, d), cos[pos0:pos0 + n_tok], sin[pos0:pos0 + n_tok],
+                           d, neox).reshape(n_tok, -1)
+        np.testing.assert_array_equal(r, want)
+
+    kc = np.zeros((n_ctx, n_kv, d), np.float16)
+    vc = np.zeros((n_ctx, n_kv, d), np.float16)
+    kc[:pos0] = rng.standard_normal((pos0, n_kv, d))
+    vc[:pos0] = rng.standard_normal((pos0, n_kv, d))
+    k = rng.standard_normal((n_tok, n_kv * d)).astype(np.float32)
+    v = rng.standard_normal((n_tok, n_kv * d)).astype(np.float32)
+    block.store_kv(k, v, n_kv, d, d, kc.view(np.uint16), vc.view(np.uint16), pos0)
+    np.testing.assert_array_equal(kc[pos0:pos0 + n_tok], k.reshape(n_tok, n_kv, d).astype(np.float16))
+    a = np.empty((n_tok, n_head * d), np.float32)
+    block.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, a)
+    want = layers.attention(q.reshape(n_tok, n_head, d), kc[:pos0 + n_tok], vc[:pos0 + n_tok], pos0)
+    assert rel_err(a, want) < 1e-5
+
+    logits = rng.standard_normal((n_tok, 16)).astype(np.float32)
+    logits[0, 3] = logits[0, 9]                                      # a tie: lower id first
+    ids, wts = np.empty((n_tok, 4), np.int32), np.empty((n_tok, 4), np.float32)
+    for norm in (True, False):
+        block.route_rows(logits, 4, norm, ids, wts)
+        want_ids, want_w = layers.route(logits, 4, norm)
+        np.testing.assert_array_equal(ids, want_ids)
+        assert rel_err(wts, want_w) < 1e-6
