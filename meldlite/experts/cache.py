@@ -436,7 +436,7 @@ class CachedStore(ExpertStore):
             g = int(g)
             with self._cond:
                 ok = self._make_room(g, speculative=False)
-            if not ok:                   # the budget is full of this layer's experts: compute them
+            if not ok and ready:         # the budget is full of this layer's experts: compute them
                 if Y is None:
                     Y = np.zeros((*ids.shape, x.shape[1]), F32)            # (T, k, E)
                 self._compute_group(layer, x, ids, np.array(ready, np.int64), Y)
@@ -444,6 +444,9 @@ class CachedStore(ExpertStore):
                 ready = []
                 with self._cond:
                     ok = self._make_room(g, speculative=False)
+            if not ok:
+                with self._cond:
+                    ok = self._make_room(g, speculative=False, allow_protected=True)
                 if not ok:
                     raise RuntimeError("expert cache: no slot can be freed")   # budget >= one expert per class
             t0 = time.perf_counter()
@@ -491,17 +494,18 @@ class CachedStore(ExpertStore):
 
     # -- cache bookkeeping (call with self._cond held) --------------------------
 
-    def _make_room(self, g, speculative):
+    def _make_room(self, g, speculative, allow_protected=False):
         """Reserve space for expert g (evicting as the policy says); mark it LOADING.
-        False if nothing may be evicted (speculative loads also may not displace
-        pinned, protected or predicted experts, nor one the policy values more)."""
+        False if nothing may be evicted. Demand loads leave the experts protected
+        for decode alone unless `allow_protected`; speculative loads also may not
+        displace predicted experts, nor one the policy values more."""
         pool = self.pools[self.pool_of[g]]
         size = int(self.sizes[g])
         while not pool.has_room(size):
             cand = (self.state == READY) & (self.pins == 0) & (self.pool_of == self.pool_of[g])
             if speculative:
                 cand &= ~self.protected & ~self.reserved
-            elif (cand & ~self.protected).any():
+            elif not allow_protected:
                 cand &= ~self.protected
             idx = np.flatnonzero(cand)
             if idx.size == 0:
@@ -513,6 +517,11 @@ class CachedStore(ExpertStore):
         self.slot[g] = pool.take(size)
         self.state[g] = LOADING
         return True
+
+    def _pinned_ready(self, g):
+        """Does g's pool hold experts the compute thread will soon release?"""
+        return bool(((self.state == READY) & (self.pins > 0)
+                     & (self.pool_of == self.pool_of[g])).any())
 
     def _evict(self, g):
         if self.mechanism == "mmap":
@@ -546,12 +555,15 @@ class CachedStore(ExpertStore):
             if speculative and target is not None and self._visits[target[0]] > target[1]:
                 self._queue.pop()                 # its layer has run: too late to help
                 continue
-            if not self._make_room(g, speculative):
-                if speculative:
-                    self._queue.pop()
-                    self.c["prefetch_refused"] += 1
-                    continue
-                return None                        # wait until the compute thread unpins
+            if speculative and not self._make_room(g, True):
+                self._queue.pop()
+                self.c["prefetch_refused"] += 1
+                continue
+            if not speculative and not self._make_room(g, False):
+                # wait while the compute thread still holds experts it will release;
+                # otherwise give up a protected one
+                if self._pinned_ready(g) or not self._make_room(g, False, allow_protected=True):
+                    return None
             self._queue.pop()
             return g, speculative
 
@@ -571,7 +583,9 @@ class CachedStore(ExpertStore):
             self.c["bytes_read_prefetch"] += int(self.plan.nbytes[g])
             self.c["prefetch_issued"] += 1
             if self.pins[g] == 0:
-                self.by_prefetch[g] = True
+                self.by_prefetch[g] = True          # useful if used before it is evicted
+            else:
+                self.c["prefetch_useful"] += 1      # late: the compute thread was waiting for it
 
     # -- I/O (no lock held) -------------------------------------------------------
 
@@ -593,6 +607,9 @@ class CachedStore(ExpertStore):
         """Queue the predicted experts of the next layer(s)."""
         limit = max(self.k, 1)
         nxt = (layer + 1) % self.n_layer
+        base = nxt * self.n_expert
+        if (self.state[base:base + self.n_expert] == READY).all():
+            return                              # nothing to fetch for the next layer
         if layer + 1 < self.n_layer:
             experts = self.predictor.predict(layer, x, limit)
             self._pred[nxt] = experts

@@ -57,7 +57,7 @@ class Policy:
         lu[recent] = tick + 0.5            # the last token's picks count as more recent
 
     def on_load(self, g, tick):
-        self.last_use[g] = tick
+        self.last_use[g] = max(self.last_use[g], tick)
 
     def expect(self, gs, q):
         """Experts `gs` are predicted for the next layer with confidence q (0..1)."""
