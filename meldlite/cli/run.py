@@ -25,17 +25,53 @@ from meldlite.cli import command
               help="Compute threads (default: all cores).")
 @click.option("-c", "--ctx-size", default=None, type=click.IntRange(min=1),
               help="Context length (default: the model's, at most 4096).")
+@click.option("--mem-budget", default=None, metavar="SIZE",
+              help='Memory for expert weights: "64MB", "1.5GB", "25%" of the expert bytes '
+                   "(default: all experts stay mapped).")
+@click.option("--policy", "cache_policy", default=None,
+              type=click.Choice(["forecast", "lfu", "lru"]),
+              help="Expert cache policy with --mem-budget (default: forecast).")
+@click.option("--no-prefetch", is_flag=True, help="Load experts only when routed to.")
+@click.option("--profile", "profile", default=None, type=click.Path(dir_okay=False),
+              help="A `meldlite profile` file whose popularity seeds the cache policy.")
+@click.option("--expert-io", default=None, type=click.Choice(["pread", "mmap"]),
+              help="How cached experts are held: slabs filled by pread, or the madvise'd map.")
+@click.option("--min-expert-weight", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="Adaptive top-k: skip routed experts whose renormalised weight is below this.")
+@click.option("--io-throttle", default=None, metavar="RATE",
+              help='Measurement aid: emulate storage of this bandwidth for expert reads, e.g. "200MB/s".')
+@click.option("--cold", is_flag=True,
+              help="Measurement aid: drop the model file from the page cache first.")
+@click.option("--stats", "show_stats", is_flag=True, help="Print the expert store's counters.")
 def run(model, prompt, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
-        ctx_size):
+        ctx_size, mem_budget, cache_policy, no_prefetch, profile, expert_io, min_expert_weight,
+        io_throttle, cold, show_stats):
     """Generate a continuation of PROMPT with MODEL (default: the built-in model)."""
     import meldlite
-    m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads)
+    m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads, mem_budget=mem_budget,
+                      cache_policy=cache_policy, prefetch=not no_prefetch, profile=profile,
+                      expert_io=expert_io, min_expert_weight=min_expert_weight,
+                      io_throttle=io_throttle, cold=cold)
     click.echo(prompt, nl=False)
     for piece in m.generate(prompt, max_tokens=max_tokens, temperature=temp, top_k=top_k,
                             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed):
         click.echo(piece, nl=False)
     click.echo()
-    click.echo(timing_line(m.timings, m.stats()["peak_rss_bytes"]), err=True)
+    stats = m.stats()
+    m.close()
+    click.echo(timing_line(m.timings, stats["peak_rss_bytes"]), err=True)
+    if show_stats:
+        click.echo(stats_text(stats), err=True)
+
+
+def stats_text(stats):
+    """`key: value` lines of Model.stats(), the required counters first."""
+    first = ("expert_hits", "expert_misses", "hit_rate", "bytes_read", "prefetch_issued",
+             "prefetch_useful", "stall_seconds", "peak_rss_bytes")
+    keys = [k for k in first if k in stats] + sorted(k for k in stats if k not in first)
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return "\n".join(f"{k}: {fmt(stats[k])}" for k in keys)
 
 
 def timing_line(t, peak_rss):
