@@ -61,6 +61,8 @@ def fuse_rows(x, ids, tau):
 
     Returns (reps (R,) row indices to send, inverse (T,) index into reps)."""
     n = len(x)
+    if len(ids) != n:
+        raise ValueError(f"fuse_rows: {n} rows of x, {len(ids)} of ids")
     if tau <= 0 or n < 2:
         return np.arange(n), np.arange(n)
     keys = np.ascontiguousarray(ids).view(np.dtype((np.void, ids.dtype.itemsize * ids.shape[1])))

@@ -177,8 +177,9 @@ def parse_header(buf):
 
 
 def frame_bytes(frame):
-    """The buffer of a received frame (zmq.Frame or bytes-like), without copying."""
-    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    """A flat byte view of a frame (zmq.Frame, bytes or a contiguous array), without copying."""
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    return buf if buf.ndim == 1 and buf.itemsize == 1 else buf.cast("B")
 
 
 def parse(frames, limits=Limits()):

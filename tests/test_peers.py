@@ -1,0 +1,467 @@
+"""Expert peers as processes on loopback: exactness, faults, handshake, security.
+
+Every peer is a `meldlite peer` process started here (random free port) and
+ended through its Popen handle. Most tests share three peers started without a
+model file: they receive the experts they serve from each coordinator.
+"""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+import meldlite
+from meldlite.errors import PeerError
+from meldlite.formats import pack
+from meldlite.transports import protocol as P
+from meldlite.transports.peer import LocalPeer
+from meldlite.transports.placement import Placement, round_robin
+from meldlite.transports.remote import connect
+from meldlite.transports.security import keygen
+from helpers_models import Shape, llamacpp_quantize, write_random_model
+
+SHAPE = Shape(n_vocab=4096, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
+              n_expert=8, n_expert_used=3, n_ff_exp=256, n_ctx=128)
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217]
+FAST = dict(timeout=5.0, connect_timeout=30.0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{name: path}: F16, llama.cpp's Q4_K_M, and a per-expert mix of Q4_K, Q8_0 and F16."""
+    d = tmp_path_factory.mktemp("peer_models")
+    f16 = write_random_model(d / "f16.gguf", "qwen3moe", SHAPE, np.float16, seed=3)
+    out = {"f16": f16}
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return out
+    q4 = llamacpp_quantize(f16, d / "q4_k_m.gguf", "Q4_K_M")
+    q8 = llamacpp_quantize(f16, d / "q8_0.gguf", "Q8_0")
+    pack(q4, d / "mixed.gguf", "Q4_K,1.*=Q8_0,0.2=F16,0.5=Q8_0", {"Q8_0": q8, "F16": f16})
+    out.update(q4_k_m=q4, mixed=d / "mixed.gguf")
+    return out
+
+
+@pytest.fixture(scope="module")
+def empty_peers(tmp_path_factory):
+    """Three peers without a model file (they are sent the experts they serve)."""
+    d = tmp_path_factory.mktemp("peer_logs")
+    peers = LocalPeer.start(3, logs=[d / f"peer{i}.log" for i in range(3)])
+    try:
+        yield peers
+    finally:
+        for p in peers:
+            p.stop()
+
+
+def reference(path, tokens=PROMPT, n_decode=3):
+    """Single-node logits: prefill (T, V), then each greedy decode step's (1, V)."""
+    m = meldlite.load(path, n_threads=1)
+    out = run(m, tokens, n_decode)
+    m.close()
+    return out
+
+
+def run(m, tokens, n_decode, forced=None):
+    m.cache.reset()
+    logits = [m._eval(tokens, all_logits=True)]
+    for i in range(n_decode):
+        tok = forced[i] if forced is not None else int(np.argmax(logits[-1][-1]))
+        logits.append(m._eval([tok], all_logits=True))
+    return logits
+
+
+def greedy_tokens(logits):
+    return [int(np.argmax(step[-1])) for step in logits[:-1]]
+
+
+def with_peers(path, endpoints, **options):
+    m = meldlite.load(path, n_threads=1)
+    connect(m, endpoints, **{**FAST, **options})
+    return m
+
+
+def random_placement(n_peers, seed, local=True, replicas=True):
+    g = np.random.default_rng(seed)
+    names = [f"peer{i}" for i in range(n_peers)] + (["local"] if local else [])
+    n = len(names)
+    experts = []
+    for _ in range(SHAPE.n_layer):
+        row = []
+        for _ in range(SHAPE.n_expert):
+            k = 2 if replicas and n > 1 and g.random() < 0.3 else 1
+            row.append([int(h) for h in g.choice(n, k, replace=False)])
+        experts.append(row)
+    return Placement([{"name": nm, "budget": None} for nm in names], experts, "random")
+
+
+# -- exactness ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["f16", "mixed"])
+@pytest.mark.parametrize("n_peers", [1, 2, 3])
+@pytest.mark.parametrize("placement", ["round-robin", "random"])
+def test_exact_mode_is_bit_identical(models, empty_peers, model, n_peers, placement):
+    if model not in models:
+        pytest.skip("needs llama-cpp-python for the quantized models")
+    ref = reference(models[model])
+    pl = None if placement == "round-robin" else random_placement(n_peers, seed=n_peers)
+    m = with_peers(models[model], [p.endpoint for p in empty_peers[:n_peers]], exact=True,
+                   placement=pl)
+    try:
+        got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
+        s = m.store.stats()
+    finally:
+        m.close()
+    for a, b in zip(ref, got):
+        assert np.array_equal(a, b)
+    assert s["peers_requests"] > 0 and s["peers_failovers"] == 0
+
+
+@pytest.mark.parametrize("model", ["f16", "q4_k_m", "mixed"])
+@pytest.mark.parametrize("n_peers", [1, 2, 3])
+def test_compact_mode_within_bound_and_same_argmax(models, empty_peers, model, n_peers):
+    if model not in models:
+        pytest.skip("needs llama-cpp-python for the quantized models")
+    ref = reference(models[model])
+    pl = random_placement(n_peers, seed=10 + n_peers) if n_peers > 1 else None
+    m = with_peers(models[model], [p.endpoint for p in empty_peers[:n_peers]], placement=pl)
+    try:
+        got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
+    finally:
+        m.close()
+    for a, b in zip(ref, got):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+        assert np.array_equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_peer_with_its_own_model_file(models, tmp_path):
+    ref = reference(models["f16"])
+    a = LocalPeer(models["f16"], log=tmp_path / "p.log", wait=False)
+    b = LocalPeer(log=tmp_path / "q.log", wait=False)
+    with a, b:
+        a.wait_ready(), b.wait_ready()
+        m = with_peers(models["f16"], [a.endpoint, b.endpoint], exact=True)
+        try:
+            got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
+            per = {p["address"]: p for p in m.store.stats()["peers"]}
+        finally:
+            m.close()
+    for x, y in zip(ref, got):
+        assert np.array_equal(x, y)
+    assert per[a.endpoint]["load_bytes"] == 0          # read its experts from its own file
+    assert per[b.endpoint]["load_bytes"] > 0           # was sent them
+
+
+def test_one_request_per_peer_per_layer_and_none_for_local_layers(models, empty_peers):
+    n = 3
+    pl = round_robin(SHAPE.n_layer, SHAPE.n_expert, n)
+    pl.nodes.append({"name": "local", "budget": None})
+    pl.experts[0] = [[n]] * SHAPE.n_expert              # layer 0 entirely on the coordinator
+    m = with_peers(models["f16"], [p.endpoint for p in empty_peers], placement=pl)
+    try:
+        m.logits(PROMPT)                                 # one prefill forward
+        s1 = m.store.stats()
+        m._eval([5], all_logits=False)                   # one decode step
+        s2 = m.store.stats()
+    finally:
+        m.close()
+    assert s1["peers_layers"] == SHAPE.n_layer and s1["peers_remote_layers"] == 1
+    assert s1["peers_requests"] <= n                     # layer 1 only, one per peer at most
+    assert s2["peers_requests"] - s1["peers_requests"] <= SHAPE.n_expert_used
+    rows = s1["peers_rows_sent"]
+    assert rows <= n * len(PROMPT)
+
+
+# -- wire encodings and token fusion -------------------------------------------------------
+
+def test_encodings_trade_bytes_for_error(models, empty_peers):
+    from meldlite.metrics import kl_divergence
+    ref = reference(models["f16"])
+    out = {}
+    for wire in ("f32", "f16", "q8"):
+        m = with_peers(models["f16"], [p.endpoint for p in empty_peers[:2]], wire=wire)
+        try:
+            got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
+            s = m.store.stats()
+        finally:
+            m.close()
+        kl = float(np.mean([kl_divergence(a, b).mean() for a, b in zip(ref, got)]))
+        out[wire] = (s["peers_bytes_out"] + s["peers_bytes_in"], kl)
+    assert out["q8"][0] < out["f16"][0] < out["f32"][0]
+    assert out["f32"][1] < 1e-6
+    assert out["f16"][1] < 1e-3 and out["q8"][1] < 1e-2
+
+
+def test_exact_mode_rejects_lossy_options(models, empty_peers):
+    from meldlite.errors import OptionError
+    m = meldlite.load(models["f16"], n_threads=1)
+    try:
+        with pytest.raises(OptionError, match="f32"):
+            connect(m, [empty_peers[0].endpoint], exact=True, wire="q8")
+        with pytest.raises(OptionError, match="fusion"):
+            connect(m, [empty_peers[0].endpoint], exact=True, fuse=0.1)
+    finally:
+        m.close()
+
+
+def test_token_fusion_merges_identical_states(models, empty_peers):
+    tokens = [2217] * 10                        # identical tokens (no BOS): identical hidden states
+    m0 = with_peers(models["f16"], [p.endpoint for p in empty_peers[:2]])
+    m1 = with_peers(models["f16"], [p.endpoint for p in empty_peers[:2]], fuse=1e-3)
+    try:
+        a, b = m0.logits(tokens), m1.logits(tokens)
+        s0, s1 = m0.store.stats(), m1.store.stats()
+    finally:
+        m0.close()
+        m1.close()
+    assert np.array_equal(a, b)
+    assert s1["peers_rows_fused"] > 0
+    assert s1["peers_rows_sent"] < s0["peers_rows_sent"]
+    assert s1["peers_bytes_out"] < s0["peers_bytes_out"]
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+def kill_at_call(store, n, action):
+    """Run `action()` just before the store's n-th moe call."""
+    calls = [0]
+    inner = store.moe
+
+    def moe(layer, x, ids, weights):
+        calls[0] += 1
+        if calls[0] == n:
+            action()
+        return inner(layer, x, ids, weights)
+    store.moe = moe
+
+
+def single_node_text(path, prompt, n):
+    m = meldlite.load(path, n_threads=1)
+    try:
+        return "".join(m.generate(prompt, max_tokens=n, temperature=0, stop_at_eos=False))
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("mode", [dict(exact=True), dict(wire="q8"), dict(wire="f32", fuse=0.5)])
+def test_killed_peer_mid_generation_same_tokens(models, empty_peers, tmp_path, mode):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    layer_call = int(np.random.default_rng(seed).integers(2, SHAPE.n_layer * 10))
+    a = empty_peers[0]
+    with LocalPeer(log=tmp_path / "b.log") as b:
+        if mode.get("exact"):
+            fault_free = single_node_text(models["f16"], "Once upon a time", 12)
+        else:                       # lossy: the same mode without the fault
+            m0 = with_peers(models["f16"], [a.endpoint, b.endpoint], **mode)
+            try:
+                fault_free = "".join(m0.generate("Once upon a time", max_tokens=12,
+                                                 temperature=0, stop_at_eos=False))
+            finally:
+                m0.close()
+        m = with_peers(models["f16"], [a.endpoint, b.endpoint], **mode)
+        try:
+            kill_at_call(m.store, layer_call, b.kill)
+            got = "".join(m.generate("Once upon a time", max_tokens=12, temperature=0,
+                                     stop_at_eos=False))
+            s = m.store.stats()
+        finally:
+            m.close()
+    assert got == fault_free, f"seed {seed}, killed before moe call {layer_call}"
+    assert s["peers_failovers"] > 0 and s["peers_deaths"] == 1, s
+
+
+def test_stalled_peer_times_out_then_rejoins(models, empty_peers, tmp_path):
+    want = single_node_text(models["f16"], "Once upon a time", 10)
+    a = empty_peers[0]
+    with LocalPeer(log=tmp_path / "b.log") as b:
+        m = with_peers(models["f16"], [a.endpoint, b.endpoint], exact=True, timeout=1.0)
+        try:
+            kill_at_call(m.store, 7, b.suspend)
+            got = "".join(m.generate("Once upon a time", max_tokens=10, temperature=0,
+                                     stop_at_eos=False))
+            s = m.store.stats()
+            assert got == want
+            assert s["peers_failovers"] > 0 and s["peers_deaths"] == 1
+            b.resume()
+            end = time.monotonic() + 20
+            while m.store.stats()["peers_ready"] < 2 and time.monotonic() < end:
+                m.store._service()
+                time.sleep(0.05)
+            assert m.store.stats()["peers_ready"] == 2, m.store.stats()["peers"]
+            before = {p["address"]: p["requests"] for p in m.store.stats()["peers"]}
+            again = "".join(m.generate("Once upon a time", max_tokens=10, temperature=0,
+                                       stop_at_eos=False))
+            after = {p["address"]: p["requests"] for p in m.store.stats()["peers"]}
+            assert again == want
+            assert after[b.endpoint] > before[b.endpoint]      # it serves again
+            assert m.store.stats()["peers_rejoins"] >= 1
+        finally:
+            m.close()
+
+
+def test_restarted_peer_rejoins_on_the_same_address(models, empty_peers, tmp_path):
+    want = single_node_text(models["f16"], "Once upon a time", 8)
+    a = empty_peers[0]
+    b = LocalPeer(log=tmp_path / "b.log")
+    try:
+        m = with_peers(models["f16"], [a.endpoint, b.endpoint], exact=True, retry_s=0.2)
+        try:
+            b.kill()
+            assert "".join(m.generate("Once upon a time", max_tokens=8, temperature=0,
+                                      stop_at_eos=False)) == want
+            b = LocalPeer(listen=b.endpoint, log=tmp_path / "b2.log")
+            end = time.monotonic() + 20
+            while m.store.stats()["peers_ready"] < 2 and time.monotonic() < end:
+                m.store._service()
+                time.sleep(0.05)
+            assert m.store.stats()["peers_ready"] == 2
+            assert "".join(m.generate("Once upon a time", max_tokens=8, temperature=0,
+                                      stop_at_eos=False)) == want
+            assert m.store.peer_stats()[b.endpoint]["requests"] > 0
+        finally:
+            m.close()
+    finally:
+        b.stop()
+
+
+# -- handshake and hostile messages ----------------------------------------------------------
+
+def test_model_mismatch_and_budget_are_refused(models, tmp_path):
+    other = write_random_model(tmp_path / "other.gguf", "qwen3moe",
+                               Shape(**{**SHAPE.__dict__, "n_layer": 1}), np.float16)
+    a = LocalPeer(models["f16"], log=tmp_path / "a.log", wait=False)
+    b = LocalPeer(args=["--mem-budget", "100kB"], log=tmp_path / "b.log", wait=False)
+    with a, b:
+        a.wait_ready(), b.wait_ready()
+        m = meldlite.load(other, n_threads=1)
+        try:
+            with pytest.raises(PeerError, match="MODEL_MISMATCH"):
+                connect(m, [a.endpoint], **FAST)
+            with pytest.raises(PeerError, match="BUDGET"):
+                connect(m, [b.endpoint], **FAST)
+        finally:
+            m.close()
+
+
+def test_unreachable_peer_is_named(models):
+    m = meldlite.load(models["f16"], n_threads=1)
+    try:
+        with pytest.raises(PeerError, match="tcp://127.0.0.1:9 not ready"):
+            connect(m, ["tcp://127.0.0.1:9"], timeout=1.0, connect_timeout=0.5)
+    finally:
+        m.close()
+
+
+def raw_socket(endpoint):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.rcvtimeo = 5000
+    s.connect(endpoint)
+    return s
+
+
+def ask(sock, frames):
+    sock.send_multipart(frames)
+    h, payload = P.parse(sock.recv_multipart())
+    return h, (json.loads(payload[0]) if payload and h.type in P.JSON_TYPES else payload)
+
+
+def test_hostile_messages_get_named_errors_and_the_peer_keeps_serving(models, tmp_path):
+    log = tmp_path / "p.log"
+    compute = P.compute_message(5, 0, np.ones((1, SHAPE.n_embd), np.float32),
+                                np.zeros((1, 3), np.int32), np.ones((1, 3), np.float32),
+                                P.Enc.F32, False)
+    compute = [bytes(memoryview(f).cast("B")) if isinstance(f, np.ndarray) else f for f in compute]
+    cases = [
+        ([b"ML\x01"], "TRUNCATED"),
+        ([b"hello"], "MALFORMED"),
+        ([b"GET / HTTP/1.1\r\n\r\n"], "MALFORMED"),
+        ([P.Header(P.Msg.HELLO, 3, version=P.PROTOCOL_VERSION + 1).pack(), b"{}"], "VERSION"),
+        ([P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, 77, 1, 0, 0, 0, 0, 0)], "UNKNOWN_TYPE"),
+        ([P.Header(P.Msg.RESULT, 1).pack()], "UNKNOWN_TYPE"),
+        ([P.Header(P.Msg.HELLO, 1).pack()], "TRUNCATED"),
+        ([P.Header(P.Msg.HELLO, 1).pack(), b"{not json"], "MALFORMED"),
+        ([P.Header(P.Msg.HELLO, 1).pack(), b'{"model_hash": "' + b"a" * (1 << 21) + b'"}'],
+         "OVERSIZED"),
+        ([P.Header(P.Msg.HELLO, 1).pack(), b'{"model_hash": 5}'], "MALFORMED"),
+        (compute, "NO_SESSION"),
+        ([P.Header(P.Msg.HELLO, 1).pack()] + [b"x"] * 12, "OVERSIZED"),
+    ]
+    with LocalPeer(log=log, args=["--verbose"]) as peer:
+        s = raw_socket(peer.endpoint)
+        try:
+            for frames, code in cases:
+                h, obj = ask(s, frames)
+                assert h.type == P.Msg.ERROR and obj["code"] == code, (frames[:1], obj)
+            # a session, then bad requests inside it
+            h, obj = ask(s, P.message(P.Msg.HELLO, {"model_hash": "ab" * 32}, 2))
+            assert h.type == P.Msg.WELCOME and obj["has_model"] is False
+            h, obj = ask(s, P.message(P.Msg.ASSIGN, {"n_embd": 1 << 30, "n_ff": 1, "n_layer": 1,
+                                                     "n_expert": 1, "round_acts": True,
+                                                     "experts": [], "types": []}, 3))
+            assert obj["code"] == "OVERSIZED"
+            h, obj = ask(s, P.message(P.Msg.ASSIGN, {"n_embd": 256, "n_ff": 256, "n_layer": 2,
+                                                     "n_expert": 8, "round_acts": True,
+                                                     "experts": [[0, 9]], "types": [[1, 1, 1]]}, 4))
+            assert obj["code"] == "BAD_REQUEST"
+            h, obj = ask(s, P.message(P.Msg.ASSIGN, {"n_embd": 256, "n_ff": 256, "n_layer": 2,
+                                                     "n_expert": 8, "round_acts": True,
+                                                     "experts": [[0, 1]], "types": [[1, 1, 1]]}, 5))
+            assert h.type == P.Msg.ASSIGNED and obj["need"] == [[0, 1]]
+            load = [P.Header(P.Msg.LOAD, 6).pack(), P.pack_json({"layer": 0, "expert": 1}),
+                    b"\0" * 10, b"\0" * 10, b"\0" * 10]
+            h, obj = ask(s, load)
+            assert obj["code"] == "TRUNCATED"
+        finally:
+            s.close()
+        # the peer still serves a real coordinator
+        ref = reference(models["f16"], n_decode=0)
+        m = with_peers(models["f16"], [peer.endpoint], exact=True)
+        try:
+            assert np.array_equal(m.logits(PROMPT), ref[0])
+        finally:
+            m.close()
+    text = log.read_text()
+    for code in ("MALFORMED", "TRUNCATED", "OVERSIZED", "VERSION", "NO_SESSION"):
+        assert code in text
+
+
+# -- security -----------------------------------------------------------------------------------
+
+def test_curve_keys_required_and_wrong_key_refused(models, tmp_path):
+    keys, wrong = tmp_path / "keys", tmp_path / "wrong"
+    keygen(keys)
+    keygen(wrong)
+    (wrong / "peer.key").write_bytes((keys / "peer.key").read_bytes())   # knows the server key
+    ref = reference(models["f16"], n_decode=0)
+    with LocalPeer(args=["--keys", keys], log=tmp_path / "p.log") as peer:
+        m = with_peers(models["f16"], [peer.endpoint], exact=True, keys=keys)
+        try:
+            assert np.array_equal(m.logits(PROMPT), ref[0])
+        finally:
+            m.close()
+        m = meldlite.load(models["f16"], n_threads=1)
+        try:
+            with pytest.raises(PeerError, match="refused our CURVE key"):
+                connect(m, [peer.endpoint], keys=wrong, timeout=2.0, connect_timeout=5.0)
+            with pytest.raises(PeerError):
+                connect(m, [peer.endpoint], timeout=1.0, connect_timeout=2.0)   # no keys at all
+        finally:
+            m.close()
+
+
+def test_cli_peer_binds_loopback_only_without_keys(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "meldlite", "peer", "--listen", "tcp://0.0.0.0:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--insecure" in r.stderr and len(r.stderr.splitlines()) == 1
+    with LocalPeer(listen="tcp://0.0.0.0:0", args=["--insecure"]) as p:
+        assert p.endpoint.startswith("tcp://0.0.0.0:")
+    r = subprocess.run([sys.executable, "-m", "meldlite", "peer", "--keys", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr
