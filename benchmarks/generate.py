@@ -9,11 +9,19 @@ of a realistic edge shape (24 layers, d_model 1024, 32 experts of 512, top-8,
 vocab 49152) in Q4_K_M / Q8_0, generated once into benchmarks/out/.
 Each engine prefills the same prompt tokens from a fresh context and then
 decodes greedily; the table shows medians over --reps runs and the ratio
-meldlite / llama.cpp (higher is better for meldlite).
+meldlite / llama.cpp (higher is better for meldlite). The two engines alternate
+within each repetition, so a burst of load from other processes hits both.
+llama.cpp runs in a child process with this process's environment minus the
+OMP_WAIT_POLICY that meldlite sets for itself (llama.cpp's own OpenMP default).
+Columns "cpu ms/tok" are meldlite's process CPU time per token (both threads),
+which a busy machine disturbs less than wall time.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +60,17 @@ def prompt_ids(n, n_vocab):
 
 
 def time_llamacpp(path, ids, n_decode, threads):
+    """(prefill tok/s, decode tok/s) of llama.cpp, measured in a child process."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if "OMP_WAIT_POLICY" in os.environ.get("MELDLITE_BENCH_KEEP", ""):
+        env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    out = subprocess.run([sys.executable, __file__, "--llamacpp-child",
+                          json.dumps([str(path), ids, n_decode, threads])],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1]))
+
+
+def llamacpp_child(path, ids, n_decode, threads):
     import llama_cpp
     llm = llama_cpp.Llama(str(path), n_ctx=len(ids) + n_decode + 8, n_batch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -68,14 +87,16 @@ def time_llamacpp(path, ids, n_decode, threads):
 
 
 def time_meldlite(model, ids, n_decode):
+    """(prefill tok/s, decode tok/s, prefill cpu ms/tok, decode cpu ms/tok)."""
     model.cache.reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logits = model._eval(ids, all_logits=False)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(n_decode):
         logits = model._eval([int(np.argmax(logits[-1]))], all_logits=False)
-    t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), n_decode / (t2 - t1)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return (len(ids) / (t1 - t0), n_decode / (t2 - t1),
+            (c1 - c0) / len(ids) * 1e3, (c2 - c1) / n_decode * 1e3)
 
 
 def bench(name, args):
@@ -88,7 +109,8 @@ def bench(name, args):
     for _ in range(args.reps):
         ref.append(time_llamacpp(path, ids, args.decode, args.threads))
         ours.append(time_meldlite(model, ids, args.decode))
-    med = [statistics.median(r[i] for r in runs) for runs in (ours, ref) for i in (0, 1)]
+    med = [statistics.median(r[i] for r in ours) for i in range(4)]
+    med += [statistics.median(r[i] for r in ref) for i in range(2)]
     return name, path.stat().st_size, med
 
 
@@ -99,16 +121,23 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--models", default="trained,trained-q4,edge-q4,edge-q8")
+    ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(f"threads {args.threads}, prompt {args.prompt} tokens, decode {args.decode} tokens, "
-          f"median of {args.reps} runs (tokens/s)")
-    print(f"| model | size MB | meldlite prefill | llama.cpp prefill | ratio | "
-          f"meldlite decode | llama.cpp decode | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.llamacpp_child:
+        print(json.dumps(llamacpp_child(*json.loads(args.llamacpp_child))))
+        return
+    load0 = os.getloadavg()[0]
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, threads {args.threads}, prompt {args.prompt} tokens, "
+          f"decode {args.decode} tokens, median of {args.reps} runs (tokens/s); "
+          f"1-min load average {load0:.2f} before")
+    print("| model | size MB | meldlite prefill | llama.cpp prefill | ratio | "
+          "meldlite decode | llama.cpp decode | ratio | meldlite cpu ms/tok prefill, decode |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        name, size, (mp, md, lp, ld) = bench(name, args)
+        name, size, (mp, md, mpc, mdc, lp, ld) = bench(name, args)
         print(f"| {name} | {size / 1e6:.1f} | {mp:.1f} | {lp:.1f} | {mp / lp:.2f} | "
-              f"{md:.1f} | {ld:.1f} | {md / ld:.2f} |", flush=True)
+              f"{md:.1f} | {ld:.1f} | {md / ld:.2f} | {mpc:.2f}, {mdc:.2f} |", flush=True)
+    print(f"1-min load average {os.getloadavg()[0]:.2f} after")
 
 
 if __name__ == "__main__":

@@ -355,6 +355,121 @@ def dot_float(wf, xr, n):
     return s
 
 
+# Two tokens per pass (prefill): the weight codes are unpacked once for both. Each token's
+# sums are the same integers and its float steps the same operations in the same order as
+# the one-token kernel's, so a token gives the same bits alone or paired.
+
+@njit(cache=True, error_model="numpy")
+def dot2_q4_k(row, qa, qb, da, db, ba, bb, nb, L):
+    """dot_q4_k for two tokens' activations (qa, da, ba) and (qb, db, bb)."""
+    fa = np.float32(0.0)
+    fb = np.float32(0.0)
+    for b in range(nb):
+        o = b * 144
+        oq = o + 16
+        oa = b * 256
+        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+        s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
+        t0 = np.int32(0); t1 = np.int32(0); t2 = np.int32(0); t3 = np.int32(0)
+        t4 = np.int32(0); t5 = np.int32(0); t6 = np.int32(0); t7 = np.int32(0)
+        for l in range(L):
+            v0 = row[oq + l]; v1 = row[oq + 32 + l]; v2 = row[oq + 64 + l]; v3 = row[oq + 96 + l]
+            w0 = np.int16(v0 & 15); w1 = np.int16(v0 >> 4); w2 = np.int16(v1 & 15); w3 = np.int16(v1 >> 4)
+            w4 = np.int16(v2 & 15); w5 = np.int16(v2 >> 4); w6 = np.int16(v3 & 15); w7 = np.int16(v3 >> 4)
+            s0 = np.int32(s0 + w0 * np.int16(qa[oa + l]))
+            s1 = np.int32(s1 + w1 * np.int16(qa[oa + 32 + l]))
+            s2 = np.int32(s2 + w2 * np.int16(qa[oa + 64 + l]))
+            s3 = np.int32(s3 + w3 * np.int16(qa[oa + 96 + l]))
+            s4 = np.int32(s4 + w4 * np.int16(qa[oa + 128 + l]))
+            s5 = np.int32(s5 + w5 * np.int16(qa[oa + 160 + l]))
+            s6 = np.int32(s6 + w6 * np.int16(qa[oa + 192 + l]))
+            s7 = np.int32(s7 + w7 * np.int16(qa[oa + 224 + l]))
+            t0 = np.int32(t0 + w0 * np.int16(qb[oa + l]))
+            t1 = np.int32(t1 + w1 * np.int16(qb[oa + 32 + l]))
+            t2 = np.int32(t2 + w2 * np.int16(qb[oa + 64 + l]))
+            t3 = np.int32(t3 + w3 * np.int16(qb[oa + 96 + l]))
+            t4 = np.int32(t4 + w4 * np.int16(qb[oa + 128 + l]))
+            t5 = np.int32(t5 + w5 * np.int16(qb[oa + 160 + l]))
+            t6 = np.int32(t6 + w6 * np.int16(qb[oa + 192 + l]))
+            t7 = np.int32(t7 + w7 * np.int16(qb[oa + 224 + l]))
+        sc0, m0 = _k_scale_min(row, o, 0)
+        sc1, m1 = _k_scale_min(row, o, 1)
+        sc2, m2 = _k_scale_min(row, o, 2)
+        sc3, m3 = _k_scale_min(row, o, 3)
+        sc4, m4 = _k_scale_min(row, o, 4)
+        sc5, m5 = _k_scale_min(row, o, 5)
+        sc6, m6 = _k_scale_min(row, o, 6)
+        sc7, m7 = _k_scale_min(row, o, 7)
+        ob = 8 * b
+        d, dmin = _f16(row, o), _f16(row, o + 2)
+        isum = (sc0 * s0 + sc1 * s1 + sc2 * s2 + sc3 * s3 + sc4 * s4 + sc5 * s5
+                + sc6 * s6 + sc7 * s7)
+        msum = (m0 * ba[ob] + m1 * ba[ob + 1] + m2 * ba[ob + 2] + m3 * ba[ob + 3]
+                + m4 * ba[ob + 4] + m5 * ba[ob + 5] + m6 * ba[ob + 6] + m7 * ba[ob + 7])
+        fa += d * da[b] * np.float32(isum) - dmin * da[b] * np.float32(msum)
+        isum = (sc0 * t0 + sc1 * t1 + sc2 * t2 + sc3 * t3 + sc4 * t4 + sc5 * t5
+                + sc6 * t6 + sc7 * t7)
+        msum = (m0 * bb[ob] + m1 * bb[ob + 1] + m2 * bb[ob + 2] + m3 * bb[ob + 3]
+                + m4 * bb[ob + 4] + m5 * bb[ob + 5] + m6 * bb[ob + 6] + m7 * bb[ob + 7])
+        fb += d * db[b] * np.float32(isum) - dmin * db[b] * np.float32(msum)
+    return fa, fb
+
+
+@njit(cache=True, error_model="numpy")
+def dot2_q6_k(row, qa, qb, da, db, nb, L):
+    """dot_q6_k for two tokens."""
+    fa = np.float32(0.0)
+    fb = np.float32(0.0)
+    for b in range(nb):
+        o = b * 210
+        ia = 0
+        ib = 0
+        for h in range(2):
+            ol = o + 64 * h
+            oh = o + 128 + 32 * h
+            oa = 256 * b + 128 * h
+            s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+            s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
+            t0 = np.int32(0); t1 = np.int32(0); t2 = np.int32(0); t3 = np.int32(0)
+            t4 = np.int32(0); t5 = np.int32(0); t6 = np.int32(0); t7 = np.int32(0)
+            for l in range(L):
+                a0 = row[ol + l]; a1 = row[ol + 16 + l]; b0 = row[ol + 32 + l]; b1 = row[ol + 48 + l]
+                c0 = row[oh + l]; c1 = row[oh + 16 + l]
+                w0 = np.int16((a0 & 15) | ((c0 & 3) << 4)) - np.int16(32)
+                w1 = np.int16((a1 & 15) | ((c1 & 3) << 4)) - np.int16(32)
+                w2 = np.int16((b0 & 15) | (((c0 >> 2) & 3) << 4)) - np.int16(32)
+                w3 = np.int16((b1 & 15) | (((c1 >> 2) & 3) << 4)) - np.int16(32)
+                w4 = np.int16((a0 >> 4) | (((c0 >> 4) & 3) << 4)) - np.int16(32)
+                w5 = np.int16((a1 >> 4) | (((c1 >> 4) & 3) << 4)) - np.int16(32)
+                w6 = np.int16((b0 >> 4) | ((c0 >> 6) << 4)) - np.int16(32)
+                w7 = np.int16((b1 >> 4) | ((c1 >> 6) << 4)) - np.int16(32)
+                s0 = np.int32(s0 + w0 * np.int16(qa[oa + l]))
+                s1 = np.int32(s1 + w1 * np.int16(qa[oa + 16 + l]))
+                s2 = np.int32(s2 + w2 * np.int16(qa[oa + 32 + l]))
+                s3 = np.int32(s3 + w3 * np.int16(qa[oa + 48 + l]))
+                s4 = np.int32(s4 + w4 * np.int16(qa[oa + 64 + l]))
+                s5 = np.int32(s5 + w5 * np.int16(qa[oa + 80 + l]))
+                s6 = np.int32(s6 + w6 * np.int16(qa[oa + 96 + l]))
+                s7 = np.int32(s7 + w7 * np.int16(qa[oa + 112 + l]))
+                t0 = np.int32(t0 + w0 * np.int16(qb[oa + l]))
+                t1 = np.int32(t1 + w1 * np.int16(qb[oa + 16 + l]))
+                t2 = np.int32(t2 + w2 * np.int16(qb[oa + 32 + l]))
+                t3 = np.int32(t3 + w3 * np.int16(qb[oa + 48 + l]))
+                t4 = np.int32(t4 + w4 * np.int16(qb[oa + 64 + l]))
+                t5 = np.int32(t5 + w5 * np.int16(qb[oa + 80 + l]))
+                t6 = np.int32(t6 + w6 * np.int16(qb[oa + 96 + l]))
+                t7 = np.int32(t7 + w7 * np.int16(qb[oa + 112 + l]))
+            sc = o + 192 + 8 * h
+            e0 = _i8(row[sc]); e1 = _i8(row[sc + 1]); e2 = _i8(row[sc + 2]); e3 = _i8(row[sc + 3])
+            e4 = _i8(row[sc + 4]); e5 = _i8(row[sc + 5]); e6 = _i8(row[sc + 6]); e7 = _i8(row[sc + 7])
+            ia += (e0 * s0 + e1 * s1 + e2 * s2 + e3 * s3 + e4 * s4 + e5 * s5 + e6 * s6 + e7 * s7)
+            ib += (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3 + e4 * t4 + e5 * t5 + e6 * t6 + e7 * t7)
+        d = _f16(row, o + 208)
+        fa += d * da[b] * np.float32(ia)
+        fb += d * db[b] * np.float32(ib)
+    return fa, fb
+
+
 # ---------------------------------------------------------------- rows x tokens
 
 @njit(cache=True, error_model="numpy")
@@ -362,13 +477,44 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
 
     qa/da/bs/xr are (n_tok_all, ...) activation arrays; toks (n,) picks the tokens;
-    out (n, n_rows). `scratch` (n_cols,) float32 is used by the float fallback, which
-    every quantized type takes when not `use_int` (float activations in xr)."""
+    out (n, n_rows). `scratch` (n_cols,) float32 is used by the float paths, which every
+    quantized type takes when not `use_int` (float activations in xr). Rows are the outer
+    loop, so a row is read from memory once for all tokens."""
     n_cols = xr.shape[1]
+    n = toks.shape[0]
+    if n == 0:
+        return
+    nk, n32 = n_cols // 256, n_cols // 32
+    if use_int and n == 1:  # decode: one token, its activation rows taken once
+        k = toks[0]
+        qk, dk, bk = qa[k], da[k], bs[k]
+        if t == Q4_K:
+            for r in range(r0, r1):
+                out[0, r] = dot_q4_k(raw[r], qk, dk, bk, nk, 32)
+            return
+        if t == Q6_K:
+            for r in range(r0, r1):
+                out[0, r] = dot_q6_k(raw[r], qk, dk, nk, 16)
+            return
+        if t == Q8_0:
+            for r in range(r0, r1):
+                out[0, r] = dot_q8_0(raw[r], qk, dk, n32, 32)
+            return
     acc16 = np.empty(16, dtype=np.float32)  # (16,) lanes of dot_lanes16
     for r in range(r0, r1):
         row = raw[r]
-        for i in range(toks.shape[0]):
+        i = 0
+        if use_int and (t == Q4_K or t == Q6_K):  # tokens in pairs: the row unpacked once
+            while i + 2 <= n:
+                ka, kb = toks[i], toks[i + 1]
+                if t == Q4_K:
+                    va, vb = dot2_q4_k(row, qa[ka], qa[kb], da[ka], da[kb], bs[ka], bs[kb], nk, 32)
+                else:
+                    va, vb = dot2_q6_k(row, qa[ka], qa[kb], da[ka], da[kb], nk, 16)
+                out[i, r] = va
+                out[i + 1, r] = vb
+                i += 2
+        for i in range(i, n):
             k = toks[i]
             if t == F16:
                 if i == 0:
@@ -381,15 +527,15 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
                     decode_span(t, row, 0, n_cols, scratch)
                 v = dot_float(scratch, xr[k], n_cols)
             elif t == Q4_K:
-                v = dot_q4_k(row, qa[k], da[k], bs[k], n_cols // 256, 32)
+                v = dot_q4_k(row, qa[k], da[k], bs[k], nk, 32)
             elif t == Q6_K:
-                v = dot_q6_k(row, qa[k], da[k], n_cols // 256, 16)
+                v = dot_q6_k(row, qa[k], da[k], nk, 16)
             elif t == Q8_0:
-                v = dot_q8_0(row, qa[k], da[k], n_cols // 32, 32)
+                v = dot_q8_0(row, qa[k], da[k], n32, 32)
             elif t == Q4_0:
-                v = dot_q4_0(row, qa[k], da[k], n_cols // 32, 16)
+                v = dot_q4_0(row, qa[k], da[k], n32, 16)
             elif t == Q5_0:
-                v = dot_q5_0(row, qa[k], da[k], n_cols // 32, 16)
+                v = dot_q5_0(row, qa[k], da[k], n32, 16)
             else:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
@@ -428,7 +574,7 @@ def matmul_acts(raw, t, qa, da, bs, xr, toks, out, use_int):
 
 
 track_sources(quantize_q8_0_row, quantize_q8_k_row, quantize_row, quantize_rows, dot_q4_k,
-              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
+              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, dot2_q4_k, dot2_q6_k, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
               rows_times_tokens, matmul_parallel, matmul_serial, matmul_acts)
 
 
