@@ -21,7 +21,9 @@ from meldlite.weights import Weights
 
 def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True,
          mem_budget=None, cache_policy=None, prefetch=True, min_expert_weight=None,
-         io_throttle=None, cold=False, profile=None, expert_io=None):
+         io_throttle=None, cold=False, profile=None, expert_io=None,
+         peers=None, placement=None, wire="f32", exact=False, fuse=0.0, link=None, keys=None,
+         insecure=False, peer_timeout=10.0):
     """Open a GGUF model (`None`: the built-in default model).
 
     n_ctx: context length (default: the model's training context, at most 4096);
@@ -42,13 +44,24 @@ def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=T
     router weight is below it (changes results; any store).
     Measurement aids: io_throttle ("200MB/s") emulates slower storage for expert
     reads; cold drops the model file from the page cache before opening it.
+
+    Peers (docs/peers.md): peers ["tcp://host:port", ...] computes routed experts
+    on `meldlite peer` processes (the store above then serves local experts and
+    failover); placement: a `meldlite place` file (default round-robin); wire
+    "f32", "f16" or "q8" hidden states; exact: bit-identical to one node (f32);
+    fuse: token-fusion threshold for prefill; keys: CurveZMQ key directory;
+    insecure: allow unencrypted non-loopback peers; peer_timeout: seconds per
+    request; link ("100Mbit/5ms"): link emulation, a measurement aid.
     """
     return Model(default_model_path() if path is None else os.fspath(path),
                  n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
                  llama_numerics=llama_numerics, cold=cold, mem_budget=mem_budget,
                  cache_policy=cache_policy, prefetch=prefetch,
                  min_expert_weight=min_expert_weight, io_throttle=io_throttle,
-                 profile=profile, expert_io=expert_io)
+                 profile=profile, expert_io=expert_io, peers=peers,
+                 peer_options=dict(placement=placement, wire=wire, exact=exact, fuse=fuse,
+                                   link=link, keys=keys, insecure=insecure,
+                                   timeout=peer_timeout))
 
 
 def peak_rss_bytes():
@@ -71,7 +84,7 @@ class Model:
     """A loaded model: tokenizer, resident weights, expert store and KV cache."""
 
     def __init__(self, path, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True,
-                 cold=False, **store_options):
+                 cold=False, peers=None, peer_options=None, **store_options):
         self.path = path
         self.cold_cache = drop_file_cache(path) if cold else None   # (cached before, after)
         self.gguf = read_gguf(path)
@@ -91,8 +104,19 @@ class Model:
         self.n_threads = set_threads(n_threads)
         if not self.cfg.is_moe and store_options.get("mem_budget") is not None:
             raise OptionError("mem_budget applies to Mixture-of-Experts models; this one has no experts")
+        if peers:     # adaptive top-k is applied once, before routing to peers
+            peer_options = dict(peer_options or {},
+                                min_expert_weight=store_options.pop("min_expert_weight", None))
         self.store = (make_store(self.gguf, self.cfg, self.weights, llama_numerics=llama_numerics,
                                  **store_options) if self.cfg.is_moe else None)
+        if peers:
+            from meldlite.transports.remote import connect
+            try:
+                connect(self, peers, **peer_options)
+            except BaseException:
+                if self.store is not None:
+                    self.store.close()
+                raise
         self.cache = KVCache(self.cfg, self.n_ctx)
         self.timings = {}
 

@@ -43,15 +43,34 @@ from meldlite.cli import command
 @click.option("--cold", is_flag=True,
               help="Measurement aid: drop the model file from the page cache first.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print the expert store's counters.")
+@click.option("--peers", default=None, metavar="ENDPOINTS",
+              help="Compute routed experts on `meldlite peer`s: tcp://HOST:PORT,... (docs/peers.md).")
+@click.option("--placement", default=None, type=click.Path(dir_okay=False),
+              help="Expert placement file from `meldlite place` (default: round-robin).")
+@click.option("--wire", default="f32", show_default=True, type=click.Choice(["f32", "f16", "q8"]),
+              help="Encoding of hidden states sent to peers.")
+@click.option("--exact", is_flag=True, help="Peers' results bit-identical to one node (f32 only).")
+@click.option("--fuse", default=0.0, type=click.FloatRange(0, 1, max_open=True),
+              help="Token fusion for prefill: merge near-identical states (relative distance).")
+@click.option("--link", default=None, metavar="RATE/LATENCY",
+              help='Measurement aid: emulate a link to the peers, e.g. "100Mbit/5ms".')
+@click.option("--keys", default=None, type=click.Path(file_okay=False),
+              help="CurveZMQ key directory from `meldlite keygen`.")
+@click.option("--insecure", is_flag=True, help="Allow unencrypted peers beyond loopback.")
+@click.option("--peer-timeout", default=10.0, show_default=True, type=click.FloatRange(0.01),
+              help="Seconds a peer has to answer a request before its work is done here.")
 def run(model, prompt, max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed, threads,
         ctx_size, mem_budget, cache_policy, no_prefetch, profile, expert_io, min_expert_weight,
-        io_throttle, cold, show_stats):
+        io_throttle, cold, show_stats, peers, placement, wire, exact, fuse, link, keys, insecure,
+        peer_timeout):
     """Generate a continuation of PROMPT with MODEL (default: the built-in model)."""
     import meldlite
     m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads, mem_budget=mem_budget,
                       cache_policy=cache_policy, prefetch=not no_prefetch, profile=profile,
                       expert_io=expert_io, min_expert_weight=min_expert_weight,
-                      io_throttle=io_throttle, cold=cold)
+                      io_throttle=io_throttle, cold=cold, peers=peers, placement=placement,
+                      wire=wire, exact=exact, fuse=fuse, link=link, keys=keys, insecure=insecure,
+                      peer_timeout=peer_timeout)
     click.echo(prompt, nl=False)
     for piece in m.generate(prompt, max_tokens=max_tokens, temperature=temp, top_k=top_k,
                             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed):
@@ -71,7 +90,11 @@ def stats_text(stats):
     keys = [k for k in first if k in stats] + sorted(k for k in stats if k not in first)
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
-    return "\n".join(f"{k}: {fmt(stats[k])}" for k in keys)
+    lines = [f"{k}: {fmt(stats[k])}" for k in keys if not isinstance(stats[k], list)]
+    for p in stats.get("peers") or []:          # one line per peer (RemoteStore)
+        lines.append(f"peer {p['address']}: {p['state']}, {p['requests']} requests, "
+                     f"{p['bytes_out']} B out, {p['bytes_in']} B in, {p['deaths']} losses")
+    return "\n".join(lines)
 
 
 def timing_line(t, peak_rss):
