@@ -298,6 +298,16 @@ def test_stalled_peer_times_out_then_rejoins(models, empty_peers, tmp_path):
             assert again == want
             assert after[b.endpoint] > before[b.endpoint]      # it serves again
             assert m.store.stats()["peers_rejoins"] >= 1
+            # stalled between tokens: missing heartbeats mark it dead without any request
+            b.suspend()
+            end = time.monotonic() + 8
+            while m.store.stats()["peers_deaths"] < 2 and time.monotonic() < end:
+                m.store._service()
+                time.sleep(0.1)
+            client = m.store.clients[1]
+            assert m.store.stats()["peers_deaths"] == 2 and not client.ready
+            assert "heartbeat" in client.error or "disconnected" in client.error
+            b.resume()
         finally:
             m.close()
 
@@ -465,3 +475,40 @@ def test_cli_peer_binds_loopback_only_without_keys(tmp_path):
     r = subprocess.run([sys.executable, "-m", "meldlite", "peer", "--keys", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# -- API and command line --------------------------------------------------------------------
+
+def test_load_with_peers_and_adaptive_top_k(models, empty_peers):
+    ref = meldlite.load(models["f16"], n_threads=1, min_expert_weight=0.3)
+    m = meldlite.load(models["f16"], n_threads=1, peers=[p.endpoint for p in empty_peers[:2]],
+                      exact=True, min_expert_weight=0.3)
+    try:
+        assert np.array_equal(ref.logits(PROMPT), m.logits(PROMPT))
+        assert m.stats()["peers_ready"] == 2
+    finally:
+        ref.close()
+        m.close()
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "meldlite", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_run_with_peers(models, empty_peers):
+    base = ["run", models["f16"], "-p", "Once upon a time", "-n", "8", "--temp", "0", "-t", "1"]
+    single = run_cli(*base)
+    peers = ",".join(p.endpoint for p in empty_peers[:2])
+    r = run_cli(*base, "--peers", peers, "--exact", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == single.stdout
+    assert "peers_requests:" in r.stderr and r.stderr.count("peer tcp://127.0.0.1:") == 2
+    for extra, needle in ((["--peers", "localhost:5555"], "tcp://HOST:PORT"),
+                          (["--peers", peers, "--exact", "--wire", "q8"], "f32"),
+                          (["--peers", "tcp://10.9.9.9:5555"], "--insecure"),
+                          (["--peers", peers, "--link", "fast"], "RATE/LATENCY")):
+        r = run_cli(*base, *extra)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

@@ -39,6 +39,7 @@ import numpy as np
 import zmq
 
 from meldlite.errors import OptionError, PeerError
+from meldlite.experts.adaptive import check_min_weight, skip_light_experts
 from meldlite.experts.store import ExpertStore, ResidentStore
 from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
@@ -97,13 +98,14 @@ class RemoteStore(ExpertStore):
     link emulation; keys: ClientKeys or key directory; insecure: allow
     unencrypted non-loopback peers; timeout: seconds per request;
     connect_timeout: seconds for all peers to be ready at start; liveness:
-    missed heartbeats before a peer counts as dead.
+    missed heartbeats before a peer counts as dead; min_expert_weight: adaptive
+    top-k applied here, before routing (give the local store none).
     """
 
     def __init__(self, gguf, cfg, peers, *, local=None, placement=None, wire="f32", exact=False,
                  fuse=0.0, link=None, keys=None, insecure=False, timeout=10.0,
                  connect_timeout=60.0, liveness=3, llama_numerics=True, retry_s=2.0,
-                 limits=P.Limits()):
+                 min_expert_weight=None, limits=P.Limits()):
         if not cfg.is_moe:
             raise OptionError("peers serve routed experts; this model has none")
         self.gguf, self.cfg = gguf, cfg
@@ -126,6 +128,7 @@ class RemoteStore(ExpertStore):
             if not isinstance(v, (int, float)) or v < lo:
                 raise OptionError(f"{name} must be >= {lo}, got {v!r}")
         self.timeout, self.liveness, self.retry_s = float(timeout), float(liveness), float(retry_s)
+        self.min_weight = check_min_weight(min_expert_weight)
         self.link = parse_link(link)
         self.limits = limits
         self.llama_numerics = llama_numerics
@@ -138,6 +141,7 @@ class RemoteStore(ExpertStore):
         self.model_hash = P.model_hash(gguf)
         self._types = np.array([[[int(gguf.expert_tensor(L, kind, e).ggml_type) for kind in KINDS]
                                  for e in range(cfg.n_expert)] for L in range(cfg.n_layer)])
+        self._own_local = local is None              # close it ourselves only if we made it
         self.local = local if local is not None else ResidentStore(gguf, cfg, llama_numerics)
         self.counters = {"layers": 0, "remote_layers": 0, "requests": 0, "rows_sent": 0,
                          "rows_fused": 0, "failovers": 0, "failover_local": 0,
@@ -154,6 +158,8 @@ class RemoteStore(ExpertStore):
                                                 limits=limits, ids=self._ids)
             self._start(float(connect_timeout))
         except BaseException:
+            if not self._own_local:
+                self.local = None                    # the caller's store stays open
             self.close()
             raise
 
@@ -195,15 +201,19 @@ class RemoteStore(ExpertStore):
             if c.sock is not None and c.sock in ready:
                 c.on_message(now)
 
+    def _reopen(self, now):
+        for c in self.clients.values():
+            if c.sock is None and now - c.closed_at >= (10 * self.retry_s if c.fatal else self.retry_s):
+                c.open()                        # try again: the peer may be back (or fixed)
+
     def _service(self):
         """Handle what arrived, judge heartbeats, reopen closed connections."""
         now = time.monotonic()
         active = now - self._last_service
         self._pump(0)
         now = time.monotonic()
+        self._reopen(now)
         for c in self.clients.values():
-            if c.sock is None and now - c.closed_at >= (10 * self.retry_s if c.fatal else self.retry_s):
-                c.open()                        # try again: the peer may be back (or fixed)
             if (c.ready and active < c.heartbeat
                     and now - c.last_heard > self.liveness * c.heartbeat):
                 c.die(f"no heartbeat for {now - c.last_heard:.1f} s")
@@ -218,6 +228,7 @@ class RemoteStore(ExpertStore):
             if bad:
                 c = bad[0]
                 raise PeerError(f"peer {c.address}: {c.error}")
+            self._reopen(time.monotonic())
             if all(c.ready for c in cs):
                 self._last_service = time.monotonic()
                 for c in cs:
@@ -236,6 +247,8 @@ class RemoteStore(ExpertStore):
         x = np.ascontiguousarray(x, dtype=F32)
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         weights = np.ascontiguousarray(weights, dtype=F32)
+        if self.min_weight:
+            ids, weights = skip_light_experts(ids, weights, self.min_weight)
         node = self.router.route(layer, ids)                                  # (T, k)
         jobs = [self._job(layer, int(g), x, ids, weights, node) for g in np.unique(node[node >= 0])]
         self.counters["layers"] += 1
@@ -388,7 +401,13 @@ class RemoteStore(ExpertStore):
     # -- the rest of the store interface --------------------------------------------------------
 
     def hint(self, layer, ids):
-        self.local.hint(layer, ids)
+        """Passed on to the local store for the experts held here only."""
+        if self.local_node is None:
+            return
+        ids = np.asarray(ids)
+        here = (ids >= 0) & self.holds[self.local_node][layer][np.where(ids >= 0, ids, 0)]
+        if here.any():
+            self.local.hint(layer, np.where(here, ids, -1))
 
     def peer_stats(self, timeout=2.0):
         """Each ready peer's own counters (STATS request), by address."""
