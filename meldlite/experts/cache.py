@@ -494,7 +494,7 @@ class CachedStore(ExpertStore):
 
     # -- cache bookkeeping (call with self._cond held) --------------------------
 
-    def _make_room(self, g, speculative, allow_protected=False):
+    def _make_room(self, g, speculative, allow_protected=False, predicted=False):
         """Reserve space for expert g (evicting as the policy says); mark it LOADING.
         False if nothing may be evicted. Demand loads leave the experts protected
         for decode alone unless `allow_protected`; speculative loads also may not
@@ -511,7 +511,7 @@ class CachedStore(ExpertStore):
             if idx.size == 0:
                 return False
             victim = int(idx[np.argmin(self.policy.value(idx, self._layer_now))])
-            if speculative and not self.policy.admit(g, victim, self._layer_now):
+            if speculative and not self.policy.admit(g, victim, self._layer_now, predicted):
                 return False
             self._evict(victim)
         self.slot[g] = pool.take(size)
@@ -555,7 +555,7 @@ class CachedStore(ExpertStore):
             if speculative and target is not None and self._visits[target[0]] > target[1]:
                 self._queue.pop()                 # its layer has run: too late to help
                 continue
-            if speculative and not self._make_room(g, True):
+            if speculative and not self._make_room(g, True, predicted=prio < HINTED):
                 self._queue.pop()
                 self.c["prefetch_refused"] += 1
                 continue

@@ -66,9 +66,15 @@ class Policy:
         """Keep-value of candidates gs (higher = keep); `layer_now` is running."""
         return self.last_use[gs]
 
-    def admit(self, g, victim, layer_now):
-        """May a speculative load of g evict `victim`?"""
-        return True
+    def admit(self, g, victim, layer_now, predicted):
+        """May a speculative load of g evict `victim`? A load the router predicted
+        for the next layer may (classic prefetch); a popularity guess only if g is
+        worth more than the victim."""
+        if predicted:
+            return True
+        both = np.array([g, victim])
+        v = self.value(both, layer_now)
+        return v[0] > v[1]
 
     def likely(self, layer, n):
         """The n experts of `layer` most likely to be picked next (prefetch fallback)."""
@@ -107,7 +113,7 @@ class LFU(Policy):
 class Forecast(Policy):
     name = "forecast"
 
-    def __init__(self, n_layer, n_expert, k, prior=None, beta=0.7):
+    def __init__(self, n_layer, n_expert, k, prior=None, beta=0.95):
         super().__init__(n_layer, n_expert, k, prior)
         self.beta = beta
         self.p = np.clip(self.prior, 1e-3, 1.0).reshape(-1)   # (L*X,) P(picked at next visit)
@@ -141,7 +147,7 @@ class Forecast(Policy):
     def value(self, gs, layer_now):
         return -self.distance(gs, layer_now) + 1e-12 * self.last_use[gs]
 
-    def admit(self, g, victim, layer_now):
+    def admit(self, g, victim, layer_now, predicted):
         both = np.array([g, victim])
         d = self.distance(both, layer_now)
         return d[1] > d[0]
