@@ -28,11 +28,11 @@ def skip_light_experts(ids, weights, min_weight):
     """Drop slots whose renormalised weight w / sum(w) is below `min_weight`.
 
     ids (T, k) int32 (-1 = skipped), weights (T, k) float32 -> (ids', weights')
-    with dropped slots set to id -1 and weight 0. The heaviest expert of each
-    token is always kept, and the kept weights are scaled so that they add up to
-    what all k added up to (for norm_topk architectures: 1), i.e. the token is
-    routed as if top-k had picked fewer experts. Returns the inputs themselves
-    when nothing is dropped.
+    with dropped slots set to id -1 and weight 0; the kept slots keep their
+    weights (not rescaled: on the trained model rescaling them to the old sum
+    doubled the KL divergence from the full run, docs/experts.md). The heaviest
+    expert of each token is always kept. Returns the inputs themselves when
+    nothing is dropped.
     """
     ids = np.asarray(ids)
     weights = np.asarray(weights, dtype=F32)
@@ -44,8 +44,6 @@ def skip_light_experts(ids, weights, min_weight):
     drop[np.arange(len(ids)), np.argmax(share, axis=-1)] = False
     if not drop.any():
         return ids, weights
-    kept = np.where(drop, F32(0), w)                                      # (T, k)
-    scale = total / np.maximum(kept.sum(axis=-1, keepdims=True, dtype=F32), F32(1e-30))
-    new_w = np.where(drop, F32(0), kept * scale).astype(F32)
+    new_w = np.where(drop, F32(0), weights).astype(F32)
     new_ids = np.where(drop, np.int32(-1), ids).astype(np.int32)
     return np.ascontiguousarray(new_ids), np.ascontiguousarray(new_w)

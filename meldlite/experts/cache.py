@@ -237,7 +237,7 @@ class CachedStore(ExpertStore):
             ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
              "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
              "prefetch_late", "prefetch_refused", "predicted", "predicted_right", "actual_routed",
-             "experts_skipped", "expert_uses", "moe_calls", "groups_split"), 0)
+             "experts_skipped", "routed_slots", "expert_uses", "moe_calls", "groups_split"), 0)
         self.t = dict.fromkeys(("stall_seconds", "io_seconds"), 0.0)
         self.predictor = RoutePredictor(weights, cfg) if prefetch else None
         self.loader = None
@@ -288,10 +288,11 @@ class CachedStore(ExpertStore):
     def moe(self, layer, x, ids, weights):
         ids = np.asarray(ids)
         weights = np.asarray(weights, dtype=F32)
+        n_routed = int((ids >= 0).sum())
+        self.c["routed_slots"] += n_routed
         if self.min_weight:
-            n_before = int((ids >= 0).sum())
             ids, weights = skip_light_experts(ids, weights, self.min_weight)
-            self.c["experts_skipped"] += n_before - int((ids >= 0).sum())
+            self.c["experts_skipped"] += n_routed - int((ids >= 0).sum())
         n_tok, X = x.shape[0], self.n_expert
         self._phase(layer, n_tok)
         valid = ids[ids >= 0]
@@ -369,7 +370,8 @@ class CachedStore(ExpertStore):
             prefetch_refused=c["prefetch_refused"],
             bytes_read_prefetch=c["bytes_read_prefetch"], loads=c["loads"],
             evictions=c["evictions"], io_seconds=t["io_seconds"],
-            experts_skipped=c["experts_skipped"], expert_uses=c["expert_uses"],
+            experts_skipped=c["experts_skipped"], routed_slots=c["routed_slots"],
+            expert_uses=c["expert_uses"],
             moe_calls=c["moe_calls"], groups_split=c["groups_split"],
             experts_cached=cached, budget_bytes=self.budget, cache_bytes=self.capacity_bytes,
             min_budget_bytes=self.min_budget, expert_bytes=self.plan.expert_bytes,

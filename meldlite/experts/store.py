@@ -63,15 +63,16 @@ class ResidentStore(ExpertStore):
                         for i in range(cfg.n_layer)]
         self._round = llama_numerics
         self.min_weight = min_expert_weight
-        self._calls = self._uses = self._skipped = 0
+        self._calls = self._uses = self._skipped = self._routed = 0
 
     def moe(self, layer, x, ids, weights):
         mats, types = self._layers[layer]
         ids = np.asarray(ids)
+        n_routed = int((ids >= 0).sum())
+        self._routed += n_routed
         if self.min_weight:
-            n_before = int((np.asarray(ids) >= 0).sum())
             ids, weights = skip_light_experts(ids, weights, self.min_weight)
-            self._skipped += n_before - int((ids >= 0).sum())
+            self._skipped += n_routed - int((ids >= 0).sum())
         self._calls += 1
         self._uses += len(np.unique(ids[ids >= 0]))
         return kernels.moe_ffn(x, ids, weights, mats, types, round_acts=self._round)
@@ -81,5 +82,6 @@ class ResidentStore(ExpertStore):
         return {"expert_hits": self._uses, "expert_misses": 0, "bytes_read": 0,
                 "prefetch_issued": 0, "prefetch_useful": 0, "stall_seconds": 0.0,
                 "hit_rate": 1.0, "expert_uses": self._uses, "experts_skipped": self._skipped,
+                "routed_slots": self._routed,
                 "moe_calls": self._calls, "cache_policy": None, "expert_io": "resident",
                 "prefetch": False}
