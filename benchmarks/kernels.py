@@ -1,9 +1,12 @@
 """Quantized mat-vec throughput of meldlite's kernels beside this machine's memory bandwidth.
 
     python benchmarks/kernels.py [--reps 5] [--passes 3] [--types Q4_K,Q8_0] [--bw-gib 1] [--prefill 32]
+                                 [--paths qmatmul,matmul]
 
 For every supported ggml type and the shapes (n_rows x n_cols) 512x1024 and 1024x512
-(expert-sized) and 4096x4096, times `kernels.matmul(W, x)` for one token and prints
+(expert-sized) and 4096x4096, times each path for one token: `qmatmul` (what the model
+runs with llama_numerics: activations quantized to 8 bits, integer dot products where the
+type has them) and `matmul` (float activations, the reference path); and prints
 GB/s of weight bytes, Gweights/s and the ratio of that GB/s to the memory read bandwidth
 measured in the same run (a jitted parallel XOR over a --bw-gib GiB array). A mat-vec
 cannot beat the read bandwidth once W is out of cache, so the ratio says how far the
@@ -120,6 +123,11 @@ def random_matrix(rng, qtype, n_rows, n_cols):
     return blocks.reshape(n_rows, -1)
 
 
+def readonly(a):
+    a.flags.writeable = False
+    return a
+
+
 def cpu_name():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -129,18 +137,22 @@ def cpu_name():
         return platform.processor() or "unknown"
 
 
-def bench_type(qtype, mats, args, timer):
+PATHS = {"qmatmul": kernels.qmatmul, "matmul": kernels.matmul}
+
+
+def bench_type(qtype, mats, args, timer, path="matmul"):
     """[(GB/s, Gw/s) per shape..., prefill GMAC/s] for one pass."""
+    fn = PATHS[path]
     rng = np.random.default_rng(1)
     cells = []
     for raw, n_cols in mats:
         x = rng.standard_normal(n_cols, dtype=np.float32)
         out = np.empty(raw.shape[0], dtype=np.float32)
-        dt = timer(lambda: kernels.matmul(raw, qtype, x, out=out))
+        dt = timer(lambda: fn(raw, qtype, x, out=out))
         cells.append((raw.nbytes / dt / 1e9, raw.shape[0] * n_cols / dt / 1e9))
     raw, n_cols = mats[-1]
     xs = rng.standard_normal((args.prefill, n_cols), dtype=np.float32)
-    dt = timer(lambda: kernels.matmul(raw, qtype, xs))
+    dt = timer(lambda: fn(raw, qtype, xs))
     return cells + [args.prefill * raw.shape[0] * n_cols / dt / 1e9]
 
 
@@ -160,16 +172,22 @@ def main():
     ap.add_argument("--types", default=",".join(t.name for t in kernels.SUPPORTED_TYPES))
     ap.add_argument("--bw-gib", type=float, default=1.0)
     ap.add_argument("--prefill", type=int, default=32)
+    ap.add_argument("--paths", default="qmatmul,matmul")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    qtypes = [T[name] for name in args.types.split(",")]
-    mats = {q: [(random_matrix(rng, q, r, c), c) for r, c in SHAPES] for q in qtypes}
+    paths = args.paths.split(",")
+    qtypes = [(T[name], path) for name in args.types.split(",") for path in paths]
+    mats = {}
+    for q, _ in qtypes:
+        if q not in mats:
+            mats[q] = [(readonly(random_matrix(rng, q, r, c)), c) for r, c in SHAPES]
     load0 = os.getloadavg()[0]
     bws, results, timer = [], {q: [] for q in qtypes}, QuietTimer(args.reps)
     order = np.random.default_rng(2)
     for _ in range(args.passes):  # types in a new order each pass: a load burst hits different rows
         for i in order.permutation(len(qtypes)):
-            results[qtypes[i]].append(bench_type(qtypes[i], mats[qtypes[i]], args, timer))
+            q, path = qtypes[i]
+            results[qtypes[i]].append(bench_type(q, mats[q], args, timer, path))
         bws.append(memory_bandwidth(args.bw_gib, timer) / 1e9)
     bw = statistics.median(bws)
     print(f"{datetime.date.today()}, CPU {cpu_name()}, numba {numba.__version__} with "
@@ -181,10 +199,10 @@ def main():
     print(f"memory read bandwidth (parallel XOR over {args.bw_gib:g} GiB): {bw:.1f} GB/s "
           f"(passes: {', '.join(f'{b:.1f}' for b in bws)})\n")
     head = " | ".join(f"{r}x{c} GB/s | Gw/s | /bw" for r, c in SHAPES)
-    print(f"| type | {head} | prefill {args.prefill} tok 4096x4096 GMAC/s |")
-    print("|---" * (2 + 3 * len(SHAPES)) + "|")
-    for q in qtypes:
-        print(table_row(q.name, results[q], bw))
+    print(f"| type | path | {head} | prefill {args.prefill} tok 4096x4096 GMAC/s |")
+    print("|---" * (3 + 3 * len(SHAPES)) + "|")
+    for q, path in qtypes:
+        print(table_row(f"{q.name} | {path}", results[q, path], bw))
 
 
 if __name__ == "__main__":

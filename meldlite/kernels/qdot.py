@@ -470,6 +470,53 @@ def dot2_q6_k(row, qa, qb, da, db, nb, L):
     return fa, fb
 
 
+@njit(cache=True, error_model="numpy")
+def dot2_q8_0(row, qa, qb, da, db, nb, L):
+    """dot_q8_0 for two tokens."""
+    fa = np.float32(0.0)
+    fb = np.float32(0.0)
+    b = 0
+    while b + 4 <= nb:
+        o = 34 * b
+        oa = 32 * b
+        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+        t0 = np.int32(0); t1 = np.int32(0); t2 = np.int32(0); t3 = np.int32(0)
+        for l in range(L):
+            w0 = np.int16(np.int8(row[o + 2 + l])); w1 = np.int16(np.int8(row[o + 36 + l]))
+            w2 = np.int16(np.int8(row[o + 70 + l])); w3 = np.int16(np.int8(row[o + 104 + l]))
+            s0 = np.int32(s0 + w0 * np.int16(qa[oa + l]))
+            s1 = np.int32(s1 + w1 * np.int16(qa[oa + 32 + l]))
+            s2 = np.int32(s2 + w2 * np.int16(qa[oa + 64 + l]))
+            s3 = np.int32(s3 + w3 * np.int16(qa[oa + 96 + l]))
+            t0 = np.int32(t0 + w0 * np.int16(qb[oa + l]))
+            t1 = np.int32(t1 + w1 * np.int16(qb[oa + 32 + l]))
+            t2 = np.int32(t2 + w2 * np.int16(qb[oa + 64 + l]))
+            t3 = np.int32(t3 + w3 * np.int16(qb[oa + 96 + l]))
+        d0, d1, d2, d3 = _f16(row, o), _f16(row, o + 34), _f16(row, o + 68), _f16(row, o + 102)
+        fa += d0 * da[b] * np.float32(s0)
+        fa += d1 * da[b + 1] * np.float32(s1)
+        fa += d2 * da[b + 2] * np.float32(s2)
+        fa += d3 * da[b + 3] * np.float32(s3)
+        fb += d0 * db[b] * np.float32(t0)
+        fb += d1 * db[b + 1] * np.float32(t1)
+        fb += d2 * db[b + 2] * np.float32(t2)
+        fb += d3 * db[b + 3] * np.float32(t3)
+        b += 4
+    while b < nb:
+        o = 34 * b
+        s = np.int32(0)
+        t = np.int32(0)
+        for l in range(L):
+            w = np.int16(np.int8(row[o + 2 + l]))
+            s = np.int32(s + w * np.int16(qa[32 * b + l]))
+            t = np.int32(t + w * np.int16(qb[32 * b + l]))
+        d = _f16(row, o)
+        fa += d * da[b] * np.float32(s)
+        fb += d * db[b] * np.float32(t)
+        b += 1
+    return fa, fb
+
+
 # ---------------------------------------------------------------- rows x tokens
 
 @njit(cache=True, error_model="numpy")
@@ -504,13 +551,15 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
     for r in range(r0, r1):
         row = raw[r]
         i = 0
-        if use_int and (t == Q4_K or t == Q6_K):  # tokens in pairs: the row unpacked once
+        if use_int and (t == Q4_K or t == Q6_K or t == Q8_0):  # token pairs: one unpack
             while i + 2 <= n:
                 ka, kb = toks[i], toks[i + 1]
                 if t == Q4_K:
                     va, vb = dot2_q4_k(row, qa[ka], qa[kb], da[ka], da[kb], bs[ka], bs[kb], nk, 32)
-                else:
+                elif t == Q6_K:
                     va, vb = dot2_q6_k(row, qa[ka], qa[kb], da[ka], da[kb], nk, 16)
+                else:
+                    va, vb = dot2_q8_0(row, qa[ka], qa[kb], da[ka], da[kb], n32, 32)
                 out[i, r] = va
                 out[i + 1, r] = vb
                 i += 2
@@ -561,7 +610,7 @@ def matmul_serial(raw, t, qa, da, bs, xr, toks, out, use_int):
     rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, scratch, use_int)
 
 
-PARALLEL_MIN_BYTES = 1 << 17  # weight bytes x tokens below which one thread is faster
+PARALLEL_MIN_BYTES = 1 << 19  # weight bytes x tokens below which one thread is faster (measured)
 
 
 @njit(cache=True, error_model="numpy")
@@ -574,7 +623,7 @@ def matmul_acts(raw, t, qa, da, bs, xr, toks, out, use_int):
 
 
 track_sources(quantize_q8_0_row, quantize_q8_k_row, quantize_row, quantize_rows, dot_q4_k,
-              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, dot2_q4_k, dot2_q6_k, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
+              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, dot2_q4_k, dot2_q6_k, dot2_q8_0, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
               rows_times_tokens, matmul_parallel, matmul_serial, matmul_acts)
 
 
