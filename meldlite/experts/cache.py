@@ -41,6 +41,7 @@ ABSENT, LOADING, READY = 0, 1, 2
 MECHANISMS = ("pread", "mmap")
 KINDS = ("gate", "up", "down")
 SLOT_ALIGN = 64            # slab slots start on cache-line boundaries
+SPLIT_COST = 3e-4          # seconds an extra kernel call + combine cost (measured, docs/experts.md)
 F32 = np.float32
 
 
@@ -233,6 +234,9 @@ class CachedStore(ExpertStore):
         self._rank_hits = np.full(self.k, 1.0)       # per predicted rank: hits (+1 prior)
         self._rank_tries = np.full(self.k, 2.0)      # per predicted rank: tries (+2 prior)
         self.prefetch_depth = prefetch_depth
+        self._t_pair = None                          # running mean: kernel seconds per (token, expert)
+        self._t_byte = None                          # running mean: load seconds per byte
+        self._loader_blocked = False                 # loader waits for room the compute thread holds
         self.c = dict.fromkeys(
             ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
              "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
@@ -395,7 +399,8 @@ class CachedStore(ExpertStore):
             return
         with self._cond:
             self.pins[gs] -= 1
-            self._cond.notify_all()
+            if self._loader_blocked:            # it waits for room these may free
+                self._cond.notify_all()
         held.difference_update(gs)
 
     def _bind(self, layer, gs):
@@ -413,10 +418,18 @@ class CachedStore(ExpertStore):
             kernels.set_expert(mats, int(g - layer * self.n_expert), *arrays)
             self._bound[g] = s
 
-    def _compute_all(self, layer, x, ids, weights, gs):
+    def _compute_all(self, layer, x, ids, weights, gs, n_pairs=None):
         self._bind(layer, gs)
-        return kernels.moe_ffn(x, ids, weights, self.mats[layer], self.types[layer],
-                               round_acts=self._round)
+        t0 = time.perf_counter()
+        out = kernels.moe_ffn(x, ids, weights, self.mats[layer], self.types[layer],
+                              round_acts=self._round)
+        self._note_compute(time.perf_counter() - t0, n_pairs or int((ids >= 0).sum()))
+        return out
+
+    def _note_compute(self, seconds, n_pairs):
+        if n_pairs:
+            t = seconds / n_pairs
+            self._t_pair = t if self._t_pair is None else 0.9 * self._t_pair + 0.1 * t
 
     def _compute_group(self, layer, x, ids, gs, Y):
         """Y[t, j] = expert ids[t, j]'s output for token t, for the experts in gs."""
@@ -426,8 +439,10 @@ class CachedStore(ExpertStore):
         xp = np.ascontiguousarray(x[t_idx], dtype=F32)                   # (P, E)
         ip = np.ascontiguousarray(ids[t_idx, j_idx][:, None], dtype=np.int32)   # (P, 1)
         wp = np.ones((len(t_idx), 1), F32)                               # (P, 1)
+        t0 = time.perf_counter()
         Y[t_idx, j_idx] = kernels.moe_ffn(xp, ip, wp, self.mats[layer], self.types[layer],
                                           round_acts=self._round)
+        self._note_compute(time.perf_counter() - t0, len(t_idx))
         self.c["groups_split"] += 1
 
     def _compute_loading(self, layer, x, ids, weights, gs, hit, missing, held):
@@ -469,29 +484,54 @@ class CachedStore(ExpertStore):
         return combine(ids, weights, Y)
 
     def _compute_waiting(self, layer, x, ids, weights, gs, hit, held):
-        """With the loader: compute what is cached while the rest is read, in groups."""
+        """With the loader: wait for the missing experts, computing the cached ones
+        meanwhile (in groups) when that overlap is worth an extra kernel call."""
+        n_pairs = int((ids >= 0).sum())
+        hit_pairs = int(np.isin(ids, gs[hit] - layer * self.n_expert).sum())
+        missing_bytes = int(self.plan.nbytes[gs[~hit]].sum())
+        if not self._worth_splitting(hit_pairs, missing_bytes):
+            if self._wait_ready(held, want_all=True):
+                return self._compute_all(layer, x, ids, weights, gs, n_pairs)
         Y = np.zeros((*ids.shape, x.shape[1]), F32)                      # (T, k, E)
-        group = [int(g) for g in gs[hit]]
+        group = [g for g in held if self.state[g] == READY]
         while True:
             if group:
-                self._compute_group(layer, x, ids, np.array(group, np.int64), Y)
+                self._compute_group(layer, x, ids, np.array(sorted(group), np.int64), Y)
                 self._unpin(group, held)
             if not held:
                 return combine(ids, weights, Y)
-            t0 = time.perf_counter()
+            group = self._wait_ready(held, want_all=False)
+
+    def _worth_splitting(self, hit_pairs, missing_bytes):
+        """Computing the cached experts while the rest loads saves
+        min(their compute time, the load time); a split costs a kernel call and
+        the combine. Estimates are running means of measured times."""
+        if self._t_pair is None or self._t_byte is None:
+            return True
+        return min(hit_pairs * self._t_pair, missing_bytes * self._t_byte) > SPLIT_COST
+
+    def _wait_ready(self, held, want_all):
+        """Block until some (want_all: every) expert in `held` is READY; the READY
+        ones. With want_all, None if the loader waits for room that only
+        computing the cached experts can free."""
+        t0 = time.perf_counter()
+        try:
             with self._cond:
                 while True:
                     failed = [g for g in held if g in self.errors]
                     if failed:
                         raise self.errors.pop(failed[0])
-                    group = sorted(g for g in held if self.state[g] == READY)
-                    if group:
-                        break
+                    ready = [g for g in held if self.state[g] == READY]
+                    if ready and (not want_all or len(ready) == len(held)):
+                        return ready
+                    if want_all and self._loader_blocked:
+                        return None
                     for g in held:                   # e.g. a speculative copy failed: ask again
                         if self.state[g] == ABSENT and not self._queue.queued(g):
                             self._queue.push(g, DEMAND)
                             self._cond.notify_all()
                     self._cond.wait(timeout=1.0)
+        finally:
             self.t["stall_seconds"] += time.perf_counter() - t0
 
     # -- cache bookkeeping (call with self._cond held) --------------------------
@@ -545,6 +585,7 @@ class CachedStore(ExpertStore):
 
     def _claim_next(self):
         """Loader: the next load it may start, as (g, speculative), or None."""
+        self._loader_blocked = False
         while True:
             entry = self._queue.peek()
             if entry is None:
@@ -565,6 +606,8 @@ class CachedStore(ExpertStore):
                 # wait while the compute thread still holds experts it will release;
                 # otherwise give up a protected one
                 if self._pinned_ready(g) or not self._make_room(g, False, allow_protected=True):
+                    self._loader_blocked = True
+                    self._cond.notify_all()
                     return None
             self._queue.pop()
             return g, speculative
@@ -601,35 +644,47 @@ class CachedStore(ExpertStore):
         else:
             for off, nb, _ in self.plan.reads[g]:
                 self.file.populate(off, nb)
-        self.t["io_seconds"] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.t["io_seconds"] += dt
+        t = dt / max(1, int(self.plan.nbytes[g]))
+        self._t_byte = t if self._t_byte is None else 0.9 * self._t_byte + 0.1 * t
 
     # -- prefetch, prefill -----------------------------------------------------
 
     def _prefetch(self, layer, x):
-        """Queue the predicted experts of the next layer(s)."""
-        limit = max(self.k, 1)
-        nxt = (layer + 1) % self.n_layer
-        base = nxt * self.n_expert
-        if (self.state[base:base + self.n_expert] == READY).all():
-            return                              # nothing to fetch for the next layer
-        if layer + 1 < self.n_layer:
-            experts = self.predictor.predict(layer, x, limit)
-            self._pred[nxt] = experts
-            conf = self._rank_hits / self._rank_tries                        # (k,)
-            prio = PREDICTED
-        else:                                   # next token's first layer: popularity
-            experts = self.policy.likely(nxt, self.k)
-            conf = np.full(len(experts), 0.5)
-            prio = HINTED
-        gs = nxt * self.n_expert + np.asarray(experts, np.int64)
+        """Queue the predicted experts of the next `prefetch_depth` layers (the
+        next token's first layer from popularity)."""
+        jobs = []                                   # (target layer, experts, confidence, priority)
+        for d in range(1, self.prefetch_depth + 1):
+            tgt = layer + d
+            if tgt > self.n_layer or (tgt == self.n_layer and d > 1):
+                break
+            tgt %= self.n_layer
+            base = tgt * self.n_expert
+            if (self.state[base:base + self.n_expert] == READY).all():
+                continue                            # nothing to fetch for that layer
+            if tgt > layer:
+                experts = self.predictor.predict(layer, x, self.k, tgt)
+                if d == 1:
+                    self._pred[tgt] = experts
+                conf = self._rank_hits / self._rank_tries * (0.8 ** (d - 1))   # (k,)
+                jobs.append((tgt, experts, conf, PREDICTED + 0.1 * (d - 1)))
+            else:                                   # next token's first layer: popularity
+                jobs.append((tgt, self.policy.likely(tgt, self.k), np.full(self.k, 0.5), HINTED))
+        if not jobs:
+            return
         with self._cond:
             self.reserved[:] = False
-            self.reserved[gs] = True
-            self.policy.expect(gs, conf[:len(gs)])
-            for r, g in enumerate(gs):
-                if self.state[g] == ABSENT:
-                    self._queue.push(int(g), prio + r / 1000, (nxt, int(self._visits[nxt])))
-            self._cond.notify_all()
+            pushed = False
+            for tgt, experts, conf, prio in jobs:
+                gs = tgt * self.n_expert + np.asarray(experts, np.int64)
+                self.reserved[gs] = True
+                self.policy.expect(gs, conf[:len(gs)])
+                for r, g in enumerate(gs):
+                    if self.state[g] == ABSENT:
+                        pushed |= self._queue.push(int(g), prio + r / 1000, (tgt, int(self._visits[tgt])))
+            if pushed:
+                self._cond.notify_all()
 
     def _score_prediction(self, layer, used, n_tok):
         pred = self._pred[layer]

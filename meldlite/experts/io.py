@@ -120,22 +120,29 @@ class Throttle:
     queue behind each other. `transfer(n, fn)` runs the real read `fn()` and then
     sleeps until the emulated end (if the real read took longer, that is the time
     it takes). Emulation only slows reads down; it cannot make storage faster.
+    time.sleep wakes up late (~0.05-0.1 ms); that lateness is the emulator's, not
+    the device's, so a thread's next read may start as early as the moment its
+    previous one should have woken it (a real read returns when its data is in).
     """
 
     def __init__(self, bytes_per_s):
         self.bytes_per_s = float(bytes_per_s)
         self._lock = threading.Lock()
         self._free_at = 0.0
+        self._late = threading.local()
 
     def transfer(self, nbytes, fn):
+        now = time.perf_counter()
         with self._lock:
-            start = max(time.perf_counter(), self._free_at)
+            start = max(now - getattr(self._late, "s", 0.0), self._free_at)
             end = start + nbytes / self.bytes_per_s
             self._free_at = end
+        self._late.s = 0.0
         result = fn()
         wait = end - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
+            self._late.s = max(0.0, time.perf_counter() - end)
         else:                                  # the real read was slower than the emulation
             with self._lock:
                 self._free_at = max(self._free_at, time.perf_counter())

@@ -36,15 +36,23 @@ class RoutePredictor:
         self.cfg = cfg
         self.k = cfg.n_expert_used
         self.routers = [weights[f"blk.{i}.ffn_gate_inp.weight"] for i in range(cfg.n_layer)]
-        norms = [np.asarray(weights[f"blk.{i}.ffn_norm.weight"], np.float32) for i in range(cfg.n_layer)]
-        # h_L = rmsnorm(x) * n_L, so rmsnorm(x) * n_{L+1} = h_L * (n_{L+1} / n_L)
-        self.ratio = [None] + [_ratio(norms[i], norms[i - 1]) for i in range(1, cfg.n_layer)]
+        self.norms = [np.asarray(weights[f"blk.{i}.ffn_norm.weight"], np.float32)
+                      for i in range(cfg.n_layer)]
+        self._ratios = {}
 
-    def predict(self, layer, h, limit):
-        """Experts of layer+1 ranked by how many of the batch's tokens they are
-        predicted for (then by router probability), at most `limit` of them."""
-        nxt = layer + 1
-        z = np.ascontiguousarray(h * self.ratio[nxt], dtype=np.float32)      # (T, E)
+    def ratio(self, layer, target):
+        """h_L = rmsnorm(x) * n_L, so rmsnorm(x) * n_T = h_L * (n_T / n_L)."""
+        key = (layer, target)
+        if key not in self._ratios:
+            self._ratios[key] = _ratio(self.norms[target], self.norms[layer])
+        return self._ratios[key]
+
+    def predict(self, layer, h, limit, target=None):
+        """Experts of layer `target` (default layer+1) ranked by how many of the
+        batch's tokens they are predicted for (then by router probability), at
+        most `limit` of them."""
+        nxt = layer + 1 if target is None else target
+        z = np.ascontiguousarray(h * self.ratio(layer, nxt), dtype=np.float32)   # (T, E)
         logits = self.routers[nxt] @ z                                        # (T, X)
         if logits.shape[0] == 1:
             return np.argsort(-logits[0], kind="stable")[:min(self.k, limit)]

@@ -69,7 +69,7 @@ class _Recorder(ExpertStore):
         sel[rows[ok], ids.reshape(-1)[ok]] = 1.0
         self.sq[layer] += sel.T @ (x.astype(np.float64) ** 2)
         if layer + 1 < self.cfg.n_layer:
-            z = np.ascontiguousarray(x * self.predictor.ratio[layer + 1], np.float32)
+            z = np.ascontiguousarray(x * self.predictor.ratio(layer, layer + 1), np.float32)
             logits = self.predictor.routers[layer + 1] @ z                # (T, X)
             k = self.cfg.n_expert_used
             self.pred[layer + 1].append(np.argsort(-logits, axis=-1, kind="stable")[:, :k])

@@ -1,0 +1,403 @@
+"""Expert offloading: decode speed, memory and I/O under a memory budget.
+
+    python benchmarks/offload.py [--models trained,trained-q4,edge-q4]
+        [--budgets 100,50,25,12.5] [--storage cold,200MB/s] [--policies lru,lfu,forecast]
+        [--prefetch off,on] [--mechanisms pread] [--prompt 32] [--decode 32] [--reps 1]
+        [--adaptive] [--quick]
+
+Each model is packed into meldlite's per-expert layout (one expert = one read),
+profiled on the first half of ../shared/models/valid.txt and replayed on stories
+from the second half (held out): a story's first --prompt tokens are the prompt,
+its next --decode tokens are fed one at a time (teacher forcing, so every
+configuration routes exactly the same tokens), and only those decode steps are
+timed. Every configuration runs in a fresh process that first drops the packed
+file from the page cache (cold storage); "200MB/s" additionally emulates storage
+of that bandwidth (a measurement aid, see meldlite.experts.io.Throttle).
+
+Printed per configuration (medians over --reps stories): decode tokens/s,
+seconds/token, the storage floor (bytes the run read per token / bandwidth) and
+the optimum floor (bytes per token that Belady's offline MIN would read with the
+same slots, / bandwidth: no policy, with or without prefetch, reads less), hit
+rate, MB read per token, stall seconds per token, prefetch precision/recall,
+peak RSS and the budget promise R0 + N + B (R0: the interpreter with meldlite's
+kernels loaded, N: non-expert bytes, B: budget). llama.cpp runs the original
+(stacked) file on the same tokens in the same run (all weights mapped, no
+budget) as the peer.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+OUT = ROOT / "benchmarks" / "out"
+SHARED = ROOT.parent / "shared" / "models"
+
+MODELS = {"trained": "trained", "trained-q4": "trained-q4", "edge-q4": "edge-q4"}
+PROFILE_TOKENS = {"trained": 40000, "trained-q4": 40000, "edge-q4": 6000}
+
+
+# -- preparation (parent process) ------------------------------------------------
+
+def stories():
+    text = (SHARED / "valid.txt").read_text(encoding="utf-8")
+    docs = [s.strip("\n") for s in text.split("<|endoftext|>")]
+    docs = [d for d in docs if d.strip()]
+    half = len(docs) // 2
+    return docs[:half], docs[half:]
+
+
+def prepare(name):
+    """(stacked source, packed file, profile file) of a benchmark model."""
+    from generate import model_path
+    from meldlite.formats import pack
+    src = Path(model_path(name))
+    packed = OUT / f"offload-{name}-packed.gguf"
+    if not packed.exists():
+        pack(src, packed, "SRC")
+    prof = OUT / f"offload-{name}-profile.json"
+    if not prof.exists():
+        import meldlite
+        from meldlite.experts.profile import build_profile, save_profile
+        train, _ = stories()
+        m = meldlite.load(packed, n_ctx=512)
+        p = build_profile(m, "<|endoftext|>".join(train), max_tokens=PROFILE_TOKENS[name],
+                          text_name="valid.txt, first half")
+        save_profile(p, prof)
+        m.close()
+    return src, packed, prof
+
+
+def replay_tokens(tokenizer_model, n_prompt, n_decode, reps):
+    """reps (prompt ids, decode ids) from held-out stories long enough for both."""
+    _, held = stories()
+    out = []
+    for doc in held:
+        ids = tokenizer_model.tokenize(doc, add_bos=True)
+        if len(ids) >= n_prompt + n_decode:
+            out.append((ids[:n_prompt], ids[n_prompt:n_prompt + n_decode]))
+        if len(out) == reps:
+            break
+    return out
+
+
+class _Trace:
+    """Wraps an expert store and records each decode step's experts per layer."""
+
+    def __init__(self, inner, n_expert):
+        self.inner, self.n_expert, self.steps, self.on = inner, n_expert, [], False
+
+    def moe(self, layer, x, ids, weights):
+        if self.on:
+            self.steps.append((layer, np.unique(ids[ids >= 0])))
+        return self.inner.moe(layer, x, ids, weights)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def belady_loads(trace, n_expert, sizes, slots_by_size):
+    """Loads Belady's MIN needs for the trace with those slots (per size class).
+    Filling an empty slot is free (as if the cache started with whatever suits
+    the trace best), so this is a lower bound for any policy and any prefetch."""
+    keys = [[layer * n_expert + int(e) for e in es] for layer, es in trace]
+    nxt_use = {}
+    future = [None] * len(keys)
+    for i in range(len(keys) - 1, -1, -1):
+        future[i] = {g: nxt_use.get(g, float("inf")) for g in keys[i]}
+        for g in keys[i]:
+            nxt_use[g] = i
+    cached = {s: {} for s in slots_by_size}          # size -> {g: next use}
+    loads = 0
+    for i, ks in enumerate(keys):
+        for g in ks:
+            c = cached[int(sizes[g])]
+            if g not in c:
+                if len(c) >= slots_by_size[int(sizes[g])]:
+                    loads += 1
+                    victims = [h for h in c if h not in ks]
+                    if victims:
+                        del c[max(victims, key=lambda h: c[h])]
+            c[g] = future[i][g]
+    return loads
+
+
+def trace_and_opt(packed, reps_tokens, budgets):
+    """Decode-step expert traces (identical in every configuration: same tokens,
+    bit-identical routing) and, per budget, Belady's bytes per decode token."""
+    import meldlite
+    from meldlite.experts.budget import parse_budget
+    from meldlite.experts.cache import ExpertPlan, split_budget
+    m = meldlite.load(packed, n_ctx=512)
+    plan = ExpertPlan(m.gguf, m.cfg)
+    tr = _Trace(m.store, m.cfg.n_expert)
+    m.store = tr
+    per_rep = []
+    for prompt, dec in reps_tokens:
+        m.cache.reset()
+        m._eval(prompt, all_logits=False)
+        tr.on, tr.steps = True, []
+        for t in dec:
+            m._eval([t], all_logits=False)
+        tr.on = False
+        per_rep.append(list(tr.steps))
+    out = {}
+    for b in budgets:
+        budget = parse_budget(f"{b}%", plan.expert_bytes)
+        slots, _ = split_budget(budget, plan.nbytes)
+        vals = [belady_loads(steps, m.cfg.n_expert, plan.nbytes, slots) * plan.nbytes.mean()
+                / len(reps_tokens[0][1]) for steps in per_rep]
+        out[b] = statistics.median(vals)
+    n_expert_bytes = plan.expert_bytes
+    m.close()
+    return out, n_expert_bytes
+
+
+def disk_bandwidth(path, nbytes, n=24):
+    """Cold random reads of `nbytes` from `path`: bytes per second."""
+    from meldlite.experts.io import drop_range
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        buf = bytearray(nbytes)
+        rng = np.random.default_rng(0)
+        offs = [int(o) // 4096 * 4096 for o in rng.integers(0, size - nbytes, n)]
+        for o in offs:
+            drop_range(fd, o, nbytes)
+        t0 = time.perf_counter()
+        for o in offs:
+            os.preadv(fd, [buf], o)
+        dt = time.perf_counter() - t0
+        for o in offs:
+            drop_range(fd, o, nbytes)
+        return n * nbytes / dt
+    finally:
+        os.close(fd)
+
+
+def llamacpp_decode(path, reps_tokens, threads, cold):
+    """llama.cpp decode tokens/s on the same teacher-forced tokens (median over reps)."""
+    import llama_cpp
+    from meldlite.experts.io import drop_file_cache
+    rates = []
+    for prompt, dec in reps_tokens:
+        if cold:
+            drop_file_cache(path)
+        llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + len(dec) + 8, n_batch=512,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm.eval(prompt)
+        t0 = time.perf_counter()
+        for t in dec:
+            llm.eval([t])
+        rates.append(len(dec) / (time.perf_counter() - t0))
+        llm.close()
+    return statistics.median(rates)
+
+
+def adaptive(name, thresholds, n_stories, threads, decode_spec):
+    """Adaptive top-k on held-out stories: KL from the full top-k run, top-1
+    agreement, perplexity, share of routed experts skipped; and decode speed
+    at 25% / 200MB/s with prefetch (the --adaptive table)."""
+    import meldlite
+    from meldlite.metrics import kl_divergence, log_softmax, top1_agreement
+    _, packed, prof = prepare(name)
+    _, held = stories()
+    full = meldlite.load(packed, n_ctx=512, n_threads=threads)
+    docs = [full.tokenize(d)[:512] for d in held[:n_stories]]
+    ref = [full.logits(d) for d in docs]
+    full.close()
+
+    def nll(logits, ids):
+        lp = log_softmax(logits)
+        return -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum(), len(ids) - 1
+
+    print(f"\n### adaptive top-k, {name}: {n_stories} held-out stories "
+          f"({sum(len(d) for d in docs)} tokens), resident store")
+    print("| min_expert_weight | mean KL | top-1 agreement | perplexity | experts skipped | "
+          "decode tok/s at 25%, 200MB/s | MB read/token |")
+    print("|---|---|---|---|---|---|---|")
+    for t in [0.0] + thresholds:
+        m = meldlite.load(packed, n_ctx=512, n_threads=threads, min_expert_weight=t or None)
+        kl, agree, tot, n = [], [], 0.0, 0
+        for d, r in zip(docs, ref):
+            lg = m.logits(d)
+            kl.append(kl_divergence(r, lg).mean())
+            agree.append(top1_agreement(r, lg))
+            a, b = nll(lg, d)
+            tot, n = tot + a, n + b
+        st = m.stats()
+        m.close()
+        spec = dict(decode_spec, budget="25%", throttle="200MB/s", prefetch=True,
+                    min_expert_weight=t or None)
+        sm = summarize(run_config(spec), 200e6, 0, 0)
+        print(f"| {t:g} | {np.mean(kl):.4f} | {np.mean(agree):.3f} | {np.exp(tot / n):.3f} | "
+              f"{st['experts_skipped'] / max(1, st['routed_slots']):.3f} | {sm['tok_s']:.1f} | "
+              f"{sm['mb_tok']:.2f} |", flush=True)
+
+
+# -- one configuration (child process) ----------------------------------------------
+
+def worker(spec):
+    """Run one configuration and print a JSON line of measurements."""
+    from meldlite.experts.io import drop_file_cache, memory_status, reset_peak_rss
+    import meldlite
+    warm = meldlite.load(n_ctx=64)                      # load the kernels (Numba cache)
+    warm.logits(warm.tokenize("Once upon a time"))
+    warm.close()
+    del warm
+    import gc
+    gc.collect()
+    reset_peak_rss()
+    r0 = memory_status().get("VmRSS", 0)
+    cold = drop_file_cache(spec["path"])
+    m = meldlite.load(spec["path"], n_ctx=512, n_threads=spec["threads"],
+                      mem_budget=spec.get("budget"), cache_policy=spec.get("policy"),
+                      prefetch=spec.get("prefetch", False), io_throttle=spec.get("throttle"),
+                      profile=spec.get("profile"), expert_io=spec.get("mechanism"),
+                      min_expert_weight=spec.get("min_expert_weight"))
+    res = []
+    for prompt, dec in spec["tokens"]:
+        m.cache.reset()
+        t0 = time.perf_counter()
+        m._eval(prompt, all_logits=False)
+        t1 = time.perf_counter()
+        s0 = m.stats()
+        for t in dec:
+            m._eval([t], all_logits=False)
+        t2 = time.perf_counter()
+        s1 = m.stats()
+        d = {k: s1[k] - s0[k] for k in s1 if isinstance(s1[k], (int, float))
+             and not isinstance(s1[k], bool) and k in s0 and isinstance(s0[k], (int, float))}
+        res.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "n_decode": len(dec), "delta": d})
+    st = m.stats()
+    m.close()
+    mem = memory_status()
+    print(json.dumps({"runs": res, "peak_rss": mem.get("VmHWM", 0), "r0": r0, "cold": cold,
+                      "budget_bytes": st.get("budget_bytes"), "expert_bytes": st.get("expert_bytes"),
+                      "cache_bytes": st.get("cache_bytes")}))
+
+
+def run_config(spec):
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# -- report ---------------------------------------------------------------------
+
+def summarize(r, bw, opt_bytes, non_expert):
+    runs = r["runs"]
+    med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
+    s_tok = med(lambda x: x["decode_s"] / x["n_decode"])
+    mb_tok = med(lambda x: x["delta"].get("bytes_read", 0) / x["n_decode"])
+    hits = med(lambda x: x["delta"].get("expert_hits", 0) / max(1, x["delta"].get("expert_uses", 1)))
+    stall = med(lambda x: x["delta"].get("stall_seconds", 0) / x["n_decode"])
+    prec = med(lambda x: x["delta"].get("prefetch_useful", 0) / max(1, x["delta"].get("prefetch_issued", 0)))
+    rec = med(lambda x: x["delta"].get("prefetch_useful", 0) /
+              max(1, x["delta"].get("prefetch_useful", 0) + x["delta"].get("expert_misses", 0)))
+    budget = r["budget_bytes"] or r["expert_bytes"] or 0
+    return {"tok_s": 1 / s_tok, "s_tok": s_tok, "floor": mb_tok / bw, "opt_floor": opt_bytes / bw,
+            "hit": hits, "mb_tok": mb_tok / 1e6, "stall": stall, "prec": prec, "rec": rec,
+            "peak": r["peak_rss"] / 2**20, "promise": (r["r0"] + non_expert + budget) / 2**20,
+            "over": (r["peak_rss"] - r["r0"] - non_expert - budget) / 2**20}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="trained,trained-q4,edge-q4")
+    ap.add_argument("--budgets", default="100,50,25,12.5")
+    ap.add_argument("--storage", default="cold,200MB/s")
+    ap.add_argument("--policies", default="lru,lfu,forecast")
+    ap.add_argument("--prefetch", default="off,on")
+    ap.add_argument("--mechanisms", default="pread")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--adaptive", default=None, metavar="THRESHOLDS",
+                    help="only the adaptive top-k table, e.g. 0.1,0.2,0.3 (on the first --models)")
+    ap.add_argument("--adaptive-stories", type=int, default=40)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.adaptive:
+        import meldlite
+        name = args.models.split(",")[0]
+        _, packed, prof = prepare(name)
+        m = meldlite.load(packed, n_ctx=64)
+        toks = replay_tokens(m, args.prompt, args.decode, args.reps)
+        m.close()
+        from meldlite.experts.factory import DEFAULT_POLICY
+        spec = {"path": str(packed), "threads": args.threads, "tokens": toks, "policy": DEFAULT_POLICY,
+                "profile": str(prof)}
+        return adaptive(name, [float(t) for t in args.adaptive.split(",")],
+                        args.adaptive_stories, args.threads, spec)
+    import meldlite
+    from meldlite.experts.budget import parse_rate
+    print(f"threads {args.threads}; prompt {args.prompt} tokens, {args.decode} decode tokens "
+          f"(teacher-forced, held-out stories); median over {args.reps} stories; every row a "
+          f"fresh process on a cold page cache", flush=True)
+    for name in args.models.split(","):
+        src, packed, prof = prepare(name)
+        tok_model = meldlite.load(packed, n_ctx=64)
+        toks = replay_tokens(tok_model, args.prompt, args.decode, args.reps)
+        tok_model.close()
+        budgets = [float(b) for b in args.budgets.split(",")]
+        opt, expert_bytes = trace_and_opt(packed, toks, budgets)
+        non_expert = packed.stat().st_size - expert_bytes
+        from meldlite.formats import read_gguf
+        g = read_gguf(packed)
+        one = sum(n for _, n in g.expert_ranges(0, 0))
+        disk = disk_bandwidth(packed, one)
+        print(f"\n### {name}: {packed.name}, {packed.stat().st_size / 1e6:.1f} MB, experts "
+              f"{expert_bytes / 1e6:.1f} MB ({one / 1e3:.0f} kB each), non-expert {non_expert / 1e6:.1f} MB; "
+              f"cold random {one / 1e3:.0f} kB reads from this disk: {disk / 1e6:.0f} MB/s", flush=True)
+        base = {"path": str(packed), "threads": args.threads, "tokens": toks}
+        if not args.no_llamacpp:
+            lc_cold = llamacpp_decode(src, toks, args.threads, cold=True)
+            lc_warm = llamacpp_decode(src, toks, args.threads, cold=False)
+        resident = summarize(run_config(base), disk, 0, non_expert)
+        print(f"resident (all experts mapped, cold file): decode {resident['tok_s']:.1f} tok/s, "
+              f"peak RSS {resident['peak']:.0f} MiB", flush=True)
+        if not args.no_llamacpp:
+            print(f"llama.cpp on {src.name} (stacked, all mapped): decode {lc_cold:.1f} tok/s cold, "
+                  f"{lc_warm:.1f} tok/s warm; meldlite resident / llama.cpp cold = "
+                  f"{resident['tok_s'] / lc_cold:.2f}", flush=True)
+        print("\n| budget | storage | io | policy | prefetch | decode tok/s | s/token | floor s/token "
+              "(read/bw) | optimum floor | hit rate | MB read/token | stall s/token | prefetch "
+              "prec / recall | peak RSS MiB | promise MiB | over promise MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for b in budgets:
+            for storage in args.storage.split(","):
+                throttle = None if storage == "cold" else storage
+                bw = disk if throttle is None else parse_rate(throttle)
+                for mech in args.mechanisms.split(","):
+                    for pol in args.policies.split(","):
+                        for pf in args.prefetch.split(","):
+                            spec = dict(base, budget=f"{b}%", policy=pol, prefetch=pf == "on",
+                                        throttle=throttle, mechanism=mech,
+                                        profile=None if pol == "lru" else str(prof))
+                            s = summarize(run_config(spec), bw, opt[b], non_expert)
+                            print(f"| {b:g}% | {storage} | {mech} | {pol} | {pf} | {s['tok_s']:.1f} | "
+                                  f"{s['s_tok']:.4f} | {s['floor']:.4f} | {s['opt_floor']:.4f} | "
+                                  f"{s['hit']:.3f} | {s['mb_tok']:.2f} | {s['stall']:.4f} | "
+                                  f"{s['prec']:.2f} / {s['rec']:.2f} | {s['peak']:.0f} | "
+                                  f"{s['promise']:.0f} | {s['over']:+.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
