@@ -342,7 +342,16 @@ def _check_expert_shapes(mats, types, e, n_embd) -> None:
                               f"C-contiguous {shape} for n_embd={n_embd}, n_ff={n_ff}")
 
 
+def _plain(a, dtype, ndim):
+    """a is already a C-contiguous ndarray of dtype with ndim dimensions (the common case)."""
+    return type(a) is np.ndarray and a.dtype == dtype and a.ndim == ndim and a.flags.c_contiguous
+
+
 def _check_inputs(x, ids, weights, types):
+    if (_plain(x, np.float32, 2) and x.flags.writeable and _plain(ids, np.int32, 2)
+            and _plain(weights, np.float32, 2) and _plain(types, np.int32, 2)
+            and ids.shape[0] == x.shape[0] and weights.shape == ids.shape and types.shape[1] == 3):
+        return x, ids, weights, types
     x = np.asarray(x)
     if x.dtype != np.float32 or x.ndim != 2:
         raise OptionError(f"x must be float32 (n_tok, n_embd), got {x.dtype} {x.shape}")
