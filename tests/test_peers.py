@@ -25,7 +25,7 @@ from helpers_models import Shape, llamacpp_quantize, write_random_model
 SHAPE = Shape(n_vocab=4096, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
               n_expert=8, n_expert_used=3, n_ff_exp=256, n_ctx=128)
 PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217]
-FAST = dict(timeout=5.0, connect_timeout=30.0)
+FAST = dict(timeout=30.0, connect_timeout=120.0)   # generous: a cold Numba cache compiles
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ class PeerClient:
     def send(self, frames):
         """Send a message now; False if the connection cannot take it (then it is dead)."""
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            P.send_frames(self.sock, frames, zmq.NOBLOCK)
         except zmq.Again:
             self.die("send would block: no connection")
             return False

@@ -81,8 +81,10 @@ def warm_up():
     e = 32
     mat = np.zeros((e, e * 4), np.uint8)                          # F32 rows of 32 values
     mats = kernels.expert_list([mat, mat, mat])
-    kernels.moe_ffn(np.zeros((1, e), np.float32), np.zeros((1, 1), np.int32),
-                    np.ones((1, 1), np.float32), mats, np.zeros((1, 3), np.int32))
+    for round_acts in (False, True):
+        kernels.moe_ffn(np.zeros((1, e), np.float32), np.zeros((1, 1), np.int32),
+                        np.ones((1, 1), np.float32), mats, np.zeros((1, 3), np.int32),
+                        round_acts=round_acts)
 
 
 class PeerServer:
@@ -202,7 +204,7 @@ class PeerServer:
     def send(self, ident, frames):
         self.counters["bytes_out"] += P.wire_size(frames)
         try:
-            self.sock.send_multipart([ident, *frames], copy=False)
+            P.send_frames(self.sock, [ident, *frames])
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise

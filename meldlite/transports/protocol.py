@@ -405,6 +405,20 @@ def parse_result(header, payload, rows, n_embd, limits=Limits()):
     return decode(payload[0], enc, rows, n_embd, header.req_id)
 
 
+# -- sending -------------------------------------------------------------------------
+
+ZERO_COPY_MIN = 1 << 16       # smaller frames are copied: cheaper than tracking a zero-copy frame
+
+
+def send_frames(sock, frames, flags=0):
+    """Send a multipart message; frames of ZERO_COPY_MIN bytes or more without copying
+    (libzmq keeps a reference to the buffer until it is sent)."""
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        n = f.nbytes if isinstance(f, np.ndarray) else len(f)
+        sock.send(f, flags | (0 if i == last else 0x2), copy=n < ZERO_COPY_MIN)   # 0x2: SNDMORE
+
+
 # -- accounting and model identity ---------------------------------------------------
 
 def wire_size(frames):
