@@ -153,16 +153,28 @@ def test_logits_bit_identical_for_every_budget(models, reference, policy, prefet
 
 
 @pytest.mark.parametrize("layout", ["packed", "stacked"])
+@pytest.mark.parametrize("mechanism", ["pread", "mmap"])
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_memory_map_mechanism_bit_identical(models, reference, layout, prefetch):
+def test_other_mechanisms_bit_identical(models, reference, layout, mechanism, prefetch):
     ids, ref_batch, ref_single = reference
     for budget in ("25%", "100%"):
-        m = meldlite.load(models[layout], n_ctx=64, mem_budget=budget, expert_io="mmap",
+        m = meldlite.load(models[layout], n_ctx=64, mem_budget=budget, expert_io=mechanism,
                           prefetch=prefetch)
         batch, single = run_both(m, ids)
-        assert m.stats()["expert_io"] == "mmap"
+        assert m.stats()["expert_io"] == mechanism
         m.close()
         assert np.array_equal(batch, ref_batch) and np.array_equal(single, ref_single)
+
+
+def test_direct_reads_whole_blocks_into_aligned_slots(models):
+    m = meldlite.load(models["packed"], n_ctx=32, mem_budget="25%")
+    st = m.store
+    assert st.stats()["expert_io"] == "direct" and st.file.direct    # this file system allows it
+    for reads in st.plan.reads:
+        for off, nb, at, need in reads:
+            assert off % 4096 == 0 and nb % 4096 == 0 and at % 4096 == 0 and need <= nb
+    assert all(p.slot_bytes % 4096 == 0 for p in st.pools)
+    m.close()
 
 
 def test_stacked_layout_reads_three_ranges_per_expert(models, reference):
@@ -230,10 +242,10 @@ def test_stats_have_the_required_keys_and_add_up(models, reference):
     assert set(REQUIRED) <= set(s)
     assert s["expert_hits"] + s["expert_misses"] == s["expert_uses"]
     assert s["loads"] == s["expert_misses"]                  # on demand: one load per miss
-    size = int(m.store.plan.nbytes[0])
+    size = int(m.store.plan.read_bytes[0])              # whole 4 kB blocks with O_DIRECT
     assert s["bytes_read"] == s["loads"] * size
     assert s["prefetch_issued"] == 0 and s["stall_seconds"] > 0
-    assert s["experts_cached"] * size <= s["budget_bytes"]
+    assert s["experts_cached"] * int(m.store.plan.nbytes[0]) <= s["budget_bytes"]
     m.close()
 
 
@@ -310,7 +322,7 @@ def test_close_stops_the_loader_thread(models):
 def test_read_error_reaches_the_caller(models, reference, prefetch):
     m = meldlite.load(models["packed"], n_ctx=64, mem_budget="25%", prefetch=prefetch)
 
-    def broken(buf, offset):
+    def broken(buf, offset, need=None):
         raise OSError(5, "Input/output error (injected)")
 
     m.store.file.read_into = broken
@@ -384,7 +396,7 @@ def test_cold_drops_the_file_from_the_page_cache(models, tmp_path):
     m.close()
 
 
-@pytest.mark.parametrize("mechanism", ["pread", "mmap"])
+@pytest.mark.parametrize("mechanism", ["direct", "pread", "mmap"])
 def test_expert_pages_do_not_stay_in_the_page_cache(models, tmp_path, mechanism):
     path = tmp_path / "pc.gguf"
     path.write_bytes(Path(models["packed"]).read_bytes())
@@ -395,10 +407,11 @@ def test_expert_pages_do_not_stay_in_the_page_cache(models, tmp_path, mechanism)
               for r in g.expert_ranges(L, e)]
     m = meldlite.load(path, n_ctx=64, mem_budget="25%", expert_io=mechanism)
     m.logits(m.tokenize(TEXT)[:24])
+    m.close()                                  # no background read in flight
     cached = page_cache_fraction(path, ranges)
-    m.close()
-    # pread drops every range it read; the map keeps only what the budget holds
-    limit = 0.05 if mechanism == "pread" else 0.25 + 0.1
+    # direct reads bypass the page cache, pread drops every range it read, the map
+    # keeps only what the budget holds
+    limit = 0.25 + 0.1 if mechanism == "mmap" else 0.05
     assert cached <= limit, cached
 
 

@@ -34,8 +34,8 @@ from meldlite.cli import command
 @click.option("--no-prefetch", is_flag=True, help="Load experts only when routed to.")
 @click.option("--profile", "profile", default=None, type=click.Path(dir_okay=False),
               help="A `meldlite profile` file whose popularity seeds the cache policy.")
-@click.option("--expert-io", default=None, type=click.Choice(["pread", "mmap"]),
-              help="How cached experts are held: slabs filled by pread, or the madvise'd map.")
+@click.option("--expert-io", default=None, type=click.Choice(["direct", "pread", "mmap"]),
+              help="How experts are read: O_DIRECT or buffered pread into slabs, or the madvise'd map.")
 @click.option("--min-expert-weight", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Adaptive top-k: skip routed experts whose renormalised weight is below this.")
 @click.option("--io-throttle", default=None, metavar="RATE",

@@ -1,11 +1,14 @@
 """The memory-budgeted expert store: a cache of experts in bounded memory,
 filled from the model file on demand and ahead of time by predictive prefetch.
 
-Two mechanisms hold the cached experts (`mechanism=`):
-- "pread": preallocated slabs (one anonymous mapping per size class of expert,
-  `budget` bytes in all); a miss copies the expert's byte range from the file
-  into a free slot with os.preadv (one read per expert in the per-expert layout)
-  and drops those pages from the page cache.
+Three mechanisms hold the cached experts (`mechanism=`):
+- "direct" (default): preallocated slabs (one anonymous mapping per size class
+  of expert, `budget` bytes in all); a miss reads the expert's byte range from
+  the file into a free slot with os.preadv on an O_DIRECT descriptor (one read
+  per expert in the per-expert layout, whole 4 kB blocks, no page cache
+  involved). Falls back to "pread" where the file system refuses O_DIRECT.
+- "pread": the same slabs, buffered reads; the range read is then dropped from
+  the page cache (POSIX_FADV_DONTNEED).
 - "mmap": the experts stay in the file's memory map; a load faults the pages in
   (MADV_POPULATE_READ), an eviction unmaps them (MADV_DONTNEED) and drops them
   from the page cache; the budget bounds the mapped pages.
@@ -38,7 +41,7 @@ from meldlite.experts.prefetch import DEMAND, HINTED, PREDICTED, Loader, LoadQue
 from meldlite.experts.store import ExpertStore, expert_matrices
 
 ABSENT, LOADING, READY = 0, 1, 2
-MECHANISMS = ("pread", "mmap")
+MECHANISMS = ("direct", "pread", "mmap")
 KINDS = ("gate", "up", "down")
 SLOT_ALIGN = 64            # slab slots start on cache-line boundaries
 SPLIT_COST = 3e-4          # seconds an extra kernel call + combine cost (measured, docs/experts.md)
@@ -48,15 +51,19 @@ F32 = np.float32
 class ExpertPlan:
     """Where each expert's bytes are in the file and where they go in a slab.
 
-    Experts are numbered g = layer * n_expert + e."""
+    Experts are numbered g = layer * n_expert + e. With `align` > 1 (O_DIRECT)
+    every read covers whole align-sized blocks and lands on an aligned slab
+    offset; the matrices then start a little way into their slot."""
 
-    def __init__(self, gguf, cfg):
+    def __init__(self, gguf, cfg, align=1):
         L, X = cfg.n_layer, cfg.n_expert
         n = L * X
-        self.n_layer, self.n_expert = L, X
-        self.reads = []                              # per g: [(file offset, nbytes, slab offset)]
+        self.n_layer, self.n_expert, self.align = L, X, align
+        self.ranges = []                             # per g: [(file offset, nbytes)] of its tensors
+        self.reads = []                              # per g: [(file offset, nbytes, slab offset, need)]
         self.mats = []                               # per g: 3 x (slab offset, rows, row_bytes)
         self.nbytes = np.zeros(n, np.int64)          # (L*X,) bytes of a slab slot
+        self.read_bytes = np.zeros(n, np.int64)      # (L*X,) bytes one load reads
         self.span = np.zeros(n, np.int64)            # (L*X,) whole pages the ranges cover
         self.offset = np.zeros(n, np.int64)          # (L*X,) file offset of the first byte
         self.types = np.zeros((L, X, 3), np.int32)   # (L, X, 3) ggml type ids
@@ -65,31 +72,36 @@ class ExpertPlan:
         for layer in range(L):
             for e in range(X):
                 g = layer * X + e
+                ranges = gguf.expert_ranges(layer, e)
                 reads, pos = [], 0
-                for off, nb in gguf.expert_ranges(layer, e):
-                    reads.append((off, nb, pos))
-                    pos += nb
+                for off, nb in ranges:
+                    start = off // align * align
+                    length = -(-(off + nb) // align) * align - start
+                    reads.append((start, length, pos, off + nb - start))
+                    pos += length
                 mats = []
                 for j, kind in enumerate(KINDS):
                     t = gguf.expert_tensor(layer, kind, e)
                     if tuple(t.shape) != want[kind]:
                         raise FormatError(f"layer {layer} expert {e} {kind} has shape {t.shape}, "
                                           f"expected {want[kind]}")
-                    off, _, at = next(r for r in reads if r[0] <= t.offset < r[0] + r[1])
-                    mats.append((at + t.offset - off, t.raw.shape[0], t.raw.shape[1]))
+                    start, _, at, need = next(r for r in reads if r[0] <= t.offset < r[0] + r[3])
+                    mats.append((at + t.offset - start, t.raw.shape[0], t.raw.shape[1]))
                     self.types[layer, e, j] = int(t.ggml_type)
+                self.ranges.append(ranges)
                 self.reads.append(reads)
                 self.mats.append(mats)
-                self.nbytes[g] = -(-pos // SLOT_ALIGN) * SLOT_ALIGN
-                self.span[g] = sum(eio.page_span(off, nb)[1] for off, nb, _ in reads)
-                self.offset[g] = reads[0][0]
+                self.nbytes[g] = -(-pos // max(align, SLOT_ALIGN)) * max(align, SLOT_ALIGN)
+                self.read_bytes[g] = pos
+                self.span[g] = sum(eio.page_span(off, nb)[1] for off, nb in ranges)
+                self.offset[g] = ranges[0][0]
         for layer in range(L):
             kernels.check_types(self.types[layer])
 
     @property
     def expert_bytes(self):
         """Bytes of all expert tensors in the file."""
-        return int(sum(nb for reads in self.reads for _, nb, _ in reads))
+        return int(sum(nb for ranges in self.ranges for _, nb in ranges))
 
     def min_budget(self, k, sizes):
         """Bytes of the k largest experts of the layer where they are largest."""
@@ -183,7 +195,7 @@ class CachedStore(ExpertStore):
     See the module docstring; options are documented in `meldlite.load`."""
 
     def __init__(self, gguf, cfg, weights, budget, *, policy="forecast", prefetch=True,
-                 mechanism="pread", llama_numerics=True, min_expert_weight=None,
+                 mechanism="direct", llama_numerics=True, min_expert_weight=None,
                  io_throttle=None, prior=None, drop_cache=True, prefetch_depth=1):
         if mechanism not in MECHANISMS:
             raise OptionError(f"expert_io {mechanism!r} is not one of {', '.join(MECHANISMS)}")
@@ -192,21 +204,24 @@ class CachedStore(ExpertStore):
         self.mechanism = mechanism
         self._round = llama_numerics
         self.min_weight = min_expert_weight
-        self.plan = plan = ExpertPlan(gguf, cfg)
-        n = self.n_layer * self.n_expert
-        self.sizes = plan.nbytes if mechanism == "pread" else plan.span
-        self.budget = int(budget)
-        self._init_pools()
-
         tensor0 = gguf.expert_tensor(0, "gate", 0)
         map_base = tensor0.raw.ctypes.data - tensor0.offset
         self.file = eio.ExpertFile(gguf.path, eio.Throttle(io_throttle) if io_throttle else None,
                                    drop_cache=drop_cache, map_base=map_base,
-                                   map_size=gguf.path.stat().st_size)
+                                   map_size=gguf.path.stat().st_size,
+                                   direct=mechanism == "direct")
+        if mechanism == "direct" and not self.file.direct:
+            mechanism = self.mechanism = "pread"        # the file system refuses O_DIRECT
+        self.slabs = mechanism != "mmap"
+        self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.file.direct else 1)
+        n = self.n_layer * self.n_expert
+        self.sizes = plan.nbytes if self.slabs else plan.span
+        self.budget = int(budget)
+        self._init_pools()
         self._quiet_map(map_base)
 
         self.types = [np.ascontiguousarray(plan.types[i]) for i in range(self.n_layer)]
-        if mechanism == "mmap":
+        if not self.slabs:
             self.mats = [expert_matrices(gguf, i, self.n_expert, cfg.n_embd, cfg.n_ff_exp)[0]
                          for i in range(self.n_layer)]
         else:
@@ -254,7 +269,7 @@ class CachedStore(ExpertStore):
     def _init_pools(self):
         plan, sizes = self.plan, self.sizes
         minimum = plan.min_budget(self.k, sizes)
-        if self.mechanism == "pread":
+        if self.slabs:
             classes = np.unique(sizes)
             minimum = max(minimum, int(classes.sum()))
         self.min_budget = minimum
@@ -263,7 +278,7 @@ class CachedStore(ExpertStore):
                 f"mem_budget {format_bytes(self.budget)} is too small: this model needs at least "
                 f"{format_bytes(minimum)} ({minimum} bytes: the {self.k} largest experts of one "
                 f"layer); its experts total {format_bytes(plan.expert_bytes)}")
-        if self.mechanism == "pread":
+        if self.slabs:
             split, _ = split_budget(self.budget, sizes)
             self.pools = [SlabPool(s, k) for s, k in sorted(split.items())]
             self.capacity_bytes = sum(p.capacity for p in self.pools)
@@ -273,19 +288,22 @@ class CachedStore(ExpertStore):
         self.capacity_experts = int(self.capacity_bytes // max(1, np.mean(sizes)))
 
     def _pool_index(self):
-        if self.mechanism == "mmap":
+        if not self.slabs:
             return np.zeros(len(self.sizes), np.int64)
         index = {p.slot_bytes: i for i, p in enumerate(self.pools)}
         return np.array([index[int(s)] for s in self.sizes], np.int64)
 
     def _quiet_map(self, map_base):
-        """No read-around into expert pages and none mapped now (see module doc)."""
-        if map_base % eio.PAGE:
-            return
-        for reads in self.plan.reads:
-            for off, nb, _ in reads:
-                self.file.advise(off, nb, eio.MADV_RANDOM, outward=True)
-                self.file.advise(off, nb, eio.MADV_DONTNEED, outward=False)
+        """No expert page resident or cached now, and no read-around into expert
+        pages later (see module doc). Opening the file already read its first
+        read_ahead_kb (8 MB on the benchmark machine) into the page cache."""
+        for ranges in self.plan.ranges:
+            for off, nb in ranges:
+                if map_base % eio.PAGE == 0:
+                    self.file.advise(off, nb, eio.MADV_RANDOM, outward=True)
+                    self.file.advise(off, nb, eio.MADV_DONTNEED, outward=False)
+                if self.file.drop_cache:
+                    eio.drop_range(self.file.fd, off, nb)
 
     # -- the ExpertStore interface -----------------------------------------------
 
@@ -405,7 +423,7 @@ class CachedStore(ExpertStore):
 
     def _bind(self, layer, gs):
         """Point the kernel's mats entries of experts gs at their slots (pread)."""
-        if self.mechanism != "pread":
+        if not self.slabs:
             return
         mats = self.mats[layer]
         for g in gs:
@@ -488,7 +506,7 @@ class CachedStore(ExpertStore):
         meanwhile (in groups) when that overlap is worth an extra kernel call."""
         n_pairs = int((ids >= 0).sum())
         hit_pairs = int(np.isin(ids, gs[hit] - layer * self.n_expert).sum())
-        missing_bytes = int(self.plan.nbytes[gs[~hit]].sum())
+        missing_bytes = int(self.plan.read_bytes[gs[~hit]].sum())
         if not self._worth_splitting(hit_pairs, missing_bytes):
             if self._wait_ready(held, want_all=True):
                 return self._compute_all(layer, x, ids, weights, gs, n_pairs)
@@ -566,8 +584,8 @@ class CachedStore(ExpertStore):
                      & (self.pool_of == self.pool_of[g])).any())
 
     def _evict(self, g):
-        if self.mechanism == "mmap":
-            for off, nb, _ in self.plan.reads[g]:
+        if not self.slabs:
+            for off, nb in self.plan.ranges[g]:
                 self.file.release(off, nb)
         self.pools[self.pool_of[g]].give(int(self.sizes[g]), int(self.slot[g]))
         self.state[g] = ABSENT
@@ -622,10 +640,10 @@ class CachedStore(ExpertStore):
         self.state[g] = READY
         self.policy.on_load(g, self._tick)
         self.c["loads"] += 1
-        self.c["bytes_read"] += int(self.plan.nbytes[g])
+        self.c["bytes_read"] += int(self.plan.read_bytes[g])
         if speculative:
             self.c["loads_prefetch"] += 1
-            self.c["bytes_read_prefetch"] += int(self.plan.nbytes[g])
+            self.c["bytes_read_prefetch"] += int(self.plan.read_bytes[g])
             self.c["prefetch_issued"] += 1
             if self.pins[g] == 0:
                 self.by_prefetch[g] = True          # useful if used before it is evicted
@@ -637,16 +655,16 @@ class CachedStore(ExpertStore):
     def _read(self, job):
         g = job[0] if isinstance(job, tuple) else job
         t0 = time.perf_counter()
-        if self.mechanism == "pread":
+        if self.slabs:
             pool = self.pools[self.pool_of[g]]
-            for off, nb, at in self.plan.reads[g]:
-                self.file.read_into(pool.view(int(self.slot[g]), at, nb), off)
+            for off, nb, at, need in self.plan.reads[g]:
+                self.file.read_into(pool.view(int(self.slot[g]), at, nb), off, need)
         else:
-            for off, nb, _ in self.plan.reads[g]:
+            for off, nb in self.plan.ranges[g]:
                 self.file.populate(off, nb)
         dt = time.perf_counter() - t0
         self.t["io_seconds"] += dt
-        t = dt / max(1, int(self.plan.nbytes[g]))
+        t = dt / max(1, int(self.plan.read_bytes[g]))
         self._t_byte = t if self._t_byte is None else 0.9 * self._t_byte + 0.1 * t
 
     # -- prefetch, prefill -----------------------------------------------------

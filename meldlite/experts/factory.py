@@ -9,7 +9,7 @@ from meldlite.experts.profile import load_prior
 from meldlite.experts.store import ResidentStore
 
 DEFAULT_POLICY = "forecast"     # chosen by benchmarks/offload.py, see docs/benchmarks.md
-DEFAULT_IO = "pread"            # idem
+DEFAULT_IO = "direct"           # idem
 
 
 def expert_bytes(gguf, cfg):
