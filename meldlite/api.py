@@ -39,7 +39,8 @@ def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=T
     memory map); cache_policy "forecast" (default), "lfu" or "lru"; prefetch:
     predict the next layer's experts and load them in a background thread;
     profile: a `meldlite profile` JSON whose popularity seeds the policy;
-    expert_io: "pread" (slabs, default) or "mmap" (madvise'd map).
+    expert_io: "direct" (O_DIRECT reads into slabs, default), "pread" (buffered
+    reads into slabs) or "mmap" (the madvise'd memory map).
     min_expert_weight: adaptive top-k, skip routed experts whose renormalised
     router weight is below it (changes results; any store).
     Measurement aids: io_throttle ("200MB/s") emulates slower storage for expert
