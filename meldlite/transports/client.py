@@ -60,8 +60,10 @@ class PeerClient:
         self.setup_req = None
         self.to_load, self.loading = [], set()
         self.done = {}                  # req_id -> (Header, payload) or WireError
+        # messages_*/bytes_*: COMPUTE requests and their replies; control_*: everything else
+        # (handshake, expert bytes at start-up, heartbeats, stats)
         self.counters = {"requests": 0, "messages_out": 0, "messages_in": 0, "bytes_out": 0,
-                         "bytes_in": 0, "rows": 0, "deaths": 0, "joins": 0, "errors": 0,
+                         "bytes_in": 0, "control_messages": 0, "control_bytes": 0, "rows": 0, "deaths": 0, "joins": 0, "errors": 0,
                          "heartbeats": 0, "service_s": 0.0, "load_bytes": 0}
         self.open()
 
@@ -121,21 +123,29 @@ class PeerClient:
 
     # -- sending -------------------------------------------------------------------------
 
-    def send(self, frames):
+    def send(self, frames, compute=False):
         """Send a message now; False if the connection cannot take it (then it is dead)."""
         try:
             P.send_frames(self.sock, frames, zmq.NOBLOCK)
         except zmq.Again:
             self.die("send would block: no connection")
             return False
-        self.counters["messages_out"] += 1
-        self.counters["bytes_out"] += P.wire_size(frames)
+        self.count(frames, "out" if compute else None)
         return True
 
+    def count(self, frames, direction):
+        n = P.wire_size(frames)
+        if direction is None:
+            self.counters["control_messages"] += 1
+            self.counters["control_bytes"] += n
+        else:
+            self.counters[f"messages_{direction}"] += 1
+            self.counters[f"bytes_{direction}"] += n
+
     def request(self, frames):
-        """Send a COMPUTE (frames built with req id frames' header); returns success."""
+        """Send a COMPUTE request; returns success."""
         self.counters["requests"] += 1
-        return self.send(frames)
+        return self.send(frames, compute=True)
 
     def next_id(self):
         return next(self.ids)
@@ -172,12 +182,14 @@ class PeerClient:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.counters["messages_in"] += 1
-            self.counters["bytes_in"] += P.wire_size(frames)
             self.last_heard = now
             try:
                 header, payload = P.parse(frames, self.limits)
+                compute = header.type == P.Msg.RESULT or (
+                    header.type == P.Msg.ERROR and self.state == READY)
+                self.count(frames, "in" if compute else None)
             except P.WireError as e:
+                self.count(frames, None)
                 log.warning("peer %s sent a bad message: %s", self.address, e)
                 self.counters["errors"] += 1
                 continue

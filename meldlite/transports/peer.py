@@ -467,7 +467,7 @@ class LocalPeer:
     """
 
     def __init__(self, model=None, *, listen="tcp://127.0.0.1:0", threads=1, args=(), log=None,
-                 timeout=60.0, wait=True):
+                 timeout=300.0, wait=True):
         import subprocess
         import sys
         self.cmd = [sys.executable, "-m", "meldlite", "peer"] + ([os.fspath(model)] if model else [])
@@ -484,7 +484,7 @@ class LocalPeer:
             self.wait_ready(timeout)
 
     @classmethod
-    def start(cls, n, model=None, logs=None, timeout=60.0, **kw):
+    def start(cls, n, model=None, logs=None, timeout=300.0, **kw):
         """n peers started side by side (they load in parallel), each waited for."""
         peers = []
         try:
@@ -498,7 +498,7 @@ class LocalPeer:
             raise
         return peers
 
-    def wait_ready(self, timeout=60.0):
+    def wait_ready(self, timeout=300.0):
         """Wait for the "listening on" line; returns the bound endpoint."""
         import selectors
         if self.endpoint:

@@ -432,7 +432,9 @@ class RemoteStore(ExpertStore):
         for c in self.clients.values():
             per.append(dict(c.counters, address=c.address, node=c.node, state=c.state))
         total = {k: sum(p[k] for p in per) for k in ("messages_out", "messages_in", "bytes_out",
-                                                      "bytes_in", "deaths", "joins")}
+                                                      "bytes_in", "control_messages",
+                                                      "control_bytes", "load_bytes", "deaths",
+                                                      "joins")}
         out.update({f"peers_{k}": v for k, v in total.items()})
         out["peers_rejoins"] = max(0, total["joins"] - len(per))
         out["peers"] = per
