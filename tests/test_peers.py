@@ -498,11 +498,12 @@ def run_cli(*args):
                           text=True, timeout=300)
 
 
-def test_cli_run_with_peers(models, empty_peers):
+def test_cli_run_with_peers(models, empty_peers, tmp_path):
     base = ["run", models["f16"], "-p", "Once upon a time", "-n", "8", "--temp", "0", "-t", "1"]
     single = run_cli(*base)
     peers = ",".join(p.endpoint for p in empty_peers[:2])
-    r = run_cli(*base, "--peers", peers, "--exact", "--stats")
+    placement = random_placement(2, seed=5, local=False).save(tmp_path / "placement.json")
+    r = run_cli(*base, "--peers", peers, "--exact", "--stats", "--placement", placement)
     assert r.returncode == 0, r.stderr
     assert r.stdout == single.stdout
     assert "peers_requests:" in r.stderr and r.stderr.count("peer tcp://127.0.0.1:") == 2

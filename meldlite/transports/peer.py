@@ -279,7 +279,7 @@ class PeerServer:
         self._release(s)
         new_bytes = sum(expert_nbytes(t, s.n_embd, s.n_ff) for (L, e), t in assigned.items()
                         if (s.model_hash, L, e) not in self.bank)
-        self._make_room(new_bytes, r)
+        self._make_room(new_bytes, r, s.model_hash)
         s.assigned = assigned
         s.missing = set()
         for (L, e), ty in assigned.items():
@@ -378,8 +378,10 @@ class PeerServer:
                 ex.refs -= 1
         s.assigned, s.missing, s.layers = {}, set(), None
 
-    def _make_room(self, nbytes, req_id):
-        if self.budget is None:
+    def _make_room(self, nbytes, req_id, model_hash=None):
+        if self.budget is None:      # keep unused experts of this model only (a rejoin needs them)
+            for key in [k for k, ex in self.bank.items() if ex.refs <= 0 and k[0] != model_hash]:
+                del self.bank[key]
             return
         for key in [k for k, ex in self.bank.items() if ex.refs <= 0]:
             if self.held_bytes() + nbytes <= self.budget:
