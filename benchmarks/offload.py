@@ -137,8 +137,9 @@ def trace_and_opt(packed, reps_tokens, budgets):
     import meldlite
     from meldlite.experts.budget import parse_budget
     from meldlite.experts.cache import ExpertPlan, split_budget
+    from meldlite.experts.io import DIO_ALIGN
     m = meldlite.load(packed, n_ctx=512)
-    plan = ExpertPlan(m.gguf, m.cfg)
+    plan = ExpertPlan(m.gguf, m.cfg, DIO_ALIGN)          # the slots of the default (direct) store
     tr = _Trace(m.store, m.cfg.n_expert)
     m.store = tr
     per_rep = []
@@ -154,7 +155,7 @@ def trace_and_opt(packed, reps_tokens, budgets):
     for b in budgets:
         budget = parse_budget(f"{b}%", plan.expert_bytes)
         slots, _ = split_budget(budget, plan.nbytes)
-        vals = [belady_loads(steps, m.cfg.n_expert, plan.nbytes, slots) * plan.nbytes.mean()
+        vals = [belady_loads(steps, m.cfg.n_expert, plan.nbytes, slots) * plan.read_bytes.mean()
                 / len(reps_tokens[0][1]) for steps in per_rep]
         out[b] = statistics.median(vals)
     n_expert_bytes = plan.expert_bytes
@@ -299,19 +300,25 @@ def run_config(spec):
 
 def summarize(r, bw, opt_bytes, non_expert):
     runs = r["runs"]
-    med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
-    s_tok = med(lambda x: x["decode_s"] / x["n_decode"])
-    mb_tok = med(lambda x: x["delta"].get("bytes_read", 0) / x["n_decode"])
-    hits = med(lambda x: x["delta"].get("expert_hits", 0) / max(1, x["delta"].get("expert_uses", 1)))
-    stall = med(lambda x: x["delta"].get("stall_seconds", 0) / x["n_decode"])
-    prec = med(lambda x: x["delta"].get("prefetch_useful", 0) / max(1, x["delta"].get("prefetch_issued", 0)))
-    rec = med(lambda x: x["delta"].get("prefetch_useful", 0) /
-              max(1, x["delta"].get("prefetch_useful", 0) + x["delta"].get("expert_misses", 0)))
+
+    def med(f):
+        return statistics.median(f(x["delta"], x) for x in runs)
+
+    s_tok = med(lambda d, x: x["decode_s"] / x["n_decode"])
+    mb_tok = med(lambda d, x: d.get("bytes_read", 0) / x["n_decode"])
     budget = r["budget_bytes"] or r["expert_bytes"] or 0
-    return {"tok_s": 1 / s_tok, "s_tok": s_tok, "floor": mb_tok / bw, "opt_floor": opt_bytes / bw,
-            "hit": hits, "mb_tok": mb_tok / 1e6, "stall": stall, "prec": prec, "rec": rec,
-            "peak": r["peak_rss"] / 2**20, "promise": (r["r0"] + non_expert + budget) / 2**20,
-            "over": (r["peak_rss"] - r["r0"] - non_expert - budget) / 2**20}
+    return {
+        "tok_s": 1 / s_tok, "s_tok": s_tok, "floor": mb_tok / bw, "opt_floor": opt_bytes / bw,
+        "hit": med(lambda d, x: d.get("expert_hits", 0) / max(1, d.get("expert_uses", 1))),
+        "mb_tok": mb_tok / 1e6,
+        "stall": med(lambda d, x: d.get("stall_seconds", 0) / x["n_decode"]),
+        # routing level: share of the next layer's experts the router guess got right
+        "pred": med(lambda d, x: d.get("predicted_right", 0) / max(1, d.get("predicted", 0))),
+        # I/O level: prefetched loads that were used, and the share of those in time
+        "used": med(lambda d, x: d.get("prefetch_useful", 0) / max(1, d.get("prefetch_issued", 0))),
+        "on_time": med(lambda d, x: 1 - d.get("prefetch_late", 0) / max(1, d.get("prefetch_useful", 0))),
+        "peak": r["peak_rss"] / 2**20, "promise": (r["r0"] + non_expert + budget) / 2**20,
+        "over": (r["peak_rss"] - r["r0"] - non_expert - budget) / 2**20}
 
 
 def main():
@@ -322,7 +329,7 @@ def main():
     ap.add_argument("--storage", default="cold,200MB/s")
     ap.add_argument("--policies", default="lru,lfu,forecast")
     ap.add_argument("--prefetch", default="off,on")
-    ap.add_argument("--mechanisms", default="pread")
+    ap.add_argument("--mechanisms", default="direct")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--reps", type=int, default=1)
@@ -378,9 +385,9 @@ def main():
                   f"{lc_warm:.1f} tok/s warm; meldlite resident / llama.cpp cold = "
                   f"{resident['tok_s'] / lc_cold:.2f}", flush=True)
         print("\n| budget | storage | io | policy | prefetch | decode tok/s | s/token | floor s/token "
-              "(read/bw) | optimum floor | hit rate | MB read/token | stall s/token | prefetch "
-              "prec / recall | peak RSS MiB | promise MiB | over promise MiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "(read/bw) | optimum floor | hit rate | MB read/token | stall s/token | guessed right | "
+              "prefetches used / in time | peak RSS MiB | promise MiB | over promise MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for b in budgets:
             for storage in args.storage.split(","):
                 throttle = None if storage == "cold" else storage
@@ -395,8 +402,10 @@ def main():
                             print(f"| {b:g}% | {storage} | {mech} | {pol} | {pf} | {s['tok_s']:.1f} | "
                                   f"{s['s_tok']:.4f} | {s['floor']:.4f} | {s['opt_floor']:.4f} | "
                                   f"{s['hit']:.3f} | {s['mb_tok']:.2f} | {s['stall']:.4f} | "
-                                  f"{s['prec']:.2f} / {s['rec']:.2f} | {s['peak']:.0f} | "
-                                  f"{s['promise']:.0f} | {s['over']:+.1f} |", flush=True)
+                                  + (f"{s['pred']:.2f} | {s['used']:.2f} / {s['on_time']:.2f} | "
+                                     if pf == "on" else "- | - | ")
+                                  + f"{s['peak']:.0f} | {s['promise']:.0f} | {s['over']:+.1f} |",
+                                  flush=True)
 
 
 if __name__ == "__main__":
