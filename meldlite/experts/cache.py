@@ -37,7 +37,7 @@ from meldlite.experts import io as eio
 from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.budget import format_bytes
 from meldlite.experts.policy import make_policy
-from meldlite.experts.prefetch import DEMAND, HINTED, PREDICTED, Loader, LoadQueue, RoutePredictor
+from meldlite.experts.prefetch import HINTED, PREDICTED, Loader, LoadQueue, RoutePredictor
 from meldlite.experts.store import ExpertStore, expert_matrices
 
 ABSENT, LOADING, READY = 0, 1, 2
@@ -251,7 +251,6 @@ class CachedStore(ExpertStore):
         self.prefetch_depth = prefetch_depth
         self._t_pair = None                          # running mean: kernel seconds per (token, expert)
         self._t_byte = None                          # running mean: load seconds per byte
-        self._loader_blocked = False                 # loader waits for room the compute thread holds
         self.c = dict.fromkeys(
             ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
              "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
@@ -340,22 +339,16 @@ class CachedStore(ExpertStore):
             self.c["prefetch_useful"] += int(self.by_prefetch[gs[hit]].sum())
             self.by_prefetch[gs] = False
             self.policy.on_use(layer, counts, n_tok, self._tick, recent)
-            missing = gs[state == ABSENT]
-            if self.loader is not None:
-                for g in missing[np.argsort(self.plan.offset[missing])]:
-                    self._queue.push(int(g), DEMAND)
-                if missing.size:
-                    self._cond.notify_all()
+            for g in gs[state == ABSENT]:
+                self._queue.discard(int(g))         # read below, on this thread
         held = set(int(g) for g in gs)          # pinned by this call until computed
         try:
             if self.predictor is not None:
                 self._prefetch(layer, x)
             if hit.all():
                 out = self._compute_all(layer, x, ids, weights, gs)
-            elif self.loader is not None:
-                out = self._compute_waiting(layer, x, ids, weights, gs, hit, held)
             else:
-                out = self._compute_loading(layer, x, ids, weights, gs, hit, missing, held)
+                out = self._compute_missing(layer, x, ids, weights, gs, hit, state, held)
         finally:
             self._unpin(list(held), held)
         if n_tok > 1:
@@ -418,8 +411,6 @@ class CachedStore(ExpertStore):
             return
         with self._cond:
             self.pins[gs] -= 1
-            if self._loader_blocked:            # it waits for room these may free
-                self._cond.notify_all()
         held.difference_update(gs)
 
     def _bind(self, layer, gs):
@@ -464,62 +455,98 @@ class CachedStore(ExpertStore):
         self._note_compute(time.perf_counter() - t0, len(t_idx))
         self.c["groups_split"] += 1
 
-    def _compute_loading(self, layer, x, ids, weights, gs, hit, missing, held):
-        """On-demand: read each missing expert now, on this thread."""
-        ready = [int(g) for g in gs[hit]]
+    def _compute_missing(self, layer, x, ids, weights, gs, hit, state, held):
+        """Read the missing experts nobody is loading (on this thread, as on demand:
+        no hand-off), wait for those the loader has in flight, and compute. The
+        cached experts are computed first, while the loads run, when that overlap
+        is worth a second kernel call; experts are also computed early (and
+        released) when the budget cannot hold the whole layer at once."""
         Y = None
-        for g in missing[np.argsort(self.plan.offset[missing], kind="stable")]:
-            g = int(g)
-            with self._cond:
-                ok = self._make_room(g, speculative=False)
-            if not ok and ready:         # the budget is full of this layer's experts: compute them
-                if Y is None:
-                    Y = np.zeros((*ids.shape, x.shape[1]), F32)            # (T, k, E)
-                self._compute_group(layer, x, ids, np.array(ready, np.int64), Y)
-                self._unpin(ready, held)
-                ready = []
+        ready = [int(g) for g in gs[hit]]
+        inflight = [int(g) for g in gs[state == LOADING]]
+        absent = [int(g) for g in gs[state == ABSENT]]
+        absent.sort(key=lambda g: self.plan.offset[g])
+
+        def flush():
+            nonlocal Y, ready
+            if Y is None:
+                Y = np.zeros((*ids.shape, x.shape[1]), F32)                # (T, k, E)
+            self._compute_group(layer, x, ids, np.array(sorted(ready), np.int64), Y)
+            self._unpin(ready, held)
+            ready = []
+
+        hit_pairs = int(np.isin(ids, gs[hit] - layer * self.n_expert).sum())
+        if ready and inflight and self._worth_splitting(
+                hit_pairs, int(self.plan.read_bytes[inflight + absent].sum())):
+            flush()
+        while absent or inflight:
+            if absent:
+                g = absent.pop(0)
+                if not self._claim_for_demand(g, ready, inflight, flush):
+                    continue                             # it turned out loaded / in flight
+                t0 = time.perf_counter()
+                try:
+                    self._read((g, False))
+                except BaseException:
+                    with self._cond:
+                        self._release(g)
+                    raise
                 with self._cond:
-                    ok = self._make_room(g, speculative=False)
-            if not ok:
-                with self._cond:
-                    ok = self._make_room(g, speculative=False, allow_protected=True)
-                if not ok:
-                    raise RuntimeError("expert cache: no slot can be freed")   # budget >= one expert per class
-            t0 = time.perf_counter()
-            try:
-                self._read(g)
-            except BaseException:
-                with self._cond:
-                    self._release(g)
-                raise
-            dt = time.perf_counter() - t0
-            with self._cond:
-                self._finish((g, False), None)
-                self.t["stall_seconds"] += dt
-            ready.append(g)
+                    self._finish((g, False), None)
+                self.t["stall_seconds"] += time.perf_counter() - t0
+                ready.append(g)
+            else:
+                done, lost = self._wait_any(inflight)
+                inflight = [g for g in inflight if g not in done and g not in lost]
+                ready += done
+                absent += lost                           # its background read failed: read it here
         if Y is None:
             return self._compute_all(layer, x, ids, weights, gs)
-        self._compute_group(layer, x, ids, np.array(ready, np.int64), Y)
+        if ready:
+            flush()
         return combine(ids, weights, Y)
 
-    def _compute_waiting(self, layer, x, ids, weights, gs, hit, held):
-        """With the loader: wait for the missing experts, computing the cached ones
-        meanwhile (in groups) when that overlap is worth an extra kernel call."""
-        n_pairs = int((ids >= 0).sum())
-        hit_pairs = int(np.isin(ids, gs[hit] - layer * self.n_expert).sum())
-        missing_bytes = int(self.plan.read_bytes[gs[~hit]].sum())
-        if not self._worth_splitting(hit_pairs, missing_bytes):
-            if self._wait_ready(held, want_all=True):
-                return self._compute_all(layer, x, ids, weights, gs, n_pairs)
-        Y = np.zeros((*ids.shape, x.shape[1]), F32)                      # (T, k, E)
-        group = [g for g in held if self.state[g] == READY]
+    def _claim_for_demand(self, g, ready, inflight, flush):
+        """Reserve a slot for a demand read of g; False if g is loaded or in flight
+        meanwhile (then it is added to `ready` / `inflight`)."""
         while True:
-            if group:
-                self._compute_group(layer, x, ids, np.array(sorted(group), np.int64), Y)
-                self._unpin(group, held)
-            if not held:
-                return combine(ids, weights, Y)
-            group = self._wait_ready(held, want_all=False)
+            with self._cond:
+                if self.state[g] == READY:
+                    ready.append(g)
+                    return False
+                if self.state[g] == LOADING:
+                    inflight.append(g)
+                    return False
+                if self._make_room(g, speculative=False):
+                    return True
+                busy = bool(((self.state == LOADING) & (self.pool_of == self.pool_of[g])).any())
+                if not ready and not busy and self._make_room(g, False, allow_protected=True):
+                    return True
+            if ready:                  # the budget is full of this layer's experts: compute them
+                flush()
+            elif busy:                 # slots are being filled in the background: wait for one
+                t0 = time.perf_counter()
+                with self._cond:
+                    self._cond.wait(timeout=0.05)
+                self.t["stall_seconds"] += time.perf_counter() - t0
+            else:
+                raise RuntimeError("expert cache: no slot can be freed")   # budget >= one expert per class
+
+    def _wait_any(self, inflight):
+        """Block until some of the in-flight loads end: (ready ones, failed ones)."""
+        t0 = time.perf_counter()
+        try:
+            with self._cond:
+                while True:
+                    done = [g for g in inflight if self.state[g] == READY]
+                    lost = [g for g in inflight if self.state[g] == ABSENT]
+                    for g in lost:
+                        self.errors.pop(g, None)
+                    if done or lost:
+                        return done, lost
+                    self._cond.wait(timeout=1.0)
+        finally:
+            self.t["stall_seconds"] += time.perf_counter() - t0
 
     def _worth_splitting(self, hit_pairs, missing_bytes):
         """Computing the cached experts while the rest loads saves
@@ -528,30 +555,6 @@ class CachedStore(ExpertStore):
         if self._t_pair is None or self._t_byte is None:
             return True
         return min(hit_pairs * self._t_pair, missing_bytes * self._t_byte) > SPLIT_COST
-
-    def _wait_ready(self, held, want_all):
-        """Block until some (want_all: every) expert in `held` is READY; the READY
-        ones. With want_all, None if the loader waits for room that only
-        computing the cached experts can free."""
-        t0 = time.perf_counter()
-        try:
-            with self._cond:
-                while True:
-                    failed = [g for g in held if g in self.errors]
-                    if failed:
-                        raise self.errors.pop(failed[0])
-                    ready = [g for g in held if self.state[g] == READY]
-                    if ready and (not want_all or len(ready) == len(held)):
-                        return ready
-                    if want_all and self._loader_blocked:
-                        return None
-                    for g in held:                   # e.g. a speculative copy failed: ask again
-                        if self.state[g] == ABSENT and not self._queue.queued(g):
-                            self._queue.push(g, DEMAND)
-                            self._cond.notify_all()
-                    self._cond.wait(timeout=1.0)
-        finally:
-            self.t["stall_seconds"] += time.perf_counter() - t0
 
     # -- cache bookkeeping (call with self._cond held) --------------------------
 
@@ -579,11 +582,6 @@ class CachedStore(ExpertStore):
         self.state[g] = LOADING
         return True
 
-    def _pinned_ready(self, g):
-        """Does g's pool hold experts the compute thread will soon release?"""
-        return bool(((self.state == READY) & (self.pins > 0)
-                     & (self.pool_of == self.pool_of[g])).any())
-
     def _evict(self, g):
         if not self.slabs:
             for off, nb in self.plan.ranges[g]:
@@ -603,33 +601,22 @@ class CachedStore(ExpertStore):
         self.slot[g] = -1
 
     def _claim_next(self):
-        """Loader: the next load it may start, as (g, speculative), or None."""
-        self._loader_blocked = False
+        """Loader: the next speculative load it may start, as (g, True), or None.
+        Loads the compute thread waits for are read by the compute thread itself."""
         while True:
             entry = self._queue.peek()
             if entry is None:
                 return None
             prio, _, g, target = entry
-            speculative = prio != DEMAND
+            self._queue.pop()
             if self.state[g] != ABSENT:
-                self._queue.pop()
                 continue
-            if speculative and target is not None and self._visits[target[0]] > target[1]:
-                self._queue.pop()                 # its layer has run: too late to help
-                continue
-            if speculative and not self._make_room(g, True, predicted=prio < HINTED):
-                self._queue.pop()
+            if target is not None and self._visits[target[0]] > target[1]:
+                continue                          # its layer has run: too late to help
+            if not self._make_room(g, True, predicted=prio < HINTED):
                 self.c["prefetch_refused"] += 1
                 continue
-            if not speculative and not self._make_room(g, False):
-                # wait while the compute thread still holds experts it will release;
-                # otherwise give up a protected one
-                if self._pinned_ready(g) or not self._make_room(g, False, allow_protected=True):
-                    self._loader_blocked = True
-                    self._cond.notify_all()
-                    return None
-            self._queue.pop()
-            return g, speculative
+            return g, True
 
     def _finish(self, job, err):
         g, speculative = job if isinstance(job, tuple) else (job, False)

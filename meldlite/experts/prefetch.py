@@ -6,17 +6,18 @@
   guesses ~80% of the next layer's experts on the trained model
   (../shared/models/README.md). It runs a small (n_expert x n_embd) matmul on the
   compute thread, like every kernel.
-- `LoadQueue`: pending loads by priority (demand first, then predictions in rank
-  order), one entry per expert.
+- `LoadQueue`: pending speculative loads by priority (predictions in rank order,
+  then popularity guesses), one entry per expert.
 - `Loader` (background thread): takes the next load the store allows (the store
   decides what it may evict), reads it with os.preadv / madvise (which release
   the GIL) and marks it ready. It never calls a Numba kernel, so the compute
   thread is the only one using Numba's threading layer.
 
-A wrong guess costs at most the one read in flight when the compute thread
-needs the device (demand loads overtake every queued guess), and a guess that
-is still queued or in flight when its layer runs turns into an ordinary miss
-(the compute thread waits for the read in flight instead of starting another).
+Misses the compute thread needs now are read by the compute thread itself (no
+hand-off between threads), and the guesses still queued for that layer are
+dropped. So a wrong guess costs at most the one read in flight when the compute
+thread needs the device, and a right guess still in flight when its layer runs
+is waited for instead of read again: it costs no more than the miss would have.
 """
 
 import heapq
@@ -24,7 +25,6 @@ import threading
 
 import numpy as np
 
-DEMAND = 0          # priority of a load the compute thread waits for
 PREDICTED = 1       # priority band of predicted loads (plus rank / 1000)
 HINTED = 2          # popularity fallback and external hints
 
