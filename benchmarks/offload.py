@@ -44,6 +44,7 @@ SHARED = ROOT.parent / "shared" / "models"
 
 MODELS = {"trained": "trained", "trained-q4": "trained-q4", "edge-q4": "edge-q4"}
 PROFILE_TOKENS = {"trained": 40000, "trained-q4": 40000, "edge-q4": 6000}
+DECODE = {"trained": 96, "trained-q4": 96, "edge-q4": 32}     # decode tokens per story (--decode overrides)
 
 
 # -- preparation (parent process) ------------------------------------------------
@@ -331,7 +332,8 @@ def main():
     ap.add_argument("--prefetch", default="off,on")
     ap.add_argument("--mechanisms", default="direct")
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=None,
+                    help="decode tokens per story (default: 96 for the trained models, 32 for edge-q4)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
@@ -346,7 +348,7 @@ def main():
         name = args.models.split(",")[0]
         _, packed, prof = prepare(name)
         m = meldlite.load(packed, n_ctx=64)
-        toks = replay_tokens(m, args.prompt, args.decode, args.reps)
+        toks = replay_tokens(m, args.prompt, args.decode or DECODE[name], args.reps)
         m.close()
         from meldlite.experts.factory import DEFAULT_POLICY
         spec = {"path": str(packed), "threads": args.threads, "tokens": toks, "policy": DEFAULT_POLICY,
@@ -355,13 +357,14 @@ def main():
                         args.adaptive_stories, args.threads, spec)
     import meldlite
     from meldlite.experts.budget import parse_rate
-    print(f"threads {args.threads}; prompt {args.prompt} tokens, {args.decode} decode tokens "
-          f"(teacher-forced, held-out stories); median over {args.reps} stories; every row a "
-          f"fresh process on a cold page cache", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}; threads {args.threads}; prompt {args.prompt} tokens, "
+          f"then decode tokens (teacher-forced, held-out stories); median over {args.reps} stories; "
+          f"every row a fresh process on a cold page cache", flush=True)
     for name in args.models.split(","):
         src, packed, prof = prepare(name)
+        n_decode = args.decode or DECODE[name]
         tok_model = meldlite.load(packed, n_ctx=64)
-        toks = replay_tokens(tok_model, args.prompt, args.decode, args.reps)
+        toks = replay_tokens(tok_model, args.prompt, n_decode, args.reps)
         tok_model.close()
         budgets = [float(b) for b in args.budgets.split(",")]
         opt, expert_bytes = trace_and_opt(packed, toks, budgets)
@@ -372,7 +375,8 @@ def main():
         disk = disk_bandwidth(packed, one)
         print(f"\n### {name}: {packed.name}, {packed.stat().st_size / 1e6:.1f} MB, experts "
               f"{expert_bytes / 1e6:.1f} MB ({one / 1e3:.0f} kB each), non-expert {non_expert / 1e6:.1f} MB; "
-              f"cold random {one / 1e3:.0f} kB reads from this disk: {disk / 1e6:.0f} MB/s", flush=True)
+              f"cold random {one / 1e3:.0f} kB reads from this disk: {disk / 1e6:.0f} MB/s; "
+              f"{n_decode} decode tokens per story; load average {os.getloadavg()[0]:.2f}", flush=True)
         base = {"path": str(packed), "threads": args.threads, "tokens": toks}
         if not args.no_llamacpp:
             lc_cold = llamacpp_decode(src, toks, args.threads, cold=True)
@@ -406,6 +410,7 @@ def main():
                                      if pf == "on" else "- | - | ")
                                   + f"{s['peak']:.0f} | {s['promise']:.0f} | {s['over']:+.1f} |",
                                   flush=True)
+        print(f"(load average {os.getloadavg()[0]:.2f} at the end)", flush=True)
 
 
 if __name__ == "__main__":
