@@ -43,7 +43,7 @@ SHARED = ROOT.parent / "shared" / "models"
 
 from helpers_models import Shape, llamacpp_quantize, write_random_model  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import busy_cpu_seconds  # noqa: E402
+from kernels import busy_cpu_seconds, median_time, memory_bandwidth  # noqa: E402
 
 EDGE = Shape(n_vocab=49152, n_embd=1024, n_layer=24, n_head=16, n_head_kv=4, head_dim=64,
              n_ff=512, n_expert=32, n_expert_used=8, n_ff_exp=512, n_ctx=1024)
@@ -147,6 +147,23 @@ class Quiet:
         return result
 
 
+def bytes_per_token(model):
+    """Weight bytes one decoded token reads: every 2-D matrix but the embedding, and the
+    routed experts' matrices k/n_expert of the time."""
+    from meldlite.model import output_matrix
+    g, cfg = model.gguf, model.cfg
+    out_name = output_matrix(cfg, model.weights).name
+    total = 0.0
+    for name in g.tensor_names():
+        t = g.tensor(name)
+        if len(t.shape) < 2 or (name == "token_embd.weight" and out_name != name):
+            continue
+        share = cfg.n_expert_used / cfg.n_expert if "_exps" in name or ".ffn_" in name and \
+            name.split(".")[2].isdigit() else 1.0
+        total += t.nbytes * share
+    return total
+
+
 def bench(name, args):
     import meldlite
     path = model_path(name)
@@ -159,7 +176,7 @@ def bench(name, args):
         ours.append(QUIET(lambda: time_meldlite(model, ids, args.decode)))
     med = [statistics.median(r[i] for r in ours) for i in range(4)]
     med += [statistics.median(r[i] for r in ref) for i in range(2)]
-    return name, path.stat().st_size, med
+    return name, path.stat().st_size, med, bytes_per_token(model)
 
 
 def main():
@@ -187,12 +204,17 @@ def main():
           f"OpenMP wait policy {args.llamacpp_wait}; "
           f"1-min load average {load0:.2f} before")
     print("| model | size MB | meldlite prefill | llama.cpp prefill | ratio | "
-          "meldlite decode | llama.cpp decode | ratio | meldlite cpu ms/tok prefill, decode |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "meldlite decode | llama.cpp decode | ratio | meldlite cpu ms/tok prefill, decode | "
+          "MB read per token | decode GB/s meldlite, llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        name, size, (mp, md, mpc, mdc, lp, ld) = bench(name, args)
+        name, size, (mp, md, mpc, mdc, lp, ld), nbytes = bench(name, args)
         print(f"| {name} | {size / 1e6:.1f} | {mp:.1f} | {lp:.1f} | {mp / lp:.2f} | "
-              f"{md:.1f} | {ld:.1f} | {md / ld:.2f} | {mpc:.2f}, {mdc:.2f} |", flush=True)
+              f"{md:.1f} | {ld:.1f} | {md / ld:.2f} | {mpc:.2f}, {mdc:.2f} | {nbytes / 1e6:.1f} | "
+              f"{nbytes * md / 1e9:.1f}, {nbytes * ld / 1e9:.1f} |", flush=True)
+    bw = [QUIET(lambda: memory_bandwidth(1.0, lambda fn: median_time(fn, 5))) / 1e9 for _ in range(3)]
+    print(f"memory read bandwidth in this run (parallel XOR over 1 GiB, {args.threads} threads): "
+          f"{statistics.median(bw):.1f} GB/s (runs: {', '.join(f'{b:.1f}' for b in bw)})")
     print(f"1-min load average {os.getloadavg()[0]:.2f} after; {QUIET.measured} measurements, "
           f"{QUIET.retried} retried because other processes used > {QUIET.limit:.0%} of a CPU, "
           f"{QUIET.noisy} still noisy after {QUIET.tries} tries")
