@@ -24,6 +24,11 @@ _KIND_TENSORS = {"gate": MODEL_TENSOR.FFN_GATE_EXP, "up": MODEL_TENSOR.FFN_UP_EX
 KEY_LAYOUT = "meldlite.expert_layout"          # "per_expert"; absent means "stacked"
 KEY_ORDER = "meldlite.expert_order"            # u32 array: layer, expert, layer, expert, ...
 KEY_ORDER_POLICY = "meldlite.expert_order_policy"   # name of the order, e.g. "layer-major"
+# Written by `meldlite quantize` (compression), read by the runtime. Each is a flat
+# array of n_layer * n_expert values, layer-major (index L * n_expert + e).
+KEY_POPULARITY = "meldlite.expert_popularity"  # f32: fraction of routed tokens that chose (L, e)
+KEY_SENSITIVITY = "meldlite.expert_sensitivity"  # f32: relative output error of (L, e) at its type
+KEY_PRUNED = "meldlite.expert_pruned"          # u8: 1 = pruned, never routed (router logit masked)
 STACKED, PER_EXPERT = "stacked", "per_expert"
 
 _PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.weight$")
