@@ -189,15 +189,8 @@ def write_per_expert(out, src_file, choices, order_policy=LAYER_MAJOR):
     for c in choices:
         tensors += [(layout.expert_name(c.layer, k, c.e), c.source.expert_tensor(c.layer, k, c.e))
                     for k in layout.KINDS]
-    out = Path(out)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        _write(tmp, src_file, tensors, _layout_metadata(choices, order_policy))
-        read_gguf(tmp)                      # what we wrote must read back
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(out, src_file, [TensorOut.copy(name, view) for name, view in tensors],
+                 _layout_metadata(choices, order_policy))
 
 
 def _layout_metadata(choices, order_policy):
@@ -207,28 +200,62 @@ def _layout_metadata(choices, order_policy):
             (layout.KEY_ORDER_POLICY, order_policy, GGUFValueType.STRING, None)]
 
 
-def _write(path, src_file, tensors, extra_metadata):
+@dataclass(frozen=True)
+class TensorOut:
+    """One tensor to write: name, ggml type, raw shape (*shape[:-1], row_bytes) and
+    `data()`, which gives those bytes (uint8) when the tensor's turn comes."""
+    name: str
+    ggml_type: GGMLQuantizationType
+    raw_shape: tuple
+    data: object
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.raw_shape))
+
+    @classmethod
+    def copy(cls, name, view):
+        """The bytes of a source TensorView, streamed from its memmap."""
+        return cls(name, view.ggml_type, tuple(view.raw.shape), lambda: view.raw)
+
+
+def write_atomic(out, src_file, tensors, extra_metadata, skip_keys=()):
+    """Write `out` (via `out.part`, read back, then renamed): SRC's metadata except
+    `skip_keys`, then `extra_metadata` [(key, value, value type, sub type)], then the
+    TensorOut list in order."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        _write(tmp, src_file, tensors, extra_metadata, skip_keys)
+        read_gguf(tmp)                      # what we wrote must read back
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write(path, src_file, tensors, extra_metadata, skip_keys=()):
     w = GGUFWriter(path, src_file.architecture)
     try:
-        _copy_metadata(w, src_file)
+        _copy_metadata(w, src_file, skip_keys)
         for key, value, vtype, sub in extra_metadata:
             if value != []:
                 w.add_key_value(key, value, vtype, sub_type=sub)
-        for name, view in tensors:
-            w.add_tensor_info(name, view.raw.shape, np.uint8, view.nbytes, raw_dtype=view.ggml_type)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.raw_shape, np.uint8, t.nbytes, raw_dtype=t.ggml_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _, view in tensors:
-            w.write_tensor_data(view.raw)   # uint8 (*shape[:-1], row_bytes), streamed from the memmap
+        for t in tensors:
+            w.write_tensor_data(t.data())   # uint8 (*shape[:-1], row_bytes)
     finally:
         w.close()
 
 
-def _copy_metadata(w, src_file):
+def _copy_metadata(w, src_file, skip_keys=()):
     """SRC's keys, values and value types, except the ones GGUFWriter or pack owns."""
     for key, value in src_file.metadata.items():
-        if key in _OWN_KEYS or key == Keys.General.ARCHITECTURE:
+        if key in _OWN_KEYS or key in skip_keys or key == Keys.General.ARCHITECTURE:
             continue
         if key == Keys.General.ALIGNMENT:
             w.add_custom_alignment(value)
