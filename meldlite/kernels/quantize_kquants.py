@@ -1,0 +1,3 @@
+"""Jitted K-quant quantizers (Q2_K..Q6_K)."""
+
+KERNELS = {}
