@@ -117,7 +117,7 @@ def test_float_types_equal_ggml(qtype):
 # ---- the jitted kernels against their NumPy references ---------------------------------------
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
-@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", list(REFS), ids=lambda t: t.name)
 def test_kernel_matches_numpy_reference(qtype, weighted):
     x = np.concatenate([synthetic(k, rows=8, cols=512, seed=3) for k in ("gaussian", "heavy", "zeros")])
     imp = importance_for(512, seed=4) if weighted else None
