@@ -20,8 +20,6 @@ from meldlite.kernels.quantize_search import f16_bits, f16_value
 QTYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K]
 QTYPES = [t for t in QTYPES if t in QUANTIZABLE]
 LEGACY = [T.Q8_0, T.Q4_0, T.Q5_0]
-REFS = {T.Q8_0: ref.q8_0_ref, T.Q4_0: ref.q4_0_ref, T.Q5_0: ref.q5_0_ref,
-        **getattr(ref, "KQUANT_REFS", {})}
 
 
 def synthetic(kind, rows=32, cols=512, seed=0):
@@ -117,17 +115,17 @@ def test_float_types_equal_ggml(qtype):
 # ---- the jitted kernels against their NumPy references ---------------------------------------
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
-@pytest.mark.parametrize("qtype", list(REFS), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_kernel_matches_numpy_reference(qtype, weighted):
     x = np.concatenate([synthetic(k, rows=8, cols=512, seed=3) for k in ("gaussian", "heavy", "zeros")])
     imp = importance_for(512, seed=4) if weighted else None
     got = quantize_rows(x, qtype, imp)
-    want = REFS[qtype](x, imp)
+    want = ref.REFS[qtype](x, imp)
     assert got.shape == want.shape
     blocks = gguf_quants.GGML_QUANT_SIZES[qtype][1]
     same = (got.reshape(-1, blocks) == want.reshape(-1, blocks)).all(axis=1)
     # near-ties between candidate scales may break differently in float64 sums of another order
-    assert same.mean() >= 0.98, f"{(~same).sum()} of {same.size} blocks differ"
+    assert same.mean() >= 0.99, f"{(~same).sum()} of {same.size} blocks differ"
     e_got, e_want = errors(x, got, qtype, imp), errors(x, want, qtype, imp)
     assert abs(e_got - e_want) <= 1e-5 * e_want
 

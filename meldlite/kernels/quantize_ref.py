@@ -7,6 +7,7 @@ None and returns (n_rows, row_bytes) uint8.
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 EPS = 1e-15
 N_STEPS = 9
@@ -172,3 +173,294 @@ def q4_0_ref(x, w=None):
 
 def q5_0_ref(x, w=None):
     return _nibbles_ref(x, w, 16, _pack_q5_0)
+
+
+# ---- K-quants -----------------------------------------------------------------------------------
+
+QK_K = 256
+# as in quantize_kquants: (sub, nmax, qmax, fit steps, super candidates, radius) / (nmax, lo, hi, cand, radius)
+AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 2), "Q4_K": (32, 15, 63, 20, 5, 1), "Q5_K": (32, 31, 63, 15, 5, 1)}
+SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 2), "Q6_K": (32, -128, 127, 6, 1)}
+
+
+def _f16(v):
+    """Values rounded to f16, as float64."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+def _safe_inv(v, cond):
+    return np.where(cond, 1 / np.where(cond, v, 1), 0.0)
+
+
+def _update(better, new, old):
+    return np.where(better, new, old)
+
+
+def _err_affine(x, w, s, m, nmax):
+    """(...) sum w (x - (s*l - m))^2, l = round((x + m)/s) in [0, nmax]; x, w (..., n); s, m (...)."""
+    inv = _safe_inv(s, s > 0)
+    l = _round_clamp((x + m[..., None]) * inv[..., None], 0, nmax)
+    return (w * (x - (s[..., None] * l - m[..., None])) ** 2).sum(-1)
+
+
+def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
+    l = _round_clamp(iscale[..., None] * (x - lo[..., None]), 0, nmax)
+    sl, sl2, sxl = (w * l).sum(-1), (w * l * l).sum(-1), (w * l * x).sum(-1)
+    det = sum_w * sl2 - sl * sl
+    ok = det > 0
+    det = np.where(ok, det, 1)
+    s = (sum_w * sxl - sum_x * sl) / det
+    off = (sl2 * sum_x - sl * sxl) / det
+    pos = off > 0
+    s = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1), s)
+    m = -np.where(pos, 0.0, off)
+    return s, m, np.where(ok, _err_affine(x, w, s, m, nmax), np.inf)
+
+
+def fit_affine_ref(x, w, nmax, n_steps):
+    """(s, m) (...) for x, w (..., n): x ~ s*l - m, l in [0, nmax], s, m >= 0."""
+    lo = np.minimum(x.min(-1), 0.0)
+    hi = x.max(-1)
+    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
+    flat = hi <= lo
+    span = np.where(flat, 1.0, hi - lo)
+    best_s, best_m = span / nmax, -lo
+    best_err = _err_affine(x, w, best_s, best_m, nmax)
+    for k in range(-n_steps, n_steps + 1):
+        s, m, err = _ls_affine(x, w, (nmax + 0.1 * k) / span, lo, nmax, sum_w, sum_x)
+        better = err * TIE < best_err
+        best_s, best_m, best_err = _update(better, s, best_s), _update(better, m, best_m), _update(better, err, best_err)
+    active = np.ones(lo.shape, dtype=bool)
+    for _ in range(N_LLOYD):
+        active &= best_s > 0
+        s, m, err = _ls_affine(x, w, _safe_inv(best_s, best_s > 0), -best_m, nmax, sum_w, sum_x)
+        active &= err * TIE < best_err
+        best_s, best_m, best_err = _update(active, s, best_s), _update(active, m, best_m), _update(active, err, best_err)
+    return np.where(flat, 0.0, best_s), np.where(flat, -lo, best_m)
+
+
+def _round_scales(vals, d, lo, hi):
+    """(B, n_sub) integers round(vals/d) in [lo, hi] for super-scales d (B,)."""
+    return _round_clamp(vals * _safe_inv(d, d != 0)[:, None], lo, hi)
+
+
+def _affine_total(x, w, nmax, d, ls, dm, lm):
+    """(B,) error of super-blocks x, w (B, n_sub, sub) with scales d*ls, mins dm*lm."""
+    return _err_affine(x, w, d[:, None] * ls, dm[:, None] * lm, nmax).sum(-1)
+
+
+def _search_super_ref(x, w, nmax, qmax, vals, n_cand, score):
+    """Best f16 super-scale (B,) and its integers (B, n_sub); score(d, ints) -> (B,) error."""
+    vmax = vals.max(-1)
+    best_d = np.zeros(vmax.shape)
+    best_err = np.full(vmax.shape, np.inf)
+    best_l = np.zeros(vals.shape)
+    for k in range(-n_cand, n_cand + 1):
+        d = np.where(vmax > 0, _f16(vmax / (qmax + 0.1 * k)), 0.0)
+        ints = _round_scales(vals, d, 0, qmax)
+        err = score(d, ints)
+        better = (err * TIE < best_err) & ((vmax > 0) | (k == -n_cand))
+        best_d, best_err, best_l = _update(better, d, best_d), _update(better, err, best_err), \
+            _update(better[:, None], ints, best_l)
+    return best_d, best_l
+
+
+def _neighbours_affine_ref(x, w, nmax, qmax, radius, d, dm, ls, lm):
+    ls, lm = ls.copy(), lm.copy()
+    for j in range(ls.shape[1]):
+        xj, wj = x[:, j], w[:, j]
+        l0, m0 = ls[:, j].copy(), lm[:, j].copy()
+        best = _err_affine(xj, wj, d * l0, dm * m0, nmax)
+        for da in range(-radius, radius + 1):
+            for db in range(-radius, radius + 1):
+                a, b = l0 + da, m0 + db
+                ok = (a >= 0) & (a <= qmax) & (b >= 0) & (b <= qmax)
+                err = _err_affine(xj, wj, d * a, dm * b, nmax)
+                better = ok & (err * TIE < best)
+                best = _update(better, err, best)
+                ls[:, j], lm[:, j] = _update(better, a, ls[:, j]), _update(better, b, lm[:, j])
+    return ls, lm
+
+
+def _levels_affine(x, d, ls, dm, lm, nmax):
+    sc = (d[:, None] * ls)[..., None]
+    m = (dm[:, None] * lm)[..., None]
+    return np.where(sc > 0, _round_clamp((x + m) / np.where(sc > 0, sc, 1), 0, nmax), 0)
+
+
+def _refit_affine_ref(x, w, nmax, d, ls, dm, lm):
+    """Least-squares (d, dmin) (B,) for the current integers, and where it is usable."""
+    l = _levels_affine(x, d, ls, dm, lm, nmax)
+    a = ls[..., None] * l
+    b = np.broadcast_to(-lm[..., None], x.shape)
+    saa, sab, sbb = (w * a * a).sum((1, 2)), (w * a * b).sum((1, 2)), (w * b * b).sum((1, 2))
+    sxa, sxb = (w * x * a).sum((1, 2)), (w * x * b).sum((1, 2))
+    det = saa * sbb - sab * sab
+    ok = det > 0
+    det = np.where(ok, det, 1)
+    d2, dm2 = (sxa * sbb - sxb * sab) / det, (saa * sxb - sab * sxa) / det
+    ok &= (d2 >= 0) & (dm2 >= 0)
+    return _f16(np.where(ok, d2, 0)), _f16(np.where(ok, dm2, 0)), ok
+
+
+def affine_super_ref(x, w, sub, nmax, qmax, n_steps, n_cand, radius):
+    """x, w (B, 256) -> f16 d, dmin (B,), integer scales, mins (B, n_sub), levels (B, 256)."""
+    B = x.shape[0]
+    x, w = x.reshape(B, -1, sub), w.reshape(B, -1, sub)  # (B, n_sub, sub)
+    s, m = fit_affine_ref(x, w, nmax, n_steps)  # (B, n_sub)
+    mmax = m.max(-1)
+    dm = np.where(mmax > 0, _f16(mmax / qmax), 0.0)
+    lm = _round_scales(m, dm, 0, qmax)
+    d, ls = _search_super_ref(x, w, nmax, qmax, s, n_cand, lambda d_, l_: _affine_total(x, w, nmax, d_, l_, dm, lm))
+    dm, lm = _search_super_ref(x, w, nmax, qmax, m, n_cand, lambda d_, l_: _affine_total(x, w, nmax, d, ls, d_, l_))
+    ls, lm = _neighbours_affine_ref(x, w, nmax, qmax, radius, d, dm, ls, lm)
+    d2, dm2, ok = _refit_affine_ref(x, w, nmax, d, ls, dm, lm)
+    ls2, lm2 = _neighbours_affine_ref(x, w, nmax, qmax, radius, d2, dm2, ls, lm)
+    ok &= _affine_total(x, w, nmax, d2, ls2, dm2, lm2) * TIE < _affine_total(x, w, nmax, d, ls, dm, lm)
+    d, dm = _update(ok, d2, d), _update(ok, dm2, dm)
+    ls, lm = _update(ok[:, None], ls2, ls), _update(ok[:, None], lm2, lm)
+    return d, dm, ls.astype(np.int64), lm.astype(np.int64), _levels_affine(x, d, ls, dm, lm, nmax).reshape(B, -1)
+
+
+def _sym_total(x, w, nmax, d, ls):
+    return _err_symmetric(x, w, d[:, None] * ls, nmax).sum(-1)
+
+
+def _neighbours_sym_ref(x, w, nmax, lo, hi, radius, d, ls):
+    ls = ls.copy()
+    for j in range(ls.shape[1]):
+        l0 = ls[:, j].copy()
+        best = _err_symmetric(x[:, j], w[:, j], d * l0, nmax)
+        for da in range(-radius, radius + 1):
+            a = l0 + da
+            err = _err_symmetric(x[:, j], w[:, j], d * a, nmax)
+            better = (a >= lo) & (a <= hi) & (err * TIE < best)
+            best, ls[:, j] = _update(better, err, best), _update(better, a, ls[:, j])
+    return ls
+
+
+def _levels_sym(x, d, ls, nmax):
+    sc = (d[:, None] * ls)[..., None]
+    return np.where(sc != 0, _round_clamp(x / np.where(sc != 0, sc, 1), -nmax, nmax - 1), 0)
+
+
+def symmetric_super_ref(x, w, nmax, lo, hi, n_cand, radius):
+    """x, w (B, 256) -> f16 d (B,), integer scales (B, 16), levels (B, 256) in [0, 2*nmax)."""
+    B = x.shape[0]
+    x, w = x.reshape(B, -1, 16), w.reshape(B, -1, 16)  # (B, 16, 16)
+    s = fit_symmetric_ref(x, w, nmax)  # (B, 16)
+    smax = _signed_absmax(s)
+    live = smax != 0
+    best_d, best_err, ls = np.zeros(B), np.full(B, np.inf), np.zeros(s.shape)
+    for orient in range(2):
+        for k in range(n_cand + 1):
+            t = (lo + 0.25 * k) if orient == 0 else (hi - 0.25 * k)
+            d = _f16(np.where(live, smax, 0) / t)
+            ints = _round_scales(s, d, lo, hi)
+            err = _sym_total(x, w, nmax, d, ints)
+            better = live & (err * TIE < best_err)
+            best_d, best_err, ls = _update(better, d, best_d), _update(better, err, best_err), \
+                _update(better[:, None], ints, ls)
+    d = best_d
+    ls = _neighbours_sym_ref(x, w, nmax, lo, hi, radius, d, ls)
+    l = _levels_sym(x, d, ls, nmax)
+    a = ls[..., None] * l
+    saa, sxa = (w * a * a).sum((1, 2)), (w * x * a).sum((1, 2))
+    ok = saa > 0
+    d2 = _f16(np.where(ok, sxa / np.where(ok, saa, 1), 0))
+    ok &= np.isfinite(d2)
+    d2 = np.where(ok, d2, 0)
+    ls2 = _neighbours_sym_ref(x, w, nmax, lo, hi, radius, d2, ls)
+    ok &= _sym_total(x, w, nmax, d2, ls2) * TIE < _sym_total(x, w, nmax, d, ls)
+    d, ls = _update(ok, d2, d), _update(ok[:, None], ls2, ls)
+    return d, ls.astype(np.int64), (_levels_sym(x, d, ls, nmax) + nmax).astype(np.int64).reshape(B, -1)
+
+
+def _super_inputs(x, w, sub):
+    """x (n_rows, n_cols) -> (B, 256) float64 values and weights (ones in all-zero sub-blocks)."""
+    xs = x.reshape(-1, QK_K).astype(np.float64)
+    ws = _block_weights(w, (x.shape[0], x.shape[1] // sub, sub), sub).reshape(-1, QK_K)
+    return xs, ws
+
+
+def _pack_2bit(levels):
+    """(B, 256) -> (B, 64): byte 32h + l holds levels 128h + l + 32k at bits 2k."""
+    q = levels.reshape(-1, 2, 4, 32) & 3  # (B, h, k, l)
+    return (q << (2 * np.arange(4))[None, None, :, None]).sum(2).reshape(-1, 64)
+
+
+def _scales_k4(ls, lm):
+    """(B, 8) 6-bit scales and mins -> (B, 12) bytes as get_scale_min_k4 reads them."""
+    out = np.zeros((ls.shape[0], 12), dtype=np.int64)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return out
+
+
+def _rows(blocks, n_rows):
+    return np.ascontiguousarray(blocks.astype(np.uint8)).reshape(n_rows, -1)
+
+
+def _kquant_affine_ref(name, pack):
+    def run(x, w=None):
+        sub, nmax, qmax, n_steps, n_cand, radius = AFFINE[name]
+        xs, ws = _super_inputs(x, w, sub)
+        d, dm, ls, lm, levels = affine_super_ref(xs, ws, sub, nmax, qmax, n_steps, n_cand, radius)
+        return _rows(pack(_f16_bytes(d), _f16_bytes(dm), ls, lm, levels.astype(np.int64)), x.shape[0])
+    return run
+
+
+def _kquant_symmetric_ref(name, pack):
+    def run(x, w=None):
+        nmax, lo, hi, n_cand, radius = SYMMETRIC[name]
+        xs, ws = _super_inputs(x, w, 16)
+        d, ls, levels = symmetric_super_ref(xs, ws, nmax, lo, hi, n_cand, radius)
+        return _rows(pack(_f16_bytes(d), ls, levels), x.shape[0])
+    return run
+
+
+def _pack_q2_k(d16, dm16, ls, lm, levels):
+    return np.concatenate([ls | (lm << 4), _pack_2bit(levels), d16, dm16], axis=1)
+
+
+def _pack_q4_k(d16, dm16, ls, lm, levels):
+    q = levels.reshape(-1, 4, 2, 32)  # (B, chunk, half, l)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([d16, dm16, _scales_k4(ls, lm), qs], axis=1)
+
+
+def _pack_q5_k(d16, dm16, ls, lm, levels):
+    q = levels.reshape(-1, 4, 2, 32)  # (B, chunk, half, l)
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    shift = (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[None, :, :, None]  # bit 2c + half
+    qh = ((q >> 4) << shift).sum((1, 2))  # (B, 32)
+    return np.concatenate([d16, dm16, _scales_k4(ls, lm), qh, qs], axis=1)
+
+
+def _pack_q3_k(d16, ls, levels):
+    hmask = ((levels.reshape(-1, 8, 32) >> 2) << np.arange(8)[None, :, None]).sum(1)  # (B, 32)
+    q = ls + 32  # (B, 16) 6-bit
+    sc = np.zeros((ls.shape[0], 12), dtype=np.int64)
+    sc[:, :8] = (q[:, :8] & 0xF) | ((q[:, 8:] & 0xF) << 4)
+    sc[:, 8:] = ((q >> 4).reshape(-1, 4, 4) << (2 * np.arange(4))[None, :, None]).sum(1)
+    return np.concatenate([hmask, _pack_2bit(levels), sc, d16], axis=1)
+
+
+def _pack_q6_k(d16, ls, levels):
+    q = levels.reshape(-1, 2, 4, 32)  # (B, half, k, l): level 128h + 32k + l
+    ql = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+    qh = ((q >> 4) << (2 * np.arange(4))[None, None, :, None]).sum(2).reshape(-1, 64)
+    return np.concatenate([ql, qh, ls.astype(np.int8).view(np.uint8), d16], axis=1)
+
+
+q2_k_ref = _kquant_affine_ref("Q2_K", _pack_q2_k)
+q4_k_ref = _kquant_affine_ref("Q4_K", _pack_q4_k)
+q5_k_ref = _kquant_affine_ref("Q5_K", _pack_q5_k)
+q3_k_ref = _kquant_symmetric_ref("Q3_K", _pack_q3_k)
+q6_k_ref = _kquant_symmetric_ref("Q6_K", _pack_q6_k)
+
+REFS = {T.Q8_0: q8_0_ref, T.Q4_0: q4_0_ref, T.Q5_0: q5_0_ref, T.Q2_K: q2_k_ref, T.Q3_K: q3_k_ref,
+        T.Q4_K: q4_k_ref, T.Q5_K: q5_k_ref, T.Q6_K: q6_k_ref}
