@@ -7,14 +7,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from gguf import GGUFReader
 
 from conftest import valid_stories
 from helpers_models import Shape, write_random_model
 
 import meldlite
 from meldlite.errors import FormatError, OptionError
-from meldlite.experts.profile import (FORMAT, VERSION, build_profile, decode_array, load_prior,
-                                      read_profile, recurrence, save_profile)
+from meldlite.experts.profile import (FORMAT, VERSION, build_profile, decode_array, load_calibration,
+                                      load_prior, read_profile, recurrence, save_profile)
 
 SMALL = Shape(n_vocab=4096, n_embd=128, n_layer=3, n_head=2, n_head_kv=1, head_dim=64,
               n_ff=128, n_expert=8, n_expert_used=2, n_ff_exp=64, n_ctx=128)
@@ -65,6 +66,52 @@ def test_profile_format_and_counts(profile):
             assert 0 <= lay["prediction"]["exact"] <= lay["prediction"]["overlap"] <= 1
         else:
             assert "prediction" not in lay
+
+
+def test_calibration_sample_is_routed_as_the_router_says(profile, model_path, tmp_path):
+    """The sample's rows are the experts' inputs: the file's router (read with gguf-py)
+    picks the recorded experts with the recorded weights."""
+    path = save_profile(profile, tmp_path / "p.json")
+    meta = read_profile(path)["calibration"]
+    assert (tmp_path / meta["file"]).exists() and meta["seen"] == profile["text"]["tokens"]
+    sample = load_calibration(path)
+    r = GGUFReader(model_path)
+    k = SMALL.n_expert_used
+    for L, (x, ids, w) in enumerate(sample):
+        assert len(x) == profile["text"]["tokens"] == meta["rows"][L]   # small text: all rows kept
+        router = next(t for t in r.tensors if t.name == f"blk.{L}.ffn_gate_inp.weight")
+        logits = x.astype(np.float64) @ np.asarray(router.data, np.float64).T      # (n, X)
+        top = np.argsort(-logits, axis=1)[:, :k]
+        same = [set(a) == set(b) for a, b in zip(top, ids)]
+        assert np.mean(same) > 0.95                      # x is kept as float16
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        pk = np.take_along_axis(p, ids.astype(np.int64), 1)
+        rows = np.flatnonzero(same)
+        np.testing.assert_allclose(w[rows], (pk / pk.sum(1, keepdims=True))[rows], atol=2e-2)
+
+
+def test_calibration_sample_is_bounded_and_optional(model_path, tmp_path):
+    m = meldlite.load(model_path, n_ctx=64)
+    prof = build_profile(m, TEXT, calib_rows=7)
+    assert prof["calibration"]["rows"] == [7] * SMALL.n_layer
+    x0, ids0, _ = prof.calibration[0]
+    x1, ids1, _ = prof.calibration[1]
+    assert x0.shape == (7, SMALL.n_embd) and not np.array_equal(x0, x1)   # another layer's inputs
+    none = build_profile(m, TEXT, calib_rows=0)
+    m.close()
+    assert "calibration" not in none
+    with pytest.raises(FormatError, match="no calibration data"):
+        load_calibration(read_profile(save_profile(none, tmp_path / "n.json")))
+
+
+def test_version_1_profiles_still_read(profile, tmp_path):
+    old = {k: v for k, v in profile.items() if k != "calibration"}
+    (tmp_path / "v1.json").write_text(json.dumps(dict(old, version=1)))
+    prof = read_profile(tmp_path / "v1.json")
+    assert prof["version"] == 1 and prof["layers"][0]["counts"] == profile["layers"][0]["counts"]
+    with pytest.raises(FormatError, match="no calibration data"):
+        load_calibration(prof)
 
 
 def test_recurrence_counts_picks_seen_in_the_window():

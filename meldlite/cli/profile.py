@@ -1,5 +1,6 @@
 """`meldlite profile`: record how a model routes a text (expert popularity,
-co-activation, route recurrence, prefetch predictability) into a JSON file."""
+co-activation, route recurrence, prefetch predictability) into a JSON file, and
+a calibration sample of expert inputs into a sidecar .npz."""
 
 import click
 
@@ -18,13 +19,16 @@ from meldlite.cli import command
 @click.option("-c", "--ctx-size", default=None, type=click.IntRange(min=2),
               help="Context length (default: the model's, at most 4096).")
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1))
-def profile(model, textfile, output, separator, max_tokens, ctx_size, threads):
+@click.option("--calib-rows", default=None, type=click.IntRange(min=0),
+              help="Rows per layer of the calibration sample kept for `meldlite quantize` "
+                   "(default 4096, fewer for big models; 0: none).")
+def profile(model, textfile, output, separator, max_tokens, ctx_size, threads, calib_rows):
     """Profile MODEL's expert routing on TEXTFILE into OUTPUT."""
     import meldlite
     from meldlite.experts.profile import build_profile, save_profile
     m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads)
     prof = build_profile(m, textfile.read(), separator=separator or None, max_tokens=max_tokens,
-                         text_name=getattr(textfile, "name", None))
+                         text_name=getattr(textfile, "name", None), calib_rows=calib_rows)
     save_profile(prof, output)
     s = prof["summary"]
     rec = ", ".join(f"{w}: {v:.3f}" for w, v in s["recurrence"].items())

@@ -9,9 +9,16 @@ gain), the distribution of the renormalised router weights (for adaptive
 top-k), and per-expert input statistics (mean squared input per channel, the
 "importance matrix" an activation-aware per-expert quantizer needs).
 
-The file is JSON, `"format": "meldlite-expert-profile"`, `"version": 1`; the
+Beside the summary it keeps calibration data: per MoE layer a bounded uniform
+sample (reservoir) of the experts' input rows (after ffn_norm) with their routing
+ids and weights, from which `meldlite quantize` measures each expert's
+sensitivity to quantization.
+
+The file is JSON, `"format": "meldlite-expert-profile"`, `"version": 2`; the
 fields are listed in docs/experts.md. Arrays of floats that can be large are
-stored as {"dtype", "shape", "base64"} (little-endian). `load_prior` reads a
+stored as {"dtype", "shape", "base64"} (little-endian). The calibration sample
+is a sidecar `.npz` next to the JSON, named in its `calibration.file`.
+`read_profile` also reads version 1 (no calibration data). `load_prior` reads a
 profile back as the cache policies' popularity prior.
 """
 
@@ -28,7 +35,11 @@ from meldlite.experts.prefetch import RoutePredictor
 from meldlite.experts.store import ExpertStore
 
 FORMAT = "meldlite-expert-profile"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)                         # versions read_profile accepts
+CALIB_ROWS = 4096                      # default calibration sample, rows per layer ...
+CALIB_MAX_BYTES = 256 * 2**20          # ... fewer if all layers' rows would exceed this
+CALIB_SUFFIX = ".calib.npz"
 WINDOWS = (1, 2, 4, 8)                 # route recurrence: look back this many tokens
 LIGHT = (0.02, 0.05, 0.1, 0.15, 0.2)   # adaptive top-k thresholds reported
 
@@ -46,10 +57,49 @@ def decode_array(obj):
     return np.frombuffer(raw, "<f4").reshape(obj["shape"]).astype(np.float32)
 
 
+class Profile(dict):
+    """A profile dict; `calibration` holds the sample's arrays until it is saved,
+    `path` where it was read from (to find the sidecar)."""
+    calibration = None
+    path = None
+
+
+def default_calib_rows(cfg):
+    """CALIB_ROWS, or fewer so that all layers' float16 rows fit CALIB_MAX_BYTES."""
+    per_row = 2 * cfg.n_embd * cfg.n_layer
+    return int(max(64, min(CALIB_ROWS, CALIB_MAX_BYTES // per_row)))
+
+
+class _Reservoir:
+    """A uniform sample of at most `cap` rows of a stream (Algorithm R). Every layer
+    gets its own with the same seed: the layers see batches of the same sizes, so
+    they keep the same tokens."""
+
+    def __init__(self, cap, n_embd, k, seed=0):
+        self.cap, self.seen = cap, 0
+        self.rng = np.random.default_rng(seed)
+        self.x = np.zeros((cap, n_embd), np.float16)                          # (cap, E)
+        self.ids = np.full((cap, k), -1, np.int16)                            # (cap, k)
+        self.w = np.zeros((cap, k), np.float32)                               # (cap, k)
+
+    def add(self, x, ids, w):
+        T = len(x)
+        pos = self.seen + np.arange(T)                                        # (T,) stream index
+        slot = np.where(pos < self.cap, pos, self.rng.integers(0, pos + 1))   # (T,)
+        keep = slot < self.cap
+        for dst, src in ((self.x, x), (self.ids, ids), (self.w, w)):
+            dst[slot[keep]] = src[keep]
+        self.seen += T
+
+    def arrays(self):
+        n = min(self.seen, self.cap)
+        return self.x[:n], self.ids[:n], self.w[:n]
+
+
 class _Recorder(ExpertStore):
     """Wraps a store: passes every call through and records the routing."""
 
-    def __init__(self, inner, cfg, weights):
+    def __init__(self, inner, cfg, weights, calib_rows=0):
         self.inner = inner
         self.cfg = cfg
         self.predictor = RoutePredictor(weights, cfg)
@@ -58,6 +108,8 @@ class _Recorder(ExpertStore):
         self.weights = [[] for _ in range(L)]                   # per layer: [(T, k) float32]
         self.pred = [[] for _ in range(L)]                      # per layer: [(T, k) predicted]
         self.sq = np.zeros((L, X, E), np.float64)               # (L, X, E) sum of x^2 per expert
+        k = max(cfg.n_expert_used, 1)
+        self.sample = [_Reservoir(calib_rows, E, k) for _ in range(L)] if calib_rows else None
 
     def moe(self, layer, x, ids, weights):
         ids = np.asarray(ids)
@@ -68,6 +120,8 @@ class _Recorder(ExpertStore):
         ok = ids.reshape(-1) >= 0
         sel[rows[ok], ids.reshape(-1)[ok]] = 1.0
         self.sq[layer] += sel.T @ (x.astype(np.float64) ** 2)
+        if self.sample:
+            self.sample[layer].add(x, ids, weights)
         if layer + 1 < self.cfg.n_layer:
             z = np.ascontiguousarray(x * self.predictor.ratio(layer, layer + 1), np.float32)
             logits = self.predictor.routers[layer + 1] @ z                # (T, X)
@@ -117,9 +171,12 @@ def recurrence(docs, n_expert, window):
 
 
 def build_profile(model, text, separator="<|endoftext|>", max_tokens=None, text_name=None,
-                  progress=None):
+                  progress=None, calib_rows=None):
     """Run `model` over `text` (each document alone, as BOS + document, in
-    windows of the context) and return the profile as a dict."""
+    windows of the context) and return the profile (a dict, `Profile`).
+
+    calib_rows: rows per layer of the calibration sample (None: `default_calib_rows`,
+    0: none)."""
     cfg = model.cfg
     if not cfg.is_moe:
         raise OptionError("profile needs a Mixture-of-Experts model; this one has no experts")
@@ -127,7 +184,11 @@ def build_profile(model, text, separator="<|endoftext|>", max_tokens=None, text_
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise OptionError("profile needs some text")
-    rec = _Recorder(model.store, cfg, model.weights)
+    if calib_rows is None:
+        calib_rows = default_calib_rows(cfg)
+    if calib_rows < 0:
+        raise OptionError(f"calib_rows must be >= 0, got {calib_rows}")
+    rec = _Recorder(model.store, cfg, model.weights, calib_rows)
     saved, model.store = model.store, rec
     n_tok, n_docs, t0 = 0, 0, time.perf_counter()
     try:
@@ -195,7 +256,7 @@ def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
                                    "exact": round(float(exact.mean()), 6)}
         layers.append(entry)
     path = Path(model.path)
-    return {
+    prof = Profile({
         "format": FORMAT,
         "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -213,11 +274,27 @@ def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
                                                         for lay in layers[1:]])), 6) if L > 1 else None),
             "entropy_ratio": round(float(np.mean([lay["entropy_ratio"] for lay in layers])), 6),
         },
-    }
+    })
+    if rec.sample:
+        prof.calibration = [r.arrays() for r in rec.sample]
+        prof["calibration"] = {"file": None, "rows": [len(a[0]) for a in prof.calibration],
+                               "dtype": "float16", "seen": n_tok}
+    return prof
 
 
 def save_profile(profile, path):
+    """Write the JSON at `path` and, when the profile holds a calibration sample,
+    the sidecar `path` + CALIB_SUFFIX (named in the JSON, relative to it)."""
     path = Path(path)
+    sample = getattr(profile, "calibration", None)
+    if sample is not None:
+        side = path.with_name(path.name + CALIB_SUFFIX)
+        tmp = side.with_name(side.name + ".tmp.npz")
+        arrays = {f"{name}{L}": a for L, layer in enumerate(sample)
+                  for name, a in zip(("x", "ids", "w"), layer)}
+        np.savez(tmp, **arrays)
+        os.replace(tmp, side)
+        profile["calibration"] = dict(profile["calibration"], file=side.name)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(profile, f, separators=(",", ":"))
@@ -226,7 +303,8 @@ def save_profile(profile, path):
 
 
 def read_profile(path):
-    """The profile dict at `path`; FormatError if it is not a profile this version reads."""
+    """The profile (`Profile` dict) at `path`; FormatError if it is not a profile
+    this version reads."""
     try:
         with open(path, encoding="utf-8") as f:
             prof = json.load(f)
@@ -234,9 +312,40 @@ def read_profile(path):
         raise FormatError(f"{path}: not a JSON profile: {e}") from None
     if not isinstance(prof, dict) or prof.get("format") != FORMAT:
         raise FormatError(f"{path}: not a meldlite expert profile (format != {FORMAT!r})")
-    if prof.get("version") != VERSION:
-        raise FormatError(f"{path}: profile version {prof.get('version')!r}, this meldlite reads {VERSION}")
+    if prof.get("version") not in READS:
+        raise FormatError(f"{path}: profile version {prof.get('version')!r}, this meldlite reads "
+                          f"{', '.join(map(str, READS))}")
+    prof = Profile(prof)
+    prof.path = Path(path)
     return prof
+
+
+def load_calibration(profile):
+    """The calibration sample of a profile (path, or `Profile` read from a file or just
+    built): per layer (x (n, n_embd) float16, ids (n, k) int16, weights (n, k) float32).
+    FormatError if the profile has none or its sidecar is missing or malformed."""
+    prof = profile if isinstance(profile, dict) else read_profile(profile)
+    if getattr(prof, "calibration", None) is not None:
+        return prof.calibration
+    meta = prof.get("calibration")
+    where = getattr(prof, "path", None) or "profile"
+    if not meta or not meta.get("file") or getattr(prof, "path", None) is None:
+        raise FormatError(f"{where}: the profile has no calibration data "
+                          f"(version {prof.get('version')}); run `meldlite profile` again")
+    side = prof.path.with_name(meta["file"])
+    n_layer = prof["model"]["n_layer"]
+    try:
+        with np.load(side, allow_pickle=False) as z:
+            sample = [(z[f"x{L}"], z[f"ids{L}"], z[f"w{L}"]) for L in range(n_layer)]
+    except (OSError, KeyError, ValueError) as e:
+        raise FormatError(f"{side}: cannot read the profile's calibration data: {e}") from None
+    for L, (x, ids, w) in enumerate(sample):
+        n, k = len(x), prof["model"]["n_expert_used"]
+        if (x.shape != (n, prof["model"]["n_embd"]) or ids.shape != (n, k) or w.shape != (n, k)
+                or not np.isfinite(x).all() or ids.max(initial=-1) >= prof["model"]["n_expert"]):
+            raise FormatError(f"{side}: layer {L} calibration arrays have the wrong shape or values")
+    prof.calibration = sample
+    return sample
 
 
 def load_prior(profile, cfg):
