@@ -10,9 +10,11 @@ them from the file; the table mirrors what its graph builders do.
 
 from dataclasses import dataclass
 
+import numpy as np
 from gguf import Keys
 
 from meldlite.errors import FormatError, UnsupportedError
+from meldlite.formats.layout import KEY_PRUNED
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class ModelConfig:
     n_expert_used: int
     n_ff_exp: int              # routed expert FFN width
     n_ff_shexp: int            # shared expert FFN width (0 without one)
+    expert_pruned: tuple = ()  # (L*X,) 1 = expert never routed (meldlite.expert_pruned); () none
 
     @property
     def is_moe(self):
@@ -119,9 +122,26 @@ class ModelConfig:
             n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
             n_ff_shexp=(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, n_ff)
                         if traits.shared_expert else 0),
+            expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
         return cfg
+
+    def pruned(self, layer):
+        """Ids of the pruned experts of `layer` (never routed)."""
+        if not self.expert_pruned:
+            return []
+        row = self.expert_pruned[layer * self.n_expert:(layer + 1) * self.n_expert]
+        return [e for e, flag in enumerate(row) if flag]
+
+    def router_bias(self, layer):
+        """(X,) float32 added to `layer`'s router logits: -inf for pruned experts, else 0;
+        empty when nothing is pruned (the router runs unchanged)."""
+        if not self.expert_pruned:
+            return np.zeros(0, np.float32)
+        bias = np.zeros(self.n_expert, np.float32)                          # (X,)
+        bias[self.pruned(layer)] = -np.inf
+        return bias
 
     def check(self):
         """Reject hyper-parameters that cannot describe a working model."""
@@ -142,3 +162,24 @@ class ModelConfig:
             raise FormatError(f"{self.arch}: expert FFN width must be positive")
         if not self.n_expert and self.n_ff <= 0:
             raise FormatError(f"{self.arch}: feed_forward_length must be positive")
+        if self.expert_pruned:
+            self._check_pruned()
+
+    def _check_pruned(self):
+        if len(self.expert_pruned) != self.n_layer * self.n_expert:
+            raise FormatError(f"{KEY_PRUNED} has {len(self.expert_pruned)} values, expected "
+                              f"n_layer * expert_count = {self.n_layer * self.n_expert}")
+        for layer in range(self.n_layer):
+            kept = self.n_expert - len(self.pruned(layer))
+            if kept < self.n_expert_used:
+                raise FormatError(f"{KEY_PRUNED}: layer {layer} keeps {kept} experts, fewer than "
+                                  f"the {self.n_expert_used} used per token")
+
+
+def _pruned_flags(value):
+    """KEY_PRUNED's metadata value as a tuple of 0/1, () when absent or all zero."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or any(v not in (0, 1) for v in value):
+        raise FormatError(f"{KEY_PRUNED} must be an array of 0/1 flags")
+    return tuple(int(v) for v in value) if any(value) else ()

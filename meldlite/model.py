@@ -90,7 +90,8 @@ class LayerPlan:
 
     attn: (attn_norm, then raw/type/mode of q, k, v, output, the four biases (empty when
     absent), q/k norm weights (empty when absent), qk-norm kind); ffn: (ffn_norm, router
-    raw/type/mode: an empty matrix for dense models)."""
+    raw/type/mode: an empty matrix for dense models, router bias (X,): -inf for pruned
+    experts, empty when none is pruned)."""
 
     def __init__(self, cfg, w, i):
         p = f"blk.{i}."
@@ -111,7 +112,7 @@ class LayerPlan:
                      vec("attn_output.bias"), vec("attn_q_norm.weight"),
                      vec("attn_k_norm.weight"), qk)
         router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
-        self.ffn = (w[p + "ffn_norm.weight"], *router)
+        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i))
 
 
 def layer_plans(cfg, w):

@@ -1,6 +1,6 @@
 """`make_store`: the expert store that `meldlite.load`'s options ask for."""
 
-from meldlite.errors import OptionError
+from meldlite.errors import OptionError, UnsupportedError
 from meldlite.experts.adaptive import check_min_weight
 from meldlite.experts.budget import parse_budget, parse_rate
 from meldlite.experts.cache import MECHANISMS, CachedStore
@@ -37,6 +37,9 @@ def make_store(gguf, cfg, weights, *, llama_numerics=True, mem_budget=None, cach
                 raise OptionError(f"{name} applies to a memory-budgeted store: give mem_budget "
                                   f"too (e.g. mem_budget='100%')")
         return ResidentStore(gguf, cfg, llama_numerics, min_expert_weight=min_weight)
+    if any(not gguf.expert_present(L, e) for L in range(cfg.n_layer) for e in range(cfg.n_expert)):
+        raise UnsupportedError(f"{gguf.path}: mem_budget needs every expert in the file; this one "
+                               f"leaves pruned experts out (load it without mem_budget)")
     budget = parse_budget(mem_budget, expert_bytes(gguf, cfg))
     prior = load_prior(profile, cfg) if profile is not None else None
     return CachedStore(gguf, cfg, weights, budget, policy=cache_policy or DEFAULT_POLICY,

@@ -36,11 +36,18 @@ class ExpertStore:
 def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
     """(mats, types) of one layer for `kernels.moe_ffn`, as views of the file.
 
-    Checks every expert matrix has the shape the config promises.
+    Checks every expert matrix has the shape the config promises. A pruned expert
+    left out of the file (never routed) gets placeholders and a stored expert's types.
     """
     arrays, types = [], np.empty((n_expert, 3), np.int32)                # types: (X, 3)
     expected = {"gate": (n_ff, n_embd), "up": (n_ff, n_embd), "down": (n_embd, n_ff)}
+    stored = [e for e in range(n_expert) if gguf.expert_present(layer, e)]
     for e in range(n_expert):
+        if e not in stored:
+            arrays += [None] * 3
+            types[e] = [int(gguf.expert_tensor(layer, kind, stored[0]).ggml_type)
+                        for kind in ("gate", "up", "down")]
+            continue
         for j, kind in enumerate(("gate", "up", "down")):
             t = gguf.expert_tensor(layer, kind, e)
             if tuple(t.shape) != expected[kind]:

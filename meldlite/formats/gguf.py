@@ -185,14 +185,21 @@ class GGUFFile:
         return self._expert_index(layer).ranges(layer, e)
 
     def expert_types(self, layer):
-        """[(gate, up, down) ggml type names] for each expert of `layer`."""
+        """[(gate, up, down) ggml type names] for each expert of `layer`
+        ("pruned" x 3 for a pruned expert whose tensors are not in the file)."""
         index = self._expert_index(layer)
         return [tuple(index.tensor(layer, k, e).qtype for k in layout.KINDS)
+                if self.expert_present(layer, e) else ("pruned",) * 3
                 for e in range(index.count(layer))]
 
+    def expert_present(self, layer, e):
+        """False for a pruned expert whose tensors were left out of the file."""
+        return self._expert_index(layer).stored(layer, e)
+
     def expert_order(self):
-        """(layer, e) pairs of every expert, sorted by where its gate matrix lies in the file."""
-        pairs = [(L, e) for L in range(self.n_layers) for e in range(self.expert_count(L))]
+        """(layer, e) pairs of every stored expert, sorted by where its gate matrix lies in the file."""
+        pairs = [(L, e) for L in range(self.n_layers) for e in range(self.expert_count(L))
+                 if self.expert_present(L, e)]
         return sorted(pairs, key=lambda p: self.expert_tensor(p[0], "gate", p[1]).offset)
 
     def expert_tensor_names(self):

@@ -89,6 +89,10 @@ class ExpertIndex:
         """Names of the file's tensors that hold expert weights."""
         raise NotImplementedError
 
+    def stored(self, layer, e):
+        """False for a pruned expert whose tensors were left out of the file."""
+        return True
+
 
 class StackedExperts(ExpertIndex):
     """llama.cpp's layout: blk.L.ffn_{kind}_exps.weight of shape (n_expert, rows, cols)."""
@@ -136,7 +140,8 @@ class PerExpertExperts(ExpertIndex):
 
     def __init__(self, gguf_file, n_layers, alignment):
         self._alignment = alignment
-        self._experts = {}  # layer -> list over e of {kind: TensorView (rows, cols)}
+        self._experts = {}  # layer -> list over e of {kind: TensorView (rows, cols)}, None if pruned
+        pruned = _pruned_by_layer(gguf_file.metadata.get(KEY_PRUNED), n_layers)
         found = {}
         for name in gguf_file.tensor_names():
             parsed = parse_expert_name(name)
@@ -146,7 +151,7 @@ class PerExpertExperts(ExpertIndex):
         for layer, experts in found.items():
             if layer >= n_layers:
                 raise FormatError(f"expert tensors for layer {layer}, but the model has {n_layers} layers")
-            self._experts[layer] = _check_experts(layer, experts)
+            self._experts[layer] = _check_experts(layer, experts, pruned.get(layer, ()))
 
     def count(self, layer):
         return len(self._experts.get(layer, ()))
@@ -154,22 +159,40 @@ class PerExpertExperts(ExpertIndex):
     def tensor(self, layer, kind, e):
         check_kind(kind)
         _check_expert(layer, e, self.count(layer))
+        if self._experts[layer][e] is None:
+            raise OptionError(f"expert {e} of layer {layer} is pruned: its tensors are not in the file")
         return self._experts[layer][e][kind]
 
     def ranges(self, layer, e):
         return merge_ranges(super().ranges(layer, e), self._alignment)
 
     def expert_tensor_names(self):
-        return [v.name for experts in self._experts.values() for ex in experts for v in ex.values()]
+        return [v.name for experts in self._experts.values() for ex in experts if ex
+                for v in ex.values()]
+
+    def stored(self, layer, e):
+        _check_expert(layer, e, self.count(layer))
+        return self._experts[layer][e] is not None
 
     def present(self):
         """Set of (layer, e) pairs stored in the file."""
-        return {(L, e) for L, experts in self._experts.items() for e in range(len(experts))}
+        return {(L, e) for L, experts in self._experts.items() for e, ex in enumerate(experts) if ex}
 
 
-def _check_experts(layer, experts):
-    n = len(experts)
-    if sorted(experts) != list(range(n)):
+def _pruned_by_layer(flags, n_layers):
+    """{layer: set of pruned expert ids} from KEY_PRUNED's flat layer-major flags."""
+    if flags is None or not isinstance(flags, list) or not n_layers or len(flags) % n_layers:
+        return {}   # absent, or malformed: ModelConfig reports the latter
+    n_expert = len(flags) // n_layers
+    return {L: {e for e in range(n_expert) if flags[L * n_expert + e] == 1} for L in range(n_layers)}
+
+
+def _check_experts(layer, experts, pruned=()):
+    """Per-expert tensors of one layer -> list over e of {kind: view}, None for a pruned
+    expert whose tensors are absent (only pruned experts may be missing)."""
+    n = max([*experts, *pruned]) + 1
+    missing = [e for e in range(n) if e not in experts and e not in pruned]
+    if missing:
         raise FormatError(f"layer {layer}: per-expert tensors number experts {sorted(experts)}, "
                           f"expected 0..{n - 1}")
     for e, kinds in experts.items():
@@ -179,7 +202,7 @@ def _check_experts(layer, experts):
         for view in kinds.values():
             if len(view.shape) != 2:
                 raise FormatError(f"tensor {view.name!r}: an expert matrix needs 2 dims, shape is {view.shape}")
-    return [experts[e] for e in range(n)]
+    return [experts.get(e) for e in range(n)]
 
 
 def _check_expert(layer, e, count):

@@ -141,7 +141,8 @@ def attention_rows(q, kc, vc, pos0, n_head, out):
 @njit(cache=True, error_model="numpy")
 def route_rows(logits, k, norm_topk, ids, weights):
     """Softmax over experts (float64 sum), the k most probable (ties: lower id first) in
-    descending order, their probabilities, renormalised to sum 1 when norm_topk."""
+    descending order, their probabilities, renormalised to sum 1 when norm_topk.
+    An expert whose logit is -inf (pruned) gets probability 0 and is never chosen."""
     n_x = logits.shape[1]
     probs = np.empty(n_x, dtype=np.float32)  # (X,)
     taken = np.zeros(n_x, dtype=np.bool_)  # (X,)
@@ -159,7 +160,7 @@ def route_rows(logits, k, norm_topk, ids, weights):
         for j in range(k):
             best = -1
             for e in range(n_x):
-                if not taken[e] and (best < 0 or probs[e] > probs[best]):
+                if not taken[e] and logits[t, e] != -np.inf and (best < 0 or probs[e] > probs[best]):
                     best = e
             taken[best] = True
             ids[t, j] = best
@@ -205,11 +206,12 @@ def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, use_int)
 @njit(cache=True, error_model="numpy")
 def attention_block(x, attn_norm, wq, tq, mq, wk, tk, mk, wv, tv, mv, wo, to, mo,
                     bq, bk, bv, bo, q_norm, k_norm, qk_norm, kc, vc, cos, sin, pos0,
-                    n_head, n_rot, neox, eps, ffn_norm, wr, tr, mr, k_used, norm_topk,
+                    n_head, n_rot, neox, eps, ffn_norm, wr, tr, mr, rbias, k_used, norm_topk,
                     h, ids, weights):
     """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
-    ids/weights (T, k) <- routing (when the router wr has rows). Modes m* say how each
-    projection's input is rounded (actquant; NONE = float)."""
+    ids/weights (T, k) <- routing (when the router wr has rows; rbias (X,), when not
+    empty, is added to the router logits: -inf masks a pruned expert). Modes m* say how
+    each projection's input is rounded (actquant; NONE = float)."""
     n_tok, n_embd = x.shape
     n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     toks = np.arange(n_tok)
@@ -260,6 +262,9 @@ def attention_block(x, attn_norm, wq, tq, mq, wk, tk, mk, wv, tv, mv, wo, to, mo
     if wr.shape[0]:
         logits = np.empty((n_tok, wr.shape[0]), dtype=np.float32)  # (T, X)
         project(wr, tr, mr, h, qa, da, bs, xr, toks, logits, True)
+        if rbias.shape[0]:
+            for t in range(n_tok):
+                logits[t] += rbias
         route_rows(logits, k_used, norm_topk, ids, weights)
 
 
