@@ -17,7 +17,8 @@ from meldlite.metrics import kl_divergence
 
 SHAPE = Shape(n_vocab=4096, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
               n_expert=8, n_expert_used=2, n_ff_exp=128, n_ctx=128)
-FAST_TYPES = ["Q8_0", "Q4_0"]
+FAST_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K"]
+LLAMA_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}   # pure: all at the K type
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def _kl(ref, path, tokens):
 @pytest.mark.parametrize("qtype", FAST_TYPES)
 def test_uniform_file_is_as_good_as_llamacpp_pure(src, tokens, f16_logits, qtype, tmp_path):
     ours = quantize_model(src, tmp_path / "ours.gguf", qtype=qtype)
-    theirs = llamacpp_quantize(src, tmp_path / "theirs.gguf", qtype, pure=True)
+    theirs = llamacpp_quantize(src, tmp_path / "theirs.gguf", LLAMA_FTYPE.get(qtype, qtype), pure=True)
     f, g = read_gguf(ours.path), read_gguf(theirs)
     assert sorted(f.tensor_names()) == sorted(g.tensor_names())
     for name in f.tensor_names():      # same types as llama.cpp's pure mix, fallbacks included
@@ -85,6 +86,12 @@ def test_cli_bad_options(src, tmp_path, args, message):
     p = _cli(src, tmp_path / "q.gguf", *args)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fallback_meldlite_cannot_write_is_refused(src, tmp_path):
+    # the down rows hold n_ff_exp = 128 values: llama.cpp stores Q5_K's as Q5_1
+    with pytest.raises(OptionError, match="falls back to Q5_1"):
+        quantize_model(src, tmp_path / "q.gguf", qtype="Q5_K")
 
 
 def test_quantized_source_is_refused(src, tmp_path):

@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
-from gguf import quants as gguf_quants
 
 from meldlite.errors import OptionError
 
@@ -27,12 +26,9 @@ _KEEP = re.compile(r"_norm\.weight$|ffn_gate_inp\.weight$|^position_embd\.weight
 
 
 def quantizable_types():
-    """Types `quantize_rows` can write (the kernels' QUANTIZABLE), plus the float types."""
-    try:
-        from meldlite.kernels.quantize import QUANTIZABLE
-    except ImportError:     # TEMPORARY until the kernels' quantizers land
-        QUANTIZABLE = (T.Q4_0, T.Q5_0, T.Q5_1, T.Q8_0)
-    return tuple(FLOAT_TYPES) + tuple(T(t) for t in QUANTIZABLE)
+    """Types meldlite can write: the kernels' QUANTIZABLE (float types included)."""
+    from meldlite.kernels.quantize import QUANTIZABLE
+    return tuple(sorted(QUANTIZABLE, key=int))
 
 
 def parse_type(name):
@@ -72,24 +68,16 @@ def tensor_bytes(qtype, shape):
 
 
 def file_type(qtype):
-    """The `general.file_type` (LlamaFileType) of a file mostly of `qtype`."""
-    names = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16"}
+    """The `general.file_type` (LlamaFileType) of a file mostly of `qtype` (a K-quant
+    without its own file type takes its _M mix's, as llama.cpp's pure files do)."""
+    names = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16",
+             T.Q3_K: "MOSTLY_Q3_K_M", T.Q4_K: "MOSTLY_Q4_K_M", T.Q5_K: "MOSTLY_Q5_K_M"}
     return LlamaFileType[names.get(qtype, f"MOSTLY_{qtype.name}")]
 
 
 def quantize(x, qtype, importance=None):
-    """x (rows, cols) float32 -> (rows, row_bytes) uint8 of `qtype`.
-
-    Float types are plain conversions (gguf-py's, which round as ggml does); the
-    quantized ones are `meldlite.kernels.quantize.quantize_rows`, weighted per
-    column by `importance` (cols,) when given.
-    """
-    x = np.ascontiguousarray(x, np.float32)                                  # (rows, cols)
-    if qtype in FLOAT_TYPES:
-        return gguf_quants.quantize(x, qtype).view(np.uint8).reshape(len(x), -1)
-    try:
-        from meldlite.kernels.quantize import quantize_rows
-    except ImportError:     # TEMPORARY until the kernels' quantizers land
-        return gguf_quants.quantize(x, qtype).reshape(len(x), -1)
-    imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
-    return quantize_rows(x, qtype, imp)                                      # (rows, row_bytes)
+    """x (rows, cols) float32 -> (rows, row_bytes) uint8 of `qtype`, by the kernels'
+    `quantize_rows` (float types are plain conversions), weighted per column by
+    `importance` (cols,) when given."""
+    from meldlite.kernels.quantize import quantize_rows
+    return quantize_rows(x, qtype, importance)                               # (rows, row_bytes)

@@ -63,11 +63,17 @@ def quantized(view, qtype, importance=None, name=None):
 def uniform_plan(f, qtype):
     """{tensor name: type} of a uniform `qtype` file, as llama.cpp's pure quantization
     chooses: every quantizable weight at `qtype` or its fallback, the rest unchanged."""
-    types = {}
+    types, allowed = {}, ladder.quantizable_types()
     for name in f.tensor_names():
         view = f.tensor(name)
-        ok = ladder.is_quantizable(name, view.shape)
-        types[name] = ladder.fit_type(qtype, view.shape[-1]) if ok else view.ggml_type
+        if not ladder.is_quantizable(name, view.shape):
+            types[name] = view.ggml_type
+            continue
+        types[name] = t = ladder.fit_type(qtype, view.shape[-1])
+        if t not in allowed:
+            raise OptionError(f"tensor {name!r} has rows of {view.shape[-1]} values, so "
+                              f"{qtype.name} falls back to {t.name} (as in llama.cpp), "
+                              f"which meldlite cannot quantize")
     return types
 
 
