@@ -251,6 +251,7 @@ class CachedStore(ExpertStore):
         self.prefetch_depth = prefetch_depth
         self._t_pair = None                          # running mean: kernel seconds per (token, expert)
         self._t_byte = None                          # running mean: load seconds per byte
+        self._demand = 0                             # compute-thread reads under way: the loader waits
         self.c = dict.fromkeys(
             ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
              "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
@@ -481,6 +482,25 @@ class CachedStore(ExpertStore):
             flush()
         while absent or inflight:
             if absent:
+                self._read_demand(absent, ready, inflight, flush)
+            else:
+                done, lost = self._wait_any(inflight)
+                inflight = [g for g in inflight if g not in done and g not in lost]
+                ready += done
+                absent += lost                           # its background read failed: read it here
+        if Y is None:
+            return self._compute_all(layer, x, ids, weights, gs)
+        if ready:
+            flush()
+        return combine(ids, weights, Y)
+
+    def _read_demand(self, absent, ready, inflight, flush):
+        """Read the experts in `absent` on this thread (emptying it; each one read
+        joins `ready`). Meanwhile the loader starts no guess: demand first."""
+        with self._cond:
+            self._demand += 1
+        try:
+            while absent:
                 g = absent.pop(0)
                 if not self._claim_for_demand(g, ready, inflight, flush):
                     continue                             # it turned out loaded / in flight
@@ -495,16 +515,10 @@ class CachedStore(ExpertStore):
                     self._finish((g, False), None)
                 self.t["stall_seconds"] += time.perf_counter() - t0
                 ready.append(g)
-            else:
-                done, lost = self._wait_any(inflight)
-                inflight = [g for g in inflight if g not in done and g not in lost]
-                ready += done
-                absent += lost                           # its background read failed: read it here
-        if Y is None:
-            return self._compute_all(layer, x, ids, weights, gs)
-        if ready:
-            flush()
-        return combine(ids, weights, Y)
+        finally:
+            with self._cond:
+                self._demand -= 1
+                self._cond.notify_all()
 
     def _claim_for_demand(self, g, ready, inflight, flush):
         """Reserve a slot for a demand read of g; False if g is loaded or in flight
@@ -602,7 +616,10 @@ class CachedStore(ExpertStore):
 
     def _claim_next(self):
         """Loader: the next speculative load it may start, as (g, True), or None.
-        Loads the compute thread waits for are read by the compute thread itself."""
+        Loads the compute thread waits for are read by the compute thread itself,
+        and while it reads them the loader starts nothing (demand first)."""
+        if self._demand:
+            return None
         while True:
             entry = self._queue.peek()
             if entry is None:
