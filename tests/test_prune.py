@@ -193,17 +193,21 @@ def test_bad_pruning_metadata_is_a_format_error(models, tmp_path):
         meldlite.load(tmp_path / "short.gguf")
 
 
-def test_cli_pack_prune_experts(models, tmp_path):
+@pytest.mark.parametrize("command", [["pack", "--expert-types", "SRC"], ["quantize", "--type", "Q8_0"]])
+def test_cli_prune_experts(models, tmp_path, command):
     src, _ = models("qwen3moe")
     prof = tmp_path / "profile.json"
     prof.write_text(json.dumps(profile_dict(popularity())))
-    out = tmp_path / "packed.gguf"
-    r = CliRunner().invoke(cli_main, ["pack", str(src), str(out), "--expert-types", "SRC",
-                                      "--prune-experts", "0.25", "--profile", str(prof)])
+    out = tmp_path / "out.gguf"
+    name, *opts = command
+    r = CliRunner().invoke(cli_main, [name, str(src), str(out), *opts, "--prune-experts", "0.25",
+                                      "--profile", str(prof)])
     assert r.exit_code == 0, r.output
-    flags = np.array(read_gguf(out).metadata[layout.KEY_PRUNED]).reshape(SHAPE.n_layer, -1)
+    f = read_gguf(out)
+    flags = np.array(f.metadata[layout.KEY_PRUNED]).reshape(SHAPE.n_layer, -1)
     np.testing.assert_array_equal(flags, least_used(popularity(), 2))
+    assert f.expert_layout == layout.PER_EXPERT and not f.expert_present(*np.argwhere(flags)[0])
     for bad in (["--prune-experts", "7", "--profile", str(prof)], ["--prune-experts", "2"]):
-        r = CliRunner().invoke(cli_main, ["pack", str(src), str(tmp_path / "bad.gguf"),
-                                          "--expert-types", "SRC", *bad])
+        r = CliRunner().invoke(cli_main, [name, str(src), str(tmp_path / "bad.gguf"), *opts, *bad])
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+        assert not (tmp_path / "bad.gguf").exists()

@@ -31,11 +31,8 @@ def pack(src, out, spec, sources, prune, profile_path):
     (copied, not re-quantized; gate/up/down keep that source's types)."""
     from meldlite.formats.pack import pack as pack_file
     if prune is not None:
-        from meldlite.compress.prune import prune_plan
-        from meldlite.formats.gguf import read_gguf
-        if profile_path is None:
-            raise OptionError("--prune-experts needs --profile (expert popularity)")
-        prune_plan(read_gguf(src), profile_path, prune)        # bad values fail before writing
+        from meldlite.compress.prune import check_request
+        check_request(src, profile_path, prune)                # bad values fail before writing
     result = pack_file(src, out, spec, parse_sources(sources))
     counts = ", ".join(f"{label} x{n}" for label, n in sorted(result.labels.items()))
     click.echo(f"wrote {result.path}: {result.n_experts} experts ({counts}), "

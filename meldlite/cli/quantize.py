@@ -16,10 +16,16 @@ from meldlite.cli import command
               help="Bits per weight of a per-expert mixed file (instead of --size).")
 @click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False),
               help="`meldlite profile` output with calibration data (needed by --size/--bpw).")
+@click.option("--prune-experts", "prune", default=None, metavar="N|FRACTION",
+              help="Then leave out the N (or FRACTION) least used experts of each layer "
+                   "(popularity from --profile): OUT is in the per-expert layout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def quantize(src, out, qtype, size, bpw, profile_path, quiet):
+def quantize(src, out, qtype, size, bpw, profile_path, prune, quiet):
     """Quantize SRC (F32/F16/BF16 GGUF) into OUT."""
     from meldlite.compress.quantize import quantize_model
+    if prune is not None:
+        from meldlite.compress.prune import check_request
+        check_request(src, profile_path, prune)                # bad values fail before writing
     bar = None
 
     def progress(done, total, what):
@@ -41,3 +47,7 @@ def quantize(src, out, qtype, size, bpw, profile_path, quiet):
     types = ", ".join(f"{k} x{v}" for k, v in sorted(r.tensor_types.items()))
     budget = f" (budget {r.budget:,})" if r.budget else ""
     click.echo(f"wrote {r.path}: {r.nbytes:,} bytes{budget}; tensors {types}")
+    if prune is not None:
+        from meldlite.compress.prune import prune_file
+        p = prune_file(out, out, profile_path, prune)
+        click.echo(f"pruned {p.n_pruned} experts: {p.nbytes:,} bytes")

@@ -107,6 +107,14 @@ def prune_plan(f, profile=None, prune="0"):
     return least_used(pop, n_prune, pruned_flags(f))
 
 
+def check_request(src, profile, prune):
+    """For the CLI's --prune-experts: OptionError before anything is written if `prune`
+    cannot be applied to `src` with popularity from `profile` (required there)."""
+    if profile is None:
+        raise OptionError("--prune-experts needs --profile (expert popularity)")
+    prune_plan(read_gguf(src), profile, prune)
+
+
 def prune_file(src, out, profile=None, prune="0"):
     """Write `out`: `src` in the per-expert layout without its `prune` (count or
     fraction, per layer) least used experts, which are marked in meldlite.expert_pruned.
