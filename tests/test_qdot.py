@@ -93,22 +93,97 @@ def test_float_activations_take_the_float_path():
 
 
 def test_integer_kernels_vectorize():
-    """The inner loops of the integer kernels compile to vector integer multiply-adds
-    (vpdpwssd / vpmaddwd; Q6_K gets vpmulld) - skipped on CPUs without AVX-512 VNNI."""
+    """The row kernels compile to vector integer multiply-adds: vpmaddubsw (u8 x s8 pairs)
+    then vpmaddwd / vpdpwssd, no scalar 64-bit multiplies - skipped without AVX2."""
     import llvmlite.binding as llvm
-    if "+avx512vnni" not in llvm.get_host_cpu_features().flatten():
-        pytest.skip("no AVX-512 VNNI on this CPU")
+    if "+avx2" not in llvm.get_host_cpu_features().flatten():
+        pytest.skip("no AVX2 on this CPU")
     from numba import types as nt
     row = nt.Array(nt.uint8, 1, "C", readonly=True)
     i8, f32, i32 = (nt.Array(d, 1, "C") for d in (nt.int8, nt.float32, nt.int32))
-    sigs = {qdot.dot_q4_k: (row, i8, f32, i32, nt.int64, nt.int64),
-            qdot.dot_q6_k: (row, i8, f32, nt.int64, nt.int64),
-            qdot.dot_q8_0: (row, i8, f32, nt.int64, nt.int64)}
+    sigs = {qdot.dot_q4_k: (row, i8, f32, i32, nt.int64),
+            qdot.dot_q6_k: (row, i8, f32, nt.int64),
+            qdot.dot_q8_0: (row, i8, f32, nt.int64)}
     for fn, sig in sigs.items():     # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)
         fresh.compile(sig)
         asm = fresh.inspect_asm(fresh.signatures[0])
-        assert any(op in asm for op in ("vpdpwssd", "vpmaddwd", "vpmulld")), fn.__name__
+        assert "vpmaddubsw" in asm, fn.__name__
+        assert any(op in asm for op in ("vpdpwssd", "vpmaddwd")), fn.__name__
+        assert "imulq" not in asm, fn.__name__
+
+
+def _sum_kernels():
+    """Fresh (uncached) jitted loops over blocks calling the simd block sums, compiled
+    with simd's flags as they are when called (tests switch the x86 path off)."""
+    from meldlite.kernels import simd
+
+    def q4k(blocks, qa, bs, out):
+        for i in range(blocks.shape[0]):
+            out[i, 0], out[i, 1] = simd.q4k_sums(blocks[i], 0, qa[i], 0, bs[i], 0)
+
+    def q6k(blocks, qa, out):
+        for i in range(blocks.shape[0]):
+            out[i] = simd.q6k_sum(blocks[i], 0, qa[i], 0)
+
+    def q8_0(blocks, qa, out):
+        for i in range(blocks.shape[0]):
+            out[i] = simd.q8_0_sum(blocks[i], 0, qa[i], 0)
+    return [numba.njit(f) for f in (q4k, q6k, q8_0)]
+
+
+@pytest.mark.parametrize("x86", [True, False])
+def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
+    """Exact integer sums against gguf-py-based references; x86=False compiles the generic
+    vector IR that other CPUs get."""
+    from meldlite.kernels import reference, simd
+    if x86 and not simd.AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setattr(simd, "AVX2", x86)
+    q4k, q6k, q8_0 = _sum_kernels()
+    rng = np.random.default_rng(60)
+    n = 300
+    blocks = random_matrix(rng, T.Q4_K, n, 256)
+    blocks[0, 4:16] = 255                                       # all scale/min bits set
+    qa = rng.integers(-128, 128, (n, 256), dtype=np.int8)
+    qa[1] = -128
+    bs = qa.reshape(n, 8, 32).sum(-1, dtype=np.int32)
+    out = np.empty((n, 2), np.int32)
+    q4k(blocks, qa, bs, out)
+    isum, msum = reference.q4k_sums_ref(blocks, qa, bs)
+    np.testing.assert_array_equal(out[:, 0], isum)
+    np.testing.assert_array_equal(out[:, 1], msum)
+    blocks = random_matrix(rng, T.Q6_K, n, 256)
+    blocks[0, :192] = 255                                       # codes 63
+    blocks[1, 128:192] = 0                                      # codes < 16
+    got = np.empty(n, np.int32)
+    q6k(blocks, qa, got)
+    np.testing.assert_array_equal(got, reference.q6k_sum_ref(blocks, qa))
+    blocks = random_matrix(rng, T.Q8_0, n, 32)
+    blocks[0, 2:] = 0x80                                        # -128 weights
+    qa8 = rng.integers(-127, 128, (n, 32), dtype=np.int8)      # Q8_0 codes stay in +-127
+    qa8[0] = -127
+    q8_0(blocks, qa8, got)
+    np.testing.assert_array_equal(got, reference.q8_0_sum_ref(blocks, qa8))
+
+
+def test_f16_hw_equals_numpy():
+    from meldlite.kernels import simd
+    if not simd.F16C:
+        pytest.skip("no F16C on this CPU")
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    raw = bits.view(np.uint8)
+
+    @numba.njit
+    def convert(raw, out):
+        for i in range(out.shape[0]):
+            out[i] = simd.f16_hw(raw, 2 * i)
+    got = np.empty(bits.shape[0], np.float32)
+    convert(raw, got)
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.isnan(got[~finite]).all()
 
 
 # ---------------------------------------------------------------- MoE integer path

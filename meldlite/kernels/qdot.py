@@ -22,12 +22,13 @@ float (blocks.decode_span) and dots it with xr.
 Each output (token, row) is one call of the same row function with a fixed operation order,
 so results do not depend on thread count, batch size or which rows share a chunk.
 
-Vectorization notes (Numba 0.68 / LLVM): Numba widens int32 arithmetic to int64, so each
+Q4_K, Q6_K and Q8_0 take their per-block integer sums from simd.py (LLVM vector code:
+vpmaddubsw/vpmaddwd on x86) and do the float steps here, block by block in order. Q4_0 and
+Q5_0 are plain Numba loops; there Numba widens int32 arithmetic to int64, so each
 accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
-to vpdpwssd/vpmaddwd; the inner loops run to a *runtime* length `L` (32 or 16, passed in)
+to vpdpwssd/vpmaddwd, and the inner loops run to a *runtime* length `L` (passed in)
 because loops with constant trip counts are fully unrolled before the loop vectorizer sees
-them and then stay scalar. Several independent sums per loop (one per sub-block) replace
-the per-sub-block horizontal reduction a loop per sub-block would need.
+them and then stay scalar.
 """
 
 import numpy as np
@@ -38,6 +39,7 @@ from meldlite.kernels.actquant import NONE, Q8_0 as MODE_Q8_0, Q8_K as MODE_Q8_K
 from meldlite.kernels.bits import f16_to_f32
 from meldlite.kernels.blocks import decode_span
 from meldlite.kernels.qtypes import F16, F32, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
+from meldlite.kernels.simd import F16C, f16_hw, q4k_sums, q6k_sum, q8_0_sum
 
 INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)  # ggml type ids with integer kernels
 CHUNK = 16  # rows per parallel work item
@@ -121,123 +123,40 @@ def empty_acts(n_tok, n):
 
 @njit(inline="always")
 def _f16(row, o):
+    """The float16 at row[o:o+2] as float32 (one F16C instruction where the CPU has it)."""
+    if F16C:
+        return f16_hw(row, o)
     return f16_to_f32(np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8)))
 
 
-@njit(inline="always")
-def _k_scale_min(row, o, i):
-    """(scale, min) of sub-block i of the 12 packed scale bytes at row[o+4:] (Q4_K/Q5_K)."""
-    if i < 4:
-        return np.int32(row[o + 4 + i] & 63), np.int32(row[o + 8 + i] & 63)
-    sc = (row[o + 8 + i] & 0xF) | ((row[o + i] >> 2) & 0x30)
-    m = (row[o + 8 + i] >> 4) | ((row[o + 4 + i] >> 2) & 0x30)
-    return np.int32(sc), np.int32(m)
-
-
 @njit(cache=True, error_model="numpy")
-def dot_q4_k(row, qa, da, bs, nb, L):
-    """Q4_K row (nb super-blocks of 144 bytes) . Q8_K activations; L must be 32."""
+def dot_q4_k(row, qa, da, bs, nb):
+    """Q4_K row (nb super-blocks of 144 bytes) . Q8_K activations."""
     sumf = np.float32(0.0)
     for b in range(nb):
-        o = b * 144
-        oq = o + 16
-        oa = b * 256
-        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
-        s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
-        for l in range(L):
-            v0 = row[oq + l]; v1 = row[oq + 32 + l]; v2 = row[oq + 64 + l]; v3 = row[oq + 96 + l]
-            s0 = np.int32(s0 + np.int16(v0 & 15) * np.int16(qa[oa + l]))
-            s1 = np.int32(s1 + np.int16(v0 >> 4) * np.int16(qa[oa + 32 + l]))
-            s2 = np.int32(s2 + np.int16(v1 & 15) * np.int16(qa[oa + 64 + l]))
-            s3 = np.int32(s3 + np.int16(v1 >> 4) * np.int16(qa[oa + 96 + l]))
-            s4 = np.int32(s4 + np.int16(v2 & 15) * np.int16(qa[oa + 128 + l]))
-            s5 = np.int32(s5 + np.int16(v2 >> 4) * np.int16(qa[oa + 160 + l]))
-            s6 = np.int32(s6 + np.int16(v3 & 15) * np.int16(qa[oa + 192 + l]))
-            s7 = np.int32(s7 + np.int16(v3 >> 4) * np.int16(qa[oa + 224 + l]))
-        sc0, m0 = _k_scale_min(row, o, 0)
-        sc1, m1 = _k_scale_min(row, o, 1)
-        sc2, m2 = _k_scale_min(row, o, 2)
-        sc3, m3 = _k_scale_min(row, o, 3)
-        sc4, m4 = _k_scale_min(row, o, 4)
-        sc5, m5 = _k_scale_min(row, o, 5)
-        sc6, m6 = _k_scale_min(row, o, 6)
-        sc7, m7 = _k_scale_min(row, o, 7)
-        ob = 8 * b
-        isum = (sc0 * s0 + sc1 * s1 + sc2 * s2 + sc3 * s3 + sc4 * s4 + sc5 * s5
-                + sc6 * s6 + sc7 * s7)
-        msum = (m0 * bs[ob] + m1 * bs[ob + 1] + m2 * bs[ob + 2] + m3 * bs[ob + 3]
-                + m4 * bs[ob + 4] + m5 * bs[ob + 5] + m6 * bs[ob + 6] + m7 * bs[ob + 7])
+        o = 144 * b
+        isum, msum = q4k_sums(row, o, qa, 256 * b, bs, 8 * b)
         sumf += _f16(row, o) * da[b] * np.float32(isum) - _f16(row, o + 2) * da[b] * np.float32(msum)
     return sumf
 
 
-@njit(inline="always")
-def _i8(b):
-    return np.int32(b ^ 0x80) - 128
-
-
 @njit(cache=True, error_model="numpy")
-def dot_q6_k(row, qa, da, nb, L):
-    """Q6_K row (nb super-blocks of 210 bytes) . Q8_K activations; L must be 16.
-
-    Half h of a super-block: ql at 64h, qh at 128+32h, values at 128h; byte l (< 32) holds
-    values l, 32+l, 64+l, 96+l of the half; scale i covers values 16i..16i+15."""
+def dot_q6_k(row, qa, da, nb):
+    """Q6_K row (nb super-blocks of 210 bytes) . Q8_K activations."""
     sumf = np.float32(0.0)
     for b in range(nb):
-        o = b * 210
-        isum = 0
-        for h in range(2):
-            ol = o + 64 * h
-            oh = o + 128 + 32 * h
-            oa = 256 * b + 128 * h
-            s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
-            s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
-            for l in range(L):
-                a0 = row[ol + l]; a1 = row[ol + 16 + l]; b0 = row[ol + 32 + l]; b1 = row[ol + 48 + l]
-                c0 = row[oh + l]; c1 = row[oh + 16 + l]
-                s0 = np.int32(s0 + (np.int16((a0 & 15) | ((c0 & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + l]))
-                s1 = np.int32(s1 + (np.int16((a1 & 15) | ((c1 & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 16 + l]))
-                s2 = np.int32(s2 + (np.int16((b0 & 15) | (((c0 >> 2) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 32 + l]))
-                s3 = np.int32(s3 + (np.int16((b1 & 15) | (((c1 >> 2) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 48 + l]))
-                s4 = np.int32(s4 + (np.int16((a0 >> 4) | (((c0 >> 4) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 64 + l]))
-                s5 = np.int32(s5 + (np.int16((a1 >> 4) | (((c1 >> 4) & 3) << 4)) - np.int16(32)) * np.int16(qa[oa + 80 + l]))
-                s6 = np.int32(s6 + (np.int16((b0 >> 4) | ((c0 >> 6) << 4)) - np.int16(32)) * np.int16(qa[oa + 96 + l]))
-                s7 = np.int32(s7 + (np.int16((b1 >> 4) | ((c1 >> 6) << 4)) - np.int16(32)) * np.int16(qa[oa + 112 + l]))
-            sc = o + 192 + 8 * h
-            isum += (_i8(row[sc]) * s0 + _i8(row[sc + 1]) * s1 + _i8(row[sc + 2]) * s2
-                     + _i8(row[sc + 3]) * s3 + _i8(row[sc + 4]) * s4 + _i8(row[sc + 5]) * s5
-                     + _i8(row[sc + 6]) * s6 + _i8(row[sc + 7]) * s7)
-        sumf += _f16(row, o + 208) * da[b] * np.float32(isum)
+        o = 210 * b
+        sumf += _f16(row, o + 208) * da[b] * np.float32(q6k_sum(row, o, qa, 256 * b))
     return sumf
 
 
 @njit(cache=True, error_model="numpy")
-def dot_q8_0(row, qa, da, nb, L):
-    """Q8_0 row (nb blocks of 34 bytes) . Q8_0 activations; L must be 32.
-    Four blocks per pass so that the loop holds four independent sums."""
+def dot_q8_0(row, qa, da, nb):
+    """Q8_0 row (nb blocks of 34 bytes) . Q8_0 activations."""
     sumf = np.float32(0.0)
-    b = 0
-    while b + 4 <= nb:
+    for b in range(nb):
         o = 34 * b
-        oa = 32 * b
-        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
-        for l in range(L):
-            s0 = np.int32(s0 + np.int16(np.int8(row[o + 2 + l])) * np.int16(qa[oa + l]))
-            s1 = np.int32(s1 + np.int16(np.int8(row[o + 36 + l])) * np.int16(qa[oa + 32 + l]))
-            s2 = np.int32(s2 + np.int16(np.int8(row[o + 70 + l])) * np.int16(qa[oa + 64 + l]))
-            s3 = np.int32(s3 + np.int16(np.int8(row[o + 104 + l])) * np.int16(qa[oa + 96 + l]))
-        sumf += _f16(row, o) * da[b] * np.float32(s0)
-        sumf += _f16(row, o + 34) * da[b + 1] * np.float32(s1)
-        sumf += _f16(row, o + 68) * da[b + 2] * np.float32(s2)
-        sumf += _f16(row, o + 102) * da[b + 3] * np.float32(s3)
-        b += 4
-    while b < nb:
-        o = 34 * b
-        s = np.int32(0)
-        for l in range(L):
-            s = np.int32(s + np.int16(np.int8(row[o + 2 + l])) * np.int16(qa[32 * b + l]))
-        sumf += _f16(row, o) * da[b] * np.float32(s)
-        b += 1
+        sumf += _f16(row, o) * da[b] * np.float32(q8_0_sum(row, o, qa, 32 * b))
     return sumf
 
 
@@ -355,168 +274,6 @@ def dot_float(wf, xr, n):
     return s
 
 
-# Two tokens per pass (prefill): the weight codes are unpacked once for both. Each token's
-# sums are the same integers and its float steps the same operations in the same order as
-# the one-token kernel's, so a token gives the same bits alone or paired.
-
-@njit(cache=True, error_model="numpy")
-def dot2_q4_k(row, qa, qb, da, db, ba, bb, nb, L):
-    """dot_q4_k for two tokens' activations (qa, da, ba) and (qb, db, bb)."""
-    fa = np.float32(0.0)
-    fb = np.float32(0.0)
-    for b in range(nb):
-        o = b * 144
-        oq = o + 16
-        oa = b * 256
-        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
-        s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
-        t0 = np.int32(0); t1 = np.int32(0); t2 = np.int32(0); t3 = np.int32(0)
-        t4 = np.int32(0); t5 = np.int32(0); t6 = np.int32(0); t7 = np.int32(0)
-        for l in range(L):
-            v0 = row[oq + l]; v1 = row[oq + 32 + l]; v2 = row[oq + 64 + l]; v3 = row[oq + 96 + l]
-            w0 = np.int16(v0 & 15); w1 = np.int16(v0 >> 4); w2 = np.int16(v1 & 15); w3 = np.int16(v1 >> 4)
-            w4 = np.int16(v2 & 15); w5 = np.int16(v2 >> 4); w6 = np.int16(v3 & 15); w7 = np.int16(v3 >> 4)
-            s0 = np.int32(s0 + w0 * np.int16(qa[oa + l]))
-            s1 = np.int32(s1 + w1 * np.int16(qa[oa + 32 + l]))
-            s2 = np.int32(s2 + w2 * np.int16(qa[oa + 64 + l]))
-            s3 = np.int32(s3 + w3 * np.int16(qa[oa + 96 + l]))
-            s4 = np.int32(s4 + w4 * np.int16(qa[oa + 128 + l]))
-            s5 = np.int32(s5 + w5 * np.int16(qa[oa + 160 + l]))
-            s6 = np.int32(s6 + w6 * np.int16(qa[oa + 192 + l]))
-            s7 = np.int32(s7 + w7 * np.int16(qa[oa + 224 + l]))
-            t0 = np.int32(t0 + w0 * np.int16(qb[oa + l]))
-            t1 = np.int32(t1 + w1 * np.int16(qb[oa + 32 + l]))
-            t2 = np.int32(t2 + w2 * np.int16(qb[oa + 64 + l]))
-            t3 = np.int32(t3 + w3 * np.int16(qb[oa + 96 + l]))
-            t4 = np.int32(t4 + w4 * np.int16(qb[oa + 128 + l]))
-            t5 = np.int32(t5 + w5 * np.int16(qb[oa + 160 + l]))
-            t6 = np.int32(t6 + w6 * np.int16(qb[oa + 192 + l]))
-            t7 = np.int32(t7 + w7 * np.int16(qb[oa + 224 + l]))
-        sc0, m0 = _k_scale_min(row, o, 0)
-        sc1, m1 = _k_scale_min(row, o, 1)
-        sc2, m2 = _k_scale_min(row, o, 2)
-        sc3, m3 = _k_scale_min(row, o, 3)
-        sc4, m4 = _k_scale_min(row, o, 4)
-        sc5, m5 = _k_scale_min(row, o, 5)
-        sc6, m6 = _k_scale_min(row, o, 6)
-        sc7, m7 = _k_scale_min(row, o, 7)
-        ob = 8 * b
-        d, dmin = _f16(row, o), _f16(row, o + 2)
-        isum = (sc0 * s0 + sc1 * s1 + sc2 * s2 + sc3 * s3 + sc4 * s4 + sc5 * s5
-                + sc6 * s6 + sc7 * s7)
-        msum = (m0 * ba[ob] + m1 * ba[ob + 1] + m2 * ba[ob + 2] + m3 * ba[ob + 3]
-                + m4 * ba[ob + 4] + m5 * ba[ob + 5] + m6 * ba[ob + 6] + m7 * ba[ob + 7])
-        fa += d * da[b] * np.float32(isum) - dmin * da[b] * np.float32(msum)
-        isum = (sc0 * t0 + sc1 * t1 + sc2 * t2 + sc3 * t3 + sc4 * t4 + sc5 * t5
-                + sc6 * t6 + sc7 * t7)
-        msum = (m0 * bb[ob] + m1 * bb[ob + 1] + m2 * bb[ob + 2] + m3 * bb[ob + 3]
-                + m4 * bb[ob + 4] + m5 * bb[ob + 5] + m6 * bb[ob + 6] + m7 * bb[ob + 7])
-        fb += d * db[b] * np.float32(isum) - dmin * db[b] * np.float32(msum)
-    return fa, fb
-
-
-@njit(cache=True, error_model="numpy")
-def dot2_q6_k(row, qa, qb, da, db, nb, L):
-    """dot_q6_k for two tokens."""
-    fa = np.float32(0.0)
-    fb = np.float32(0.0)
-    for b in range(nb):
-        o = b * 210
-        ia = 0
-        ib = 0
-        for h in range(2):
-            ol = o + 64 * h
-            oh = o + 128 + 32 * h
-            oa = 256 * b + 128 * h
-            s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
-            s4 = np.int32(0); s5 = np.int32(0); s6 = np.int32(0); s7 = np.int32(0)
-            t0 = np.int32(0); t1 = np.int32(0); t2 = np.int32(0); t3 = np.int32(0)
-            t4 = np.int32(0); t5 = np.int32(0); t6 = np.int32(0); t7 = np.int32(0)
-            for l in range(L):
-                a0 = row[ol + l]; a1 = row[ol + 16 + l]; b0 = row[ol + 32 + l]; b1 = row[ol + 48 + l]
-                c0 = row[oh + l]; c1 = row[oh + 16 + l]
-                w0 = np.int16((a0 & 15) | ((c0 & 3) << 4)) - np.int16(32)
-                w1 = np.int16((a1 & 15) | ((c1 & 3) << 4)) - np.int16(32)
-                w2 = np.int16((b0 & 15) | (((c0 >> 2) & 3) << 4)) - np.int16(32)
-                w3 = np.int16((b1 & 15) | (((c1 >> 2) & 3) << 4)) - np.int16(32)
-                w4 = np.int16((a0 >> 4) | (((c0 >> 4) & 3) << 4)) - np.int16(32)
-                w5 = np.int16((a1 >> 4) | (((c1 >> 4) & 3) << 4)) - np.int16(32)
-                w6 = np.int16((b0 >> 4) | ((c0 >> 6) << 4)) - np.int16(32)
-                w7 = np.int16((b1 >> 4) | ((c1 >> 6) << 4)) - np.int16(32)
-                s0 = np.int32(s0 + w0 * np.int16(qa[oa + l]))
-                s1 = np.int32(s1 + w1 * np.int16(qa[oa + 16 + l]))
-                s2 = np.int32(s2 + w2 * np.int16(qa[oa + 32 + l]))
-                s3 = np.int32(s3 + w3 * np.int16(qa[oa + 48 + l]))
-                s4 = np.int32(s4 + w4 * np.int16(qa[oa + 64 + l]))
-                s5 = np.int32(s5 + w5 * np.int16(qa[oa + 80 + l]))
-                s6 = np.int32(s6 + w6 * np.int16(qa[oa + 96 + l]))
-                s7 = np.int32(s7 + w7 * np.int16(qa[oa + 112 + l]))
-                t0 = np.int32(t0 + w0 * np.int16(qb[oa + l]))
-                t1 = np.int32(t1 + w1 * np.int16(qb[oa + 16 + l]))
-                t2 = np.int32(t2 + w2 * np.int16(qb[oa + 32 + l]))
-                t3 = np.int32(t3 + w3 * np.int16(qb[oa + 48 + l]))
-                t4 = np.int32(t4 + w4 * np.int16(qb[oa + 64 + l]))
-                t5 = np.int32(t5 + w5 * np.int16(qb[oa + 80 + l]))
-                t6 = np.int32(t6 + w6 * np.int16(qb[oa + 96 + l]))
-                t7 = np.int32(t7 + w7 * np.int16(qb[oa + 112 + l]))
-            sc = o + 192 + 8 * h
-            e0 = _i8(row[sc]); e1 = _i8(row[sc + 1]); e2 = _i8(row[sc + 2]); e3 = _i8(row[sc + 3])
-            e4 = _i8(row[sc + 4]); e5 = _i8(row[sc + 5]); e6 = _i8(row[sc + 6]); e7 = _i8(row[sc + 7])
-            ia += (e0 * s0 + e1 * s1 + e2 * s2 + e3 * s3 + e4 * s4 + e5 * s5 + e6 * s6 + e7 * s7)
-            ib += (e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3 + e4 * t4 + e5 * t5 + e6 * t6 + e7 * t7)
-        d = _f16(row, o + 208)
-        fa += d * da[b] * np.float32(ia)
-        fb += d * db[b] * np.float32(ib)
-    return fa, fb
-
-
-@njit(cache=True, error_model="numpy")
-def dot2_q8_0(row, qa, qb, da, db, nb, L):
-    """dot_q8_0 for two tokens."""
-    fa = np.float32(0.0)
-    fb = np.float32(0.0)
-    b = 0
-    while b + 4 <= nb:
-        o = 34 * b
-        oa = 32 * b
-        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
-        t0 = np.int32(0); t1 = np.int32(0); t2 = np.int32(0); t3 = np.int32(0)
-        for l in range(L):
-            w0 = np.int16(np.int8(row[o + 2 + l])); w1 = np.int16(np.int8(row[o + 36 + l]))
-            w2 = np.int16(np.int8(row[o + 70 + l])); w3 = np.int16(np.int8(row[o + 104 + l]))
-            s0 = np.int32(s0 + w0 * np.int16(qa[oa + l]))
-            s1 = np.int32(s1 + w1 * np.int16(qa[oa + 32 + l]))
-            s2 = np.int32(s2 + w2 * np.int16(qa[oa + 64 + l]))
-            s3 = np.int32(s3 + w3 * np.int16(qa[oa + 96 + l]))
-            t0 = np.int32(t0 + w0 * np.int16(qb[oa + l]))
-            t1 = np.int32(t1 + w1 * np.int16(qb[oa + 32 + l]))
-            t2 = np.int32(t2 + w2 * np.int16(qb[oa + 64 + l]))
-            t3 = np.int32(t3 + w3 * np.int16(qb[oa + 96 + l]))
-        d0, d1, d2, d3 = _f16(row, o), _f16(row, o + 34), _f16(row, o + 68), _f16(row, o + 102)
-        fa += d0 * da[b] * np.float32(s0)
-        fa += d1 * da[b + 1] * np.float32(s1)
-        fa += d2 * da[b + 2] * np.float32(s2)
-        fa += d3 * da[b + 3] * np.float32(s3)
-        fb += d0 * db[b] * np.float32(t0)
-        fb += d1 * db[b + 1] * np.float32(t1)
-        fb += d2 * db[b + 2] * np.float32(t2)
-        fb += d3 * db[b + 3] * np.float32(t3)
-        b += 4
-    while b < nb:
-        o = 34 * b
-        s = np.int32(0)
-        t = np.int32(0)
-        for l in range(L):
-            w = np.int16(np.int8(row[o + 2 + l]))
-            s = np.int32(s + w * np.int16(qa[32 * b + l]))
-            t = np.int32(t + w * np.int16(qb[32 * b + l]))
-        d = _f16(row, o)
-        fa += d * da[b] * np.float32(s)
-        fb += d * db[b] * np.float32(t)
-        b += 1
-    return fa, fb
-
-
 # ---------------------------------------------------------------- rows x tokens
 
 @njit(cache=True, error_model="numpy")
@@ -537,33 +294,20 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
         qk, dk, bk = qa[k], da[k], bs[k]
         if t == Q4_K:
             for r in range(r0, r1):
-                out[0, r] = dot_q4_k(raw[r], qk, dk, bk, nk, 32)
+                out[0, r] = dot_q4_k(raw[r], qk, dk, bk, nk)
             return
         if t == Q6_K:
             for r in range(r0, r1):
-                out[0, r] = dot_q6_k(raw[r], qk, dk, nk, 16)
+                out[0, r] = dot_q6_k(raw[r], qk, dk, nk)
             return
         if t == Q8_0:
             for r in range(r0, r1):
-                out[0, r] = dot_q8_0(raw[r], qk, dk, n32, 32)
+                out[0, r] = dot_q8_0(raw[r], qk, dk, n32)
             return
     acc16 = np.empty(16, dtype=np.float32)  # (16,) lanes of dot_lanes16
     for r in range(r0, r1):
         row = raw[r]
-        i = 0
-        if use_int and (t == Q4_K or t == Q6_K or t == Q8_0):  # token pairs: one unpack
-            while i + 2 <= n:
-                ka, kb = toks[i], toks[i + 1]
-                if t == Q4_K:
-                    va, vb = dot2_q4_k(row, qa[ka], qa[kb], da[ka], da[kb], bs[ka], bs[kb], nk, 32)
-                elif t == Q6_K:
-                    va, vb = dot2_q6_k(row, qa[ka], qa[kb], da[ka], da[kb], nk, 16)
-                else:
-                    va, vb = dot2_q8_0(row, qa[ka], qa[kb], da[ka], da[kb], n32, 32)
-                out[i, r] = va
-                out[i + 1, r] = vb
-                i += 2
-        for i in range(i, n):
+        for i in range(n):
             k = toks[i]
             if t == F16:
                 if i == 0:
@@ -576,11 +320,11 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
                     decode_span(t, row, 0, n_cols, scratch)
                 v = dot_float(scratch, xr[k], n_cols)
             elif t == Q4_K:
-                v = dot_q4_k(row, qa[k], da[k], bs[k], nk, 32)
+                v = dot_q4_k(row, qa[k], da[k], bs[k], nk)
             elif t == Q6_K:
-                v = dot_q6_k(row, qa[k], da[k], nk, 16)
+                v = dot_q6_k(row, qa[k], da[k], nk)
             elif t == Q8_0:
-                v = dot_q8_0(row, qa[k], da[k], n32, 32)
+                v = dot_q8_0(row, qa[k], da[k], n32)
             elif t == Q4_0:
                 v = dot_q4_0(row, qa[k], da[k], n32, 16)
             elif t == Q5_0:
@@ -623,7 +367,7 @@ def matmul_acts(raw, t, qa, da, bs, xr, toks, out, use_int):
 
 
 track_sources(quantize_q8_0_row, quantize_q8_k_row, quantize_row, quantize_rows, dot_q4_k,
-              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, dot2_q4_k, dot2_q6_k, dot2_q8_0, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
+              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
               rows_times_tokens, matmul_parallel, matmul_serial, matmul_acts)
 
 

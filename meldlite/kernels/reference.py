@@ -26,6 +26,37 @@ def matmul_ref(raw, ggml_type, x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) @ w.T  # (n_rows,) or (n_tok, n_rows)
 
 
+def _with_f16_fields(blocks, values):
+    """A copy of (n, block_bytes) blocks with the float16 fields {offset: value} replaced."""
+    out = np.array(blocks, dtype=np.uint8)
+    for off, value in values.items():
+        out[:, off:off + 2] = np.full(out.shape[0], value, np.float16).view(np.uint8).reshape(-1, 2)
+    return out
+
+
+def q4k_sums_ref(blocks, qa, bs):
+    """(isum, msum) int64 (n,) of Q4_K super-blocks (n, 144) against Q8_K codes qa (n, 256)
+    and per-32 code sums bs (n, 8): isum = sum_j sc_j * (q_j . qa_j), msum = sum_j m_j bs_j.
+    From gguf-py's dequantization with d=1, dmin=0 (values sc*q) and d=0, dmin=1 (-m)."""
+    qt = GGMLQuantizationType.Q4_K
+    scq = dequantize_ref(_with_f16_fields(blocks, {0: 1.0, 2: 0.0}), qt).astype(np.int64)  # (n, 256)
+    mins = -dequantize_ref(_with_f16_fields(blocks, {0: 0.0, 2: 1.0}), qt)[:, ::32].astype(np.int64)
+    return (scq * qa).sum(1), (mins * bs).sum(1)
+
+
+def q6k_sum_ref(blocks, qa):
+    """isum int64 (n,) of Q6_K super-blocks (n, 210) . Q8_K codes qa (n, 256):
+    sum_i sc_i * ((q_i - 32) . qa_i), from gguf-py's dequantization with d=1."""
+    w = dequantize_ref(_with_f16_fields(blocks, {208: 1.0}), GGMLQuantizationType.Q6_K)
+    return (w.astype(np.int64) * qa).sum(1)
+
+
+def q8_0_sum_ref(blocks, qa):
+    """isum int64 (n,) of Q8_0 blocks (n, 34) . Q8_0 codes qa (n, 32)."""
+    w = dequantize_ref(_with_f16_fields(blocks, {0: 1.0}), GGMLQuantizationType.Q8_0)
+    return (w.astype(np.int64) * qa).sum(1)
+
+
 def silu_ref(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
 

@@ -1,0 +1,213 @@
+"""Integer block sums written as LLVM vector code (Numba intrinsics) for qdot's row kernels.
+
+Numba's loop vectorizer does not find the instruction sequence these sums want: 8-bit
+weight codes times 8-bit activation codes, summed in pairs to int16 and then, times a
+per-sub-block scale, in pairs to int32 (x86: vpmaddubsw then vpmaddwd, which LLVM turns
+into vpdpwssd where AVX-VNNI exists). So each function below builds that sequence as LLVM
+IR on 32-byte vectors, one quantized block per call, and returns exact int32 sums:
+
+    q4k_sums(row, o, qa, oa, bs, ob) -> (isum, msum)   Q4_K super-block at row[o:]
+        isum = sum_j sc_j * sum_l q_jl * qa[oa + 32j + l],  msum = sum_j m_j * bs[ob + j]
+    q6k_sum(row, o, qa, oa) -> isum                    Q6_K super-block at row[o:]
+        isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
+    q8_0_sum(row, o, qa, oa) -> isum                   Q8_0 block at row[o:]
+        isum = sum_l w_l * qa[oa + l]
+    f16_at(row, o) -> float32                          the float16 at row[o:o+2]
+
+Integer sums are exact, so the float steps around them (in qdot) decide the result bits,
+and they do not depend on which instructions computed the integers. On x86 with AVX2 the
+code calls the vpmaddubsw/vpmaddwd/vpsignb intrinsics; elsewhere it emits the same
+arithmetic as plain vector IR (widen, multiply, add even and odd lanes) that LLVM lowers
+for any target. No value can saturate the int16 pairs: |4-bit or 6-bit code x int8| pairs
+stay below 2 * 63 * 128, and Q8_0 pairs below 2 * 128 * 127.
+
+NumPy references: `reference.q4k_sums_ref`, `q6k_sum_ref`, `q8_0_sum_ref`.
+"""
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else llb.get_host_cpu_features().flatten()
+AVX2 = "+avx2" in _FEATURES.split(",")  # x86 with AVX2: call the x86 intrinsics
+F16C = "+f16c" in _FEATURES.split(",")  # float16 -> float32 in one instruction
+
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+V32I8, V16I8, V8I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I8, 8)
+V16I16, V8I16, V8I32 = ir.VectorType(I16, 16), ir.VectorType(I16, 8), ir.VectorType(I32, 8)
+
+
+# ---------------------------------------------------------------- IR helpers
+
+def _typed(*pairs):
+    """Typing guard: (array type, dtype) pairs; the sums read raw memory at element
+    offsets, so each array must be C-contiguous with exactly that dtype."""
+    return all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == d for a, d in pairs)
+
+
+def _offsets(context, builder, sig, args):
+    """args with every integer argument cast to int64 (offsets index with i64)."""
+    return [context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
+            for v, t in zip(args, sig.args)]
+
+
+class _Ctx:
+    """An IR builder plus the Numba context, with the few operations the sums need."""
+
+    def __init__(self, context, builder, use_x86):
+        self.context, self.b, self.x86 = context, builder, use_x86
+
+    def load(self, aryty, ary, off, ty, extra=0):
+        """ty loaded (unaligned) from the array's element off + extra."""
+        data = self.context.make_array(aryty)(self.context, self.b, ary).data
+        p = self.b.gep(data, [self.b.add(off, ir.Constant(I64, extra))])
+        return self.b.load(self.b.bitcast(p, ty.as_pointer()), align=1, typ=ty)
+
+    def call(self, name, ret, args):
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return self.b.call(cgutils.get_or_insert_function(self.b.module, fnty, name), args)
+
+    def _pairs(self, a, b, ext_a, wide):
+        """(a_even * b_even + a_odd * b_odd) widened to `wide` (the generic form)."""
+        n = a.type.count
+        ev = ir.Constant(ir.VectorType(I32, n // 2), list(range(0, n, 2)))
+        od = ir.Constant(ir.VectorType(I32, n // 2), list(range(1, n, 2)))
+        ae, ao = (ext_a(self.b.shuffle_vector(a, a, m), wide) for m in (ev, od))
+        be, bo = (self.b.sext(self.b.shuffle_vector(b, b, m), wide) for m in (ev, od))
+        return self.b.add(self.b.mul(ae, be), self.b.mul(ao, bo))
+
+    def maddubs(self, a, b):
+        """u8 a (32,) x s8 b (32,) -> int16 pair sums (16,)."""
+        if self.x86:
+            return self.call("llvm.x86.avx2.pmadd.ub.sw", V16I16, [a, b])
+        return self._pairs(a, b, self.b.zext, V16I16)
+
+    def madd(self, a, b):
+        """int16 a (16,) x int16 b (16,) -> int32 pair sums (8,)."""
+        if self.x86:
+            return self.call("llvm.x86.avx2.pmadd.wd", V8I32, [a, b])
+        return self._pairs(a, b, self.b.sext, V8I32)
+
+    def reduce(self, v):
+        return self.call(f"llvm.vector.reduce.add.v{v.type.count}i32", I32, [v])
+
+    def splat(self, v, lanes):
+        """The vector of v's lanes `lanes` (indices), e.g. one scale repeated."""
+        return self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, len(lanes)), list(lanes)))
+
+    def const8(self, value):
+        return ir.Constant(V32I8, [value] * 32)
+
+
+def _words_to_i16(c, lo, hi):
+    """Two i32 words -> their 8 bytes zero-extended to <8 x i16>."""
+    v2 = ir.VectorType(I32, 2)
+    v = c.b.insert_element(ir.Constant(v2, ir.Undefined), lo, ir.Constant(I32, 0))
+    v = c.b.insert_element(v, hi, ir.Constant(I32, 1))
+    return c.b.zext(c.b.bitcast(v, V8I8), V8I16)
+
+
+def _q4k_scales(c, rowty, row, o):
+    """(sc, m) <8 x i16> from the 12 packed bytes at row[o+4:] (REFERENCES.md 2,
+    get_scale_min_k4: sub-blocks 0-3 keep the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7
+    take 4 bits from bytes 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7)."""
+    b = c.b
+    w0, w1, w2 = (c.load(rowty, row, o, I32, 4 + 4 * i) for i in range(3))
+    k6, k4, k2 = (ir.Constant(I32, k) for k in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+    top2 = lambda w: b.shl(b.and_(b.lshr(w, ir.Constant(I32, 6)), k2), ir.Constant(I32, 4))  # noqa: E731
+    sc_hi = b.or_(b.and_(w2, k4), top2(w0))
+    m_hi = b.or_(b.and_(b.lshr(w2, ir.Constant(I32, 4)), k4), top2(w1))
+    return _words_to_i16(c, b.and_(w0, k6), sc_hi), _words_to_i16(c, b.and_(w1, k6), m_hi)
+
+
+# ---------------------------------------------------------------- block sums
+
+def _q4k_codegen(context, builder, sig, args):
+    rowty, _, qaty, _, bsty, _ = sig.args
+    row, o, qa, oa, bs, ob = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    b = c.b
+    sc, mn = _q4k_scales(c, rowty, row, o)
+    acc = None
+    for k in range(4):  # 64 values: 32 bytes, low nibbles = sub-block 2k, high = 2k+1
+        w = c.load(rowty, row, o, V32I8, 16 + 32 * k)
+        lo, hi = b.and_(w, c.const8(15)), b.lshr(w, c.const8(4))
+        al, ah = c.load(qaty, qa, oa, V32I8, 64 * k), c.load(qaty, qa, oa, V32I8, 64 * k + 32)
+        s = b.add(c.madd(c.maddubs(lo, al), c.splat(sc, [2 * k] * 16)),
+                  c.madd(c.maddubs(hi, ah), c.splat(sc, [2 * k + 1] * 16)))
+        acc = s if acc is None else b.add(acc, s)
+    msum = c.reduce(b.mul(b.sext(mn, V8I32), c.load(bsty, bs, ob, V8I32)))
+    return context.make_tuple(builder, sig.return_type, [c.reduce(acc), msum])
+
+
+@intrinsic
+def q4k_sums(typingctx, row, o, qa, oa, bs, ob):
+    """(isum, msum) int32 of the Q4_K super-block at row[o:] (144 bytes) against the Q8_K
+    codes qa[oa:oa+256] and their per-32 sums bs[ob:ob+8]."""
+    if _typed((row, types.uint8), (qa, types.int8), (bs, types.int32)):
+        return types.UniTuple(types.int32, 2)(row, o, qa, oa, bs, ob), _q4k_codegen
+
+
+def _q6k_codegen(context, builder, sig, args):
+    rowty, _, qaty, _ = sig.args
+    row, o, qa, oa = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    b = c.b
+    sc = b.sext(c.load(rowty, row, o, V16I8, 192), V16I16)  # (16,) int8 scales
+    m15, m3 = c.const8(15), c.const8(3)
+    acc = None
+    for h in range(2):  # half h: ql at 64h, qh at 128+32h, values 128h..128h+127
+        l0, l1 = c.load(rowty, row, o, V32I8, 64 * h), c.load(rowty, row, o, V32I8, 64 * h + 32)
+        hb = c.load(rowty, row, o, V32I8, 128 + 32 * h)
+        top = [b.shl(b.and_(b.lshr(hb, c.const8(2 * i)), m3), c.const8(4)) for i in range(4)]
+        codes = (b.or_(b.and_(l0, m15), top[0]), b.or_(b.and_(l1, m15), top[1]),
+                 b.or_(b.lshr(l0, c.const8(4)), top[2]), b.or_(b.lshr(l1, c.const8(4)), top[3]))
+        for k, q in enumerate(codes):  # values 128h+32k.., scales 8h+2k and 8h+2k+1
+            a = c.load(qaty, qa, oa, V32I8, 128 * h + 32 * k)
+            p = b.sub(c.maddubs(q, a), c.maddubs(c.const8(32), a))  # (q - 32) * a pairs
+            s = c.madd(p, c.splat(sc, [8 * h + 2 * k] * 8 + [8 * h + 2 * k + 1] * 8))
+            acc = s if acc is None else b.add(acc, s)
+    return c.reduce(acc)
+
+
+@intrinsic
+def q6k_sum(typingctx, row, o, qa, oa):
+    """isum int32 of the Q6_K super-block at row[o:] (210 bytes) . Q8_K codes qa[oa:oa+256]."""
+    if _typed((row, types.uint8), (qa, types.int8)):
+        return types.int32(row, o, qa, oa), _q6k_codegen
+
+
+def _q8_0_codegen(context, builder, sig, args):
+    rowty, _, qaty, _ = sig.args
+    row, o, qa, oa = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    w, a = c.load(rowty, row, o, V32I8, 2), c.load(qaty, qa, oa, V32I8)
+    if c.x86:  # |w| (u8) x a with w's sign, so that vpmaddubsw applies
+        aw = c.call("llvm.abs.v32i8", V32I8, [w, ir.Constant(ir.IntType(1), 0)])
+        sa = c.call("llvm.x86.avx2.psign.b", V32I8, [a, w])
+        return c.reduce(c.madd(c.maddubs(aw, sa), ir.Constant(V16I16, [1] * 16)))
+    v32 = ir.VectorType(I32, 32)
+    return c.reduce(c.b.mul(c.b.sext(w, v32), c.b.sext(a, v32)))
+
+
+@intrinsic
+def q8_0_sum(typingctx, row, o, qa, oa):
+    """isum int32 of the Q8_0 block at row[o:] (34 bytes) . Q8_0 codes qa[oa:oa+32]."""
+    if _typed((row, types.uint8), (qa, types.int8)):
+        return types.int32(row, o, qa, oa), _q8_0_codegen
+
+
+def _f16_codegen(context, builder, sig, args):
+    c = _Ctx(context, builder, AVX2)
+    row, o = _offsets(context, builder, sig, args)
+    return builder.fpext(c.load(sig.args[0], row, o, ir.HalfType()), ir.FloatType())
+
+
+@intrinsic
+def f16_hw(typingctx, row, o):
+    """The little-endian float16 at row[o:o+2] as float32 (an F16C instruction; only used
+    when F16C is set, see qdot)."""
+    if _typed((row, types.uint8)):
+        return types.float32(row, o), _f16_codegen
