@@ -11,12 +11,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf import GGUFValueType, Keys
+from gguf import GGUFValueType
 
 import meldlite
 from helpers_models import Shape, write_random_model
 from meldlite.cli import main as cli_main
-from meldlite.compress.prune import least_used, prune_count, prune_file, pruned_metadata
+from meldlite.compress.prune import (least_used, prune_count, prune_file, pruned_metadata,
+                                     remove_experts)
 from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.formats import layout, read_gguf
 from meldlite.experts.profile import FORMAT, READS
@@ -59,27 +60,6 @@ def models(tmp_path_factory):
     return get
 
 
-def compacted(src, out, flags):
-    """`src` (stacked) without the flagged experts: the llama.cpp-readable reference."""
-    f = read_gguf(src)
-    kept = [np.flatnonzero(~row) for row in flags]                          # per layer (X',)
-    n_kept = {len(k) for k in kept}
-    assert len(n_kept) == 1
-    tensors = []
-    for name in f.tensor_names():
-        view = f.tensor(name)
-        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
-        if name.endswith("_exps.weight") or name.endswith("ffn_gate_inp.weight"):
-            rows = kept[layer]
-            tensors.append(TensorOut(name, view.ggml_type, (len(rows), *view.raw.shape[1:]),
-                                     lambda v=view, r=rows: np.ascontiguousarray(v.raw[r])))
-        else:
-            tensors.append(TensorOut.copy(name, view))
-    key = Keys.LLM.EXPERT_COUNT.format(arch=f.architecture)
-    write_atomic(out, f, tensors, [(key, n_kept.pop(), GGUFValueType.UINT32, None)], skip_keys=(key,))
-    return out
-
-
 # -- the mask in the router kernel ---------------------------------------------
 
 @pytest.mark.parametrize("norm_topk", [True, False])
@@ -106,7 +86,7 @@ def test_pruned_logits_match_llamacpp_without_those_experts(models, arch, tmp_pa
     from helpers_models import llamacpp_logits
     src, pruned = models(arch)
     flags = least_used(popularity(), N_PRUNE)                                # (L, X)
-    ref_path = compacted(src, tmp_path / "compact.gguf", flags)
+    ref_path = remove_experts(src, tmp_path / "removed.gguf", flags)
     ids = tokens()
     ref = llamacpp_logits(ref_path, ids)                                      # (T, V)
     m = meldlite.load(pruned, n_ctx=128)
@@ -211,3 +191,13 @@ def test_cli_prune_experts(models, tmp_path, command):
         r = CliRunner().invoke(cli_main, [name, str(src), str(tmp_path / "bad.gguf"), *opts, *bad])
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
         assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_remove_experts_needs_equal_counts_and_the_stacked_layout(models, tmp_path):
+    src, pruned = models("qwen3moe")
+    flags = np.zeros((SHAPE.n_layer, SHAPE.n_expert), bool)
+    flags[0, 0] = True
+    with pytest.raises(OptionError, match="same number"):
+        remove_experts(src, tmp_path / "x.gguf", flags)
+    with pytest.raises(UnsupportedError, match="stacked"):
+        remove_experts(pruned, tmp_path / "x.gguf", flags)

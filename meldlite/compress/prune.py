@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFValueType
+from gguf import GGUFValueType, Keys
 
 from meldlite.config import ModelConfig
-from meldlite.errors import FormatError, OptionError
+from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.formats import layout
 from meldlite.formats.gguf import read_gguf
 from meldlite.formats.pack import TensorOut, non_expert_names, write_atomic
@@ -139,3 +139,31 @@ def prune_file(src, out, profile=None, prune="0"):
     out = Path(out)
     write_atomic(out, f, tensors, meta, skip_keys=(layout.KEY_PRUNED,))
     return Pruned(out, int(flags.sum()), out.stat().st_size)
+
+
+def remove_experts(src, out, flags):
+    """Write `out`: the stacked (llama.cpp layout) `src` with the flagged experts (L, X)
+    removed, their router rows and expert slices dropped and expert_count lowered, so
+    that llama.cpp runs the pruned model (its softmax then spans the kept experts only,
+    as the mask does). Every layer must drop the same number; expert ids are renumbered."""
+    f = read_gguf(src)
+    if f.expert_layout != layout.STACKED:
+        raise UnsupportedError(f"{src}: removing experts needs the stacked layout")
+    flags = np.asarray(flags, bool)                                         # (L, X)
+    kept = [np.flatnonzero(~row) for row in flags]                          # per layer (X',)
+    if len({len(k) for k in kept}) != 1:
+        raise OptionError("removing experts needs the same number pruned in every layer")
+    stacked = set(f.expert_tensor_names())
+    tensors = []
+    for name in f.tensor_names():
+        view = f.tensor(name)
+        if name in stacked or name.endswith(".ffn_gate_inp.weight"):
+            rows = kept[int(name.split(".")[1])]
+            tensors.append(TensorOut(name, view.ggml_type, (len(rows), *view.raw.shape[1:]),
+                                     lambda v=view, r=rows: np.ascontiguousarray(v.raw[r])))
+        else:
+            tensors.append(TensorOut.copy(name, view))
+    key = Keys.LLM.EXPERT_COUNT.format(arch=f.architecture)
+    write_atomic(out, f, tensors, [(key, len(kept[0]), GGUFValueType.UINT32, None)],
+                 skip_keys=(key, layout.KEY_PRUNED, layout.KEY_POPULARITY, layout.KEY_SENSITIVITY))
+    return Path(out)
