@@ -25,6 +25,7 @@ from numba import njit
 EPS = 1e-15          # ggml's GROUP_MAX_EPS: blocks with max |x| below this are all-zero
 N_STEPS = 9          # candidate inverse scales at 0.1 level spacing either side of the extreme
 N_LLOYD = 4          # rounding / least-squares refinement rounds
+FAST = {"reassoc", "contract"}  # lets LLVM vectorise the sums of the inner loops
 TIE = 1 + 1e-12      # a later candidate must beat the best by this factor (stable ties)
 
 
@@ -73,14 +74,20 @@ def clamp_round(v, lo, hi):
     return min(hi, max(lo, int(np.rint(v))))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def level(v, lo, hi):
+    """clamp_round as a float64 (the searches' inner loops)."""
+    return min(np.float64(hi), max(np.float64(lo), np.rint(v)))
+
+
+@njit(cache=True, fastmath=FAST)
 def _gain_symmetric(x, w, iscale, nmax):
     """(sum w x l, sum w l^2) for l = round(iscale * x) clamped to [-nmax, nmax-1]."""
     sumlx = 0.0
     suml2 = 0.0
     for i in range(x.shape[0]):
         xi, wi = np.float64(x[i]), np.float64(w[i])
-        l = clamp_round(iscale * xi, -nmax, nmax - 1)
+        l = level(iscale * xi, -nmax, nmax - 1)
         sumlx += wi * xi * l
         suml2 += wi * l * l
     return sumlx, suml2
@@ -120,20 +127,20 @@ def fit_symmetric(x, w, nmax):
     return best_s
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def block_err_symmetric(x, w, s, nmax):
     """sum w (x - s*l)^2 with l = round(x/s) clamped to [-nmax, nmax-1] (l = 0 if s == 0)."""
     err = 0.0
     inv = 1.0 / s if s != 0 else 0.0
     for i in range(x.shape[0]):
         xi = np.float64(x[i])
-        l = clamp_round(xi * inv, -nmax, nmax - 1)
+        l = level(xi * inv, -nmax, nmax - 1)
         diff = xi - s * l
         err += np.float64(w[i]) * diff * diff
     return err
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
     """Levels l = round(iscale*(x - lo)) in [0, nmax]; weighted least-squares (s, m) for
     x ~ s*l - m with m >= 0, and its error."""
@@ -142,7 +149,7 @@ def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
     sum_xl = 0.0
     for i in range(x.shape[0]):
         xi, wi = np.float64(x[i]), np.float64(w[i])
-        l = clamp_round(iscale * (xi - lo), 0, nmax)
+        l = level(iscale * (xi - lo), 0, nmax)
         sum_l += wi * l
         sum_l2 += wi * l * l
         sum_xl += wi * l * xi
@@ -157,14 +164,14 @@ def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
     return s, -off, block_err_affine(x, w, s, -off, nmax)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def block_err_affine(x, w, s, m, nmax):
     """sum w (x - (s*l - m))^2 with l = round((x + m)/s) clamped to [0, nmax] (0 if s == 0)."""
     err = 0.0
     inv = 1.0 / s if s > 0 else 0.0
     for i in range(x.shape[0]):
         xi = np.float64(x[i])
-        l = clamp_round((xi + m) * inv, 0, nmax)
+        l = level((xi + m) * inv, 0, nmax)
         diff = xi - (s * l - m)
         err += np.float64(w[i]) * diff * diff
     return err
