@@ -39,7 +39,7 @@ from meldlite.kernels.actquant import NONE, Q8_0 as MODE_Q8_0, Q8_K as MODE_Q8_K
 from meldlite.kernels.bits import f16_to_f32
 from meldlite.kernels.blocks import decode_span
 from meldlite.kernels.qtypes import F16, F32, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
-from meldlite.kernels.simd import F16C, f16_hw, q4k_sums, q6k_sum, q8_0_sum
+from meldlite.kernels.simd import F16C, f16_hw, q4k_sums, q6k_sum, q8_0_sum, u16_at
 
 INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)  # ggml type ids with integer kernels
 CHUNK = 16  # rows per parallel work item
@@ -122,41 +122,49 @@ def empty_acts(n_tok, n):
 # ---------------------------------------------------------------- row kernels
 
 @njit(inline="always")
-def _f16(row, o):
-    """The float16 at row[o:o+2] as float32 (one F16C instruction where the CPU has it)."""
+def _f16(w, o):
+    """The float16 at byte o of w as float32 (one F16C instruction where the CPU has it)."""
     if F16C:
-        return f16_hw(row, o)
-    return f16_to_f32(np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8)))
+        return f16_hw(w, o)
+    return f16_to_f32(np.uint32(u16_at(w, o)))
 
+
+# Row r of a matrix w (n_rows, row_bytes) . token k of activations qa (T, n) int8,
+# da (T, n/32) float32, bs (T, n/32) int32: block by block, the integer sums from simd.py,
+# the float steps here in block order. Flat offsets instead of slices (no reference counts).
 
 @njit(cache=True, error_model="numpy")
-def dot_q4_k(row, qa, da, bs, nb):
+def dot_q4_k(w, r, qa, da, bs, k, nb):
     """Q4_K row (nb super-blocks of 144 bytes) . Q8_K activations."""
     sumf = np.float32(0.0)
+    ow, oa, ob = r * w.shape[1], k * qa.shape[1], k * bs.shape[1]
     for b in range(nb):
-        o = 144 * b
-        isum, msum = q4k_sums(row, o, qa, 256 * b, bs, 8 * b)
-        sumf += _f16(row, o) * da[b] * np.float32(isum) - _f16(row, o + 2) * da[b] * np.float32(msum)
+        o = ow + 144 * b
+        isum, msum = q4k_sums(w, o, qa, oa + 256 * b, bs, ob + 8 * b)
+        d = da[k, b]
+        sumf += _f16(w, o) * d * np.float32(isum) - _f16(w, o + 2) * d * np.float32(msum)
     return sumf
 
 
 @njit(cache=True, error_model="numpy")
-def dot_q6_k(row, qa, da, nb):
+def dot_q6_k(w, r, qa, da, k, nb):
     """Q6_K row (nb super-blocks of 210 bytes) . Q8_K activations."""
     sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
     for b in range(nb):
-        o = 210 * b
-        sumf += _f16(row, o + 208) * da[b] * np.float32(q6k_sum(row, o, qa, 256 * b))
+        o = ow + 210 * b
+        sumf += _f16(w, o + 208) * da[k, b] * np.float32(q6k_sum(w, o, qa, oa + 256 * b))
     return sumf
 
 
 @njit(cache=True, error_model="numpy")
-def dot_q8_0(row, qa, da, nb):
+def dot_q8_0(w, r, qa, da, k, nb):
     """Q8_0 row (nb blocks of 34 bytes) . Q8_0 activations."""
     sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
     for b in range(nb):
-        o = 34 * b
-        sumf += _f16(row, o) * da[b] * np.float32(q8_0_sum(row, o, qa, 32 * b))
+        o = ow + 34 * b
+        sumf += _f16(w, o) * da[k, b] * np.float32(q8_0_sum(w, o, qa, oa + 32 * b))
     return sumf
 
 
@@ -289,21 +297,17 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
     if n == 0:
         return
     nk, n32 = n_cols // 256, n_cols // 32
-    if use_int and n == 1:  # decode: one token, its activation rows taken once
-        k = toks[0]
-        qk, dk, bk = qa[k], da[k], bs[k]
-        if t == Q4_K:
-            for r in range(r0, r1):
-                out[0, r] = dot_q4_k(raw[r], qk, dk, bk, nk)
-            return
-        if t == Q6_K:
-            for r in range(r0, r1):
-                out[0, r] = dot_q6_k(raw[r], qk, dk, nk)
-            return
-        if t == Q8_0:
-            for r in range(r0, r1):
-                out[0, r] = dot_q8_0(raw[r], qk, dk, n32)
-            return
+    if use_int and (t == Q4_K or t == Q6_K or t == Q8_0):  # the simd kernels, no slices
+        for r in range(r0, r1):
+            for i in range(n):
+                k = toks[i]
+                if t == Q4_K:
+                    out[i, r] = dot_q4_k(raw, r, qa, da, bs, k, nk)
+                elif t == Q6_K:
+                    out[i, r] = dot_q6_k(raw, r, qa, da, k, nk)
+                else:
+                    out[i, r] = dot_q8_0(raw, r, qa, da, k, n32)
+        return
     acc16 = np.empty(16, dtype=np.float32)  # (16,) lanes of dot_lanes16
     for r in range(r0, r1):
         row = raw[r]
@@ -319,12 +323,6 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
                 v = dot_float(scratch, xr[k], n_cols)
-            elif t == Q4_K:
-                v = dot_q4_k(row, qa[k], da[k], bs[k], nk)
-            elif t == Q6_K:
-                v = dot_q6_k(row, qa[k], da[k], nk)
-            elif t == Q8_0:
-                v = dot_q8_0(row, qa[k], da[k], n32)
             elif t == Q4_0:
                 v = dot_q4_0(row, qa[k], da[k], n32, 16)
             elif t == Q5_0:

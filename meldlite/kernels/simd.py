@@ -12,7 +12,11 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
     q8_0_sum(row, o, qa, oa) -> isum                   Q8_0 block at row[o:]
         isum = sum_l w_l * qa[oa + l]
-    f16_at(row, o) -> float32                          the float16 at row[o:o+2]
+    f16_hw(row, o) -> float32                          the float16 at byte o (F16C)
+    u16_at(row, o) -> uint16                           the uint16 at byte o
+
+Offsets count elements from the start of C-contiguous arrays of any number of dimensions
+(row o of a 2-D array is at o * shape[1]), so callers never slice inside their loops.
 
 Integer sums are exact, so the float steps around them (in qdot) decide the result bits,
 and they do not depend on which instructions computed the integers. On x86 with AVX2 the
@@ -211,3 +215,15 @@ def f16_hw(typingctx, row, o):
     when F16C is set, see qdot)."""
     if _typed((row, types.uint8)):
         return types.float32(row, o), _f16_codegen
+
+
+def _u16_codegen(context, builder, sig, args):
+    row, o = _offsets(context, builder, sig, args)
+    return _Ctx(context, builder, AVX2).load(sig.args[0], row, o, I16)
+
+
+@intrinsic
+def u16_at(typingctx, row, o):
+    """The little-endian uint16 at byte o of the uint8 array `row`."""
+    if _typed((row, types.uint8)):
+        return types.uint16(row, o), _u16_codegen
