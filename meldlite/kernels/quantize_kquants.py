@@ -7,11 +7,15 @@ the "affine" types Q2_K/Q4_K/Q5_K, an integer min) times one f16 super-scale d (
 The levels l are rounded to nearest for the stored scales (optimal for fixed scales), so
 the search is over the scales only, minimising sum(w * err^2) with w = 1 or the importance:
 1. each sub-block's float scale (and min): `fit_affine` / `fit_symmetric`;
-2. d: candidates max_scale/(qmax + 0.1*k) (affine; then dmin likewise) or extreme/(lo or hi
-   + 0.25*k) (symmetric, both orientations), each scored by the true error of the whole
-   super-block with its integer scales rounded to nearest;
+2. d: candidates max_scale/(qmax + 0.1*k) and each sub-block's scale/qmax (affine; then
+   dmin likewise), or extreme/(lo + 0.25*k), extreme/(hi - 0.25*k) and each sub-block's
+   scale/lo and /hi (symmetric), each scored by the true error of the whole super-block
+   with its integer scales rounded to nearest;
 3. each sub-block's integer scale (and min) within +-radius of its rounded value;
 4. least-squares refit of d (and dmin) for the chosen integers, kept if better; step 3 again.
+Each super-block is searched twice: with the sub-block fits of step 1 weighted by w, and
+by w * sqrt(2*mean(x^2) + x^2) (ggml's imatrix weighting, which favours large values and
+finds a different optimum where a few weights dominate); the lower true error is kept.
 ggml's own search (make_qkx2/qkx3_quants, make_qp_quants, make_q3_quants) scores a proxy
 (weights |x|, x^2 or av_x+|x| without imatrix) and rounds the sub-block scales once.
 """
@@ -49,12 +53,18 @@ def _round_scales(vals, d, lo, hi, out):
 @njit(cache=True)
 def _search_super(x, w, sub, nmax, qmax, vals, h_other, ls_other, n_cand, is_min, ls, lm):
     """Best f16 super-scale for `vals` (scales, or mins if is_min) with the other one fixed;
-    fills ls (or lm) with the rounded integers. Returns (f16 bits, error)."""
+    fills ls (or lm) with the rounded integers. Returns (f16 bits, error).
+    Candidates: max/(qmax + 0.1k), |k| <= n_cand, then vals[j]/qmax for each sub-block j
+    (the larger values are then clipped at qmax, the smaller ones get finer steps)."""
     vmax = vals.max()
     best_h, best_err = 0, np.inf
     tmp = np.zeros(vals.shape[0], dtype=np.int64)
-    for k in range(-n_cand, n_cand + 1):
-        h = f16_bits(np.float32(vmax / (qmax + 0.1 * k))) if vmax > 0 else 0
+    n_grid = 2 * n_cand + 1
+    for c in range(n_grid + vals.shape[0]):
+        v = vmax / (qmax + 0.1 * (c - n_cand)) if c < n_grid else vals[c - n_grid] / qmax
+        if (vmax <= 0 and c > 0) or (c >= n_grid and not v > 0):
+            continue
+        h = f16_bits(np.float32(v)) if vmax > 0 else 0
         _round_scales(vals, f16_value(h), 0, qmax, tmp)
         if is_min:
             err = _affine_err(x, w, sub, nmax, f16_value(h_other), ls_other, f16_value(h), tmp)
@@ -66,8 +76,6 @@ def _search_super(x, w, sub, nmax, qmax, vals, h_other, ls_other, n_cand, is_min
                 lm[:] = tmp
             else:
                 ls[:] = tmp
-        if vmax <= 0:
-            break
     return best_h, best_err
 
 
@@ -111,13 +119,14 @@ def _refit_affine(x, w, sub, nmax, d, ls, dm, lm):
 
 
 @njit(cache=True)
-def quantize_affine_super(x, w, sub, nmax, qmax, n_steps, n_cand, radius, ls, lm, levels):
-    """One affine super-block: fills ls, lm (n_sub,) and levels (256,); returns f16 (d, dmin)."""
+def quantize_affine_super(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius, ls, lm, levels):
+    """One affine super-block: fills ls, lm (n_sub,) and levels (256,); returns f16 (d, dmin)
+    and the error. The sub-block fits use weights wf, everything else w."""
     n_sub = QK_K // sub
     s = np.empty(n_sub)
     m = np.empty(n_sub)
     for j in range(n_sub):
-        s[j], m[j] = fit_affine(x[sub * j:sub * (j + 1)], w[sub * j:sub * (j + 1)], nmax, n_steps)
+        s[j], m[j] = fit_affine(x[sub * j:sub * (j + 1)], wf[sub * j:sub * (j + 1)], nmax, n_steps)
     mmax = m.max()
     hm = f16_bits(np.float32(mmax / qmax)) if mmax > 0 else 0
     _round_scales(m, f16_value(hm), 0, qmax, lm)
@@ -138,7 +147,7 @@ def quantize_affine_super(x, w, sub, nmax, qmax, n_steps, n_cand, radius, ls, lm
         j = i // sub
         sc = d * ls[j]
         levels[i] = clamp_round((x[i] + dm * lm[j]) / sc, 0, nmax) if sc > 0 else 0
-    return hd, hm
+    return hd, hm, _affine_err(x, w, sub, nmax, d, ls, dm, lm)
 
 
 # ---- symmetric types (Q3_K, Q6_K) -------------------------------------------------------------
@@ -178,12 +187,13 @@ def _refit_sym(x, w, sub, nmax, d, ls):
 
 
 @njit(cache=True)
-def quantize_symmetric_super(x, w, sub, nmax, lo, hi, n_cand, radius, ls, levels):
-    """One symmetric super-block: fills ls (n_sub,) and levels (256,) in [0, 2*nmax); returns f16 d."""
+def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, levels):
+    """One symmetric super-block: fills ls (n_sub,) and levels (256,) in [0, 2*nmax); returns
+    f16 d and the error. The sub-block fits use weights wf, everything else w."""
     n_sub = QK_K // sub
     s = np.empty(n_sub)
     for j in range(n_sub):
-        s[j] = fit_symmetric(x[sub * j:sub * (j + 1)], w[sub * j:sub * (j + 1)], nmax)
+        s[j] = fit_symmetric(x[sub * j:sub * (j + 1)], wf[sub * j:sub * (j + 1)], nmax)
     smax = 0.0
     for v in s:
         if abs(v) > abs(smax):
@@ -192,15 +202,21 @@ def quantize_symmetric_super(x, w, sub, nmax, lo, hi, n_cand, radius, ls, levels
     tmp = np.zeros(n_sub, dtype=np.int64)
     ls[:] = 0
     if smax != 0:
-        for orient in range(2):
-            for k in range(n_cand + 1):
-                t = (lo + 0.25 * k) if orient == 0 else (hi - 0.25 * k)   # the extreme scale -> t
-                h = f16_bits(np.float32(smax / t))
-                _round_scales(s, f16_value(h), lo, hi, tmp)
-                err = _sym_err(x, w, sub, nmax, f16_value(h), tmp)
-                if err * TIE < best_err:
-                    best_h, best_err = h, err
-                    ls[:] = tmp
+        for c in range(2 * (n_cand + 1) + 2 * n_sub):
+            if c < 2 * (n_cand + 1):       # the extreme scale -> lo + 0.25k or hi - 0.25k
+                k = c % (n_cand + 1)
+                v = smax / (lo + 0.25 * k) if c <= n_cand else smax / (hi - 0.25 * k)
+            else:                          # sub-block j's scale -> lo or hi
+                j = (c - 2 * (n_cand + 1)) // 2
+                v = s[j] / (lo if c % 2 == 0 else hi)
+                if s[j] == 0:
+                    continue
+            h = f16_bits(np.float32(v))
+            _round_scales(s, f16_value(h), lo, hi, tmp)
+            err = _sym_err(x, w, sub, nmax, f16_value(h), tmp)
+            if err * TIE < best_err:
+                best_h, best_err = h, err
+                ls[:] = tmp
     _neighbours_sym(x, w, sub, nmax, lo, hi, radius, f16_value(best_h), ls)
     h2 = _refit_sym(x, w, sub, nmax, f16_value(best_h), ls)
     if h2 >= 0 and (h2 & 0x7C00) != 0x7C00:
@@ -213,7 +229,7 @@ def quantize_symmetric_super(x, w, sub, nmax, lo, hi, n_cand, radius, ls, levels
     for i in range(QK_K):
         sc = d * ls[i // sub]
         levels[i] = (clamp_round(x[i] / sc, -nmax, nmax - 1) if sc != 0 else 0) + nmax
-    return best_h
+    return best_h, _sym_err(x, w, sub, nmax, d, ls)
 
 
 # ---- packing, as ggml lays the blocks out ------------------------------------------------------
@@ -308,6 +324,20 @@ def _pack_q6_k(hd, ls, levels, blk):              # ql[128], qh[64], scales[16] 
     put_f16(blk, 208, hd)
 
 
+@njit(cache=True)
+def alt_weights(x, w):
+    """w * sqrt(sigma2 + x^2), sigma2 = 2*mean(x^2): fit weights that favour large values,
+    as ggml's imatrix path uses; the second start of each super-block fits with them."""
+    sigma2 = 0.0
+    for v in x:
+        sigma2 += np.float64(v) * np.float64(v)
+    sigma2 = 2 * sigma2 / x.shape[0]
+    out = np.empty(x.shape[0], dtype=np.float32)
+    for i in range(x.shape[0]):
+        out[i] = np.float64(w[i]) * np.sqrt(sigma2 + np.float64(x[i]) * np.float64(x[i]))
+    return out
+
+
 # ---- row kernels ------------------------------------------------------------------------------
 
 @njit(cache=True)
@@ -328,10 +358,19 @@ def _affine_rows(x, w, out, kind, sub, nmax, qmax, n_steps, n_cand, radius):
         ls = np.zeros(QK_K // sub, dtype=np.int64)
         lm = np.zeros(QK_K // sub, dtype=np.int64)
         levels = np.zeros(QK_K, dtype=np.int64)
+        ls2, lm2, levels2 = ls.copy(), lm.copy(), levels.copy()
         for b in range(nb):
             xs = x[r, QK_K * b:QK_K * (b + 1)]
-            hd, hm = quantize_affine_super(xs, _weights(w, QK_K * b, sub), sub, nmax, qmax, n_steps,
-                                           n_cand, radius, ls, lm, levels)
+            ws = _weights(w, QK_K * b, sub)
+            hd, hm, err = quantize_affine_super(xs, ws, ws, sub, nmax, qmax, n_steps, n_cand, radius,
+                                                ls, lm, levels)
+            hd2, hm2, err2 = quantize_affine_super(xs, ws, alt_weights(xs, ws), sub, nmax, qmax, n_steps,
+                                                   n_cand, radius, ls2, lm2, levels2)
+            if err2 * TIE < err:
+                hd, hm = hd2, hm2
+                ls[:] = ls2
+                lm[:] = lm2
+                levels[:] = levels2
             blk = out[r, nbytes * b:nbytes * (b + 1)]
             if kind == 2:
                 _pack_q2_k(hd, hm, ls, lm, levels, blk)
@@ -349,10 +388,17 @@ def _symmetric_rows(x, w, out, kind, nmax, lo, hi, n_cand, radius):
     for r in prange(n_rows):
         ls = np.zeros(QK_K // 16, dtype=np.int64)
         levels = np.zeros(QK_K, dtype=np.int64)
+        ls2, levels2 = ls.copy(), levels.copy()
         for b in range(nb):
             xs = x[r, QK_K * b:QK_K * (b + 1)]
-            hd = quantize_symmetric_super(xs, _weights(w, QK_K * b, 16), 16, nmax, lo, hi, n_cand, radius,
-                                          ls, levels)
+            ws = _weights(w, QK_K * b, 16)
+            hd, err = quantize_symmetric_super(xs, ws, ws, 16, nmax, lo, hi, n_cand, radius, ls, levels)
+            hd2, err2 = quantize_symmetric_super(xs, ws, alt_weights(xs, ws), 16, nmax, lo, hi, n_cand, radius,
+                                                 ls2, levels2)
+            if err2 * TIE < err:
+                hd = hd2
+                ls[:] = ls2
+                levels[:] = levels2
             blk = out[r, nbytes * b:nbytes * (b + 1)]
             if kind == 3:
                 _pack_q3_k(hd, ls, levels, blk)

@@ -263,6 +263,14 @@ def _search_super_ref(x, w, nmax, qmax, vals, n_cand, score):
         better = (err * TIE < best_err) & ((vmax > 0) | (k == -n_cand))
         best_d, best_err, best_l = _update(better, d, best_d), _update(better, err, best_err), \
             _update(better[:, None], ints, best_l)
+    for j in range(vals.shape[1]):                          # sub-block j's value -> qmax
+        v = vals[:, j] / qmax
+        d = _f16(np.where(v > 0, v, 0))
+        ints = _round_scales(vals, d, 0, qmax)
+        err = score(d, ints)
+        better = (vmax > 0) & (v > 0) & (err * TIE < best_err)
+        best_d, best_err, best_l = _update(better, d, best_d), _update(better, err, best_err), \
+            _update(better[:, None], ints, best_l)
     return best_d, best_l
 
 
@@ -304,11 +312,12 @@ def _refit_affine_ref(x, w, nmax, d, ls, dm, lm):
     return _f16(np.where(ok, d2, 0)), _f16(np.where(ok, dm2, 0)), ok
 
 
-def affine_super_ref(x, w, sub, nmax, qmax, n_steps, n_cand, radius):
-    """x, w (B, 256) -> f16 d, dmin (B,), integer scales, mins (B, n_sub), levels (B, 256)."""
+def affine_super_ref(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius):
+    """x, w, wf (B, 256) -> f16 d, dmin (B,), integer scales, mins (B, n_sub), levels (B, 256),
+    error (B,); the sub-block fits use weights wf."""
     B = x.shape[0]
-    x, w = x.reshape(B, -1, sub), w.reshape(B, -1, sub)  # (B, n_sub, sub)
-    s, m = fit_affine_ref(x, w, nmax, n_steps)  # (B, n_sub)
+    x, w, wf = x.reshape(B, -1, sub), w.reshape(B, -1, sub), wf.reshape(B, -1, sub)  # (B, n_sub, sub)
+    s, m = fit_affine_ref(x, wf, nmax, n_steps)  # (B, n_sub)
     mmax = m.max(-1)
     dm = np.where(mmax > 0, _f16(mmax / qmax), 0.0)
     lm = _round_scales(m, dm, 0, qmax)
@@ -320,7 +329,8 @@ def affine_super_ref(x, w, sub, nmax, qmax, n_steps, n_cand, radius):
     ok &= _affine_total(x, w, nmax, d2, ls2, dm2, lm2) * TIE < _affine_total(x, w, nmax, d, ls, dm, lm)
     d, dm = _update(ok, d2, d), _update(ok, dm2, dm)
     ls, lm = _update(ok[:, None], ls2, ls), _update(ok[:, None], lm2, lm)
-    return d, dm, ls.astype(np.int64), lm.astype(np.int64), _levels_affine(x, d, ls, dm, lm, nmax).reshape(B, -1)
+    return (d, dm, ls.astype(np.int64), lm.astype(np.int64), _levels_affine(x, d, ls, dm, lm, nmax).reshape(B, -1),
+            _affine_total(x, w, nmax, d, ls, dm, lm))
 
 
 def _sym_total(x, w, nmax, d, ls):
@@ -345,11 +355,12 @@ def _levels_sym(x, d, ls, nmax):
     return np.where(sc != 0, _round_clamp(x / np.where(sc != 0, sc, 1), -nmax, nmax - 1), 0)
 
 
-def symmetric_super_ref(x, w, nmax, lo, hi, n_cand, radius):
-    """x, w (B, 256) -> f16 d (B,), integer scales (B, 16), levels (B, 256) in [0, 2*nmax)."""
+def symmetric_super_ref(x, w, wf, nmax, lo, hi, n_cand, radius):
+    """x, w, wf (B, 256) -> f16 d (B,), integer scales (B, 16), levels (B, 256) in [0, 2*nmax),
+    error (B,); the sub-block fits use weights wf."""
     B = x.shape[0]
-    x, w = x.reshape(B, -1, 16), w.reshape(B, -1, 16)  # (B, 16, 16)
-    s = fit_symmetric_ref(x, w, nmax)  # (B, 16)
+    x, w, wf = x.reshape(B, -1, 16), w.reshape(B, -1, 16), wf.reshape(B, -1, 16)  # (B, 16, 16)
+    s = fit_symmetric_ref(x, wf, nmax)  # (B, 16)
     smax = _signed_absmax(s)
     live = smax != 0
     best_d, best_err, ls = np.zeros(B), np.full(B, np.inf), np.zeros(s.shape)
@@ -360,6 +371,14 @@ def symmetric_super_ref(x, w, nmax, lo, hi, n_cand, radius):
             ints = _round_scales(s, d, lo, hi)
             err = _sym_total(x, w, nmax, d, ints)
             better = live & (err * TIE < best_err)
+            best_d, best_err, ls = _update(better, d, best_d), _update(better, err, best_err), \
+                _update(better[:, None], ints, ls)
+    for j in range(s.shape[1]):                             # sub-block j's scale -> lo or hi
+        for t in (lo, hi):
+            d = _f16(s[:, j] / t)
+            ints = _round_scales(s, d, lo, hi)
+            err = _sym_total(x, w, nmax, d, ints)
+            better = live & (s[:, j] != 0) & (err * TIE < best_err)
             best_d, best_err, ls = _update(better, d, best_d), _update(better, err, best_err), \
                 _update(better[:, None], ints, ls)
     d = best_d
@@ -374,7 +393,8 @@ def symmetric_super_ref(x, w, nmax, lo, hi, n_cand, radius):
     ls2 = _neighbours_sym_ref(x, w, nmax, lo, hi, radius, d2, ls)
     ok &= _sym_total(x, w, nmax, d2, ls2) * TIE < _sym_total(x, w, nmax, d, ls)
     d, ls = _update(ok, d2, d), _update(ok[:, None], ls2, ls)
-    return d, ls.astype(np.int64), (_levels_sym(x, d, ls, nmax) + nmax).astype(np.int64).reshape(B, -1)
+    return (d, ls.astype(np.int64), (_levels_sym(x, d, ls, nmax) + nmax).astype(np.int64).reshape(B, -1),
+            _sym_total(x, w, nmax, d, ls))
 
 
 def _super_inputs(x, w, sub):
@@ -403,11 +423,25 @@ def _rows(blocks, n_rows):
     return np.ascontiguousarray(blocks.astype(np.uint8)).reshape(n_rows, -1)
 
 
+def alt_weights_ref(x, w):
+    """(B, 256) fit weights of the second start: w * sqrt(2*mean(x^2) + x^2), as float32."""
+    sigma2 = 2 * (x * x).sum(-1, keepdims=True) / x.shape[-1]
+    return (w * np.sqrt(sigma2 + x * x)).astype(np.float32).astype(np.float64)
+
+
+def _best_of_two(first, second):
+    """Per super-block, the second start's results where its error (last item) is lower."""
+    better = second[-1] * TIE < first[-1]
+    return [np.where(better.reshape(-1, *[1] * (a.ndim - 1)), b, a) for a, b in zip(first, second)]
+
+
 def _kquant_affine_ref(name, pack):
     def run(x, w=None):
         sub, nmax, qmax, n_steps, n_cand, radius = AFFINE[name]
         xs, ws = _super_inputs(x, w, sub)
-        d, dm, ls, lm, levels = affine_super_ref(xs, ws, sub, nmax, qmax, n_steps, n_cand, radius)
+        starts = [affine_super_ref(xs, ws, wf, sub, nmax, qmax, n_steps, n_cand, radius)
+                  for wf in (ws, alt_weights_ref(xs, ws))]
+        d, dm, ls, lm, levels, _ = _best_of_two(*starts)
         return _rows(pack(_f16_bytes(d), _f16_bytes(dm), ls, lm, levels.astype(np.int64)), x.shape[0])
     return run
 
@@ -416,7 +450,9 @@ def _kquant_symmetric_ref(name, pack):
     def run(x, w=None):
         nmax, lo, hi, n_cand, radius = SYMMETRIC[name]
         xs, ws = _super_inputs(x, w, 16)
-        d, ls, levels = symmetric_super_ref(xs, ws, nmax, lo, hi, n_cand, radius)
+        starts = [symmetric_super_ref(xs, ws, wf, nmax, lo, hi, n_cand, radius)
+                  for wf in (ws, alt_weights_ref(xs, ws))]
+        d, ls, levels, _ = _best_of_two(*starts)
         return _rows(pack(_f16_bytes(d), ls, levels), x.shape[0])
     return run
 
