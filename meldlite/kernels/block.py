@@ -188,19 +188,18 @@ def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, use_int)
     nk = (wk.shape[0] + CHUNK - 1) // CHUNK
     nv = (wv.shape[0] + CHUNK - 1) // CHUNK
     for c in prange(nq + nk + nv):
-        scratch = np.empty(xr.shape[1], dtype=np.float32)
         if c < nq:
             r0 = c * CHUNK
             rows_times_tokens(wq, tq, r0, min(wq.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, q,
-                              scratch, use_int)
+                              use_int)
         elif c < nq + nk:
             r0 = (c - nq) * CHUNK
             rows_times_tokens(wk, tk, r0, min(wk.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, k,
-                              scratch, use_int)
+                              use_int)
         else:
             r0 = (c - nq - nk) * CHUNK
             rows_times_tokens(wv, tv, r0, min(wv.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, v,
-                              scratch, use_int)
+                              use_int)
 
 
 @njit(cache=True, error_model="numpy")

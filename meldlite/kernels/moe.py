@@ -25,7 +25,7 @@ from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels._cache import track_sources
 from meldlite.kernels.actquant import MODE_BY_ID, NONE, round_row
 from meldlite.kernels.matmul import matmat_rows, writable_rows
-from meldlite.kernels.qdot import CHUNK, PARALLEL_MIN_BYTES, quantize_row, rows_times_tokens
+from meldlite.kernels.qdot import PARALLEL_MIN_BYTES, quantize_row, rows_times_tokens
 from meldlite.kernels.qtypes import BLOCK_BYTES, BLOCK_ELEMS, SUPPORTED_IDS, check_type, row_bytes
 
 MATRIX_TYPE = nbtypes.Array(nbtypes.uint8, 2, "C", readonly=True)  # numba type of each entry of `mats`
@@ -129,7 +129,11 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
 # ---------------------------------------------------------------- integer path (round_acts)
 # The same sum as moe_ffn_kernel with rounded activations, computed as llama.cpp does:
 # integer dot products against 8-bit activation codes (qdot.py). Work is split into
-# (expert, CHUNK rows) items: one parallel pass for gate+up+SwiGLU, one for down.
+# (expert, ITEM_ROWS rows) items: one parallel pass for gate+up+SwiGLU, one for down.
+# Each item slices its expert's arrays (reference counts), so items are not too small:
+# 64 rows give 64 + 128 items for 8 experts of 512 x 1024, plenty for a few threads.
+
+ITEM_ROWS = 64
 
 @njit(cache=True, error_model="numpy")
 def _act_slots(ids, modes):
@@ -153,13 +157,13 @@ def _items(starts, n_rows_of, types, which):
     n = 0
     for e in range(types.shape[0]):
         if starts[e + 1] > starts[e]:
-            n += (n_rows_of[e, which] + CHUNK - 1) // CHUNK
+            n += (n_rows_of[e, which] + ITEM_ROWS - 1) // ITEM_ROWS
     item_e = np.empty(n, dtype=np.int64)  # (n_items,)
     item_r = np.empty(n, dtype=np.int64)  # (n_items,)
     i = 0
     for e in range(types.shape[0]):
         if starts[e + 1] > starts[e]:
-            for r0 in range(0, n_rows_of[e, which], CHUNK):
+            for r0 in range(0, n_rows_of[e, which], ITEM_ROWS):
                 item_e[i] = e
                 item_r[i] = r0
                 i += 1
@@ -168,16 +172,15 @@ def _items(starts, n_rows_of, types, which):
 
 @njit(cache=True, error_model="numpy")
 def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr, g, u):
-    """g/u[p, r0:r0+CHUNK] for the pairs p of expert e, then g <- silu(g) * u."""
+    """g/u[p, r0:r0+ITEM_ROWS] for the pairs p of expert e, then g <- silu(g) * u."""
     s, s_end = starts[e], starts[e + 1]
     gate, up = mats[3 * e + GATE], mats[3 * e + UP]
-    r1 = min(gate.shape[0], r0 + CHUNK)
-    scratch = np.empty(xr.shape[2], dtype=np.float32)  # (n_embd,) float fallback
+    r1 = min(gate.shape[0], r0 + ITEM_ROWS)
     a, b = slot[modes[e, GATE]], slot[modes[e, UP]]
     rows_times_tokens(gate, types[e, GATE], r0, r1, qa[a], da[a], bs[a], xr[a], toks[s:s_end],
-                      g[s:s_end], scratch, True)
+                      g[s:s_end], True)
     rows_times_tokens(up, types[e, UP], r0, r1, qa[b], da[b], bs[b], xr[b], toks[s:s_end],
-                      u[s:s_end], scratch, True)
+                      u[s:s_end], True)
     for p in range(s, s_end):
         for c in range(r0, r1):
             v = g[p, c]
@@ -188,9 +191,8 @@ def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr,
 def _down_item(mats, types, e, r0, starts, pair_ids, qa, da, bs, xr, ys):
     s, s_end = starts[e], starts[e + 1]
     down = mats[3 * e + DOWN]
-    scratch = np.empty(xr.shape[1], dtype=np.float32)  # (n_ff,)
-    rows_times_tokens(down, types[e, DOWN], r0, min(down.shape[0], r0 + CHUNK), qa, da, bs, xr,
-                      pair_ids[s:s_end], ys[s:s_end], scratch, True)
+    rows_times_tokens(down, types[e, DOWN], r0, min(down.shape[0], r0 + ITEM_ROWS), qa, da, bs, xr,
+                      pair_ids[s:s_end], ys[s:s_end], True)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

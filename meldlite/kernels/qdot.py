@@ -285,13 +285,13 @@ def dot_float(wf, xr, n):
 # ---------------------------------------------------------------- rows x tokens
 
 @njit(cache=True, error_model="numpy")
-def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_int):
+def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
 
     qa/da/bs/xr are (n_tok_all, ...) activation arrays; toks (n,) picks the tokens;
-    out (n, n_rows). `scratch` (n_cols,) float32 is used by the float paths, which every
-    quantized type takes when not `use_int` (float activations in xr). Rows are the outer
-    loop, so a row is read from memory once for all tokens."""
+    out (n, n_rows). Every quantized type takes a float path when not `use_int` (float
+    activations in xr); only float paths allocate (a row buffer per call). Rows are the
+    outer loop, so a row is read from memory once for all tokens."""
     n_cols = xr.shape[1]
     n = toks.shape[0]
     if n == 0:
@@ -309,6 +309,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, scratch, use_in
                     out[i, r] = dot_q8_0(raw, r, qa, da, k, n32)
         return
     acc16 = np.empty(16, dtype=np.float32)  # (16,) lanes of dot_lanes16
+    scratch = np.empty(n_cols, dtype=np.float32)  # (n_cols,) one decoded row
     for r in range(r0, r1):
         row = raw[r]
         for i in range(n):
@@ -340,16 +341,14 @@ def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int):
     n_rows = raw.shape[0]
     n_chunks = (n_rows + CHUNK - 1) // CHUNK
     for c in prange(n_chunks):
-        scratch = np.empty(xr.shape[1], np.float32)
         rows_times_tokens(raw, t, c * CHUNK, min(n_rows, c * CHUNK + CHUNK), qa, da, bs, xr,
-                          toks, out, scratch, use_int)
+                          toks, out, use_int)
 
 
 @njit(cache=True, error_model="numpy")
 def matmul_serial(raw, t, qa, da, bs, xr, toks, out, use_int):
     """matmul_parallel on the calling thread (small matrices: no thread start-up)."""
-    scratch = np.empty(xr.shape[1], np.float32)
-    rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, scratch, use_int)
+    rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, use_int)
 
 
 PARALLEL_MIN_BYTES = 1 << 19  # weight bytes x tokens below which one thread is faster (measured)
