@@ -465,6 +465,96 @@ def test_peak_rss_stays_within_the_budget_promise(tmp_path):
         assert resident["peak"] - r["peak"] >= 0.8 * (expert - r["budget"]), (opts, r, resident)
 
 
+# -- a compressed file's popularity (issue 8 item 5) ----------------------------------
+
+def with_expert_metadata(src, out, popularity, sensitivity=None, pruned=None):
+    """A copy of the per-expert file `src` with the popularity / sensitivity / pruned
+    keys `meldlite quantize` writes (flat, layer-major), through pack's writer."""
+    from gguf import GGUFValueType as V
+    from meldlite.formats import layout
+    from meldlite.formats.pack import TensorOut, write_atomic
+    g = read_gguf(src)
+    tensors = [TensorOut.copy(n, g.tensor(n)) for n in g.tensor_names()]
+    meta = [(k, g.metadata[k], *g.metadata_types[k]) for k in
+            (layout.KEY_LAYOUT, layout.KEY_ORDER, layout.KEY_ORDER_POLICY)]
+    for key, a, sub in ((layout.KEY_POPULARITY, popularity, V.FLOAT32),
+                        (layout.KEY_SENSITIVITY, sensitivity, V.FLOAT32),
+                        (layout.KEY_PRUNED, pruned, V.UINT8)):
+        if a is not None:
+            meta.append((key, [x.item() for x in np.asarray(a).reshape(-1)], V.ARRAY, sub))
+    write_atomic(out, g, tensors, meta)
+    return fsynced(out)
+
+
+def test_file_popularity_keeps_the_most_popular_experts_resident(models, tmp_path):
+    L, X = SMALL.n_layer, SMALL.n_expert
+    rng = np.random.default_rng(5)
+    pop = rng.choice([0.05, 0.1, 0.2, 0.4], size=(L, X)).astype(np.float32)   # many ties
+    sens = rng.permutation(L * X).reshape(L, X).astype(np.float32)          # breaks them
+    pruned = np.zeros((L, X), np.uint8)
+    pruned[1, int(np.argmax(pop[1]))] = 1          # the most popular of layer 1, yet pruned
+    path = with_expert_metadata(models["packed"], tmp_path / "mixed.gguf", pop, sens, pruned)
+    # expected, computed here: popularity descending, then sensitivity descending
+    ranked = sorted((g for g in range(L * X) if not pruned.flat[g]),
+                    key=lambda g: (-pop.flat[g], -sens.flat[g]))
+    ref = meldlite.load(path, n_ctx=64)
+    ids = ref.tokenize(TEXT)[:16]
+    want = ref.logits(ids)
+    ref.close()
+    m = meldlite.load(path, n_ctx=64, mem_budget="25%", prefetch=False)
+    try:
+        st = m.store
+        n_slots = sum(p.n_slots for p in st.pools)
+        assert 0 < n_slots < L * X
+        assert set(np.flatnonzero(st.state == READY)) == set(ranked[:n_slots])
+        assert m.stats()["loads_preload"] == n_slots
+        p = st.policy.p.reshape(L, X)                # forecast's P(picked), seeded
+        assert np.all(np.argsort(-p, axis=1, kind="stable")[:, 0]
+                      == np.argmax(np.where(pruned, -1, pop + 1e-3 * sens / sens.max()), axis=1))
+        assert np.array_equal(m.logits(ids), want)   # bit-identical to the resident run
+    finally:
+        m.close()
+    # an explicit profile overrides the file's popularity: nothing is preloaded
+    prof = {"model": {"n_layer": L, "n_expert": X}, "layers": [{"share": [1 / X] * X}] * L}
+    m = meldlite.load(path, n_ctx=64, mem_budget="25%", prefetch=False, profile=prof)
+    assert m.stats()["loads_preload"] == 0 and not (m.store.state == READY).any()
+    m.close()
+
+
+def test_bad_popularity_metadata_is_a_format_error(models, tmp_path):
+    from meldlite.errors import FormatError
+    path = with_expert_metadata(models["packed"], tmp_path / "bad.gguf", np.ones(5, np.float32))
+    with pytest.raises(FormatError, match="expert_popularity has 5 values"):
+        meldlite.load(path, n_ctx=64, mem_budget="50%")
+
+
+# -- a budgeted store as a peer coordinator's local store -------------------------------
+
+def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, reference):
+    from meldlite.transports.peer import LocalPeer
+    from meldlite.transports.placement import Placement
+    ids, _, _ = reference
+    L, X = SMALL.n_layer, SMALL.n_expert
+    experts = [[[0] if e % 2 else [1] for e in range(X)] for _ in range(L)]   # odd: peer0
+    pl = Placement([{"name": "peer0", "budget": None}, {"name": "local", "budget": None}],
+                   experts, "test")
+    peer = LocalPeer.start(1)[0]
+    try:
+        m = meldlite.load(models["packed"], n_ctx=64, mem_budget="100%", peers=[peer.endpoint],
+                          placement=pl, exact=True, peer_timeout=30.0)
+        try:
+            local = m.store.local
+            for t in ids[:12]:
+                m._eval([t], all_logits=False)
+            here = np.arange(L * X) % 2 == 0
+            assert local.stats()["prefetch_issued"] > 0
+            assert not (local.state[~here] == READY).any()     # nothing of peer0's was read
+        finally:
+            m.close()
+    finally:
+        peer.stop()
+
+
 # -- CLI ----------------------------------------------------------------------------
 
 def meldlite_cli(*args):

@@ -235,6 +235,7 @@ class CachedStore(ExpertStore):
         self.reserved = np.zeros(n, bool)            # (L*X,) predicted for the next layer
         self.by_prefetch = np.zeros(n, bool)         # (L*X,) loaded by prefetch, not used yet
         self.errors = {}                             # g -> exception of a failed background read
+        self.served = np.ones(n, bool)               # (L*X,) experts this store is asked for
         self.policy = make_policy(policy, self.n_layer, self.n_expert, self.k, prior)
         self.pool_of = self._pool_index()
 
@@ -256,7 +257,8 @@ class CachedStore(ExpertStore):
             ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
              "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
              "prefetch_late", "prefetch_refused", "predicted", "predicted_right", "actual_routed",
-             "experts_skipped", "routed_slots", "expert_uses", "moe_calls", "groups_split"), 0)
+             "experts_skipped", "routed_slots", "expert_uses", "moe_calls", "groups_split",
+             "loads_preload"), 0)
         self.t = dict.fromkeys(("stall_seconds", "io_seconds"), 0.0)
         self.predictor = RoutePredictor(weights, cfg) if prefetch else None
         self.loader = None
@@ -367,6 +369,38 @@ class CachedStore(ExpertStore):
                     self._queue.push(g, HINTED, (layer, int(self._visits[layer])))
             self._cond.notify_all()
 
+    def preload(self, order):
+        """Read the experts `order` (global ids, most wanted first) into the cache
+        until it is full, on this thread; returns how many were read. An expert
+        that does not fit (its size class is full) is skipped, not made room for."""
+        n = 0
+        for g in np.asarray(order, np.int64):
+            g = int(g)
+            with self._cond:
+                pool = self.pools[self.pool_of[g]]
+                if self.state[g] != ABSENT or not pool.has_room(int(self.sizes[g])):
+                    continue
+                self.slot[g] = pool.take(int(self.sizes[g]))
+                self.state[g] = LOADING
+            self._read_claimed(g)
+            with self._cond:
+                self.c["loads_preload"] += 1
+            n += 1
+        return n
+
+    def serve_only(self, mask):
+        """Only the experts where mask (n_layer, n_expert) is True will be asked of
+        this store (a peer coordinator's local share): prefetch guesses no others.
+        Demand reads (e.g. a failover) are served as before."""
+        mask = np.asarray(mask, bool)
+        if mask.shape != (self.n_layer, self.n_expert):
+            raise OptionError(f"served-expert mask has shape {mask.shape}, the model needs "
+                              f"({self.n_layer}, {self.n_expert})")
+        with self._cond:
+            self.served = mask.reshape(-1).copy()
+            for g in np.flatnonzero(~self.served):
+                self._queue.discard(int(g))
+
     def stats(self):
         with self._cond:
             c = dict(self.c)
@@ -386,6 +420,7 @@ class CachedStore(ExpertStore):
             prefetch_refused=c["prefetch_refused"], predicted=c["predicted"],
             predicted_right=c["predicted_right"], actual_routed=c["actual_routed"],
             bytes_read_prefetch=c["bytes_read_prefetch"], loads=c["loads"],
+            loads_preload=c["loads_preload"],
             evictions=c["evictions"], io_seconds=t["io_seconds"],
             experts_skipped=c["experts_skipped"], routed_slots=c["routed_slots"],
             expert_uses=c["expert_uses"],
@@ -468,13 +503,13 @@ class CachedStore(ExpertStore):
         absent = [int(g) for g in gs[state == ABSENT]]
         absent.sort(key=lambda g: self.plan.offset[g])
 
-        def flush():
-            nonlocal Y, ready
+        def flush():                    # `ready` is emptied in place: callers hold the list
+            nonlocal Y
             if Y is None:
                 Y = np.zeros((*ids.shape, x.shape[1]), F32)                # (T, k, E)
             self._compute_group(layer, x, ids, np.array(sorted(ready), np.int64), Y)
             self._unpin(ready, held)
-            ready = []
+            ready.clear()
 
         hit_pairs = int(np.isin(ids, gs[hit] - layer * self.n_expert).sum())
         if ready and inflight and self._worth_splitting(
@@ -505,14 +540,7 @@ class CachedStore(ExpertStore):
                 if not self._claim_for_demand(g, ready, inflight, flush):
                     continue                             # it turned out loaded / in flight
                 t0 = time.perf_counter()
-                try:
-                    self._read((g, False))
-                except BaseException:
-                    with self._cond:
-                        self._release(g)
-                    raise
-                with self._cond:
-                    self._finish((g, False), None)
+                self._read_claimed(g)
                 self.t["stall_seconds"] += time.perf_counter() - t0
                 ready.append(g)
         finally:
@@ -657,6 +685,17 @@ class CachedStore(ExpertStore):
 
     # -- I/O (no lock held) -------------------------------------------------------
 
+    def _read_claimed(self, g):
+        """Read expert g into the slot reserved for it, on this thread; READY after."""
+        try:
+            self._read((g, False))
+        except BaseException:
+            with self._cond:
+                self._release(g)
+            raise
+        with self._cond:
+            self._finish((g, False), None)
+
     def _read(self, job):
         g = job[0] if isinstance(job, tuple) else job
         t0 = time.perf_counter()
@@ -684,16 +723,20 @@ class CachedStore(ExpertStore):
                 break
             tgt %= self.n_layer
             base = tgt * self.n_expert
-            if (self.state[base:base + self.n_expert] == READY).all():
+            served = self.served[base:base + self.n_expert]                  # (X,)
+            if (self.state[base:base + self.n_expert][served] == READY).all():
                 continue                            # nothing to fetch for that layer
             if tgt > layer:
                 experts = self.predictor.predict(layer, x, self.k, tgt)
-                if d == 1:
-                    self._pred[tgt] = experts
                 conf = self._rank_hits / self._rank_tries * (0.8 ** (d - 1))   # (k,)
-                jobs.append((tgt, experts, conf, PREDICTED + 0.1 * (d - 1)))
+                prio = PREDICTED + 0.1 * (d - 1)
             else:                                   # next token's first layer: popularity
-                jobs.append((tgt, self.policy.likely(tgt, self.k), np.full(self.k, 0.5), HINTED))
+                experts, conf, prio = self.policy.likely(tgt, self.k), np.full(self.k, 0.5), HINTED
+            keep = served[experts]                  # experts served elsewhere are not guessed
+            experts, conf = np.asarray(experts)[keep], conf[:len(keep)][keep]
+            if d == 1 and tgt > layer:
+                self._pred[tgt] = (experts, np.flatnonzero(keep))     # guesses and their ranks
+            jobs.append((tgt, experts, conf, prio))
         if not jobs:
             return
         with self._cond:
@@ -702,7 +745,7 @@ class CachedStore(ExpertStore):
             for tgt, experts, conf, prio in jobs:
                 gs = tgt * self.n_expert + np.asarray(experts, np.int64)
                 self.reserved[gs] = True
-                self.policy.expect(gs, conf[:len(gs)])
+                self.policy.expect(gs, conf)
                 for r, g in enumerate(gs):
                     if self.state[g] == ABSENT:
                         pushed |= self._queue.push(int(g), prio + r / 1000, (tgt, int(self._visits[tgt])))
@@ -714,12 +757,13 @@ class CachedStore(ExpertStore):
         self._pred[layer] = None
         if pred is None or n_tok != 1:
             return
+        pred, ranks = pred
         right = np.isin(pred, used)
         self.c["predicted"] += len(pred)
         self.c["predicted_right"] += int(right.sum())
-        self.c["actual_routed"] += len(used)
-        self._rank_tries[:len(pred)] += 1
-        self._rank_hits[:len(pred)] += right
+        self.c["actual_routed"] += int(self.served[layer * self.n_expert + used].sum())
+        self._rank_tries[ranks] += 1
+        self._rank_hits[ranks] += right
 
     def _phase(self, layer, n_tok):
         """Track prefill (batches) vs decode (one token) for the prefill protection."""

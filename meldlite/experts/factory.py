@@ -6,6 +6,7 @@ from meldlite.experts.budget import parse_budget, parse_rate
 from meldlite.experts.cache import MECHANISMS, CachedStore
 from meldlite.experts.policy import POLICIES
 from meldlite.experts.profile import load_prior
+from meldlite.experts.seed import metadata_seed
 from meldlite.experts.store import ResidentStore
 
 DEFAULT_POLICY = "forecast"     # chosen by benchmarks/offload.py, see docs/benchmarks.md
@@ -41,8 +42,16 @@ def make_store(gguf, cfg, weights, *, llama_numerics=True, mem_budget=None, cach
         raise UnsupportedError(f"{gguf.path}: mem_budget needs every expert in the file; this one "
                                f"leaves pruned experts out (load it without mem_budget)")
     budget = parse_budget(mem_budget, expert_bytes(gguf, cfg))
-    prior = load_prior(profile, cfg) if profile is not None else None
-    return CachedStore(gguf, cfg, weights, budget, policy=cache_policy or DEFAULT_POLICY,
-                       prefetch=prefetch, mechanism=expert_io or DEFAULT_IO,
-                       llama_numerics=llama_numerics, min_expert_weight=min_weight,
-                       io_throttle=rate, prior=prior)
+    seed = None if profile is not None else metadata_seed(gguf.metadata, cfg.n_layer, cfg.n_expert)
+    prior = load_prior(profile, cfg) if profile is not None else (seed.prior() if seed else None)
+    store = CachedStore(gguf, cfg, weights, budget, policy=cache_policy or DEFAULT_POLICY,
+                        prefetch=prefetch, mechanism=expert_io or DEFAULT_IO,
+                        llama_numerics=llama_numerics, min_expert_weight=min_weight,
+                        io_throttle=rate, prior=prior)
+    if seed is not None:              # a compressed file's popularity: most popular resident first
+        try:
+            store.preload(seed.order())
+        except BaseException:
+            store.close()
+            raise
+    return store

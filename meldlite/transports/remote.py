@@ -143,6 +143,9 @@ class RemoteStore(ExpertStore):
                                  for e in range(cfg.n_expert)] for L in range(cfg.n_layer)])
         self._own_local = local is None              # close it ourselves only if we made it
         self.local = local if local is not None else ResidentStore(gguf, cfg, llama_numerics)
+        if hasattr(self.local, "serve_only"):        # a budgeted store prefetches local experts only
+            self.local.serve_only(self.holds[self.local_node] if self.local_node is not None
+                                  else np.zeros((cfg.n_layer, cfg.n_expert), bool))
         self.counters = {"layers": 0, "remote_layers": 0, "requests": 0, "rows_sent": 0,
                          "rows_fused": 0, "failovers": 0, "failover_local": 0,
                          "failover_replica": 0, "stall_s": 0.0, "local_s": 0.0, "encode_s": 0.0,
