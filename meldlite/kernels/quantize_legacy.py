@@ -6,8 +6,9 @@ in ggml-quants.c; float32 arithmetic in the same order):
 - Q4_0 / Q5_0: d = v/-8 (v/-16) with v the signed value of largest |x|,
   q = min(15, trunc(x/d + 8.5)) (min(31, trunc(x/d + 16.5))).
 With importance w (per column), the scale is searched (`fit_symmetric`) to minimise
-sum(w * err^2) over the block, stored as f16, and the best of it and its two f16
-neighbours is kept, with levels rounded to nearest for the stored scale.
+sum(w * err^2) over the block and rounded to f16; of it, its two f16 neighbours and the
+f16 scales that map the extreme value to -nmax (ggml's choice) or nmax-1, the best is
+kept, with levels rounded to nearest for the stored scale.
 
 Each kernel fills `out` (n_rows, row_bytes) uint8 from x (n_rows, n_cols) float32, rows
 in parallel; `w` (n_cols,) is the importance, ignored when `weighted` is False.
@@ -67,8 +68,12 @@ def _weighted_levels(xb, wb, nmax, levels):
     h = f16_bits(np.float32(fit_symmetric(xb, wb, nmax)))
     sign, mag = h & 0x8000, min(h & 0x7FFF, 0x7BFF)
     best_h, best_err = h, np.inf
-    for step in (0, -1, 1):                            # the rounded scale and its f16 neighbours
-        cand = sign | max(0, min(0x7BFF, mag + step))
+    _, vmax = _absmax(xb)
+    for c in range(5):        # the rounded scale, its f16 neighbours, the extreme -> -nmax, -> nmax-1
+        if c < 3:
+            cand = sign | max(0, min(0x7BFF, mag + (0, -1, 1)[c]))
+        else:
+            cand = f16_bits(vmax / np.float32(-nmax if c == 3 else nmax - 1))
         err = block_err_symmetric(xb, wb, f16_value(cand), nmax)
         if err * TIE < best_err:
             best_h, best_err = cand, err

@@ -144,8 +144,11 @@ def _weighted_levels(x, w, nmax):
     """(f16 scales (n_rows, nb), levels in [0, 2*nmax) (n_rows, nb, 32))."""
     xb = _blocks(x, 32).astype(np.float64)  # (n_rows, nb, 32)
     wb = _block_weights(w, xb.shape, 32)  # (n_rows, nb, 32)
-    cands = _f16_neighbours(fit_symmetric_ref(xb, wb, nmax))  # (3, n_rows, nb)
-    errs = np.stack([_err_symmetric(xb, wb, c.astype(np.float64), nmax) for c in cands])  # (3, n_rows, nb)
+    vmax = _signed_absmax(_blocks(x, 32))  # (n_rows, nb) float32
+    with np.errstate(over="ignore"):
+        extremes = np.stack([vmax / np.float32(-nmax), vmax / np.float32(nmax - 1)]).astype(np.float16)
+    cands = np.concatenate([_f16_neighbours(fit_symmetric_ref(xb, wb, nmax)), extremes])  # (5, n_rows, nb)
+    errs = np.stack([_err_symmetric(xb, wb, c.astype(np.float64), nmax) for c in cands])  # (5, n_rows, nb)
     pick = first_best(errs)
     d = np.take_along_axis(cands, pick[None], axis=0)[0]  # (n_rows, nb) float16
     df = d.astype(np.float64)
