@@ -11,10 +11,13 @@ the trained model's expert (ffn_gate/up_exps, every layer, first 8 experts) and 
 (attn_q/k/v/output, every layer) matrices. Importance: for synthetic tensors the mean
 square of Gaussian activations with log-normal column scales; for the trained tensors the
 square of the RMSNorm weight in front of them (the scale of their input columns).
-Speed: a 1024x2048 Gaussian tensor, median of --reps calls after a warm-up, in MB/s of
-float32 input, for meldlite (Numba, all threads) and llama.cpp (ggml_quantize_chunk, one
-thread), then the whole trained model's 2-D/3-D weights to each type (Q8_0 for rows that
-do not fit the K-quant block of 256).
+Also per type and kind: the rows where meldlite's (weighted) squared error is higher than
+llama.cpp's, and the highest per-row ratio.
+Speed: a 1024x2048 Gaussian tensor, median of --reps calls after a warm-up, in MB of
+float32 input per second of wall time and per CPU-second (process time, all threads: the
+fairer figure on a shared machine), for meldlite (Numba, all threads) and llama.cpp
+(ggml_quantize_chunk, one thread), then the whole trained model's 2-D/3-D weights to each
+type (Q8_0 for rows that do not fit the K-quant block of 256).
 """
 
 import argparse
@@ -76,50 +79,59 @@ def model_tensors(path):
     return kinds
 
 
-def sq_err(x, raw, qtype, imp):
+def row_sq_err(x, raw, qtype, imp):
     d = gguf_quants.dequantize(raw, qtype).astype(np.float64) - x  # (rows, cols)
-    return float(((1.0 if imp is None else imp.astype(np.float64)) * d * d).sum())
+    return ((1.0 if imp is None else imp.astype(np.float64)) * d * d).sum(axis=1)  # (rows,)
 
 
-def ratios(qtype, pairs):
-    """(plain RMSE ratio, weighted RMSE ratio) meldlite / llama.cpp over a list of tensors."""
+def compare(qtype, pairs):
+    """Per weighting (plain, importance): (RMSE ratio meldlite / llama.cpp over the tensors,
+    rows where meldlite's error is higher, rows, highest per-row error ratio)."""
     out = []
     for weighted in (False, True):
-        mine = theirs = 0.0
+        mine, theirs = [], []
         for x, imp in pairs:
             if x.shape[1] % GGML_QUANT_SIZES[qtype][0]:
                 continue
             use = imp if weighted else None
-            mine += sq_err(x, quantize_rows(x, qtype, use), qtype, use)
-            theirs += sq_err(x, ggml_quantize(x, qtype, use), qtype, use)
-        out.append(np.sqrt(mine / theirs) if theirs > 0 else float("nan"))
+            mine.append(row_sq_err(x, quantize_rows(x, qtype, use), qtype, use))
+            theirs.append(row_sq_err(x, ggml_quantize(x, qtype, use), qtype, use))
+        mine, theirs = np.concatenate(mine), np.concatenate(theirs)  # (rows,)
+        ratio = np.sqrt(mine.sum() / theirs.sum()) if theirs.sum() > 0 else float("nan")
+        live = theirs > 0
+        worst = float(np.max(mine[live] / theirs[live])) if live.any() else float("nan")
+        out.append((ratio, int((mine > theirs * (1 + 1e-6)).sum()), mine.size, worst))
     return out
 
 
 def timed(fn, reps):
+    """(median wall seconds, median CPU seconds of this process, all threads) of fn()."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def model_time(path, qtype):
-    """Seconds to quantize every 2-D/3-D weight of the model (Q8_0 where rows do not fit)."""
+    """(wall, CPU) seconds to quantize every 2-D/3-D weight of the model (Q8_0 where rows
+    do not fit)."""
     r = GGUFReader(path)
-    total = 0.0
+    wall = cpu = 0.0
     for t in r.tensors:
         if len(t.shape) < 2 or t.name.endswith("ffn_gate_inp.weight"):
             continue
         x = np.asarray(t.data, dtype=np.float32)
         x = x.reshape(-1, x.shape[-1])  # (rows, cols)
         q = qtype if x.shape[1] % GGML_QUANT_SIZES[qtype][0] == 0 else T.Q8_0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         quantize_rows(x, q)
-        total += time.perf_counter() - t0
-    return total
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+    return wall, cpu
 
 
 def main():
@@ -138,25 +150,39 @@ def main():
     print("\nRMSE ratio meldlite / llama.cpp (plain | importance-weighted); < 1: meldlite lower\n")
     print("| type | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
+    rows = {}
     for qtype in types:
-        cells = [("%.3f \\| %.3f" % tuple(ratios(qtype, kinds[k]))) for k in kinds]
+        res = {k: compare(qtype, kinds[k]) for k in kinds}
+        rows[qtype] = res
+        cells = [("%.3f \\| %.3f" % (r[0][0], r[1][0])) for r in res.values()]
+        print(f"| {qtype.name} | " + " | ".join(cells) + " |")
+    print("\nRows where meldlite's error is higher than llama.cpp's, and the highest per-row ratio of "
+          "squared errors (plain | importance-weighted)\n")
+    print("| type | " + " | ".join(kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    for qtype, res in rows.items():
+        cells = [" \\| ".join(f"{n}/{m} ({w:.2f})" for _, n, m, w in r) for r in res.values()]
         print(f"| {qtype.name} | " + " | ".join(cells) + " |")
 
     x = rng.standard_normal((1024, 2048)).astype(np.float32)  # (1024, 2048)
     imp = synthetic(rng, rows=1, cols=2048)["gaussian"][1]  # (2048,)
     mb = x.nbytes / 1e6
-    print(f"\nSpeed on a 1024x2048 float32 tensor ({mb:.1f} MB), MB/s of input (median of {args.reps})\n")
-    head = "| type | meldlite | meldlite, importance | llama.cpp (1 thread) | llama.cpp, importance |"
-    if MODEL.exists() and not args.no_model:
-        head += " whole trained model, meldlite (s) |"
+    print(f"\nSpeed on a 1024x2048 float32 tensor ({mb:.1f} MB): MB of input per second of wall time "
+          f"and per CPU-second (all threads), median of {args.reps}\n")
+    head = ("| type | meldlite wall | meldlite CPU | meldlite, importance, CPU | llama.cpp CPU (1 thread) "
+            "| llama.cpp, importance, CPU |")
+    whole = MODEL.exists() and not args.no_model
+    if whole:
+        head += " whole trained model, meldlite: wall / CPU s |"
     print(head)
-    print("|---|---|---|---|---|" + ("---|" if "whole" in head else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if whole else ""))
     for qtype in types:
-        cells = [mb / timed(lambda: quantize_rows(x, qtype, i), args.reps) for i in (None, imp)]
-        cells += [mb / timed(lambda: ggml_quantize(x, qtype, i), args.reps) for i in (None, imp)]
+        mine = [timed(lambda: quantize_rows(x, qtype, i), args.reps) for i in (None, imp)]
+        theirs = [timed(lambda: ggml_quantize(x, qtype, i), args.reps) for i in (None, imp)]
+        cells = [mb / mine[0][0], mb / mine[0][1], mb / mine[1][1], mb / theirs[0][1], mb / theirs[1][1]]
         row = f"| {qtype.name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
-        if "whole" in head:
-            row += f" {model_time(MODEL, qtype):.1f} |"
+        if whole:
+            row += " %.1f / %.1f |" % model_time(MODEL, qtype)
         print(row)
 
 
