@@ -342,7 +342,8 @@ def test_moe_empty_batch_and_plain_list(experts):
 
 def test_kernels_use_the_disk_cache():
     """cache=True, and the cache key covers every kernel source file (Numba alone only
-    looks at the file that defines the jitted function, not the decoders it calls)."""
+    looks at the file that defines the jitted function, not the decoders it calls) but
+    the quantizers', which the runtime kernels do not import."""
     from meldlite.kernels._cache import sources_digest
     from meldlite.kernels.dequant import dequantize_rows
     from meldlite.kernels.matmul import matmat_rows
@@ -350,3 +351,4 @@ def test_kernels_use_the_disk_cache():
     for dispatcher in (dequantize_rows, matmat_rows, moe_ffn_kernel):
         assert dispatcher._cache.__class__.__name__ != "NullCache", dispatcher
         assert sources_digest() in dispatcher._cache._cache_file._source_stamp
+    assert sources_digest() != sources_digest(with_quantizers=True)
