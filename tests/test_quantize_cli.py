@@ -1,19 +1,24 @@
 """`meldlite quantize`: uniform files that llama.cpp loads and that are as good as its
 own pure quantization, per-expert mixed files under a size budget, and bad input."""
 
+import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize as gguf_dequantize
 
 from helpers_models import Shape, llamacpp_logits, llamacpp_quantize, write_random_model
 
+import meldlite
 from meldlite.compress.quantize import quantize_model
-from meldlite.errors import OptionError
-from meldlite.formats import read_gguf
-from meldlite.metrics import kl_divergence
+from meldlite.errors import FormatError, OptionError
+from meldlite.experts.profile import build_profile, load_calibration, read_profile, save_profile
+from meldlite.formats import layout, read_gguf
+from meldlite.metrics import kl_divergence, top1_agreement
 
 SHAPE = Shape(n_vocab=4096, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
               n_expert=8, n_expert_used=2, n_ff_exp=128, n_ctx=128)
@@ -64,8 +69,9 @@ def test_uniform_metadata(src, tmp_path):
 
 
 def _cli(*args):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")    # small matmuls: threads only contend
     return subprocess.run([sys.executable, "-m", "meldlite", "quantize", *map(str, args)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
 
 
 def test_cli_uniform(src, tmp_path):
@@ -98,3 +104,127 @@ def test_quantized_source_is_refused(src, tmp_path):
     q = quantize_model(src, tmp_path / "q.gguf", qtype="Q8_0").path
     with pytest.raises(OptionError, match="F32/F16/BF16"):
         quantize_model(q, tmp_path / "again.gguf", qtype="Q4_0")
+
+
+# -- per-expert mixed files -------------------------------------------------
+
+STORIES = ["Once upon a time, there was a little dog. He liked to run in the park.",
+           "Tom had a red ball. He played with it every day in the sun with his sister.",
+           "The cat sat on the mat and looked at the bird in the tree. It wanted to fly."]
+
+
+@pytest.fixture(scope="module")
+def prof_path(src, tmp_path_factory):
+    m = meldlite.load(src, n_ctx=64)
+    prof = build_profile(m, "<|endoftext|>".join(STORIES * 3))
+    m.close()
+    return save_profile(prof, tmp_path_factory.mktemp("prof") / "p.json")
+
+
+@pytest.fixture(scope="module")
+def mixed(src, prof_path, tmp_path_factory):
+    """A mixed file made by the CLI, between uniform Q2_K (~2.4 MB) and Q4_K (~3.2 MB) here."""
+    out = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    p = _cli(src, out, "--size", "2.6MB", "--profile", prof_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"wrote {out}") and "budget 2,600,000" in p.stdout
+    return read_gguf(out)
+
+
+def test_mixed_file_fits_the_budget_and_mixes_types(mixed):
+    assert 0.97 * 2_600_000 < mixed.path.stat().st_size <= 2_600_000
+    f = mixed
+    assert f.expert_layout == "per_expert"
+    kinds = {t for L in range(f.n_layers) for t in f.expert_types(L)}
+    assert len(kinds) > 1                                    # not one type for all experts
+    assert f.tensor("blk.0.ffn_gate_inp.weight").qtype == "F32"
+    assert f.tensor("output.weight").qtype in ("Q6_K", "Q8_0")
+
+
+def test_mixed_metadata_popularity_and_sensitivity(mixed, prof_path):
+    f = mixed
+    pop = np.array(f.metadata[layout.KEY_POPULARITY]).reshape(SHAPE.n_layer, SHAPE.n_expert)
+    prof = read_profile(prof_path)
+    counts = np.array([lay["counts"] for lay in prof["layers"]])
+    np.testing.assert_allclose(pop, counts / prof["layers"][0]["tokens"], rtol=1e-6)
+    sens = np.array(f.metadata[layout.KEY_SENSITIVITY]).reshape(SHAPE.n_layer, SHAPE.n_expert)
+    assert (sens[counts > 0] > 0).all() and (sens < 1).all()
+
+
+def _dequantized_stacked(path, out):
+    """An F32 stacked-layout copy of `path`, decoded by gguf-py (independent of meldlite)."""
+    r = GGUFReader(path)
+    w = GGUFWriter(out, r.fields["general.architecture"].contents())
+    for key, field in r.fields.items():
+        if key.startswith(("GGUF.", "general.architecture", "meldlite.", "general.file_type")):
+            continue
+        sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    stacks = {}
+    for t in r.tensors:
+        a = gguf_dequantize(t.data, t.tensor_type).astype(np.float32)
+        parsed = layout.parse_expert_name(t.name)
+        if parsed:
+            stacks.setdefault((parsed[0], parsed[1]), {})[parsed[2]] = a
+        else:
+            w.add_tensor(t.name, a)
+    for (L, kind), experts in sorted(stacks.items()):
+        w.add_tensor(layout.stacked_name(L, kind), np.stack([experts[e] for e in sorted(experts)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_meldlite_runs_the_mixed_file_like_the_reference(mixed, src, tokens, f16_logits, tmp_path):
+    """meldlite on the mixed file against llama.cpp on gguf-py's decoding of it (F32)."""
+    ref = llamacpp_logits(_dequantized_stacked(mixed.path, tmp_path / "deq.gguf"), tokens, n_ctx=64)
+    m = meldlite.load(mixed.path, n_ctx=64, llama_numerics=False)   # float activations, as the F32 file
+    got = m.logits(tokens)
+    m.close()
+    kl_runtime = kl_divergence(ref, got).mean()
+    kl_quant = kl_divergence(f16_logits, ref).mean()
+    assert kl_runtime < 1e-5 < kl_quant, (kl_runtime, kl_quant)
+    assert top1_agreement(ref, got) == 1.0
+
+
+def test_policy_gives_a_popular_expert_more_bits_than_a_rare_one(src, prof_path, tmp_path):
+    """Route (almost) every calibration row and pick to expert 0 with a large weight,
+    expert 1 never: expert 0 gets the most bytes in every layer, expert 1 the fewest."""
+    prof = read_profile(prof_path)
+    sample = [tuple(a.copy() for a in layer) for layer in load_calibration(prof)]
+    for L, (x, ids, w) in enumerate(sample):
+        ids[ids == 0] = 2
+        ids[ids == 1] = 3
+        ids[:, 0] = 0
+        ids[:, 1] = np.where(ids[:, 1] == 0, 4, ids[:, 1])
+        w[:, 0], w[:, 1] = 0.9, 0.1
+        lay = prof["layers"][L]
+        lay["counts"] = np.bincount(ids.ravel(), minlength=SHAPE.n_expert).tolist()
+        lay["tokens"] = len(x)
+    prof.calibration = sample
+    r = quantize_model(src, tmp_path / "m.gguf", size=2_600_000, profile=prof)
+    f = read_gguf(r.path)
+    for L in range(SHAPE.n_layer):
+        nbytes = [sum(f.expert_tensor(L, k, e).nbytes for k in layout.KINDS) for e in range(SHAPE.n_expert)]
+        assert nbytes[0] == max(nbytes) and nbytes[1] == min(nbytes) and nbytes[0] > nbytes[1], nbytes
+
+
+def test_mixed_errors(src, prof_path, tmp_path):
+    with pytest.raises(OptionError, match=r"smallest file this model can be quantized to \([0-9,]+ bytes\)"):
+        quantize_model(src, tmp_path / "m.gguf", size="1MB", profile=prof_path)
+    old = {k: v for k, v in read_profile(prof_path).items() if k != "calibration"}
+    (tmp_path / "v1.json").write_text(json.dumps(dict(old, version=1)))
+    with pytest.raises(FormatError, match="no calibration data"):
+        quantize_model(src, tmp_path / "m.gguf", size="3MB", profile=tmp_path / "v1.json")
+    other = write_random_model(tmp_path / "other.gguf", "qwen3moe", dtype=np.float16,
+                               shape=Shape(n_layer=3, n_expert=4, n_ff_exp=128))
+    with pytest.raises(OptionError, match="profile is of a model with 2 layers x 8 experts"):
+        quantize_model(other, tmp_path / "m.gguf", size="3MB", profile=prof_path)
+
+
+def test_bpw_is_bits_per_parameter_of_the_whole_file(src, prof_path, tmp_path):
+    n_params = sum(int(np.prod(read_gguf(src).tensor(n).shape)) for n in read_gguf(src).tensor_names())
+    p = _cli(src, tmp_path / "m.gguf", "--bpw", "2", "--profile", prof_path)
+    assert p.returncode == 2 and f"size {n_params * 2 // 8:,} bytes is below" in p.stderr
