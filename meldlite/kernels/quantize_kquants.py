@@ -58,7 +58,7 @@ def _search_super(x, w, sub, nmax, qmax, vals, h_other, ls_other, n_cand, is_min
     (the larger values are then clipped at qmax, the smaller ones get finer steps)."""
     vmax = vals.max()
     best_h, best_err = 0, np.inf
-    tmp = np.zeros(vals.shape[0], dtype=np.int64)
+    tmp = np.zeros(vals.shape[0], dtype=np.int64)  # (n_sub,)
     n_grid = 2 * n_cand + 1
     for c in range(n_grid + vals.shape[0]):
         v = vmax / (qmax + 0.1 * (c - n_cand)) if c < n_grid else vals[c - n_grid] / qmax
@@ -123,8 +123,8 @@ def quantize_affine_super(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius, ls
     """One affine super-block: fills ls, lm (n_sub,) and levels (256,); returns f16 (d, dmin)
     and the error. The sub-block fits use weights wf, everything else w."""
     n_sub = QK_K // sub
-    s = np.empty(n_sub)
-    m = np.empty(n_sub)
+    s = np.empty(n_sub)  # (n_sub,) sub-block scales
+    m = np.empty(n_sub)  # (n_sub,) sub-block mins
     for j in range(n_sub):
         s[j], m[j] = fit_affine(x[sub * j:sub * (j + 1)], wf[sub * j:sub * (j + 1)], nmax, n_steps)
     mmax = m.max()
@@ -135,7 +135,7 @@ def quantize_affine_super(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius, ls
     _neighbours_affine(x, w, sub, nmax, qmax, radius, f16_value(hd), f16_value(hm), ls, lm)
     hd2, hm2 = _refit_affine(x, w, sub, nmax, f16_value(hd), ls, f16_value(hm), lm)
     if hd2 >= 0:
-        ls2, lm2 = ls.copy(), lm.copy()
+        ls2, lm2 = ls.copy(), lm.copy()  # (n_sub,)
         _neighbours_affine(x, w, sub, nmax, qmax, radius, f16_value(hd2), f16_value(hm2), ls2, lm2)
         if (_affine_err(x, w, sub, nmax, f16_value(hd2), ls2, f16_value(hm2), lm2) * TIE
                 < _affine_err(x, w, sub, nmax, f16_value(hd), ls, f16_value(hm), lm)):
@@ -191,7 +191,7 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
     """One symmetric super-block: fills ls (n_sub,) and levels (256,) in [0, 2*nmax); returns
     f16 d and the error. The sub-block fits use weights wf, everything else w."""
     n_sub = QK_K // sub
-    s = np.empty(n_sub)
+    s = np.empty(n_sub)  # (n_sub,) sub-block scales
     for j in range(n_sub):
         s[j] = fit_symmetric(x[sub * j:sub * (j + 1)], wf[sub * j:sub * (j + 1)], nmax)
     smax = 0.0
@@ -199,7 +199,7 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
         if abs(v) > abs(smax):
             smax = v
     best_h, best_err = 0, np.inf
-    tmp = np.zeros(n_sub, dtype=np.int64)
+    tmp = np.zeros(n_sub, dtype=np.int64)  # (n_sub,)
     ls[:] = 0
     if smax != 0:
         for c in range(2 * (n_cand + 1) + 2 * n_sub):
@@ -220,7 +220,7 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
     _neighbours_sym(x, w, sub, nmax, lo, hi, radius, f16_value(best_h), ls)
     h2 = _refit_sym(x, w, sub, nmax, f16_value(best_h), ls)
     if h2 >= 0 and (h2 & 0x7C00) != 0x7C00:
-        ls2 = ls.copy()
+        ls2 = ls.copy()  # (16,)
         _neighbours_sym(x, w, sub, nmax, lo, hi, radius, f16_value(h2), ls2)
         if _sym_err(x, w, sub, nmax, f16_value(h2), ls2) * TIE < _sym_err(x, w, sub, nmax, f16_value(best_h), ls):
             best_h = h2
@@ -332,7 +332,7 @@ def alt_weights(x, w):
     for v in x:
         sigma2 += np.float64(v) * np.float64(v)
     sigma2 = 2 * sigma2 / x.shape[0]
-    out = np.empty(x.shape[0], dtype=np.float32)
+    out = np.empty(x.shape[0], dtype=np.float32)  # (256,)
     for i in range(x.shape[0]):
         out[i] = np.float64(w[i]) * np.sqrt(sigma2 + np.float64(x[i]) * np.float64(x[i]))
     return out
@@ -343,7 +343,7 @@ def alt_weights(x, w):
 @njit(cache=True)
 def _weights(w, c0, sub):
     """The super-block's weights, each all-zero sub-block replaced by ones."""
-    out = np.empty(QK_K, dtype=np.float32)
+    out = np.empty(QK_K, dtype=np.float32)  # (256,)
     for j in range(QK_K // sub):
         out[sub * j:sub * (j + 1)] = block_weights(w, c0 + sub * j, sub)
     return out
@@ -355,13 +355,13 @@ def _affine_rows(x, w, out, kind, sub, nmax, qmax, n_steps, n_cand, radius):
     nb = n_cols // QK_K
     nbytes = out.shape[1] // nb
     for r in prange(n_rows):
-        ls = np.zeros(QK_K // sub, dtype=np.int64)
-        lm = np.zeros(QK_K // sub, dtype=np.int64)
-        levels = np.zeros(QK_K, dtype=np.int64)
-        ls2, lm2, levels2 = ls.copy(), lm.copy(), levels.copy()
+        ls = np.zeros(QK_K // sub, dtype=np.int64)  # (n_sub,)
+        lm = np.zeros(QK_K // sub, dtype=np.int64)  # (n_sub,)
+        levels = np.zeros(QK_K, dtype=np.int64)  # (256,)
+        ls2, lm2, levels2 = ls.copy(), lm.copy(), levels.copy()  # (n_sub,), (n_sub,), (256,)
         for b in range(nb):
-            xs = x[r, QK_K * b:QK_K * (b + 1)]
-            ws = _weights(w, QK_K * b, sub)
+            xs = x[r, QK_K * b:QK_K * (b + 1)]  # (256,)
+            ws = _weights(w, QK_K * b, sub)  # (256,)
             hd, hm, err = quantize_affine_super(xs, ws, ws, sub, nmax, qmax, n_steps, n_cand, radius,
                                                 ls, lm, levels)
             hd2, hm2, err2 = quantize_affine_super(xs, ws, alt_weights(xs, ws), sub, nmax, qmax, n_steps,
@@ -386,12 +386,12 @@ def _symmetric_rows(x, w, out, kind, nmax, lo, hi, n_cand, radius):
     nb = n_cols // QK_K
     nbytes = out.shape[1] // nb
     for r in prange(n_rows):
-        ls = np.zeros(QK_K // 16, dtype=np.int64)
-        levels = np.zeros(QK_K, dtype=np.int64)
-        ls2, levels2 = ls.copy(), levels.copy()
+        ls = np.zeros(QK_K // 16, dtype=np.int64)  # (16,)
+        levels = np.zeros(QK_K, dtype=np.int64)  # (256,)
+        ls2, levels2 = ls.copy(), levels.copy()  # (16,), (256,)
         for b in range(nb):
-            xs = x[r, QK_K * b:QK_K * (b + 1)]
-            ws = _weights(w, QK_K * b, 16)
+            xs = x[r, QK_K * b:QK_K * (b + 1)]  # (256,)
+            ws = _weights(w, QK_K * b, 16)  # (256,)
             hd, err = quantize_symmetric_super(xs, ws, ws, 16, nmax, lo, hi, n_cand, radius, ls, levels)
             hd2, err2 = quantize_symmetric_super(xs, ws, alt_weights(xs, ws), 16, nmax, lo, hi, n_cand, radius,
                                                  ls2, levels2)

@@ -88,10 +88,10 @@ def _weighted_levels(xb, wb, nmax, levels):
 def quantize_q8_0(x, w, weighted, out):
     n_rows, n_cols = x.shape
     for r in prange(n_rows):
-        levels = np.empty(QK, dtype=np.int64)
+        levels = np.empty(QK, dtype=np.int64)  # (32,)
         for b in range(n_cols // QK):
             blk = out[r, 34 * b:34 * (b + 1)]
-            xb = x[r, QK * b:QK * (b + 1)]
+            xb = x[r, QK * b:QK * (b + 1)]  # (32,)
             if not weighted:
                 _q8_0_ref(xb, blk)
                 continue
@@ -118,10 +118,10 @@ def _quantize_nibbles(x, w, weighted, out, nmax):
     n_rows, n_cols = x.shape
     nbytes = out.shape[1] // (n_cols // QK)
     for r in prange(n_rows):
-        levels = np.empty(QK, dtype=np.int64)
+        levels = np.empty(QK, dtype=np.int64)  # (32,)
         for b in range(n_cols // QK):
             blk = out[r, nbytes * b:nbytes * (b + 1)]
-            xb = x[r, QK * b:QK * (b + 1)]
+            xb = x[r, QK * b:QK * (b + 1)]  # (32,)
             if weighted:
                 put_f16(blk, 0, _weighted_levels(xb, block_weights(w, QK * b, QK), nmax, levels))
             else:
