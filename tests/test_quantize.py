@@ -178,6 +178,7 @@ def test_shapes_and_dtypes():
     (lambda x: (np.float32(1.0), T.Q8_0, None), "float array"),
     (lambda x: (np.where(x > 2, np.nan, x), T.Q4_0, None), "non-finite"),
     (lambda x: (np.where(x > 2, np.inf, x), T.Q4_0, None), "non-finite"),
+    (lambda x: (x * np.float32(1e6), T.Q4_0, None), "can hold"),
     (lambda x: (x, T.Q8_0, np.ones(10, np.float32)), "importance"),
     (lambda x: (x, T.Q8_0, -np.ones(256, np.float32)), "importance"),
     (lambda x: (x, T.Q8_0, np.full(256, np.nan, np.float32)), "importance"),

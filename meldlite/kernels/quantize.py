@@ -27,6 +27,12 @@ _KERNELS = {T.Q8_0: legacy.quantize_q8_0, T.Q4_0: legacy.quantize_q4_0, T.Q5_0: 
 _FLOATS = (T.F32, T.F16, T.BF16)
 QUANTIZABLE = frozenset(_FLOATS) | frozenset(_KERNELS)
 
+# Largest |value| a block can hold: the f16 maximum times the largest level times the
+# largest integer sub-block scale (K-quants). Beyond it the f16 scales overflow to inf.
+_F16_MAX = float(np.finfo(np.float16).max)
+_MAX_ABS = {T.Q8_0: 127, T.Q4_0: 8, T.Q5_0: 16, T.Q2_K: 3 * 15, T.Q3_K: 4 * 32,
+            T.Q4_K: 15 * 63, T.Q5_K: 31 * 63, T.Q6_K: 32 * 128}
+
 
 def as_qtype(qtype) -> GGMLQuantizationType:
     """A GGMLQuantizationType from the type, its id or its name; UnsupportedError if
@@ -91,6 +97,10 @@ def quantize_rows(x, qtype, importance=None) -> np.ndarray:
         raise OptionError(f"{n_cols} columns is not a positive multiple of the {qtype.name} "
                           f"block size {elems}")
     imp = None if importance is None else _check_importance(importance, n_cols)
+    limit = _F16_MAX * _MAX_ABS.get(qtype, np.inf)
+    if x.size and float(np.abs(x).max()) > limit:
+        raise OptionError(f"x has values up to {float(np.abs(x).max()):g}, beyond the "
+                          f"{limit:g} that {qtype.name} blocks (f16 scales) can hold")
     rows = x.reshape(-1, n_cols)  # (n_rows, n_cols)
     if qtype in _FLOATS:
         out = _floats(rows, qtype)  # (n_rows, row_bytes)
