@@ -3,6 +3,10 @@
 import math
 from collections import Counter
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from meldlite.formats import layout
+
 
 def is_expert_tensor(name):
     """Routed-expert weights (stacked `*_exps.weight` or per-expert `*_exps.E.weight`)."""
@@ -34,6 +38,37 @@ def expert_type_table(gguf, cfg):
     return [[list(t) for t in gguf.expert_types(i)] for i in range(cfg.n_layer)]
 
 
+def expert_label(types):
+    """"Q4_K" when gate, up and down share a type, else "gate/up/down"."""
+    return types[0] if len(set(types)) == 1 else "/".join(types)
+
+
+def _bits(types):
+    """Bits per weight summed over the three matrices (for ordering labels)."""
+    return sum(8 * GGML_QUANT_SIZES[GGMLQuantizationType[t]][1] / GGML_QUANT_SIZES[GGMLQuantizationType[t]][0]
+               for t in types)
+
+
+def expert_map(type_table, pruned):
+    """Per layer, [(label, count)] of its experts' types, most bits first, with the
+    pruned experts counted apart as ("pruned", n)."""
+    out = []
+    for layer, types in enumerate(type_table):
+        gone = set(pruned[layer]) if layer < len(pruned) else set()
+        kept = Counter(tuple(t) for e, t in enumerate(types) if e not in gone)
+        row = [(expert_label(t), n) for t, n in sorted(kept.items(), key=lambda kv: -_bits(kv[0]))]
+        out.append(row + ([("pruned", len(gone))] if gone else []))
+    return out
+
+
+def _layer_major(gguf, key, cfg):
+    """A flat n_layer * n_expert metadata array as per-layer lists, or None."""
+    v = gguf.metadata.get(key)
+    if not isinstance(v, list) or len(v) != cfg.n_layer * cfg.n_expert:
+        return None
+    return [v[L * cfg.n_expert:(L + 1) * cfg.n_expert] for L in range(cfg.n_layer)]
+
+
 def model_info(model):
     gguf, cfg = model.gguf, model.cfg
     total, active = parameter_counts(gguf, cfg)
@@ -56,4 +91,7 @@ def model_info(model):
         "tensor_types": dict(Counter(t["type"] for t in tensors)),
         "tensors": tensors,
         "expert_types": expert_type_table(gguf, cfg),
+        "expert_pruned": [list(map(int, cfg.pruned(L))) for L in range(cfg.n_layer)] if cfg.is_moe else [],
+        "expert_popularity": _layer_major(gguf, layout.KEY_POPULARITY, cfg),
+        "expert_sensitivity": _layer_major(gguf, layout.KEY_SENSITIVITY, cfg),
     }

@@ -8,12 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 
 from helpers_models import Shape, llamacpp_logits, llamacpp_quantize, write_random_model
 
 import meldlite
+from meldlite.cli import info as info_cli
+from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.errors import FormatError, OptionError
 from meldlite.experts.profile import build_profile, load_calibration, read_profile, save_profile
@@ -228,3 +231,31 @@ def test_bpw_is_bits_per_parameter_of_the_whole_file(src, prof_path, tmp_path):
     n_params = sum(int(np.prod(read_gguf(src).tensor(n).shape)) for n in read_gguf(src).tensor_names())
     p = _cli(src, tmp_path / "m.gguf", "--bpw", "2", "--profile", prof_path)
     assert p.returncode == 2 and f"size {n_params * 2 // 8:,} bytes is below" in p.stderr
+
+
+def test_info_shows_the_expert_map(mixed):
+    r = GGUFReader(mixed.path)              # the types as gguf-py reads them
+    want = {}
+    for t in r.tensors:
+        parsed = layout.parse_expert_name(t.name)
+        if parsed:
+            want.setdefault(parsed[0], {}).setdefault(parsed[2], {})[parsed[1]] = t.tensor_type.name
+    out = CliRunner().invoke(main, ["info", str(mixed.path)]).output
+    for L in range(SHAPE.n_layer):
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"blk.{L}:"))
+        counts = {}
+        for e, kinds in want[L].items():
+            t = [kinds[k] for k in layout.KINDS]
+            label = t[0] if len(set(t)) == 1 else "/".join(t)
+            counts[label] = counts.get(label, 0) + 1
+        shown = dict(item.rsplit(" x", 1) for item in line.split(":", 1)[1].strip().split(", "))
+        assert {k: int(v) for k, v in shown.items()} == counts
+    full = CliRunner().invoke(main, ["info", str(mixed.path), "--experts"]).output
+    assert full.count("popularity") == SHAPE.n_layer * SHAPE.n_expert
+
+
+def test_info_marks_pruned_experts():
+    d = {"expert_types": [[["Q4_K"] * 3, ["Q2_K"] * 3, ["Q4_K"] * 3, ["Q2_K", "Q2_K", "Q4_0"]]],
+         "expert_pruned": [[1]], "expert_popularity": None, "expert_sensitivity": None}
+    assert list(info_cli._summary(d)) == ["  blk.0: Q4_K x2, Q2_K/Q2_K/Q4_0 x1, pruned x1"]
+    assert [x.split() for x in info_cli._full_map(d)][2] == ["1", "Q2_K", "pruned"]

@@ -10,18 +10,21 @@ from meldlite.cli import command
 @command("info")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def info(model, as_json):
+@click.option("--experts", "full", is_flag=True,
+              help="Every expert's types (and popularity/sensitivity when the file has them), "
+                   "not just a per-layer summary.")
+def info(model, as_json, full):
     """Architecture, sizes, parameters and quant types of MODEL."""
     import meldlite
     d = meldlite.load(model, n_ctx=16).info()
     if as_json:
         click.echo(json.dumps(d, indent=1))
         return
-    for line in format_info(d):
+    for line in format_info(d, full):
         click.echo(line)
 
 
-def format_info(d):
+def format_info(d, full=False):
     yield f"model        {d['path']}"
     yield f"architecture {d['architecture']}  ({d['name']})"
     yield (f"size         {d['file_bytes'] / 2**20:.2f} MiB of tensors, experts "
@@ -43,6 +46,26 @@ def format_info(d):
         yield f"{t['name']:<36} {t['type']:<7} {str(tuple(t['shape'])):<20} {t['bytes']}"
     if d["expert_types"]:
         yield ""
-        yield "expert types (gate/up/down) per layer:"
-        for i, layer in enumerate(d["expert_types"]):
-            yield f"  blk.{i}: " + " ".join(f"{e}:{'/'.join(t)}" for e, t in enumerate(layer))
+        yield "expert types (gate/up/down, or one type for all three) per layer:"
+        yield from (_full_map(d) if full else _summary(d))
+
+
+def _summary(d):
+    from meldlite.modelinfo import expert_map
+    for i, row in enumerate(expert_map(d["expert_types"], d["expert_pruned"])):
+        yield f"  blk.{i}: " + ", ".join(f"{label} x{n}" for label, n in row)
+
+
+def _full_map(d):
+    from meldlite.modelinfo import expert_label
+    pop, sens = d.get("expert_popularity"), d.get("expert_sensitivity")
+    for i, layer in enumerate(d["expert_types"]):
+        yield f"  blk.{i}:"
+        pruned = set(d["expert_pruned"][i]) if d["expert_pruned"] else set()
+        for e, t in enumerate(layer):
+            extra = "  pruned" if e in pruned else ""
+            if pop:
+                extra += f"  popularity {pop[i][e]:.4f}"
+            if sens:
+                extra += f"  sensitivity {sens[i][e]:.2e}"
+            yield f"    {e:>4} {expert_label(t)}{extra}"
