@@ -55,7 +55,7 @@ def expert_map(type_table, pruned):
     out = []
     for layer, types in enumerate(type_table):
         gone = set(pruned[layer]) if layer < len(pruned) else set()
-        kept = Counter(tuple(t) for e, t in enumerate(types) if e not in gone)
+        kept = Counter(tuple(t) for e, t in enumerate(types) if e not in gone and t[0] != "pruned")
         row = [(expert_label(t), n) for t, n in sorted(kept.items(), key=lambda kv: -_bits(kv[0]))]
         out.append(row + ([("pruned", len(gone))] if gone else []))
     return out

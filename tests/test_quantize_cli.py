@@ -255,7 +255,10 @@ def test_info_shows_the_expert_map(mixed):
 
 
 def test_info_marks_pruned_experts():
-    d = {"expert_types": [[["Q4_K"] * 3, ["Q2_K"] * 3, ["Q4_K"] * 3, ["Q2_K", "Q2_K", "Q4_0"]]],
-         "expert_pruned": [[1]], "expert_popularity": None, "expert_sensitivity": None}
-    assert list(info_cli._summary(d)) == ["  blk.0: Q4_K x2, Q2_K/Q2_K/Q4_0 x1, pruned x1"]
-    assert [x.split() for x in info_cli._full_map(d)][2] == ["1", "Q2_K", "pruned"]
+    """Expert 1 pruned with its tensors kept, expert 4 pruned and left out of the file."""
+    d = {"expert_types": [[["Q4_K"] * 3, ["Q2_K"] * 3, ["Q4_K"] * 3, ["Q2_K", "Q2_K", "Q4_0"],
+                           ["pruned"] * 3]],
+         "expert_pruned": [[1, 4]], "expert_popularity": None, "expert_sensitivity": None}
+    assert list(info_cli._summary(d)) == ["  blk.0: Q4_K x2, Q2_K/Q2_K/Q4_0 x1, pruned x2"]
+    rows = [x.split() for x in info_cli._full_map(d)]
+    assert rows[2] == ["1", "Q2_K", "pruned"] and rows[5] == ["4", "-", "pruned"]

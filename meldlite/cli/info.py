@@ -68,4 +68,5 @@ def _full_map(d):
                 extra += f"  popularity {pop[i][e]:.4f}"
             if sens:
                 extra += f"  sensitivity {sens[i][e]:.2e}"
-            yield f"    {e:>4} {expert_label(t)}{extra}"
+            label = "-" if t[0] == "pruned" else expert_label(t)      # tensors left out
+            yield f"    {e:>4} {label}{extra}"
