@@ -407,9 +407,9 @@ def _symmetric_rows(x, w, out, kind, nmax, lo, hi, n_cand, radius):
 
 
 # (sub-block size, nmax, scale levels, fit steps, super-scale candidates, neighbour radius)
-AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 2), "Q4_K": (32, 15, 63, 20, 5, 1), "Q5_K": (32, 31, 63, 15, 5, 1)}
+AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 6), "Q4_K": (32, 15, 63, 20, 5, 8), "Q5_K": (32, 31, 63, 15, 5, 8)}
 # (nmax, lowest and highest sub-block scale, super-scale candidates, neighbour radius)
-SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 2), "Q6_K": (32, -128, 127, 6, 1)}
+SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 8), "Q6_K": (32, -128, 127, 6, 16)}
 
 
 def quantize_q2_k(x, w, weighted, out):

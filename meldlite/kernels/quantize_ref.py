@@ -184,8 +184,8 @@ def q5_0_ref(x, w=None):
 
 QK_K = 256
 # as in quantize_kquants: (sub, nmax, qmax, fit steps, super candidates, radius) / (nmax, lo, hi, cand, radius)
-AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 2), "Q4_K": (32, 15, 63, 20, 5, 1), "Q5_K": (32, 31, 63, 15, 5, 1)}
-SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 2), "Q6_K": (32, -128, 127, 6, 1)}
+AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 6), "Q4_K": (32, 15, 63, 20, 5, 8), "Q5_K": (32, 31, 63, 15, 5, 8)}
+SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 8), "Q6_K": (32, -128, 127, 6, 16)}
 
 
 def _f16(v):
