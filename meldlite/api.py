@@ -38,7 +38,9 @@ def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=T
     reading experts from the file when routed to (None: all experts stay in the
     memory map); cache_policy "forecast" (default), "lfu" or "lru"; prefetch:
     predict the next layer's experts and load them in a background thread;
-    profile: a `meldlite profile` JSON whose popularity seeds the policy;
+    profile: a `meldlite profile` JSON whose popularity seeds the policy (without
+    one, a file from `meldlite quantize` seeds it with its own expert popularity and
+    starts with its most popular experts cached);
     expert_io: "direct" (O_DIRECT reads into slabs, default), "pread" (buffered
     reads into slabs) or "mmap" (the madvise'd memory map).
     min_expert_weight: adaptive top-k, skip routed experts whose renormalised
