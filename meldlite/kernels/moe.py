@@ -375,10 +375,13 @@ _SUPPORTED[SUPPORTED_IDS] = True
 @njit(cache=True, error_model="numpy")
 def _fast_checks(n_embd, ids, mats, types, supported, block_elems, block_bytes, round_acts,
                  mode_by_id, modes):
-    """True if every used expert id is in range, has supported types and matrices of the
-    right shapes (then modes (n_expert, 3) holds each matrix's activation rounding);
-    False sends the caller to the checks that name the problem."""
+    """True if mats has 3 entries per expert and every used expert id is in range, has
+    supported types and matrices of the right shapes (then modes (n_expert, 3) holds each
+    matrix's activation rounding); False sends the caller to the checks that name the
+    problem."""
     n_expert = types.shape[0]
+    if len(mats) != 3 * n_expert:
+        return False
     for t in range(ids.shape[0]):
         for j in range(ids.shape[1]):
             e = ids[t, j]
@@ -419,11 +422,11 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
     x, ids, weights, types = _check_inputs(x, ids, weights, types)
     if isinstance(mats, list):
         mats = expert_list(mats)
-    if len(mats) != 3 * types.shape[0]:
-        raise OptionError(f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}")
     modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
     if not _fast_checks(x.shape[1], ids, mats, types, _SUPPORTED, BLOCK_ELEMS, BLOCK_BYTES,
                         bool(round_acts), MODE_BY_ID, modes):
+        if len(mats) != 3 * types.shape[0]:
+            raise OptionError(f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}")
         _slow_checks(x, ids, mats, types)
         raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
     if out is None:
