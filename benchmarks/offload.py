@@ -2,8 +2,8 @@
 
     python benchmarks/offload.py [--models trained,trained-q4,edge-q4]
         [--budgets 100,50,25,12.5] [--storage cold,200MB/s] [--policies lru,lfu,forecast]
-        [--prefetch off,on] [--mechanisms pread] [--prompt 32] [--decode 32] [--reps 1]
-        [--adaptive] [--quick]
+        [--prefetch off,on] [--prefetch-depth 1,2] [--prefetch-top 0,5] [--mechanisms pread]
+        [--prompt 32] [--decode 32] [--reps 1] [--no-llamacpp] [--adaptive THRESHOLDS]
 
 Each model is packed into meldlite's per-expert layout (one expert = one read),
 profiled on the first half of ../shared/models/valid.txt and replayed on stories
@@ -267,6 +267,9 @@ def worker(spec):
                       prefetch=spec.get("prefetch", False), io_throttle=spec.get("throttle"),
                       profile=spec.get("profile"), expert_io=spec.get("mechanism"),
                       min_expert_weight=spec.get("min_expert_weight"))
+    for attr in ("prefetch_depth", "prefetch_top"):       # store attributes (experiments)
+        if spec.get(attr):
+            setattr(m.store, attr, spec[attr])
     res = []
     for prompt, dec in spec["tokens"]:
         m.cache.reset()
@@ -322,6 +325,17 @@ def summarize(r, bw, opt_bytes, non_expert):
         "over": (r["peak_rss"] - r["r0"] - non_expert - budget) / 2**20}
 
 
+def variants(args):
+    """(prefetch, depth, top) per row: without prefetch once, with it per depth and top."""
+    for pf in args.prefetch.split(","):
+        if pf != "on":
+            yield pf, 1, 0
+            continue
+        for depth in (int(d) for d in args.prefetch_depth.split(",")):
+            for top in (int(t) for t in args.prefetch_top.split(",")):
+                yield pf, depth, top
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -340,6 +354,10 @@ def main():
     ap.add_argument("--adaptive", default=None, metavar="THRESHOLDS",
                     help="only the adaptive top-k table, e.g. 0.1,0.2,0.3 (on the first --models)")
     ap.add_argument("--adaptive-stories", type=int, default=40)
+    ap.add_argument("--prefetch-depth", default="1",
+                    help="layers guessed ahead, e.g. 1,2 (prefetch rows only)")
+    ap.add_argument("--prefetch-top", default="0",
+                    help="guesses per layer, e.g. 0,5,3 (0: the model's top-k; prefetch rows only)")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -398,12 +416,15 @@ def main():
                 bw = disk if throttle is None else parse_rate(throttle)
                 for mech in args.mechanisms.split(","):
                     for pol in args.policies.split(","):
-                        for pf in args.prefetch.split(","):
+                        for pf, depth, top in variants(args):
                             spec = dict(base, budget=f"{b}%", policy=pol, prefetch=pf == "on",
                                         throttle=throttle, mechanism=mech,
-                                        profile=None if pol == "lru" else str(prof))
+                                        profile=None if pol == "lru" else str(prof),
+                                        prefetch_depth=depth, prefetch_top=top)
                             s = summarize(run_config(spec), bw, opt[b], non_expert)
-                            print(f"| {b:g}% | {storage} | {mech} | {pol} | {pf} | {s['tok_s']:.1f} | "
+                            label = pf + (f" (depth {depth})" if depth > 1 else "") + \
+                                (f" (top {top})" if top else "")
+                            print(f"| {b:g}% | {storage} | {mech} | {pol} | {label} | {s['tok_s']:.1f} | "
                                   f"{s['s_tok']:.4f} | {s['floor']:.4f} | {s['opt_floor']:.4f} | "
                                   f"{s['hit']:.3f} | {s['mb_tok']:.2f} | {s['stall']:.4f} | "
                                   + (f"{s['pred']:.2f} | {s['used']:.2f} / {s['on_time']:.2f} | "

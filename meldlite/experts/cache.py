@@ -249,7 +249,8 @@ class CachedStore(ExpertStore):
         self._pred = [None] * self.n_layer
         self._rank_hits = np.full(self.k, 1.0)       # per predicted rank: hits (+1 prior)
         self._rank_tries = np.full(self.k, 2.0)      # per predicted rank: tries (+2 prior)
-        self.prefetch_depth = prefetch_depth
+        self.prefetch_depth = prefetch_depth         # layers guessed ahead
+        self.prefetch_top = self.k                   # guesses per layer (router's top ones)
         self._t_pair = None                          # running mean: kernel seconds per (token, expert)
         self._t_byte = None                          # running mean: load seconds per byte
         self._demand = 0                             # compute-thread reads under way: the loader waits
@@ -727,7 +728,7 @@ class CachedStore(ExpertStore):
             if (self.state[base:base + self.n_expert][served] == READY).all():
                 continue                            # nothing to fetch for that layer
             if tgt > layer:
-                experts = self.predictor.predict(layer, x, self.k, tgt)
+                experts = self.predictor.predict(layer, x, self.prefetch_top, tgt)
                 conf = self._rank_hits / self._rank_tries * (0.8 ** (d - 1))   # (k,)
                 prio = PREDICTED + 0.1 * (d - 1)
             else:                                   # next token's first layer: popularity
