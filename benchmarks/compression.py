@@ -318,8 +318,8 @@ def plot(measured, f16_row, path):
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
             for x, y, label in pts:
-                ax.annotate(label.split(" ", 1)[1], (x, y), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+                short = label if group == "pruned" else label.split(" ", 1)[1]
+                ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean KL divergence from F16")
