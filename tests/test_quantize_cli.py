@@ -37,16 +37,16 @@ def src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens():
-    return np.random.default_rng(1).integers(3, 4000, 48)
+    return np.random.default_rng(1).integers(3, 4000, 128)   # fewer: KL noise near Q6_K's
 
 
 @pytest.fixture(scope="module")
 def f16_logits(src, tokens):
-    return llamacpp_logits(src, tokens, n_ctx=64)
+    return llamacpp_logits(src, tokens, n_ctx=128)
 
 
 def _kl(ref, path, tokens):
-    return float(kl_divergence(ref, llamacpp_logits(path, tokens, n_ctx=64)).mean())
+    return float(kl_divergence(ref, llamacpp_logits(path, tokens, n_ctx=128)).mean())
 
 
 @pytest.mark.parametrize("qtype", FAST_TYPES)
@@ -182,8 +182,8 @@ def _dequantized_stacked(path, out):
 
 def test_meldlite_runs_the_mixed_file_like_the_reference(mixed, src, tokens, f16_logits, tmp_path):
     """meldlite on the mixed file against llama.cpp on gguf-py's decoding of it (F32)."""
-    ref = llamacpp_logits(_dequantized_stacked(mixed.path, tmp_path / "deq.gguf"), tokens, n_ctx=64)
-    m = meldlite.load(mixed.path, n_ctx=64, llama_numerics=False)   # float activations, as the F32 file
+    ref = llamacpp_logits(_dequantized_stacked(mixed.path, tmp_path / "deq.gguf"), tokens, n_ctx=128)
+    m = meldlite.load(mixed.path, n_ctx=128, llama_numerics=False)   # float activations, as the F32 file
     got = m.logits(tokens)
     m.close()
     kl_runtime = kl_divergence(ref, got).mean()
@@ -262,3 +262,50 @@ def test_info_marks_pruned_experts():
     assert list(info_cli._summary(d)) == ["  blk.0: Q4_K x2, Q2_K/Q2_K/Q4_0 x1, pruned x2"]
     rows = [x.split() for x in info_cli._full_map(d)]
     assert rows[2] == ["1", "Q2_K", "pruned"] and rows[5] == ["4", "-", "pruned"]
+
+
+# -- the trained model (slow) -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(shared_models):
+    """(F16 path, token ids of 20 held-out stories, llama.cpp's F16 logits of them)."""
+    from conftest import valid_stories
+    path = shared_models / "tinystories-moe-f16.gguf"
+    m = meldlite.load(path, n_ctx=512)
+    ids = [m.tokenize(s, add_bos=True)[:512] for s in valid_stories(shared_models, 20)]
+    m.close()
+    return path, ids, [llamacpp_logits(path, t, n_ctx=512) for t in ids]
+
+
+def _kl_stories(path, trained, runtime="llama.cpp"):
+    _, ids, ref = trained
+    if runtime == "llama.cpp":
+        got = [llamacpp_logits(path, t, n_ctx=512) for t in ids]
+    else:
+        m = meldlite.load(path, n_ctx=512)
+        got = [m.logits(t) for t in ids]
+        m.close()
+    return float(np.concatenate([kl_divergence(r, g) for r, g in zip(ref, got)]).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q2_K", "Q4_K", "Q6_K"])
+def test_trained_uniform_file_is_as_good_as_llamacpp_pure(trained, qtype, tmp_path):
+    ours = quantize_model(trained[0], tmp_path / "ours.gguf", qtype=qtype).path
+    theirs = llamacpp_quantize(trained[0], tmp_path / "theirs.gguf", LLAMA_FTYPE.get(qtype, qtype), pure=True)
+    kl_ours, kl_theirs = _kl_stories(ours, trained), _kl_stories(theirs, trained)
+    assert 0 < kl_ours <= 1.2 * kl_theirs, (kl_ours, kl_theirs)
+
+
+@pytest.mark.slow
+def test_trained_mixed_file_beats_llamacpp_q3_k_m_at_its_size(trained, shared_models, tmp_path):
+    """Profile on stories 200-319 of valid.txt, evaluate on stories 0-19."""
+    from conftest import valid_stories
+    m = meldlite.load(trained[0], n_ctx=512)
+    prof = build_profile(m, "<|endoftext|>".join(valid_stories(shared_models, 320)[200:]))
+    m.close()
+    theirs = llamacpp_quantize(trained[0], tmp_path / "q3km.gguf", "Q3_K_M")
+    ours = quantize_model(trained[0], tmp_path / "mixed.gguf", size=theirs.stat().st_size, profile=prof)
+    assert ours.nbytes <= theirs.stat().st_size
+    kl_ours, kl_theirs = _kl_stories(ours.path, trained, "meldlite"), _kl_stories(theirs, trained)
+    assert kl_ours < 0.8 * kl_theirs, (kl_ours, kl_theirs)

@@ -73,7 +73,8 @@ def allocate(units, budget):
 # better, the rest a step above what the experts can afford on average.
 T = ladder.T
 PRESETS = (
-    (0.0, {"output": T.Q6_K, "token_embd": T.Q2_K, "other": T.Q3_K}),
+    (0.0, {"output": T.Q6_K, "token_embd": T.Q2_K, "other": T.Q2_K}),
+    (2.8, {"output": T.Q6_K, "token_embd": T.Q2_K, "other": T.Q3_K}),
     (3.0, {"output": T.Q6_K, "token_embd": T.Q3_K, "other": T.Q4_K}),
     (3.8, {"output": T.Q6_K, "token_embd": T.Q4_K, "other": T.Q5_K}),
     (4.8, {"output": T.Q6_K, "token_embd": T.Q6_K, "other": T.Q6_K}),
