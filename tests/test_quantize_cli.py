@@ -90,6 +90,7 @@ def test_cli_uniform(src, tmp_path):
     (["--size", "3MB"], "profile"),
     (["--size", "lots", "--profile", "p.json"], "is not a size"),
     (["--bpw", "0", "--profile", "p.json"], "bpw must be in"),
+    (["--type", "Q4_0", "--profile", "p.json"], "--profile is for mixed files"),
 ])
 def test_cli_bad_options(src, tmp_path, args, message):
     p = _cli(src, tmp_path / "q.gguf", *args)
