@@ -38,7 +38,7 @@ def quantize_mixed(f, out, budget, profile, progress=None, ladder_types=None):
     expert_types = {(L, e): (chosen[(L, e, "gate_up")],) * 2 + (chosen[(L, e, "down")],)
                     for L, e in experts}
     step = _stepper(progress, len(experts), "sensitivity")
-    sens = sensitivities(f, prof, sample, expert_types, imps, step)
+    sens = sensitivities(f, sample, expert_types, imps, step)
     pop = popularity(prof, f)
     meta = [write.f32_array_metadata(layout.KEY_POPULARITY, pop),
             write.f32_array_metadata(layout.KEY_SENSITIVITY, sens),
@@ -137,7 +137,7 @@ def header_bound(f, experts):
     return f.data_offset + names + added + f.alignment
 
 
-def sensitivities(f, prof, sample, expert_types, imps, step):
+def sensitivities(f, sample, expert_types, imps, step):
     """(n_layer * n_expert,) relative output error of each expert at its types."""
     X = max(f.expert_count(L) for L in range(f.n_layers))
     out = np.zeros(f.n_layers * X, np.float32)
