@@ -51,12 +51,6 @@ def q6k_sum_ref(blocks, qa):
     return (w.astype(np.int64) * qa).sum(1)
 
 
-def q8_0_sum_ref(blocks, qa):
-    """isum int64 (n,) of Q8_0 blocks (n, 34) . Q8_0 codes qa (n, 32)."""
-    w = dequantize_ref(_with_f16_fields(blocks, {0: 1.0}), GGMLQuantizationType.Q8_0)
-    return (w.astype(np.int64) * qa).sum(1)
-
-
 def silu_ref(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
 

@@ -4,14 +4,13 @@ Numba's loop vectorizer does not find the instruction sequence these sums want: 
 weight codes times 8-bit activation codes, summed in pairs to int16 and then, times a
 per-sub-block scale, in pairs to int32 (x86: vpmaddubsw then vpmaddwd, which LLVM turns
 into vpdpwssd where AVX-VNNI exists). So each function below builds that sequence as LLVM
-IR on 32-byte vectors, one quantized block per call, and returns exact int32 sums:
+IR on 32-byte vectors, one quantized block per call, and returns exact int32 sums
+(Q8_0, plain int8 x int8, vectorizes well enough as a Numba loop: qdot.dot_q8_0):
 
     q4k_sums(row, o, qa, oa, bs, ob) -> (isum, msum)   Q4_K super-block at row[o:]
         isum = sum_j sc_j * sum_l q_jl * qa[oa + 32j + l],  msum = sum_j m_j * bs[ob + j]
     q6k_sum(row, o, qa, oa) -> isum                    Q6_K super-block at row[o:]
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
-    q8_0_sum(row, o, qa, oa) -> isum                   Q8_0 block at row[o:]
-        isum = sum_l w_l * qa[oa + l]
     f16_hw(row, o) -> float32                          the float16 at byte o (F16C)
     u16_at(row, o) -> uint16                           the uint16 at byte o
 
@@ -20,12 +19,12 @@ Offsets count elements from the start of C-contiguous arrays of any number of di
 
 Integer sums are exact, so the float steps around them (in qdot) decide the result bits,
 and they do not depend on which instructions computed the integers. On x86 with AVX2 the
-code calls the vpmaddubsw/vpmaddwd/vpsignb intrinsics; elsewhere it emits the same
+code calls the vpmaddubsw/vpmaddwd intrinsics; elsewhere it emits the same
 arithmetic as plain vector IR (widen, multiply, add even and odd lanes) that LLVM lowers
 for any target. No value can saturate the int16 pairs: |4-bit or 6-bit code x int8| pairs
-stay below 2 * 63 * 128, and Q8_0 pairs below 2 * 128 * 127.
+stay below 2 * 63 * 128.
 
-NumPy references: `reference.q4k_sums_ref`, `q6k_sum_ref`, `q8_0_sum_ref`.
+NumPy references: `reference.q4k_sums_ref`, `q6k_sum_ref`.
 """
 
 import llvmlite.binding as llb
@@ -181,26 +180,6 @@ def q6k_sum(typingctx, row, o, qa, oa):
     """isum int32 of the Q6_K super-block at row[o:] (210 bytes) . Q8_K codes qa[oa:oa+256]."""
     if _typed((row, types.uint8), (qa, types.int8)):
         return types.int32(row, o, qa, oa), _q6k_codegen
-
-
-def _q8_0_codegen(context, builder, sig, args):
-    rowty, _, qaty, _ = sig.args
-    row, o, qa, oa = _offsets(context, builder, sig, args)
-    c = _Ctx(context, builder, AVX2)
-    w, a = c.load(rowty, row, o, V32I8, 2), c.load(qaty, qa, oa, V32I8)
-    if c.x86:  # |w| (u8) x a with w's sign, so that vpmaddubsw applies
-        aw = c.call("llvm.abs.v32i8", V32I8, [w, ir.Constant(ir.IntType(1), 0)])
-        sa = c.call("llvm.x86.avx2.psign.b", V32I8, [a, w])
-        return c.reduce(c.madd(c.maddubs(aw, sa), ir.Constant(V16I16, [1] * 16)))
-    v32 = ir.VectorType(I32, 32)
-    return c.reduce(c.b.mul(c.b.sext(w, v32), c.b.sext(a, v32)))
-
-
-@intrinsic
-def q8_0_sum(typingctx, row, o, qa, oa):
-    """isum int32 of the Q8_0 block at row[o:] (34 bytes) . Q8_0 codes qa[oa:oa+32]."""
-    if _typed((row, types.uint8), (qa, types.int8)):
-        return types.int32(row, o, qa, oa), _q8_0_codegen
 
 
 def _f16_codegen(context, builder, sig, args):
