@@ -39,8 +39,9 @@ def quantize(src, out, qtype, size, bpw, profile_path, prune, quiet):
         bar.update(done - bar.pos)
 
     try:
-        r = quantize_model(src, out, qtype=qtype, size=size, bpw=bpw, profile=profile_path,
-                           progress=progress)
+        uniform_pruned = qtype is not None and prune is not None    # the profile is for pruning
+        r = quantize_model(src, out, qtype=qtype, size=size, bpw=bpw,
+                           profile=None if uniform_pruned else profile_path, progress=progress)
     finally:
         if bar is not None:
             bar.render_finish()

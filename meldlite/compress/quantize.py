@@ -47,8 +47,8 @@ def quantize_model(src, out, *, qtype=None, size=None, bpw=None, profile=None, p
     write.check_float_source(f)
     if qtype is not None:
         if profile is not None:
-            raise OptionError("--profile is for mixed files (--size/--bpw); --type files are "
-                              "quantized as llama.cpp's pure ones, without calibration")
+            raise OptionError("--profile is for mixed files (--size/--bpw) and --prune-experts; "
+                              "--type files are quantized as llama.cpp's pure ones, without calibration")
         return quantize_uniform(f, out, ladder.parse_type(qtype), progress)
     budget = parse_size(size, "size") if size is not None else bpw_budget(f, bpw)
     if profile is None:
