@@ -25,7 +25,7 @@ from meldlite.metrics import kl_divergence, top1_agreement
 
 SHAPE = Shape(n_vocab=4096, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
               n_expert=8, n_expert_used=2, n_ff_exp=128, n_ctx=128)
-FAST_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K"]
+FAST_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 LLAMA_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}   # pure: all at the K type
 
 
@@ -98,10 +98,11 @@ def test_cli_bad_options(src, tmp_path, args, message):
     assert message in p.stderr and "Traceback" not in p.stderr
 
 
-def test_fallback_meldlite_cannot_write_is_refused(src, tmp_path):
-    # the down rows hold n_ff_exp = 128 values: llama.cpp stores Q5_K's as Q5_1
-    with pytest.raises(OptionError, match="falls back to Q5_1"):
-        quantize_model(src, tmp_path / "q.gguf", qtype="Q5_K")
+def test_q5_k_falls_back_to_q5_1(src, tmp_path):
+    # the down rows hold n_ff_exp = 128 values: llama.cpp stores Q5_K's as Q5_1, so does meldlite
+    f = read_gguf(quantize_model(src, tmp_path / "q.gguf", qtype="Q5_K").path)
+    assert f.tensor("blk.0.ffn_down_exps.weight").qtype == "Q5_1"
+    assert f.tensor("blk.0.ffn_gate_exps.weight").qtype == "Q5_K"
 
 
 def test_quantized_source_is_refused(src, tmp_path):

@@ -8,7 +8,7 @@ Public API:
 - `importance_from_activations(X)`: X (n_samples, cols) calibration activations ->
   (cols,) mean of squares, as llama.cpp's imatrix collects it.
 
-Algorithms: quantize_legacy.py (Q8_0, Q4_0, Q5_0) and quantize_kquants.py (K-quants);
+Algorithms: quantize_legacy.py (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1) and quantize_kquants.py (K-quants);
 NumPy references in quantize_ref.py. F32, F16 and BF16 are plain conversions (importance
 is ignored), rounding as ggml does (nearest even; BF16 as `ggml_fp32_to_bf16_row_ref`).
 """
@@ -23,14 +23,15 @@ from meldlite.kernels import quantize_legacy as legacy
 T = GGMLQuantizationType
 
 _KERNELS = {T.Q8_0: legacy.quantize_q8_0, T.Q4_0: legacy.quantize_q4_0, T.Q5_0: legacy.quantize_q5_0,
-            **kq.KERNELS}
+            T.Q4_1: legacy.quantize_q4_1, T.Q5_1: legacy.quantize_q5_1, **kq.KERNELS}
 _FLOATS = (T.F32, T.F16, T.BF16)
 QUANTIZABLE = frozenset(_FLOATS) | frozenset(_KERNELS)
 
 # Largest |value| a block can hold: the f16 maximum times the largest level times the
-# largest integer sub-block scale (K-quants). Beyond it the f16 scales overflow to inf.
+# largest integer sub-block scale (K-quants); for Q4_1/Q5_1 the f16 maximum (m = min x).
+# Beyond it the f16 scales overflow to inf.
 _F16_MAX = float(np.finfo(np.float16).max)
-_MAX_ABS = {T.Q8_0: 127, T.Q4_0: 8, T.Q5_0: 16, T.Q2_K: 3 * 15, T.Q3_K: 4 * 32,
+_MAX_ABS = {T.Q8_0: 127, T.Q4_0: 8, T.Q5_0: 16, T.Q4_1: 1, T.Q5_1: 1, T.Q2_K: 3 * 15, T.Q3_K: 4 * 32,
             T.Q4_K: 15 * 63, T.Q5_K: 31 * 63, T.Q6_K: 32 * 128}
 
 

@@ -74,16 +74,17 @@ def _nibble_levels_ggml(x, nmax):
     return d, np.minimum(2 * nmax - 1, np.trunc(v)).astype(np.uint8)
 
 
-def _pack_q4_0(d16, levels):
+def _pack_q4_0(head, levels):
+    """head (n_rows, nb, 2 or 4): f16 d (Q4_0) or d, m (Q4_1); levels (n_rows, nb, 32)."""
     qs = levels[..., :16] | (levels[..., 16:] << 4)  # (n_rows, nb, 16)
-    return np.concatenate([d16, qs], axis=-1).reshape(levels.shape[0], -1)
+    return np.concatenate([head, qs], axis=-1).reshape(levels.shape[0], -1)
 
 
-def _pack_q5_0(d16, levels):
+def _pack_q5_0(head, levels):
     qs = (levels[..., :16] & 0xF) | ((levels[..., 16:] & 0xF) << 4)  # (n_rows, nb, 16)
     bits = (levels >> 4).astype(np.uint64) << np.arange(32, dtype=np.uint64)  # (n_rows, nb, 32)
     qh = bits.sum(-1).astype("<u4")[..., None].view(np.uint8)  # (n_rows, nb, 4)
-    return np.concatenate([d16, qh, qs], axis=-1).reshape(levels.shape[0], -1)
+    return np.concatenate([head, qh, qs], axis=-1).reshape(levels.shape[0], -1)
 
 
 # ---- importance-weighted symmetric scale search -----------------------------------------------
@@ -178,6 +179,92 @@ def q4_0_ref(x, w=None):
 
 def q5_0_ref(x, w=None):
     return _nibbles_ref(x, w, 16, _pack_q5_0)
+
+
+# ---- Q4_1 / Q5_1: x ~ d*l + m, l in [0, nmax] --------------------------------------------------
+
+def _offset_ggml(x, nmax):
+    """ggml's reference: (d, min) float32 (n_rows, nb), levels (n_rows, nb, 32)."""
+    xb = _blocks(x, 32)  # (n_rows, nb, 32)
+    lo = xb.min(-1)  # (n_rows, nb) float32
+    d = ((xb.max(-1) - lo) / np.float32(nmax)).astype(np.float32)  # (n_rows, nb)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    v = ((xb - lo[..., None]) * inv[..., None] + np.float32(0.5)).astype(np.float32)  # (n_rows, nb, 32)
+    return d, lo, np.minimum(nmax, np.trunc(v)).astype(np.int64)
+
+
+def _err_offset(x, w, d, m, nmax):
+    """(...) sum w err^2 for f16 values d, m (...) with levels rounded to nearest."""
+    return _err_affine(x, w, d.astype(np.float64), -m.astype(np.float64), nmax)
+
+
+def search_offset_ref(x, w, wf, nmax):
+    """f16 (d, m) (...) for x, w, wf (..., 32): the grid of quantize_legacy.search_offset."""
+    from meldlite.kernels.quantize_legacy import ORIGINS, SCALES
+    lo, hi = x.min(-1), x.max(-1)  # (...)
+    span = hi - lo
+    live = span > 0
+    sp = np.where(live, span, 1.0)
+    sum_w, sum_x = wf.sum(-1), (wf * x).sum(-1)
+    with np.errstate(over="ignore"):
+        bd, bm = (span / nmax).astype(np.float32).astype(np.float16), lo.astype(np.float32).astype(np.float16)
+    be = _err_offset(x, w, bd, bm, nmax)
+    last_d, last_m = np.full(lo.shape, np.nan, np.float16), np.full(lo.shape, np.nan, np.float16)
+    active = live.copy()
+    grid = [(lo + t * sp / nmax, (nmax + 0.1 * k) / sp) for t in ORIGINS for k in SCALES]
+    for c in range(len(grid) + N_LLOYD):
+        if c < len(grid):
+            origin, iscale = grid[c]
+        else:
+            dd = bd.astype(np.float64)
+            active &= dd > 0
+            origin, iscale = bm.astype(np.float64), _safe_inv(dd, dd > 0)
+        l = _round_clamp(iscale[..., None] * (x - origin[..., None]), 0, nmax)  # (..., 32)
+        sl, sl2, sxl = (wf * l).sum(-1), (wf * l * l).sum(-1), (wf * l * x).sum(-1)
+        det = sum_w * sl2 - sl * sl
+        ok = det > 0
+        det = np.where(ok, det, 1)
+        with np.errstate(over="ignore"):
+            hd = ((sum_w * sxl - sum_x * sl) / det).astype(np.float32).astype(np.float16)
+            hm = ((sl2 * sum_x - sl * sxl) / det).astype(np.float32).astype(np.float16)
+        new = ok & ~((hd.view(np.uint16) == last_d.view(np.uint16)) & (hm.view(np.uint16) == last_m.view(np.uint16)))
+        last_d, last_m = np.where(new, hd, last_d), np.where(new, hm, last_m)
+        err = np.where(new, _err_offset(x, w, hd, hm, nmax), np.inf)
+        better = active & new & (err * TIE < be)
+        bd, bm, be = np.where(better, hd, bd), np.where(better, hm, bm), np.where(better, err, be)
+        if c >= len(grid):
+            active &= better
+    return bd, bm
+
+
+def _offset_ref(x, w, nmax, pack):
+    d, lo, levels = _offset_ggml(x, nmax)
+    with np.errstate(over="ignore"):
+        d, m = d.astype(np.float16), lo.astype(np.float16)  # (n_rows, nb)
+    if w is not None:
+        xb = _blocks(x, 32).astype(np.float64)  # (n_rows, nb, 32)
+        wb = _block_weights(w, xb.shape, 32)  # (n_rows, nb, 32)
+        sigma2 = (x.astype(np.float64) ** 2).mean(-1)  # (n_rows,)
+        wa = wb * np.sqrt(sigma2[:, None, None] + xb * xb)  # (n_rows, nb, 32)
+        cands = [(d, m)]
+        for wf in (wb, wa):
+            sd, sm = search_offset_ref(xb, wb, wf, nmax)
+            cands += [(a, b) for a in _f16_neighbours(sd) for b in _f16_neighbours(sm)]
+        errs = np.stack([_err_offset(xb, wb, a, b, nmax) for a, b in cands])  # (19, n_rows, nb)
+        pick = first_best(errs)[None]
+        d = np.take_along_axis(np.stack([a for a, _ in cands]), pick, axis=0)[0]  # (n_rows, nb)
+        m = np.take_along_axis(np.stack([b for _, b in cands]), pick, axis=0)[0]  # (n_rows, nb)
+        df, mf = d.astype(np.float64), m.astype(np.float64)
+        levels = _round_clamp((xb - mf[..., None]) * _safe_inv(df, df > 0)[..., None], 0, nmax).astype(np.int64)
+    return pack(np.concatenate([_f16_bytes(d), _f16_bytes(m)], axis=-1), levels.astype(np.uint8))
+
+
+def q4_1_ref(x, w=None):
+    return _offset_ref(x, w, 15, _pack_q4_0)
+
+
+def q5_1_ref(x, w=None):
+    return _offset_ref(x, w, 31, _pack_q5_0)
 
 
 # ---- K-quants -----------------------------------------------------------------------------------
@@ -503,5 +590,5 @@ q5_k_ref = _kquant_affine_ref("Q5_K", _pack_q5_k)
 q3_k_ref = _kquant_symmetric_ref("Q3_K", _pack_q3_k)
 q6_k_ref = _kquant_symmetric_ref("Q6_K", _pack_q6_k)
 
-REFS = {T.Q8_0: q8_0_ref, T.Q4_0: q4_0_ref, T.Q5_0: q5_0_ref, T.Q2_K: q2_k_ref, T.Q3_K: q3_k_ref,
+REFS = {T.Q8_0: q8_0_ref, T.Q4_0: q4_0_ref, T.Q5_0: q5_0_ref, T.Q4_1: q4_1_ref, T.Q5_1: q5_1_ref, T.Q2_K: q2_k_ref, T.Q3_K: q3_k_ref,
         T.Q4_K: q4_k_ref, T.Q5_K: q5_k_ref, T.Q6_K: q6_k_ref}
