@@ -528,6 +528,114 @@ def test_bad_popularity_metadata_is_a_format_error(models, tmp_path):
         meldlite.load(path, n_ctx=64, mem_budget="50%")
 
 
+# -- a pruned per-expert file (pruned experts left out) ---------------------------------
+
+N_PRUNED = 3                   # of SMALL's 8 experts per layer (k = 2)
+
+
+@pytest.fixture(scope="module")
+def pruned(models, tmp_path_factory):
+    """(path, flags (L, X) bool, ids, resident batch logits, resident token-by-token logits)
+    of a copy of the small model with its N_PRUNED least popular experts per layer
+    pruned and left out (`prune_file`, as `meldlite pack/quantize --prune-experts`);
+    test_prune checks such a file's resident logits against llama.cpp."""
+    from meldlite.compress.prune import prune_file
+    from meldlite.experts.profile import FORMAT, READS
+    d = tmp_path_factory.mktemp("pruned")
+    pop = np.random.default_rng(7).random((SMALL.n_layer, SMALL.n_expert))    # (L, X)
+    prof = {"format": FORMAT, "version": max(READS),
+            "model": {"n_layer": SMALL.n_layer, "n_expert": SMALL.n_expert},
+            "layers": [{"share": list(map(float, row))} for row in pop]}
+    path = fsynced(prune_file(models["stacked"], d / "pruned.gguf", prof, N_PRUNED).path)
+    f = read_gguf(path)
+    flags = np.array([[not f.expert_present(L, e) for e in range(SMALL.n_expert)]
+                      for L in range(SMALL.n_layer)])
+    assert (flags.sum(axis=1) == N_PRUNED).all()
+    m = meldlite.load(path, n_ctx=64)
+    ids = m.tokenize(TEXT)[:24]
+    batch, single = run_both(m, ids)
+    m.close()
+    return path, flags, ids, batch, single
+
+
+def run_recording_loads(m, ids):
+    """run_both, recording every expert the store reads after the load (g ids)."""
+    st, read, seen = m.store, m.store._read, []
+
+    def recording(job):
+        seen.append(job[0] if isinstance(job, tuple) else job)
+        return read(job)
+    st._read = recording                       # the loader thread calls st._read too
+    batch, single = run_both(m, ids)
+    return batch, single, seen
+
+
+def check_no_pruned_load(m, flags, seen):
+    st, stats = m.store, m.stats()
+    gone = np.flatnonzero(flags.reshape(-1))                                # pruned g
+    assert stats["loads_pruned"] == 0 and not st.load_count[gone].any()
+    assert not np.isin(seen, gone).any() and not (st.state[gone] != 0).any()
+    assert not st.served[gone].any() and stats["experts_present"] == flags.size - gone.size
+    assert stats["loads"] > 0
+
+
+def test_pruned_file_budgeted_bit_identical_and_never_loads_pruned(pruned):
+    path, flags, ids, ref_batch, ref_single = pruned
+    f = read_gguf(path)
+    present_bytes = sum(nb for L in range(SMALL.n_layer) for e in range(SMALL.n_expert)
+                        if not flags[L, e] for _, nb in f.expert_ranges(L, e))
+    minimum = minimum_budget(path)
+    for budget in (minimum, "25%", "50%", "100%"):
+        for policy in POLICIES:
+            for prefetch in (False, True):
+                m = meldlite.load(path, n_ctx=64, mem_budget=budget, cache_policy=policy,
+                                  prefetch=prefetch)
+                try:
+                    batch, single, seen = run_recording_loads(m, ids)
+                    stats = m.stats()
+                    where = (budget, policy, prefetch)
+                    assert np.array_equal(batch, ref_batch), where
+                    assert np.array_equal(single, ref_single), where
+                    check_no_pruned_load(m, flags, seen)
+                    assert stats["expert_bytes"] == present_bytes
+                    if budget == "25%":            # a share of the experts present
+                        assert stats["budget_bytes"] == int(present_bytes * 0.25)
+                finally:
+                    m.close()
+
+
+def test_pruned_file_minimum_budget_counts_present_experts(pruned):
+    path, flags, *_ = pruned
+    m = meldlite.load(path, n_ctx=32, mem_budget="100%", prefetch=False, expert_io="pread")
+    st = m.store
+    sizes = st.sizes.reshape(SMALL.n_layer, SMALL.n_expert)
+    want = max(int(np.sort(row[~gone])[::-1][:SMALL.n_expert_used].sum())
+               for row, gone in zip(sizes, flags))
+    want = max(want, int(np.unique(sizes[~flags]).sum()))   # one slot per size class
+    assert st.min_budget == want and (sizes[flags] == 0).all()
+    assert sum(p.capacity for p in st.pools) <= st.budget
+    m.close()
+    with pytest.raises(BudgetError, match="needs at least"):
+        meldlite.load(path, n_ctx=32, mem_budget=want - 1)
+
+
+@pytest.mark.parametrize("mechanism", ["pread", "mmap"])
+def test_pruned_file_other_mechanisms_and_preload(pruned, tmp_path, mechanism):
+    """With popularity metadata that ranks the pruned experts first: preload, guesses
+    and the policy still never touch them."""
+    path, flags, ids, ref_batch, ref_single = pruned
+    pop = np.where(flags, 1.0, 0.1).astype(np.float32)
+    seeded = with_expert_metadata(path, tmp_path / "seeded.gguf", pop, pruned=flags.astype(np.uint8))
+    m = meldlite.load(seeded, n_ctx=64, mem_budget="50%", expert_io=mechanism)
+    try:
+        assert m.stats()["loads_preload"] > 0
+        batch, single, seen = run_recording_loads(m, ids)
+        assert np.array_equal(batch, ref_batch) and np.array_equal(single, ref_single)
+        check_no_pruned_load(m, flags, seen)
+    finally:
+        m.close()
+
+
 # -- a budgeted store as a peer coordinator's local store -------------------------------
 
 def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, reference):

@@ -14,7 +14,7 @@ import zmq
 
 import meldlite
 from meldlite.errors import PeerError
-from meldlite.formats import pack
+from meldlite.formats import pack, read_gguf
 from meldlite.transports import protocol as P
 from meldlite.transports.peer import LocalPeer
 from meldlite.transports.placement import Placement, round_robin
@@ -113,6 +113,47 @@ def test_exact_mode_is_bit_identical(models, empty_peers, model, n_peers, placem
     try:
         got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
         s = m.store.stats()
+    finally:
+        m.close()
+    for a, b in zip(ref, got):
+        assert np.array_equal(a, b)
+    assert s["peers_requests"] > 0 and s["peers_failovers"] == 0
+
+
+@pytest.mark.parametrize("placement", ["round-robin", "random+budget"])
+def test_pruned_file_exact_mode_is_bit_identical(models, empty_peers, tmp_path, placement):
+    """A per-expert file whose pruned experts are left out (`prune_file`, as
+    `--prune-experts`): only present experts are placed and sent, results are
+    bit-identical to one node. "random+budget": a placement made for all experts
+    (pruned ones are dropped from it) and a memory-budgeted local store."""
+    from meldlite.compress.prune import prune_file
+    from meldlite.experts.profile import FORMAT, READS
+    pop = np.random.default_rng(9).random((SHAPE.n_layer, SHAPE.n_expert))
+    prof = {"format": FORMAT, "version": max(READS),
+            "model": {"n_layer": SHAPE.n_layer, "n_expert": SHAPE.n_expert},
+            "layers": [{"share": list(map(float, row))} for row in pop]}
+    path = prune_file(models["f16"], tmp_path / "pruned.gguf", prof, 3).path
+    f = read_gguf(path)
+    gone = {(L, e) for L in range(SHAPE.n_layer) for e in range(SHAPE.n_expert)
+            if not f.expert_present(L, e)}
+    assert len(gone) == 3 * SHAPE.n_layer
+    ref = reference(path)
+    if placement == "round-robin":
+        m = with_peers(path, [p.endpoint for p in empty_peers[:2]], exact=True)
+    else:
+        m = meldlite.load(path, n_threads=1, mem_budget="50%", prefetch=True)
+        connect(m, [p.endpoint for p in empty_peers], exact=True,
+                placement=random_placement(3, seed=5), **FAST)
+    try:
+        st = m.store
+        for node in range(len(st.placement.nodes)):
+            assert not gone & set(st.placement.experts_of(node))
+        for node in st.placement.peer_nodes():
+            assert not gone & {tuple(p) for p in st.assignment(node)["experts"]}
+        got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
+        s = st.stats()
+        if placement != "round-robin":
+            assert st.local.stats()["loads_pruned"] == 0
     finally:
         m.close()
     for a, b in zip(ref, got):

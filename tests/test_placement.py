@@ -40,13 +40,27 @@ def test_round_robin_and_file_round_trip(tmp_path):
         back.check(4, 8, 3)
 
 
+def test_pruned_experts_get_no_node():
+    present = np.ones((2, 6), bool)
+    present[0, [1, 4]] = present[1, 0] = False
+    p = pl.round_robin(2, 6, 2, present)
+    assert p.experts[0] == [[0], [], [1], [0], [], [1]]       # present ones dealt in turn
+    assert p.experts[1] == [[], [0], [1], [0], [1], [0]]
+    back = pl.from_dict(json.loads(json.dumps(p.to_dict())))  # [] = pruned, readable
+    assert back.check(2, 6, 2, present) is back
+    with pytest.raises(OptionError, match="layer 0 expert 1 no node"):
+        back.check(2, 6, 2)                                    # all present: a hole
+    full = pl.round_robin(2, 6, 2).only(present)               # made for all experts
+    assert [e for L, e in full.experts_of(0) + full.experts_of(1) if not present[L, e]] == []
+    assert pl.Router(p).route(1, np.array([[1, 2], [-1, 5]])).tolist() == [[0, 1], [-1, 0]]
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda d: d.update(format="other"), "not a meldlite placement"),
     (lambda d: d.update(version=99), "version"),
     (lambda d: d.update(nodes=[]), "nodes"),
     (lambda d: d["nodes"].append({"name": "peer0"}), "repeat"),
     (lambda d: d["experts"][0].pop(), "lists"),
-    (lambda d: d["experts"][1].__setitem__(0, []), "holders"),
     (lambda d: d["experts"][1].__setitem__(0, [7]), "holders"),
     (lambda d: d["experts"][1].__setitem__(0, [0, 0]), "holders"),
     (lambda d: d["experts"][1].__setitem__(0, ["0"]), "holders"),

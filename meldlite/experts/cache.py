@@ -53,7 +53,9 @@ class ExpertPlan:
 
     Experts are numbered g = layer * n_expert + e. With `align` > 1 (O_DIRECT)
     every read covers whole align-sized blocks and lands on an aligned slab
-    offset; the matrices then start a little way into their slot."""
+    offset; the matrices then start a little way into their slot. A pruned
+    expert left out of the file (never routed) has no ranges, 0 bytes and
+    `present[g]` False; its types are a stored expert's of the same layer."""
 
     def __init__(self, gguf, cfg, align=1):
         L, X = cfg.n_layer, cfg.n_expert
@@ -67,11 +69,18 @@ class ExpertPlan:
         self.span = np.zeros(n, np.int64)            # (L*X,) whole pages the ranges cover
         self.offset = np.zeros(n, np.int64)          # (L*X,) file offset of the first byte
         self.types = np.zeros((L, X, 3), np.int32)   # (L, X, 3) ggml type ids
+        self.present = np.array([gguf.expert_present(layer, e) for layer in range(L)
+                                 for e in range(X)], bool)   # (L*X,) stored in the file
         want = {"gate": (cfg.n_ff_exp, cfg.n_embd), "up": (cfg.n_ff_exp, cfg.n_embd),
                 "down": (cfg.n_embd, cfg.n_ff_exp)}
         for layer in range(L):
             for e in range(X):
                 g = layer * X + e
+                if not self.present[g]:
+                    self.ranges.append([])
+                    self.reads.append([])
+                    self.mats.append(None)
+                    continue
                 ranges = gguf.expert_ranges(layer, e)
                 reads, pos = [], 0
                 for off, nb in ranges:
@@ -96,6 +105,8 @@ class ExpertPlan:
                 self.span[g] = sum(eio.page_span(off, nb)[1] for off, nb in ranges)
                 self.offset[g] = ranges[0][0]
         for layer in range(L):
+            stored = self.present[layer * X:(layer + 1) * X]             # (X,)
+            self.types[layer, ~stored] = self.types[layer, np.argmax(stored)]
             kernels.check_types(self.types[layer])
 
     @property
@@ -104,7 +115,8 @@ class ExpertPlan:
         return int(sum(nb for ranges in self.ranges for _, nb in ranges))
 
     def min_budget(self, k, sizes):
-        """Bytes of the k largest experts of the layer where they are largest."""
+        """Bytes of the k largest experts of the layer where they are largest
+        (pruned experts have size 0 and every layer keeps at least k)."""
         per_layer = np.sort(sizes.reshape(self.n_layer, self.n_expert), axis=1)[:, ::-1]
         return int(per_layer[:, :k].sum(axis=1).max())
 
@@ -235,7 +247,8 @@ class CachedStore(ExpertStore):
         self.reserved = np.zeros(n, bool)            # (L*X,) predicted for the next layer
         self.by_prefetch = np.zeros(n, bool)         # (L*X,) loaded by prefetch, not used yet
         self.errors = {}                             # g -> exception of a failed background read
-        self.served = np.ones(n, bool)               # (L*X,) experts this store is asked for
+        self.served = plan.present.copy()            # (L*X,) experts this store is asked for
+        self.load_count = np.zeros(n, np.int64)      # (L*X,) loads of each expert
         self.policy = make_policy(policy, self.n_layer, self.n_expert, self.k, prior)
         self.pool_of = self._pool_index()
 
@@ -273,7 +286,7 @@ class CachedStore(ExpertStore):
         plan, sizes = self.plan, self.sizes
         minimum = plan.min_budget(self.k, sizes)
         if self.slabs:
-            classes = np.unique(sizes)
+            classes = np.unique(sizes[plan.present])
             minimum = max(minimum, int(classes.sum()))
         self.min_budget = minimum
         if self.budget < minimum:
@@ -282,18 +295,19 @@ class CachedStore(ExpertStore):
                 f"{format_bytes(minimum)} ({minimum} bytes: the {self.k} largest experts of one "
                 f"layer); its experts total {format_bytes(plan.expert_bytes)}")
         if self.slabs:
-            split, _ = split_budget(self.budget, sizes)
+            split, _ = split_budget(self.budget, sizes[plan.present])
             self.pools = [SlabPool(s, k) for s, k in sorted(split.items())]
             self.capacity_bytes = sum(p.capacity for p in self.pools)
         else:
             self.pools = [BytePool(min(self.budget, int(sizes.sum())))]
             self.capacity_bytes = self.pools[0].capacity
-        self.capacity_experts = int(self.capacity_bytes // max(1, np.mean(sizes)))
+        self.capacity_experts = int(self.capacity_bytes // max(1, np.mean(sizes[plan.present])))
 
     def _pool_index(self):
         if not self.slabs:
             return np.zeros(len(self.sizes), np.int64)
         index = {p.slot_bytes: i for i, p in enumerate(self.pools)}
+        index[0] = 0                                 # pruned experts: never loaded
         return np.array([index[int(s)] for s in self.sizes], np.int64)
 
     def _quiet_map(self, map_base):
@@ -366,7 +380,7 @@ class CachedStore(ExpertStore):
         with self._cond:
             for e in np.unique(np.asarray(ids).reshape(-1)):
                 g = layer * self.n_expert + int(e)
-                if 0 <= e < self.n_expert and self.state[g] == ABSENT:
+                if 0 <= e < self.n_expert and self.state[g] == ABSENT and self.served[g]:
                     self._queue.push(g, HINTED, (layer, int(self._visits[layer])))
             self._cond.notify_all()
 
@@ -379,7 +393,8 @@ class CachedStore(ExpertStore):
             g = int(g)
             with self._cond:
                 pool = self.pools[self.pool_of[g]]
-                if self.state[g] != ABSENT or not pool.has_room(int(self.sizes[g])):
+                if (self.state[g] != ABSENT or not self.plan.present[g]
+                        or not pool.has_room(int(self.sizes[g]))):
                     continue
                 self.slot[g] = pool.take(int(self.sizes[g]))
                 self.state[g] = LOADING
@@ -398,7 +413,7 @@ class CachedStore(ExpertStore):
             raise OptionError(f"served-expert mask has shape {mask.shape}, the model needs "
                               f"({self.n_layer}, {self.n_expert})")
         with self._cond:
-            self.served = mask.reshape(-1).copy()
+            self.served = mask.reshape(-1) & self.plan.present
             for g in np.flatnonzero(~self.served):
                 self._queue.discard(int(g))
 
@@ -407,6 +422,7 @@ class CachedStore(ExpertStore):
             c = dict(self.c)
             t = dict(self.t)
             cached = int((self.state == READY).sum())
+            loads_pruned = int(self.load_count[~self.plan.present].sum())
         uses = max(1, c["expert_uses"])
         out = {k: c[k] for k in ("expert_hits", "expert_misses", "bytes_read", "prefetch_issued",
                                  "prefetch_useful")}
@@ -428,6 +444,7 @@ class CachedStore(ExpertStore):
             moe_calls=c["moe_calls"], groups_split=c["groups_split"],
             experts_cached=cached, budget_bytes=self.budget, cache_bytes=self.capacity_bytes,
             min_budget_bytes=self.min_budget, expert_bytes=self.plan.expert_bytes,
+            experts_present=int(self.plan.present.sum()), loads_pruned=loads_pruned,
             cache_policy=self.policy.name, expert_io=self.mechanism,
             prefetch=self.loader is not None,
             io_throttle_bytes_per_s=self.file.throttle.bytes_per_s if self.file.throttle else None)
@@ -673,6 +690,7 @@ class CachedStore(ExpertStore):
             return
         self.state[g] = READY
         self.policy.on_load(g, self._tick)
+        self.load_count[g] += 1
         self.c["loads"] += 1
         self.c["bytes_read"] += int(self.plan.read_bytes[g])
         if speculative:

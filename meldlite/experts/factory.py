@@ -1,6 +1,6 @@
 """`make_store`: the expert store that `meldlite.load`'s options ask for."""
 
-from meldlite.errors import OptionError, UnsupportedError
+from meldlite.errors import OptionError
 from meldlite.experts.adaptive import check_min_weight
 from meldlite.experts.budget import parse_budget, parse_rate
 from meldlite.experts.cache import MECHANISMS, CachedStore
@@ -14,9 +14,9 @@ DEFAULT_IO = "direct"           # idem
 
 
 def expert_bytes(gguf, cfg):
-    """Bytes of all expert tensors of the model."""
+    """Bytes of the expert tensors in the file (pruned experts left out count 0)."""
     return sum(n for layer in range(cfg.n_layer) for e in range(cfg.n_expert)
-               for _, n in gguf.expert_ranges(layer, e))
+               if gguf.expert_present(layer, e) for _, n in gguf.expert_ranges(layer, e))
 
 
 def make_store(gguf, cfg, weights, *, llama_numerics=True, mem_budget=None, cache_policy=None,
@@ -38,9 +38,6 @@ def make_store(gguf, cfg, weights, *, llama_numerics=True, mem_budget=None, cach
                 raise OptionError(f"{name} applies to a memory-budgeted store: give mem_budget "
                                   f"too (e.g. mem_budget='100%')")
         return ResidentStore(gguf, cfg, llama_numerics, min_expert_weight=min_weight)
-    if any(not gguf.expert_present(L, e) for L in range(cfg.n_layer) for e in range(cfg.n_expert)):
-        raise UnsupportedError(f"{gguf.path}: mem_budget needs every expert in the file; this one "
-                               f"leaves pruned experts out (load it without mem_budget)")
     budget = parse_budget(mem_budget, expert_bytes(gguf, cfg))
     seed = None if profile is not None else metadata_seed(gguf.metadata, cfg.n_layer, cfg.n_expert)
     prior = load_prior(profile, cfg) if profile is not None else (seed.prior() if seed else None)

@@ -48,7 +48,7 @@ LOCAL = "local"
 @dataclass
 class Placement:
     nodes: list                     # [{"name": str, "budget": int | None}]
-    experts: list                   # [layer][e] -> [node, ...] (primary first)
+    experts: list                   # [layer][e] -> [node, ...] (primary first; [] = pruned)
     strategy: str = "custom"
     summary: dict = field(default_factory=dict)
 
@@ -96,15 +96,27 @@ class Placement:
         os.replace(tmp, path)
         return path
 
-    def check(self, n_layer, n_expert, n_peers):
-        """OptionError unless this placement fits a model of this shape and n_peers peers."""
+    def check(self, n_layer, n_expert, n_peers, present=None):
+        """OptionError unless this placement fits a model of this shape and n_peers peers
+        and gives every expert `present` (n_layer, n_expert) bool (default: all) a holder."""
         if (self.n_layer, self.n_expert) != (n_layer, n_expert):
             raise OptionError(f"placement is for {self.n_layer} layers x {self.n_expert} experts, "
                               f"the model has {n_layer} x {n_expert}")
         if len(self.peer_nodes()) != n_peers:
             raise OptionError(f"placement has {len(self.peer_nodes())} peer nodes "
                               f"({', '.join(self.node_names())}), {n_peers} peers were given")
+        for L, row in enumerate(self.experts):
+            for e, hs in enumerate(row):
+                if not hs and (present is None or present[L][e]):
+                    raise OptionError(f"placement gives layer {L} expert {e} no node")
         return self
+
+    def only(self, present):
+        """A copy without holders for the experts where `present` (n_layer, n_expert)
+        is False (pruned experts left out of the file: never routed, never sent)."""
+        experts = [[list(hs) if present[L][e] else [] for e, hs in enumerate(row)]
+                   for L, row in enumerate(self.experts)]
+        return Placement([dict(n) for n in self.nodes], experts, self.strategy, dict(self.summary))
 
 
 def from_dict(obj, where="placement"):
@@ -127,10 +139,10 @@ def from_dict(obj, where="placement"):
         if len(row) != n_expert or n_expert == 0:
             raise FormatError(f"{where}: layer {L} lists {len(row)} experts, layer 0 lists {n_expert}")
         for e, hs in enumerate(row):
-            if (not isinstance(hs, list) or not hs or len(set(hs)) != len(hs)
+            if (not isinstance(hs, list) or len(set(hs)) != len(hs)
                     or not all(type(h) is int and 0 <= h < len(nodes) for h in hs)):
-                raise FormatError(f"{where}: layer {L} expert {e}: holders {hs!r} must be a non-empty "
-                                  f"list of distinct node indices < {len(nodes)}")
+                raise FormatError(f"{where}: layer {L} expert {e}: holders {hs!r} must be a list "
+                                  f"of distinct node indices < {len(nodes)} (empty: pruned)")
     clean_nodes = [{"name": n["name"], "budget": n.get("budget")} for n in nodes]
     return Placement(clean_nodes, [[list(hs) for hs in row] for row in experts],
                      str(obj.get("strategy", "custom")), obj.get("summary") or {})
@@ -156,12 +168,18 @@ def peer_names(n_peers):
     return [f"peer{i}" for i in range(n_peers)]
 
 
-def round_robin(n_layer, n_expert, n_peers):
-    """Expert e of every layer on peer e mod n_peers (the baseline)."""
+def round_robin(n_layer, n_expert, n_peers, present=None):
+    """The i-th expert of every layer on peer i mod n_peers (the baseline); with
+    `present` (n_layer, n_expert) bool, only present experts are counted and placed
+    (pruned ones get no node)."""
     if n_peers < 1:
         raise OptionError("round-robin placement needs at least one peer")
+    if present is None:
+        present = np.ones((n_layer, n_expert), bool)
     nodes = [{"name": n, "budget": None} for n in peer_names(n_peers)]
-    experts = [[[e % n_peers] for e in range(n_expert)] for _ in range(n_layer)]
+    rank = np.cumsum(present, axis=1) - 1                                   # (L, X)
+    experts = [[[int(rank[L, e]) % n_peers] if present[L, e] else [] for e in range(n_expert)]
+               for L in range(n_layer)]
     return Placement(nodes, experts, "round-robin")
 
 
@@ -172,8 +190,8 @@ class Router:
 
     def __init__(self, placement):
         self.n_nodes = len(placement.nodes)
-        self.primary = np.array([[hs[0] for hs in row] for row in placement.experts],
-                                np.int64)                                   # (L, X)
+        self.primary = np.array([[hs[0] if hs else -1 for hs in row] for row in placement.experts],
+                                np.int64)                                   # (L, X) -1: pruned
         self.replicas = [{e: hs for e, hs in enumerate(row) if len(hs) > 1}
                          for row in placement.experts]
 
@@ -448,6 +466,7 @@ def summarize(p, prof, sizes):
 
 
 def expert_sizes(gguf, n_layer, n_expert):
-    """(n_layer, n_expert) bytes of each expert of a GGUF file."""
-    return np.array([[sum(n for _, n in gguf.expert_ranges(L, e)) for e in range(n_expert)]
+    """(n_layer, n_expert) bytes of each expert of a GGUF file (0: pruned, left out)."""
+    return np.array([[sum(n for _, n in gguf.expert_ranges(L, e)) if gguf.expert_present(L, e)
+                      else 0 for e in range(n_expert)]
                      for L in range(n_layer)], np.int64)

@@ -132,14 +132,18 @@ class RemoteStore(ExpertStore):
         self.link = parse_link(link)
         self.limits = limits
         self.llama_numerics = llama_numerics
-        self.placement = as_placement(placement) or round_robin(cfg.n_layer, cfg.n_expert,
-                                                                len(self.peers))
-        self.placement.check(cfg.n_layer, cfg.n_expert, len(self.peers))
+        present = np.array([[gguf.expert_present(L, e) for e in range(cfg.n_expert)]
+                            for L in range(cfg.n_layer)])                # (L, X) False: pruned
+        given = as_placement(placement)
+        self.placement = (given.only(present) if given is not None
+                          else round_robin(cfg.n_layer, cfg.n_expert, len(self.peers), present))
+        self.placement.check(cfg.n_layer, cfg.n_expert, len(self.peers), present)
         self.router = Router(self.placement)
         self.local_node = self.placement.local_node()
         self.holds = {n: self.placement.holds(n) for n in range(len(self.placement.nodes))}
         self.model_hash = P.model_hash(gguf)
-        self._types = np.array([[[int(gguf.expert_tensor(L, kind, e).ggml_type) for kind in KINDS]
+        self._types = np.array([[[int(gguf.expert_tensor(L, kind, e).ggml_type) if present[L, e]
+                                  else 0 for kind in KINDS]
                                  for e in range(cfg.n_expert)] for L in range(cfg.n_layer)])
         self._own_local = local is None              # close it ourselves only if we made it
         self.local = local if local is not None else ResidentStore(gguf, cfg, llama_numerics)
