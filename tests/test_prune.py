@@ -116,8 +116,10 @@ def test_pruned_experts_are_never_routed_and_absent(models):
             on_route=lambda layer, h, ids: seen.append((layer, ids.copy())))
     for layer, ids in seen:
         assert not flags[layer][ids].any()
-    with pytest.raises(UnsupportedError, match="pruned"):
-        meldlite.load(pruned, n_ctx=128, mem_budget="100%")
+    want = m.logits(tokens())                                                   # (T, V)
+    cached = meldlite.load(pruned, n_ctx=128, mem_budget="100%")
+    assert np.array_equal(cached.logits(tokens()), want)
+    assert cached.stats()["loads_pruned"] == 0
 
 
 def test_nothing_pruned_is_bit_identical(models, tmp_path):
