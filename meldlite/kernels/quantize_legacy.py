@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from meldlite.kernels._cache import track_sources
 from meldlite.kernels.quantize_search import (FAST, N_LLOYD, TIE, block_err_affine, block_err_symmetric,
-                                              block_weights, clamp_round, f16_bits, f16_value, fit_symmetric, level,
+                                              block_weights, clamp_round, f16_bits, f16_value, fit_symmetric, level_sums,
                                               put_f16)
 
 QK = 32              # elements per block of Q8_0, Q4_0, Q5_0, Q4_1, Q5_1
@@ -176,15 +176,7 @@ def _offset_ref(xb, nmax, levels):
 def _ls_offset(x, w, iscale, origin, nmax, sum_w, sum_x):
     """Levels l = round(iscale*(x - origin)) in [0, nmax]; the weighted least-squares
     (d, m) of x ~ d*l + m for them, and whether they exist (not all levels equal)."""
-    sum_l = 0.0
-    sum_l2 = 0.0
-    sum_xl = 0.0
-    for i in range(x.shape[0]):
-        xi, wi = np.float64(x[i]), np.float64(w[i])
-        l = level(iscale * (xi - origin), 0, nmax)
-        sum_l += wi * l
-        sum_l2 += wi * l * l
-        sum_xl += wi * l * xi
+    sum_l, sum_l2, sum_xl = level_sums(x, w, iscale, origin, nmax)
     det = sum_w * sum_l2 - sum_l * sum_l
     if det <= 0:
         return 0.0, 0.0, False

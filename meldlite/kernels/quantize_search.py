@@ -141,18 +141,26 @@ def block_err_symmetric(x, w, s, nmax):
 
 
 @njit(cache=True, fastmath=FAST)
-def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
-    """Levels l = round(iscale*(x - lo)) in [0, nmax]; weighted least-squares (s, m) for
-    x ~ s*l - m with m >= 0, and its error."""
+def level_sums(x, w, iscale, origin, nmax):
+    """Levels l = round(iscale*(x - origin)) in [0, nmax]; their weighted sums
+    (sum w*l, sum w*l^2, sum w*l*x), the terms of a least-squares fit x ~ s*l + offset."""
     sum_l = 0.0
     sum_l2 = 0.0
     sum_xl = 0.0
     for i in range(x.shape[0]):
         xi, wi = np.float64(x[i]), np.float64(w[i])
-        l = level(iscale * (xi - lo), 0, nmax)
+        l = level(iscale * (xi - origin), 0, nmax)
         sum_l += wi * l
         sum_l2 += wi * l * l
         sum_xl += wi * l * xi
+    return sum_l, sum_l2, sum_xl
+
+
+@njit(cache=True, fastmath=FAST)
+def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
+    """Levels l = round(iscale*(x - lo)) in [0, nmax]; weighted least-squares (s, m) for
+    x ~ s*l - m with m >= 0, and its error."""
+    sum_l, sum_l2, sum_xl = level_sums(x, w, iscale, lo, nmax)
     det = sum_w * sum_l2 - sum_l * sum_l
     if det <= 0:
         return 0.0, 0.0, np.inf
