@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))            # this working tree's meldlite, not an installed copy
+sys.path.insert(0, str(ROOT))  # this working tree's meldlite, not an installed copy
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "out" / "compression"
@@ -55,18 +55,19 @@ F16 = SHARED / "tinystories-moe-f16.gguf"
 N_CTX = 512
 LLAMACPP_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 MELDLITE_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-CROSS_CHECK = "Q4_K_M"        # a llama.cpp file evaluated by both runtimes
+CROSS_CHECK = "Q4_K_M"  # a llama.cpp file evaluated by both runtimes
 PLOT = ROOT / "docs" / "compression.png"
 
 from offload import stories  # noqa: E402  (calibration half, held-out half of valid.txt)
 
-
 # -- data -------------------------------------------------------------------------
+
 
 def held_out_ids(n_stories):
     """Token ids (BOS + story, at most N_CTX) of the first n held-out stories."""
     from meldlite.formats import read_gguf
     from meldlite.tokenizer import Tokenizer
+
     tok = Tokenizer.from_metadata(read_gguf(F16).metadata)
     _, held = stories()
     return [np.asarray(tok.encode(d, add_bos=True)[:N_CTX]) for d in held[:n_stories]]
@@ -74,22 +75,32 @@ def held_out_ids(n_stories):
 
 # -- runtimes ---------------------------------------------------------------------
 
+
 def llamacpp_runner(path, threads):
     """A function ids -> logits (T, V) of llama.cpp on `path` (one context, reset per story)."""
     import llama_cpp
-    llm = llama_cpp.Llama(os.fspath(path), n_ctx=N_CTX, n_batch=N_CTX, n_threads=threads,
-                          logits_all=True, verbose=False)
+
+    llm = llama_cpp.Llama(
+        os.fspath(path),
+        n_ctx=N_CTX,
+        n_batch=N_CTX,
+        n_threads=threads,
+        logits_all=True,
+        verbose=False,
+    )
 
     def run(ids):
         llm.reset()
         llm.eval(list(map(int, ids)))
-        return np.array(llm.scores[:len(ids)], dtype=np.float32)           # (T, V)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)  # (T, V)
+
     return run, llm.close
 
 
 def meldlite_runner(path, threads):
     """A function ids -> logits (T, V) of meldlite on `path` (all experts resident)."""
     import meldlite
+
     m = meldlite.load(path, n_ctx=N_CTX, n_threads=threads)
     return m.logits, m.close
 
@@ -104,8 +115,9 @@ def reference(docs, threads):
         z = np.load(path)
         return [z[f"s{i}"] for i in range(len(docs))]
     from meldlite.metrics import log_softmax
+
     run, close = llamacpp_runner(F16, threads)
-    ref = [log_softmax(run(ids)).astype(np.float32) for ids in docs]      # [(T, V)]
+    ref = [log_softmax(run(ids)).astype(np.float32) for ids in docs]  # [(T, V)]
     close()
     np.savez(path, **{f"s{i}": r for i, r in enumerate(ref)})
     return ref
@@ -114,12 +126,13 @@ def reference(docs, threads):
 def measure(path, runtime, docs, ref, threads):
     """KL from F16, top-1 agreement and perplexity of `path` computed by `runtime`."""
     from meldlite.metrics import kl_divergence, log_softmax
+
     run, close = RUNNERS[runtime](path, threads)
     kl, top1, nll, n = 0.0, 0, 0.0, 0
     try:
         for ids, lp_ref in zip(docs, ref):
-            lp = log_softmax(run(ids))[:-1]                                 # (T-1, V)
-            r = lp_ref[:-1].astype(np.float64)                              # (T-1, V)
+            lp = log_softmax(run(ids))[:-1]  # (T-1, V)
+            r = lp_ref[:-1].astype(np.float64)  # (T-1, V)
             kl += float(kl_divergence(r, lp).sum())
             top1 += int((r.argmax(-1) == lp.argmax(-1)).sum())
             nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
@@ -132,6 +145,7 @@ def measure(path, runtime, docs, ref, threads):
 def file_sizes(path):
     """(file bytes, bytes of expert tensors)."""
     from meldlite.formats import read_gguf
+
     f = read_gguf(path)
     expert = sum(f.tensor(n).nbytes for n in f.expert_tensor_names())
     f.close()
@@ -140,8 +154,10 @@ def file_sizes(path):
 
 # -- files ------------------------------------------------------------------------
 
+
 def llamacpp_file(qtype):
     from helpers_models import llamacpp_quantize
+
     dst = OUT / f"llamacpp-{qtype.lower()}.gguf"
     if not dst.exists():
         llamacpp_quantize(F16, dst, qtype)
@@ -151,6 +167,7 @@ def llamacpp_file(qtype):
 def quantize_command_exists():
     try:
         import meldlite.cli.quantize  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -160,8 +177,12 @@ def meldlite_quantize(dst, *args):
     """`meldlite quantize F16 dst ARGS` (cached); None (and the reason on stderr) if it fails."""
     if not dst.exists():
         tmp = dst.with_suffix(".tmp")
-        r = subprocess.run([sys.executable, "-m", "meldlite", "quantize", "--quiet", str(F16),
-                            str(tmp), *args], capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-m", "meldlite", "quantize", "--quiet", str(F16), str(tmp), *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if r.returncode:
             print(f"  skipped {dst.name}: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             return None
@@ -175,6 +196,7 @@ def profile_file(threads):
     if not path.exists():
         import meldlite
         from meldlite.experts.profile import build_profile, save_profile
+
         calib, _ = stories()
         m = meldlite.load(F16, n_ctx=N_CTX, n_threads=threads)
         p = build_profile(m, "<|endoftext|>".join(calib), text_name="valid.txt, first half")
@@ -187,6 +209,7 @@ def removed_file(pruned, src, name):
     """The stacked `src` with `pruned`'s pruned experts removed: llama.cpp's view of it."""
     from meldlite.compress.prune import pruned_flags, remove_experts
     from meldlite.formats import read_gguf
+
     dst = OUT / f"{name}-removed.gguf"
     if not dst.exists():
         remove_experts(src, dst, pruned_flags(read_gguf(pruned)))
@@ -196,6 +219,7 @@ def removed_file(pruned, src, name):
 def pruned_file(src, n_prune, prof, name):
     """`src` with the n_prune least used experts of each layer pruned (cached)."""
     from meldlite.compress.prune import prune_file
+
     dst = OUT / f"{name}-prune{n_prune}.gguf"
     if not dst.exists():
         prune_file(src, dst, prof, n_prune)
@@ -204,9 +228,9 @@ def pruned_file(src, n_prune, prof, name):
 
 def parse_size(text):
     text = text.strip().upper()
-    for suffix, mult in (("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3), ("B", 1)):
+    for suffix, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
         if text.endswith(suffix):
-            return int(float(text[:-len(suffix)]) * mult)
+            return int(float(text[: -len(suffix)]) * mult)
     return int(text)
 
 
@@ -216,8 +240,9 @@ def rows_to_run(groups, mixed_sizes, prunes, threads):
     if "llamacpp" in groups:
         for t in LLAMACPP_TYPES:
             rows.append((f"llama.cpp {t}", "llamacpp", llamacpp_file(t), "llama.cpp"))
-        rows.append((f"llama.cpp {CROSS_CHECK}", "cross-check", llamacpp_file(CROSS_CHECK),
-                     "meldlite"))
+        rows.append(
+            (f"llama.cpp {CROSS_CHECK}", "cross-check", llamacpp_file(CROSS_CHECK), "meldlite")
+        )
     have_quantize = quantize_command_exists()
     if "meldlite" in groups and have_quantize:
         for t in MELDLITE_TYPES:
@@ -228,12 +253,13 @@ def rows_to_run(groups, mixed_sizes, prunes, threads):
             if t == "Q4_K":
                 rows.append((f"meldlite {t}", "cross-check", path, "llama.cpp"))
     prof = profile_file(threads) if {"mixed", "pruned"} & set(groups) else None
-    mixed = {}                                  # size label -> path
+    mixed = {}  # size label -> path
     if "mixed" in groups and have_quantize:
         for s in mixed_sizes:
             label = f"{parse_size(s) / 1e6:.2f}MB"
-            path = meldlite_quantize(OUT / f"mixed-{parse_size(s)}.gguf", "--size", s,
-                                     "--profile", str(prof))
+            path = meldlite_quantize(
+                OUT / f"mixed-{parse_size(s)}.gguf", "--size", s, "--profile", str(prof)
+            )
             if path is not None:
                 mixed[label] = path
                 rows.append((f"mixed {label}", "mixed", path, "meldlite"))
@@ -242,17 +268,30 @@ def rows_to_run(groups, mixed_sizes, prunes, threads):
         for n in prunes:
             pruned = pruned_file(src, n, prof, "llamacpp-q4_k_m")
             rows.append((f"Q4_K_M pruned {n}/layer", "pruned", pruned, "meldlite"))
-            rows.append((f"Q4_K_M pruned {n}/layer", "cross-check",
-                         removed_file(pruned, src, f"llamacpp-q4_k_m-prune{n}"), "llama.cpp"))
-        if mixed:                               # the largest mixed file, least pruning
+            rows.append(
+                (
+                    f"Q4_K_M pruned {n}/layer",
+                    "cross-check",
+                    removed_file(pruned, src, f"llamacpp-q4_k_m-prune{n}"),
+                    "llama.cpp",
+                )
+            )
+        if mixed:  # the largest mixed file, least pruning
             label, path = max(mixed.items(), key=lambda kv: kv[1].stat().st_size)
             n = min(prunes)
-            rows.append((f"mixed {label} pruned {n}/layer", "pruned",
-                         pruned_file(path, n, prof, path.stem), "meldlite"))
+            rows.append(
+                (
+                    f"mixed {label} pruned {n}/layer",
+                    "pruned",
+                    pruned_file(path, n, prof, path.stem),
+                    "meldlite",
+                )
+            )
     return rows
 
 
 # -- results ----------------------------------------------------------------------
+
 
 def cached_measure(label, path, runtime, docs, ref, threads, results):
     st = os.stat(path)
@@ -264,17 +303,25 @@ def cached_measure(label, path, runtime, docs, ref, threads, results):
     r["size"], r["expert_bytes"] = file_sizes(path)
     r["stamp"] = stamp
     results[key] = r
-    print(f"  {label:<32} {runtime:<9} KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
-          f"PPL {r['ppl']:.3f}  {r['size'] / 1e6:.2f} MB", file=sys.stderr, flush=True)
+    print(
+        f"  {label:<32} {runtime:<9} KL {r['kl']:.5f}  top-1 {r['top1']:.4f}  "
+        f"PPL {r['ppl']:.3f}  {r['size'] / 1e6:.2f} MB",
+        file=sys.stderr,
+        flush=True,
+    )
     return r
 
 
 def table(measured, f16_row):
-    lines = ["| file | runtime | size MB | expert MB | KL from F16 | top-1 | PPL |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for label, group, runtime, r in [f16_row, *sorted(measured, key=lambda m: m[3]["size"])]:
-        lines.append(f"| {label} | {runtime} | {r['size'] / 1e6:.2f} | {r['expert_bytes'] / 1e6:.2f} "
-                     f"| {r['kl']:.5f} | {r['top1']:.4f} | {r['ppl']:.3f} |")
+    lines = [
+        "| file | runtime | size MB | expert MB | KL from F16 | top-1 | PPL |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, _group, runtime, r in [f16_row, *sorted(measured, key=lambda m: m[3]["size"])]:
+        lines.append(
+            f"| {label} | {runtime} | {r['size'] / 1e6:.2f} | {r['expert_bytes'] / 1e6:.2f} "
+            f"| {r['kl']:.5f} | {r['top1']:.4f} | {r['ppl']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -282,38 +329,47 @@ def verdict(measured):
     """Each mixed file against the smallest llama.cpp uniform file of equal or larger size."""
     uniform = [(r["size"], r["kl"], label) for label, g, rt, r in measured if g == "llamacpp"]
     lines = []
-    for label, group, runtime, r in measured:
+    for label, group, _runtime, r in measured:
         if group != "mixed":
             continue
         bigger = [u for u in uniform if u[0] >= r["size"]]
         if not bigger:
             lines.append(f"- {label}: no llama.cpp file of equal or larger size")
             continue
-        best = min(bigger)                       # the smallest uniform file at least as large
+        best = min(bigger)  # the smallest uniform file at least as large
         gain = 1 - r["kl"] / best[1]
-        lines.append(f"- {label} ({r['size'] / 1e6:.2f} MB): KL {r['kl']:.5f} vs {best[2]} "
-                     f"({best[0] / 1e6:.2f} MB) {best[1]:.5f}: {100 * gain:+.1f}% lower"
-                     f" -> {'met' if gain > 0 else 'NOT met'}{' (>= 25%)' if gain >= 0.25 else ''}")
+        lines.append(
+            f"- {label} ({r['size'] / 1e6:.2f} MB): KL {r['kl']:.5f} vs {best[2]} "
+            f"({best[0] / 1e6:.2f} MB) {best[1]:.5f}: {100 * gain:+.1f}% lower"
+            f" -> {'met' if gain > 0 else 'NOT met'}{' (>= 25%)' if gain >= 0.25 else ''}"
+        )
     return "\n".join(lines)
 
 
 def plot(measured, f16_row, path):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install meldlite[bench]): no plot", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"llamacpp": ("o-", "llama.cpp uniform (llama.cpp)"),
-              "meldlite": ("s-", "meldlite uniform (meldlite)"),
-              "mixed": ("D-", "per-expert mixed (meldlite)"),
-              "pruned": ("v", "pruned (meldlite)")}
-    for ax, xkey, xlabel in ((axes[0], "size", "file size (MB)"),
-                             (axes[1], "expert_bytes", "expert tensor bytes (MB)")):
+    styles = {
+        "llamacpp": ("o-", "llama.cpp uniform (llama.cpp)"),
+        "meldlite": ("s-", "meldlite uniform (meldlite)"),
+        "mixed": ("D-", "per-expert mixed (meldlite)"),
+        "pruned": ("v", "pruned (meldlite)"),
+    }
+    for ax, xkey, xlabel in (
+        (axes[0], "size", "file size (MB)"),
+        (axes[1], "expert_bytes", "expert tensor bytes (MB)"),
+    ):
         for group, (style, name) in styles.items():
-            pts = sorted((r[xkey] / 1e6, r["kl"], label) for label, g, rt, r in measured if g == group)
+            pts = sorted(
+                (r[xkey] / 1e6, r["kl"], label) for label, g, rt, r in measured if g == group
+            )
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
@@ -335,9 +391,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stories", type=int, default=40)
     ap.add_argument("--groups", default="llamacpp,meldlite,mixed,pruned")
-    ap.add_argument("--mixed-sizes", default="10.3MB,11074688,11947648,13041792,14631552",
-                    help="budgets of the mixed files (default: 10.3 MB, then the sizes of "
-                         "llama.cpp's Q3_K_S, Q3_K_M, Q4_0 and Q4_K_M files)")
+    ap.add_argument(
+        "--mixed-sizes",
+        default="10.3MB,11074688,11947648,13041792,14631552",
+        help="budgets of the mixed files (default: 10.3 MB, then the sizes of "
+        "llama.cpp's Q3_K_S, Q3_K_M, Q4_0 and Q4_K_M files)",
+    )
     ap.add_argument("--prune", default="2,4,8", help="experts pruned per layer, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-plot", action="store_true")
@@ -357,16 +416,30 @@ def main():
     f16 = cached_measure("F16", F16, "meldlite", docs, ref, args.threads, results)
     save()
     measured = []
-    for label, group, path, runtime in rows_to_run(groups, args.mixed_sizes.split(","),
-                                                   [int(n) for n in args.prune.split(",") if n],
-                                                   args.threads):
-        measured.append((label, group, runtime,
-                         cached_measure(label, path, runtime, docs, ref, args.threads, results)))
+    for label, group, path, runtime in rows_to_run(
+        groups,
+        args.mixed_sizes.split(","),
+        [int(n) for n in args.prune.split(",") if n],
+        args.threads,
+    ):
+        measured.append(
+            (
+                label,
+                group,
+                runtime,
+                cached_measure(label, path, runtime, docs, ref, args.threads, results),
+            )
+        )
         save()
     n_tok = f16["tokens"]
-    text = (f"{args.stories} held-out stories ({n_tok} scored tokens), reference llama.cpp F16, "
-            f"{datetime.date.today()}\n\n" + table(measured, ("F16 (noise floor)", "f16", "meldlite", f16))
-            + "\n\n" + verdict(measured) + "\n")
+    text = (
+        f"{args.stories} held-out stories ({n_tok} scored tokens), reference llama.cpp F16, "
+        f"{datetime.date.today()}\n\n"
+        + table(measured, ("F16 (noise floor)", "f16", "meldlite", f16))
+        + "\n\n"
+        + verdict(measured)
+        + "\n"
+    )
     print(text)
     (OUT / "table.md").write_text(text)
     if not args.no_plot:

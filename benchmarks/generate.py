@@ -42,11 +42,23 @@ OUT = ROOT / "benchmarks" / "out"
 SHARED = ROOT.parent / "shared" / "models"
 
 from helpers_models import Shape, llamacpp_quantize, write_random_model  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from kernels import busy_cpu_seconds, median_time, memory_bandwidth  # noqa: E402
 
-EDGE = Shape(n_vocab=49152, n_embd=1024, n_layer=24, n_head=16, n_head_kv=4, head_dim=64,
-             n_ff=512, n_expert=32, n_expert_used=8, n_ff_exp=512, n_ctx=1024)
+EDGE = Shape(
+    n_vocab=49152,
+    n_embd=1024,
+    n_layer=24,
+    n_head=16,
+    n_head_kv=4,
+    head_dim=64,
+    n_ff=512,
+    n_expert=32,
+    n_expert_used=8,
+    n_ff_exp=512,
+    n_ctx=1024,
+)
 
 
 def model_path(name):
@@ -78,16 +90,32 @@ def time_llamacpp(path, ids, n_decode, threads):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if LLAMACPP_WAIT != "default":
         env["OMP_WAIT_POLICY"] = LLAMACPP_WAIT
-    out = subprocess.run([sys.executable, __file__, "--llamacpp-child",
-                          json.dumps([str(path), ids, n_decode, threads])],
-                         env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--llamacpp-child",
+            json.dumps([str(path), ids, n_decode, threads]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
 
 def llamacpp_child(path, ids, n_decode, threads):
     import llama_cpp
-    llm = llama_cpp.Llama(str(path), n_ctx=len(ids) + n_decode + 8, n_batch=512,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=len(ids) + n_decode + 8,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
@@ -109,8 +137,12 @@ def time_meldlite(model, ids, n_decode):
     for _ in range(n_decode):
         logits = model._eval([int(np.argmax(logits[-1]))], all_logits=False)
     t2, c2 = time.perf_counter(), time.process_time()
-    return (len(ids) / (t1 - t0), n_decode / (t2 - t1),
-            (c1 - c0) / len(ids) * 1e3, (c2 - c1) / n_decode * 1e3)
+    return (
+        len(ids) / (t1 - t0),
+        n_decode / (t2 - t1),
+        (c1 - c0) / len(ids) * 1e3,
+        (c2 - c1) / n_decode * 1e3,
+    )
 
 
 class Quiet:
@@ -137,7 +169,7 @@ class Quiet:
 
     def __call__(self, fn):
         self.measured += 1
-        for attempt in range(self.tries):
+        for _attempt in range(self.tries):
             self.wait()
             result, load = self.foreign(fn)
             if load < self.limit:
@@ -151,6 +183,7 @@ def bytes_per_token(model):
     """Weight bytes one decoded token reads: every 2-D matrix but the embedding, and the
     routed experts' matrices k/n_expert of the time."""
     from meldlite.model import output_matrix
+
     g, cfg = model.gguf, model.cfg
     out_name = output_matrix(cfg, model.weights).name
     total = 0.0
@@ -158,18 +191,22 @@ def bytes_per_token(model):
         t = g.tensor(name)
         if len(t.shape) < 2 or (name == "token_embd.weight" and out_name != name):
             continue
-        share = cfg.n_expert_used / cfg.n_expert if "_exps" in name or ".ffn_" in name and \
-            name.split(".")[2].isdigit() else 1.0
+        share = (
+            cfg.n_expert_used / cfg.n_expert
+            if "_exps" in name or (".ffn_" in name and name.split(".")[2].isdigit())
+            else 1.0
+        )
         total += t.nbytes * share
     return total
 
 
 def bench(name, args):
     import meldlite
+
     path = model_path(name)
     model = meldlite.load(path, n_ctx=args.prompt + args.decode + 8, n_threads=args.threads)
     ids = prompt_ids(args.prompt, model.cfg.n_vocab)
-    time_meldlite(model, ids[:8], 2)                       # JIT / page-in warm-up
+    time_meldlite(model, ids[:8], 2)  # JIT / page-in warm-up
     ours, ref = [], []
     for _ in range(args.reps):
         ref.append(QUIET(lambda: time_llamacpp(path, ids, args.decode, args.threads)))
@@ -186,10 +223,18 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--models", default="trained,trained-q4,edge-q4,edge-q8")
-    ap.add_argument("--llamacpp-wait", choices=["default", "passive"], default="default",
-                    help="OpenMP wait policy of llama.cpp's threads (default: its own, spinning)")
-    ap.add_argument("--quiet-wait", type=float, default=30.0,
-                    help="seconds to wait for a quiet machine before each measurement")
+    ap.add_argument(
+        "--llamacpp-wait",
+        choices=["default", "passive"],
+        default="default",
+        help="OpenMP wait policy of llama.cpp's threads (default: its own, spinning)",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for a quiet machine before each measurement",
+    )
     ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global LLAMACPP_WAIT, QUIET
@@ -199,25 +244,38 @@ def main():
         print(json.dumps(llamacpp_child(*json.loads(args.llamacpp_child))))
         return
     load0 = os.getloadavg()[0]
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, threads {args.threads}, prompt {args.prompt} tokens, "
-          f"decode {args.decode} tokens, median of {args.reps} runs (tokens/s); llama.cpp "
-          f"OpenMP wait policy {args.llamacpp_wait}; "
-          f"1-min load average {load0:.2f} before")
-    print("| model | size MB | meldlite prefill | llama.cpp prefill | ratio | "
-          "meldlite decode | llama.cpp decode | ratio | meldlite cpu ms/tok prefill, decode | "
-          "MB read per token | decode GB/s meldlite, llama.cpp |")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}, threads {args.threads}, prompt {args.prompt} tokens, "
+        f"decode {args.decode} tokens, median of {args.reps} runs (tokens/s); llama.cpp "
+        f"OpenMP wait policy {args.llamacpp_wait}; "
+        f"1-min load average {load0:.2f} before"
+    )
+    print(
+        "| model | size MB | meldlite prefill | llama.cpp prefill | ratio | "
+        "meldlite decode | llama.cpp decode | ratio | meldlite cpu ms/tok prefill, decode | "
+        "MB read per token | decode GB/s meldlite, llama.cpp |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         name, size, (mp, md, mpc, mdc, lp, ld), nbytes = bench(name, args)
-        print(f"| {name} | {size / 1e6:.1f} | {mp:.1f} | {lp:.1f} | {mp / lp:.2f} | "
-              f"{md:.1f} | {ld:.1f} | {md / ld:.2f} | {mpc:.2f}, {mdc:.2f} | {nbytes / 1e6:.1f} | "
-              f"{nbytes * md / 1e9:.1f}, {nbytes * ld / 1e9:.1f} |", flush=True)
-    bw = [QUIET(lambda: memory_bandwidth(1.0, lambda fn: median_time(fn, 5))) / 1e9 for _ in range(3)]
-    print(f"memory read bandwidth in this run (parallel XOR over 1 GiB, {args.threads} threads): "
-          f"{statistics.median(bw):.1f} GB/s (runs: {', '.join(f'{b:.1f}' for b in bw)})")
-    print(f"1-min load average {os.getloadavg()[0]:.2f} after; {QUIET.measured} measurements, "
-          f"{QUIET.retried} retried because other processes used > {QUIET.limit:.0%} of a CPU, "
-          f"{QUIET.noisy} still noisy after {QUIET.tries} tries")
+        print(
+            f"| {name} | {size / 1e6:.1f} | {mp:.1f} | {lp:.1f} | {mp / lp:.2f} | "
+            f"{md:.1f} | {ld:.1f} | {md / ld:.2f} | {mpc:.2f}, {mdc:.2f} | {nbytes / 1e6:.1f} | "
+            f"{nbytes * md / 1e9:.1f}, {nbytes * ld / 1e9:.1f} |",
+            flush=True,
+        )
+    bw = [
+        QUIET(lambda: memory_bandwidth(1.0, lambda fn: median_time(fn, 5))) / 1e9 for _ in range(3)
+    ]
+    print(
+        f"memory read bandwidth in this run (parallel XOR over 1 GiB, {args.threads} threads): "
+        f"{statistics.median(bw):.1f} GB/s (runs: {', '.join(f'{b:.1f}' for b in bw)})"
+    )
+    print(
+        f"1-min load average {os.getloadavg()[0]:.2f} after; {QUIET.measured} measurements, "
+        f"{QUIET.retried} retried because other processes used > {QUIET.limit:.0%} of a CPU, "
+        f"{QUIET.noisy} still noisy after {QUIET.tries} tries"
+    )
 
 
 if __name__ == "__main__":

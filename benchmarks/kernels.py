@@ -28,15 +28,27 @@ import time
 
 import numba
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from meldlite import kernels
 
 SHAPES = [(512, 1024), (1024, 512), (4096, 4096)]
-F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-              T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-              T.IQ4_NL: (0,), T.IQ4_XS: (0,)}  # byte offsets of f16 scales in a block
+F16_FIELDS = {
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q8_0: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.IQ4_NL: (0,),
+    T.IQ4_XS: (0,),
+}  # byte offsets of f16 scales in a block
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -117,7 +129,7 @@ def random_matrix(rng, qtype, n_rows, n_cols):
     blocks = rng.integers(0, 256, size=(n_rows, n_cols // elems, nbytes), dtype=np.uint8)
     for off in F16_FIELDS.get(qtype, ()):
         d = (rng.standard_normal(blocks.shape[:2]) * 1e-3).astype(np.float16)
-        blocks[..., off:off + 2] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        blocks[..., off : off + 2] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
     if qtype == T.MXFP4:
         blocks[..., 0] = rng.integers(118, 124, size=blocks.shape[:2], dtype=np.uint8)
     return blocks.reshape(n_rows, -1)
@@ -131,8 +143,11 @@ def readonly(a):
 def cpu_name():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in out.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or "unknown"
 
@@ -190,14 +205,20 @@ def main():
             results[qtypes[i]].append(bench_type(q, mats[q], args, timer, path))
         bws.append(memory_bandwidth(args.bw_gib, timer) / 1e9)
     bw = statistics.median(bws)
-    print(f"{datetime.date.today()}, CPU {cpu_name()}, numba {numba.__version__} with "
-          f"{numba.get_num_threads()} threads ({numba.threading_layer()}); median over "
-          f"{args.passes} passes of the median of {args.reps} calls; 1-min load average "
-          f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"{timer.measured} measurements, {timer.retried} retried because other processes used "
-          f"> {timer.limit:.0%} of a CPU meanwhile, {timer.noisy} still noisy after {timer.tries} tries")
-    print(f"memory read bandwidth (parallel XOR over {args.bw_gib:g} GiB): {bw:.1f} GB/s "
-          f"(passes: {', '.join(f'{b:.1f}' for b in bws)})\n")
+    print(
+        f"{datetime.date.today()}, CPU {cpu_name()}, numba {numba.__version__} with "
+        f"{numba.get_num_threads()} threads ({numba.threading_layer()}); median over "
+        f"{args.passes} passes of the median of {args.reps} calls; 1-min load average "
+        f"{load0:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        f"{timer.measured} measurements, {timer.retried} retried because other processes used "
+        f"> {timer.limit:.0%} of a CPU meanwhile, {timer.noisy} still noisy after {timer.tries} tries"
+    )
+    print(
+        f"memory read bandwidth (parallel XOR over {args.bw_gib:g} GiB): {bw:.1f} GB/s "
+        f"(passes: {', '.join(f'{b:.1f}' for b in bws)})\n"
+    )
     head = " | ".join(f"{r}x{c} GB/s | Gw/s | /bw" for r, c in SHAPES)
     print(f"| type | path | {head} | prefill {args.prefill} tok 4096x4096 GMAC/s |")
     print("|---" * (3 + 3 * len(SHAPES)) + "|")

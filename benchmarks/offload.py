@@ -44,10 +44,15 @@ SHARED = ROOT.parent / "shared" / "models"
 
 MODELS = {"trained": "trained", "trained-q4": "trained-q4", "edge-q4": "edge-q4"}
 PROFILE_TOKENS = {"trained": 40000, "trained-q4": 40000, "edge-q4": 6000}
-DECODE = {"trained": 96, "trained-q4": 96, "edge-q4": 32}     # decode tokens per story (--decode overrides)
+DECODE = {
+    "trained": 96,
+    "trained-q4": 96,
+    "edge-q4": 32,
+}  # decode tokens per story (--decode overrides)
 
 
 # -- preparation (parent process) ------------------------------------------------
+
 
 def stories():
     text = (SHARED / "valid.txt").read_text(encoding="utf-8")
@@ -60,7 +65,9 @@ def stories():
 def prepare(name):
     """(stacked source, packed file, profile file) of a benchmark model."""
     from generate import model_path
+
     from meldlite.formats import pack
+
     src = Path(model_path(name))
     packed = OUT / f"offload-{name}-packed.gguf"
     if not packed.exists():
@@ -69,10 +76,15 @@ def prepare(name):
     if not prof.exists():
         import meldlite
         from meldlite.experts.profile import build_profile, save_profile
+
         train, _ = stories()
         m = meldlite.load(packed, n_ctx=512)
-        p = build_profile(m, "<|endoftext|>".join(train), max_tokens=PROFILE_TOKENS[name],
-                          text_name="valid.txt, first half")
+        p = build_profile(
+            m,
+            "<|endoftext|>".join(train),
+            max_tokens=PROFILE_TOKENS[name],
+            text_name="valid.txt, first half",
+        )
         save_profile(p, prof)
         m.close()
     return src, packed, prof
@@ -85,7 +97,7 @@ def replay_tokens(tokenizer_model, n_prompt, n_decode, reps):
     for doc in held:
         ids = tokenizer_model.tokenize(doc, add_bos=True)
         if len(ids) >= n_prompt + n_decode:
-            out.append((ids[:n_prompt], ids[n_prompt:n_prompt + n_decode]))
+            out.append((ids[:n_prompt], ids[n_prompt : n_prompt + n_decode]))
         if len(out) == reps:
             break
     return out
@@ -117,17 +129,16 @@ def belady_loads(trace, n_expert, sizes, slots_by_size):
         future[i] = {g: nxt_use.get(g, float("inf")) for g in keys[i]}
         for g in keys[i]:
             nxt_use[g] = i
-    cached = {s: {} for s in slots_by_size}          # size -> {g: next use}
+    cached = {s: {} for s in slots_by_size}  # size -> {g: next use}
     loads = 0
     for i, ks in enumerate(keys):
         for g in ks:
             c = cached[int(sizes[g])]
-            if g not in c:
-                if len(c) >= slots_by_size[int(sizes[g])]:
-                    loads += 1
-                    victims = [h for h in c if h not in ks]
-                    if victims:
-                        del c[max(victims, key=lambda h: c[h])]
+            if g not in c and len(c) >= slots_by_size[int(sizes[g])]:
+                loads += 1
+                victims = [h for h in c if h not in ks]
+                if victims:
+                    del c[max(victims, key=lambda h: c[h])]
             c[g] = future[i][g]
     return loads
 
@@ -139,8 +150,9 @@ def trace_and_opt(packed, reps_tokens, budgets):
     from meldlite.experts.budget import parse_budget
     from meldlite.experts.cache import ExpertPlan, split_budget
     from meldlite.experts.io import DIO_ALIGN
+
     m = meldlite.load(packed, n_ctx=512)
-    plan = ExpertPlan(m.gguf, m.cfg, DIO_ALIGN)          # the slots of the default (direct) store
+    plan = ExpertPlan(m.gguf, m.cfg, DIO_ALIGN)  # the slots of the default (direct) store
     tr = _Trace(m.store, m.cfg.n_expert)
     m.store = tr
     per_rep = []
@@ -156,8 +168,12 @@ def trace_and_opt(packed, reps_tokens, budgets):
     for b in budgets:
         budget = parse_budget(f"{b}%", plan.expert_bytes)
         slots, _ = split_budget(budget, plan.nbytes)
-        vals = [belady_loads(steps, m.cfg.n_expert, plan.nbytes, slots) * plan.read_bytes.mean()
-                / len(reps_tokens[0][1]) for steps in per_rep]
+        vals = [
+            belady_loads(steps, m.cfg.n_expert, plan.nbytes, slots)
+            * plan.read_bytes.mean()
+            / len(reps_tokens[0][1])
+            for steps in per_rep
+        ]
         out[b] = statistics.median(vals)
     n_expert_bytes = plan.expert_bytes
     m.close()
@@ -167,6 +183,7 @@ def trace_and_opt(packed, reps_tokens, budgets):
 def disk_bandwidth(path, nbytes, n=24):
     """Cold random reads of `nbytes` from `path`: bytes per second."""
     from meldlite.experts.io import drop_range
+
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -190,13 +207,21 @@ def disk_bandwidth(path, nbytes, n=24):
 def llamacpp_decode(path, reps_tokens, threads, cold):
     """llama.cpp decode tokens/s on the same teacher-forced tokens (median over reps)."""
     import llama_cpp
+
     from meldlite.experts.io import drop_file_cache
+
     rates = []
     for prompt, dec in reps_tokens:
         if cold:
             drop_file_cache(path)
-        llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + len(dec) + 8, n_batch=512,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = llama_cpp.Llama(
+            str(path),
+            n_ctx=len(prompt) + len(dec) + 8,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
         llm.eval(prompt)
         t0 = time.perf_counter()
         for t in dec:
@@ -212,7 +237,8 @@ def adaptive(name, thresholds, n_stories, threads, decode_spec):
     at 25% / 200MB/s with prefetch (the --adaptive table)."""
     import meldlite
     from meldlite.metrics import kl_divergence, log_softmax, top1_agreement
-    _, packed, prof = prepare(name)
+
+    _, packed, _prof = prepare(name)
     _, held = stories()
     full = meldlite.load(packed, n_ctx=512, n_threads=threads)
     docs = [full.tokenize(d)[:512] for d in held[:n_stories]]
@@ -223,10 +249,14 @@ def adaptive(name, thresholds, n_stories, threads, decode_spec):
         lp = log_softmax(logits)
         return -lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum(), len(ids) - 1
 
-    print(f"\n### adaptive top-k, {name}: {n_stories} held-out stories "
-          f"({sum(len(d) for d in docs)} tokens), resident store")
-    print("| min_expert_weight | mean KL | top-1 agreement | perplexity | experts skipped | "
-          "decode tok/s at 25%, 200MB/s | MB read/token |")
+    print(
+        f"\n### adaptive top-k, {name}: {n_stories} held-out stories "
+        f"({sum(len(d) for d in docs)} tokens), resident store"
+    )
+    print(
+        "| min_expert_weight | mean KL | top-1 agreement | perplexity | experts skipped | "
+        "decode tok/s at 25%, 200MB/s | MB read/token |"
+    )
     print("|---|---|---|---|---|---|---|")
     for t in [0.0] + thresholds:
         m = meldlite.load(packed, n_ctx=512, n_threads=threads, min_expert_weight=t or None)
@@ -239,35 +269,53 @@ def adaptive(name, thresholds, n_stories, threads, decode_spec):
             tot, n = tot + a, n + b
         st = m.stats()
         m.close()
-        spec = dict(decode_spec, budget="25%", throttle="200MB/s", prefetch=True,
-                    min_expert_weight=t or None)
+        spec = dict(
+            decode_spec,
+            budget="25%",
+            throttle="200MB/s",
+            prefetch=True,
+            min_expert_weight=t or None,
+        )
         sm = summarize(run_config(spec), 200e6, 0, 0)
-        print(f"| {t:g} | {np.mean(kl):.4f} | {np.mean(agree):.3f} | {np.exp(tot / n):.3f} | "
-              f"{st['experts_skipped'] / max(1, st['routed_slots']):.3f} | {sm['tok_s']:.1f} | "
-              f"{sm['mb_tok']:.2f} |", flush=True)
+        print(
+            f"| {t:g} | {np.mean(kl):.4f} | {np.mean(agree):.3f} | {np.exp(tot / n):.3f} | "
+            f"{st['experts_skipped'] / max(1, st['routed_slots']):.3f} | {sm['tok_s']:.1f} | "
+            f"{sm['mb_tok']:.2f} |",
+            flush=True,
+        )
 
 
 # -- one configuration (child process) ----------------------------------------------
 
+
 def worker(spec):
     """Run one configuration and print a JSON line of measurements."""
-    from meldlite.experts.io import drop_file_cache, memory_status, reset_peak_rss
     import meldlite
-    warm = meldlite.load(n_ctx=64)                      # load the kernels (Numba cache)
+    from meldlite.experts.io import drop_file_cache, memory_status, reset_peak_rss
+
+    warm = meldlite.load(n_ctx=64)  # load the kernels (Numba cache)
     warm.logits(warm.tokenize("Once upon a time"))
     warm.close()
     del warm
     import gc
+
     gc.collect()
     reset_peak_rss()
     r0 = memory_status().get("VmRSS", 0)
     cold = drop_file_cache(spec["path"])
-    m = meldlite.load(spec["path"], n_ctx=512, n_threads=spec["threads"],
-                      mem_budget=spec.get("budget"), cache_policy=spec.get("policy"),
-                      prefetch=spec.get("prefetch", False), io_throttle=spec.get("throttle"),
-                      profile=spec.get("profile"), expert_io=spec.get("mechanism"),
-                      min_expert_weight=spec.get("min_expert_weight"))
-    for attr in ("prefetch_depth", "prefetch_top"):       # store attributes (experiments)
+    m = meldlite.load(
+        spec["path"],
+        n_ctx=512,
+        n_threads=spec["threads"],
+        mem_budget=spec.get("budget"),
+        cache_policy=spec.get("policy"),
+        prefetch=spec.get("prefetch", False),
+        io_throttle=spec.get("throttle"),
+        profile=spec.get("profile"),
+        expert_io=spec.get("mechanism"),
+        min_expert_weight=spec.get("min_expert_weight"),
+    )
+    for attr in ("prefetch_depth", "prefetch_top"):  # store attributes (experiments)
         if spec.get(attr):
             setattr(m.store, attr, spec[attr])
     res = []
@@ -281,26 +329,44 @@ def worker(spec):
             m._eval([t], all_logits=False)
         t2 = time.perf_counter()
         s1 = m.stats()
-        d = {k: s1[k] - s0[k] for k in s1 if isinstance(s1[k], (int, float))
-             and not isinstance(s1[k], bool) and k in s0 and isinstance(s0[k], (int, float))}
+        d = {
+            k: s1[k] - s0[k]
+            for k in s1
+            if isinstance(s1[k], (int, float))
+            and not isinstance(s1[k], bool)
+            and k in s0
+            and isinstance(s0[k], (int, float))
+        }
         res.append({"prefill_s": t1 - t0, "decode_s": t2 - t1, "n_decode": len(dec), "delta": d})
     st = m.stats()
     m.close()
     mem = memory_status()
-    print(json.dumps({"runs": res, "peak_rss": mem.get("VmHWM", 0), "r0": r0, "cold": cold,
-                      "budget_bytes": st.get("budget_bytes"), "expert_bytes": st.get("expert_bytes"),
-                      "cache_bytes": st.get("cache_bytes")}))
+    print(
+        json.dumps(
+            {
+                "runs": res,
+                "peak_rss": mem.get("VmHWM", 0),
+                "r0": r0,
+                "cold": cold,
+                "budget_bytes": st.get("budget_bytes"),
+                "expert_bytes": st.get("expert_bytes"),
+                "cache_bytes": st.get("cache_bytes"),
+            }
+        )
+    )
 
 
 def run_config(spec):
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
+    )
     if p.returncode != 0:
         raise RuntimeError(f"worker failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 # -- report ---------------------------------------------------------------------
+
 
 def summarize(r, bw, opt_bytes, non_expert):
     runs = r["runs"]
@@ -312,7 +378,10 @@ def summarize(r, bw, opt_bytes, non_expert):
     mb_tok = med(lambda d, x: d.get("bytes_read", 0) / x["n_decode"])
     budget = r["budget_bytes"] or r["expert_bytes"] or 0
     return {
-        "tok_s": 1 / s_tok, "s_tok": s_tok, "floor": mb_tok / bw, "opt_floor": opt_bytes / bw,
+        "tok_s": 1 / s_tok,
+        "s_tok": s_tok,
+        "floor": mb_tok / bw,
+        "opt_floor": opt_bytes / bw,
         "hit": med(lambda d, x: d.get("expert_hits", 0) / max(1, d.get("expert_uses", 1))),
         "mb_tok": mb_tok / 1e6,
         "stall": med(lambda d, x: d.get("stall_seconds", 0) / x["n_decode"]),
@@ -320,9 +389,13 @@ def summarize(r, bw, opt_bytes, non_expert):
         "pred": med(lambda d, x: d.get("predicted_right", 0) / max(1, d.get("predicted", 0))),
         # I/O level: prefetched loads that were used, and the share of those in time
         "used": med(lambda d, x: d.get("prefetch_useful", 0) / max(1, d.get("prefetch_issued", 0))),
-        "on_time": med(lambda d, x: 1 - d.get("prefetch_late", 0) / max(1, d.get("prefetch_useful", 0))),
-        "peak": r["peak_rss"] / 2**20, "promise": (r["r0"] + non_expert + budget) / 2**20,
-        "over": (r["peak_rss"] - r["r0"] - non_expert - budget) / 2**20}
+        "on_time": med(
+            lambda d, x: 1 - d.get("prefetch_late", 0) / max(1, d.get("prefetch_useful", 0))
+        ),
+        "peak": r["peak_rss"] / 2**20,
+        "promise": (r["r0"] + non_expert + budget) / 2**20,
+        "over": (r["peak_rss"] - r["r0"] - non_expert - budget) / 2**20,
+    }
 
 
 def variants(args):
@@ -346,38 +419,66 @@ def main():
     ap.add_argument("--prefetch", default="off,on")
     ap.add_argument("--mechanisms", default="direct")
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--decode", type=int, default=None,
-                    help="decode tokens per story (default: 96 for the trained models, 32 for edge-q4)")
+    ap.add_argument(
+        "--decode",
+        type=int,
+        default=None,
+        help="decode tokens per story (default: 96 for the trained models, 32 for edge-q4)",
+    )
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
-    ap.add_argument("--adaptive", default=None, metavar="THRESHOLDS",
-                    help="only the adaptive top-k table, e.g. 0.1,0.2,0.3 (on the first --models)")
+    ap.add_argument(
+        "--adaptive",
+        default=None,
+        metavar="THRESHOLDS",
+        help="only the adaptive top-k table, e.g. 0.1,0.2,0.3 (on the first --models)",
+    )
     ap.add_argument("--adaptive-stories", type=int, default=40)
-    ap.add_argument("--prefetch-depth", default="1",
-                    help="layers guessed ahead, e.g. 1,2 (prefetch rows only)")
-    ap.add_argument("--prefetch-top", default="0",
-                    help="guesses per layer, e.g. 0,5,3 (0: the model's top-k; prefetch rows only)")
+    ap.add_argument(
+        "--prefetch-depth", default="1", help="layers guessed ahead, e.g. 1,2 (prefetch rows only)"
+    )
+    ap.add_argument(
+        "--prefetch-top",
+        default="0",
+        help="guesses per layer, e.g. 0,5,3 (0: the model's top-k; prefetch rows only)",
+    )
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     if args.adaptive:
         import meldlite
+
         name = args.models.split(",")[0]
         _, packed, prof = prepare(name)
         m = meldlite.load(packed, n_ctx=64)
         toks = replay_tokens(m, args.prompt, args.decode or DECODE[name], args.reps)
         m.close()
         from meldlite.experts.factory import DEFAULT_POLICY
-        spec = {"path": str(packed), "threads": args.threads, "tokens": toks, "policy": DEFAULT_POLICY,
-                "profile": str(prof)}
-        return adaptive(name, [float(t) for t in args.adaptive.split(",")],
-                        args.adaptive_stories, args.threads, spec)
+
+        spec = {
+            "path": str(packed),
+            "threads": args.threads,
+            "tokens": toks,
+            "policy": DEFAULT_POLICY,
+            "profile": str(prof),
+        }
+        return adaptive(
+            name,
+            [float(t) for t in args.adaptive.split(",")],
+            args.adaptive_stories,
+            args.threads,
+            spec,
+        )
     import meldlite
     from meldlite.experts.budget import parse_rate
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}; threads {args.threads}; prompt {args.prompt} tokens, "
-          f"then decode tokens (teacher-forced, held-out stories); median over {args.reps} stories; "
-          f"every row a fresh process on a cold page cache", flush=True)
+
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}; threads {args.threads}; prompt {args.prompt} tokens, "
+        f"then decode tokens (teacher-forced, held-out stories); median over {args.reps} stories; "
+        f"every row a fresh process on a cold page cache",
+        flush=True,
+    )
     for name in args.models.split(","):
         src, packed, prof = prepare(name)
         n_decode = args.decode or DECODE[name]
@@ -388,27 +489,39 @@ def main():
         opt, expert_bytes = trace_and_opt(packed, toks, budgets)
         non_expert = packed.stat().st_size - expert_bytes
         from meldlite.formats import read_gguf
+
         g = read_gguf(packed)
         one = sum(n for _, n in g.expert_ranges(0, 0))
         disk = disk_bandwidth(packed, one)
-        print(f"\n### {name}: {packed.name}, {packed.stat().st_size / 1e6:.1f} MB, experts "
-              f"{expert_bytes / 1e6:.1f} MB ({one / 1e3:.0f} kB each), non-expert {non_expert / 1e6:.1f} MB; "
-              f"cold random {one / 1e3:.0f} kB reads from this disk: {disk / 1e6:.0f} MB/s; "
-              f"{n_decode} decode tokens per story; load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"\n### {name}: {packed.name}, {packed.stat().st_size / 1e6:.1f} MB, experts "
+            f"{expert_bytes / 1e6:.1f} MB ({one / 1e3:.0f} kB each), non-expert {non_expert / 1e6:.1f} MB; "
+            f"cold random {one / 1e3:.0f} kB reads from this disk: {disk / 1e6:.0f} MB/s; "
+            f"{n_decode} decode tokens per story; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         base = {"path": str(packed), "threads": args.threads, "tokens": toks}
         if not args.no_llamacpp:
             lc_cold = llamacpp_decode(src, toks, args.threads, cold=True)
             lc_warm = llamacpp_decode(src, toks, args.threads, cold=False)
         resident = summarize(run_config(base), disk, 0, non_expert)
-        print(f"resident (all experts mapped, cold file): decode {resident['tok_s']:.1f} tok/s, "
-              f"peak RSS {resident['peak']:.0f} MiB", flush=True)
+        print(
+            f"resident (all experts mapped, cold file): decode {resident['tok_s']:.1f} tok/s, "
+            f"peak RSS {resident['peak']:.0f} MiB",
+            flush=True,
+        )
         if not args.no_llamacpp:
-            print(f"llama.cpp on {src.name} (stacked, all mapped): decode {lc_cold:.1f} tok/s cold, "
-                  f"{lc_warm:.1f} tok/s warm; meldlite resident / llama.cpp cold = "
-                  f"{resident['tok_s'] / lc_cold:.2f}", flush=True)
-        print("\n| budget | storage | io | policy | prefetch | decode tok/s | s/token | floor s/token "
-              "(read/bw) | optimum floor | hit rate | MB read/token | stall s/token | guessed right | "
-              "prefetches used / in time | peak RSS MiB | promise MiB | over promise MiB |")
+            print(
+                f"llama.cpp on {src.name} (stacked, all mapped): decode {lc_cold:.1f} tok/s cold, "
+                f"{lc_warm:.1f} tok/s warm; meldlite resident / llama.cpp cold = "
+                f"{resident['tok_s'] / lc_cold:.2f}",
+                flush=True,
+            )
+        print(
+            "\n| budget | storage | io | policy | prefetch | decode tok/s | s/token | floor s/token "
+            "(read/bw) | optimum floor | hit rate | MB read/token | stall s/token | guessed right | "
+            "prefetches used / in time | peak RSS MiB | promise MiB | over promise MiB |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for b in budgets:
             for storage in args.storage.split(","):
@@ -417,21 +530,37 @@ def main():
                 for mech in args.mechanisms.split(","):
                     for pol in args.policies.split(","):
                         for pf, depth, top in variants(args):
-                            spec = dict(base, budget=f"{b}%", policy=pol, prefetch=pf == "on",
-                                        throttle=throttle, mechanism=mech,
-                                        profile=None if pol == "lru" else str(prof),
-                                        prefetch_depth=depth, prefetch_top=top)
+                            spec = dict(
+                                base,
+                                budget=f"{b}%",
+                                policy=pol,
+                                prefetch=pf == "on",
+                                throttle=throttle,
+                                mechanism=mech,
+                                profile=None if pol == "lru" else str(prof),
+                                prefetch_depth=depth,
+                                prefetch_top=top,
+                            )
                             s = summarize(run_config(spec), bw, opt[b], non_expert)
-                            label = pf + (f" (depth {depth})" if depth > 1 else "") + \
-                                (f" (top {top})" if top else "")
-                            print(f"| {b:g}% | {storage} | {mech} | {pol} | {label} | {s['tok_s']:.1f} | "
-                                  f"{s['s_tok']:.4f} | {s['floor']:.4f} | {s['opt_floor']:.4f} | "
-                                  f"{s['hit']:.3f} | {s['mb_tok']:.2f} | {s['stall']:.4f} | "
-                                  + (f"{s['pred']:.2f} | {s['used']:.2f} / {s['on_time']:.2f} | "
-                                     if pf == "on" else "- | - | ")
-                                  + f"{s['peak']:.0f} | {s['promise']:.0f} | {s['over']:+.1f} |",
-                                  flush=True)
+                            label = (
+                                pf
+                                + (f" (depth {depth})" if depth > 1 else "")
+                                + (f" (top {top})" if top else "")
+                            )
+                            print(
+                                f"| {b:g}% | {storage} | {mech} | {pol} | {label} | {s['tok_s']:.1f} | "
+                                f"{s['s_tok']:.4f} | {s['floor']:.4f} | {s['opt_floor']:.4f} | "
+                                f"{s['hit']:.3f} | {s['mb_tok']:.2f} | {s['stall']:.4f} | "
+                                + (
+                                    f"{s['pred']:.2f} | {s['used']:.2f} / {s['on_time']:.2f} | "
+                                    if pf == "on"
+                                    else "- | - | "
+                                )
+                                + f"{s['peak']:.0f} | {s['promise']:.0f} | {s['over']:+.1f} |",
+                                flush=True,
+                            )
         print(f"(load average {os.getloadavg()[0]:.2f} at the end)", flush=True)
+    return None
 
 
 if __name__ == "__main__":

@@ -58,17 +58,23 @@ def stories(a, b):
 
 def llamacpp_decode(prompt_ids, n_decode):
     """llama.cpp decode tokens/s on the same file and prompt, one thread, in a child process."""
-    code = ("import json,sys,time,numpy as np,llama_cpp\n"
-            "ids,n=json.loads(sys.argv[1])\n"
-            f"llm=llama_cpp.Llama({str(MODEL)!r},n_ctx=len(ids)+n+8,n_batch=512,n_threads=1,"
-            "n_threads_batch=1,verbose=False)\n"
-            "llm.eval(ids);tok=int(np.argmax(llm.scores[llm.n_tokens-1]))\n"
-            "t=time.perf_counter()\n"
-            "for _ in range(n):\n llm.eval([tok]);tok=int(np.argmax(llm.scores[llm.n_tokens-1]))\n"
-            "print(n/(time.perf_counter()-t))\n")
+    code = (
+        "import json,sys,time,numpy as np,llama_cpp\n"
+        "ids,n=json.loads(sys.argv[1])\n"
+        f"llm=llama_cpp.Llama({str(MODEL)!r},n_ctx=len(ids)+n+8,n_batch=512,n_threads=1,"
+        "n_threads_batch=1,verbose=False)\n"
+        "llm.eval(ids);tok=int(np.argmax(llm.scores[llm.n_tokens-1]))\n"
+        "t=time.perf_counter()\n"
+        "for _ in range(n):\n llm.eval([tok]);tok=int(np.argmax(llm.scores[llm.n_tokens-1]))\n"
+        "print(n/(time.perf_counter()-t))\n"
+    )
     try:
-        r = subprocess.run([sys.executable, "-c", code, json.dumps([prompt_ids, n_decode])],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-c", code, json.dumps([prompt_ids, n_decode])],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return float(r.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return float("nan")
@@ -96,20 +102,27 @@ def bench_config(path, endpoints, ids, n_decode, reps, **options):
     m = meldlite.load(path, n_threads=1)
     connect(m, endpoints, timeout=30.0, **options)
     try:
-        timed_run(m, ids[:8], 2)                                    # warm-up
+        timed_run(m, ids[:8], 2)  # warm-up
         rows = []
         for _ in range(reps):
             tp, td, s0, s1 = timed_run(m, ids, n_decode)
             n = n_decode
-            rows.append({
-                "prefill_tps": len(ids) / tp, "decode_tps": 1 / td, "decode_s": td,
-                "bytes": per_token(s0, s1, "peers_bytes_out", n) + per_token(s0, s1, "peers_bytes_in", n),
-                "bytes_out": per_token(s0, s1, "peers_bytes_out", n),
-                "messages": per_token(s0, s1, "peers_messages_out", n) + per_token(s0, s1, "peers_messages_in", n),
-                "round_trips": per_token(s0, s1, "peers_remote_layers", n),
-                "requests": per_token(s0, s1, "peers_requests", n),
-                "stall_s": per_token(s0, s1, "peers_stall_s", n),
-                "failovers": s1["peers_failovers"]})
+            rows.append(
+                {
+                    "prefill_tps": len(ids) / tp,
+                    "decode_tps": 1 / td,
+                    "decode_s": td,
+                    "bytes": per_token(s0, s1, "peers_bytes_out", n)
+                    + per_token(s0, s1, "peers_bytes_in", n),
+                    "bytes_out": per_token(s0, s1, "peers_bytes_out", n),
+                    "messages": per_token(s0, s1, "peers_messages_out", n)
+                    + per_token(s0, s1, "peers_messages_in", n),
+                    "round_trips": per_token(s0, s1, "peers_remote_layers", n),
+                    "requests": per_token(s0, s1, "peers_requests", n),
+                    "stall_s": per_token(s0, s1, "peers_stall_s", n),
+                    "failovers": s1["peers_failovers"],
+                }
+            )
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         med["failovers"] = max(r["failovers"] for r in rows)
         return med
@@ -134,21 +147,27 @@ def main():
     counts = [int(n) for n in args.peers.split(",")]
     links = [None if x == "none" else x for x in args.links.split(",")]
     load0 = os.getloadavg()[0]
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, model {MODEL.name}, prompt {args.prompt} tokens, "
-          f"decode {args.decode} tokens, median of {args.reps} runs; peers and coordinator 1 "
-          f"kernel thread each; 1-min load average {load0:.2f} before", flush=True)
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}, model {MODEL.name}, prompt {args.prompt} tokens, "
+        f"decode {args.decode} tokens, median of {args.reps} runs; peers and coordinator 1 "
+        f"kernel thread each; 1-min load average {load0:.2f} before",
+        flush=True,
+    )
 
     base = meldlite.load(MODEL, n_threads=1)
     cfg = base.cfg
-    ids = base.tokenize(stories(0, 1)[0])[:args.prompt]
+    ids = base.tokenize(stories(0, 1)[0])[: args.prompt]
     # single node, and llama.cpp, same prompt
     single = [timed_run(base, ids, args.decode)[:2] for _ in range(args.reps)]
     single_decode_s = statistics.median(s[1] for s in single)
     single_prefill = statistics.median(len(ids) / s[0] for s in single)
     ref_tps = llamacpp_decode([int(i) for i in ids], args.decode)
-    print(f"single node: meldlite prefill {single_prefill:.0f} tok/s, decode "
-          f"{1 / single_decode_s:.1f} tok/s ({single_decode_s * 1e3:.1f} ms/token); llama.cpp "
-          f"decode {ref_tps:.1f} tok/s (1 thread)", flush=True)
+    print(
+        f"single node: meldlite prefill {single_prefill:.0f} tok/s, decode "
+        f"{1 / single_decode_s:.1f} tok/s ({single_decode_s * 1e3:.1f} ms/token); llama.cpp "
+        f"decode {ref_tps:.1f} tok/s (1 thread)",
+        flush=True,
+    )
 
     # profile on stories 100-139, record routing on stories 0-9 for the traffic table
     t = time.perf_counter()
@@ -157,19 +176,32 @@ def main():
 
     def record(layer, h, ids_):
         routes[layer].append(np.array(ids_))
+
     for s in stories(0, 10):
         base.cache.reset()
         from meldlite.model import forward
-        forward(cfg, base.weights, base.store, base.cache, base.tokenize(s)[:cfg.n_ctx_train],
-                on_route=record)
+
+        forward(
+            cfg,
+            base.weights,
+            base.store,
+            base.cache,
+            base.tokenize(s)[: cfg.n_ctx_train],
+            on_route=record,
+        )
     routes = [np.concatenate(r) for r in routes]
     sizes = pl.expert_sizes(base.gguf, cfg.n_layer, cfg.n_expert)
-    print(f"profile: {prof['text']['tokens']} tokens in {time.perf_counter() - t:.1f} s; "
-          f"routing recorded on {len(routes[0])} tokens of stories 0-9", flush=True)
+    print(
+        f"profile: {prof['text']['tokens']} tokens in {time.perf_counter() - t:.1f} s; "
+        f"routing recorded on {len(routes[0])} tokens of stories 0-9",
+        flush=True,
+    )
     placements = {}
     print("\n### Traffic of a placement on recorded routing (per token, all 6 layers)\n")
-    print("| peers | placement | requests/token | peers per layer | max/mean peer work | "
-          "co-activation kept |")
+    print(
+        "| peers | placement | requests/token | peers per layer | max/mean peer work | "
+        "co-activation kept |"
+    )
     print("|---|---|---|---|---|---|")
     for n in counts:
         rr = pl.round_robin(cfg.n_layer, cfg.n_expert, n)
@@ -189,9 +221,11 @@ def main():
         for name, p in kinds:
             ev = pl.evaluate(p, routes)
             kept = p.summary.get("coactivation_kept")
-            print(f"| {n} | {name} | {ev['requests_per_token']:.2f} | {ev['peers_per_layer']:.2f} | "
-                  f"{ev['load_imbalance']:.2f} | {'-' if kept is None else f'{100 * kept:.0f}%'} |",
-                  flush=True)
+            print(
+                f"| {n} | {name} | {ev['requests_per_token']:.2f} | {ev['peers_per_layer']:.2f} | "
+                f"{ev['load_imbalance']:.2f} | {'-' if kept is None else f'{100 * kept:.0f}%'} |",
+                flush=True,
+            )
 
     results = []
     peers = LocalPeer.start(max(counts), MODEL, timeout=600.0)
@@ -200,35 +234,62 @@ def main():
         configs = []
         for link in links:
             for n in counts:
-                for kind in (["round-robin"] + (["profile"] if n > 1 else [])):
+                for kind in ["round-robin"] + (["profile"] if n > 1 else []):
                     configs.append((n, kind, "f32", False, link))
             if max(counts) > 1:
                 configs.append((max(counts), "profile+local", "f32", False, link))
             for wire in ("f16", "q8"):
-                configs.append((max(counts), "profile" if max(counts) > 1 else "round-robin",
-                                wire, False, link))
-        configs.insert(1, (max(counts), "round-robin", "f32", True, None))     # exact mode
+                configs.append(
+                    (
+                        max(counts),
+                        "profile" if max(counts) > 1 else "round-robin",
+                        wire,
+                        False,
+                        link,
+                    )
+                )
+        configs.insert(1, (max(counts), "round-robin", "f32", True, None))  # exact mode
         print("\n### Decode and prefill over peers\n")
-        print("| peers | placement | wire | link | prefill tok/s | decode tok/s | vs llama.cpp | "
-              "bytes/token | x states | msgs/token | round trips | stall ms/token | "
-              "bound ms/token | measured/bound |")
+        print(
+            "| peers | placement | wire | link | prefill tok/s | decode tok/s | vs llama.cpp | "
+            "bytes/token | x states | msgs/token | round trips | stall ms/token | "
+            "bound ms/token | measured/bound |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for n, kind, wire, exact, link in configs:
-            r = bench_config(MODEL, endpoints[:n], ids, args.decode, args.reps,
-                             placement=placements[(n, kind)], wire=wire, exact=exact, link=link)
+            r = bench_config(
+                MODEL,
+                endpoints[:n],
+                ids,
+                args.decode,
+                args.reps,
+                placement=placements[(n, kind)],
+                wire=wire,
+                exact=exact,
+                link=link,
+            )
             lk = parse_link(link)
             transfer = 0.0 if lk is None else lk.bound(r["round_trips"], r["bytes"])
             bound = transfer + single_decode_s
             state = encoded_state_bytes(wire, cfg.n_embd)
             x_states = r["bytes"] / (2 * state * r["requests"]) if r["requests"] else float("nan")
-            r.update(peers=n, placement=kind, wire=wire + (" exact" if exact else ""),
-                     link=link or "none", bound_s=bound, x_states=x_states)
+            r.update(
+                peers=n,
+                placement=kind,
+                wire=wire + (" exact" if exact else ""),
+                link=link or "none",
+                bound_s=bound,
+                x_states=x_states,
+            )
             results.append(r)
-            print(f"| {n} | {kind} | {r['wire']} | {r['link']} | {r['prefill_tps']:.0f} | "
-                  f"{r['decode_tps']:.1f} | {r['decode_tps'] / ref_tps:.2f} | {r['bytes']:.0f} | "
-                  f"{x_states:.3f} | {r['messages']:.1f} | {r['round_trips']:.2f} | "
-                  f"{r['stall_s'] * 1e3:.1f} | {bound * 1e3:.1f} | {r['decode_s'] / bound:.2f} |"
-                  + (f" failovers {r['failovers']}" if r["failovers"] else ""), flush=True)
+            print(
+                f"| {n} | {kind} | {r['wire']} | {r['link']} | {r['prefill_tps']:.0f} | "
+                f"{r['decode_tps']:.1f} | {r['decode_tps'] / ref_tps:.2f} | {r['bytes']:.0f} | "
+                f"{x_states:.3f} | {r['messages']:.1f} | {r['round_trips']:.2f} | "
+                f"{r['stall_s'] * 1e3:.1f} | {bound * 1e3:.1f} | {r['decode_s'] / bound:.2f} |"
+                + (f" failovers {r['failovers']}" if r["failovers"] else ""),
+                flush=True,
+            )
 
         # lossy choices: KL from the single-node run
         print("\n### Cost of lossy wire choices (prefill of stories, 128 tokens each)\n")
@@ -237,11 +298,25 @@ def main():
         docs = [base.tokenize(s)[:128] for s in stories(10, 10 + args.kl_stories)]
         ref = [base.logits(d) for d in docs]
         n = min(2, max(counts))
-        for wire, tau in (("f32", 0), ("f16", 0), ("q8", 0), ("f32", 0.05), ("f32", 0.1),
-                          ("f32", 0.2), ("f32", 0.3), ("q8", 0.2)):
+        for wire, tau in (
+            ("f32", 0),
+            ("f16", 0),
+            ("q8", 0),
+            ("f32", 0.05),
+            ("f32", 0.1),
+            ("f32", 0.2),
+            ("f32", 0.3),
+            ("q8", 0.2),
+        ):
             m = meldlite.load(MODEL, n_threads=1)
-            connect(m, endpoints[:n], placement=placements[(n, "profile" if n > 1 else "round-robin")],
-                    wire=wire, fuse=tau, timeout=30.0)
+            connect(
+                m,
+                endpoints[:n],
+                placement=placements[(n, "profile" if n > 1 else "round-robin")],
+                wire=wire,
+                fuse=tau,
+                timeout=30.0,
+            )
             try:
                 s0 = m.store.stats()
                 got = [m.logits(d) for d in docs]
@@ -251,23 +326,50 @@ def main():
             tokens = sum(len(d) for d in docs)
             kl = float(np.mean(np.concatenate([kl_divergence(a, b) for a, b in zip(ref, got)])))
             agree = float(np.mean([top1_agreement(a, b) for a, b in zip(ref, got)]))
-            byt = (s1["peers_bytes_out"] + s1["peers_bytes_in"] - s0["peers_bytes_out"]
-                   - s0["peers_bytes_in"]) / tokens
+            byt = (
+                s1["peers_bytes_out"]
+                + s1["peers_bytes_in"]
+                - s0["peers_bytes_out"]
+                - s0["peers_bytes_in"]
+            ) / tokens
             fused = (s1["peers_rows_fused"] - s0["peers_rows_fused"]) / max(
-                1, s1["peers_rows_sent"] - s0["peers_rows_sent"] + s1["peers_rows_fused"] - s0["peers_rows_fused"])
-            results.append({"kl_wire": wire, "tau": tau, "kl": kl, "agree": agree, "bytes": byt,
-                            "fused": fused})
-            print(f"| {wire} | {tau or '-'} | {byt:.0f} | {100 * fused:.1f}% | {kl:.2e} | "
-                  f"{100 * agree:.1f}% |", flush=True)
+                1,
+                s1["peers_rows_sent"]
+                - s0["peers_rows_sent"]
+                + s1["peers_rows_fused"]
+                - s0["peers_rows_fused"],
+            )
+            results.append(
+                {
+                    "kl_wire": wire,
+                    "tau": tau,
+                    "kl": kl,
+                    "agree": agree,
+                    "bytes": byt,
+                    "fused": fused,
+                }
+            )
+            print(
+                f"| {wire} | {tau or '-'} | {byt:.0f} | {100 * fused:.1f}% | {kl:.2e} | "
+                f"{100 * agree:.1f}% |",
+                flush=True,
+            )
     finally:
         for p in peers:
             p.stop()
         base.close()
     print(f"\n1-min load average {os.getloadavg()[0]:.2f} after")
     if args.json:
-        Path(args.json).write_text(json.dumps({"single_decode_s": single_decode_s,
-                                               "llamacpp_decode_tps": ref_tps,
-                                               "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "single_decode_s": single_decode_s,
+                    "llamacpp_decode_tps": ref_tps,
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

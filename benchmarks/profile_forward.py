@@ -29,7 +29,7 @@ def main():
     m = meldlite.load(args.model, n_ctx=256)
     ids = [1] + np.random.default_rng(0).integers(3, min(m.cfg.n_vocab, 4096), 31).tolist()
     m.cache.reset()
-    m._eval(ids, all_logits=False)                                  # JIT / page-in warm-up
+    m._eval(ids, all_logits=False)  # JIT / page-in warm-up
     m.cache.reset()
     c0, w0 = time.process_time(), time.perf_counter()
     logits = m._eval(ids, all_logits=False)
@@ -37,10 +37,12 @@ def main():
     for _ in range(args.decode):
         logits = m._eval([int(np.argmax(logits[-1]))], all_logits=False)
     c2, w2 = time.process_time(), time.perf_counter()
-    print(f"{m.path}: {m.n_threads} thread(s); cpu ms/token: prefill {(c1 - c0) / len(ids) * 1e3:.2f}, "
-          f"decode {(c2 - c1) / args.decode * 1e3:.2f}; wall ms/token: prefill "
-          f"{(w1 - w0) / len(ids) * 1e3:.2f}, decode {(w2 - w1) / args.decode * 1e3:.2f}; "
-          f"1-min load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"{m.path}: {m.n_threads} thread(s); cpu ms/token: prefill {(c1 - c0) / len(ids) * 1e3:.2f}, "
+        f"decode {(c2 - c1) / args.decode * 1e3:.2f}; wall ms/token: prefill "
+        f"{(w1 - w0) / len(ids) * 1e3:.2f}, decode {(w2 - w1) / args.decode * 1e3:.2f}; "
+        f"1-min load average {os.getloadavg()[0]:.2f}"
+    )
     m.cache.reset()
     logits = m._eval(ids, all_logits=False)
     prof = cProfile.Profile(time.process_time)

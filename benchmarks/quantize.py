@@ -154,10 +154,12 @@ def main():
     for qtype in types:
         res = {k: compare(qtype, kinds[k]) for k in kinds}
         rows[qtype] = res
-        cells = [("%.3f \\| %.3f" % (r[0][0], r[1][0])) for r in res.values()]
+        cells = [(f"{r[0][0]:.3f} \\| {r[1][0]:.3f}") for r in res.values()]
         print(f"| {qtype.name} | " + " | ".join(cells) + " |")
-    print("\nRows where meldlite's error is higher than llama.cpp's, and the highest per-row ratio of "
-          "squared errors (plain | importance-weighted)\n")
+    print(
+        "\nRows where meldlite's error is higher than llama.cpp's, and the highest per-row ratio of "
+        "squared errors (plain | importance-weighted)\n"
+    )
     print("| type | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
     for qtype, res in rows.items():
@@ -167,10 +169,14 @@ def main():
     x = rng.standard_normal((1024, 2048)).astype(np.float32)  # (1024, 2048)
     imp = synthetic(rng, rows=1, cols=2048)["gaussian"][1]  # (2048,)
     mb = x.nbytes / 1e6
-    print(f"\nSpeed on a 1024x2048 float32 tensor ({mb:.1f} MB): MB of input per second of wall time "
-          f"and per CPU-second (all threads), median of {args.reps}\n")
-    head = ("| type | meldlite wall | meldlite CPU | meldlite, importance, CPU | llama.cpp CPU (1 thread) "
-            "| llama.cpp, importance, CPU |")
+    print(
+        f"\nSpeed on a 1024x2048 float32 tensor ({mb:.1f} MB): MB of input per second of wall time "
+        f"and per CPU-second (all threads), median of {args.reps}\n"
+    )
+    head = (
+        "| type | meldlite wall | meldlite CPU | meldlite, importance, CPU | llama.cpp CPU (1 thread) "
+        "| llama.cpp, importance, CPU |"
+    )
     whole = MODEL.exists() and not args.no_model
     if whole:
         head += " whole trained model, meldlite: wall / CPU s |"
@@ -179,10 +185,16 @@ def main():
     for qtype in types:
         mine = [timed(lambda: quantize_rows(x, qtype, i), args.reps) for i in (None, imp)]
         theirs = [timed(lambda: ggml_quantize(x, qtype, i), args.reps) for i in (None, imp)]
-        cells = [mb / mine[0][0], mb / mine[0][1], mb / mine[1][1], mb / theirs[0][1], mb / theirs[1][1]]
+        cells = [
+            mb / mine[0][0],
+            mb / mine[0][1],
+            mb / mine[1][1],
+            mb / theirs[0][1],
+            mb / theirs[1][1],
+        ]
         row = f"| {qtype.name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
         if whole:
-            row += " %.1f / %.1f |" % model_time(MODEL, qtype)
+            row += " {:.1f} / {:.1f} |".format(*model_time(MODEL, qtype))
         print(row)
 
 

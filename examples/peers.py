@@ -30,10 +30,12 @@ try:
         s = m.stats()
         n = max(1, m.timings["decode_tokens"] + m.timings["prefill_tokens"])
         print(f"peers {options}: {prompt + text}")
-        print(f"    {s['peers_requests']} requests, "
-              f"{(s['peers_bytes_out'] + s['peers_bytes_in']) / n:.0f} bytes/token, "
-              f"{s['peers_load_bytes'] / 2**20:.1f} MiB of experts sent at start, "
-              f"{s['peers_failovers']} failovers")
+        print(
+            f"    {s['peers_requests']} requests, "
+            f"{(s['peers_bytes_out'] + s['peers_bytes_in']) / n:.0f} bytes/token, "
+            f"{s['peers_load_bytes'] / 2**20:.1f} MiB of experts sent at start, "
+            f"{s['peers_failovers']} failovers"
+        )
         m.close()
 finally:
     for p in peers:

@@ -5,6 +5,7 @@ import math
 import os
 import resource
 import time
+
 import numpy as np
 
 from meldlite import sampling
@@ -19,11 +20,32 @@ from meldlite.model import KVCache, check_weights, forward
 from meldlite.tokenizer import Tokenizer
 from meldlite.weights import Weights
 
-def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True,
-         mem_budget=None, cache_policy=None, prefetch=True, min_expert_weight=None,
-         io_throttle=None, cold=False, profile=None, expert_io=None,
-         peers=None, placement=None, wire="f32", exact=False, fuse=0.0, link=None, keys=None,
-         insecure=False, peer_timeout=10.0):
+
+def load(
+    path=None,
+    *,
+    n_ctx=None,
+    n_threads=None,
+    n_batch=512,
+    llama_numerics=True,
+    mem_budget=None,
+    cache_policy=None,
+    prefetch=True,
+    min_expert_weight=None,
+    io_throttle=None,
+    cold=False,
+    profile=None,
+    expert_io=None,
+    peers=None,
+    placement=None,
+    wire="f32",
+    exact=False,
+    fuse=0.0,
+    link=None,
+    keys=None,
+    insecure=False,
+    peer_timeout=10.0,
+):
     """Open a GGUF model (`None`: the built-in default model).
 
     n_ctx: context length (default: the model's training context, at most 4096);
@@ -56,15 +78,32 @@ def load(path=None, *, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=T
     insecure: allow unencrypted non-loopback peers; peer_timeout: seconds per
     request; link ("100Mbit/5ms"): link emulation, a measurement aid.
     """
-    return Model(default_model_path() if path is None else os.fspath(path),
-                 n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch,
-                 llama_numerics=llama_numerics, cold=cold, mem_budget=mem_budget,
-                 cache_policy=cache_policy, prefetch=prefetch,
-                 min_expert_weight=min_expert_weight, io_throttle=io_throttle,
-                 profile=profile, expert_io=expert_io, peers=peers,
-                 peer_options=dict(placement=placement, wire=wire, exact=exact, fuse=fuse,
-                                   link=link, keys=keys, insecure=insecure,
-                                   timeout=peer_timeout))
+    return Model(
+        default_model_path() if path is None else os.fspath(path),
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_batch=n_batch,
+        llama_numerics=llama_numerics,
+        cold=cold,
+        mem_budget=mem_budget,
+        cache_policy=cache_policy,
+        prefetch=prefetch,
+        min_expert_weight=min_expert_weight,
+        io_throttle=io_throttle,
+        profile=profile,
+        expert_io=expert_io,
+        peers=peers,
+        peer_options=dict(
+            placement=placement,
+            wire=wire,
+            exact=exact,
+            fuse=fuse,
+            link=link,
+            keys=keys,
+            insecure=insecure,
+            timeout=peer_timeout,
+        ),
+    )
 
 
 def peak_rss_bytes():
@@ -75,6 +114,7 @@ def peak_rss_bytes():
 def set_threads(n_threads):
     """Set the kernels' thread count (None: all cores)."""
     import numba
+
     limit = numba.config.NUMBA_NUM_THREADS
     n = limit if n_threads is None else int(n_threads)
     if not 1 <= n <= limit:
@@ -86,15 +126,26 @@ def set_threads(n_threads):
 class Model:
     """A loaded model: tokenizer, resident weights, expert store and KV cache."""
 
-    def __init__(self, path, n_ctx=None, n_threads=None, n_batch=512, llama_numerics=True,
-                 cold=False, peers=None, peer_options=None, **store_options):
+    def __init__(
+        self,
+        path,
+        n_ctx=None,
+        n_threads=None,
+        n_batch=512,
+        llama_numerics=True,
+        cold=False,
+        peers=None,
+        peer_options=None,
+        **store_options,
+    ):
         self.path = path
-        self.cold_cache = drop_file_cache(path) if cold else None   # (cached before, after)
+        self.cold_cache = drop_file_cache(path) if cold else None  # (cached before, after)
         self.gguf = read_gguf(path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.weights = Weights(self.gguf, llama_numerics)
-        self.cfg = ModelConfig.from_metadata(self.gguf.metadata,
-                                             n_vocab=self.weights["token_embd.weight"].shape[0])
+        self.cfg = ModelConfig.from_metadata(
+            self.gguf.metadata, n_vocab=self.weights["token_embd.weight"].shape[0]
+        )
         check_weights(self.cfg, self.weights)
         self.n_ctx = self.cfg.n_ctx_train if n_ctx is None else int(n_ctx)
         if n_ctx is None:
@@ -106,14 +157,23 @@ class Model:
         self.n_batch = int(n_batch)
         self.n_threads = set_threads(n_threads)
         if not self.cfg.is_moe and store_options.get("mem_budget") is not None:
-            raise OptionError("mem_budget applies to Mixture-of-Experts models; this one has no experts")
-        if peers:     # adaptive top-k is applied once, before routing to peers
-            peer_options = dict(peer_options or {},
-                                min_expert_weight=store_options.pop("min_expert_weight", None))
-        self.store = (make_store(self.gguf, self.cfg, self.weights, llama_numerics=llama_numerics,
-                                 **store_options) if self.cfg.is_moe else None)
+            raise OptionError(
+                "mem_budget applies to Mixture-of-Experts models; this one has no experts"
+            )
+        if peers:  # adaptive top-k is applied once, before routing to peers
+            peer_options = dict(
+                peer_options or {}, min_expert_weight=store_options.pop("min_expert_weight", None)
+            )
+        self.store = (
+            make_store(
+                self.gguf, self.cfg, self.weights, llama_numerics=llama_numerics, **store_options
+            )
+            if self.cfg.is_moe
+            else None
+        )
         if peers:
             from meldlite.transports.remote import connect
+
             try:
                 connect(self, peers, **peer_options)
             except BaseException:
@@ -138,10 +198,11 @@ class Model:
         ids = self._check_ids(ids)
         out = []
         for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start:start + self.n_batch]
+            chunk = ids[start : start + self.n_batch]
             last = start + self.n_batch >= len(ids)
-            logits = forward(self.cfg, self.weights, self.store, self.cache, chunk,
-                             all_logits=all_logits)
+            logits = forward(
+                self.cfg, self.weights, self.store, self.cache, chunk, all_logits=all_logits
+            )
             if all_logits or last:
                 out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.n_vocab), np.float32)
@@ -151,8 +212,10 @@ class Model:
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.n_vocab):
             raise OptionError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
         if self.cache.n_past + ids.size > self.n_ctx:
-            raise OptionError(f"{self.cache.n_past + ids.size} tokens do not fit the context "
-                              f"of {self.n_ctx} (load with a larger n_ctx)")
+            raise OptionError(
+                f"{self.cache.n_past + ids.size} tokens do not fit the context "
+                f"of {self.n_ctx} (load with a larger n_ctx)"
+            )
         return ids
 
     def logits(self, ids):
@@ -161,16 +224,32 @@ class Model:
         return self._eval(ids, all_logits=True)
 
     # --- generation ---
-    def generate(self, prompt, max_tokens=128, temperature=0.8, top_k=40, top_p=0.95,
-                 min_p=0.05, repeat_penalty=1.0, seed=None, stop_at_eos=True):
+    def generate(
+        self,
+        prompt,
+        max_tokens=128,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.05,
+        repeat_penalty=1.0,
+        seed=None,
+        stop_at_eos=True,
+    ):
         """Yield text pieces of a continuation of `prompt` as they are produced.
 
         temperature 0 is greedy; `seed` makes sampling reproducible. Generation
         stops at end-of-generation tokens, after max_tokens, or when the
         context is full. Timings land in `self.timings`.
         """
-        params = sampling.SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                        min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+        params = sampling.SamplerParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+        )
         if max_tokens < 0:
             raise OptionError("max_tokens must be >= 0")
         rng = np.random.default_rng(seed)
@@ -179,8 +258,12 @@ class Model:
         t0 = time.perf_counter()
         logits = self._eval(ids, all_logits=False)[-1]
         t1 = time.perf_counter()
-        self.timings = {"prefill_tokens": len(ids), "prefill_s": t1 - t0,
-                        "decode_tokens": 0, "decode_s": 0.0}
+        self.timings = {
+            "prefill_tokens": len(ids),
+            "prefill_s": t1 - t0,
+            "decode_tokens": 0,
+            "decode_s": 0.0,
+        }
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         history = list(ids)
         for n in range(max_tokens):
@@ -216,10 +299,10 @@ class Model:
                 continue
             ids = self.tokenize(doc, add_bos=True)
             for start in range(0, len(ids) - 1, self.n_ctx - 1):
-                window = ids[start:start + self.n_ctx]
+                window = ids[start : start + self.n_ctx]
                 if len(window) < 2:
                     break
-                logp = log_softmax(self.logits(window))                   # (W, V)
+                logp = log_softmax(self.logits(window))  # (W, V)
                 targets = np.asarray(window[1:])
                 nll -= float(logp[np.arange(len(targets)), targets].sum())
                 count += len(targets)
@@ -231,6 +314,7 @@ class Model:
     def info(self):
         """Architecture, sizes, parameter counts and quant types."""
         from meldlite.modelinfo import model_info
+
         return model_info(self)
 
     def stats(self):

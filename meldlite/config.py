@@ -20,36 +20,71 @@ from meldlite.formats.layout import KEY_PRUNED
 @dataclass(frozen=True)
 class ArchTraits:
     """What differs between supported architectures."""
-    rope_neox: bool            # NEOX RoPE rotates (x[i], x[i+d/2]); normal rotates (x[2i], x[2i+1])
-    qk_norm: str               # "" none, "head": RMSNorm per head (qwen3), "full": over the whole projection (olmoe)
-    norm_topk: bool            # renormalise the chosen experts' weights to sum 1
-    shared_expert: bool        # a dense shared expert with a sigmoid gate beside the routed ones
-    expert_ff_key: str         # metadata key giving the routed experts' FFN width
+
+    rope_neox: bool  # NEOX RoPE rotates (x[i], x[i+d/2]); normal rotates (x[2i], x[2i+1])
+    qk_norm: (
+        str  # "" none, "head": RMSNorm per head (qwen3), "full": over the whole projection (olmoe)
+    )
+    norm_topk: bool  # renormalise the chosen experts' weights to sum 1
+    shared_expert: bool  # a dense shared expert with a sigmoid gate beside the routed ones
+    expert_ff_key: str  # metadata key giving the routed experts' FFN width
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
-    gating: str = "softmax"    # router probabilities over all experts
-    tied_output: bool = True   # `output.weight` may be absent: use `token_embd.weight`
+    gating: str = "softmax"  # router probabilities over all experts
+    tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
 
 
 ARCHITECTURES = {
-    "qwen3moe": ArchTraits(rope_neox=True, qk_norm="head", norm_topk=True, shared_expert=False,
-                           expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
-                           expert_ff_split=True),
-    "qwen2moe": ArchTraits(rope_neox=True, qk_norm="", norm_topk=False, shared_expert=True,
-                           expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH),
-    "olmoe": ArchTraits(rope_neox=True, qk_norm="full", norm_topk=False, shared_expert=False,
-                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH, tied_output=False),
-    "llama": ArchTraits(rope_neox=False, qk_norm="", norm_topk=True, shared_expert=False,
-                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH),
-    "qwen2": ArchTraits(rope_neox=True, qk_norm="", norm_topk=False, shared_expert=False,
-                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH),
-    "qwen3": ArchTraits(rope_neox=True, qk_norm="head", norm_topk=False, shared_expert=False,
-                        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH),
+    "qwen3moe": ArchTraits(
+        rope_neox=True,
+        qk_norm="head",
+        norm_topk=True,
+        shared_expert=False,
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+        expert_ff_split=True,
+    ),
+    "qwen2moe": ArchTraits(
+        rope_neox=True,
+        qk_norm="",
+        norm_topk=False,
+        shared_expert=True,
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+    ),
+    "olmoe": ArchTraits(
+        rope_neox=True,
+        qk_norm="full",
+        norm_topk=False,
+        shared_expert=False,
+        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+        tied_output=False,
+    ),
+    "llama": ArchTraits(
+        rope_neox=False,
+        qk_norm="",
+        norm_topk=True,
+        shared_expert=False,
+        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+    ),
+    "qwen2": ArchTraits(
+        rope_neox=True,
+        qk_norm="",
+        norm_topk=False,
+        shared_expert=False,
+        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+    ),
+    "qwen3": ArchTraits(
+        rope_neox=True,
+        qk_norm="head",
+        norm_topk=False,
+        shared_expert=False,
+        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of one model, all read from GGUF metadata."""
+
     arch: str
     traits: ArchTraits
     n_vocab: int
@@ -63,11 +98,11 @@ class ModelConfig:
     n_rot: int
     rope_base: float
     rms_eps: float
-    n_ff: int                  # dense FFN width (also the shared expert's default)
-    n_expert: int              # 0 for a dense model
+    n_ff: int  # dense FFN width (also the shared expert's default)
+    n_expert: int  # 0 for a dense model
     n_expert_used: int
-    n_ff_exp: int              # routed expert FFN width
-    n_ff_shexp: int            # shared expert FFN width (0 without one)
+    n_ff_exp: int  # routed expert FFN width
+    n_ff_shexp: int  # shared expert FFN width (0 without one)
     expert_pruned: tuple = ()  # (L*X,) 1 = expert never routed (meldlite.expert_pruned); () none
 
     @property
@@ -79,8 +114,9 @@ class ModelConfig:
         """Build the config from a GGUF metadata dict; raise on missing or bad keys."""
         arch = md.get(Keys.General.ARCHITECTURE)
         if arch not in ARCHITECTURES:
-            raise UnsupportedError(f"unsupported architecture {arch!r}; supported: "
-                                   + ", ".join(sorted(ARCHITECTURES)))
+            raise UnsupportedError(
+                f"unsupported architecture {arch!r}; supported: " + ", ".join(sorted(ARCHITECTURES))
+            )
         traits = ARCHITECTURES[arch]
 
         def get(key, default=None, kind=int):
@@ -109,19 +145,26 @@ class ModelConfig:
             fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
             n_ff_exp = get(traits.expert_ff_key, fallback or None)
         cfg = cls(
-            arch=arch, traits=traits,
+            arch=arch,
+            traits=traits,
             n_vocab=n_vocab if n_vocab is not None else get(Keys.LLM.VOCAB_SIZE, 0),
             n_ctx_train=get(Keys.LLM.CONTEXT_LENGTH, 2048),
-            n_embd=n_embd, n_layer=get(Keys.LLM.BLOCK_COUNT),
-            n_head=n_head, n_head_kv=n_head_kv,
+            n_embd=n_embd,
+            n_layer=get(Keys.LLM.BLOCK_COUNT),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
             head_dim_k=head_dim_k,
             head_dim_v=get(Keys.Attention.VALUE_LENGTH, head_dim_k),
             n_rot=get(Keys.Rope.DIMENSION_COUNT, head_dim_k),
             rope_base=get(Keys.Rope.FREQ_BASE, 10000.0, float),
             rms_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, kind=float),
-            n_ff=n_ff, n_expert=n_expert, n_expert_used=n_expert_used, n_ff_exp=n_ff_exp,
-            n_ff_shexp=(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, n_ff)
-                        if traits.shared_expert else 0),
+            n_ff=n_ff,
+            n_expert=n_expert,
+            n_expert_used=n_expert_used,
+            n_ff_exp=n_ff_exp,
+            n_ff_shexp=(
+                get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, n_ff) if traits.shared_expert else 0
+            ),
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
@@ -131,7 +174,7 @@ class ModelConfig:
         """Ids of the pruned experts of `layer` (never routed)."""
         if not self.expert_pruned:
             return []
-        row = self.expert_pruned[layer * self.n_expert:(layer + 1) * self.n_expert]
+        row = self.expert_pruned[layer * self.n_expert : (layer + 1) * self.n_expert]
         return [e for e, flag in enumerate(row) if flag]
 
     def router_bias(self, layer):
@@ -139,7 +182,7 @@ class ModelConfig:
         empty when nothing is pruned (the router runs unchanged)."""
         if not self.expert_pruned:
             return np.zeros(0, np.float32)
-        bias = np.zeros(self.n_expert, np.float32)                          # (X,)
+        bias = np.zeros(self.n_expert, np.float32)  # (X,)
         bias[self.pruned(layer)] = -np.inf
         return bias
 
@@ -148,16 +191,24 @@ class ModelConfig:
         positive = ("n_embd", "n_layer", "n_head", "n_head_kv", "head_dim_k", "head_dim_v", "n_rot")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise FormatError(f"{self.arch}: {name} must be positive, got {getattr(self, name)}")
+                raise FormatError(
+                    f"{self.arch}: {name} must be positive, got {getattr(self, name)}"
+                )
         if self.n_head % self.n_head_kv:
-            raise FormatError(f"{self.arch}: head_count {self.n_head} is not a multiple of "
-                              f"head_count_kv {self.n_head_kv}")
+            raise FormatError(
+                f"{self.arch}: head_count {self.n_head} is not a multiple of "
+                f"head_count_kv {self.n_head_kv}"
+            )
         if self.n_rot > self.head_dim_k or self.n_rot % 2:
-            raise FormatError(f"{self.arch}: rope dimension_count {self.n_rot} must be even "
-                              f"and at most the head size {self.head_dim_k}")
+            raise FormatError(
+                f"{self.arch}: rope dimension_count {self.n_rot} must be even "
+                f"and at most the head size {self.head_dim_k}"
+            )
         if self.n_expert and not 0 < self.n_expert_used <= self.n_expert:
-            raise FormatError(f"{self.arch}: expert_used_count {self.n_expert_used} must be in "
-                              f"1..expert_count ({self.n_expert})")
+            raise FormatError(
+                f"{self.arch}: expert_used_count {self.n_expert_used} must be in "
+                f"1..expert_count ({self.n_expert})"
+            )
         if self.n_expert and self.n_ff_exp <= 0:
             raise FormatError(f"{self.arch}: expert FFN width must be positive")
         if not self.n_expert and self.n_ff <= 0:
@@ -167,13 +218,17 @@ class ModelConfig:
 
     def _check_pruned(self):
         if len(self.expert_pruned) != self.n_layer * self.n_expert:
-            raise FormatError(f"{KEY_PRUNED} has {len(self.expert_pruned)} values, expected "
-                              f"n_layer * expert_count = {self.n_layer * self.n_expert}")
+            raise FormatError(
+                f"{KEY_PRUNED} has {len(self.expert_pruned)} values, expected "
+                f"n_layer * expert_count = {self.n_layer * self.n_expert}"
+            )
         for layer in range(self.n_layer):
             kept = self.n_expert - len(self.pruned(layer))
             if kept < self.n_expert_used:
-                raise FormatError(f"{KEY_PRUNED}: layer {layer} keeps {kept} experts, fewer than "
-                                  f"the {self.n_expert_used} used per token")
+                raise FormatError(
+                    f"{KEY_PRUNED}: layer {layer} keeps {kept} experts, fewer than "
+                    f"the {self.n_expert_used} used per token"
+                )
 
 
 def _pruned_flags(value):

@@ -16,10 +16,10 @@ F16 = np.float16
 
 def rms_norm(x, weight, eps):
     """Row-wise RMSNorm: x * 1/sqrt(mean(x^2) + eps) * weight."""
-    sq = np.square(x, dtype=F32)                                            # (T, E)
-    mean = (sq.sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(F32)    # (T,)
-    scale = F32(1.0) / np.sqrt(mean + F32(eps))                             # (T,)
-    return (x * scale[..., None]) * weight                                  # (T, E)
+    sq = np.square(x, dtype=F32)  # (T, E)
+    mean = (sq.sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(F32)  # (T,)
+    scale = F32(1.0) / np.sqrt(mean + F32(eps))  # (T,)
+    return (x * scale[..., None]) * weight  # (T, E)
 
 
 def silu(x):
@@ -29,7 +29,7 @@ def silu(x):
 
 def softmax(x):
     """Softmax over the last axis, summed in float64 like ggml."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))                           # (..., N)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # (..., N)
     return (e * (1.0 / e.sum(axis=-1, dtype=np.float64, keepdims=True))).astype(F32)
 
 
@@ -40,11 +40,11 @@ def rope_tables(n_pos, n_rot, base):
     multiply by theta_scale once per pair, in float32.
     """
     theta_scale = F32(base) ** F32(-2.0 / n_rot)
-    theta = np.arange(n_pos, dtype=F32)                                     # (P,)
-    cos = np.empty((n_pos, n_rot // 2), F32)                                # (P, R/2)
-    sin = np.empty((n_pos, n_rot // 2), F32)                                # (P, R/2)
+    theta = np.arange(n_pos, dtype=F32)  # (P,)
+    cos = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
+    sin = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
     for i in range(n_rot // 2):
-        cos[:, i] = np.cos(theta.astype(np.float64))   # correctly rounded, like libm cosf
+        cos[:, i] = np.cos(theta.astype(np.float64))  # correctly rounded, like libm cosf
         sin[:, i] = np.sin(theta.astype(np.float64))
         theta = theta * theta_scale
     return cos, sin
@@ -56,12 +56,12 @@ def rope(x, cos, sin, n_rot, neox):
     x: (T, H, D); cos/sin: (T, n_rot/2) rows for the tokens' positions.
     """
     half = n_rot // 2
-    out = x.copy()                                                          # (T, H, D)
+    out = x.copy()  # (T, H, D)
     if neox:
-        a, b = x[..., :half], x[..., half:n_rot]                            # (T, H, R/2)
+        a, b = x[..., :half], x[..., half:n_rot]  # (T, H, R/2)
     else:
-        a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]                         # (T, H, R/2)
-    c, s = cos[:, None, :], sin[:, None, :]                                 # (T, 1, R/2)
+        a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]  # (T, H, R/2)
+    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, R/2)
     ra = a * c - b * s
     rb = a * s + b * c
     if neox:
@@ -80,16 +80,16 @@ def attention(q, k_cache, v_cache, pos0):
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv = k_cache.shape[0], k_cache.shape[1]
     group = n_head // n_head_kv
-    qh = q.astype(F16).astype(F32).reshape(n_tok, n_head_kv, group, d)     # (T, G, H/G, D)
-    k = k_cache.astype(F32)                                                 # (S, G, D)
-    v = v_cache.astype(F32)                                                 # (S, G, Dv)
-    scores = np.einsum("tgjd,sgd->gjts", qh, k, optimize=True)             # (G, H/G, T, S)
+    qh = q.astype(F16).astype(F32).reshape(n_tok, n_head_kv, group, d)  # (T, G, H/G, D)
+    k = k_cache.astype(F32)  # (S, G, D)
+    v = v_cache.astype(F32)  # (S, G, Dv)
+    scores = np.einsum("tgjd,sgd->gjts", qh, k, optimize=True)  # (G, H/G, T, S)
     scores *= F32(1.0 / np.sqrt(d))
     future = np.arange(n_kv)[None, :] > (pos0 + np.arange(n_tok))[:, None]  # (T, S)
     scores[..., future] = -np.inf
-    probs = softmax(scores).astype(F16).astype(F32)                         # (G, H/G, T, S)
-    out = np.einsum("gjts,sgd->tgjd", probs, v, optimize=True)              # (T, G, H/G, Dv)
-    return np.ascontiguousarray(out.reshape(n_tok, -1), dtype=F32)          # (T, H*Dv)
+    probs = softmax(scores).astype(F16).astype(F32)  # (G, H/G, T, S)
+    out = np.einsum("gjts,sgd->tgjd", probs, v, optimize=True)  # (T, G, H/G, Dv)
+    return np.ascontiguousarray(out.reshape(n_tok, -1), dtype=F32)  # (T, H*Dv)
 
 
 def route(logits, k, norm_topk):
@@ -99,9 +99,9 @@ def route(logits, k, norm_topk):
     probabilities (renormalised to sum 1 when norm_topk).
     Returns ids (T, k) int32 and weights (T, k) float32.
     """
-    probs = softmax(logits)                                                 # (T, X)
+    probs = softmax(logits)  # (T, X)
     ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)  # (T, k)
-    weights = np.take_along_axis(probs, ids, axis=-1)                       # (T, k)
+    weights = np.take_along_axis(probs, ids, axis=-1)  # (T, k)
     if norm_topk:
         total = np.maximum(weights.sum(axis=-1, keepdims=True), F32(6.103515625e-5))
         weights = weights / total

@@ -19,9 +19,13 @@ class KVCache:
 
     def __init__(self, cfg, n_ctx):
         self.n_ctx = n_ctx
-        self.k = np.zeros((cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_k), np.float16)  # (L, C, G, D)
-        self.v = np.zeros((cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_v), np.float16)  # (L, C, G, Dv)
-        self.cos, self.sin = layers.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)          # (C, R/2)
+        self.k = np.zeros(
+            (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_k), np.float16
+        )  # (L, C, G, D)
+        self.v = np.zeros(
+            (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_v), np.float16
+        )  # (L, C, G, Dv)
+        self.cos, self.sin = layers.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)  # (C, R/2)
         self.n_past = 0
 
     def reset(self):
@@ -45,39 +49,55 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
         raise OptionError(f"context overflow: {pos0 + n_tok} tokens > n_ctx {cache.n_ctx}")
     if n_tok == 0:
         return np.zeros((0, cfg.n_vocab), F32)
-    x = w["token_embd.weight"].rows(tokens)                                  # (T, E)
-    kc, vc = cache.k.view(np.uint16), cache.v.view(np.uint16)               # float16 bits
+    x = w["token_embd.weight"].rows(tokens)  # (T, E)
+    kc, vc = cache.k.view(np.uint16), cache.v.view(np.uint16)  # float16 bits
     k_used = max(cfg.n_expert_used, 1)
     for i, layer in enumerate(layer_plans(cfg, w)):
         p = f"blk.{i}."
-        h = np.empty_like(x)                                                 # (T, E)
-        ids = np.empty((n_tok, k_used), np.int32)                            # (T, k)
-        weights = np.empty((n_tok, k_used), F32)                             # (T, k)
-        attention_block(x, *layer.attn, kc[i], vc[i], cache.cos, cache.sin, pos0,
-                        cfg.n_head, cfg.n_rot, tr.rope_neox, cfg.rms_eps, *layer.ffn,
-                        k_used, tr.norm_topk, h, ids, weights)
+        h = np.empty_like(x)  # (T, E)
+        ids = np.empty((n_tok, k_used), np.int32)  # (T, k)
+        weights = np.empty((n_tok, k_used), F32)  # (T, k)
+        attention_block(
+            x,
+            *layer.attn,
+            kc[i],
+            vc[i],
+            cache.cos,
+            cache.sin,
+            pos0,
+            cfg.n_head,
+            cfg.n_rot,
+            tr.rope_neox,
+            cfg.rms_eps,
+            *layer.ffn,
+            k_used,
+            tr.norm_topk,
+            h,
+            ids,
+            weights,
+        )
         if cfg.is_moe:
             if on_route is not None:
                 on_route(i, h, ids)
-            f = store.moe(i, h, ids, weights)                                # (T, E)
+            f = store.moe(i, h, ids, weights)  # (T, E)
             if tr.shared_expert:
-                g = w[p + "ffn_gate_shexp.weight"] @ h                       # (T, Fs)
-                u = w[p + "ffn_up_shexp.weight"] @ h                         # (T, Fs)
-                s = w[p + "ffn_down_shexp.weight"] @ (layers.silu(g) * u)    # (T, E)
-                gate = (h @ w[p + "ffn_gate_inp_shexp.weight"])[:, None]     # (T, 1)
-                f = f + s * (layers.silu(gate) / gate)                       # (T, E)
+                g = w[p + "ffn_gate_shexp.weight"] @ h  # (T, Fs)
+                u = w[p + "ffn_up_shexp.weight"] @ h  # (T, Fs)
+                s = w[p + "ffn_down_shexp.weight"] @ (layers.silu(g) * u)  # (T, E)
+                gate = (h @ w[p + "ffn_gate_inp_shexp.weight"])[:, None]  # (T, 1)
+                f = f + s * (layers.silu(gate) / gate)  # (T, E)
         else:
-            g = w[p + "ffn_gate.weight"] @ h                                 # (T, F)
-            u = w[p + "ffn_up.weight"] @ h                                   # (T, F)
-            f = w[p + "ffn_down.weight"] @ (layers.silu(g) * u)              # (T, E)
-        x += f                                                               # (T, E)
+            g = w[p + "ffn_gate.weight"] @ h  # (T, F)
+            u = w[p + "ffn_up.weight"] @ h  # (T, F)
+            f = w[p + "ffn_down.weight"] @ (layers.silu(g) * u)  # (T, E)
+        x += f  # (T, E)
 
     cache.n_past = pos0 + n_tok
     if not all_logits:
-        x = x[-1:]                                                           # (1, E)
+        x = x[-1:]  # (1, E)
     h = np.empty_like(x)
-    rms_norm_rows(x, w["output_norm.weight"], cfg.rms_eps, h)               # (T, E)
-    return output_matrix(cfg, w) @ h                                         # (T, V)
+    rms_norm_rows(x, w["output_norm.weight"], cfg.rms_eps, h)  # (T, E)
+    return output_matrix(cfg, w) @ h  # (T, V)
 
 
 _EMPTY_F32 = np.zeros(0, F32)
@@ -98,7 +118,7 @@ class LayerPlan:
 
         def mat(name):
             m = w[p + name]
-            if m.mat is None:           # a type the kernels lack: raise their error now
+            if m.mat is None:  # a type the kernels lack: raise their error now
                 m @ np.zeros(m.shape[1], F32)
             return m.mat, m.t, m.mode
 
@@ -106,11 +126,20 @@ class LayerPlan:
             return w[p + name] if p + name in w else _EMPTY_F32
 
         qk = {"": QK_NONE, "head": QK_HEAD, "full": QK_FULL}[cfg.traits.qk_norm]
-        self.attn = (w[p + "attn_norm.weight"], *mat("attn_q.weight"), *mat("attn_k.weight"),
-                     *mat("attn_v.weight"), *mat("attn_output.weight"),
-                     vec("attn_q.bias"), vec("attn_k.bias"), vec("attn_v.bias"),
-                     vec("attn_output.bias"), vec("attn_q_norm.weight"),
-                     vec("attn_k_norm.weight"), qk)
+        self.attn = (
+            w[p + "attn_norm.weight"],
+            *mat("attn_q.weight"),
+            *mat("attn_k.weight"),
+            *mat("attn_v.weight"),
+            *mat("attn_output.weight"),
+            vec("attn_q.bias"),
+            vec("attn_k.bias"),
+            vec("attn_v.bias"),
+            vec("attn_output.bias"),
+            vec("attn_q_norm.weight"),
+            vec("attn_k_norm.weight"),
+            qk,
+        )
         router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
         self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i))
 

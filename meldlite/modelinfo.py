@@ -26,7 +26,7 @@ def parameter_counts(gguf, cfg):
     active = total - experts - embd + cfg.n_embd
     if cfg.is_moe:
         active += experts * cfg.n_expert_used // cfg.n_expert
-    if "output.weight" not in sizes:      # tied: the embedding is also the output matrix
+    if "output.weight" not in sizes:  # tied: the embedding is also the output matrix
         active += embd
     return total, active
 
@@ -39,14 +39,18 @@ def expert_type_table(gguf, cfg):
 
 
 def expert_label(types):
-    """"Q4_K" when gate, up and down share a type, else "gate/up/down"."""
+    """ "Q4_K" when gate, up and down share a type, else "gate/up/down"."""
     return types[0] if len(set(types)) == 1 else "/".join(types)
 
 
 def _bits(types):
     """Bits per weight summed over the three matrices (for ordering labels)."""
-    return sum(8 * GGML_QUANT_SIZES[GGMLQuantizationType[t]][1] / GGML_QUANT_SIZES[GGMLQuantizationType[t]][0]
-               for t in types)
+    return sum(
+        8
+        * GGML_QUANT_SIZES[GGMLQuantizationType[t]][1]
+        / GGML_QUANT_SIZES[GGMLQuantizationType[t]][0]
+        for t in types
+    )
 
 
 def expert_map(type_table, pruned):
@@ -66,14 +70,21 @@ def _layer_major(gguf, key, cfg):
     v = gguf.metadata.get(key)
     if not isinstance(v, list) or len(v) != cfg.n_layer * cfg.n_expert:
         return None
-    return [v[L * cfg.n_expert:(L + 1) * cfg.n_expert] for L in range(cfg.n_layer)]
+    return [v[L * cfg.n_expert : (L + 1) * cfg.n_expert] for L in range(cfg.n_layer)]
 
 
 def model_info(model):
     gguf, cfg = model.gguf, model.cfg
     total, active = parameter_counts(gguf, cfg)
-    tensors = [{"name": n, "type": gguf.tensor(n).qtype, "shape": list(gguf.tensor(n).shape),
-                "bytes": gguf.tensor(n).nbytes} for n in gguf.tensor_names()]
+    tensors = [
+        {
+            "name": n,
+            "type": gguf.tensor(n).qtype,
+            "shape": list(gguf.tensor(n).shape),
+            "bytes": gguf.tensor(n).nbytes,
+        }
+        for n in gguf.tensor_names()
+    ]
     expert_bytes = sum(t["bytes"] for t in tensors if is_expert_tensor(t["name"]))
     return {
         "path": model.path,
@@ -81,17 +92,28 @@ def model_info(model):
         "name": gguf.metadata.get("general.name", ""),
         "file_bytes": sum(t["bytes"] for t in tensors),
         "expert_bytes": expert_bytes,
-        "n_vocab": cfg.n_vocab, "n_ctx_train": cfg.n_ctx_train, "n_ctx": model.n_ctx,
-        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-        "n_head_kv": cfg.n_head_kv, "head_dim": cfg.head_dim_k,
-        "n_expert": cfg.n_expert, "n_expert_used": cfg.n_expert_used,
-        "n_ff": cfg.n_ff, "n_ff_exp": cfg.n_ff_exp, "n_ff_shexp": cfg.n_ff_shexp,
+        "n_vocab": cfg.n_vocab,
+        "n_ctx_train": cfg.n_ctx_train,
+        "n_ctx": model.n_ctx,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_head_kv": cfg.n_head_kv,
+        "head_dim": cfg.head_dim_k,
+        "n_expert": cfg.n_expert,
+        "n_expert_used": cfg.n_expert_used,
+        "n_ff": cfg.n_ff,
+        "n_ff_exp": cfg.n_ff_exp,
+        "n_ff_shexp": cfg.n_ff_shexp,
         "expert_layout": gguf.expert_layout if cfg.is_moe else None,
-        "params_total": total, "params_active": active,
+        "params_total": total,
+        "params_active": active,
         "tensor_types": dict(Counter(t["type"] for t in tensors)),
         "tensors": tensors,
         "expert_types": expert_type_table(gguf, cfg),
-        "expert_pruned": [list(map(int, cfg.pruned(L))) for L in range(cfg.n_layer)] if cfg.is_moe else [],
+        "expert_pruned": [list(map(int, cfg.pruned(L))) for L in range(cfg.n_layer)]
+        if cfg.is_moe
+        else [],
         "expert_popularity": _layer_major(gguf, layout.KEY_POPULARITY, cfg),
         "expert_sensitivity": _layer_major(gguf, layout.KEY_SENSITIVITY, cfg),
     }

@@ -25,12 +25,14 @@ class SamplerParams:
     seed: int | None = None
 
     def __post_init__(self):
-        checks = [(self.temperature >= 0, "temperature must be >= 0"),
-                  (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-                  (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-                  (self.repeat_last_n >= 0, "repeat_last_n must be >= 0")]
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise OptionError(message)
@@ -83,8 +85,11 @@ def min_p(logits, p):
 
 def sample(logits, params, rng, recent=()):
     """One token id from logits (V,) under `params`, drawing from `rng`."""
-    logits = repetition_penalty(logits, list(recent)[-params.repeat_last_n:] if params.repeat_last_n else [],
-                                params.repeat_penalty)
+    logits = repetition_penalty(
+        logits,
+        list(recent)[-params.repeat_last_n :] if params.repeat_last_n else [],
+        params.repeat_penalty,
+    )
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     logits = min_p(top_p(top_k(logits, params.top_k), params.top_p), params.min_p)

@@ -23,14 +23,16 @@ class QMatrix:
         self.name = tensor.name
         self.qtype = tensor.qtype
         self.ggml_type = tensor.ggml_type
-        self.shape = tensor.shape                       # (n_out, n_in)
-        self.raw = np.asarray(tensor.raw)               # (n_out, row_bytes) uint8, memmap view
+        self.shape = tensor.shape  # (n_out, n_in)
+        self.raw = np.asarray(tensor.raw)  # (n_out, row_bytes) uint8, memmap view
         self.nbytes = tensor.nbytes
         self.llama_numerics = llama_numerics
         try:
-            self.mat = readonly_matrix(self.raw, kernels.check_type(self.ggml_type))  # for jitted code
+            self.mat = readonly_matrix(
+                self.raw, kernels.check_type(self.ggml_type)
+            )  # for jitted code
         except UnsupportedError:
-            self.mat = None                             # __matmul__ raises the kernels' error
+            self.mat = None  # __matmul__ raises the kernels' error
         self.t = int(self.ggml_type)
         # how the input is rounded first: as llama.cpp does for this type, or not at all
         self.mode = mode_of(self.ggml_type) if llama_numerics else NONE
@@ -44,7 +46,7 @@ class QMatrix:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.mat is None:
             return kernels.matmul(self.raw, self.ggml_type, x)
-        x2 = x.reshape(-1, self.shape[1])               # (T, n_in)
+        x2 = x.reshape(-1, self.shape[1])  # (T, n_in)
         if not x2.flags.writeable:
             x2 = x2.copy()
         out = np.empty((x2.shape[0], self.shape[0]), np.float32)  # (T, n_out)
@@ -84,14 +86,17 @@ class Weights:
         """A 1-D float32 tensor checked against its expected length."""
         v = self[name]
         if not isinstance(v, np.ndarray) or v.shape != (length,):
-            raise FormatError(f"tensor {name!r} should have shape ({length},), "
-                              f"has {getattr(v, 'shape', None)}")
+            raise FormatError(
+                f"tensor {name!r} should have shape ({length},), has {getattr(v, 'shape', None)}"
+            )
         return v
 
     def matrix(self, name, n_out, n_in):
         """A 2-D QMatrix checked against its expected (n_out, n_in)."""
         m = self[name]
         if not isinstance(m, QMatrix) or m.shape != (n_out, n_in):
-            raise FormatError(f"tensor {name!r} should have shape ({n_out}, {n_in}), "
-                              f"has {getattr(m, 'shape', None)}")
+            raise FormatError(
+                f"tensor {name!r} should have shape ({n_out}, {n_in}), "
+                f"has {getattr(m, 'shape', None)}"
+            )
         return m

@@ -26,8 +26,15 @@ def libggml():
             pytest.skip(f"{path} is not here")
         lib = ctypes.CDLL(path)
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
         lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
         lib.ggml_quantize_init.restype = None
@@ -47,11 +54,20 @@ def ggml_quantize(x, qtype, importance=None) -> np.ndarray:
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     assert cols % elems == 0, (cols, elems)
     out = np.zeros((rows, cols // elems * nbytes), dtype=np.uint8)  # (rows, row_bytes)
-    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)  # (cols,)
+    imp = (
+        None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    )  # (cols,)
     if imp is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
         raise ValueError(f"llama.cpp needs an importance matrix for {qtype.name}")
     lib.ggml_quantize_init(int(qtype))
-    written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols,
-                                      None if imp is None else imp.ctypes.data)
+    written = lib.ggml_quantize_chunk(
+        int(qtype),
+        x.ctypes.data,
+        out.ctypes.data,
+        0,
+        rows,
+        cols,
+        None if imp is None else imp.ctypes.data,
+    )
     assert written == out.size, (written, out.size)
     return out

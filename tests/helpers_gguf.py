@@ -55,6 +55,7 @@ def write_weights_gguf(path, tensors, n_embd=None):
 def quantize_with_llamacpp(src, dst, ftype_name, pure=True, nthread=2):
     """Quantize `src` into `dst` with llama.cpp (ftype_name e.g. "Q4_K_S", "MXFP4_MOE")."""
     import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
     params.nthread = nthread
@@ -73,7 +74,7 @@ def read_tensors(path):
 def weight_like(rng, rows, cols, outliers=True):
     """Random float32 (rows, cols) with per-row scales and a few outliers, like real weights."""
     a = rng.standard_normal((rows, cols)).astype(np.float32)
-    a *= np.exp(rng.normal(0.0, 0.5, size=(rows, 1))).astype(np.float32) * np.float32(cols ** -0.5)
+    a *= np.exp(rng.normal(0.0, 0.5, size=(rows, 1))).astype(np.float32) * np.float32(cols**-0.5)
     if outliers:
         idx = rng.integers(0, a.size, size=max(1, a.size // 500))
         a.flat[idx] *= np.float32(8.0)

@@ -16,7 +16,7 @@ from meldlite.data import default_model_path
 
 @dataclass(frozen=True)
 class Shape:
-    n_vocab: int = 4096           # >= the borrowed vocabulary's 4096 (padded with unused tokens)
+    n_vocab: int = 4096  # >= the borrowed vocabulary's 4096 (padded with unused tokens)
     n_embd: int = 256
     n_layer: int = 2
     n_head: int = 4
@@ -54,9 +54,11 @@ def vocab_fields(n_vocab=4096):
         if main == GGUFValueType.ARRAY:
             value = field.contents()
             extra = n_vocab - len(value)
-            pad = {Keys.Tokenizer.LIST: [f"<unused{i}>" for i in range(extra)],
-                   Keys.Tokenizer.SCORES: [0.0] * extra,
-                   Keys.Tokenizer.TOKEN_TYPE: [int(TokenType.UNUSED)] * extra}
+            pad = {
+                Keys.Tokenizer.LIST: [f"<unused{i}>" for i in range(extra)],
+                Keys.Tokenizer.SCORES: [0.0] * extra,
+                Keys.Tokenizer.TOKEN_TYPE: [int(TokenType.UNUSED)] * extra,
+            }
             out.append((key, value + pad.get(key, []), main, field.types[1]))
         else:
             out.append((key, field.contents(), main, None))
@@ -75,7 +77,9 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     w.add_context_length(s.n_ctx)
     w.add_embedding_length(s.n_embd)
     w.add_block_count(s.n_layer)
-    w.add_feed_forward_length(s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe") else s.n_ff)
+    w.add_feed_forward_length(
+        s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe") else s.n_ff
+    )
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
     w.add_key_length(s.head_dim)
@@ -96,7 +100,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
 
     def mat(name, *dims, scale=None, keep_f32=False):
         fan_in = dims[-1]
-        a = rng.standard_normal(dims).astype(np.float32) * np.float32(scale or fan_in ** -0.5)
+        a = rng.standard_normal(dims).astype(np.float32) * np.float32(scale or fan_in**-0.5)
         w.add_tensor(name, a if keep_f32 or a.ndim == 1 else a.astype(dtype))
 
     def norm(name, n):
@@ -106,7 +110,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     mat("token_embd.weight", s.n_vocab, e, scale=1.0)
     norm("output_norm.weight", e)
     if not tied:
-        mat("output.weight", s.n_vocab, e, scale=2 * e ** -0.5)
+        mat("output.weight", s.n_vocab, e, scale=2 * e**-0.5)
     for i in range(s.n_layer):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight", e)
@@ -126,7 +130,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
             norm(p + "attn_k_norm.weight", s.n_head_kv * hd)
         norm(p + "ffn_norm.weight", e)
         if spec["moe"]:
-            mat(p + "ffn_gate_inp.weight", s.n_expert, e, scale=2 * e ** -0.5, keep_f32=True)
+            mat(p + "ffn_gate_inp.weight", s.n_expert, e, scale=2 * e**-0.5, keep_f32=True)
             mat(p + "ffn_gate_exps.weight", s.n_expert, s.n_ff_exp, e)
             mat(p + "ffn_up_exps.weight", s.n_expert, s.n_ff_exp, e)
             mat(p + "ffn_down_exps.weight", s.n_expert, e, s.n_ff_exp)
@@ -149,6 +153,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
 def llamacpp_quantize(src, dst, ftype_name, pure=False):
     """Quantize `src` to `dst` with llama.cpp's own quantizer (e.g. "Q4_K_M")."""
     import llama_cpp
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
     params.nthread = 2
@@ -162,9 +167,16 @@ def llamacpp_quantize(src, dst, ftype_name, pure=False):
 def llamacpp_logits(path, tokens, n_ctx=256, n_threads=2):
     """llama.cpp's logits (len(tokens), n_vocab) for tokens from a fresh context."""
     import llama_cpp
-    llm = llama_cpp.Llama(os.fspath(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
-                          logits_all=True, verbose=False)
+
+    llm = llama_cpp.Llama(
+        os.fspath(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=n_threads,
+        logits_all=True,
+        verbose=False,
+    )
     llm.eval(list(map(int, tokens)))
-    out = np.array(llm.scores[:len(tokens)], dtype=np.float32)
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()
     return out

@@ -9,6 +9,7 @@ independent.
 
 import ctypes
 import heapq
+import itertools
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -39,8 +40,10 @@ _WORD = re.compile(r"'[a-z]+| ?[^\W\d_]+| ?\d| ?[^\s\w]+|\s+")
 def _train_words(text):
     """Byte-encoded training words and their counts (a rough GPT-2-like split)."""
     counts = Counter(_WORD.findall(text))
-    return {tuple(BYTE_CHARS[b] for b in w.encode("utf-8", "surrogatepass")): c
-            for w, c in counts.items()}
+    return {
+        tuple(BYTE_CHARS[b] for b in w.encode("utf-8", "surrogatepass")): c
+        for w, c in counts.items()
+    }
 
 
 # -- BPE trainer -----------------------------------------------------------------
@@ -54,12 +57,12 @@ class _PairCounts:
         self.freq = list(words.values())
         self.count = Counter()
         self.where = defaultdict(set)
-        self.heap = []                    # (-count, pair), stale entries skipped in best()
+        self.heap = []  # (-count, pair), stale entries skipped in best()
         for i, w in enumerate(self.words):
             self._add(i, w, +1)
 
     def _add(self, i, w, sign):
-        for pair in zip(w, w[1:]):
+        for pair in itertools.pairwise(w):
             self.count[pair] += sign * self.freq[i]
             if sign > 0:
                 self.where[pair].add(i)
@@ -105,14 +108,20 @@ def train_bpe(text, n_merges):
 
 # -- vocabularies and GGUF files --------------------------------------------------
 
-BPE_SPECIALS = [("<|begin_of_text|>", TokenType.CONTROL), ("<|endoftext|>", TokenType.CONTROL),
-                ("<|im_start|>", TokenType.CONTROL), ("<|im_end|>", TokenType.CONTROL),
-                ("<tool_call>", TokenType.USER_DEFINED), ("<|fim_pad|>", TokenType.CONTROL),
-                ("<mask>", TokenType.CONTROL), ("<|reserved_0|>", TokenType.UNUSED),
-                ("<undefined>", 0)]
+BPE_SPECIALS = [
+    ("<|begin_of_text|>", TokenType.CONTROL),
+    ("<|endoftext|>", TokenType.CONTROL),
+    ("<|im_start|>", TokenType.CONTROL),
+    ("<|im_end|>", TokenType.CONTROL),
+    ("<tool_call>", TokenType.USER_DEFINED),
+    ("<|fim_pad|>", TokenType.CONTROL),
+    ("<mask>", TokenType.CONTROL),
+    ("<|reserved_0|>", TokenType.UNUSED),
+    ("<undefined>", 0),
+]
 # whole words that merges never build: only `ignore_merges` (llama3) can pick them
 EXTRA_WORDS = [" television", " Lily", " upon", "ing", " 2024", " ñandú", "ello"]
-RAW_TOKENS = ["€uro"]      # NORMAL but not byte-encoded: llama.cpp decodes it to an UNK_BYTE marker
+RAW_TOKENS = ["€uro"]  # NORMAL but not byte-encoded: llama.cpp decodes it to an UNK_BYTE marker
 
 
 def bpe_vocab(merges):
@@ -136,8 +145,9 @@ def bpe_vocab(merges):
     return tokens, types, [f"{a} {b}" for a, b in merges]
 
 
-def write_vocab_gguf(path, model, tokens, types, *, merges=None, scores=None, pre=None,
-                     arch="llama", extra=None):
+def write_vocab_gguf(
+    path, model, tokens, types, *, merges=None, scores=None, pre=None, arch="llama", extra=None
+):
     """A vocab-only GGUF file (no tensors) that llama.cpp loads with vocab_only=True.
 
     extra: {gguf key: value} written with the writer's typed helpers (bool, int, str).
@@ -169,14 +179,28 @@ def write_vocab_gguf(path, model, tokens, types, *, merges=None, scores=None, pr
 def read_metadata(path):
     """GGUF metadata as plain values (strings decoded, arrays as lists), as meldlite reads it."""
     from meldlite.formats import read_gguf
+
     return read_gguf(path).metadata
 
 
 # -- corpus --------------------------------------------------------------------------
 
 VARIED = [
-    "", " ", "  ", "\n", "\n\n\n", "\t", " \t \n ", "a", "Hello world", " Hello world",
-    "Hello world ", "Hello  world", "Hello   world", "   leading", "trailing   ",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n\n",
+    "\t",
+    " \t \n ",
+    "a",
+    "Hello world",
+    " Hello world",
+    "Hello world ",
+    "Hello  world",
+    "Hello   world",
+    "   leading",
+    "trailing   ",
     "line one\nline two\r\nline three\n\n  indented\n\tTabbed",
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",
     "\"Can I have it?\" she asked. 'No,' said Mom. He's here; they're gone, we've won, I'm ok, you'll see, I'd go.",
@@ -192,20 +216,25 @@ VARIED = [
     "Emoji: 😀😃😄 👍🏽 👨‍👩‍👧‍👦 🇩🇪 ❤️ ✨🚀",
     "def f(x):\n    return x ** 2  # square\n\nif __name__ == '__main__':\n\tprint(f(3))",
     "for (int i = 0; i < n; ++i) { a[i] = b[i] << 2 | c; } // done",
-    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>",
+    '<html><body class="x">&amp; &lt;tag&gt;</body></html>',
     "$100 + 5% = ~ ^caret | pipe `backtick` @at #hash \\back /slash {brace} [bracket]",
     "...!!!???,,, ;;; ::: --- ___ *** ###",
     "<s> hello </s> <unk> <s></s><s>",
     "<|endoftext|>Hello<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant",
-    "text<tool_call>{\"name\": \"f\"}</tool_call> and <|fim_pad|> and <|begin_of_text|>",
+    'text<tool_call>{"name": "f"}</tool_call> and <|fim_pad|> and <|begin_of_text|>',
     "  <|endoftext|>  spaced  <|im_end|>  ",
     "mixed\u00a0nbsp\u2003em\u3000ideographic\u2028line\u2029para\u0085nel end",
     "zero\u200bwidth\u200djoiner\ufeffbom \u0301combining e\u0301 a\u0308",
     "control \x01\x02\x1c\x1d\x1e\x1f\x7f chars",
     "private \ue000\uf8ff and astral 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𠀀𠀁 and unassigned \u0378\u0897\U0001fae9",
-    "lone \ud800 surrogate \udfff", "x\u2581y \u2581 \u2581\u2581z", "max \U0010ffff",
-    "  <mask>  x <mask>\n<mask>", "<|reserved_0|><undefined>",
-    "a" * 300, "ab" * 150 + " " + "abc " * 50, "\n" * 20 + "x" + " " * 20 + "y",
+    "lone \ud800 surrogate \udfff",
+    "x\u2581y \u2581 \u2581\u2581z",
+    "max \U0010ffff",
+    "  <mask>  x <mask>\n<mask>",
+    "<|reserved_0|><undefined>",
+    "a" * 300,
+    "ab" * 150 + " " + "abc " * 50,
+    "\n" * 20 + "x" + " " * 20 + "y",
 ]
 
 
@@ -231,8 +260,9 @@ class LlamaOracle:
         self.vocab = self.llm._model.vocab
 
     def tokenize(self, text, add_bos=True, parse_special=False):
-        return self.llm.tokenize(text.encode("utf-8", "surrogatepass"), add_bos=add_bos,
-                                 special=parse_special)
+        return self.llm.tokenize(
+            text.encode("utf-8", "surrogatepass"), add_bos=add_bos, special=parse_special
+        )
 
     def n_vocab(self):
         return self.lib.llama_vocab_n_tokens(self.vocab)
@@ -259,8 +289,9 @@ class LlamaOracle:
         size = 64 + 16 * len(ids)
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = self.lib.llama_detokenize(self.vocab, arr, len(ids), buf, size,
-                                          remove_special, unparse_special)
+            n = self.lib.llama_detokenize(
+                self.vocab, arr, len(ids), buf, size, remove_special, unparse_special
+            )
             if n >= 0:
                 return buf.raw[:n]
             size = -n + 1

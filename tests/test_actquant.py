@@ -4,20 +4,36 @@ reference bit for bit, and a single quantized matmul against llama.cpp's."""
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-
 from helpers_models import Shape, llamacpp_logits, llamacpp_quantize, write_random_model
+
 from meldlite.kernels.actquant import round_activations, round_activations_reference
 
-TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
-         T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4]
+TYPES = [
+    T.F32,
+    T.F16,
+    T.BF16,
+    T.Q4_0,
+    T.Q4_1,
+    T.Q5_0,
+    T.Q5_1,
+    T.Q8_0,
+    T.Q2_K,
+    T.Q3_K,
+    T.Q4_K,
+    T.Q5_K,
+    T.Q6_K,
+    T.IQ4_NL,
+    T.IQ4_XS,
+    T.MXFP4,
+]
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_jitted_rounding_equals_numpy_reference(qtype):
     rng = np.random.default_rng(int(qtype))
     x = (rng.standard_normal((5, 512)) * np.exp(rng.uniform(-12, 10, (5, 512)))).astype(np.float32)
-    x[0, :32] = 0.0                       # an all-zero block
-    x[1, :4] = [65519.0, -65520.0, 6e-5, 2.0 ** -25]   # f16 edges
+    x[0, :32] = 0.0  # an all-zero block
+    x[1, :4] = [65519.0, -65520.0, 6e-5, 2.0**-25]  # f16 edges
     ours = round_activations(x, qtype)
     ref = round_activations_reference(x, qtype)
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
@@ -27,7 +43,7 @@ def test_q8_rounding_keeps_block_max_and_127_levels():
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
     r = round_activations(x, T.Q8_0)
     for b in range(0, 256, 32):
-        blk, rb = x[0, b:b + 32], r[0, b:b + 32]
+        blk, rb = x[0, b : b + 32], r[0, b : b + 32]
         step = np.float32(np.float16(np.abs(blk).max() / 127))
         np.testing.assert_allclose(rb / step, np.rint(rb / step), atol=1e-4)
         assert np.abs(rb - blk).max() <= step * 0.5 + 1e-6
@@ -36,12 +52,14 @@ def test_q8_rounding_keeps_block_max_and_127_levels():
 def _output_only_model(path, zero_blocks=True):
     """A 1-layer model whose blocks are all zero: logits = output @ norm(embedding)."""
     import helpers_models as H
+
     add = H.GGUFWriter.add_tensor
 
     def zeroing(self, name, a, *args, **kw):
         if zero_blocks and name.startswith("blk.") and a.ndim >= 2:
             a = np.zeros_like(a)
         return add(self, name, a, *args, **kw)
+
     H.GGUFWriter.add_tensor = zeroing
     try:
         return write_random_model(path, "qwen3", shape=Shape(n_layer=1))
@@ -49,13 +67,16 @@ def _output_only_model(path, zero_blocks=True):
         H.GGUFWriter.add_tensor = add
 
 
-@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q5_0", "IQ4_NL", "Q2_K", "Q3_K_S", "Q4_K_S",
-                                   "Q5_K_S", "Q6_K", "IQ4_XS"])
+@pytest.mark.parametrize(
+    "ftype",
+    ["Q8_0", "Q4_0", "Q5_0", "IQ4_NL", "Q2_K", "Q3_K_S", "Q4_K_S", "Q5_K_S", "Q6_K", "IQ4_XS"],
+)
 def test_one_quantized_matmul_equals_llamacpp(tmp_path, ftype):
     """With blocks zeroed, a model's logits are one quantized matmul (output x
     normed embedding row): llama.cpp's must match meldlite's to float rounding."""
     pytest.importorskip("llama_cpp")
     import meldlite
+
     src = _output_only_model(tmp_path / "src.gguf")
     path = llamacpp_quantize(src, tmp_path / f"{ftype}.gguf", ftype, pure=True)
     ids = [1] + np.random.default_rng(1).integers(3, 4096, 31).tolist()
@@ -63,4 +84,4 @@ def test_one_quantized_matmul_equals_llamacpp(tmp_path, ftype):
     ours = meldlite.load(path, n_ctx=64).logits(ids)
     assert np.abs(ours - ref).max() <= 2e-6 * np.abs(ref).max()
     floats = meldlite.load(path, n_ctx=64, llama_numerics=False).logits(ids)
-    assert np.abs(floats - ref).max() > 1e-4 * np.abs(ref).max()   # rounding is what matches
+    assert np.abs(floats - ref).max() > 1e-4 * np.abs(ref).max()  # rounding is what matches

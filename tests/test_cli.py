@@ -11,8 +11,9 @@ from meldlite.cli import main
 
 def run_cli(*args):
     """Run `python -m meldlite` in a subprocess: real exit codes, real streams."""
-    return subprocess.run([sys.executable, "-m", "meldlite", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "meldlite", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_run_default_model_streams_text_and_reports_speed():
@@ -30,13 +31,16 @@ def test_info_reports_architecture_and_parameters():
     assert "expert types" in r.output
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["run", "/nonexistent/model.gguf", "-n", "1"], "No such file"),
-    (["run", "-n", "1", "--top-p", "5"], "top-p"),
-    (["run", "-n", "-3"], "n-predict"),
-    (["info", "/"], ""),
-    (["frobnicate"], "No such command"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "/nonexistent/model.gguf", "-n", "1"], "No such file"),
+        (["run", "-n", "1", "--top-p", "5"], "top-p"),
+        (["run", "-n", "-3"], "n-predict"),
+        (["info", "/"], ""),
+        (["frobnicate"], "No such command"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, needle):
     r = run_cli(*args)
     assert r.returncode == 2
@@ -54,11 +58,14 @@ def test_corrupt_model_is_one_line_and_exit_2(tmp_path):
 
 def test_perplexity_command(tmp_path):
     text = tmp_path / "t.txt"
-    text.write_text("Once upon a time, there was a little girl.\n<|endoftext|>\n"
-                    "Tom had a red ball. He liked to play.\n<|endoftext|>\n")
+    text.write_text(
+        "Once upon a time, there was a little girl.\n<|endoftext|>\n"
+        "Tom had a red ball. He liked to play.\n<|endoftext|>\n"
+    )
     r = run_cli("perplexity", "", str(text))
     assert r.returncode == 2  # an empty model path is an error, not the default model
     from meldlite.data import default_model_path
+
     r = run_cli("perplexity", default_model_path(), str(text))
     assert r.returncode == 0, r.stderr
     assert 1.0 < float(r.stdout) < 200.0

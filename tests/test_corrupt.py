@@ -11,12 +11,21 @@ import struct
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType as T, \
-    GGUFValueType as V, Keys
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    Keys,
+)
+from gguf import (
+    GGMLQuantizationType as T,
+)
+from gguf import (
+    GGUFValueType as V,
+)
+from test_formats import write_moe_gguf
 
 from meldlite.errors import FormatError, MeldliteError
 from meldlite.formats import check_header, read_gguf
-from test_formats import write_moe_gguf
 
 # ----------------------------------------------------------- raw encoder --
 
@@ -43,8 +52,17 @@ def tinfo(name, ne, ggml_type, offset):
     return gstr(name) + u32(len(ne)) + b"".join(u64(n) for n in ne) + u32(ggml_type) + u64(offset)
 
 
-def gguf_bytes(kvs=(), infos=(), data=b"", *, magic=b"GGUF", version=3, n_kv=None,
-               n_tensors=None, alignment=GGUF_DEFAULT_ALIGNMENT):
+def gguf_bytes(
+    kvs=(),
+    infos=(),
+    data=b"",
+    *,
+    magic=b"GGUF",
+    version=3,
+    n_kv=None,
+    n_tensors=None,
+    alignment=GGUF_DEFAULT_ALIGNMENT,
+):
     head = magic + u32(version)
     head += u64(len(infos) if n_tensors is None else n_tensors)
     head += u64(len(kvs) if n_kv is None else n_kv)
@@ -53,8 +71,8 @@ def gguf_bytes(kvs=(), infos=(), data=b"", *, magic=b"GGUF", version=3, n_kv=Non
     return body + b"\0" * pad + data
 
 
-F32_ROW = tinfo("w", [8], T.F32, 0)      # one valid 8-float tensor ...
-F32_DATA = np.arange(8, dtype=np.float32).tobytes()   # ... and its 32 bytes
+F32_ROW = tinfo("w", [8], T.F32, 0)  # one valid 8-float tensor ...
+F32_DATA = np.arange(8, dtype=np.float32).tobytes()  # ... and its 32 bytes
 UNKNOWN_TYPE_ID = next(i for i in range(1000) if i not in {t.value for t in T})
 UNKNOWN_VALUE_TYPE = max(v.value for v in V) + 1
 
@@ -68,11 +86,20 @@ def check_rejected(tmp_path, blob, match):
 
 # ---------------------------------------------------------- a good file --
 
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     """(bytes, data_offset) of a small valid qwen3moe-like file with Q8_0 experts."""
-    path = write_moe_gguf(tmp_path_factory.mktemp("good") / "good.gguf", n_layers=2, n_expert=2,
-                          n_embd=32, n_ff=32, n_vocab=8, expert_type=T.Q8_0, dense_layers=(1,))
+    path = write_moe_gguf(
+        tmp_path_factory.mktemp("good") / "good.gguf",
+        n_layers=2,
+        n_expert=2,
+        n_embd=32,
+        n_ff=32,
+        n_vocab=8,
+        expert_type=T.Q8_0,
+        dense_layers=(1,),
+    )
     exercise(read_gguf(path))
     return path.read_bytes(), check_header(path).data_offset
 
@@ -107,6 +134,7 @@ def open_or_reject(path):
 
 # ------------------------------------------------------------ truncation --
 
+
 def test_truncation_every_header_offset(good, tmp_path):
     blob, data_offset = good
     path = tmp_path / "t.gguf"
@@ -130,6 +158,7 @@ def test_truncation_in_data(good, tmp_path):
 
 # ---------------------------------------------------------- random flips --
 
+
 def test_random_byte_changes_in_header(good, tmp_path):
     """1-3 bytes of the header or tensor table changed: to any byte, or (half the time)
     to a printable one, so that damaged names often stay valid and get opened."""
@@ -144,21 +173,21 @@ def test_random_byte_changes_in_header(good, tmp_path):
             damaged[pos] = int(rng.integers(0x20, 0x7F) if printable else rng.integers(0, 256))
         path.write_bytes(damaged)
         survived += open_or_reject(path)
-    assert 0 < survived < 400          # most damage caught, some harmless damage opened
+    assert 0 < survived < 400  # most damage caught, some harmless damage opened
 
 
 def numeric_fields(path):
     """(offset, size) of every count, length, dim, type and offset field of the header."""
     header = check_header(path)
-    fields = [(8, 8), (16, 8)]                          # tensor count, key count
+    fields = [(8, 8), (16, 8)]  # tensor count, key count
     for info in header.tensors:
         pos = info.info_offset
-        fields.append((pos, 8))                         # name length
+        fields.append((pos, 8))  # name length
         pos += 8 + len(info.name.encode("utf-8"))
-        fields.append((pos, 4))                         # n_dims
+        fields.append((pos, 4))  # n_dims
         fields += [(pos + 4 + 8 * i, 8) for i in range(len(info.ne))]
         pos += 4 + 8 * len(info.ne)
-        fields += [(pos, 4), (pos + 4, 8)]              # type, offset
+        fields += [(pos, 4), (pos + 4, 8)]  # type, offset
     return fields
 
 
@@ -172,10 +201,14 @@ def test_random_values_in_numeric_fields(good, tmp_path):
     specials = [0, 1, 2, 3, 31, 32, 33, 255, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
     for _ in range(300):
         pos, size = fields[rng.integers(len(fields))]
-        value = int(rng.choice(specials)) if rng.random() < 0.5 else int(rng.integers(0, 2**63)) >> int(rng.integers(0, 63))
+        value = (
+            int(rng.choice(specials))
+            if rng.random() < 0.5
+            else int(rng.integers(0, 2**63)) >> int(rng.integers(0, 63))
+        )
         value &= (1 << 8 * size) - 1
         damaged = bytearray(blob)
-        damaged[pos:pos + size] = value.to_bytes(size, "little")
+        damaged[pos : pos + size] = value.to_bytes(size, "little")
         path.write_bytes(damaged)
         open_or_reject(path)
 
@@ -203,28 +236,56 @@ HEADER_CASES = {
     "absurd tensor count": (gguf_bytes(n_tensors=2**62), "absurd tensor count"),
     "absurd key count": (gguf_bytes(n_kv=2**64 - 1), "absurd metadata key count"),
     "absurd key length": (gguf_bytes([u64(2**63) + b"k" + u32(V.UINT8) + b"\1"]), "metadata key"),
-    "absurd string value": (gguf_bytes([kv("a", V.STRING, u64(2**40) + b"xyz")]), "string value of key 'a'"),
-    "absurd array length": (gguf_bytes([kv("a", V.ARRAY, u32(V.UINT32) + u64(2**61))]), "absurd array length"),
-    "absurd string array": (gguf_bytes([kv("a", V.ARRAY, u32(V.STRING) + u64(2**40) + gstr("x"))]),
-                            "absurd array length"),
-    "absurd string in array": (gguf_bytes([kv("a", V.ARRAY, u32(V.STRING) + u64(2) + gstr("x") + u64(2**50))]),
-                               "element 1 of key 'a'"),
-    "nested array": (gguf_bytes([kv("a", V.ARRAY, u32(V.ARRAY) + u64(1) + u32(V.UINT8) + u64(1) + b"\1")]),
-                     "nested array"),
-    "unknown value type": (gguf_bytes([kv("a", UNKNOWN_VALUE_TYPE, b"\0" * 8)]), "unknown value type"),
-    "unknown array element type": (gguf_bytes([kv("a", V.ARRAY, u32(UNKNOWN_VALUE_TYPE) + u64(1))]),
-                                   "unknown array element type"),
-    "duplicate key": (gguf_bytes([kv("a", V.UINT8, b"\1"), kv("a", V.UINT8, b"\2")]), "duplicate metadata key 'a'"),
+    "absurd string value": (
+        gguf_bytes([kv("a", V.STRING, u64(2**40) + b"xyz")]),
+        "string value of key 'a'",
+    ),
+    "absurd array length": (
+        gguf_bytes([kv("a", V.ARRAY, u32(V.UINT32) + u64(2**61))]),
+        "absurd array length",
+    ),
+    "absurd string array": (
+        gguf_bytes([kv("a", V.ARRAY, u32(V.STRING) + u64(2**40) + gstr("x"))]),
+        "absurd array length",
+    ),
+    "absurd string in array": (
+        gguf_bytes([kv("a", V.ARRAY, u32(V.STRING) + u64(2) + gstr("x") + u64(2**50))]),
+        "element 1 of key 'a'",
+    ),
+    "nested array": (
+        gguf_bytes([kv("a", V.ARRAY, u32(V.ARRAY) + u64(1) + u32(V.UINT8) + u64(1) + b"\1")]),
+        "nested array",
+    ),
+    "unknown value type": (
+        gguf_bytes([kv("a", UNKNOWN_VALUE_TYPE, b"\0" * 8)]),
+        "unknown value type",
+    ),
+    "unknown array element type": (
+        gguf_bytes([kv("a", V.ARRAY, u32(UNKNOWN_VALUE_TYPE) + u64(1))]),
+        "unknown array element type",
+    ),
+    "duplicate key": (
+        gguf_bytes([kv("a", V.UINT8, b"\1"), kv("a", V.UINT8, b"\2")]),
+        "duplicate metadata key 'a'",
+    ),
     "bad utf-8 key": (gguf_bytes([kv(b"\xff\xfe", V.UINT8, b"\1")]), "UTF-8"),
     "bad utf-8 value": (gguf_bytes([kv("a", V.STRING, gstr(b"\xc3"))]), "UTF-8"),
-    "alignment zero": (gguf_bytes([kv(Keys.General.ALIGNMENT, V.UINT32, u32(0))]), "general.alignment 0"),
-    "alignment not power of 2": (gguf_bytes([kv(Keys.General.ALIGNMENT, V.UINT32, u32(24))]),
-                                 "general.alignment 24"),
+    "alignment zero": (
+        gguf_bytes([kv(Keys.General.ALIGNMENT, V.UINT32, u32(0))]),
+        "general.alignment 0",
+    ),
+    "alignment not power of 2": (
+        gguf_bytes([kv(Keys.General.ALIGNMENT, V.UINT32, u32(24))]),
+        "general.alignment 24",
+    ),
     "alignment wrong type": (gguf_bytes([kv(Keys.General.ALIGNMENT, V.UINT64, u64(32))]), "UINT64"),
     "empty file": (b"", "truncated"),
     "short file": (b"GGUF\3\0\0\0", "truncated"),
     "key count beyond data": (gguf_bytes([kv("a", V.UINT8, b"\1")], n_kv=2), "empty metadata key"),
-    "key count beyond file": (gguf_bytes([kv("a", V.UINT8, b"\1")], n_kv=3, alignment=1), "absurd metadata key count"),
+    "key count beyond file": (
+        gguf_bytes([kv("a", V.UINT8, b"\1")], n_kv=3, alignment=1),
+        "absurd metadata key count",
+    ),
 }
 
 
@@ -241,15 +302,35 @@ TENSOR_CASES = {
     "zero dim": ([tinfo("w", [8, 0], T.F32, 0)], F32_DATA, r"ne\[1\] = 0"),
     "dims overflow": ([tinfo("w", [2**32, 2**32, 2**32], T.F32, 0)], F32_DATA, "overflow"),
     "dims huge but no overflow": ([tinfo("w", [2**20, 2**20], T.F32, 0)], F32_DATA, "past the end"),
-    "unknown type id": ([tinfo("w", [8], UNKNOWN_TYPE_ID, 0)], F32_DATA, f"unknown ggml type id {UNKNOWN_TYPE_ID}"),
-    "row not whole blocks": ([tinfo("w", [48], T.Q4_0, 0)], b"\0" * 64, "not a multiple of the Q4_0 block size 32"),
+    "unknown type id": (
+        [tinfo("w", [8], UNKNOWN_TYPE_ID, 0)],
+        F32_DATA,
+        f"unknown ggml type id {UNKNOWN_TYPE_ID}",
+    ),
+    "row not whole blocks": (
+        [tinfo("w", [48], T.Q4_0, 0)],
+        b"\0" * 64,
+        "not a multiple of the Q4_0 block size 32",
+    ),
     "offset past end": ([tinfo("w", [8], T.F32, 2**40)], F32_DATA, "past the end"),
     "data truncated": ([tinfo("w", [16], T.F32, 0)], F32_DATA, "'w'.*past the end"),
-    "misaligned offset": ([F32_ROW, tinfo("v", [4], T.F32, 48)], F32_DATA * 3, "not a multiple of the alignment 32"),
+    "misaligned offset": (
+        [F32_ROW, tinfo("v", [4], T.F32, 48)],
+        F32_DATA * 3,
+        "not a multiple of the alignment 32",
+    ),
     "overlapping": ([F32_ROW, tinfo("v", [8], T.F32, 0)], F32_DATA * 2, "'v'.*overlaps"),
-    "out of order": ([tinfo("v", [8], T.F32, 32), tinfo("w", [8], T.F32, 0)], F32_DATA * 2, "'v'.*expected 0"),
+    "out of order": (
+        [tinfo("v", [8], T.F32, 32), tinfo("w", [8], T.F32, 0)],
+        F32_DATA * 2,
+        "'v'.*expected 0",
+    ),
     "gap": ([tinfo("w", [8], T.F32, 64)], F32_DATA * 3, "'w'.*expected 0"),
-    "duplicate name": ([F32_ROW, tinfo("w", [8], T.F32, 32)], F32_DATA * 2, "duplicate tensor name 'w'"),
+    "duplicate name": (
+        [F32_ROW, tinfo("w", [8], T.F32, 32)],
+        F32_DATA * 2,
+        "duplicate tensor name 'w'",
+    ),
     "empty name": ([tinfo("", [8], T.F32, 0)], F32_DATA, "name length 0"),
     "name too long": ([tinfo("x" * 64, [8], T.F32, 0)], F32_DATA, "name length 64"),
     "absurd name length": ([u64(2**62) + b"w"], F32_DATA, "tensor name"),
@@ -263,7 +344,9 @@ def test_hostile_tensor_info(tmp_path, case):
 
 
 def test_tensor_error_names_the_tensor_and_offset(tmp_path):
-    blob = gguf_bytes([kv("a", V.UINT8, b"\1")], [F32_ROW, tinfo("blk.0.bad", [8, 2**62], T.F32, 32)], F32_DATA)
+    blob = gguf_bytes(
+        [kv("a", V.UINT8, b"\1")], [F32_ROW, tinfo("blk.0.bad", [8, 2**62], T.F32, 32)], F32_DATA
+    )
     check_rejected(tmp_path, blob, r"tensor 'blk.0.bad' \(info at byte \d+\)")
 
 
@@ -280,8 +363,11 @@ def test_misaligned_with_custom_alignment(tmp_path):
 def test_valid_hand_made_file_opens(tmp_path):
     """The encoder itself is right: the same structure, undamaged, reads back."""
     q = GGML_QUANT_SIZES[T.Q8_0][1] * 2
-    blob = gguf_bytes([kv("a", V.ARRAY, u32(V.STRING) + u64(2) + gstr("x") + gstr("yz"))],
-                      [F32_ROW, tinfo("q", [64], T.Q8_0, 32)], F32_DATA + b"\0" * q)
+    blob = gguf_bytes(
+        [kv("a", V.ARRAY, u32(V.STRING) + u64(2) + gstr("x") + gstr("yz"))],
+        [F32_ROW, tinfo("q", [64], T.Q8_0, 32)],
+        F32_DATA + b"\0" * q,
+    )
     path = tmp_path / "ok.gguf"
     path.write_bytes(blob)
     f = read_gguf(path)
@@ -297,8 +383,11 @@ def test_reserved_key_name_clash_is_format_error(tmp_path):
 
 def test_absurd_block_count_fails_on_expert_calls(tmp_path):
     key = Keys.LLM.BLOCK_COUNT.format(arch="qwen3moe")
-    blob = gguf_bytes([kv(Keys.General.ARCHITECTURE, V.STRING, gstr("qwen3moe")),
-                       kv(key, V.UINT64, u64(2**60))], [F32_ROW], F32_DATA)
+    blob = gguf_bytes(
+        [kv(Keys.General.ARCHITECTURE, V.STRING, gstr("qwen3moe")), kv(key, V.UINT64, u64(2**60))],
+        [F32_ROW],
+        F32_DATA,
+    )
     path = tmp_path / "b.gguf"
     path.write_bytes(blob)
     f = read_gguf(path)
@@ -307,8 +396,14 @@ def test_absurd_block_count_fails_on_expert_calls(tmp_path):
 
 
 def test_unknown_expert_layout(tmp_path):
-    blob = gguf_bytes([kv(Keys.LLM.BLOCK_COUNT.format(arch="None"), V.UINT32, u32(1)),
-                       kv("meldlite.expert_layout", V.STRING, gstr("diagonal"))], [F32_ROW], F32_DATA)
+    blob = gguf_bytes(
+        [
+            kv(Keys.LLM.BLOCK_COUNT.format(arch="None"), V.UINT32, u32(1)),
+            kv("meldlite.expert_layout", V.STRING, gstr("diagonal")),
+        ],
+        [F32_ROW],
+        F32_DATA,
+    )
     check_rejected(tmp_path, blob, "diagonal")
 
 
@@ -317,16 +412,25 @@ def test_bad_expert_order_metadata(tmp_path):
     blocks = kv(Keys.LLM.BLOCK_COUNT.format(arch="qwen3moe"), V.UINT32, u32(1))
     layout = kv("meldlite.expert_layout", V.STRING, gstr("per_expert"))
     order = kv("meldlite.expert_order", V.ARRAY, u32(V.UINT32) + u64(2) + u32(0) + u32(5))
-    infos = [tinfo(f"blk.0.ffn_{k}_exps.0.weight", [8], T.F32, 32 * i) for i, k in enumerate(("gate", "up", "down"))]
-    check_rejected(tmp_path, gguf_bytes([arch, blocks, layout, order], infos, F32_DATA * 3), "expert_order")
+    infos = [
+        tinfo(f"blk.0.ffn_{k}_exps.0.weight", [8], T.F32, 32 * i)
+        for i, k in enumerate(("gate", "up", "down"))
+    ]
+    check_rejected(
+        tmp_path, gguf_bytes([arch, blocks, layout, order], infos, F32_DATA * 3), "expert_order"
+    )
 
 
 def test_metadata_array_element_limit(tmp_path, monkeypatch):
     from meldlite.formats import validate
+
     monkeypatch.setattr(validate, "MAX_ARRAY_ELEMENTS", 10)
-    arr = lambda n: u32(V.UINT8) + u64(n) + b"\1" * n     # noqa: E731
-    check_rejected(tmp_path, gguf_bytes([kv("a", V.ARRAY, arr(6)), kv("b", V.ARRAY, arr(6))]),
-                   "key 'b'.*12 array elements")
+    arr = lambda n: u32(V.UINT8) + u64(n) + b"\1" * n  # noqa: E731
+    check_rejected(
+        tmp_path,
+        gguf_bytes([kv("a", V.ARRAY, arr(6)), kv("b", V.ARRAY, arr(6))]),
+        "key 'b'.*12 array elements",
+    )
 
 
 def test_directory_and_missing_file(tmp_path):

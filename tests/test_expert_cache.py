@@ -13,21 +13,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers_models import Shape, write_random_model
 
 import meldlite
 from meldlite.errors import BudgetError, OptionError
-from meldlite.experts import CachedStore, skip_light_experts
+from meldlite.experts import skip_light_experts
 from meldlite.experts.budget import parse_budget, parse_rate, parse_size
 from meldlite.experts.cache import READY, combine
-from meldlite.experts.io import (Throttle, drop_file_cache, page_cache_fraction)
+from meldlite.experts.io import Throttle, drop_file_cache, page_cache_fraction
 from meldlite.formats import pack, read_gguf
 
-SMALL = Shape(n_vocab=4096, n_embd=128, n_layer=3, n_head=2, n_head_kv=1, head_dim=64,
-              n_ff=128, n_expert=8, n_expert_used=2, n_ff_exp=64, n_ctx=128)
-TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside "
-        "in the park with her friends and her dog.")
+SMALL = Shape(
+    n_vocab=4096,
+    n_embd=128,
+    n_layer=3,
+    n_head=2,
+    n_head_kv=1,
+    head_dim=64,
+    n_ff=128,
+    n_expert=8,
+    n_expert_used=2,
+    n_ff_exp=64,
+    n_ctx=128,
+)
+TEXT = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside "
+    "in the park with her friends and her dog."
+)
 POLICIES = ("lru", "lfu", "forecast")
 
 
@@ -72,6 +84,7 @@ def run_both(m, ids):
 
 # -- parsing and option errors ----------------------------------------------------
 
+
 def test_parse_sizes_rates_and_percentages():
     assert parse_size("64MB") == 64_000_000
     assert parse_size("1.5GB") == 1_500_000_000
@@ -86,8 +99,10 @@ def test_parse_sizes_rates_and_percentages():
     assert parse_rate(None) is None
 
 
-@pytest.mark.parametrize("bad", ["lots", "-5MB", "0", "0%", "150%", "-1%", "12 parsecs", "",
-                                 "nan", "inf", True, -3, [64]])
+@pytest.mark.parametrize(
+    "bad",
+    ["lots", "-5MB", "0", "0%", "150%", "-1%", "12 parsecs", "", "nan", "inf", True, -3, [64]],
+)
 def test_bad_budgets_are_option_errors(bad):
     with pytest.raises(OptionError, match="mem_budget"):
         parse_budget(bad, 10**6)
@@ -99,19 +114,22 @@ def test_bad_rates_are_option_errors(bad):
         parse_rate(bad)
 
 
-@pytest.mark.parametrize("opts, match", [
-    ({"mem_budget": "lots"}, "mem_budget"),
-    ({"mem_budget": -1}, "mem_budget"),
-    ({"mem_budget": "101%"}, "mem_budget"),
-    ({"mem_budget": "50%", "cache_policy": "mru"}, "cache_policy"),
-    ({"mem_budget": "50%", "expert_io": "odirect"}, "expert_io"),
-    ({"mem_budget": "50%", "io_throttle": "fast"}, "io_throttle"),
-    ({"mem_budget": "50%", "prefetch": "yes"}, "prefetch"),
-    ({"min_expert_weight": 1.5}, "min_expert_weight"),
-    ({"min_expert_weight": "x"}, "min_expert_weight"),
-    ({"cache_policy": "lru"}, "mem_budget"),
-    ({"io_throttle": "200MB/s"}, "mem_budget"),
-])
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"mem_budget": "lots"}, "mem_budget"),
+        ({"mem_budget": -1}, "mem_budget"),
+        ({"mem_budget": "101%"}, "mem_budget"),
+        ({"mem_budget": "50%", "cache_policy": "mru"}, "cache_policy"),
+        ({"mem_budget": "50%", "expert_io": "odirect"}, "expert_io"),
+        ({"mem_budget": "50%", "io_throttle": "fast"}, "io_throttle"),
+        ({"mem_budget": "50%", "prefetch": "yes"}, "prefetch"),
+        ({"min_expert_weight": 1.5}, "min_expert_weight"),
+        ({"min_expert_weight": "x"}, "min_expert_weight"),
+        ({"cache_policy": "lru"}, "mem_budget"),
+        ({"io_throttle": "200MB/s"}, "mem_budget"),
+    ],
+)
 def test_load_rejects_bad_options(models, opts, match):
     with pytest.raises(OptionError, match=match):
         meldlite.load(models["packed"], n_ctx=32, **opts)
@@ -121,7 +139,7 @@ def test_too_small_budget_says_the_minimum(models):
     with pytest.raises(BudgetError, match=r"at least .*\(\d+ bytes") as err:
         meldlite.load(models["packed"], n_ctx=32, mem_budget=1000)
     minimum = int(str(err.value).split("(")[1].split(" bytes")[0])
-    m = meldlite.load(models["packed"], n_ctx=32, mem_budget=minimum)       # exactly enough runs
+    m = meldlite.load(models["packed"], n_ctx=32, mem_budget=minimum)  # exactly enough runs
     assert m.stats()["min_budget_bytes"] == minimum
     m.close()
     with pytest.raises(BudgetError):
@@ -129,6 +147,7 @@ def test_too_small_budget_says_the_minimum(models):
 
 
 # -- bit-identical results --------------------------------------------------------
+
 
 def minimum_budget(path):
     m = meldlite.load(path, n_ctx=32, mem_budget="100%", prefetch=False)
@@ -142,8 +161,9 @@ def minimum_budget(path):
 def test_logits_bit_identical_for_every_budget(models, reference, policy, prefetch):
     ids, ref_batch, ref_single = reference
     for budget in (minimum_budget(models["packed"]), "12.5%", "25%", "50%", "100%"):
-        m = meldlite.load(models["packed"], n_ctx=64, mem_budget=budget, cache_policy=policy,
-                          prefetch=prefetch)
+        m = meldlite.load(
+            models["packed"], n_ctx=64, mem_budget=budget, cache_policy=policy, prefetch=prefetch
+        )
         batch, single = run_both(m, ids)
         stats = m.stats()
         m.close()
@@ -158,8 +178,9 @@ def test_logits_bit_identical_for_every_budget(models, reference, policy, prefet
 def test_other_mechanisms_bit_identical(models, reference, layout, mechanism, prefetch):
     ids, ref_batch, ref_single = reference
     for budget in ("25%", "100%"):
-        m = meldlite.load(models[layout], n_ctx=64, mem_budget=budget, expert_io=mechanism,
-                          prefetch=prefetch)
+        m = meldlite.load(
+            models[layout], n_ctx=64, mem_budget=budget, expert_io=mechanism, prefetch=prefetch
+        )
         batch, single = run_both(m, ids)
         assert m.stats()["expert_io"] == mechanism
         m.close()
@@ -169,7 +190,7 @@ def test_other_mechanisms_bit_identical(models, reference, layout, mechanism, pr
 def test_direct_reads_whole_blocks_into_aligned_slots(models):
     m = meldlite.load(models["packed"], n_ctx=32, mem_budget="25%")
     st = m.store
-    assert st.stats()["expert_io"] == "direct" and st.file.direct    # this file system allows it
+    assert st.stats()["expert_io"] == "direct" and st.file.direct  # this file system allows it
     for reads in st.plan.reads:
         for off, nb, at, need in reads:
             assert off % 4096 == 0 and nb % 4096 == 0 and at % 4096 == 0 and need <= nb
@@ -184,7 +205,7 @@ def test_stacked_layout_reads_three_ranges_per_expert(models, reference):
     assert all(len(r) == 3 for r in m.store.plan.reads)
     m.close()
     p = meldlite.load(models["packed"], n_ctx=64, mem_budget="25%", prefetch=False)
-    assert all(len(r) == 1 for r in p.store.plan.reads)                     # one read per expert
+    assert all(len(r) == 1 for r in p.store.plan.reads)  # one read per expert
     p.close()
 
 
@@ -194,8 +215,9 @@ def test_float_activations_flow_through(models, reference):
     want = ref.logits(ids)
     assert not np.array_equal(want, reference[1])
     for prefetch in (False, True):
-        m = meldlite.load(models["packed"], n_ctx=64, llama_numerics=False, mem_budget="25%",
-                          prefetch=prefetch)
+        m = meldlite.load(
+            models["packed"], n_ctx=64, llama_numerics=False, mem_budget="25%", prefetch=prefetch
+        )
         assert np.array_equal(m.logits(ids), want)
         m.close()
 
@@ -204,10 +226,11 @@ def test_prefill_in_small_batches_with_minimum_budget_splits_groups(models, refe
     ids, ref_batch, _ = reference
     budget = minimum_budget(models["packed"])
     for prefetch in (False, True):
-        m = meldlite.load(models["packed"], n_ctx=64, n_batch=7, mem_budget=budget,
-                          prefetch=prefetch)
+        m = meldlite.load(
+            models["packed"], n_ctx=64, n_batch=7, mem_budget=budget, prefetch=prefetch
+        )
         assert np.array_equal(m.logits(ids), ref_batch)
-        assert m.stats()["groups_split"] > 0           # a layer's experts did not fit at once
+        assert m.stats()["groups_split"] > 0  # a layer's experts did not fit at once
         m.close()
 
 
@@ -227,8 +250,15 @@ def test_combine_adds_in_slot_order_like_the_kernel():
 
 # -- statistics, prefetch, prefill ---------------------------------------------------
 
-REQUIRED = ("expert_hits", "expert_misses", "bytes_read", "prefetch_issued", "prefetch_useful",
-            "stall_seconds", "peak_rss_bytes")
+REQUIRED = (
+    "expert_hits",
+    "expert_misses",
+    "bytes_read",
+    "prefetch_issued",
+    "prefetch_useful",
+    "stall_seconds",
+    "peak_rss_bytes",
+)
 
 
 def test_stats_have_the_required_keys_and_add_up(models, reference):
@@ -241,8 +271,8 @@ def test_stats_have_the_required_keys_and_add_up(models, reference):
     s = m.stats()
     assert set(REQUIRED) <= set(s)
     assert s["expert_hits"] + s["expert_misses"] == s["expert_uses"]
-    assert s["loads"] == s["expert_misses"]                  # on demand: one load per miss
-    size = int(m.store.plan.read_bytes[0])              # whole 4 kB blocks with O_DIRECT
+    assert s["loads"] == s["expert_misses"]  # on demand: one load per miss
+    size = int(m.store.plan.read_bytes[0])  # whole 4 kB blocks with O_DIRECT
     assert s["bytes_read"] == s["loads"] * size
     assert s["prefetch_issued"] == 0 and s["stall_seconds"] > 0
     assert s["experts_cached"] * int(m.store.plan.nbytes[0]) <= s["budget_bytes"]
@@ -275,8 +305,9 @@ def test_trained_model_prediction_is_far_above_chance(shared_models):
 
 
 def test_prefill_keeps_decode_experts_of_every_layer(models):
-    m = meldlite.load(models["packed"], n_ctx=128, mem_budget="50%", cache_policy="lru",
-                      prefetch=False)
+    m = meldlite.load(
+        models["packed"], n_ctx=128, mem_budget="50%", cache_policy="lru", prefetch=False
+    )
     ids = m.tokenize(TEXT + " " + TEXT)[:60]
     seen = {}
 
@@ -285,7 +316,7 @@ def test_prefill_keeps_decode_experts_of_every_layer(models):
             self.inner = inner
 
         def moe(self, layer, x, i, w):
-            seen[layer] = np.unique(np.asarray(i)[-1])        # the prompt's last token
+            seen[layer] = np.unique(np.asarray(i)[-1])  # the prompt's last token
             return self.inner.moe(layer, x, i, w)
 
     store = m.store
@@ -315,7 +346,9 @@ def test_close_stops_the_loader_thread(models):
     assert loader.is_alive()
     m.close()
     assert not loader.is_alive()
-    assert not any(t.name == "meldlite-expert-loader" and t is loader for t in threading.enumerate())
+    assert not any(
+        t.name == "meldlite-expert-loader" and t is loader for t in threading.enumerate()
+    )
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -333,15 +366,16 @@ def test_read_error_reaches_the_caller(models, reference, prefetch):
 
 # -- adaptive top-k -----------------------------------------------------------------
 
+
 def test_skip_light_experts():
     ids = np.array([[3, 1, 0, 2], [5, 4, -1, -1]], np.int32)
     w = np.array([[0.6, 0.3, 0.06, 0.04], [0.9, 0.1, 0, 0]], np.float32)
     new_ids, new_w = skip_light_experts(ids, w, 0.1)
     assert new_ids.tolist() == [[3, 1, -1, -1], [5, 4, -1, -1]]
-    assert np.allclose(new_w, [[0.6, 0.3, 0, 0], [0.9, 0.1, 0, 0]])     # kept weights unchanged
-    top, _ = skip_light_experts(ids, w, 0.99)                          # the heaviest always stays
+    assert np.allclose(new_w, [[0.6, 0.3, 0, 0], [0.9, 0.1, 0, 0]])  # kept weights unchanged
+    top, _ = skip_light_experts(ids, w, 0.99)  # the heaviest always stays
     assert top.tolist() == [[3, -1, -1, -1], [5, -1, -1, -1]]
-    same_ids, same_w = skip_light_experts(ids, w, 0.01)
+    same_ids, _same_w = skip_light_experts(ids, w, 0.01)
     assert same_ids is ids
 
 
@@ -359,8 +393,9 @@ def test_min_expert_weight_skips_loads_and_agrees_across_stores(models, referenc
 
 # -- storage realism ----------------------------------------------------------------
 
+
 def test_throttle_emulates_bandwidth_across_threads():
-    th = Throttle(10e6)                                   # 10 MB/s
+    th = Throttle(10e6)  # 10 MB/s
     t0 = time.perf_counter()
     th.transfer(500_000, lambda: None)
     assert time.perf_counter() - t0 >= 0.049
@@ -370,12 +405,13 @@ def test_throttle_emulates_bandwidth_across_threads():
         t.start()
     for t in threads:
         t.join()
-    assert time.perf_counter() - t0 >= 0.089             # one device: 3 x 30 ms in a row
+    assert time.perf_counter() - t0 >= 0.089  # one device: 3 x 30 ms in a row
 
 
 def test_io_throttle_bounds_read_time(models, reference):
-    m = meldlite.load(models["packed"], n_ctx=64, mem_budget="25%", prefetch=False,
-                      io_throttle="20MB/s")
+    m = meldlite.load(
+        models["packed"], n_ctx=64, mem_budget="25%", prefetch=False, io_throttle="20MB/s"
+    )
     m.logits(reference[0])
     s = m.stats()
     m.close()
@@ -387,7 +423,7 @@ def test_cold_drops_the_file_from_the_page_cache(models, tmp_path):
     path = tmp_path / "cold.gguf"
     path.write_bytes(Path(models["packed"]).read_bytes())
     fsynced(path)
-    os.pread(os.open(path, os.O_RDONLY), path.stat().st_size, 0)     # now cached
+    os.pread(os.open(path, os.O_RDONLY), path.stat().st_size, 0)  # now cached
     assert page_cache_fraction(path) > 0.9
     before, after = drop_file_cache(path)
     assert before > 0.9 and after < 0.05
@@ -403,11 +439,15 @@ def test_expert_pages_do_not_stay_in_the_page_cache(models, tmp_path, mechanism)
     fsynced(path)
     drop_file_cache(path)
     g = read_gguf(path)
-    ranges = [r for L in range(SMALL.n_layer) for e in range(SMALL.n_expert)
-              for r in g.expert_ranges(L, e)]
+    ranges = [
+        r
+        for L in range(SMALL.n_layer)
+        for e in range(SMALL.n_expert)
+        for r in g.expert_ranges(L, e)
+    ]
     m = meldlite.load(path, n_ctx=64, mem_budget="25%", expert_io=mechanism)
     m.logits(m.tokenize(TEXT)[:24])
-    m.close()                                  # no background read in flight
+    m.close()  # no background read in flight
     cached = page_cache_fraction(path, ranges)
     # direct reads bypass the page cache, pread drops every range it read, the map
     # keeps only what the budget holds
@@ -417,8 +457,17 @@ def test_expert_pages_do_not_stay_in_the_page_cache(models, tmp_path, mechanism)
 
 # -- memory: peak RSS measured in a fresh process -------------------------------------
 
-RSS_SHAPE = replace(SMALL, n_embd=512, n_layer=4, n_head=8, n_head_kv=2, n_expert=8,
-                    n_expert_used=2, n_ff_exp=512, n_ctx=64)
+RSS_SHAPE = replace(
+    SMALL,
+    n_embd=512,
+    n_layer=4,
+    n_head=8,
+    n_head_kv=2,
+    n_expert=8,
+    n_expert_used=2,
+    n_ff_exp=512,
+    n_ctx=64,
+)
 
 RSS_SCRIPT = r"""
 import json, sys, gc
@@ -440,24 +489,37 @@ print(json.dumps({"r0": r0, "peak": memory_status()["VmHWM"], "budget": s.get("b
 
 
 def peak_rss(path, opts):
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), json.dumps(opts)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(path), json.dumps(opts)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_peak_rss_stays_within_the_budget_promise(tmp_path):
-    stacked = write_random_model(tmp_path / "rss.gguf", "qwen3moe", shape=RSS_SHAPE, dtype=np.float16)
+    stacked = write_random_model(
+        tmp_path / "rss.gguf", "qwen3moe", shape=RSS_SHAPE, dtype=np.float16
+    )
     path = tmp_path / "rss-packed.gguf"
     pack(stacked, path, "SRC")
     fsynced(path)
     g = read_gguf(path)
-    expert = sum(n for L in range(RSS_SHAPE.n_layer) for e in range(RSS_SHAPE.n_expert)
-                 for _, n in g.expert_ranges(L, e))
+    expert = sum(
+        n
+        for L in range(RSS_SHAPE.n_layer)
+        for e in range(RSS_SHAPE.n_expert)
+        for _, n in g.expert_ranges(L, e)
+    )
     non_expert = path.stat().st_size - expert
     resident = peak_rss(path, {})
-    overhead = 8 * 2**20          # measured ~2-5 MiB: KV cache, activations, bookkeeping
-    for opts in ({"mem_budget": "25%", "prefetch": False}, {"mem_budget": "25%"},
-                 {"mem_budget": "25%", "expert_io": "mmap"}):
+    overhead = 8 * 2**20  # measured ~2-5 MiB: KV cache, activations, bookkeeping
+    for opts in (
+        {"mem_budget": "25%", "prefetch": False},
+        {"mem_budget": "25%"},
+        {"mem_budget": "25%", "expert_io": "mmap"},
+    ):
         r = peak_rss(path, opts)
         promise = r["r0"] + non_expert + r["budget"] + overhead
         assert r["peak"] <= promise, (opts, r, promise)
@@ -467,19 +529,26 @@ def test_peak_rss_stays_within_the_budget_promise(tmp_path):
 
 # -- a compressed file's popularity (issue 8 item 5) ----------------------------------
 
+
 def with_expert_metadata(src, out, popularity, sensitivity=None, pruned=None):
     """A copy of the per-expert file `src` with the popularity / sensitivity / pruned
     keys `meldlite quantize` writes (flat, layer-major), through pack's writer."""
     from gguf import GGUFValueType as V
+
     from meldlite.formats import layout
     from meldlite.formats.pack import TensorOut, write_atomic
+
     g = read_gguf(src)
     tensors = [TensorOut.copy(n, g.tensor(n)) for n in g.tensor_names()]
-    meta = [(k, g.metadata[k], *g.metadata_types[k]) for k in
-            (layout.KEY_LAYOUT, layout.KEY_ORDER, layout.KEY_ORDER_POLICY)]
-    for key, a, sub in ((layout.KEY_POPULARITY, popularity, V.FLOAT32),
-                        (layout.KEY_SENSITIVITY, sensitivity, V.FLOAT32),
-                        (layout.KEY_PRUNED, pruned, V.UINT8)):
+    meta = [
+        (k, g.metadata[k], *g.metadata_types[k])
+        for k in (layout.KEY_LAYOUT, layout.KEY_ORDER, layout.KEY_ORDER_POLICY)
+    ]
+    for key, a, sub in (
+        (layout.KEY_POPULARITY, popularity, V.FLOAT32),
+        (layout.KEY_SENSITIVITY, sensitivity, V.FLOAT32),
+        (layout.KEY_PRUNED, pruned, V.UINT8),
+    ):
         if a is not None:
             meta.append((key, [x.item() for x in np.asarray(a).reshape(-1)], V.ARRAY, sub))
     write_atomic(out, g, tensors, meta)
@@ -489,14 +558,15 @@ def with_expert_metadata(src, out, popularity, sensitivity=None, pruned=None):
 def test_file_popularity_keeps_the_most_popular_experts_resident(models, tmp_path):
     L, X = SMALL.n_layer, SMALL.n_expert
     rng = np.random.default_rng(5)
-    pop = rng.choice([0.05, 0.1, 0.2, 0.4], size=(L, X)).astype(np.float32)   # many ties
-    sens = rng.permutation(L * X).reshape(L, X).astype(np.float32)          # breaks them
+    pop = rng.choice([0.05, 0.1, 0.2, 0.4], size=(L, X)).astype(np.float32)  # many ties
+    sens = rng.permutation(L * X).reshape(L, X).astype(np.float32)  # breaks them
     pruned = np.zeros((L, X), np.uint8)
-    pruned[1, int(np.argmax(pop[1]))] = 1          # the most popular of layer 1, yet pruned
+    pruned[1, int(np.argmax(pop[1]))] = 1  # the most popular of layer 1, yet pruned
     path = with_expert_metadata(models["packed"], tmp_path / "mixed.gguf", pop, sens, pruned)
     # expected, computed here: popularity descending, then sensitivity descending
-    ranked = sorted((g for g in range(L * X) if not pruned.flat[g]),
-                    key=lambda g: (-pop.flat[g], -sens.flat[g]))
+    ranked = sorted(
+        (g for g in range(L * X) if not pruned.flat[g]), key=lambda g: (-pop.flat[g], -sens.flat[g])
+    )
     ref = meldlite.load(path, n_ctx=64)
     ids = ref.tokenize(TEXT)[:16]
     want = ref.logits(ids)
@@ -508,10 +578,12 @@ def test_file_popularity_keeps_the_most_popular_experts_resident(models, tmp_pat
         assert 0 < n_slots < L * X
         assert set(np.flatnonzero(st.state == READY)) == set(ranked[:n_slots])
         assert m.stats()["loads_preload"] == n_slots
-        p = st.policy.p.reshape(L, X)                # forecast's P(picked), seeded
-        assert np.all(np.argsort(-p, axis=1, kind="stable")[:, 0]
-                      == np.argmax(np.where(pruned, -1, pop + 1e-3 * sens / sens.max()), axis=1))
-        assert np.array_equal(m.logits(ids), want)   # bit-identical to the resident run
+        p = st.policy.p.reshape(L, X)  # forecast's P(picked), seeded
+        assert np.all(
+            np.argsort(-p, axis=1, kind="stable")[:, 0]
+            == np.argmax(np.where(pruned, -1, pop + 1e-3 * sens / sens.max()), axis=1)
+        )
+        assert np.array_equal(m.logits(ids), want)  # bit-identical to the resident run
     finally:
         m.close()
     # an explicit profile overrides the file's popularity: nothing is preloaded
@@ -523,6 +595,7 @@ def test_file_popularity_keeps_the_most_popular_experts_resident(models, tmp_pat
 
 def test_bad_popularity_metadata_is_a_format_error(models, tmp_path):
     from meldlite.errors import FormatError
+
     path = with_expert_metadata(models["packed"], tmp_path / "bad.gguf", np.ones(5, np.float32))
     with pytest.raises(FormatError, match="expert_popularity has 5 values"):
         meldlite.load(path, n_ctx=64, mem_budget="50%")
@@ -530,7 +603,7 @@ def test_bad_popularity_metadata_is_a_format_error(models, tmp_path):
 
 # -- a pruned per-expert file (pruned experts left out) ---------------------------------
 
-N_PRUNED = 3                   # of SMALL's 8 experts per layer (k = 2)
+N_PRUNED = 3  # of SMALL's 8 experts per layer (k = 2)
 
 
 @pytest.fixture(scope="module")
@@ -541,15 +614,20 @@ def pruned(models, tmp_path_factory):
     test_prune checks such a file's resident logits against llama.cpp."""
     from meldlite.compress.prune import prune_file
     from meldlite.experts.profile import FORMAT, READS
+
     d = tmp_path_factory.mktemp("pruned")
-    pop = np.random.default_rng(7).random((SMALL.n_layer, SMALL.n_expert))    # (L, X)
-    prof = {"format": FORMAT, "version": max(READS),
-            "model": {"n_layer": SMALL.n_layer, "n_expert": SMALL.n_expert},
-            "layers": [{"share": list(map(float, row))} for row in pop]}
+    pop = np.random.default_rng(7).random((SMALL.n_layer, SMALL.n_expert))  # (L, X)
+    prof = {
+        "format": FORMAT,
+        "version": max(READS),
+        "model": {"n_layer": SMALL.n_layer, "n_expert": SMALL.n_expert},
+        "layers": [{"share": list(map(float, row))} for row in pop],
+    }
     path = fsynced(prune_file(models["stacked"], d / "pruned.gguf", prof, N_PRUNED).path)
     f = read_gguf(path)
-    flags = np.array([[not f.expert_present(L, e) for e in range(SMALL.n_expert)]
-                      for L in range(SMALL.n_layer)])
+    flags = np.array(
+        [[not f.expert_present(L, e) for e in range(SMALL.n_expert)] for L in range(SMALL.n_layer)]
+    )
     assert (flags.sum(axis=1) == N_PRUNED).all()
     m = meldlite.load(path, n_ctx=64)
     ids = m.tokenize(TEXT)[:24]
@@ -565,14 +643,15 @@ def run_recording_loads(m, ids):
     def recording(job):
         seen.append(job[0] if isinstance(job, tuple) else job)
         return read(job)
-    st._read = recording                       # the loader thread calls st._read too
+
+    st._read = recording  # the loader thread calls st._read too
     batch, single = run_both(m, ids)
     return batch, single, seen
 
 
 def check_no_pruned_load(m, flags, seen):
     st, stats = m.store, m.stats()
-    gone = np.flatnonzero(flags.reshape(-1))                                # pruned g
+    gone = np.flatnonzero(flags.reshape(-1))  # pruned g
     assert stats["loads_pruned"] == 0 and not st.load_count[gone].any()
     assert not np.isin(seen, gone).any() and not (st.state[gone] != 0).any()
     assert not st.served[gone].any() and stats["experts_present"] == flags.size - gone.size
@@ -582,14 +661,20 @@ def check_no_pruned_load(m, flags, seen):
 def test_pruned_file_budgeted_bit_identical_and_never_loads_pruned(pruned):
     path, flags, ids, ref_batch, ref_single = pruned
     f = read_gguf(path)
-    present_bytes = sum(nb for L in range(SMALL.n_layer) for e in range(SMALL.n_expert)
-                        if not flags[L, e] for _, nb in f.expert_ranges(L, e))
+    present_bytes = sum(
+        nb
+        for L in range(SMALL.n_layer)
+        for e in range(SMALL.n_expert)
+        if not flags[L, e]
+        for _, nb in f.expert_ranges(L, e)
+    )
     minimum = minimum_budget(path)
     for budget in (minimum, "25%", "50%", "100%"):
         for policy in POLICIES:
             for prefetch in (False, True):
-                m = meldlite.load(path, n_ctx=64, mem_budget=budget, cache_policy=policy,
-                                  prefetch=prefetch)
+                m = meldlite.load(
+                    path, n_ctx=64, mem_budget=budget, cache_policy=policy, prefetch=prefetch
+                )
                 try:
                     batch, single, seen = run_recording_loads(m, ids)
                     stats = m.stats()
@@ -598,7 +683,7 @@ def test_pruned_file_budgeted_bit_identical_and_never_loads_pruned(pruned):
                     assert np.array_equal(single, ref_single), where
                     check_no_pruned_load(m, flags, seen)
                     assert stats["expert_bytes"] == present_bytes
-                    if budget == "25%":            # a share of the experts present
+                    if budget == "25%":  # a share of the experts present
                         assert stats["budget_bytes"] == int(present_bytes * 0.25)
                 finally:
                     m.close()
@@ -609,9 +694,11 @@ def test_pruned_file_minimum_budget_counts_present_experts(pruned):
     m = meldlite.load(path, n_ctx=32, mem_budget="100%", prefetch=False, expert_io="pread")
     st = m.store
     sizes = st.sizes.reshape(SMALL.n_layer, SMALL.n_expert)
-    want = max(int(np.sort(row[~gone])[::-1][:SMALL.n_expert_used].sum())
-               for row, gone in zip(sizes, flags))
-    want = max(want, int(np.unique(sizes[~flags]).sum()))   # one slot per size class
+    want = max(
+        int(np.sort(row[~gone])[::-1][: SMALL.n_expert_used].sum())
+        for row, gone in zip(sizes, flags)
+    )
+    want = max(want, int(np.unique(sizes[~flags]).sum()))  # one slot per size class
     assert st.min_budget == want and (sizes[flags] == 0).all()
     assert sum(p.capacity for p in st.pools) <= st.budget
     m.close()
@@ -625,7 +712,9 @@ def test_pruned_file_other_mechanisms_and_preload(pruned, tmp_path, mechanism):
     and the policy still never touch them."""
     path, flags, ids, ref_batch, ref_single = pruned
     pop = np.where(flags, 1.0, 0.1).astype(np.float32)
-    seeded = with_expert_metadata(path, tmp_path / "seeded.gguf", pop, pruned=flags.astype(np.uint8))
+    seeded = with_expert_metadata(
+        path, tmp_path / "seeded.gguf", pop, pruned=flags.astype(np.uint8)
+    )
     m = meldlite.load(seeded, n_ctx=64, mem_budget="50%", expert_io=mechanism)
     try:
         assert m.stats()["loads_preload"] > 0
@@ -638,25 +727,35 @@ def test_pruned_file_other_mechanisms_and_preload(pruned, tmp_path, mechanism):
 
 # -- a budgeted store as a peer coordinator's local store -------------------------------
 
+
 def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, reference):
     from meldlite.transports.peer import LocalPeer
     from meldlite.transports.placement import Placement
+
     ids, _, _ = reference
     L, X = SMALL.n_layer, SMALL.n_expert
-    experts = [[[0] if e % 2 else [1] for e in range(X)] for _ in range(L)]   # odd: peer0
-    pl = Placement([{"name": "peer0", "budget": None}, {"name": "local", "budget": None}],
-                   experts, "test")
+    experts = [[[0] if e % 2 else [1] for e in range(X)] for _ in range(L)]  # odd: peer0
+    pl = Placement(
+        [{"name": "peer0", "budget": None}, {"name": "local", "budget": None}], experts, "test"
+    )
     peer = LocalPeer.start(1)[0]
     try:
-        m = meldlite.load(models["packed"], n_ctx=64, mem_budget="100%", peers=[peer.endpoint],
-                          placement=pl, exact=True, peer_timeout=30.0)
+        m = meldlite.load(
+            models["packed"],
+            n_ctx=64,
+            mem_budget="100%",
+            peers=[peer.endpoint],
+            placement=pl,
+            exact=True,
+            peer_timeout=30.0,
+        )
         try:
             local = m.store.local
             for t in ids[:12]:
                 m._eval([t], all_logits=False)
             here = np.arange(L * X) % 2 == 0
             assert local.stats()["prefetch_issued"] > 0
-            assert not (local.state[~here] == READY).any()     # nothing of peer0's was read
+            assert not (local.state[~here] == READY).any()  # nothing of peer0's was read
         finally:
             m.close()
     finally:
@@ -665,27 +764,48 @@ def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, refe
 
 # -- CLI ----------------------------------------------------------------------------
 
+
 def meldlite_cli(*args):
-    return subprocess.run([sys.executable, "-m", "meldlite", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "meldlite", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_run_with_budget_prints_stats(models):
-    p = meldlite_cli("run", models["packed"], "-n", "4", "--seed", "1", "--mem-budget", "25%",
-                     "--policy", "lru", "--no-prefetch", "--io-throttle", "100MB/s", "--cold",
-                     "--stats", "--min-expert-weight", "0.1")
+    p = meldlite_cli(
+        "run",
+        models["packed"],
+        "-n",
+        "4",
+        "--seed",
+        "1",
+        "--mem-budget",
+        "25%",
+        "--policy",
+        "lru",
+        "--no-prefetch",
+        "--io-throttle",
+        "100MB/s",
+        "--cold",
+        "--stats",
+        "--min-expert-weight",
+        "0.1",
+    )
     assert p.returncode == 0, p.stderr
     for key in REQUIRED:
         assert f"{key}: " in p.stderr
     assert "cache_policy: lru" in p.stderr and "prefetch: False" in p.stderr
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--mem-budget", "lots"], "mem_budget"),
-    (["--mem-budget", "150%"], "mem_budget"),
-    (["--mem-budget", "1"], "too small"),
-    (["--mem-budget", "50%", "--io-throttle", "fast"], "io_throttle"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--mem-budget", "lots"], "mem_budget"),
+        (["--mem-budget", "150%"], "mem_budget"),
+        (["--mem-budget", "1"], "too small"),
+        (["--mem-budget", "50%", "--io-throttle", "fast"], "io_throttle"),
+    ],
+)
 def test_cli_bad_budget_is_one_line_exit_2(models, args, match):
     p = meldlite_cli("run", models["packed"], "-n", "2", *args)
     assert p.returncode == 2

@@ -5,8 +5,10 @@ Also holds the small-GGUF builders that test_corrupt.py and test_pack.py import.
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter, Keys
-from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+from gguf import GGML_QUANT_SIZES, GGUFWriter, Keys
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 
 from meldlite.errors import FormatError, OptionError
 from meldlite.formats import read_gguf
@@ -21,6 +23,7 @@ RANDOM_BYTES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.MX
 
 # ---------------------------------------------------------------- builders --
 
+
 def tensor_bytes(values, ggml_type, rng=None):
     """(raw, ggml_type) for `values` (float, numpy shape): quantized by gguf-py when it
     can, else random block bytes with finite f16 scales (valid input for dequantize;
@@ -32,7 +35,9 @@ def tensor_bytes(values, ggml_type, rng=None):
     rng = rng or np.random.default_rng(0)
     n_blocks = values.size // block_size
     raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    raw[:, 1::2] &= 0xBF    # f16 scales sit at even offsets: clearing exponent bit 4 keeps them finite
+    raw[:, 1::2] &= (
+        0xBF  # f16 scales sit at even offsets: clearing exponent bit 4 keeps them finite
+    )
     return raw.reshape(values.shape[:-1] + (-1,)), ggml_type
 
 
@@ -42,8 +47,9 @@ def write_gguf(path, tensors, metadata=(), *, arch=ARCH, version=3, alignment=No
     if alignment is not None:
         w.add_custom_alignment(alignment)
     for key, value, vtype in metadata:
-        w.add_key_value(key, value, vtype[0], sub_type=vtype[1]) if isinstance(vtype, tuple) \
-            else w.add_key_value(key, value, vtype)
+        w.add_key_value(key, value, vtype[0], sub_type=vtype[1]) if isinstance(
+            vtype, tuple
+        ) else w.add_key_value(key, value, vtype)
     for name, t in tensors.items():
         if isinstance(t, tuple):
             raw, ggml_type = t
@@ -68,7 +74,8 @@ def set_version(path, version):
 
 def moe_metadata(n_layers, n_expert, n_embd, n_ff, n_vocab):
     from gguf import GGUFValueType as V
-    k = lambda key: key.format(arch=ARCH)   # noqa: E731
+
+    k = lambda key: key.format(arch=ARCH)  # noqa: E731
     return [
         (Keys.General.NAME, "tiny-moe", V.STRING),
         (k(Keys.LLM.CONTEXT_LENGTH), 128, V.UINT32),
@@ -95,40 +102,60 @@ def moe_metadata(n_layers, n_expert, n_embd, n_ff, n_vocab):
     ]
 
 
-def moe_tensors(n_layers, n_expert, n_embd, n_ff, n_vocab, *, expert_type=T.F16,
-                dense_type=T.F16, dense_layers=(), seed=0):
+def moe_tensors(
+    n_layers,
+    n_expert,
+    n_embd,
+    n_ff,
+    n_vocab,
+    *,
+    expert_type=T.F16,
+    dense_type=T.F16,
+    dense_layers=(),
+    seed=0,
+):
     """qwen3moe-like tensors, numpy shapes; layers in `dense_layers` have a plain FFN."""
     rng = np.random.default_rng(seed)
     rand = lambda *shape: (rng.standard_normal(shape) * 0.05).astype(np.float32)  # noqa: E731
     as_type = lambda x, t: x.astype(np.float16) if t == T.F16 else tensor_bytes(x, t, rng)  # noqa: E731
     hd = n_embd // 4
-    out = {"token_embd.weight": as_type(rand(n_vocab, n_embd), dense_type)}   # (n_vocab, n_embd)
+    out = {"token_embd.weight": as_type(rand(n_vocab, n_embd), dense_type)}  # (n_vocab, n_embd)
     for L in range(n_layers):
         p = f"blk.{L}."
-        out[p + "attn_norm.weight"] = np.ones(n_embd, np.float32)             # (n_embd,)
-        out[p + "attn_q.weight"] = as_type(rand(4 * hd, n_embd), dense_type)   # (n_head*hd, n_embd)
-        out[p + "attn_k.weight"] = as_type(rand(2 * hd, n_embd), dense_type)   # (n_kv*hd, n_embd)
-        out[p + "attn_v.weight"] = as_type(rand(2 * hd, n_embd), dense_type)   # (n_kv*hd, n_embd)
+        out[p + "attn_norm.weight"] = np.ones(n_embd, np.float32)  # (n_embd,)
+        out[p + "attn_q.weight"] = as_type(rand(4 * hd, n_embd), dense_type)  # (n_head*hd, n_embd)
+        out[p + "attn_k.weight"] = as_type(rand(2 * hd, n_embd), dense_type)  # (n_kv*hd, n_embd)
+        out[p + "attn_v.weight"] = as_type(rand(2 * hd, n_embd), dense_type)  # (n_kv*hd, n_embd)
         out[p + "attn_output.weight"] = as_type(rand(n_embd, 4 * hd), dense_type)
-        out[p + "attn_q_norm.weight"] = np.ones(hd, np.float32)                # (hd,)
-        out[p + "attn_k_norm.weight"] = np.ones(hd, np.float32)                # (hd,)
-        out[p + "ffn_norm.weight"] = np.ones(n_embd, np.float32)               # (n_embd,)
+        out[p + "attn_q_norm.weight"] = np.ones(hd, np.float32)  # (hd,)
+        out[p + "attn_k_norm.weight"] = np.ones(hd, np.float32)  # (hd,)
+        out[p + "ffn_norm.weight"] = np.ones(n_embd, np.float32)  # (n_embd,)
         if L in dense_layers:
             out[p + "ffn_gate.weight"] = as_type(rand(n_ff, n_embd), dense_type)
             out[p + "ffn_up.weight"] = as_type(rand(n_ff, n_embd), dense_type)
             out[p + "ffn_down.weight"] = as_type(rand(n_embd, n_ff), dense_type)
             continue
-        out[p + "ffn_gate_inp.weight"] = rand(n_expert, n_embd)                # (n_expert, n_embd) F32
+        out[p + "ffn_gate_inp.weight"] = rand(n_expert, n_embd)  # (n_expert, n_embd) F32
         out[stacked_name(L, "gate")] = as_type(rand(n_expert, n_ff, n_embd), expert_type)
         out[stacked_name(L, "up")] = as_type(rand(n_expert, n_ff, n_embd), expert_type)
         out[stacked_name(L, "down")] = as_type(rand(n_expert, n_embd, n_ff), expert_type)
     out["output_norm.weight"] = np.ones(n_embd, np.float32)
-    out["output.weight"] = as_type(rand(n_vocab, n_embd), dense_type)          # (n_vocab, n_embd)
+    out["output.weight"] = as_type(rand(n_vocab, n_embd), dense_type)  # (n_vocab, n_embd)
     return out
 
 
-def write_moe_gguf(path, *, n_layers=3, n_expert=4, n_embd=256, n_ff=256, n_vocab=64,
-                   version=3, alignment=None, **kw):
+def write_moe_gguf(
+    path,
+    *,
+    n_layers=3,
+    n_expert=4,
+    n_embd=256,
+    n_ff=256,
+    n_vocab=64,
+    version=3,
+    alignment=None,
+    **kw,
+):
     """A small random qwen3moe-like GGUF with stacked experts."""
     tensors = moe_tensors(n_layers, n_expert, n_embd, n_ff, n_vocab, **kw)
     meta = moe_metadata(n_layers, n_expert, n_embd, n_ff, n_vocab)
@@ -136,6 +163,7 @@ def write_moe_gguf(path, *, n_layers=3, n_expert=4, n_embd=256, n_ff=256, n_voca
 
 
 # ------------------------------------------------------------------- tests --
+
 
 @pytest.fixture(scope="module")
 def moe_path(tmp_path_factory):
@@ -165,6 +193,7 @@ def test_versions_and_metadata_round_trip(tmp_path, version):
 def test_metadata_equals_gguf_py_contents(moe_path):
     """meldlite keeps arrays as one view; the values must still be gguf-py's."""
     from gguf import GGUFReader
+
     r = GGUFReader(moe_path)
     expected = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     assert read_gguf(moe_path).metadata == expected
@@ -172,13 +201,21 @@ def test_metadata_equals_gguf_py_contents(moe_path):
 
 def test_metadata_types_and_utf8(tmp_path):
     from gguf import GGUFValueType as V
-    meta = [("x.u8", 200, V.UINT8), ("x.i64", -2**40, V.INT64), ("x.u64", 2**63, V.UINT64),
-            ("x.f64", 0.1, V.FLOAT64), ("x.s", "héllo ✓", V.STRING),
-            ("x.bools", [True, False], (V.ARRAY, V.BOOL)), ("x.u64s", [2**64 - 1, 0], (V.ARRAY, V.UINT64)),
-            ("x.f64s", [0.5, -1e300], (V.ARRAY, V.FLOAT64)), ("x.i8s", [-128, 127], (V.ARRAY, V.INT8)),
-            ("x.strs", ["", "✓", "a" * 300], (V.ARRAY, V.STRING))]
+
+    meta = [
+        ("x.u8", 200, V.UINT8),
+        ("x.i64", -(2**40), V.INT64),
+        ("x.u64", 2**63, V.UINT64),
+        ("x.f64", 0.1, V.FLOAT64),
+        ("x.s", "héllo ✓", V.STRING),
+        ("x.bools", [True, False], (V.ARRAY, V.BOOL)),
+        ("x.u64s", [2**64 - 1, 0], (V.ARRAY, V.UINT64)),
+        ("x.f64s", [0.5, -1e300], (V.ARRAY, V.FLOAT64)),
+        ("x.i8s", [-128, 127], (V.ARRAY, V.INT8)),
+        ("x.strs", ["", "✓", "a" * 300], (V.ARRAY, V.STRING)),
+    ]
     f = read_gguf(write_gguf(tmp_path / "m.gguf", {"a": np.zeros((2, 32), np.float32)}, meta))
-    assert f.metadata["x.u8"] == 200 and f.metadata["x.i64"] == -2**40
+    assert f.metadata["x.u8"] == 200 and f.metadata["x.i64"] == -(2**40)
     assert f.metadata["x.u64"] == 2**63 and f.metadata["x.f64"] == 0.1
     assert f.metadata["x.s"] == "héllo ✓" and f.metadata["x.bools"] == [True, False]
     assert f.metadata["x.u64s"] == [2**64 - 1, 0] and f.metadata["x.f64s"] == [0.5, -1e300]
@@ -192,7 +229,7 @@ def test_tensor_names_shapes_numpy_order(moe_path):
     names = f.tensor_names()
     assert names[0] == "token_embd.weight" and names[-1] == "output.weight"
     assert f.has_tensor("blk.0.attn_q.weight") and not f.has_tensor("nope")
-    assert f.tensor("token_embd.weight").shape == (64, 256)        # (n_vocab, n_embd)
+    assert f.tensor("token_embd.weight").shape == (64, 256)  # (n_vocab, n_embd)
     assert f.tensor(stacked_name(0, "gate")).shape == (4, 256, 256)
     v = f.tensor(stacked_name(0, "down"))
     assert v.shape == (4, 256, 256) and v.qtype == "F16" and v.ggml_type == T.F16
@@ -202,7 +239,7 @@ def test_tensor_names_shapes_numpy_order(moe_path):
 
 
 def test_missing_tensor_names_it(moe_path):
-    with pytest.raises(FormatError, match="blk.9.nothing.weight"):
+    with pytest.raises(FormatError, match=r"blk\.9\.nothing\.weight"):
         read_gguf(moe_path).tensor("blk.9.nothing.weight")
 
 
@@ -213,7 +250,7 @@ def test_raw_is_zero_copy_view_at_offset(moe_path):
         v = f.tensor(name)
         assert isinstance(v.raw, np.memmap)
         assert np.shares_memory(v.raw, f._reader.data)
-        assert bytes(data[v.offset:v.offset + v.nbytes]) == v.raw.tobytes()
+        assert bytes(data[v.offset : v.offset + v.nbytes]) == v.raw.tobytes()
         assert v.offset % f.alignment == 0
 
 
@@ -273,21 +310,30 @@ def test_quantized_stacked_slices(tmp_path):
 def test_per_expert_layout_read(tmp_path):
     """A hand-built per-expert file: each expert's matrices with their own type."""
     from gguf import GGUFValueType as V
+
     rng = np.random.default_rng(1)
     tensors = {"token_embd.weight": rng.standard_normal((8, 64)).astype(np.float32)}
     types = {0: (T.Q8_0, T.Q8_0, T.Q4_0), 1: (T.F16, T.F16, T.F16)}
     for e, (tg, tu, td) in types.items():
-        for kind, t, shape in (("gate", tg, (32, 64)), ("up", tu, (32, 64)), ("down", td, (64, 32))):
+        for kind, t, shape in (
+            ("gate", tg, (32, 64)),
+            ("up", tu, (32, 64)),
+            ("down", td, (64, 32)),
+        ):
             x = rng.standard_normal(shape).astype(np.float32)
-            tensors[expert_name(0, kind, e)] = x.astype(np.float16) if t == T.F16 else tensor_bytes(x, t)
-    meta = [(Keys.LLM.BLOCK_COUNT.format(arch=ARCH), 1, V.UINT32),
-            ("meldlite.expert_layout", "per_expert", V.STRING),
-            ("meldlite.expert_order", [0, 0, 0, 1], (V.ARRAY, V.UINT32))]
+            tensors[expert_name(0, kind, e)] = (
+                x.astype(np.float16) if t == T.F16 else tensor_bytes(x, t)
+            )
+    meta = [
+        (Keys.LLM.BLOCK_COUNT.format(arch=ARCH), 1, V.UINT32),
+        ("meldlite.expert_layout", "per_expert", V.STRING),
+        ("meldlite.expert_order", [0, 0, 0, 1], (V.ARRAY, V.UINT32)),
+    ]
     f = read_gguf(write_gguf(tmp_path / "p.gguf", tensors, meta))
     assert f.expert_layout == "per_expert" and f.expert_count(0) == 2
     assert f.expert_types(0) == [("Q8_0", "Q8_0", "Q4_0"), ("F16", "F16", "F16")]
     assert f.expert_tensor(0, "down", 0).shape == (64, 32)
-    (off, n), = f.expert_ranges(0, 1)
+    ((off, n),) = f.expert_ranges(0, 1)
     gate, down = f.expert_tensor(0, "gate", 1), f.expert_tensor(0, "down", 1)
     assert off == gate.offset and off + n == down.offset + down.nbytes
     assert f.expert_order() == [(0, 0), (0, 1)]
@@ -296,10 +342,13 @@ def test_per_expert_layout_read(tmp_path):
 
 def test_per_expert_layout_incomplete_is_format_error(tmp_path):
     from gguf import GGUFValueType as V
+
     tensors = {expert_name(0, k, 0): np.zeros((32, 32), np.float16) for k in ("gate", "up")}
-    meta = [(Keys.LLM.BLOCK_COUNT.format(arch=ARCH), 1, V.UINT32),
-            ("meldlite.expert_layout", "per_expert", V.STRING)]
-    with pytest.raises(FormatError, match="ffn_down_exps.0.weight"):
+    meta = [
+        (Keys.LLM.BLOCK_COUNT.format(arch=ARCH), 1, V.UINT32),
+        ("meldlite.expert_layout", "per_expert", V.STRING),
+    ]
+    with pytest.raises(FormatError, match=r"ffn_down_exps\.0\.weight"):
         read_gguf(write_gguf(tmp_path / "p.gguf", tensors, meta))
 
 
@@ -311,5 +360,6 @@ def test_custom_alignment(tmp_path):
 
 def test_dequantize_raw_unknown_type_is_unsupported():
     from meldlite.errors import UnsupportedError
+
     with pytest.raises(UnsupportedError, match="Q8_K"):
         dequantize_raw(np.zeros((1, 292), np.uint8), T.Q8_K)

@@ -9,11 +9,17 @@
 import numba
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
+from helpers_gguf import (
+    LLAMACPP_FTYPES,
+    quantize_with_llamacpp,
+    read_tensors,
+    weight_like,
+    write_weights_gguf,
+)
 
-from helpers_gguf import (LLAMACPP_FTYPES, quantize_with_llamacpp, read_tensors, weight_like,
-                          write_weights_gguf)
 from meldlite import kernels
 from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels.reference import matmul_ref, moe_ffn_ref
@@ -22,9 +28,20 @@ ALL = [t.name for t in kernels.SUPPORTED_TYPES]
 PLAIN = {T.F32: np.float32, T.F16: np.float16}  # BF16 handled in random_matrix
 
 # byte offsets of the f16 scale fields of each block (d, dmin / m), per REFERENCES.md §2
-F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
-              T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-              T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+F16_FIELDS = {
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q8_0: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.IQ4_NL: (0,),
+    T.IQ4_XS: (0,),
+}
 E8M0_FIELDS = {T.MXFP4: (0,)}
 
 
@@ -41,16 +58,18 @@ def random_matrix(rng, qtype, n_rows, n_cols, rms=None):
     f16_offsets, e8m0_offsets = F16_FIELDS.get(qtype, ()), E8M0_FIELDS.get(qtype, ())
     for off in f16_offsets:
         d = (rng.standard_normal(blocks.shape[:2]) * 0.02).astype(np.float16)
-        blocks[..., off:off + 2] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        blocks[..., off : off + 2] = d.view(np.uint8).reshape(*blocks.shape[:2], 2)
     for off in e8m0_offsets:
         blocks[..., off] = rng.integers(120, 126, size=blocks.shape[:2], dtype=np.uint8)
     if rms is not None:
         factor = rms / np.sqrt(np.mean(gguf_dequantize(blocks.reshape(n_rows, -1), qtype) ** 2))
         for off in f16_offsets:
-            d = blocks[..., off:off + 2].copy().view(np.float16) * np.float16(factor)
-            blocks[..., off:off + 2] = d.view(np.uint8)
+            d = blocks[..., off : off + 2].copy().view(np.float16) * np.float16(factor)
+            blocks[..., off : off + 2] = d.view(np.uint8)
         for off in e8m0_offsets:
-            blocks[..., off] = (blocks[..., off].astype(np.int64) + round(np.log2(factor))).astype(np.uint8)
+            blocks[..., off] = (blocks[..., off].astype(np.int64) + round(np.log2(factor))).astype(
+                np.uint8
+            )
     return blocks.reshape(n_rows, -1)
 
 
@@ -65,6 +84,7 @@ def rel_err(got, ref):
 
 # ---------------------------------------------------------------- dequantize
 
+
 @pytest.mark.parametrize("name", ALL)
 def test_dequantize_random_blocks_bit_exact(name):
     qtype = T[name]
@@ -76,8 +96,9 @@ def test_dequantize_random_blocks_bit_exact(name):
 def test_dequantize_any_bytes_bit_exact(name):
     """Fully random bytes: NaN/inf/denormal scales and f16/bf16 NaN payloads match too."""
     qtype = T[name]
-    raw = np.random.default_rng(2).integers(0, 256, size=(5, 3 * GGML_QUANT_SIZES[qtype][1]),
-                                             dtype=np.uint8)
+    raw = np.random.default_rng(2).integers(
+        0, 256, size=(5, 3 * GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8
+    )
     with np.errstate(all="ignore"):
         want = gguf_dequantize(raw, qtype)
     assert_bits_equal(kernels.dequantize(raw, qtype), want)
@@ -95,7 +116,9 @@ def test_dequantize_shapes_and_typed_input():
     assert_bits_equal(kernels.dequantize(f32, T.F32), f32)
     assert_bits_equal(kernels.dequantize(f32.view(np.uint8), int(T.F32)), f32)
     q = random_matrix(rng, T.Q8_0, 4, 64)[:, :34]  # non-contiguous rows
-    assert_bits_equal(kernels.dequantize(q, T.Q8_0), gguf_dequantize(np.ascontiguousarray(q), T.Q8_0))
+    assert_bits_equal(
+        kernels.dequantize(q, T.Q8_0), gguf_dequantize(np.ascontiguousarray(q), T.Q8_0)
+    )
 
 
 @pytest.mark.parametrize("bad_type", [T.Q8_1, T.IQ2_XXS, T.TQ1_0, 999, "Q4_K"])
@@ -119,16 +142,21 @@ def test_dequantize_bad_input():
 
 # ---------------------------------------------------------------- llama.cpp-quantized tensors
 
+
 @pytest.fixture(scope="session")
 def llamacpp_files(tmp_path_factory):
     """{ftype name: path} of one F32 GGUF quantized by llama.cpp to every ftype (pure)."""
     pytest.importorskip("llama_cpp")
     d = tmp_path_factory.mktemp("llamacpp_quants")
     rng = np.random.default_rng(4)
-    src = write_weights_gguf(d / "src-f32.gguf", {
-        "blk.0.ffn_up.weight": weight_like(rng, 96, 512),
-        "blk.0.ffn_down.weight": weight_like(rng, 40, 256),
-        "blk.0.ffn_gate.weight": weight_like(rng, 70, 768)})
+    src = write_weights_gguf(
+        d / "src-f32.gguf",
+        {
+            "blk.0.ffn_up.weight": weight_like(rng, 96, 512),
+            "blk.0.ffn_down.weight": weight_like(rng, 40, 256),
+            "blk.0.ffn_gate.weight": weight_like(rng, 70, 768),
+        },
+    )
     return {name: quantize_with_llamacpp(src, d / f"{name}.gguf", name) for name in LLAMACPP_FTYPES}
 
 
@@ -138,8 +166,9 @@ def test_llamacpp_quantized_bit_exact(llamacpp_files, ftype):
     assert len(tensors) == 3
     for t in tensors.values():
         assert t.tensor_type == LLAMACPP_FTYPES[ftype], f"{t.name} is {t.tensor_type.name}"
-        assert_bits_equal(kernels.dequantize(t.data, t.tensor_type),
-                          gguf_dequantize(t.data, t.tensor_type))
+        assert_bits_equal(
+            kernels.dequantize(t.data, t.tensor_type), gguf_dequantize(t.data, t.tensor_type)
+        )
 
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q2_K", "Q3_K_M", "IQ4_XS", "MXFP4_MOE", "F16"])
@@ -147,10 +176,14 @@ def test_llamacpp_quantized_matmul(llamacpp_files, ftype):
     rng = np.random.default_rng(5)
     for t in read_tensors(llamacpp_files[ftype]).values():
         x = rng.standard_normal((3, t.shape[0])).astype(np.float32)  # shape[0] = ne[0] = n_cols
-        assert rel_err(kernels.matmul(t.data, t.tensor_type, x), matmul_ref(t.data, t.tensor_type, x)) < 1e-4
+        assert (
+            rel_err(kernels.matmul(t.data, t.tensor_type, x), matmul_ref(t.data, t.tensor_type, x))
+            < 1e-4
+        )
 
 
 # ---------------------------------------------------------------- matmul
+
 
 def matmul_shapes(qtype):
     elems = GGML_QUANT_SIZES[qtype][0]
@@ -213,9 +246,15 @@ def test_matmul_bad_input():
 
 N_EMBD, N_FF = 256, 512
 EXPERT_TYPES = [  # (gate, up, down) per expert: one type per expert and a mixed one
-    ("Q4_K", "Q4_K", "Q4_K"), ("Q8_0", "Q8_0", "Q8_0"), ("F16", "F16", "F16"),
-    ("MXFP4", "MXFP4", "MXFP4"), ("IQ4_XS", "Q5_0", "Q6_K"), ("Q2_K", "Q3_K", "BF16"),
-    ("Q4_0", "Q4_1", "Q5_1"), ("IQ4_NL", "Q5_K", "F32")]
+    ("Q4_K", "Q4_K", "Q4_K"),
+    ("Q8_0", "Q8_0", "Q8_0"),
+    ("F16", "F16", "F16"),
+    ("MXFP4", "MXFP4", "MXFP4"),
+    ("IQ4_XS", "Q5_0", "Q6_K"),
+    ("Q2_K", "Q3_K", "BF16"),
+    ("Q4_0", "Q4_1", "Q5_1"),
+    ("IQ4_NL", "Q5_K", "F32"),
+]
 UNUSED = 8  # an expert that is never routed to: placeholder matrices, unsupported type
 
 
@@ -226,9 +265,11 @@ def experts():
     arrays, types = [], []
     for names in EXPERT_TYPES:
         qts = [T[n] for n in names]
-        arrays += [random_matrix(rng, qts[0], N_FF, N_EMBD, rms=N_EMBD ** -0.5),
-                   random_matrix(rng, qts[1], N_FF, N_EMBD, rms=N_EMBD ** -0.5),
-                   random_matrix(rng, qts[2], N_EMBD, N_FF, rms=N_FF ** -0.5)]
+        arrays += [
+            random_matrix(rng, qts[0], N_FF, N_EMBD, rms=N_EMBD**-0.5),
+            random_matrix(rng, qts[1], N_FF, N_EMBD, rms=N_EMBD**-0.5),
+            random_matrix(rng, qts[2], N_EMBD, N_FF, rms=N_FF**-0.5),
+        ]
         types.append([int(q) for q in qts])
     arrays += [None, None, None]
     types.append([int(T.IQ2_XXS)] * 3)
@@ -262,11 +303,17 @@ def test_moe_batch_equals_token_by_token(experts):
     ids[0] = -1  # a token with every slot skipped gives zeros
     ids[1] = [5, 5, -1, 2]  # the same expert twice
     batch = kernels.moe_ffn(x, ids, weights, mats, types)
-    one_by_one = np.concatenate([kernels.moe_ffn(x[t:t + 1], ids[t:t + 1], weights[t:t + 1], mats, types)
-                                 for t in range(24)])
+    one_by_one = np.concatenate(
+        [
+            kernels.moe_ffn(x[t : t + 1], ids[t : t + 1], weights[t : t + 1], mats, types)
+            for t in range(24)
+        ]
+    )
     np.testing.assert_array_equal(batch, one_by_one)
     perm = rng.permutation(24)
-    np.testing.assert_array_equal(kernels.moe_ffn(x[perm], ids[perm], weights[perm], mats, types), batch[perm])
+    np.testing.assert_array_equal(
+        kernels.moe_ffn(x[perm], ids[perm], weights[perm], mats, types), batch[perm]
+    )
     np.testing.assert_array_equal(batch[0], 0.0)
 
 
@@ -277,7 +324,10 @@ def test_moe_slot_order_is_the_summation_order(experts):
     rng = np.random.default_rng(12)
     x = rng.standard_normal((1, N_EMBD)).astype(np.float32)
     ids, weights = np.array([[3, 0, 6]], np.int32), rng.random((1, 3)).astype(np.float32)
-    ys = [kernels.moe_ffn(x, ids[:, j:j + 1], np.ones((1, 1), np.float32), mats, types) for j in range(3)]
+    ys = [
+        kernels.moe_ffn(x, ids[:, j : j + 1], np.ones((1, 1), np.float32), mats, types)
+        for j in range(3)
+    ]
     want = np.zeros_like(x)
     for j in range(3):
         want = want + weights[0, j] * ys[j]
@@ -295,7 +345,9 @@ def test_moe_set_expert_and_out(experts):
     types2[1] = types[0]
     out = np.empty_like(x)
     assert kernels.moe_ffn(x, ids, weights, mats, types2, out=out) is out
-    np.testing.assert_array_equal(out[1], 2 * kernels.moe_ffn(x[1:], ids[1:, 1:], weights[1:, 1:], mats, types2)[0])
+    np.testing.assert_array_equal(
+        out[1], 2 * kernels.moe_ffn(x[1:], ids[1:, 1:], weights[1:, 1:], mats, types2)[0]
+    )
     assert not np.array_equal(out, before)
 
 
@@ -321,7 +373,7 @@ def test_moe_rejects_bad_input(experts):
         kernels.moe_ffn(x, np.array([[0]], np.int32), w, mats, types[:3])
     bad = kernels.expert_list(arrays)
     kernels.set_expert(bad, 0, arrays[0][:10], arrays[1], arrays[2])
-    with pytest.raises(OptionError, match="expert 0 .*n_ff=10"):
+    with pytest.raises(OptionError, match=r"expert 0 .*n_ff=10"):
         kernels.moe_ffn(x, np.array([[0]], np.int32), w, bad, types)
     kernels.set_expert(bad, 0, arrays[0], arrays[1], arrays[5])
     with pytest.raises(OptionError, match="expert 0 down matrix has shape"):
@@ -335,8 +387,10 @@ def test_moe_empty_batch_and_plain_list(experts):
     x = np.random.default_rng(14).standard_normal((3, N_EMBD)).astype(np.float32)
     ids, weights = np.array([[2, 0]] * 3, np.int32), np.ones((3, 2), np.float32)
     mats = kernels.expert_list(arrays)
-    np.testing.assert_array_equal(kernels.moe_ffn(x, ids, weights, list(arrays), types),
-                                  kernels.moe_ffn(x, ids, weights, mats, types))
+    np.testing.assert_array_equal(
+        kernels.moe_ffn(x, ids, weights, list(arrays), types),
+        kernels.moe_ffn(x, ids, weights, mats, types),
+    )
     assert kernels.moe_ffn(x[:0], ids[:0], weights[:0], mats, types).shape == (0, N_EMBD)
 
 
@@ -348,6 +402,7 @@ def test_kernels_use_the_disk_cache():
     from meldlite.kernels.dequant import dequantize_rows
     from meldlite.kernels.matmul import matmat_rows
     from meldlite.kernels.moe import moe_ffn_kernel
+
     for dispatcher in (dequantize_rows, matmat_rows, moe_ffn_kernel):
         assert dispatcher._cache.__class__.__name__ != "NullCache", dispatcher
         assert sources_digest() in dispatcher._cache._cache_file._source_stamp

@@ -23,12 +23,15 @@ def test_mixed_precision_file_runs_and_reports_its_types(tmp_path):
     llama_cpp_helpers = pytest.importorskip("helpers_models")
     pytest.importorskip("llama_cpp")
     from conftest import SHARED
+
     if not (SHARED / "tinystories-moe-f16.gguf").exists():
         pytest.skip("the trained model in ../shared/models is not here")
-    q8 = llama_cpp_helpers.llamacpp_quantize(SHARED / "tinystories-moe-f16.gguf",
-                                             tmp_path / "q8.gguf", "Q8_0")
-    out = pack(default_model_path(), tmp_path / "mixed.gguf", "SRC,2.*=Q8_0,0.5=Q8_0",
-               {"Q8_0": q8}).path
+    q8 = llama_cpp_helpers.llamacpp_quantize(
+        SHARED / "tinystories-moe-f16.gguf", tmp_path / "q8.gguf", "Q8_0"
+    )
+    out = pack(
+        default_model_path(), tmp_path / "mixed.gguf", "SRC,2.*=Q8_0,0.5=Q8_0", {"Q8_0": q8}
+    ).path
     m = meldlite.load(out)
     types = m.info()["expert_types"]
     assert types[2][7] == ["Q8_0", "Q8_0", "Q8_0"] and types[0][5] == ["Q8_0"] * 3

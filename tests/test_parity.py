@@ -9,12 +9,11 @@ below 1e-3; argmax agreement is checked pooled over architectures.
 
 import numpy as np
 import pytest
-
 from helpers_models import ARCHS, llamacpp_logits, llamacpp_quantize, write_random_model
 
 pytest.importorskip("llama_cpp")
-import meldlite  # noqa: E402
-from meldlite.metrics import kl_divergence as kl_per_position  # noqa: E402
+import meldlite
+from meldlite.metrics import kl_divergence as kl_per_position
 
 N_TOKENS = 128
 
@@ -39,6 +38,7 @@ def models(tmp_path_factory):
                 src = get(arch, "F32")
                 made[key] = llamacpp_quantize(src, root / f"{arch}-{kind}.gguf", kind)
         return made[key]
+
     return get
 
 
@@ -47,8 +47,8 @@ def models(tmp_path_factory):
 def test_float_logits_match_llamacpp(models, arch, kind):
     path = models(arch, kind)
     ids = tokens()
-    ref = llamacpp_logits(path, ids)                                          # (T, V)
-    ours = meldlite.load(path, n_ctx=256).logits(ids)                         # (T, V)
+    ref = llamacpp_logits(path, ids)  # (T, V)
+    ours = meldlite.load(path, n_ctx=256).logits(ids)  # (T, V)
     assert ours.shape == ref.shape and ours.dtype == np.float32
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
     assert rel <= 1e-3, f"max |diff| / max |logit| = {rel:.2e}"
@@ -69,9 +69,12 @@ def quantized_results(models):
             ids = tokens()
             ref = llamacpp_logits(path, ids)
             ours = meldlite.load(path, n_ctx=256).logits(ids)
-            done[arch, kind] = (kl_per_position(ref, ours).mean(),
-                                ours.argmax(-1) == ref.argmax(-1))
+            done[arch, kind] = (
+                kl_per_position(ref, ours).mean(),
+                ours.argmax(-1) == ref.argmax(-1),
+            )
         return done[arch, kind]
+
     return get
 
 

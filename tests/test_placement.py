@@ -44,27 +44,30 @@ def test_pruned_experts_get_no_node():
     present = np.ones((2, 6), bool)
     present[0, [1, 4]] = present[1, 0] = False
     p = pl.round_robin(2, 6, 2, present)
-    assert p.experts[0] == [[0], [], [1], [0], [], [1]]       # present ones dealt in turn
+    assert p.experts[0] == [[0], [], [1], [0], [], [1]]  # present ones dealt in turn
     assert p.experts[1] == [[], [0], [1], [0], [1], [0]]
     back = pl.from_dict(json.loads(json.dumps(p.to_dict())))  # [] = pruned, readable
     assert back.check(2, 6, 2, present) is back
     with pytest.raises(OptionError, match="layer 0 expert 1 no node"):
-        back.check(2, 6, 2)                                    # all present: a hole
-    full = pl.round_robin(2, 6, 2).only(present)               # made for all experts
+        back.check(2, 6, 2)  # all present: a hole
+    full = pl.round_robin(2, 6, 2).only(present)  # made for all experts
     assert [e for L, e in full.experts_of(0) + full.experts_of(1) if not present[L, e]] == []
     assert pl.Router(p).route(1, np.array([[1, 2], [-1, 5]])).tolist() == [[0, 1], [-1, 0]]
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda d: d.update(format="other"), "not a meldlite placement"),
-    (lambda d: d.update(version=99), "version"),
-    (lambda d: d.update(nodes=[]), "nodes"),
-    (lambda d: d["nodes"].append({"name": "peer0"}), "repeat"),
-    (lambda d: d["experts"][0].pop(), "lists"),
-    (lambda d: d["experts"][1].__setitem__(0, [7]), "holders"),
-    (lambda d: d["experts"][1].__setitem__(0, [0, 0]), "holders"),
-    (lambda d: d["experts"][1].__setitem__(0, ["0"]), "holders"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: d.update(format="other"), "not a meldlite placement"),
+        (lambda d: d.update(version=99), "version"),
+        (lambda d: d.update(nodes=[]), "nodes"),
+        (lambda d: d["nodes"].append({"name": "peer0"}), "repeat"),
+        (lambda d: d["experts"][0].pop(), "lists"),
+        (lambda d: d["experts"][1].__setitem__(0, [7]), "holders"),
+        (lambda d: d["experts"][1].__setitem__(0, [0, 0]), "holders"),
+        (lambda d: d["experts"][1].__setitem__(0, ["0"]), "holders"),
+    ],
+)
 def test_bad_placement_files(tmp_path, change, match):
     d = pl.round_robin(2, 4, 2).to_dict()
     change(d)
@@ -79,16 +82,16 @@ def test_bad_placement_files(tmp_path, change, match):
 
 def test_router_prefers_a_replica_the_token_already_uses():
     nodes = [{"name": f"peer{i}", "budget": None} for i in range(3)]
-    experts = [[[0], [1], [2], [2, 0]]]              # expert 3 on node 2, replica on node 0
+    experts = [[[0], [1], [2], [2, 0]]]  # expert 3 on node 2, replica on node 0
     r = pl.Router(pl.Placement(nodes, experts))
     ids = np.array([[0, 3], [2, 3], [1, 3], [3, -1], [3, 1]], np.int32)
     node = r.route(0, ids)
-    assert node[0].tolist() == [0, 0]                # joins node 0, already used by expert 0
+    assert node[0].tolist() == [0, 0]  # joins node 0, already used by expert 0
     assert node[1].tolist() == [2, 2]
     assert node[3, 1] == -1
     # tokens 2, 3, 4 use no holder of expert 3 otherwise: the less loaded holder, 2 on ties
     assert [node[2, 1], node[3, 0], node[4, 0]] == [2, 0, 2]
-    assert np.array_equal(r.route(0, ids), node)     # deterministic
+    assert np.array_equal(r.route(0, ids), node)  # deterministic
 
 
 def test_profile_guided_placement_keeps_clusters_together_and_balances():
@@ -146,15 +149,33 @@ def profiled(tmp_path_factory):
     """A tiny random model and its `meldlite profile` output (the expert-cache format)."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from helpers_models import Shape, write_random_model
+
     d = tmp_path_factory.mktemp("place")
-    model = write_random_model(d / "m.gguf", "qwen3moe",
-                               Shape(n_embd=128, n_layer=2, n_expert=8, n_expert_used=2,
-                                     n_ff_exp=128, head_dim=32), np.float16)
+    model = write_random_model(
+        d / "m.gguf",
+        "qwen3moe",
+        Shape(n_embd=128, n_layer=2, n_expert=8, n_expert_used=2, n_ff_exp=128, head_dim=32),
+        np.float16,
+    )
     text = d / "text.txt"
     text.write_text("Once upon a time there was a cat.\n<|endoftext|>\nThe dog ran home fast.\n")
-    r = subprocess.run([sys.executable, "-m", "meldlite", "profile", str(model), str(text),
-                        "-o", str(d / "prof.json"), "-t", "1"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meldlite",
+            "profile",
+            str(model),
+            str(text),
+            "-o",
+            str(d / "prof.json"),
+            "-t",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return model, d / "prof.json"
 
@@ -163,7 +184,7 @@ def test_reads_meldlite_profile_files(profiled):
     _, prof_path = profiled
     prof = pl.read_profile(prof_path)
     assert prof.popularity.shape == (2, 8) and prof.coact.shape == (2, 8, 8)
-    assert np.allclose(prof.popularity.sum(axis=1), 2.0)          # k picks per token
+    assert np.allclose(prof.popularity.sum(axis=1), 2.0)  # k picks per token
     assert np.allclose(np.diagonal(prof.coact, axis1=1, axis2=2), prof.popularity)
 
 
@@ -172,10 +193,16 @@ def test_cli_place(profiled, tmp_path):
     out = tmp_path / "placement.json"
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "meldlite", "place", str(prof_path), *args],
-                              capture_output=True, text=True, timeout=120)
-    r = cli("--peers", "2", "--model", str(model), "--budget", "1MB", "--replicate", "1",
-            "-o", str(out))
+        return subprocess.run(
+            [sys.executable, "-m", "meldlite", "place", str(prof_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    r = cli(
+        "--peers", "2", "--model", str(model), "--budget", "1MB", "--replicate", "1", "-o", str(out)
+    )
     assert r.returncode == 0, r.stderr
     assert "co-activation kept" in r.stdout and "round-robin" in r.stdout
     p = pl.load_placement(out)

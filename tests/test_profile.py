@@ -7,27 +7,49 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
-
 from conftest import valid_stories
+from gguf import GGUFReader
 from helpers_models import Shape, write_random_model
 
 import meldlite
 from meldlite.errors import FormatError, OptionError
-from meldlite.experts.profile import (FORMAT, VERSION, build_profile, decode_array, load_calibration,
-                                      load_prior, read_profile, recurrence, save_profile)
+from meldlite.experts.profile import (
+    FORMAT,
+    VERSION,
+    build_profile,
+    decode_array,
+    load_calibration,
+    load_prior,
+    read_profile,
+    recurrence,
+    save_profile,
+)
 
-SMALL = Shape(n_vocab=4096, n_embd=128, n_layer=3, n_head=2, n_head_kv=1, head_dim=64,
-              n_ff=128, n_expert=8, n_expert_used=2, n_ff_exp=64, n_ctx=128)
-TEXT = ("Once upon a time, there was a little dog. He liked to run.<|endoftext|>"
-        "Tom had a red ball. He played with it every day in the sun.<|endoftext|>"
-        "The cat sat on the mat and looked at the bird.")
+SMALL = Shape(
+    n_vocab=4096,
+    n_embd=128,
+    n_layer=3,
+    n_head=2,
+    n_head_kv=1,
+    head_dim=64,
+    n_ff=128,
+    n_expert=8,
+    n_expert_used=2,
+    n_ff_exp=64,
+    n_ctx=128,
+)
+TEXT = (
+    "Once upon a time, there was a little dog. He liked to run.<|endoftext|>"
+    "Tom had a red ball. He played with it every day in the sun.<|endoftext|>"
+    "The cat sat on the mat and looked at the bird."
+)
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("prof") / "small.gguf", "qwen3moe",
-                              shape=SMALL, dtype=np.float16)
+    return write_random_model(
+        tmp_path_factory.mktemp("prof") / "small.gguf", "qwen3moe", shape=SMALL, dtype=np.float16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +71,9 @@ def test_profile_format_and_counts(profile):
         counts = np.array(lay["counts"])
         assert lay["tokens"] == n and counts.sum() == n * k
         assert np.isclose(sum(lay["share"]), 1, atol=1e-4)
-        assert np.isclose(sum(lay["weight_mass"]), 1, atol=1e-4)     # renormalised weights sum 1 per token
+        assert np.isclose(
+            sum(lay["weight_mass"]), 1, atol=1e-4
+        )  # renormalised weights sum 1 per token
         co = np.array(lay["coactivation"])
         assert co.shape == (X, X) and (co == co.T).all() and (np.diag(co) == counts).all()
         rec = [lay["recurrence"][str(w)] for w in profile["windows"]]
@@ -78,12 +102,12 @@ def test_calibration_sample_is_routed_as_the_router_says(profile, model_path, tm
     r = GGUFReader(model_path)
     k = SMALL.n_expert_used
     for L, (x, ids, w) in enumerate(sample):
-        assert len(x) == profile["text"]["tokens"] == meta["rows"][L]   # small text: all rows kept
+        assert len(x) == profile["text"]["tokens"] == meta["rows"][L]  # small text: all rows kept
         router = next(t for t in r.tensors if t.name == f"blk.{L}.ffn_gate_inp.weight")
-        logits = x.astype(np.float64) @ np.asarray(router.data, np.float64).T      # (n, X)
+        logits = x.astype(np.float64) @ np.asarray(router.data, np.float64).T  # (n, X)
         top = np.argsort(-logits, axis=1)[:, :k]
         same = [set(a) == set(b) for a, b in zip(top, ids)]
-        assert np.mean(same) > 0.95                      # x is kept as float16
+        assert np.mean(same) > 0.95  # x is kept as float16
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         pk = np.take_along_axis(p, ids.astype(np.int64), 1)
@@ -95,9 +119,9 @@ def test_calibration_sample_is_bounded_and_optional(model_path, tmp_path):
     m = meldlite.load(model_path, n_ctx=64)
     prof = build_profile(m, TEXT, calib_rows=7)
     assert prof["calibration"]["rows"] == [7] * SMALL.n_layer
-    x0, ids0, _ = prof.calibration[0]
-    x1, ids1, _ = prof.calibration[1]
-    assert x0.shape == (7, SMALL.n_embd) and not np.array_equal(x0, x1)   # another layer's inputs
+    x0, _ids0, _ = prof.calibration[0]
+    x1, _ids1, _ = prof.calibration[1]
+    assert x0.shape == (7, SMALL.n_embd) and not np.array_equal(x0, x1)  # another layer's inputs
     none = build_profile(m, TEXT, calib_rows=0)
     m.close()
     assert "calibration" not in none
@@ -115,11 +139,11 @@ def test_version_1_profiles_still_read(profile, tmp_path):
 
 
 def test_recurrence_counts_picks_seen_in_the_window():
-    ids = np.array([[0, 1], [1, 2], [3, 4], [0, 4]])        # tokens x top-2
+    ids = np.array([[0, 1], [1, 2], [3, 4], [0, 4]])  # tokens x top-2
     # token 1: 1 seen (of 2); token 2: none; token 3: 4 seen (window 1), 0 and 4 (window 3)
     assert recurrence([ids], 5, 1) == pytest.approx(2 / 6)
     assert recurrence([ids], 5, 3) == pytest.approx(3 / 6)
-    assert recurrence([ids[:2], ids[2:]], 5, 3) == pytest.approx(2 / 4)   # not across documents
+    assert recurrence([ids[:2], ids[2:]], 5, 3) == pytest.approx(2 / 4)  # not across documents
 
 
 def test_save_read_and_seed_a_cache(profile, model_path, tmp_path):
@@ -132,7 +156,7 @@ def test_save_read_and_seed_a_cache(profile, model_path, tmp_path):
     assert np.corrcoef(counts.ravel(), share.ravel())[0, 1] > 0.99
     m.close()
     m = meldlite.load(model_path, n_ctx=32, mem_budget="50%", cache_policy="forecast", profile=path)
-    assert m.store.policy.p.std() > 0          # uniform without a profile
+    assert m.store.policy.p.std() > 0  # uniform without a profile
     m.close()
 
 
@@ -157,13 +181,42 @@ def test_cli_profile(model_path, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     out = tmp_path / "prof.json"
-    p = subprocess.run([sys.executable, "-m", "meldlite", "profile", str(model_path), str(text),
-                        "-o", str(out), "-c", "64"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meldlite",
+            "profile",
+            str(model_path),
+            str(text),
+            "-o",
+            str(out),
+            "-c",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(f"wrote {out}") and "route recurrence" in p.stdout
     assert read_profile(out)["text"]["documents"] == 3
-    bad = subprocess.run([sys.executable, "-m", "meldlite", "run", str(model_path), "-n", "1",
-                          "--mem-budget", "50%", "--profile", str(text)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meldlite",
+            "run",
+            str(model_path),
+            "-n",
+            "1",
+            "--mem-budget",
+            "50%",
+            "--profile",
+            str(text),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -182,4 +235,4 @@ def test_trained_model_profile_matches_its_readme(shared_models):
     assert 0.7 < prof["summary"]["prediction_overlap"] < 0.9
     assert prof["summary"]["entropy_ratio"] > 0.9
     rec = prof["summary"]["recurrence"]
-    assert rec["1"] > 4 / 32                  # more than chance (k / n_expert)
+    assert rec["1"] > 4 / 32  # more than chance (k / n_expert)

@@ -12,13 +12,13 @@ import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from test_kernels import EXPERT_TYPES, N_EMBD, N_FF, random_matrix, rel_err, routing
 
 from meldlite import kernels, layers
 from meldlite.kernels import block, qdot
 from meldlite.kernels.actquant import MODE_BY_ID, NONE, mode_of, round_activations_reference
 from meldlite.kernels.moe import moe_ffn_kernel
 from meldlite.kernels.reference import matmul_ref
-from test_kernels import EXPERT_TYPES, N_EMBD, N_FF, random_matrix, rel_err, routing
 
 FAST = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16", "F32"]
 FALLBACK = ["Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS", "MXFP4", "BF16"]
@@ -33,15 +33,17 @@ def test_quantize_rows_equals_actquant(name):
     qtype = T[name]
     rng = np.random.default_rng(int(qtype))
     x = (rng.standard_normal((4, 512)) * np.exp(rng.uniform(-8, 6, (4, 512)))).astype(np.float32)
-    x[0, :256] = 0.0                                           # an all-zero block
+    x[0, :256] = 0.0  # an all-zero block
     qa, da, bs, xr = qdot.empty_acts(4, 512)
     qdot.quantize_rows(x, mode_of(qtype), qa, da, bs, xr)
     ref = round_activations_reference(x, qtype)
-    np.testing.assert_array_equal(xr, ref)      # as values: codes of 0 give +0.0 where ref has -0.0
+    np.testing.assert_array_equal(xr, ref)  # as values: codes of 0 give +0.0 where ref has -0.0
     mode = mode_of(qtype)
-    if mode in (3, 4):                                          # Q8_0 / Q8_K codes and sums
+    if mode in (3, 4):  # Q8_0 / Q8_K codes and sums
         per = 32 if mode == 3 else 256
-        np.testing.assert_array_equal(qa.astype(np.float32) * np.repeat(da[:, :512 // per], per, axis=1), xr)
+        np.testing.assert_array_equal(
+            qa.astype(np.float32) * np.repeat(da[:, : 512 // per], per, axis=1), xr
+        )
         np.testing.assert_array_equal(bs[:, :16], qa.reshape(4, 16, 32).astype(np.int32).sum(-1))
 
 
@@ -52,11 +54,11 @@ def test_qmatmul_equals_rounded_float64_product(name):
     n_cols = cols(qtype)
     raw = random_matrix(rng, qtype, 70, n_cols)
     x = rng.standard_normal((5, n_cols)).astype(np.float32)
-    y = kernels.qmatmul(raw, qtype, x)                          # (5, 70)
+    y = kernels.qmatmul(raw, qtype, x)  # (5, 70)
     want = matmul_ref(raw, qtype, round_activations_reference(x, qtype))
     assert y.shape == (5, 70) and y.dtype == np.float32
     assert rel_err(y, want) < 2e-6
-    np.testing.assert_array_equal(kernels.qmatmul(raw, qtype, x[2]), y[2])   # batch-invariant
+    np.testing.assert_array_equal(kernels.qmatmul(raw, qtype, x[2]), y[2])  # batch-invariant
 
 
 def test_qmatmul_threads_and_parallel_split():
@@ -97,20 +99,24 @@ def test_integer_kernels_vectorize():
     Q4_K, Q6_K) then vpmaddwd / vpdpwssd, no multiplies on 64-bit lanes - skipped without
     AVX2."""
     import llvmlite.binding as llvm
+
     if "+avx2" not in llvm.get_host_cpu_features().flatten():
         pytest.skip("no AVX2 on this CPU")
     from numba import types as nt
+
     mat = nt.Array(nt.uint8, 2, "C", readonly=True)
     i8, f32, i32 = (nt.Array(d, 2, "C") for d in (nt.int8, nt.float32, nt.int32))
     i64 = nt.int64
-    sigs = {qdot.dot_q4_k: (mat, i64, i8, f32, i32, i64, i64),
-            qdot.dot_q6_k: (mat, i64, i8, f32, i64, i64),
-            qdot.dot_q8_0: (mat, i64, i8, f32, i64, i64, i64)}
-    for fn, sig in sigs.items():     # an uncached copy: Numba cannot inspect cached code
+    sigs = {
+        qdot.dot_q4_k: (mat, i64, i8, f32, i32, i64, i64),
+        qdot.dot_q6_k: (mat, i64, i8, f32, i64, i64),
+        qdot.dot_q8_0: (mat, i64, i8, f32, i64, i64, i64),
+    }
+    for fn, sig in sigs.items():  # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)
         fresh.compile(sig)
         asm = fresh.inspect_asm(fresh.signatures[0])
-        assert "vpmaddubsw" in asm or fn is qdot.dot_q8_0, fn.__name__   # Q8_0: a Numba loop
+        assert "vpmaddubsw" in asm or fn is qdot.dot_q8_0, fn.__name__  # Q8_0: a Numba loop
         assert any(op in asm for op in ("vpdpwssd", "vpmaddwd")), fn.__name__
         assert not any(op in asm for op in ("vpmuldq", "vpmullq")), fn.__name__  # no int64 lanes
 
@@ -127,6 +133,7 @@ def _sum_kernels():
     def q6k(blocks, qa, out):
         for i in range(blocks.shape[0]):
             out[i] = simd.q6k_sum(blocks[i], 0, qa[i], 0)
+
     return [numba.njit(f) for f in (q4k, q6k)]
 
 
@@ -135,6 +142,7 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
     """Exact integer sums against gguf-py-based references; x86=False compiles the generic
     vector IR that other CPUs get."""
     from meldlite.kernels import reference, simd
+
     if x86 and not simd.AVX2:
         pytest.skip("no AVX2 on this CPU")
     monkeypatch.setattr(simd, "AVX2", x86)
@@ -142,7 +150,7 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
     rng = np.random.default_rng(60)
     n = 300
     blocks = random_matrix(rng, T.Q4_K, n, 256)
-    blocks[0, 4:16] = 255                                       # all scale/min bits set
+    blocks[0, 4:16] = 255  # all scale/min bits set
     qa = rng.integers(-128, 128, (n, 256), dtype=np.int8)
     qa[1] = -128
     bs = qa.reshape(n, 8, 32).sum(-1, dtype=np.int32)
@@ -152,8 +160,8 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
     np.testing.assert_array_equal(out[:, 0], isum)
     np.testing.assert_array_equal(out[:, 1], msum)
     blocks = random_matrix(rng, T.Q6_K, n, 256)
-    blocks[0, :192] = 255                                       # codes 63
-    blocks[1, 128:192] = 0                                      # codes < 16
+    blocks[0, :192] = 255  # codes 63
+    blocks[1, 128:192] = 0  # codes < 16
     got = np.empty(n, np.int32)
     q6k(blocks, qa, got)
     np.testing.assert_array_equal(got, reference.q6k_sum_ref(blocks, qa))
@@ -161,6 +169,7 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
 
 def test_f16_hw_equals_numpy():
     from meldlite.kernels import simd
+
     if not simd.F16C:
         pytest.skip("no F16C on this CPU")
     bits = np.arange(1 << 16, dtype=np.uint16)
@@ -171,6 +180,7 @@ def test_f16_hw_equals_numpy():
     def convert(raw, out):
         for i in range(out.shape[0]):
             out[i] = simd.f16_hw(raw, 2 * i)
+
     got = np.empty(bits.shape[0], np.float32)
     convert(raw, got)
     finite = ~np.isnan(want)
@@ -180,15 +190,18 @@ def test_f16_hw_equals_numpy():
 
 # ---------------------------------------------------------------- MoE integer path
 
+
 @pytest.fixture(scope="module")
 def experts():
     rng = np.random.default_rng(9)
     arrays, types = [], []
     for names in EXPERT_TYPES:
         qts = [T[n] for n in names]
-        arrays += [random_matrix(rng, qts[0], N_FF, N_EMBD, rms=N_EMBD ** -0.5),
-                   random_matrix(rng, qts[1], N_FF, N_EMBD, rms=N_EMBD ** -0.5),
-                   random_matrix(rng, qts[2], N_EMBD, N_FF, rms=N_FF ** -0.5)]
+        arrays += [
+            random_matrix(rng, qts[0], N_FF, N_EMBD, rms=N_EMBD**-0.5),
+            random_matrix(rng, qts[1], N_FF, N_EMBD, rms=N_EMBD**-0.5),
+            random_matrix(rng, qts[2], N_EMBD, N_FF, rms=N_FF**-0.5),
+        ]
         types.append([int(q) for q in qts])
     return kernels.expert_list(arrays), np.array(types, np.int32)
 
@@ -214,23 +227,33 @@ def test_moe_round_acts_batch_equals_token_by_token(experts):
     ids[0] = -1
     ids[1] = [5, 5, -1, 2]
     batch = kernels.moe_ffn(x, ids, weights, mats, types, round_acts=True)
-    one = np.concatenate([kernels.moe_ffn(x[t:t + 1], ids[t:t + 1], weights[t:t + 1], mats, types,
-                                          round_acts=True) for t in range(20)])
+    one = np.concatenate(
+        [
+            kernels.moe_ffn(
+                x[t : t + 1], ids[t : t + 1], weights[t : t + 1], mats, types, round_acts=True
+            )
+            for t in range(20)
+        ]
+    )
     np.testing.assert_array_equal(batch, one)
     np.testing.assert_array_equal(batch[0], 0.0)
     # one pair alone with weight 1 is that pair's expert output (what CachedStore relies on)
-    y = kernels.moe_ffn(x[2:3], ids[2:3, 1:2], np.ones((1, 1), np.float32), mats, types, round_acts=True)
-    want = kernels.moe_ffn(x[2:3], ids[2:3, :2], np.array([[0.0, 1.0]], np.float32), mats, types,
-                           round_acts=True)
+    y = kernels.moe_ffn(
+        x[2:3], ids[2:3, 1:2], np.ones((1, 1), np.float32), mats, types, round_acts=True
+    )
+    want = kernels.moe_ffn(
+        x[2:3], ids[2:3, :2], np.array([[0.0, 1.0]], np.float32), mats, types, round_acts=True
+    )
     np.testing.assert_array_equal(y, want)
 
 
 # ---------------------------------------------------------------- attention pieces
 
+
 def test_f32_to_f16_bits_matches_numpy():
     rng = np.random.default_rng(50)
     v = (rng.standard_normal(4000) * np.exp(rng.uniform(-20, 12, 4000))).astype(np.float32)
-    v[:8] = [0.0, -0.0, 65504.0, 65520.0, -1e9, 6e-8, 2.0 ** -25, np.nan]
+    v[:8] = [0.0, -0.0, 65504.0, 65520.0, -1e9, 6e-8, 2.0**-25, np.nan]
     got = np.array([block.f32_to_f16_bits(np.float32(a)) for a in v], np.uint16)
     with np.errstate(over="ignore"):
         want = v.astype(np.float16).view(np.uint16)
@@ -247,7 +270,7 @@ def test_block_pieces_match_numpy_layers():
     got = np.empty_like(x)
     block.rms_norm_rows(x, w, 1e-6, got)
     assert rel_err(got, layers.rms_norm(x, w, 1e-6)) < 1e-6
-    wh = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)     # per-head norm
+    wh = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)  # per-head norm
     got = np.empty((n_tok, n_head * d), np.float32)
     q = rng.standard_normal((n_tok, n_head * d)).astype(np.float32)
     block.rms_norm_rows(q, wh, 1e-6, got)
@@ -258,8 +281,9 @@ def test_block_pieces_match_numpy_layers():
     for neox in (True, False):
         r = q.copy()
         block.rope_rows(r, n_head, d, cos, sin, pos0, d, neox)
-        want = layers.rope(q.reshape(n_tok, n_head, d), cos[pos0:pos0 + n_tok], sin[pos0:pos0 + n_tok],
-                           d, neox).reshape(n_tok, -1)
+        want = layers.rope(
+            q.reshape(n_tok, n_head, d), cos[pos0 : pos0 + n_tok], sin[pos0 : pos0 + n_tok], d, neox
+        ).reshape(n_tok, -1)
         np.testing.assert_array_equal(r, want)
 
     kc = np.zeros((n_ctx, n_kv, d), np.float16)
@@ -269,14 +293,18 @@ def test_block_pieces_match_numpy_layers():
     k = rng.standard_normal((n_tok, n_kv * d)).astype(np.float32)
     v = rng.standard_normal((n_tok, n_kv * d)).astype(np.float32)
     block.store_kv(k, v, n_kv, d, d, kc.view(np.uint16), vc.view(np.uint16), pos0)
-    np.testing.assert_array_equal(kc[pos0:pos0 + n_tok], k.reshape(n_tok, n_kv, d).astype(np.float16))
+    np.testing.assert_array_equal(
+        kc[pos0 : pos0 + n_tok], k.reshape(n_tok, n_kv, d).astype(np.float16)
+    )
     a = np.empty((n_tok, n_head * d), np.float32)
     block.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, a)
-    want = layers.attention(q.reshape(n_tok, n_head, d), kc[:pos0 + n_tok], vc[:pos0 + n_tok], pos0)
+    want = layers.attention(
+        q.reshape(n_tok, n_head, d), kc[: pos0 + n_tok], vc[: pos0 + n_tok], pos0
+    )
     assert rel_err(a, want) < 1e-5
 
     logits = rng.standard_normal((n_tok, 16)).astype(np.float32)
-    logits[0, 3] = logits[0, 9]                                      # a tie: lower id first
+    logits[0, 3] = logits[0, 9]  # a tie: lower id first
     ids, wts = np.empty((n_tok, 4), np.int32), np.empty((n_tok, 4), np.float32)
     for norm in (True, False):
         block.route_rows(logits, 4, norm, ids, wts)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
-
 from helpers_ggml import ggml_quantize
+
 from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels import quantize_ref as ref
 from meldlite.kernels.quantize import QUANTIZABLE, importance_from_activations, quantize_rows
@@ -28,11 +28,11 @@ def synthetic(kind, rows=32, cols=512, seed=0):
     rng = np.random.default_rng(seed)
     if kind == "gaussian":
         return rng.standard_normal((rows, cols)).astype(np.float32)
-    if kind == "heavy":                                   # Student-t and a few outlier columns
+    if kind == "heavy":  # Student-t and a few outlier columns
         x = rng.standard_t(3, (rows, cols))
         x[:, rng.choice(cols, 6, replace=False)] *= 20
         return x.astype(np.float32)
-    if kind == "zeros":                                   # zero, constant, sparse and tiny rows
+    if kind == "zeros":  # zero, constant, sparse and tiny rows
         x = rng.standard_normal((rows, cols)).astype(np.float32)
         x[0] = 0
         x[1] = 0.75
@@ -82,6 +82,7 @@ def assert_no_worse(x, qtype, imp):
 
 # ---- llama.cpp as the reference --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["gaussian", "heavy", "zeros"])
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
 def test_legacy_bytes_equal_ggml(qtype, kind):
@@ -99,13 +100,15 @@ def test_error_no_worse_than_llamacpp(qtype, kind, weighted):
 
 def _model_tensor(shared, name, rows):
     from gguf import GGUFReader
+
     t = next(t for t in GGUFReader(shared / "tinystories-moe-f16.gguf").tensors if t.name == name)
     x = np.asarray(t.data, dtype=np.float32)
     return x.reshape(-1, x.shape[-1])[:rows].copy()  # (rows, cols)
 
 
-@pytest.mark.parametrize("name", ["blk.0.ffn_gate_exps.weight", "blk.1.attn_q.weight",
-                                  "blk.2.ffn_down_exps.weight"])
+@pytest.mark.parametrize(
+    "name", ["blk.0.ffn_gate_exps.weight", "blk.1.attn_q.weight", "blk.2.ffn_down_exps.weight"]
+)
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_trained_tensors_no_worse_than_llamacpp(shared_models, qtype, name):
     x = _model_tensor(shared_models, name, 256)
@@ -118,16 +121,19 @@ def test_trained_tensors_no_worse_than_llamacpp(shared_models, qtype, name):
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
 def test_float_types_equal_ggml(qtype):
     x = synthetic("heavy") * np.float32(1e3)
-    x[0, :4] = [1e6, -1e6, 1e-30, 70000.0]             # f16 overflow and underflow
+    x[0, :4] = [1e6, -1e6, 1e-30, 70000.0]  # f16 overflow and underflow
     np.testing.assert_array_equal(quantize_rows(x, qtype), ggml_quantize(x, qtype))
 
 
 # ---- the jitted kernels against their NumPy references ---------------------------------------
 
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance"])
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 def test_kernel_matches_numpy_reference(qtype, weighted):
-    x = np.concatenate([synthetic(k, rows=8, cols=512, seed=3) for k in ("gaussian", "heavy", "zeros")])
+    x = np.concatenate(
+        [synthetic(k, rows=8, cols=512, seed=3) for k in ("gaussian", "heavy", "zeros")]
+    )
     imp = importance_for(512, seed=4) if weighted else None
     got = quantize_rows(x, qtype, imp)
     want = ref.REFS[qtype](x, imp)
@@ -142,23 +148,42 @@ def test_kernel_matches_numpy_reference(qtype, weighted):
 
 def test_f16_bits_match_numpy():
     rng = np.random.default_rng(5)
-    v = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 6, 2000),
-                        [0.0, -0.0, 65504.0, 65519.0, 65520.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26,
-                         2.0 ** -14, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11]]).astype(np.float32)
+    v = np.concatenate(
+        [
+            rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 6, 2000),
+            [
+                0.0,
+                -0.0,
+                65504.0,
+                65519.0,
+                65520.0,
+                2.0**-24,
+                2.0**-25,
+                3 * 2.0**-26,
+                2.0**-14,
+                1 + 2.0**-11,
+                1 + 3 * 2.0**-11,
+            ],
+        ]
+    ).astype(np.float32)
     with np.errstate(over="ignore"):
         want = v.astype(np.float16)
     got = np.array([f16_bits(float(a)) for a in v], dtype=np.uint16)
     np.testing.assert_array_equal(got, want.view(np.uint16))
     finite = np.isfinite(want)
-    np.testing.assert_array_equal(np.array([f16_value(int(h)) for h in got[finite]]),
-                                  want[finite].astype(np.float64))
+    np.testing.assert_array_equal(
+        np.array([f16_value(int(h)) for h in got[finite]]), want[finite].astype(np.float64)
+    )
 
 
 # ---- API and bad input -------------------------------------------------------------------------
 
+
 def test_importance_is_mean_of_squares():
-    np.testing.assert_array_equal(importance_from_activations(np.array([[1, -2], [3, 4]], np.float32)),
-                                  np.array([5, 10], np.float32))
+    np.testing.assert_array_equal(
+        importance_from_activations(np.array([[1, -2], [3, 4]], np.float32)),
+        np.array([5, 10], np.float32),
+    )
     with pytest.raises(OptionError):
         importance_from_activations(np.zeros((0, 4), np.float32))
     with pytest.raises(OptionError):
@@ -173,17 +198,20 @@ def test_shapes_and_dtypes():
     assert quantize_rows(x[0], int(T.Q4_0)).shape == (8 * 18,)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda x: (x.astype(np.int32), T.Q8_0, None), "float array"),
-    (lambda x: (x[:, :100], T.Q8_0, None), "multiple"),
-    (lambda x: (np.float32(1.0), T.Q8_0, None), "float array"),
-    (lambda x: (np.where(x > 2, np.nan, x), T.Q4_0, None), "non-finite"),
-    (lambda x: (np.where(x > 2, np.inf, x), T.Q4_0, None), "non-finite"),
-    (lambda x: (x * np.float32(1e6), T.Q4_0, None), "can hold"),
-    (lambda x: (x, T.Q8_0, np.ones(10, np.float32)), "importance"),
-    (lambda x: (x, T.Q8_0, -np.ones(256, np.float32)), "importance"),
-    (lambda x: (x, T.Q8_0, np.full(256, np.nan, np.float32)), "importance"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x: (x.astype(np.int32), T.Q8_0, None), "float array"),
+        (lambda x: (x[:, :100], T.Q8_0, None), "multiple"),
+        (lambda x: (np.float32(1.0), T.Q8_0, None), "float array"),
+        (lambda x: (np.where(x > 2, np.nan, x), T.Q4_0, None), "non-finite"),
+        (lambda x: (np.where(x > 2, np.inf, x), T.Q4_0, None), "non-finite"),
+        (lambda x: (x * np.float32(1e6), T.Q4_0, None), "can hold"),
+        (lambda x: (x, T.Q8_0, np.ones(10, np.float32)), "importance"),
+        (lambda x: (x, T.Q8_0, -np.ones(256, np.float32)), "importance"),
+        (lambda x: (x, T.Q8_0, np.full(256, np.nan, np.float32)), "importance"),
+    ],
+)
 def test_bad_input_raises_option_error(bad, message):
     args = bad(synthetic("gaussian", rows=4, cols=256))
     with pytest.raises(OptionError, match=message):

@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
-
 from helpers_models import Shape, llamacpp_logits, llamacpp_quantize, write_random_model
 
 import meldlite
@@ -23,21 +22,32 @@ from meldlite.experts.profile import build_profile, load_calibration, read_profi
 from meldlite.formats import layout, read_gguf
 from meldlite.metrics import kl_divergence, top1_agreement
 
-SHAPE = Shape(n_vocab=4096, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
-              n_expert=8, n_expert_used=2, n_ff_exp=128, n_ctx=128)
+SHAPE = Shape(
+    n_vocab=4096,
+    n_embd=256,
+    n_layer=2,
+    n_head=4,
+    n_head_kv=2,
+    head_dim=64,
+    n_expert=8,
+    n_expert_used=2,
+    n_ff_exp=128,
+    n_ctx=128,
+)
 FAST_TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-LLAMA_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}   # pure: all at the K type
+LLAMA_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # pure: all at the K type
 
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return write_random_model(tmp_path_factory.mktemp("quant") / "f16.gguf", "qwen3moe",
-                              shape=SHAPE, dtype=np.float16)
+    return write_random_model(
+        tmp_path_factory.mktemp("quant") / "f16.gguf", "qwen3moe", shape=SHAPE, dtype=np.float16
+    )
 
 
 @pytest.fixture(scope="module")
 def tokens():
-    return np.random.default_rng(1).integers(3, 4000, 128)   # fewer: KL noise near Q6_K's
+    return np.random.default_rng(1).integers(3, 4000, 128)  # fewer: KL noise near Q6_K's
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +62,12 @@ def _kl(ref, path, tokens):
 @pytest.mark.parametrize("qtype", FAST_TYPES)
 def test_uniform_file_is_as_good_as_llamacpp_pure(src, tokens, f16_logits, qtype, tmp_path):
     ours = quantize_model(src, tmp_path / "ours.gguf", qtype=qtype)
-    theirs = llamacpp_quantize(src, tmp_path / "theirs.gguf", LLAMA_FTYPE.get(qtype, qtype), pure=True)
+    theirs = llamacpp_quantize(
+        src, tmp_path / "theirs.gguf", LLAMA_FTYPE.get(qtype, qtype), pure=True
+    )
     f, g = read_gguf(ours.path), read_gguf(theirs)
     assert sorted(f.tensor_names()) == sorted(g.tensor_names())
-    for name in f.tensor_names():      # same types as llama.cpp's pure mix, fallbacks included
+    for name in f.tensor_names():  # same types as llama.cpp's pure mix, fallbacks included
         assert f.tensor(name).qtype == g.tensor(name).qtype, name
     assert ours.nbytes <= theirs.stat().st_size
     kl_ours, kl_theirs = _kl(f16_logits, ours.path, tokens), _kl(f16_logits, theirs, tokens)
@@ -64,17 +76,21 @@ def test_uniform_file_is_as_good_as_llamacpp_pure(src, tokens, f16_logits, qtype
 
 def test_uniform_metadata(src, tmp_path):
     f = read_gguf(quantize_model(src, tmp_path / "q.gguf", qtype="q8_0").path)
-    assert f.metadata["general.file_type"] == 7            # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert f.metadata["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
     assert f.metadata["general.quantization_version"] == 2
     assert f.expert_layout == "stacked"
-    assert f.tensor("blk.0.ffn_gate_inp.weight").qtype == "F32"      # routers stay F32
+    assert f.tensor("blk.0.ffn_gate_inp.weight").qtype == "F32"  # routers stay F32
     assert f.tensor("blk.0.attn_norm.weight").qtype == "F32"
 
 
 def _cli(*args):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")    # small matmuls: threads only contend
-    return subprocess.run([sys.executable, "-m", "meldlite", "quantize", *map(str, args)],
-                          capture_output=True, text=True, env=env)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # small matmuls: threads only contend
+    return subprocess.run(
+        [sys.executable, "-m", "meldlite", "quantize", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 def test_cli_uniform(src, tmp_path):
@@ -83,15 +99,18 @@ def test_cli_uniform(src, tmp_path):
     assert p.stdout.startswith(f"wrote {tmp_path / 'q.gguf'}") and "Q4_0 x" in p.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--type", "Q9_9"], "unknown quantization type"),
-    (["--type", "Q4_0", "--size", "3MB"], "exactly one of"),
-    ([], "exactly one of"),
-    (["--size", "3MB"], "profile"),
-    (["--size", "lots", "--profile", "p.json"], "is not a size"),
-    (["--bpw", "0", "--profile", "p.json"], "bpw must be in"),
-    (["--type", "Q4_0", "--profile", "p.json"], "--profile is for mixed files"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--type", "Q9_9"], "unknown quantization type"),
+        (["--type", "Q4_0", "--size", "3MB"], "exactly one of"),
+        ([], "exactly one of"),
+        (["--size", "3MB"], "profile"),
+        (["--size", "lots", "--profile", "p.json"], "is not a size"),
+        (["--bpw", "0", "--profile", "p.json"], "bpw must be in"),
+        (["--type", "Q4_0", "--profile", "p.json"], "--profile is for mixed files"),
+    ],
+)
 def test_cli_bad_options(src, tmp_path, args, message):
     p = _cli(src, tmp_path / "q.gguf", *args)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
@@ -113,9 +132,11 @@ def test_quantized_source_is_refused(src, tmp_path):
 
 # -- per-expert mixed files -------------------------------------------------
 
-STORIES = ["Once upon a time, there was a little dog. He liked to run in the park.",
-           "Tom had a red ball. He played with it every day in the sun with his sister.",
-           "The cat sat on the mat and looked at the bird in the tree. It wanted to fly."]
+STORIES = [
+    "Once upon a time, there was a little dog. He liked to run in the park.",
+    "Tom had a red ball. He played with it every day in the sun with his sister.",
+    "The cat sat on the mat and looked at the bird in the tree. It wanted to fly.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +162,7 @@ def test_mixed_file_fits_the_budget_and_mixes_types(mixed):
     f = mixed
     assert f.expert_layout == "per_expert"
     kinds = {t for L in range(f.n_layers) for t in f.expert_types(L)}
-    assert len(kinds) > 1                                    # not one type for all experts
+    assert len(kinds) > 1  # not one type for all experts
     assert f.tensor("blk.0.ffn_gate_inp.weight").qtype == "F32"
     assert f.tensor("output.weight").qtype in ("Q6_K", "Q8_0")
 
@@ -184,8 +205,12 @@ def _dequantized_stacked(path, out):
 
 def test_meldlite_runs_the_mixed_file_like_the_reference(mixed, src, tokens, f16_logits, tmp_path):
     """meldlite on the mixed file against llama.cpp on gguf-py's decoding of it (F32)."""
-    ref = llamacpp_logits(_dequantized_stacked(mixed.path, tmp_path / "deq.gguf"), tokens, n_ctx=128)
-    m = meldlite.load(mixed.path, n_ctx=128, llama_numerics=False)   # float activations, as the F32 file
+    ref = llamacpp_logits(
+        _dequantized_stacked(mixed.path, tmp_path / "deq.gguf"), tokens, n_ctx=128
+    )
+    m = meldlite.load(
+        mixed.path, n_ctx=128, llama_numerics=False
+    )  # float activations, as the F32 file
     got = m.logits(tokens)
     m.close()
     kl_runtime = kl_divergence(ref, got).mean()
@@ -212,31 +237,44 @@ def test_policy_gives_a_popular_expert_more_bits_than_a_rare_one(src, prof_path,
     r = quantize_model(src, tmp_path / "m.gguf", size=2_600_000, profile=prof)
     f = read_gguf(r.path)
     for L in range(SHAPE.n_layer):
-        nbytes = [sum(f.expert_tensor(L, k, e).nbytes for k in layout.KINDS) for e in range(SHAPE.n_expert)]
-        assert nbytes[0] == max(nbytes) and nbytes[1] == min(nbytes) and nbytes[0] > nbytes[1], nbytes
+        nbytes = [
+            sum(f.expert_tensor(L, k, e).nbytes for k in layout.KINDS)
+            for e in range(SHAPE.n_expert)
+        ]
+        assert nbytes[0] == max(nbytes) and nbytes[1] == min(nbytes) and nbytes[0] > nbytes[1], (
+            nbytes
+        )
 
 
 def test_mixed_errors(src, prof_path, tmp_path):
-    with pytest.raises(OptionError, match=r"smallest file this model can be quantized to \([0-9,]+ bytes\)"):
+    with pytest.raises(
+        OptionError, match=r"smallest file this model can be quantized to \([0-9,]+ bytes\)"
+    ):
         quantize_model(src, tmp_path / "m.gguf", size="1MB", profile=prof_path)
     old = {k: v for k, v in read_profile(prof_path).items() if k != "calibration"}
     (tmp_path / "v1.json").write_text(json.dumps(dict(old, version=1)))
     with pytest.raises(FormatError, match="no calibration data"):
         quantize_model(src, tmp_path / "m.gguf", size="3MB", profile=tmp_path / "v1.json")
-    other = write_random_model(tmp_path / "other.gguf", "qwen3moe", dtype=np.float16,
-                               shape=Shape(n_layer=3, n_expert=4, n_ff_exp=128))
+    other = write_random_model(
+        tmp_path / "other.gguf",
+        "qwen3moe",
+        dtype=np.float16,
+        shape=Shape(n_layer=3, n_expert=4, n_ff_exp=128),
+    )
     with pytest.raises(OptionError, match="profile is of a model with 2 layers x 8 experts"):
         quantize_model(other, tmp_path / "m.gguf", size="3MB", profile=prof_path)
 
 
 def test_bpw_is_bits_per_parameter_of_the_whole_file(src, prof_path, tmp_path):
-    n_params = sum(int(np.prod(read_gguf(src).tensor(n).shape)) for n in read_gguf(src).tensor_names())
+    n_params = sum(
+        int(np.prod(read_gguf(src).tensor(n).shape)) for n in read_gguf(src).tensor_names()
+    )
     p = _cli(src, tmp_path / "m.gguf", "--bpw", "2", "--profile", prof_path)
     assert p.returncode == 2 and f"size {n_params * 2 // 8:,} bytes is below" in p.stderr
 
 
 def test_info_shows_the_expert_map(mixed):
-    r = GGUFReader(mixed.path)              # the types as gguf-py reads them
+    r = GGUFReader(mixed.path)  # the types as gguf-py reads them
     want = {}
     for t in r.tensors:
         parsed = layout.parse_expert_name(t.name)
@@ -246,7 +284,7 @@ def test_info_shows_the_expert_map(mixed):
     for L in range(SHAPE.n_layer):
         line = next(x for x in out.splitlines() if x.strip().startswith(f"blk.{L}:"))
         counts = {}
-        for e, kinds in want[L].items():
+        for kinds in want[L].values():
             t = [kinds[k] for k in layout.KINDS]
             label = t[0] if len(set(t)) == 1 else "/".join(t)
             counts[label] = counts.get(label, 0) + 1
@@ -258,9 +296,14 @@ def test_info_shows_the_expert_map(mixed):
 
 def test_info_marks_pruned_experts():
     """Expert 1 pruned with its tensors kept, expert 4 pruned and left out of the file."""
-    d = {"expert_types": [[["Q4_K"] * 3, ["Q2_K"] * 3, ["Q4_K"] * 3, ["Q2_K", "Q2_K", "Q4_0"],
-                           ["pruned"] * 3]],
-         "expert_pruned": [[1, 4]], "expert_popularity": None, "expert_sensitivity": None}
+    d = {
+        "expert_types": [
+            [["Q4_K"] * 3, ["Q2_K"] * 3, ["Q4_K"] * 3, ["Q2_K", "Q2_K", "Q4_0"], ["pruned"] * 3]
+        ],
+        "expert_pruned": [[1, 4]],
+        "expert_popularity": None,
+        "expert_sensitivity": None,
+    }
     assert list(info_cli._summary(d)) == ["  blk.0: Q4_K x2, Q2_K/Q2_K/Q4_0 x1, pruned x2"]
     rows = [x.split() for x in info_cli._full_map(d)]
     assert rows[2] == ["1", "Q2_K", "pruned"] and rows[5] == ["4", "-", "pruned"]
@@ -268,10 +311,12 @@ def test_info_marks_pruned_experts():
 
 # -- the trained model (slow) -----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(shared_models):
     """(F16 path, token ids of 20 held-out stories, llama.cpp's F16 logits of them)."""
     from conftest import valid_stories
+
     path = shared_models / "tinystories-moe-f16.gguf"
     m = meldlite.load(path, n_ctx=512)
     ids = [m.tokenize(s, add_bos=True)[:512] for s in valid_stories(shared_models, 20)]
@@ -294,7 +339,9 @@ def _kl_stories(path, trained, runtime="llama.cpp"):
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q2_K", "Q4_K", "Q6_K"])
 def test_trained_uniform_file_is_as_good_as_llamacpp_pure(trained, qtype, tmp_path):
     ours = quantize_model(trained[0], tmp_path / "ours.gguf", qtype=qtype).path
-    theirs = llamacpp_quantize(trained[0], tmp_path / "theirs.gguf", LLAMA_FTYPE.get(qtype, qtype), pure=True)
+    theirs = llamacpp_quantize(
+        trained[0], tmp_path / "theirs.gguf", LLAMA_FTYPE.get(qtype, qtype), pure=True
+    )
     kl_ours, kl_theirs = _kl_stories(ours, trained), _kl_stories(theirs, trained)
     assert 0 < kl_ours <= 1.2 * kl_theirs, (kl_ours, kl_theirs)
 
@@ -303,11 +350,14 @@ def test_trained_uniform_file_is_as_good_as_llamacpp_pure(trained, qtype, tmp_pa
 def test_trained_mixed_file_beats_llamacpp_q3_k_m_at_its_size(trained, shared_models, tmp_path):
     """Profile on stories 200-319 of valid.txt, evaluate on stories 0-19."""
     from conftest import valid_stories
+
     m = meldlite.load(trained[0], n_ctx=512)
     prof = build_profile(m, "<|endoftext|>".join(valid_stories(shared_models, 320)[200:]))
     m.close()
     theirs = llamacpp_quantize(trained[0], tmp_path / "q3km.gguf", "Q3_K_M")
-    ours = quantize_model(trained[0], tmp_path / "mixed.gguf", size=theirs.stat().st_size, profile=prof)
+    ours = quantize_model(
+        trained[0], tmp_path / "mixed.gguf", size=theirs.stat().st_size, profile=prof
+    )
     assert ours.nbytes <= theirs.stat().st_size
     kl_ours, kl_theirs = _kl_stories(ours.path, trained, "meldlite"), _kl_stories(theirs, trained)
     assert kl_ours < 0.8 * kl_theirs, (kl_ours, kl_theirs)

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import valid_stories
 from helpers_models import llamacpp_quantize
 
@@ -31,17 +30,18 @@ def llamacpp_perplexity(path, stories, n_ctx=512):
     """llama.cpp's perplexity with meldlite's definition: each story alone as
     BOS + story; a story longer than the context in windows of n_ctx tokens
     overlapping by one, each from a fresh context, every token scored once."""
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False
+    )
     nll, n = 0.0, 0
     for story in stories:
         ids = llm.tokenize(story.encode(), add_bos=True)
         for start in range(0, len(ids) - 1, n_ctx - 1):
-            window = ids[start:start + n_ctx]
+            window = ids[start : start + n_ctx]
             llm.reset()
             llm._ctx.kv_cache_clear()
             llm.eval(window)
-            nll += story_nll(np.array(llm.scores[:len(window)]), np.array(window))
+            nll += story_nll(np.array(llm.scores[: len(window)]), np.array(window))
             n += len(window) - 1
     llm.close()
     return math.exp(nll / n)
@@ -52,15 +52,17 @@ def test_perplexity_on_50_stories_within_half_percent_of_llamacpp(trained, share
     stories = valid_stories(shared_models, 50)
     ref = llamacpp_perplexity(trained[kind], stories)
     ours = meldlite.load(trained[kind], n_ctx=512).perplexity(
-        "\n<|endoftext|>\n".join(stories), separator="<|endoftext|>")
+        "\n<|endoftext|>\n".join(stories), separator="<|endoftext|>"
+    )
     assert abs(ours / ref - 1) <= 0.005, f"meldlite {ours:.4f} vs llama.cpp {ref:.4f}"
 
 
 def test_greedy_generation_matches_llamacpp(trained):
     prompt = "Once upon a time"
     llm = llama_cpp.Llama(str(trained["F16"]), n_ctx=512, n_threads=2, verbose=False)
-    ref = llm.create_completion(prompt, max_tokens=40, temperature=0.0, top_k=1,
-                                repeat_penalty=1.0)["choices"][0]["text"]
+    ref = llm.create_completion(
+        prompt, max_tokens=40, temperature=0.0, top_k=1, repeat_penalty=1.0
+    )["choices"][0]["text"]
     llm.close()
     ours = "".join(meldlite.load(trained["F16"]).generate(prompt, max_tokens=40, temperature=0.0))
     assert ours == ref
@@ -87,9 +89,9 @@ def test_logits_shape_and_fresh_context():
 def test_bad_arguments_raise_option_error():
     m = meldlite.load(n_ctx=8)
     with pytest.raises(OptionError):
-        m.logits(list(range(1, 20)))          # longer than the context
+        m.logits(list(range(1, 20)))  # longer than the context
     with pytest.raises(OptionError):
-        m.logits([1, 10**6])                  # id out of range
+        m.logits([1, 10**6])  # id out of range
     with pytest.raises(OptionError):
         list(m.generate("hi", top_p=0))
     with pytest.raises(OptionError):

@@ -21,7 +21,8 @@ def logits(seed):
 def llama_apply(sampler, x, accept=()):
     """Run one llama.cpp sampler over logits x; return the surviving ids and their logits."""
     data = (llama_cpp.llama_token_data * len(x))(
-        *[llama_cpp.llama_token_data(i, float(v), 0.0) for i, v in enumerate(x)])
+        *[llama_cpp.llama_token_data(i, float(v), 0.0) for i, v in enumerate(x)]
+    )
     arr = llama_cpp.llama_token_data_array(data, len(x), -1, False)
     for t in accept:
         llama_cpp.llama_sampler_accept(sampler, t)
@@ -44,7 +45,9 @@ def ours_kept(y):
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_top_k_matches_llamacpp(seed, k):
     x = logits(seed)
-    assert set(ours_kept(sampling.top_k(x, k))) == set(llama_apply(llama_cpp.llama_sampler_init_top_k(k), x))
+    assert set(ours_kept(sampling.top_k(x, k))) == set(
+        llama_apply(llama_cpp.llama_sampler_init_top_k(k), x)
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))

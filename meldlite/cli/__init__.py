@@ -37,6 +37,7 @@ def main():
 
 def command(*args, **kwargs):
     """`main.command` whose body reports MeldliteError/OSError as one line, exit 2."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def guarded(*a, **kw):
@@ -46,7 +47,9 @@ def command(*args, **kwargs):
                 fail(str(e))
             except OSError as e:
                 fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
         return main.command(*args, **kwargs)(guarded)
+
     return wrap
 
 
@@ -60,6 +63,7 @@ def _register():
     """Import the subcommand modules so they attach themselves to `main`."""
     import importlib
     import pkgutil
+
     for mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{mod.name}")
 

@@ -10,12 +10,17 @@ from meldlite.cli import command
 @command("info")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-@click.option("--experts", "full", is_flag=True,
-              help="Every expert's types (and popularity/sensitivity when the file has them), "
-                   "not just a per-layer summary.")
+@click.option(
+    "--experts",
+    "full",
+    is_flag=True,
+    help="Every expert's types (and popularity/sensitivity when the file has them), "
+    "not just a per-layer summary.",
+)
 def info(model, as_json, full):
     """Architecture, sizes, parameters and quant types of MODEL."""
     import meldlite
+
     d = meldlite.load(model, n_ctx=16).info()
     if as_json:
         click.echo(json.dumps(d, indent=1))
@@ -27,13 +32,19 @@ def info(model, as_json, full):
 def format_info(d, full=False):
     yield f"model        {d['path']}"
     yield f"architecture {d['architecture']}  ({d['name']})"
-    yield (f"size         {d['file_bytes'] / 2**20:.2f} MiB of tensors, experts "
-           f"{d['expert_bytes'] / 2**20:.2f} MiB ({d['expert_layout'] or 'dense'})")
-    yield (f"shape        vocab {d['n_vocab']}, ctx {d['n_ctx_train']}, embd {d['n_embd']}, "
-           f"layers {d['n_layer']}, heads {d['n_head']}/{d['n_head_kv']} x {d['head_dim']}")
+    yield (
+        f"size         {d['file_bytes'] / 2**20:.2f} MiB of tensors, experts "
+        f"{d['expert_bytes'] / 2**20:.2f} MiB ({d['expert_layout'] or 'dense'})"
+    )
+    yield (
+        f"shape        vocab {d['n_vocab']}, ctx {d['n_ctx_train']}, embd {d['n_embd']}, "
+        f"layers {d['n_layer']}, heads {d['n_head']}/{d['n_head_kv']} x {d['head_dim']}"
+    )
     if d["n_expert"]:
-        yield (f"experts      {d['n_expert_used']} of {d['n_expert']} per token, FFN {d['n_ff_exp']}"
-               + (f", shared FFN {d['n_ff_shexp']}" if d["n_ff_shexp"] else ""))
+        yield (
+            f"experts      {d['n_expert_used']} of {d['n_expert']} per token, FFN {d['n_ff_exp']}"
+            + (f", shared FFN {d['n_ff_shexp']}" if d["n_ff_shexp"] else "")
+        )
     else:
         yield f"ffn          {d['n_ff']}"
     yield f"parameters   {d['params_total']:,} total, {d['params_active']:,} active per token"
@@ -43,7 +54,7 @@ def format_info(d, full=False):
     for t in d["tensors"]:
         if "_exps." in t["name"] and d["expert_layout"] == "per_expert":
             continue
-        yield f"{t['name']:<36} {t['type']:<7} {str(tuple(t['shape'])):<20} {t['bytes']}"
+        yield f"{t['name']:<36} {t['type']:<7} {tuple(t['shape'])!s:<20} {t['bytes']}"
     if d["expert_types"]:
         yield ""
         yield "expert types (gate/up/down, or one type for all three) per layer:"
@@ -52,12 +63,14 @@ def format_info(d, full=False):
 
 def _summary(d):
     from meldlite.modelinfo import expert_map
+
     for i, row in enumerate(expert_map(d["expert_types"], d["expert_pruned"])):
         yield f"  blk.{i}: " + ", ".join(f"{label} x{n}" for label, n in row)
 
 
 def _full_map(d):
     from meldlite.modelinfo import expert_label
+
     pop, sens = d.get("expert_popularity"), d.get("expert_sensitivity")
     for i, layer in enumerate(d["expert_types"]):
         yield f"  blk.{i}:"
@@ -68,5 +81,5 @@ def _full_map(d):
                 extra += f"  popularity {pop[i][e]:.4f}"
             if sens:
                 extra += f"  sensitivity {sens[i][e]:.2e}"
-            label = "-" if t[0] == "pruned" else expert_label(t)      # tensors left out
+            label = "-" if t[0] == "pruned" else expert_label(t)  # tensors left out
             yield f"    {e:>4} {label}{extra}"

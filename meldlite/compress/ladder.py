@@ -21,13 +21,16 @@ LADDER = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
 # Names llama.cpp never quantizes (besides 1-D tensors and names not ending in "weight").
-_KEEP = re.compile(r"_norm\.weight$|ffn_gate_inp\.weight$|^position_embd\.weight$|"
-                   r"^token_types\.weight$")
+_KEEP = re.compile(
+    r"_norm\.weight$|ffn_gate_inp\.weight$|^position_embd\.weight$|"
+    r"^token_types\.weight$"
+)
 
 
 def quantizable_types():
     """Types meldlite can write: the kernels' QUANTIZABLE (float types included)."""
     from meldlite.kernels.quantize import QUANTIZABLE
+
     return tuple(sorted(QUANTIZABLE, key=int))
 
 
@@ -39,8 +42,10 @@ def parse_type(name):
         raise OptionError(f"unknown quantization type {name!r}") from None
     known = quantizable_types()
     if qtype not in known:
-        raise OptionError(f"meldlite cannot quantize to {qtype.name} "
-                          f"(it writes {', '.join(t.name for t in known)})")
+        raise OptionError(
+            f"meldlite cannot quantize to {qtype.name} "
+            f"(it writes {', '.join(t.name for t in known)})"
+        )
     return qtype
 
 
@@ -70,8 +75,14 @@ def tensor_bytes(qtype, shape):
 def file_type(qtype):
     """The `general.file_type` (LlamaFileType) of a file mostly of `qtype` (a K-quant
     without its own file type takes its _M mix's, as llama.cpp's pure files do)."""
-    names = {T.F32: "ALL_F32", T.F16: "MOSTLY_F16", T.BF16: "MOSTLY_BF16",
-             T.Q3_K: "MOSTLY_Q3_K_M", T.Q4_K: "MOSTLY_Q4_K_M", T.Q5_K: "MOSTLY_Q5_K_M"}
+    names = {
+        T.F32: "ALL_F32",
+        T.F16: "MOSTLY_F16",
+        T.BF16: "MOSTLY_BF16",
+        T.Q3_K: "MOSTLY_Q3_K_M",
+        T.Q4_K: "MOSTLY_Q4_K_M",
+        T.Q5_K: "MOSTLY_Q5_K_M",
+    }
     return LlamaFileType[names.get(qtype, f"MOSTLY_{qtype.name}")]
 
 
@@ -80,4 +91,5 @@ def quantize(x, qtype, importance=None):
     `quantize_rows` (float types are plain conversions), weighted per column by
     `importance` (cols,) when given."""
     from meldlite.kernels.quantize import quantize_rows
-    return quantize_rows(x, qtype, importance)                               # (rows, row_bytes)
+
+    return quantize_rows(x, qtype, importance)  # (rows, row_bytes)

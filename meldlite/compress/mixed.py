@@ -12,12 +12,13 @@ from meldlite.experts.profile import decode_array, load_calibration, read_profil
 from meldlite.formats import layout
 from meldlite.formats.pack import non_expert_names
 
-_INFO_BYTES = 8 + 4 + 4 * 8 + 4 + 8     # a tensor info besides its name (at most 4 dims)
+_INFO_BYTES = 8 + 4 + 4 * 8 + 4 + 8  # a tensor info besides its name (at most 4 dims)
 
 
 def quantize_mixed(f, out, budget, profile, progress=None, ladder_types=None):
     """Write the per-expert file `out` from the float GGUFFile `f`, at most `budget` bytes."""
     from meldlite.compress.quantize import QuantizeResult
+
     prof = profile if isinstance(profile, dict) else read_profile(profile)
     check_profile(prof, f)
     sample = load_calibration(prof)
@@ -28,25 +29,37 @@ def quantize_mixed(f, out, budget, profile, progress=None, ladder_types=None):
     n_params = sum(math.prod(f.tensor(n).shape) for n in f.tensor_names())
     header = header_bound(f, experts)
     keys, ladders, nbytes = unit_options(f, experts, qtypes, allowed)
-    types, fixed = non_expert_plan(f, names, budget, header, n_params,
-                                   sum(min(b) for b in nbytes), allowed)
+    types, fixed = non_expert_plan(
+        f, names, budget, header, n_params, sum(min(b) for b in nbytes), allowed
+    )
     step = _stepper(progress, len(experts), "measuring")
     costs, imps = measure(f, prof, sample, experts, ladders, step)
     units = [list(zip(b, costs[k])) for k, b in zip(keys, nbytes)]
     choice = plan.allocate(units, budget - fixed)
     chosen = {k: ladders[k][c] for k, c in zip(keys, choice)}
-    expert_types = {(L, e): (chosen[(L, e, "gate_up")],) * 2 + (chosen[(L, e, "down")],)
-                    for L, e in experts}
+    expert_types = {
+        (L, e): (chosen[(L, e, "gate_up")],) * 2 + (chosen[(L, e, "down")],) for L, e in experts
+    }
     step = _stepper(progress, len(experts), "sensitivity")
     sens = sensitivities(f, sample, expert_types, imps, step)
     pop = popularity(prof, f)
-    meta = [write.f32_array_metadata(layout.KEY_POPULARITY, pop),
-            write.f32_array_metadata(layout.KEY_SENSITIVITY, sens),
-            ("meldlite.quantize.budget", int(budget), GGUFValueType.UINT64, None)]
+    meta = [
+        write.f32_array_metadata(layout.KEY_POPULARITY, pop),
+        write.f32_array_metadata(layout.KEY_SENSITIVITY, sens),
+        ("meldlite.quantize.budget", int(budget), GGUFValueType.UINT64, None),
+    ]
     step = _stepper(progress, None, "writing")
-    w = write.write_per_expert(f, out, types, expert_types, ladder.file_type(main_type(f, expert_types)),
-                               meta, imps, progress=step)
-    if w.nbytes > budget:       # header_bound is an upper bound: this cannot happen
+    w = write.write_per_expert(
+        f,
+        out,
+        types,
+        expert_types,
+        ladder.file_type(main_type(f, expert_types)),
+        meta,
+        imps,
+        progress=step,
+    )
+    if w.nbytes > budget:  # header_bound is an upper bound: this cannot happen
         raise OptionError(f"wrote {w.nbytes:,} bytes, over the budget of {budget:,}")
     counts = {}
     for t in expert_types.values():
@@ -60,8 +73,10 @@ def check_profile(prof, f):
     want = {"n_layer": f.n_layers, "n_expert": max(f.expert_count(L) for L in range(f.n_layers))}
     got = {k: m.get(k) for k in want}
     if got != want or len(prof.get("layers", ())) != f.n_layers:
-        raise OptionError(f"the profile is of a model with {got['n_layer']} layers x "
-                          f"{got['n_expert']} experts, SRC has {want['n_layer']} x {want['n_expert']}")
+        raise OptionError(
+            f"the profile is of a model with {got['n_layer']} layers x "
+            f"{got['n_expert']} experts, SRC has {want['n_layer']} x {want['n_expert']}"
+        )
 
 
 def unit_options(f, experts, qtypes, allowed):
@@ -74,8 +89,12 @@ def unit_options(f, experts, qtypes, allowed):
             lad = plan.unit_ladder(qtypes, shapes[0][-1], allowed)
             keys.append((L, e, group))
             ladders[(L, e, group)] = lad
-            nbytes.append([sum(plan.padded(ladder.tensor_bytes(t, s), f.alignment) for s in shapes)
-                           for t in lad])
+            nbytes.append(
+                [
+                    sum(plan.padded(ladder.tensor_bytes(t, s), f.alignment) for s in shapes)
+                    for t in lad
+                ]
+            )
     return keys, ladders, nbytes
 
 
@@ -83,18 +102,24 @@ def non_expert_plan(f, names, budget, header, n_params, cheapest, allowed):
     """(non-expert types, their bytes with the header) for the budget: the preset of the
     budget's bits per weight, or a cheaper one when the experts' cheapest types do not
     fit beside it. OptionError naming the smallest possible file when none fits."""
+
     def plan_at(lo):
         types = plan.non_expert_types(f, names, lo, allowed)
-        return types, header + sum(plan.padded(ladder.tensor_bytes(t, f.tensor(n).shape), f.alignment)
-                                   for n, t in types.items())
+        return types, header + sum(
+            plan.padded(ladder.tensor_bytes(t, f.tensor(n).shape), f.alignment)
+            for n, t in types.items()
+        )
+
     bpw = plan.mean_bpw(budget, n_params)
     for lo in reversed([lo for lo, _ in plan.PRESETS if lo <= bpw]):
         types, fixed = plan_at(lo)
         if fixed + cheapest <= budget:
             return types, fixed
     minimum = plan_at(0.0)[1] + cheapest
-    raise OptionError(f"size {budget:,} bytes is below the smallest file this model can be "
-                      f"quantized to ({minimum:,} bytes)")
+    raise OptionError(
+        f"size {budget:,} bytes is below the smallest file this model can be "
+        f"quantized to ({minimum:,} bytes)"
+    )
 
 
 def measure(f, prof, sample, experts, ladders, step):
@@ -110,8 +135,9 @@ def measure(f, prof, sample, experts, ladders, step):
         input_sq = decode_array(lay["input_sq_mean"]) if "input_sq_mean" in lay else None
         outs = {}
         for e in es:
-            d = sensitivity.expert_data(f, L, e, sample[L], share[e],
-                                        None if input_sq is None else input_sq[e])
+            d = sensitivity.expert_data(
+                f, L, e, sample[L], share[e], None if input_sq is None else input_sq[e]
+            )
             imps[(L, e)] = d.importance
             if d.y is not None:
                 outs[e] = d.y
@@ -133,7 +159,7 @@ def header_bound(f, experts):
     quantize adds, and the alignment padding."""
     names = sum(len(layout.expert_name(L, "gate", e)) + 8 + _INFO_BYTES for L, e in experts) * 3
     n = len(experts)
-    added = 2 * (64 + 4 * n) + (64 + 8 * n) + 512      # popularity, sensitivity, order, strings
+    added = 2 * (64 + 4 * n) + (64 + 8 * n) + 512  # popularity, sensitivity, order, strings
     return f.data_offset + names + added + f.alignment
 
 

@@ -27,7 +27,7 @@ def hull_steps(options):
             continue
         while len(hull) >= 2:
             (b0, c0), (b1, c1) = options[hull[-2]], options[hull[-1]]
-            if (c0 - c1) * (b - b1) <= (c1 - c) * (b1 - b0):   # hull[-1] gains less per byte
+            if (c0 - c1) * (b - b1) <= (c1 - c) * (b1 - b0):  # hull[-1] gains less per byte
                 hull.pop()
             else:
                 break
@@ -45,9 +45,11 @@ def allocate(units, budget):
     choice = [h[0] for h in hulls]
     spent = sum(units[u][c][0] for u, c in enumerate(choice))
     if spent > budget:
-        raise OptionError(f"the experts alone need {spent:,} bytes at their cheapest types, "
-                          f"more than the {budget:,} left for them")
-    steps = []                                   # (gain per byte, unit, position on its hull)
+        raise OptionError(
+            f"the experts alone need {spent:,} bytes at their cheapest types, "
+            f"more than the {budget:,} left for them"
+        )
+    steps = []  # (gain per byte, unit, position on its hull)
     for u, h in enumerate(hulls):
         for j in range(1, len(h)):
             (b0, c0), (b1, c1) = units[u][h[j - 1]], units[u][h[j]]
@@ -55,7 +57,7 @@ def allocate(units, budget):
     steps.sort(key=lambda s: -s[0])
     pos = [0] * len(units)
     for _, u, j in steps:
-        if pos[u] != j - 1:                      # an earlier step of this unit did not fit
+        if pos[u] != j - 1:  # an earlier step of this unit did not fit
             continue
         extra = units[u][hulls[u][j]][0] - units[u][hulls[u][j - 1]][0]
         if spent + extra <= budget:
@@ -63,7 +65,7 @@ def allocate(units, budget):
             pos[u] = j
             choice[u] = hulls[u][j]
         else:
-            pos[u] = -2                          # stop this unit
+            pos[u] = -2  # stop this unit
     return choice
 
 

@@ -27,8 +27,8 @@ from meldlite.formats.pack import TensorOut, non_expert_names, write_atomic
 @dataclass(frozen=True)
 class Pruned:
     path: Path
-    n_pruned: int         # pruned experts in the file, all layers
-    nbytes: int           # size of the written file
+    n_pruned: int  # pruned experts in the file, all layers
+    nbytes: int  # size of the written file
 
 
 def prune_count(spec, n_expert, n_used):
@@ -38,7 +38,9 @@ def prune_count(spec, n_expert, n_used):
     try:
         value = float(text)
     except ValueError:
-        raise OptionError(f"--prune-experts {spec!r}: expected a count N or a fraction in [0, 1)") from None
+        raise OptionError(
+            f"--prune-experts {spec!r}: expected a count N or a fraction in [0, 1)"
+        ) from None
     if "." in text or "e" in text.lower():
         if not 0 <= value < 1:
             raise OptionError(f"--prune-experts {spec!r}: a fraction must be in [0, 1)")
@@ -48,17 +50,19 @@ def prune_count(spec, n_expert, n_used):
     else:
         n = int(value)
     if n > n_expert - n_used:
-        raise OptionError(f"--prune-experts {spec!r}: pruning {n} of {n_expert} experts per layer "
-                          f"leaves fewer than the {n_used} used per token")
+        raise OptionError(
+            f"--prune-experts {spec!r}: pruning {n} of {n_expert} experts per layer "
+            f"leaves fewer than the {n_used} used per token"
+        )
     return n
 
 
 def least_used(popularity, n_prune, already=None):
     """(L, X) bool: per layer, the n_prune experts of lowest popularity (ties: lower
     id first), counting experts already pruned (`already`, (L, X) bool) among them."""
-    pop = np.asarray(popularity, np.float64)                                # (L, X)
+    pop = np.asarray(popularity, np.float64)  # (L, X)
     done = np.zeros(pop.shape, bool) if already is None else np.asarray(already, bool)
-    out = done.copy()                                                       # (L, X)
+    out = done.copy()  # (L, X)
     for layer in range(pop.shape[0]):
         extra = n_prune - int(done[layer].sum())
         if extra > 0:
@@ -70,7 +74,7 @@ def least_used(popularity, n_prune, already=None):
 def pruned_flags(f):
     """(L, X) bool of the experts `f` (a GGUFFile) already marks pruned."""
     cfg = ModelConfig.from_metadata(f.metadata)
-    flags = np.zeros((cfg.n_layer, cfg.n_expert), bool)                     # (L, X)
+    flags = np.zeros((cfg.n_layer, cfg.n_expert), bool)  # (L, X)
     for layer in range(cfg.n_layer):
         flags[layer, cfg.pruned(layer)] = True
     return flags
@@ -80,12 +84,16 @@ def file_popularity(f, cfg):
     """(L, X) popularity from `f`'s meldlite.expert_popularity metadata."""
     value = f.metadata.get(layout.KEY_POPULARITY)
     if value is None:
-        raise OptionError(f"{f.path} has no {layout.KEY_POPULARITY}: give a profile "
-                          f"(meldlite profile) to choose the experts to prune")
+        raise OptionError(
+            f"{f.path} has no {layout.KEY_POPULARITY}: give a profile "
+            f"(meldlite profile) to choose the experts to prune"
+        )
     pop = np.asarray(value, np.float64)
     if pop.size != cfg.n_layer * cfg.n_expert:
-        raise FormatError(f"{f.path}: {layout.KEY_POPULARITY} has {pop.size} values, expected "
-                          f"{cfg.n_layer * cfg.n_expert}")
+        raise FormatError(
+            f"{f.path}: {layout.KEY_POPULARITY} has {pop.size} values, expected "
+            f"{cfg.n_layer * cfg.n_expert}"
+        )
     return pop.reshape(cfg.n_layer, cfg.n_expert)
 
 
@@ -99,6 +107,7 @@ def prune_plan(f, profile=None, prune="0"):
     """(L, X) bool: the experts of `f` (a GGUFFile) pruned after pruning `prune`
     (count or fraction) per layer, by popularity from `profile` or `f`'s metadata."""
     from meldlite.experts.profile import load_prior
+
     cfg = ModelConfig.from_metadata(f.metadata)
     if not cfg.is_moe:
         raise OptionError(f"{f.path}: a dense model has no experts to prune")
@@ -125,17 +134,25 @@ def prune_file(src, out, profile=None, prune="0"):
     `src`'s expert order. `out` may be `src` (written to a temporary, then renamed).
     """
     f = read_gguf(src)
-    flags = prune_plan(f, profile, prune)                                   # (L, X)
+    flags = prune_plan(f, profile, prune)  # (L, X)
     kept = [(L, e) for L, e in f.expert_order() if not flags[L, e]]
     tensors = [TensorOut.copy(n, f.tensor(n)) for n in non_expert_names(f)]
     for L, e in kept:
-        tensors += [TensorOut.copy(layout.expert_name(L, k, e), f.expert_tensor(L, k, e))
-                    for k in layout.KINDS]
-    meta = [(layout.KEY_LAYOUT, layout.PER_EXPERT, GGUFValueType.STRING, None),
-            (layout.KEY_ORDER, [x for p in kept for x in p], GGUFValueType.ARRAY, GGUFValueType.UINT32),
-            (layout.KEY_ORDER_POLICY, f.metadata.get(layout.KEY_ORDER_POLICY, "layer-major"),
-             GGUFValueType.STRING, None),
-            pruned_metadata(flags)]
+        tensors += [
+            TensorOut.copy(layout.expert_name(L, k, e), f.expert_tensor(L, k, e))
+            for k in layout.KINDS
+        ]
+    meta = [
+        (layout.KEY_LAYOUT, layout.PER_EXPERT, GGUFValueType.STRING, None),
+        (layout.KEY_ORDER, [x for p in kept for x in p], GGUFValueType.ARRAY, GGUFValueType.UINT32),
+        (
+            layout.KEY_ORDER_POLICY,
+            f.metadata.get(layout.KEY_ORDER_POLICY, "layer-major"),
+            GGUFValueType.STRING,
+            None,
+        ),
+        pruned_metadata(flags),
+    ]
     out = Path(out)
     write_atomic(out, f, tensors, meta, skip_keys=(layout.KEY_PRUNED,))
     return Pruned(out, int(flags.sum()), out.stat().st_size)
@@ -149,8 +166,8 @@ def remove_experts(src, out, flags):
     f = read_gguf(src)
     if f.expert_layout != layout.STACKED:
         raise UnsupportedError(f"{src}: removing experts needs the stacked layout")
-    flags = np.asarray(flags, bool)                                         # (L, X)
-    kept = [np.flatnonzero(~row) for row in flags]                          # per layer (X',)
+    flags = np.asarray(flags, bool)  # (L, X)
+    kept = [np.flatnonzero(~row) for row in flags]  # per layer (X',)
     if len({len(k) for k in kept}) != 1:
         raise OptionError("removing experts needs the same number pruned in every layer")
     stacked = set(f.expert_tensor_names())
@@ -159,11 +176,22 @@ def remove_experts(src, out, flags):
         view = f.tensor(name)
         if name in stacked or name.endswith(".ffn_gate_inp.weight"):
             rows = kept[int(name.split(".")[1])]
-            tensors.append(TensorOut(name, view.ggml_type, (len(rows), *view.raw.shape[1:]),
-                                     lambda v=view, r=rows: np.ascontiguousarray(v.raw[r])))
+            tensors.append(
+                TensorOut(
+                    name,
+                    view.ggml_type,
+                    (len(rows), *view.raw.shape[1:]),
+                    lambda v=view, r=rows: np.ascontiguousarray(v.raw[r]),
+                )
+            )
         else:
             tensors.append(TensorOut.copy(name, view))
     key = Keys.LLM.EXPERT_COUNT.format(arch=f.architecture)
-    write_atomic(out, f, tensors, [(key, len(kept[0]), GGUFValueType.UINT32, None)],
-                 skip_keys=(key, layout.KEY_PRUNED, layout.KEY_POPULARITY, layout.KEY_SENSITIVITY))
+    write_atomic(
+        out,
+        f,
+        tensors,
+        [(key, len(kept[0]), GGUFValueType.UINT32, None)],
+        skip_keys=(key, layout.KEY_PRUNED, layout.KEY_POPULARITY, layout.KEY_SENSITIVITY),
+    )
     return Path(out)

@@ -19,14 +19,15 @@ from meldlite.formats.gguf import read_gguf
 @dataclass
 class QuantizeResult:
     path: Path
-    nbytes: int                 # size of the written file
-    tensor_types: dict          # type name -> number of tensors
-    expert_types: dict = field(default_factory=dict)   # (gate, up, down) names -> experts (mixed)
-    budget: int = None          # the size budget in bytes (mixed)
+    nbytes: int  # size of the written file
+    tensor_types: dict  # type name -> number of tensors
+    expert_types: dict = field(default_factory=dict)  # (gate, up, down) names -> experts (mixed)
+    budget: int = None  # the size budget in bytes (mixed)
 
 
-def quantize_model(src, out, *, qtype=None, size=None, bpw=None, profile=None, progress=None,
-                   ladder_types=None):
+def quantize_model(
+    src, out, *, qtype=None, size=None, bpw=None, profile=None, progress=None, ladder_types=None
+):
     """Write `out` from the F32/F16/BF16 model `src`.
 
     qtype:    a type name ("Q4_K") -> uniform file, stacked layout, as llama.cpp's
@@ -41,20 +42,27 @@ def quantize_model(src, out, *, qtype=None, size=None, bpw=None, profile=None, p
         raise OptionError("OUT must differ from SRC")
     given = [n for n, v in (("type", qtype), ("size", size), ("bpw", bpw)) if v is not None]
     if len(given) != 1:
-        raise OptionError("give exactly one of --type, --size or --bpw"
-                          + (f" (got {', '.join(given)})" if given else ""))
+        raise OptionError(
+            "give exactly one of --type, --size or --bpw"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
     f = read_gguf(src)
     write.check_float_source(f)
     if qtype is not None:
         if profile is not None:
-            raise OptionError("--profile is for mixed files (--size/--bpw) and --prune-experts; "
-                              "--type files are quantized as llama.cpp's pure ones, without calibration")
+            raise OptionError(
+                "--profile is for mixed files (--size/--bpw) and --prune-experts; "
+                "--type files are quantized as llama.cpp's pure ones, without calibration"
+            )
         return quantize_uniform(f, out, ladder.parse_type(qtype), progress)
     budget = parse_size(size, "size") if size is not None else bpw_budget(f, bpw)
     if profile is None:
-        raise OptionError("a mixed file (--size or --bpw) needs --profile PROFILE, "
-                          "from `meldlite profile MODEL TEXT -o PROFILE`")
+        raise OptionError(
+            "a mixed file (--size or --bpw) needs --profile PROFILE, "
+            "from `meldlite profile MODEL TEXT -o PROFILE`"
+        )
     from meldlite.compress.mixed import quantize_mixed
+
     return quantize_mixed(f, out, budget, profile, progress=progress, ladder_types=ladder_types)
 
 

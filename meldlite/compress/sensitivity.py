@@ -35,28 +35,29 @@ GROUPS = {"gate_up": ("gate", "up"), "down": ("down",)}
 @dataclass
 class ExpertData:
     """One expert's float weights and its calibration rows."""
-    gate: np.ndarray          # (F, E)
-    up: np.ndarray            # (F, E)
-    down: np.ndarray          # (E, F)
-    x: np.ndarray             # (n, E) rows routed to the expert
-    w: np.ndarray             # (n,) their router weights
-    share: float              # tokens routed to it / tokens (whole profile text)
-    importance: dict          # kind -> (cols,) float32 or None
-    a: np.ndarray = None      # (n, F) exact inner activation
-    y: np.ndarray = None      # (n, E) exact output
+
+    gate: np.ndarray  # (F, E)
+    up: np.ndarray  # (F, E)
+    down: np.ndarray  # (E, F)
+    x: np.ndarray  # (n, E) rows routed to the expert
+    w: np.ndarray  # (n,) their router weights
+    share: float  # tokens routed to it / tokens (whole profile text)
+    importance: dict  # kind -> (cols,) float32 or None
+    a: np.ndarray = None  # (n, F) exact inner activation
+    y: np.ndarray = None  # (n, E) exact output
 
     def inner(self, gate=None, up=None):
         if gate is None and up is None and self.a is not None:
             return self.a
-        g = self.x @ (self.gate if gate is None else gate).T                  # (n, F)
-        u = self.x @ (self.up if up is None else up).T                        # (n, F)
-        return silu(g) * u                                                    # (n, F)
+        g = self.x @ (self.gate if gate is None else gate).T  # (n, F)
+        u = self.x @ (self.up if up is None else up).T  # (n, F)
+        return silu(g) * u  # (n, F)
 
 
 def rows_of(sample_layer, e):
     """(x (n, E) float32, w (n,)) of the sampled rows routed to expert e."""
     x, ids, w = sample_layer
-    hit = ids == e                                                            # (N, k)
+    hit = ids == e  # (N, k)
     rows = hit.any(axis=1)
     return x[rows].astype(np.float32), (w * hit).sum(axis=1)[rows].astype(np.float32)
 
@@ -68,33 +69,36 @@ def expert_data(f, layer, e, sample_layer, share, input_sq):
     d = ExpertData(mats["gate"], mats["up"], mats["down"], x, w, float(share), {})
     sq = None if input_sq is None or not np.any(input_sq) else np.asarray(input_sq, np.float32)
     if len(x):
-        d.a = d.inner()                                                       # (n, F)
-        d.y = d.a @ d.down.T                                                  # (n, E)
+        d.a = d.inner()  # (n, F)
+        d.y = d.a @ d.down.T  # (n, E)
         sq = importance_from_activations(x) if sq is None else sq
-    d.importance = {"gate": sq, "up": sq,
-                    "down": importance_from_activations(d.a) if len(x) else None}
+    d.importance = {
+        "gate": sq,
+        "up": sq,
+        "down": importance_from_activations(d.a) if len(x) else None,
+    }
     return d
 
 
 def roundtrip(m, qtype, importance=None):
     """m (rows, cols) float32 after quantizing to `qtype` and decoding again."""
-    return dequantize(ladder.quantize(m, qtype, importance), qtype)          # (rows, cols)
+    return dequantize(ladder.quantize(m, qtype, importance), qtype)  # (rows, cols)
 
 
 def unit_errors(d, group, qtypes):
     """[mean over rows of w^2 |y_t - y|^2 for each type t] of one unit, exact elsewhere."""
     if not len(d.x):
         return [0.0] * len(qtypes)
-    y = d.y                                                                   # (n, E)
-    w2 = d.w.astype(np.float64) ** 2                                          # (n,)
+    y = d.y  # (n, E)
+    w2 = d.w.astype(np.float64) ** 2  # (n,)
     out = []
     for t in qtypes:
         if group == "down":
-            yt = d.inner() @ roundtrip(d.down, t, d.importance["down"]).T     # (n, E)
+            yt = d.inner() @ roundtrip(d.down, t, d.importance["down"]).T  # (n, E)
         else:
             gt = roundtrip(d.gate, t, d.importance["gate"])
             ut = roundtrip(d.up, t, d.importance["up"])
-            yt = d.inner(gt, ut) @ d.down.T                                   # (n, E)
+            yt = d.inner(gt, ut) @ d.down.T  # (n, E)
         out.append(float((w2 * ((yt - y).astype(np.float64) ** 2).sum(axis=1)).mean()))
     return out
 
@@ -104,10 +108,12 @@ def relative_error(d, types):
     and down at `types`; 0 when no row was routed to it."""
     if not len(d.x):
         return 0.0
-    y = d.y                                                                   # (n, E)
-    g, u, dn = (roundtrip(m, t, d.importance[k]) for m, t, k in
-                zip((d.gate, d.up, d.down), types, ("gate", "up", "down")))
-    yq = d.inner(g, u) @ dn.T                                                 # (n, E)
+    y = d.y  # (n, E)
+    g, u, dn = (
+        roundtrip(m, t, d.importance[k])
+        for m, t, k in zip((d.gate, d.up, d.down), types, ("gate", "up", "down"))
+    )
+    yq = d.inner(g, u) @ dn.T  # (n, E)
     w2 = d.w.astype(np.float64)[:, None] ** 2
     return float((w2 * (yq - y) ** 2).sum() / max((w2 * y.astype(np.float64) ** 2).sum(), 1e-30))
 
@@ -115,9 +121,9 @@ def relative_error(d, types):
 def layer_energy(sample_layer, outputs):
     """Mean over sampled tokens of |sum_e w_e y_e|^2; outputs {e: y (n_e, E) on its rows}."""
     x, ids, w = sample_layer
-    total = np.zeros(x.shape, np.float64)                                     # (N, E)
+    total = np.zeros(x.shape, np.float64)  # (N, E)
     for e, y in outputs.items():
-        hit = ids == e                                                        # (N, k)
+        hit = ids == e  # (N, k)
         rows = hit.any(axis=1)
         total[rows] += (w * hit).sum(axis=1)[rows, None] * y
-    return float((total ** 2).sum(axis=1).mean()) if len(x) else 1.0
+    return float((total**2).sum(axis=1).mean()) if len(x) else 1.0

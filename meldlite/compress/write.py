@@ -17,16 +17,22 @@ from meldlite.formats import layout
 from meldlite.formats.pack import TensorOut, non_expert_names, write_atomic
 
 # Keys of the source that a quantized file must not inherit (they would be wrong).
-OWN_KEYS = (Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION, layout.KEY_LAYOUT,
-            layout.KEY_ORDER, layout.KEY_ORDER_POLICY, layout.KEY_POPULARITY,
-            layout.KEY_SENSITIVITY)
+OWN_KEYS = (
+    Keys.General.FILE_TYPE,
+    Keys.General.QUANTIZATION_VERSION,
+    layout.KEY_LAYOUT,
+    layout.KEY_ORDER,
+    layout.KEY_ORDER_POLICY,
+    layout.KEY_POPULARITY,
+    layout.KEY_SENSITIVITY,
+)
 
 
 @dataclass(frozen=True)
 class Written:
     path: Path
-    nbytes: int           # size of the file
-    tensor_types: dict    # type name -> number of tensors
+    nbytes: int  # size of the file
+    tensor_types: dict  # type name -> number of tensors
 
 
 def check_float_source(f):
@@ -34,8 +40,9 @@ def check_float_source(f):
     for name in f.tensor_names():
         t = f.tensor(name)
         if t.ggml_type not in ladder.FLOAT_TYPES:
-            raise OptionError(f"{f.path}: quantize needs an F32/F16/BF16 model, "
-                              f"tensor {name!r} is {t.qtype}")
+            raise OptionError(
+                f"{f.path}: quantize needs an F32/F16/BF16 model, tensor {name!r} is {t.qtype}"
+            )
 
 
 def quantized(view, qtype, importance=None, name=None):
@@ -49,14 +56,15 @@ def quantized(view, qtype, importance=None, name=None):
         return TensorOut.copy(name or view.name, view)
 
     def data():
-        w = view.dequantize()                                                 # (..., rows, cols)
+        w = view.dequantize()  # (..., rows, cols)
         if w.ndim == 2:
-            return ladder.quantize(w, qtype, importance)                      # (rows, row_bytes)
-        out = np.empty(raw_shape, np.uint8)                                   # (X, rows, row_bytes)
+            return ladder.quantize(w, qtype, importance)  # (rows, row_bytes)
+        out = np.empty(raw_shape, np.uint8)  # (X, rows, row_bytes)
         for e in range(shape[0]):
             imp = None if importance is None else importance[e]
             out[e] = ladder.quantize(w[e], qtype, imp)
         return out
+
     return TensorOut(name or view.name, qtype, raw_shape, data)
 
 
@@ -71,9 +79,11 @@ def uniform_plan(f, qtype):
             continue
         types[name] = t = ladder.fit_type(qtype, view.shape[-1])
         if t not in allowed:
-            raise OptionError(f"tensor {name!r} has rows of {view.shape[-1]} values, so "
-                              f"{qtype.name} falls back to {t.name} (as in llama.cpp), "
-                              f"which meldlite cannot quantize")
+            raise OptionError(
+                f"tensor {name!r} has rows of {view.shape[-1]} values, so "
+                f"{qtype.name} falls back to {t.name} (as in llama.cpp), "
+                f"which meldlite cannot quantize"
+            )
     return types
 
 
@@ -83,8 +93,9 @@ def write_stacked(f, out, types, file_type, progress=None):
     return _write(f, out, tensors, _type_metadata(file_type), progress)
 
 
-def write_per_expert(f, out, types, expert_types, file_type, extra_metadata=(),
-                     importance=None, progress=None):
+def write_per_expert(
+    f, out, types, expert_types, file_type, extra_metadata=(), importance=None, progress=None
+):
     """Write `out` in the per-expert layout (layer-major expert order).
 
     types:        {non-expert tensor name: type}
@@ -96,25 +107,46 @@ def write_per_expert(f, out, types, expert_types, file_type, extra_metadata=(),
     for L, e in order:
         imp = (importance or {}).get((L, e), {})
         for kind, qtype in zip(layout.KINDS, expert_types[(L, e)]):
-            tensors.append(quantized(f.expert_tensor(L, kind, e), qtype, imp.get(kind),
-                                     name=layout.expert_name(L, kind, e)))
-    meta = _type_metadata(file_type) + [
-        (layout.KEY_LAYOUT, layout.PER_EXPERT, GGUFValueType.STRING, None),
-        (layout.KEY_ORDER, [x for p in order for x in p], GGUFValueType.ARRAY, GGUFValueType.UINT32),
-        (layout.KEY_ORDER_POLICY, "layer-major", GGUFValueType.STRING, None),
-    ] + list(extra_metadata)
+            tensors.append(
+                quantized(
+                    f.expert_tensor(L, kind, e),
+                    qtype,
+                    imp.get(kind),
+                    name=layout.expert_name(L, kind, e),
+                )
+            )
+    meta = (
+        _type_metadata(file_type)
+        + [
+            (layout.KEY_LAYOUT, layout.PER_EXPERT, GGUFValueType.STRING, None),
+            (
+                layout.KEY_ORDER,
+                [x for p in order for x in p],
+                GGUFValueType.ARRAY,
+                GGUFValueType.UINT32,
+            ),
+            (layout.KEY_ORDER_POLICY, "layer-major", GGUFValueType.STRING, None),
+        ]
+        + list(extra_metadata)
+    )
     return _write(f, out, tensors, meta, progress)
 
 
 def f32_array_metadata(key, values):
     """A metadata entry holding a flat float32 array."""
-    return (key, [float(v) for v in np.asarray(values, np.float32).ravel()],
-            GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+    return (
+        key,
+        [float(v) for v in np.asarray(values, np.float32).ravel()],
+        GGUFValueType.ARRAY,
+        GGUFValueType.FLOAT32,
+    )
 
 
 def _type_metadata(file_type):
-    return [(Keys.General.FILE_TYPE, int(file_type), GGUFValueType.UINT32, None),
-            (Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, GGUFValueType.UINT32, None)]
+    return [
+        (Keys.General.FILE_TYPE, int(file_type), GGUFValueType.UINT32, None),
+        (Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, GGUFValueType.UINT32, None),
+    ]
 
 
 def _write(f, out, tensors, metadata, progress):
@@ -134,4 +166,5 @@ def _counted(t, i, total, progress):
         raw = t.data()
         progress(i, total)
         return raw
+
     return TensorOut(t.name, t.ggml_type, t.raw_shape, data)

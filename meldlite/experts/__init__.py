@@ -8,11 +8,19 @@
 - `skip_light_experts`: adaptive top-k (adaptive.py).
 """
 
-from meldlite.experts.store import ExpertStore, ResidentStore
+from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.cache import CachedStore
 from meldlite.experts.factory import make_store
-from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.profile import build_profile, read_profile, save_profile
+from meldlite.experts.store import ExpertStore, ResidentStore
 
-__all__ = ["CachedStore", "ExpertStore", "ResidentStore", "build_profile", "make_store",
-           "read_profile", "save_profile", "skip_light_experts"]
+__all__ = [
+    "CachedStore",
+    "ExpertStore",
+    "ResidentStore",
+    "build_profile",
+    "make_store",
+    "read_profile",
+    "save_profile",
+    "skip_light_experts",
+]

@@ -36,11 +36,11 @@ def skip_light_experts(ids, weights, min_weight):
     """
     ids = np.asarray(ids)
     weights = np.asarray(weights, dtype=F32)
-    valid = ids >= 0                                                      # (T, k)
-    w = np.where(valid, weights, F32(0))                                  # (T, k)
-    total = w.sum(axis=-1, keepdims=True, dtype=F32)                      # (T, 1)
-    share = w / np.maximum(total, F32(1e-30))                             # (T, k)
-    drop = valid & (share < F32(min_weight))                              # (T, k)
+    valid = ids >= 0  # (T, k)
+    w = np.where(valid, weights, F32(0))  # (T, k)
+    total = w.sum(axis=-1, keepdims=True, dtype=F32)  # (T, 1)
+    share = w / np.maximum(total, F32(1e-30))  # (T, k)
+    drop = valid & (share < F32(min_weight))  # (T, k)
     drop[np.arange(len(ids)), np.argmax(share, axis=-1)] = False
     if not drop.any():
         return ids, weights

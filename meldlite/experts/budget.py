@@ -16,10 +16,22 @@ import re
 
 from meldlite.errors import OptionError
 
-UNITS = {"": 1, "b": 1,
-         "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-         "t": 10**12, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 _SIZE_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _PCT_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*%\s*$")
@@ -79,7 +91,9 @@ def parse_rate(value):
     try:
         return float(parse_size(text, "io_throttle"))
     except OptionError:
-        raise OptionError(f"io_throttle {value!r} is not a positive rate; use e.g. {RATE_FORMS}") from None
+        raise OptionError(
+            f"io_throttle {value!r} is not a positive rate; use e.g. {RATE_FORMS}"
+        ) from None
 
 
 def format_bytes(n):

@@ -43,8 +43,8 @@ from meldlite.experts.store import ExpertStore, expert_matrices
 ABSENT, LOADING, READY = 0, 1, 2
 MECHANISMS = ("direct", "pread", "mmap")
 KINDS = ("gate", "up", "down")
-SLOT_ALIGN = 64            # slab slots start on cache-line boundaries
-SPLIT_COST = 3e-4          # seconds an extra kernel call + combine cost (measured, docs/experts.md)
+SLOT_ALIGN = 64  # slab slots start on cache-line boundaries
+SPLIT_COST = 3e-4  # seconds an extra kernel call + combine cost (measured, docs/experts.md)
 F32 = np.float32
 
 
@@ -61,18 +61,22 @@ class ExpertPlan:
         L, X = cfg.n_layer, cfg.n_expert
         n = L * X
         self.n_layer, self.n_expert, self.align = L, X, align
-        self.ranges = []                             # per g: [(file offset, nbytes)] of its tensors
-        self.reads = []                              # per g: [(file offset, nbytes, slab offset, need)]
-        self.mats = []                               # per g: 3 x (slab offset, rows, row_bytes)
-        self.nbytes = np.zeros(n, np.int64)          # (L*X,) bytes of a slab slot
-        self.read_bytes = np.zeros(n, np.int64)      # (L*X,) bytes one load reads
-        self.span = np.zeros(n, np.int64)            # (L*X,) whole pages the ranges cover
-        self.offset = np.zeros(n, np.int64)          # (L*X,) file offset of the first byte
-        self.types = np.zeros((L, X, 3), np.int32)   # (L, X, 3) ggml type ids
-        self.present = np.array([gguf.expert_present(layer, e) for layer in range(L)
-                                 for e in range(X)], bool)   # (L*X,) stored in the file
-        want = {"gate": (cfg.n_ff_exp, cfg.n_embd), "up": (cfg.n_ff_exp, cfg.n_embd),
-                "down": (cfg.n_embd, cfg.n_ff_exp)}
+        self.ranges = []  # per g: [(file offset, nbytes)] of its tensors
+        self.reads = []  # per g: [(file offset, nbytes, slab offset, need)]
+        self.mats = []  # per g: 3 x (slab offset, rows, row_bytes)
+        self.nbytes = np.zeros(n, np.int64)  # (L*X,) bytes of a slab slot
+        self.read_bytes = np.zeros(n, np.int64)  # (L*X,) bytes one load reads
+        self.span = np.zeros(n, np.int64)  # (L*X,) whole pages the ranges cover
+        self.offset = np.zeros(n, np.int64)  # (L*X,) file offset of the first byte
+        self.types = np.zeros((L, X, 3), np.int32)  # (L, X, 3) ggml type ids
+        self.present = np.array(
+            [gguf.expert_present(layer, e) for layer in range(L) for e in range(X)], bool
+        )  # (L*X,) stored in the file
+        want = {
+            "gate": (cfg.n_ff_exp, cfg.n_embd),
+            "up": (cfg.n_ff_exp, cfg.n_embd),
+            "down": (cfg.n_embd, cfg.n_ff_exp),
+        }
         for layer in range(L):
             for e in range(X):
                 g = layer * X + e
@@ -92,9 +96,11 @@ class ExpertPlan:
                 for j, kind in enumerate(KINDS):
                     t = gguf.expert_tensor(layer, kind, e)
                     if tuple(t.shape) != want[kind]:
-                        raise FormatError(f"layer {layer} expert {e} {kind} has shape {t.shape}, "
-                                          f"expected {want[kind]}")
-                    start, _, at, need = next(r for r in reads if r[0] <= t.offset < r[0] + r[3])
+                        raise FormatError(
+                            f"layer {layer} expert {e} {kind} has shape {t.shape}, "
+                            f"expected {want[kind]}"
+                        )
+                    start, _, at, _need = next(r for r in reads if r[0] <= t.offset < r[0] + r[3])
                     mats.append((at + t.offset - start, t.raw.shape[0], t.raw.shape[1]))
                     self.types[layer, e, j] = int(t.ggml_type)
                 self.ranges.append(ranges)
@@ -105,7 +111,7 @@ class ExpertPlan:
                 self.span[g] = sum(eio.page_span(off, nb)[1] for off, nb in ranges)
                 self.offset[g] = ranges[0][0]
         for layer in range(L):
-            stored = self.present[layer * X:(layer + 1) * X]             # (X,)
+            stored = self.present[layer * X : (layer + 1) * X]  # (X,)
             self.types[layer, ~stored] = self.types[layer, np.argmax(stored)]
             kernels.check_types(self.types[layer])
 
@@ -131,7 +137,7 @@ class SlabPool:
         self.slot_bytes, self.n_slots = int(slot_bytes), int(n_slots)
         self.capacity = self.slot_bytes * self.n_slots
         self._mem = mmap.mmap(-1, max(self.capacity, eio.PAGE))
-        self.buf = np.frombuffer(self._mem, np.uint8)       # (capacity,)
+        self.buf = np.frombuffer(self._mem, np.uint8)  # (capacity,)
         self._free = list(range(self.n_slots - 1, -1, -1))
 
     def has_room(self, nbytes):
@@ -145,7 +151,7 @@ class SlabPool:
 
     def view(self, slot, offset, nbytes):
         start = slot * self.slot_bytes + offset
-        return self.buf[start:start + nbytes]
+        return self.buf[start : start + nbytes]
 
 
 class BytePool:
@@ -191,9 +197,9 @@ def combine(ids, weights, Y):
     in float32 from 0.0 -- the same operations, in the same order, as moe_ffn's
     combine step."""
     T, k = ids.shape
-    out = np.zeros((T, Y.shape[2]), F32)                               # (T, E)
+    out = np.zeros((T, Y.shape[2]), F32)  # (T, E)
     for j in range(k):
-        m = ids[:, j] >= 0                                              # (T,)
+        m = ids[:, j] >= 0  # (T,)
         if m.all():
             out += weights[:, j, None] * Y[:, j]
         elif m.any():
@@ -206,9 +212,23 @@ class CachedStore(ExpertStore):
 
     See the module docstring; options are documented in `meldlite.load`."""
 
-    def __init__(self, gguf, cfg, weights, budget, *, policy="forecast", prefetch=True,
-                 mechanism="direct", llama_numerics=True, min_expert_weight=None,
-                 io_throttle=None, prior=None, drop_cache=True, prefetch_depth=1):
+    def __init__(
+        self,
+        gguf,
+        cfg,
+        weights,
+        budget,
+        *,
+        policy="forecast",
+        prefetch=True,
+        mechanism="direct",
+        llama_numerics=True,
+        min_expert_weight=None,
+        io_throttle=None,
+        prior=None,
+        drop_cache=True,
+        prefetch_depth=1,
+    ):
         if mechanism not in MECHANISMS:
             raise OptionError(f"expert_io {mechanism!r} is not one of {', '.join(MECHANISMS)}")
         self.cfg = cfg
@@ -218,12 +238,16 @@ class CachedStore(ExpertStore):
         self.min_weight = min_expert_weight
         tensor0 = gguf.expert_tensor(0, "gate", 0)
         map_base = tensor0.raw.ctypes.data - tensor0.offset
-        self.file = eio.ExpertFile(gguf.path, eio.Throttle(io_throttle) if io_throttle else None,
-                                   drop_cache=drop_cache, map_base=map_base,
-                                   map_size=gguf.path.stat().st_size,
-                                   direct=mechanism == "direct")
+        self.file = eio.ExpertFile(
+            gguf.path,
+            eio.Throttle(io_throttle) if io_throttle else None,
+            drop_cache=drop_cache,
+            map_base=map_base,
+            map_size=gguf.path.stat().st_size,
+            direct=mechanism == "direct",
+        )
         if mechanism == "direct" and not self.file.direct:
-            mechanism = self.mechanism = "pread"        # the file system refuses O_DIRECT
+            mechanism = self.mechanism = "pread"  # the file system refuses O_DIRECT
         self.slabs = mechanism != "mmap"
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.file.direct else 1)
         n = self.n_layer * self.n_expert
@@ -234,25 +258,30 @@ class CachedStore(ExpertStore):
 
         self.types = [np.ascontiguousarray(plan.types[i]) for i in range(self.n_layer)]
         if not self.slabs:
-            self.mats = [expert_matrices(gguf, i, self.n_expert, cfg.n_embd, cfg.n_ff_exp)[0]
-                         for i in range(self.n_layer)]
+            self.mats = [
+                expert_matrices(gguf, i, self.n_expert, cfg.n_embd, cfg.n_ff_exp)[0]
+                for i in range(self.n_layer)
+            ]
         else:
-            self.mats = [kernels.expert_list([None] * (3 * self.n_expert)) for _ in range(self.n_layer)]
-        self._bound = np.full(n, -1, np.int64)       # (L*X,) slot each mats entry points to
+            self.mats = [
+                kernels.expert_list([None] * (3 * self.n_expert)) for _ in range(self.n_layer)
+            ]
+        self._bound = np.full(n, -1, np.int64)  # (L*X,) slot each mats entry points to
 
-        self.state = np.zeros(n, np.int8)            # (L*X,) ABSENT / LOADING / READY
-        self.slot = np.full(n, -1, np.int64)         # (L*X,) slot of a cached expert
-        self.pins = np.zeros(n, np.int32)            # (L*X,) compute thread is using / waiting for it
-        self.protected = np.zeros(n, bool)           # (L*X,) kept for decode after a prefill
-        self.reserved = np.zeros(n, bool)            # (L*X,) predicted for the next layer
-        self.by_prefetch = np.zeros(n, bool)         # (L*X,) loaded by prefetch, not used yet
-        self.errors = {}                             # g -> exception of a failed background read
-        self.served = plan.present.copy()            # (L*X,) experts this store is asked for
-        self.load_count = np.zeros(n, np.int64)      # (L*X,) loads of each expert
+        self.state = np.zeros(n, np.int8)  # (L*X,) ABSENT / LOADING / READY
+        self.slot = np.full(n, -1, np.int64)  # (L*X,) slot of a cached expert
+        self.pins = np.zeros(n, np.int32)  # (L*X,) compute thread is using / waiting for it
+        self.protected = np.zeros(n, bool)  # (L*X,) kept for decode after a prefill
+        self.reserved = np.zeros(n, bool)  # (L*X,) predicted for the next layer
+        self.by_prefetch = np.zeros(n, bool)  # (L*X,) loaded by prefetch, not used yet
+        self.errors = {}  # g -> exception of a failed background read
+        self.served = plan.present.copy()  # (L*X,) experts this store is asked for
+        self.load_count = np.zeros(n, np.int64)  # (L*X,) loads of each expert
         self.policy = make_policy(policy, self.n_layer, self.n_expert, self.k, prior)
         self.pool_of = self._pool_index()
 
         import threading
+
         self._cond = threading.Condition()
         self._queue = LoadQueue()
         self._tick = 0
@@ -260,19 +289,39 @@ class CachedStore(ExpertStore):
         self._visits = np.zeros(self.n_layer, np.int64)
         self._in_prefill = False
         self._pred = [None] * self.n_layer
-        self._rank_hits = np.full(self.k, 1.0)       # per predicted rank: hits (+1 prior)
-        self._rank_tries = np.full(self.k, 2.0)      # per predicted rank: tries (+2 prior)
-        self.prefetch_depth = prefetch_depth         # layers guessed ahead
-        self.prefetch_top = self.k                   # guesses per layer (router's top ones)
-        self._t_pair = None                          # running mean: kernel seconds per (token, expert)
-        self._t_byte = None                          # running mean: load seconds per byte
-        self._demand = 0                             # compute-thread reads under way: the loader waits
+        self._rank_hits = np.full(self.k, 1.0)  # per predicted rank: hits (+1 prior)
+        self._rank_tries = np.full(self.k, 2.0)  # per predicted rank: tries (+2 prior)
+        self.prefetch_depth = prefetch_depth  # layers guessed ahead
+        self.prefetch_top = self.k  # guesses per layer (router's top ones)
+        self._t_pair = None  # running mean: kernel seconds per (token, expert)
+        self._t_byte = None  # running mean: load seconds per byte
+        self._demand = 0  # compute-thread reads under way: the loader waits
         self.c = dict.fromkeys(
-            ("expert_hits", "expert_misses", "bytes_read", "bytes_read_prefetch", "loads",
-             "loads_prefetch", "evictions", "prefetch_issued", "prefetch_useful", "prefetch_wasted",
-             "prefetch_late", "prefetch_refused", "predicted", "predicted_right", "actual_routed",
-             "experts_skipped", "routed_slots", "expert_uses", "moe_calls", "groups_split",
-             "loads_preload"), 0)
+            (
+                "expert_hits",
+                "expert_misses",
+                "bytes_read",
+                "bytes_read_prefetch",
+                "loads",
+                "loads_prefetch",
+                "evictions",
+                "prefetch_issued",
+                "prefetch_useful",
+                "prefetch_wasted",
+                "prefetch_late",
+                "prefetch_refused",
+                "predicted",
+                "predicted_right",
+                "actual_routed",
+                "experts_skipped",
+                "routed_slots",
+                "expert_uses",
+                "moe_calls",
+                "groups_split",
+                "loads_preload",
+            ),
+            0,
+        )
         self.t = dict.fromkeys(("stall_seconds", "io_seconds"), 0.0)
         self.predictor = RoutePredictor(weights, cfg) if prefetch else None
         self.loader = None
@@ -293,7 +342,8 @@ class CachedStore(ExpertStore):
             raise BudgetError(
                 f"mem_budget {format_bytes(self.budget)} is too small: this model needs at least "
                 f"{format_bytes(minimum)} ({minimum} bytes: the {self.k} largest experts of one "
-                f"layer); its experts total {format_bytes(plan.expert_bytes)}")
+                f"layer); its experts total {format_bytes(plan.expert_bytes)}"
+            )
         if self.slabs:
             split, _ = split_budget(self.budget, sizes[plan.present])
             self.pools = [SlabPool(s, k) for s, k in sorted(split.items())]
@@ -307,7 +357,7 @@ class CachedStore(ExpertStore):
         if not self.slabs:
             return np.zeros(len(self.sizes), np.int64)
         index = {p.slot_bytes: i for i, p in enumerate(self.pools)}
-        index[0] = 0                                 # pruned experts: never loaded
+        index[0] = 0  # pruned experts: never loaded
         return np.array([index[int(s)] for s in self.sizes], np.int64)
 
     def _quiet_map(self, map_base):
@@ -335,10 +385,10 @@ class CachedStore(ExpertStore):
         n_tok, X = x.shape[0], self.n_expert
         self._phase(layer, n_tok)
         valid = ids[ids >= 0]
-        counts = np.bincount(valid, minlength=X)                         # (X,)
+        counts = np.bincount(valid, minlength=X)  # (X,)
         used = np.flatnonzero(counts)
-        gs = layer * X + used                                            # (U,)
-        recent = np.zeros(X, bool)                                       # (X,)
+        gs = layer * X + used  # (U,)
+        recent = np.zeros(X, bool)  # (X,)
         if n_tok:
             recent[ids[-1][ids[-1] >= 0]] = True
         self._score_prediction(layer, used, n_tok)
@@ -358,8 +408,8 @@ class CachedStore(ExpertStore):
             self.by_prefetch[gs] = False
             self.policy.on_use(layer, counts, n_tok, self._tick, recent)
             for g in gs[state == ABSENT]:
-                self._queue.discard(int(g))         # read below, on this thread
-        held = set(int(g) for g in gs)          # pinned by this call until computed
+                self._queue.discard(int(g))  # read below, on this thread
+        held = {int(g) for g in gs}  # pinned by this call until computed
         try:
             if self.predictor is not None:
                 self._prefetch(layer, x)
@@ -393,8 +443,11 @@ class CachedStore(ExpertStore):
             g = int(g)
             with self._cond:
                 pool = self.pools[self.pool_of[g]]
-                if (self.state[g] != ABSENT or not self.plan.present[g]
-                        or not pool.has_room(int(self.sizes[g]))):
+                if (
+                    self.state[g] != ABSENT
+                    or not self.plan.present[g]
+                    or not pool.has_room(int(self.sizes[g]))
+                ):
                     continue
                 self.slot[g] = pool.take(int(self.sizes[g]))
                 self.state[g] = LOADING
@@ -410,8 +463,10 @@ class CachedStore(ExpertStore):
         Demand reads (e.g. a failover) are served as before."""
         mask = np.asarray(mask, bool)
         if mask.shape != (self.n_layer, self.n_expert):
-            raise OptionError(f"served-expert mask has shape {mask.shape}, the model needs "
-                              f"({self.n_layer}, {self.n_expert})")
+            raise OptionError(
+                f"served-expert mask has shape {mask.shape}, the model needs "
+                f"({self.n_layer}, {self.n_expert})"
+            )
         with self._cond:
             self.served = mask.reshape(-1) & self.plan.present
             for g in np.flatnonzero(~self.served):
@@ -424,30 +479,52 @@ class CachedStore(ExpertStore):
             cached = int((self.state == READY).sum())
             loads_pruned = int(self.load_count[~self.plan.present].sum())
         uses = max(1, c["expert_uses"])
-        out = {k: c[k] for k in ("expert_hits", "expert_misses", "bytes_read", "prefetch_issued",
-                                 "prefetch_useful")}
+        out = {
+            k: c[k]
+            for k in (
+                "expert_hits",
+                "expert_misses",
+                "bytes_read",
+                "prefetch_issued",
+                "prefetch_useful",
+            )
+        }
         out["stall_seconds"] = t["stall_seconds"]
         out.update(
             hit_rate=c["expert_hits"] / uses,
             prefetch_precision=c["prefetch_useful"] / max(1, c["prefetch_issued"]),
-            prefetch_recall=c["prefetch_useful"] / max(1, c["prefetch_useful"] + c["expert_misses"]),
+            prefetch_recall=c["prefetch_useful"]
+            / max(1, c["prefetch_useful"] + c["expert_misses"]),
             predictor_precision=c["predicted_right"] / max(1, c["predicted"]),
             predictor_recall=c["predicted_right"] / max(1, c["actual_routed"]),
-            prefetch_late=c["prefetch_late"], prefetch_wasted=c["prefetch_wasted"],
-            prefetch_refused=c["prefetch_refused"], predicted=c["predicted"],
-            predicted_right=c["predicted_right"], actual_routed=c["actual_routed"],
-            bytes_read_prefetch=c["bytes_read_prefetch"], loads=c["loads"],
+            prefetch_late=c["prefetch_late"],
+            prefetch_wasted=c["prefetch_wasted"],
+            prefetch_refused=c["prefetch_refused"],
+            predicted=c["predicted"],
+            predicted_right=c["predicted_right"],
+            actual_routed=c["actual_routed"],
+            bytes_read_prefetch=c["bytes_read_prefetch"],
+            loads=c["loads"],
             loads_preload=c["loads_preload"],
-            evictions=c["evictions"], io_seconds=t["io_seconds"],
-            experts_skipped=c["experts_skipped"], routed_slots=c["routed_slots"],
+            evictions=c["evictions"],
+            io_seconds=t["io_seconds"],
+            experts_skipped=c["experts_skipped"],
+            routed_slots=c["routed_slots"],
             expert_uses=c["expert_uses"],
-            moe_calls=c["moe_calls"], groups_split=c["groups_split"],
-            experts_cached=cached, budget_bytes=self.budget, cache_bytes=self.capacity_bytes,
-            min_budget_bytes=self.min_budget, expert_bytes=self.plan.expert_bytes,
-            experts_present=int(self.plan.present.sum()), loads_pruned=loads_pruned,
-            cache_policy=self.policy.name, expert_io=self.mechanism,
+            moe_calls=c["moe_calls"],
+            groups_split=c["groups_split"],
+            experts_cached=cached,
+            budget_bytes=self.budget,
+            cache_bytes=self.capacity_bytes,
+            min_budget_bytes=self.min_budget,
+            expert_bytes=self.plan.expert_bytes,
+            experts_present=int(self.plan.present.sum()),
+            loads_pruned=loads_pruned,
+            cache_policy=self.policy.name,
+            expert_io=self.mechanism,
             prefetch=self.loader is not None,
-            io_throttle_bytes_per_s=self.file.throttle.bytes_per_s if self.file.throttle else None)
+            io_throttle_bytes_per_s=self.file.throttle.bytes_per_s if self.file.throttle else None,
+        )
         return out
 
     def close(self):
@@ -477,16 +554,19 @@ class CachedStore(ExpertStore):
             if self._bound[g] == s:
                 continue
             pool = self.pools[self.pool_of[g]]
-            arrays = [pool.view(s, off, rows * rb).reshape(rows, rb)
-                      for off, rows, rb in self.plan.mats[g]]
+            arrays = [
+                pool.view(s, off, rows * rb).reshape(rows, rb)
+                for off, rows, rb in self.plan.mats[g]
+            ]
             kernels.set_expert(mats, int(g - layer * self.n_expert), *arrays)
             self._bound[g] = s
 
     def _compute_all(self, layer, x, ids, weights, gs, n_pairs=None):
         self._bind(layer, gs)
         t0 = time.perf_counter()
-        out = kernels.moe_ffn(x, ids, weights, self.mats[layer], self.types[layer],
-                              round_acts=self._round)
+        out = kernels.moe_ffn(
+            x, ids, weights, self.mats[layer], self.types[layer], round_acts=self._round
+        )
         self._note_compute(time.perf_counter() - t0, n_pairs or int((ids >= 0).sum()))
         return out
 
@@ -498,14 +578,15 @@ class CachedStore(ExpertStore):
     def _compute_group(self, layer, x, ids, gs, Y):
         """Y[t, j] = expert ids[t, j]'s output for token t, for the experts in gs."""
         self._bind(layer, gs)
-        mask = np.isin(ids, gs - layer * self.n_expert)                  # (T, k)
+        mask = np.isin(ids, gs - layer * self.n_expert)  # (T, k)
         t_idx, j_idx = np.nonzero(mask)
-        xp = np.ascontiguousarray(x[t_idx], dtype=F32)                   # (P, E)
-        ip = np.ascontiguousarray(ids[t_idx, j_idx][:, None], dtype=np.int32)   # (P, 1)
-        wp = np.ones((len(t_idx), 1), F32)                               # (P, 1)
+        xp = np.ascontiguousarray(x[t_idx], dtype=F32)  # (P, E)
+        ip = np.ascontiguousarray(ids[t_idx, j_idx][:, None], dtype=np.int32)  # (P, 1)
+        wp = np.ones((len(t_idx), 1), F32)  # (P, 1)
         t0 = time.perf_counter()
-        Y[t_idx, j_idx] = kernels.moe_ffn(xp, ip, wp, self.mats[layer], self.types[layer],
-                                          round_acts=self._round)
+        Y[t_idx, j_idx] = kernels.moe_ffn(
+            xp, ip, wp, self.mats[layer], self.types[layer], round_acts=self._round
+        )
         self._note_compute(time.perf_counter() - t0, len(t_idx))
         self.c["groups_split"] += 1
 
@@ -521,17 +602,20 @@ class CachedStore(ExpertStore):
         absent = [int(g) for g in gs[state == ABSENT]]
         absent.sort(key=lambda g: self.plan.offset[g])
 
-        def flush():                    # `ready` is emptied in place: callers hold the list
+        def flush():  # `ready` is emptied in place: callers hold the list
             nonlocal Y
             if Y is None:
-                Y = np.zeros((*ids.shape, x.shape[1]), F32)                # (T, k, E)
+                Y = np.zeros((*ids.shape, x.shape[1]), F32)  # (T, k, E)
             self._compute_group(layer, x, ids, np.array(sorted(ready), np.int64), Y)
             self._unpin(ready, held)
             ready.clear()
 
         hit_pairs = int(np.isin(ids, gs[hit] - layer * self.n_expert).sum())
-        if ready and inflight and self._worth_splitting(
-                hit_pairs, int(self.plan.read_bytes[inflight + absent].sum())):
+        if (
+            ready
+            and inflight
+            and self._worth_splitting(hit_pairs, int(self.plan.read_bytes[inflight + absent].sum()))
+        ):
             flush()
         while absent or inflight:
             if absent:
@@ -540,7 +624,7 @@ class CachedStore(ExpertStore):
                 done, lost = self._wait_any(inflight)
                 inflight = [g for g in inflight if g not in done and g not in lost]
                 ready += done
-                absent += lost                           # its background read failed: read it here
+                absent += lost  # its background read failed: read it here
         if Y is None:
             return self._compute_all(layer, x, ids, weights, gs)
         if ready:
@@ -556,7 +640,7 @@ class CachedStore(ExpertStore):
             while absent:
                 g = absent.pop(0)
                 if not self._claim_for_demand(g, ready, inflight, flush):
-                    continue                             # it turned out loaded / in flight
+                    continue  # it turned out loaded / in flight
                 t0 = time.perf_counter()
                 self._read_claimed(g)
                 self.t["stall_seconds"] += time.perf_counter() - t0
@@ -582,15 +666,17 @@ class CachedStore(ExpertStore):
                 busy = bool(((self.state == LOADING) & (self.pool_of == self.pool_of[g])).any())
                 if not ready and not busy and self._make_room(g, False, allow_protected=True):
                     return True
-            if ready:                  # the budget is full of this layer's experts: compute them
+            if ready:  # the budget is full of this layer's experts: compute them
                 flush()
-            elif busy:                 # slots are being filled in the background: wait for one
+            elif busy:  # slots are being filled in the background: wait for one
                 t0 = time.perf_counter()
                 with self._cond:
                     self._cond.wait(timeout=0.05)
                 self.t["stall_seconds"] += time.perf_counter() - t0
             else:
-                raise RuntimeError("expert cache: no slot can be freed")   # budget >= one expert per class
+                raise RuntimeError(
+                    "expert cache: no slot can be freed"
+                )  # budget >= one expert per class
 
     def _wait_any(self, inflight):
         """Block until some of the in-flight loads end: (ready ones, failed ones)."""
@@ -675,7 +761,7 @@ class CachedStore(ExpertStore):
             if self.state[g] != ABSENT:
                 continue
             if target is not None and self._visits[target[0]] > target[1]:
-                continue                          # its layer has run: too late to help
+                continue  # its layer has run: too late to help
             if not self._make_room(g, True, predicted=prio < HINTED):
                 self.c["prefetch_refused"] += 1
                 continue
@@ -698,9 +784,9 @@ class CachedStore(ExpertStore):
             self.c["bytes_read_prefetch"] += int(self.plan.read_bytes[g])
             self.c["prefetch_issued"] += 1
             if self.pins[g] == 0:
-                self.by_prefetch[g] = True          # useful if used before it is evicted
+                self.by_prefetch[g] = True  # useful if used before it is evicted
             else:
-                self.c["prefetch_useful"] += 1      # late: the compute thread was waiting for it
+                self.c["prefetch_useful"] += 1  # late: the compute thread was waiting for it
 
     # -- I/O (no lock held) -------------------------------------------------------
 
@@ -735,26 +821,26 @@ class CachedStore(ExpertStore):
     def _prefetch(self, layer, x):
         """Queue the predicted experts of the next `prefetch_depth` layers (the
         next token's first layer from popularity)."""
-        jobs = []                                   # (target layer, experts, confidence, priority)
+        jobs = []  # (target layer, experts, confidence, priority)
         for d in range(1, self.prefetch_depth + 1):
             tgt = layer + d
             if tgt > self.n_layer or (tgt == self.n_layer and d > 1):
                 break
             tgt %= self.n_layer
             base = tgt * self.n_expert
-            served = self.served[base:base + self.n_expert]                  # (X,)
-            if (self.state[base:base + self.n_expert][served] == READY).all():
-                continue                            # nothing to fetch for that layer
+            served = self.served[base : base + self.n_expert]  # (X,)
+            if (self.state[base : base + self.n_expert][served] == READY).all():
+                continue  # nothing to fetch for that layer
             if tgt > layer:
                 experts = self.predictor.predict(layer, x, self.prefetch_top, tgt)
-                conf = self._rank_hits / self._rank_tries * (0.8 ** (d - 1))   # (k,)
+                conf = self._rank_hits / self._rank_tries * (0.8 ** (d - 1))  # (k,)
                 prio = PREDICTED + 0.1 * (d - 1)
-            else:                                   # next token's first layer: popularity
+            else:  # next token's first layer: popularity
                 experts, conf, prio = self.policy.likely(tgt, self.k), np.full(self.k, 0.5), HINTED
-            keep = served[experts]                  # experts served elsewhere are not guessed
-            experts, conf = np.asarray(experts)[keep], conf[:len(keep)][keep]
+            keep = served[experts]  # experts served elsewhere are not guessed
+            experts, conf = np.asarray(experts)[keep], conf[: len(keep)][keep]
             if d == 1 and tgt > layer:
-                self._pred[tgt] = (experts, np.flatnonzero(keep))     # guesses and their ranks
+                self._pred[tgt] = (experts, np.flatnonzero(keep))  # guesses and their ranks
             jobs.append((tgt, experts, conf, prio))
         if not jobs:
             return
@@ -767,7 +853,9 @@ class CachedStore(ExpertStore):
                 self.policy.expect(gs, conf)
                 for r, g in enumerate(gs):
                     if self.state[g] == ABSENT:
-                        pushed |= self._queue.push(int(g), prio + r / 1000, (tgt, int(self._visits[tgt])))
+                        pushed |= self._queue.push(
+                            int(g), prio + r / 1000, (tgt, int(self._visits[tgt]))
+                        )
             if pushed:
                 self._cond.notify_all()
 

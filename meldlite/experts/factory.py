@@ -9,19 +9,35 @@ from meldlite.experts.profile import load_prior
 from meldlite.experts.seed import metadata_seed
 from meldlite.experts.store import ResidentStore
 
-DEFAULT_POLICY = "forecast"     # chosen by benchmarks/offload.py, see docs/benchmarks.md
-DEFAULT_IO = "direct"           # idem
+DEFAULT_POLICY = "forecast"  # chosen by benchmarks/offload.py, see docs/benchmarks.md
+DEFAULT_IO = "direct"  # idem
 
 
 def expert_bytes(gguf, cfg):
     """Bytes of the expert tensors in the file (pruned experts left out count 0)."""
-    return sum(n for layer in range(cfg.n_layer) for e in range(cfg.n_expert)
-               if gguf.expert_present(layer, e) for _, n in gguf.expert_ranges(layer, e))
+    return sum(
+        n
+        for layer in range(cfg.n_layer)
+        for e in range(cfg.n_expert)
+        if gguf.expert_present(layer, e)
+        for _, n in gguf.expert_ranges(layer, e)
+    )
 
 
-def make_store(gguf, cfg, weights, *, llama_numerics=True, mem_budget=None, cache_policy=None,
-               prefetch=True, min_expert_weight=None, io_throttle=None, profile=None,
-               expert_io=None):
+def make_store(
+    gguf,
+    cfg,
+    weights,
+    *,
+    llama_numerics=True,
+    mem_budget=None,
+    cache_policy=None,
+    prefetch=True,
+    min_expert_weight=None,
+    io_throttle=None,
+    profile=None,
+    expert_io=None,
+):
     """A ResidentStore without mem_budget, else a CachedStore (see meldlite.load)."""
     min_weight = check_min_weight(min_expert_weight)
     if not isinstance(prefetch, bool):
@@ -32,20 +48,35 @@ def make_store(gguf, cfg, weights, *, llama_numerics=True, mem_budget=None, cach
         raise OptionError(f"expert_io {expert_io!r} is not one of {', '.join(MECHANISMS)}")
     rate = parse_rate(io_throttle)
     if mem_budget is None:
-        for name, value in (("cache_policy", cache_policy), ("io_throttle", io_throttle),
-                            ("profile", profile), ("expert_io", expert_io)):
+        for name, value in (
+            ("cache_policy", cache_policy),
+            ("io_throttle", io_throttle),
+            ("profile", profile),
+            ("expert_io", expert_io),
+        ):
             if value is not None:
-                raise OptionError(f"{name} applies to a memory-budgeted store: give mem_budget "
-                                  f"too (e.g. mem_budget='100%')")
+                raise OptionError(
+                    f"{name} applies to a memory-budgeted store: give mem_budget "
+                    f"too (e.g. mem_budget='100%')"
+                )
         return ResidentStore(gguf, cfg, llama_numerics, min_expert_weight=min_weight)
     budget = parse_budget(mem_budget, expert_bytes(gguf, cfg))
     seed = None if profile is not None else metadata_seed(gguf.metadata, cfg.n_layer, cfg.n_expert)
     prior = load_prior(profile, cfg) if profile is not None else (seed.prior() if seed else None)
-    store = CachedStore(gguf, cfg, weights, budget, policy=cache_policy or DEFAULT_POLICY,
-                        prefetch=prefetch, mechanism=expert_io or DEFAULT_IO,
-                        llama_numerics=llama_numerics, min_expert_weight=min_weight,
-                        io_throttle=rate, prior=prior)
-    if seed is not None:              # a compressed file's popularity: most popular resident first
+    store = CachedStore(
+        gguf,
+        cfg,
+        weights,
+        budget,
+        policy=cache_policy or DEFAULT_POLICY,
+        prefetch=prefetch,
+        mechanism=expert_io or DEFAULT_IO,
+        llama_numerics=llama_numerics,
+        min_expert_weight=min_weight,
+        io_throttle=rate,
+        prior=prior,
+    )
+    if seed is not None:  # a compressed file's popularity: most popular resident first
         try:
             store.preload(seed.order())
         except BaseException:

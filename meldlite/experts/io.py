@@ -30,7 +30,7 @@ from meldlite.errors import FormatError
 PAGE = mmap.PAGESIZE
 
 MADV_NORMAL, MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED = 0, 1, 3, 4
-MADV_POPULATE_READ = 22          # Linux >= 5.14: fault pages in (reading them) now
+MADV_POPULATE_READ = 22  # Linux >= 5.14: fault pages in (reading them) now
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -78,9 +78,9 @@ def page_cache_fraction(path, ranges=None):
         m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-    view = np.frombuffer(m, np.uint8)                                        # (size,) read-only
+    view = np.frombuffer(m, np.uint8)  # (size,) read-only
     try:
-        vec = np.zeros(-(-size // PAGE), np.uint8)                           # (n_pages,)
+        vec = np.zeros(-(-size // PAGE), np.uint8)  # (n_pages,)
         if _libc.mincore(ctypes.c_void_p(view.ctypes.data), size, vec.ctypes.data) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"mincore failed: {os.strerror(err)}")
@@ -93,7 +93,7 @@ def page_cache_fraction(path, ranges=None):
     mask = np.zeros_like(resident)
     for off, n in ranges:
         start, length = page_span(off, n)
-        mask[start // PAGE:(start + length) // PAGE] = True
+        mask[start // PAGE : (start + length) // PAGE] = True
     return float(resident[mask].mean()) if mask.any() else 0.0
 
 
@@ -143,13 +143,13 @@ class Throttle:
         if wait > 0:
             time.sleep(wait)
             self._late.s = max(0.0, time.perf_counter() - end)
-        else:                                  # the real read was slower than the emulation
+        else:  # the real read was slower than the emulation
             with self._lock:
                 self._free_at = max(self._free_at, time.perf_counter())
         return result
 
 
-DIO_ALIGN = 4096        # O_DIRECT offset/length/buffer alignment (safe for 512 B and 4 kB devices)
+DIO_ALIGN = 4096  # O_DIRECT offset/length/buffer alignment (safe for 512 B and 4 kB devices)
 
 
 class ExpertFile:
@@ -162,8 +162,9 @@ class ExpertFile:
     cached pages to drop); callers then read whole DIO_ALIGN blocks. If the file
     system refuses O_DIRECT, `self.direct` is False and buffered reads are used."""
 
-    def __init__(self, path, throttle=None, drop_cache=True, map_base=None, map_size=0,
-                 direct=False):
+    def __init__(
+        self, path, throttle=None, drop_cache=True, map_base=None, map_size=0, direct=False
+    ):
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
@@ -177,7 +178,7 @@ class ExpertFile:
         self.direct = self.fd_direct >= 0
         self.throttle = throttle
         self.drop_cache = drop_cache
-        self.map_base = map_base            # address of byte 0 of the file's memory map
+        self.map_base = map_base  # address of byte 0 of the file's memory map
         self.map_size = map_size
         self._populate_ok = True
 
@@ -198,8 +199,10 @@ class ExpertFile:
                 if got <= 0:
                     if done >= need:
                         break
-                    raise FormatError(f"{self.path}: file ends at byte {offset + done}, "
-                                      f"expected expert bytes up to {offset + need}")
+                    raise FormatError(
+                        f"{self.path}: file ends at byte {offset + done}, "
+                        f"expected expert bytes up to {offset + need}"
+                    )
                 done += got
             if self.drop_cache and not self.direct:
                 drop_range(fd, offset, n)
@@ -229,7 +232,7 @@ class ExpertFile:
                     madvise(addr, length, MADV_POPULATE_READ)
                     return nbytes
                 except OSError:
-                    self._populate_ok = False     # kernel < 5.14: touch the pages instead
+                    self._populate_ok = False  # kernel < 5.14: touch the pages instead
             pages = np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(addr))
             int(pages[::PAGE].sum())
             return nbytes
@@ -259,6 +262,7 @@ class ExpertFile:
 
 
 # -- process memory ----------------------------------------------------------
+
 
 def memory_status():
     """{VmRSS, VmHWM, RssAnon, RssFile, ...} of this process in bytes (Linux)."""

@@ -34,17 +34,19 @@ class Policy:
     def __init__(self, n_layer, n_expert, k, prior=None):
         self.n_layer, self.n_expert, self.k = n_layer, n_expert, k
         n = n_layer * n_expert
-        self.last_use = np.zeros(n, np.float64)             # (L*X,) tick of the last pick or load
+        self.last_use = np.zeros(n, np.float64)  # (L*X,) tick of the last pick or load
         self.layer_of = np.repeat(np.arange(n_layer), n_expert)  # (L*X,)
-        self.prior = self._prior(prior)                      # (L, X) P(picked per token), sums to k
+        self.prior = self._prior(prior)  # (L, X) P(picked per token), sums to k
 
     def _prior(self, prior):
         if prior is None:
             return np.full((self.n_layer, self.n_expert), self.k / self.n_expert)
         share = np.asarray(prior, np.float64)
         if share.shape != (self.n_layer, self.n_expert):
-            raise OptionError(f"profile popularity has shape {share.shape}, the model needs "
-                              f"({self.n_layer}, {self.n_expert})")
+            raise OptionError(
+                f"profile popularity has shape {share.shape}, the model needs "
+                f"({self.n_layer}, {self.n_expert})"
+            )
         share = np.maximum(share, 0) + 1e-6
         return share / share.sum(axis=1, keepdims=True) * self.k
 
@@ -52,9 +54,9 @@ class Policy:
         """Layer `layer` ran a batch of n_tok tokens: counts (X,) picks per expert;
         `recent` (X,) bool: picked by the batch's last token."""
         base = layer * self.n_expert
-        lu = self.last_use[base:base + self.n_expert]
+        lu = self.last_use[base : base + self.n_expert]
         lu[counts > 0] = tick
-        lu[recent] = tick + 0.5            # the last token's picks count as more recent
+        lu[recent] = tick + 0.5  # the last token's picks count as more recent
 
     def on_load(self, g, tick):
         self.last_use[g] = max(self.last_use[g], tick)
@@ -79,7 +81,7 @@ class Policy:
     def likely(self, layer, n):
         """The n experts of `layer` most likely to be picked next (prefetch fallback)."""
         base = layer * self.n_expert
-        return np.argsort(-self.last_use[base:base + self.n_expert], kind="stable")[:n]
+        return np.argsort(-self.last_use[base : base + self.n_expert], kind="stable")[:n]
 
 
 class LRU(Policy):
@@ -92,13 +94,13 @@ class LFU(Policy):
     def __init__(self, n_layer, n_expert, k, prior=None, decay=0.98, prior_weight=8.0):
         super().__init__(n_layer, n_expert, k, prior)
         self.decay = decay
-        self.count = (self.prior * prior_weight).reshape(-1)    # (L*X,) aged pick counts
+        self.count = (self.prior * prior_weight).reshape(-1)  # (L*X,) aged pick counts
 
     def on_use(self, layer, counts, n_tok, tick, recent):
         super().on_use(layer, counts, n_tok, tick, recent)
         base = layer * self.n_expert
-        c = self.count[base:base + self.n_expert]
-        c *= self.decay ** n_tok
+        c = self.count[base : base + self.n_expert]
+        c *= self.decay**n_tok
         c += counts
 
     def value(self, gs, layer_now):
@@ -107,7 +109,7 @@ class LFU(Policy):
 
     def likely(self, layer, n):
         base = layer * self.n_expert
-        return np.argsort(-self.count[base:base + self.n_expert], kind="stable")[:n]
+        return np.argsort(-self.count[base : base + self.n_expert], kind="stable")[:n]
 
 
 class Forecast(Policy):
@@ -116,23 +118,23 @@ class Forecast(Policy):
     def __init__(self, n_layer, n_expert, k, prior=None, beta=0.95):
         super().__init__(n_layer, n_expert, k, prior)
         self.beta = beta
-        self.p = np.clip(self.prior, 1e-3, 1.0).reshape(-1)   # (L*X,) P(picked at next visit)
-        self.boost = np.zeros(n_layer * n_expert)              # (L*X,) prediction confidence
+        self.p = np.clip(self.prior, 1e-3, 1.0).reshape(-1)  # (L*X,) P(picked at next visit)
+        self.boost = np.zeros(n_layer * n_expert)  # (L*X,) prediction confidence
 
     def on_use(self, layer, counts, n_tok, tick, recent):
         super().on_use(layer, counts, n_tok, tick, recent)
         base = layer * self.n_expert
-        p = self.p[base:base + self.n_expert]
+        p = self.p[base : base + self.n_expert]
         if n_tok == 1:
             p *= self.beta
             p += (1 - self.beta) * (counts > 0)
         else:
             # the EMA over a batch, in closed form: recent tokens weigh most
             frac = counts / n_tok
-            p *= self.beta ** n_tok
-            p += (1 - self.beta ** n_tok) * (0.5 * frac + 0.5 * recent)
+            p *= self.beta**n_tok
+            p += (1 - self.beta**n_tok) * (0.5 * frac + 0.5 * recent)
         np.clip(p, 1e-3, 1.0, out=p)
-        self.boost[base:base + self.n_expert] = 0.0
+        self.boost[base : base + self.n_expert] = 0.0
 
     def expect(self, gs, q):
         self.boost[gs] = np.maximum(self.boost[gs], q)
@@ -140,7 +142,7 @@ class Forecast(Policy):
     def distance(self, gs, layer_now):
         """Expected number of layer steps until each of gs is picked again."""
         layers = self.layer_of[gs]
-        d = (layers - layer_now - 1) % self.n_layer + 1                  # 1 .. n_layer
+        d = (layers - layer_now - 1) % self.n_layer + 1  # 1 .. n_layer
         p = np.maximum(self.p[gs], self.boost[gs])
         return d + self.n_layer * (1 - p) / p
 
@@ -154,7 +156,7 @@ class Forecast(Policy):
 
     def likely(self, layer, n):
         base = layer * self.n_expert
-        return np.argsort(-self.p[base:base + self.n_expert], kind="stable")[:n]
+        return np.argsort(-self.p[base : base + self.n_expert], kind="stable")[:n]
 
 
 def make_policy(name, n_layer, n_expert, k, prior=None):

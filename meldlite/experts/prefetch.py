@@ -25,8 +25,8 @@ import threading
 
 import numpy as np
 
-PREDICTED = 1       # priority band of predicted loads (plus rank / 1000)
-HINTED = 2          # popularity fallback and external hints
+PREDICTED = 1  # priority band of predicted loads (plus rank / 1000)
+HINTED = 2  # popularity fallback and external hints
 
 
 class RoutePredictor:
@@ -36,8 +36,9 @@ class RoutePredictor:
         self.cfg = cfg
         self.k = cfg.n_expert_used
         self.routers = [weights[f"blk.{i}.ffn_gate_inp.weight"] for i in range(cfg.n_layer)]
-        self.norms = [np.asarray(weights[f"blk.{i}.ffn_norm.weight"], np.float32)
-                      for i in range(cfg.n_layer)]
+        self.norms = [
+            np.asarray(weights[f"blk.{i}.ffn_norm.weight"], np.float32) for i in range(cfg.n_layer)
+        ]
         self._ratios = {}
 
     def ratio(self, layer, target):
@@ -52,12 +53,12 @@ class RoutePredictor:
         batch's tokens they are predicted for (then by router probability), at
         most `limit` of them."""
         nxt = layer + 1 if target is None else target
-        z = np.ascontiguousarray(h * self.ratio(layer, nxt), dtype=np.float32)   # (T, E)
-        logits = self.routers[nxt] @ z                                        # (T, X)
+        z = np.ascontiguousarray(h * self.ratio(layer, nxt), dtype=np.float32)  # (T, E)
+        logits = self.routers[nxt] @ z  # (T, X)
         if logits.shape[0] == 1:
-            return np.argsort(-logits[0], kind="stable")[:min(self.k, limit)]
-        top = np.argpartition(-logits, self.k - 1, axis=-1)[:, :self.k]      # (T, k)
-        votes = np.bincount(top.reshape(-1), minlength=logits.shape[1])      # (X,)
+            return np.argsort(-logits[0], kind="stable")[: min(self.k, limit)]
+        top = np.argpartition(-logits, self.k - 1, axis=-1)[:, : self.k]  # (T, k)
+        votes = np.bincount(top.reshape(-1), minlength=logits.shape[1])  # (X,)
         order = np.lexsort((-logits.max(axis=0), -votes))
         return order[votes[order] > 0][:limit]
 
@@ -73,8 +74,8 @@ class LoadQueue:
     at the best priority it was asked for."""
 
     def __init__(self):
-        self._heap = []             # (priority, seq, g, target) ; target = (layer, visit) or None
-        self._best = {}             # g -> best queued priority
+        self._heap = []  # (priority, seq, g, target) ; target = (layer, visit) or None
+        self._best = {}  # g -> best queued priority
         self._seq = 0
 
     def push(self, g, priority, target=None):
@@ -136,7 +137,7 @@ class Loader(threading.Thread):
             err = None
             try:
                 st._read(job)
-            except BaseException as e:          # reported to the compute thread
+            except BaseException as e:  # reported to the compute thread
                 err = e
             with cond:
                 st._finish(job, err)

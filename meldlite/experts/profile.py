@@ -36,18 +36,21 @@ from meldlite.experts.store import ExpertStore
 
 FORMAT = "meldlite-expert-profile"
 VERSION = 2
-READS = (1, 2)                         # versions read_profile accepts
-CALIB_ROWS = 4096                      # default calibration sample, rows per layer ...
-CALIB_MAX_BYTES = 256 * 2**20          # ... fewer if all layers' rows would exceed this
+READS = (1, 2)  # versions read_profile accepts
+CALIB_ROWS = 4096  # default calibration sample, rows per layer ...
+CALIB_MAX_BYTES = 256 * 2**20  # ... fewer if all layers' rows would exceed this
 CALIB_SUFFIX = ".calib.npz"
-WINDOWS = (1, 2, 4, 8)                 # route recurrence: look back this many tokens
-LIGHT = (0.02, 0.05, 0.1, 0.15, 0.2)   # adaptive top-k thresholds reported
+WINDOWS = (1, 2, 4, 8)  # route recurrence: look back this many tokens
+LIGHT = (0.02, 0.05, 0.1, 0.15, 0.2)  # adaptive top-k thresholds reported
 
 
 def encode_array(a):
     a = np.ascontiguousarray(a, dtype="<f4")
-    return {"dtype": "float32", "shape": list(a.shape),
-            "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+    return {
+        "dtype": "float32",
+        "shape": list(a.shape),
+        "base64": base64.b64encode(a.tobytes()).decode("ascii"),
+    }
 
 
 def decode_array(obj):
@@ -60,6 +63,7 @@ def decode_array(obj):
 class Profile(dict):
     """A profile dict; `calibration` holds the sample's arrays until it is saved,
     `path` where it was read from (to find the sidecar)."""
+
     calibration = None
     path = None
 
@@ -78,14 +82,14 @@ class _Reservoir:
     def __init__(self, cap, n_embd, k, seed=0):
         self.cap, self.seen = cap, 0
         self.rng = np.random.default_rng(seed)
-        self.x = np.zeros((cap, n_embd), np.float16)                          # (cap, E)
-        self.ids = np.full((cap, k), -1, np.int16)                            # (cap, k)
-        self.w = np.zeros((cap, k), np.float32)                               # (cap, k)
+        self.x = np.zeros((cap, n_embd), np.float16)  # (cap, E)
+        self.ids = np.full((cap, k), -1, np.int16)  # (cap, k)
+        self.w = np.zeros((cap, k), np.float32)  # (cap, k)
 
     def add(self, x, ids, w):
         T = len(x)
-        pos = self.seen + np.arange(T)                                        # (T,) stream index
-        slot = np.where(pos < self.cap, pos, self.rng.integers(0, pos + 1))   # (T,)
+        pos = self.seen + np.arange(T)  # (T,) stream index
+        slot = np.where(pos < self.cap, pos, self.rng.integers(0, pos + 1))  # (T,)
         keep = slot < self.cap
         for dst, src in ((self.x, x), (self.ids, ids), (self.w, w)):
             dst[slot[keep]] = src[keep]
@@ -104,10 +108,10 @@ class _Recorder(ExpertStore):
         self.cfg = cfg
         self.predictor = RoutePredictor(weights, cfg)
         L, X, E = cfg.n_layer, cfg.n_expert, cfg.n_embd
-        self.ids = [[] for _ in range(L)]                       # per layer: [(T, k) int16]
-        self.weights = [[] for _ in range(L)]                   # per layer: [(T, k) float32]
-        self.pred = [[] for _ in range(L)]                      # per layer: [(T, k) predicted]
-        self.sq = np.zeros((L, X, E), np.float64)               # (L, X, E) sum of x^2 per expert
+        self.ids = [[] for _ in range(L)]  # per layer: [(T, k) int16]
+        self.weights = [[] for _ in range(L)]  # per layer: [(T, k) float32]
+        self.pred = [[] for _ in range(L)]  # per layer: [(T, k) predicted]
+        self.sq = np.zeros((L, X, E), np.float64)  # (L, X, E) sum of x^2 per expert
         k = max(cfg.n_expert_used, 1)
         self.sample = [_Reservoir(calib_rows, E, k) for _ in range(L)] if calib_rows else None
 
@@ -115,7 +119,7 @@ class _Recorder(ExpertStore):
         ids = np.asarray(ids)
         self.ids[layer].append(ids.astype(np.int16))
         self.weights[layer].append(np.asarray(weights, np.float32))
-        sel = np.zeros((len(ids), self.cfg.n_expert), np.float64)        # (T, X)
+        sel = np.zeros((len(ids), self.cfg.n_expert), np.float64)  # (T, X)
         rows = np.repeat(np.arange(len(ids)), ids.shape[1])
         ok = ids.reshape(-1) >= 0
         sel[rows[ok], ids.reshape(-1)[ok]] = 1.0
@@ -124,7 +128,7 @@ class _Recorder(ExpertStore):
             self.sample[layer].add(x, ids, weights)
         if layer + 1 < self.cfg.n_layer:
             z = np.ascontiguousarray(x * self.predictor.ratio(layer, layer + 1), np.float32)
-            logits = self.predictor.routers[layer + 1] @ z                # (T, X)
+            logits = self.predictor.routers[layer + 1] @ z  # (T, X)
             k = self.cfg.n_expert_used
             self.pred[layer + 1].append(np.argsort(-logits, axis=-1, kind="stable")[:, :k])
         return self.inner.moe(layer, x, ids, weights)
@@ -158,11 +162,11 @@ def recurrence(docs, n_expert, window):
         T = len(ids)
         if T <= 1:
             continue
-        onehot = np.zeros((T, n_expert), bool)                              # (T, X)
+        onehot = np.zeros((T, n_expert), bool)  # (T, X)
         for j in range(ids.shape[1]):
             ok = ids[:, j] >= 0
             onehot[np.flatnonzero(ok), ids[ok, j]] = True
-        seen = np.zeros((T, n_expert), bool)                                 # used in the window before t
+        seen = np.zeros((T, n_expert), bool)  # used in the window before t
         for w in range(1, window + 1):
             seen[w:] |= onehot[:-w]
         hit += int((onehot[1:] & seen[1:]).sum())
@@ -170,8 +174,15 @@ def recurrence(docs, n_expert, window):
     return hit / total if total else 0.0
 
 
-def build_profile(model, text, separator="<|endoftext|>", max_tokens=None, text_name=None,
-                  progress=None, calib_rows=None):
+def build_profile(
+    model,
+    text,
+    separator="<|endoftext|>",
+    max_tokens=None,
+    text_name=None,
+    progress=None,
+    calib_rows=None,
+):
     """Run `model` over `text` (each document alone, as BOS + document, in
     windows of the context) and return the profile (a dict, `Profile`).
 
@@ -195,7 +206,7 @@ def build_profile(model, text, separator="<|endoftext|>", max_tokens=None, text_
         for doc in docs:
             ids = model.tokenize(doc, add_bos=True)
             for start in range(0, len(ids), model.n_ctx):
-                window = ids[start:start + model.n_ctx]
+                window = ids[start : start + model.n_ctx]
                 model.logits(window)
                 rec.end_document()
                 n_tok += len(window)
@@ -206,8 +217,7 @@ def build_profile(model, text, separator="<|endoftext|>", max_tokens=None, text_
                 break
     finally:
         model.store = saved
-    return summarize(rec, cfg, model, n_tok, n_docs, text_name, separator,
-                     time.perf_counter() - t0)
+    return summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, time.perf_counter() - t0)
 
 
 def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
@@ -215,21 +225,21 @@ def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
     layers = []
     for layer in range(L):
         docs = _split_docs(rec.ids[layer])
-        ids = np.concatenate(docs).astype(np.int64)                          # (N, k)
-        w = np.concatenate(_split_docs(rec.weights[layer]))                  # (N, k)
+        ids = np.concatenate(docs).astype(np.int64)  # (N, k)
+        w = np.concatenate(_split_docs(rec.weights[layer]))  # (N, k)
         valid = ids >= 0
-        counts = np.bincount(ids[valid], minlength=X)                        # (X,)
+        counts = np.bincount(ids[valid], minlength=X)  # (X,)
         share = counts / max(1, counts.sum())
-        rel = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)            # renormalised
+        rel = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30)  # renormalised
         mass = np.bincount(ids[valid], weights=rel[valid], minlength=X) / max(1, len(ids))
-        onehot = np.zeros((len(ids), X), np.int64)                           # (N, X)
+        onehot = np.zeros((len(ids), X), np.int64)  # (N, X)
         for j in range(k):
             ok = valid[:, j]
             onehot[np.flatnonzero(ok), ids[ok, j]] = 1
-        co = onehot.T @ onehot                                               # (X, X)
+        co = onehot.T @ onehot  # (X, X)
         entry = {
             "layer": layer,
-            "tokens": int(len(ids)),
+            "tokens": len(ids),
             "counts": counts.tolist(),
             "share": [round(float(s), 6) for s in share],
             "weight_mass": [round(float(m), 6) for m in mass],
@@ -252,33 +262,60 @@ def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
             pred = np.concatenate(_split_docs(rec.pred[layer])).astype(np.int64)
             overlap = np.array([len(np.intersect1d(p, a[a >= 0])) for p, a in zip(pred, ids)])
             exact = overlap == valid.sum(axis=1)
-            entry["prediction"] = {"overlap": round(float(overlap.mean() / k), 6),
-                                   "exact": round(float(exact.mean()), 6)}
+            entry["prediction"] = {
+                "overlap": round(float(overlap.mean() / k), 6),
+                "exact": round(float(exact.mean()), 6),
+            }
         layers.append(entry)
     path = Path(model.path)
-    prof = Profile({
-        "format": FORMAT,
-        "version": VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"file": path.name, "file_size": path.stat().st_size,
-                  "architecture": cfg.arch, "n_layer": L, "n_expert": X,
-                  "n_expert_used": k, "n_embd": cfg.n_embd, "n_ff_exp": cfg.n_ff_exp},
-        "text": {"file": text_name, "separator": separator, "documents": n_docs,
-                 "tokens": n_tok, "seconds": round(seconds, 3)},
-        "windows": list(WINDOWS),
-        "layers": layers,
-        "summary": {
-            "recurrence": {str(wn): round(float(np.mean([lay["recurrence"][str(wn)] for lay in layers])), 6)
-                           for wn in WINDOWS},
-            "prediction_overlap": (round(float(np.mean([lay["prediction"]["overlap"]
-                                                        for lay in layers[1:]])), 6) if L > 1 else None),
-            "entropy_ratio": round(float(np.mean([lay["entropy_ratio"] for lay in layers])), 6),
-        },
-    })
+    prof = Profile(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": {
+                "file": path.name,
+                "file_size": path.stat().st_size,
+                "architecture": cfg.arch,
+                "n_layer": L,
+                "n_expert": X,
+                "n_expert_used": k,
+                "n_embd": cfg.n_embd,
+                "n_ff_exp": cfg.n_ff_exp,
+            },
+            "text": {
+                "file": text_name,
+                "separator": separator,
+                "documents": n_docs,
+                "tokens": n_tok,
+                "seconds": round(seconds, 3),
+            },
+            "windows": list(WINDOWS),
+            "layers": layers,
+            "summary": {
+                "recurrence": {
+                    str(wn): round(
+                        float(np.mean([lay["recurrence"][str(wn)] for lay in layers])), 6
+                    )
+                    for wn in WINDOWS
+                },
+                "prediction_overlap": (
+                    round(float(np.mean([lay["prediction"]["overlap"] for lay in layers[1:]])), 6)
+                    if L > 1
+                    else None
+                ),
+                "entropy_ratio": round(float(np.mean([lay["entropy_ratio"] for lay in layers])), 6),
+            },
+        }
+    )
     if rec.sample:
         prof.calibration = [r.arrays() for r in rec.sample]
-        prof["calibration"] = {"file": None, "rows": [len(a[0]) for a in prof.calibration],
-                               "dtype": "float16", "seen": n_tok}
+        prof["calibration"] = {
+            "file": None,
+            "rows": [len(a[0]) for a in prof.calibration],
+            "dtype": "float16",
+            "seen": n_tok,
+        }
     return prof
 
 
@@ -290,8 +327,11 @@ def save_profile(profile, path):
     if sample is not None:
         side = path.with_name(path.name + CALIB_SUFFIX)
         tmp = side.with_name(side.name + ".tmp.npz")
-        arrays = {f"{name}{L}": a for L, layer in enumerate(sample)
-                  for name, a in zip(("x", "ids", "w"), layer)}
+        arrays = {
+            f"{name}{L}": a
+            for L, layer in enumerate(sample)
+            for name, a in zip(("x", "ids", "w"), layer)
+        }
         np.savez(tmp, **arrays)
         os.replace(tmp, side)
         profile["calibration"] = dict(profile["calibration"], file=side.name)
@@ -313,8 +353,10 @@ def read_profile(path):
     if not isinstance(prof, dict) or prof.get("format") != FORMAT:
         raise FormatError(f"{path}: not a meldlite expert profile (format != {FORMAT!r})")
     if prof.get("version") not in READS:
-        raise FormatError(f"{path}: profile version {prof.get('version')!r}, this meldlite reads "
-                          f"{', '.join(map(str, READS))}")
+        raise FormatError(
+            f"{path}: profile version {prof.get('version')!r}, this meldlite reads "
+            f"{', '.join(map(str, READS))}"
+        )
     prof = Profile(prof)
     prof.path = Path(path)
     return prof
@@ -330,8 +372,10 @@ def load_calibration(profile):
     meta = prof.get("calibration")
     where = getattr(prof, "path", None) or "profile"
     if not meta or not meta.get("file") or getattr(prof, "path", None) is None:
-        raise FormatError(f"{where}: the profile has no calibration data "
-                          f"(version {prof.get('version')}); run `meldlite profile` again")
+        raise FormatError(
+            f"{where}: the profile has no calibration data "
+            f"(version {prof.get('version')}); run `meldlite profile` again"
+        )
     side = prof.path.with_name(meta["file"])
     n_layer = prof["model"]["n_layer"]
     try:
@@ -341,9 +385,16 @@ def load_calibration(profile):
         raise FormatError(f"{side}: cannot read the profile's calibration data: {e}") from None
     for L, (x, ids, w) in enumerate(sample):
         n, k = len(x), prof["model"]["n_expert_used"]
-        if (x.shape != (n, prof["model"]["n_embd"]) or ids.shape != (n, k) or w.shape != (n, k)
-                or not np.isfinite(x).all() or ids.max(initial=-1) >= prof["model"]["n_expert"]):
-            raise FormatError(f"{side}: layer {L} calibration arrays have the wrong shape or values")
+        if (
+            x.shape != (n, prof["model"]["n_embd"])
+            or ids.shape != (n, k)
+            or w.shape != (n, k)
+            or not np.isfinite(x).all()
+            or ids.max(initial=-1) >= prof["model"]["n_expert"]
+        ):
+            raise FormatError(
+                f"{side}: layer {L} calibration arrays have the wrong shape or values"
+            )
     prof.calibration = sample
     return sample
 
@@ -354,13 +405,16 @@ def load_prior(profile, cfg):
     prof = profile if isinstance(profile, dict) else read_profile(profile)
     m = prof.get("model", {})
     if (m.get("n_layer"), m.get("n_expert")) != (cfg.n_layer, cfg.n_expert):
-        raise OptionError(f"profile is for a model with {m.get('n_layer')} layers x "
-                          f"{m.get('n_expert')} experts, this one has {cfg.n_layer} x {cfg.n_expert}")
+        raise OptionError(
+            f"profile is for a model with {m.get('n_layer')} layers x "
+            f"{m.get('n_expert')} experts, this one has {cfg.n_layer} x {cfg.n_expert}"
+        )
     try:
         share = np.array([lay["share"] for lay in prof["layers"]], np.float64)
     except (KeyError, TypeError, ValueError):
         raise FormatError("profile layers lack a valid 'share' list") from None
     if share.shape != (cfg.n_layer, cfg.n_expert) or not np.isfinite(share).all():
-        raise FormatError(f"profile 'share' has shape {share.shape}, expected "
-                          f"({cfg.n_layer}, {cfg.n_expert})")
+        raise FormatError(
+            f"profile 'share' has shape {share.shape}, expected ({cfg.n_layer}, {cfg.n_expert})"
+        )
     return share

@@ -17,14 +17,14 @@ import numpy as np
 from meldlite.errors import FormatError
 from meldlite.formats.layout import KEY_POPULARITY, KEY_PRUNED, KEY_SENSITIVITY
 
-TIE = 1e-9          # sensitivity's weight in the policy prior: breaks exact ties only
+TIE = 1e-9  # sensitivity's weight in the policy prior: breaks exact ties only
 
 
 @dataclass
 class Seed:
-    popularity: np.ndarray      # (L, X) float64
-    sensitivity: np.ndarray     # (L, X) float64, zeros when the file has none
-    pruned: np.ndarray          # (L, X) bool
+    popularity: np.ndarray  # (L, X) float64
+    sensitivity: np.ndarray  # (L, X) float64, zeros when the file has none
+    pruned: np.ndarray  # (L, X) bool
 
     def prior(self):
         """(L, X) popularity for the policy, exact ties broken by sensitivity."""
@@ -46,8 +46,11 @@ def metadata_seed(metadata, n_layer, n_expert):
         return None
     sens = _array(metadata, KEY_SENSITIVITY, n_layer, n_expert)
     pruned = _array(metadata, KEY_PRUNED, n_layer, n_expert)
-    return Seed(pop, np.zeros_like(pop) if sens is None else sens,
-                np.zeros(pop.shape, bool) if pruned is None else pruned != 0)
+    return Seed(
+        pop,
+        np.zeros_like(pop) if sens is None else sens,
+        np.zeros(pop.shape, bool) if pruned is None else pruned != 0,
+    )
 
 
 def _array(metadata, key, n_layer, n_expert):
@@ -59,8 +62,10 @@ def _array(metadata, key, n_layer, n_expert):
     except (TypeError, ValueError):
         raise FormatError(f"metadata {key} must be a numeric array") from None
     if a.size != n_layer * n_expert:
-        raise FormatError(f"metadata {key} has {a.size} values, expected n_layer * expert_count "
-                          f"= {n_layer * n_expert}")
+        raise FormatError(
+            f"metadata {key} has {a.size} values, expected n_layer * expert_count "
+            f"= {n_layer * n_expert}"
+        )
     if not np.isfinite(a).all() or (a < 0).any():
         raise FormatError(f"metadata {key} must hold finite non-negative values")
     return a.reshape(n_layer, n_expert)

@@ -39,21 +39,25 @@ def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
     Checks every expert matrix has the shape the config promises. A pruned expert
     left out of the file (never routed) gets placeholders and a stored expert's types.
     """
-    arrays, types = [], np.empty((n_expert, 3), np.int32)                # types: (X, 3)
+    arrays, types = [], np.empty((n_expert, 3), np.int32)  # types: (X, 3)
     expected = {"gate": (n_ff, n_embd), "up": (n_ff, n_embd), "down": (n_embd, n_ff)}
     stored = [e for e in range(n_expert) if gguf.expert_present(layer, e)]
     for e in range(n_expert):
         if e not in stored:
             arrays += [None] * 3
-            types[e] = [int(gguf.expert_tensor(layer, kind, stored[0]).ggml_type)
-                        for kind in ("gate", "up", "down")]
+            types[e] = [
+                int(gguf.expert_tensor(layer, kind, stored[0]).ggml_type)
+                for kind in ("gate", "up", "down")
+            ]
             continue
         for j, kind in enumerate(("gate", "up", "down")):
             t = gguf.expert_tensor(layer, kind, e)
             if tuple(t.shape) != expected[kind]:
-                raise FormatError(f"layer {layer} expert {e} {kind} has shape {t.shape}, "
-                                  f"expected {expected[kind]}")
-            arrays.append(np.asarray(t.raw))                             # (rows, row_bytes)
+                raise FormatError(
+                    f"layer {layer} expert {e} {kind} has shape {t.shape}, "
+                    f"expected {expected[kind]}"
+                )
+            arrays.append(np.asarray(t.raw))  # (rows, row_bytes)
             types[e, j] = int(t.ggml_type)
     kernels.check_types(types)
     return kernels.expert_list(arrays), types
@@ -61,7 +65,7 @@ def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
 
 def _distinct(ids) -> int:
     """Number of distinct expert ids >= 0 in ids (cheaper than np.unique for a few)."""
-    used = ids[ids >= 0]                                                  # (n_routed,)
+    used = ids[ids >= 0]  # (n_routed,)
     return int(np.count_nonzero(np.bincount(used))) if used.size else 0
 
 
@@ -72,8 +76,10 @@ class ResidentStore(ExpertStore):
     (adaptive top-k, see `adaptive.skip_light_experts`); None keeps all k."""
 
     def __init__(self, gguf, cfg, llama_numerics=True, min_expert_weight=None):
-        self._layers = [expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
-                        for i in range(cfg.n_layer)]
+        self._layers = [
+            expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
+            for i in range(cfg.n_layer)
+        ]
         self._round = llama_numerics
         self.min_weight = min_expert_weight
         self._calls = self._uses = self._skipped = self._routed = 0
@@ -92,9 +98,19 @@ class ResidentStore(ExpertStore):
 
     def stats(self):
         """Every expert is always there: all uses are hits, nothing is read."""
-        return {"expert_hits": self._uses, "expert_misses": 0, "bytes_read": 0,
-                "prefetch_issued": 0, "prefetch_useful": 0, "stall_seconds": 0.0,
-                "hit_rate": 1.0, "expert_uses": self._uses, "experts_skipped": self._skipped,
-                "routed_slots": self._routed,
-                "moe_calls": self._calls, "cache_policy": None, "expert_io": "resident",
-                "prefetch": False}
+        return {
+            "expert_hits": self._uses,
+            "expert_misses": 0,
+            "bytes_read": 0,
+            "prefetch_issued": 0,
+            "prefetch_useful": 0,
+            "stall_seconds": 0.0,
+            "hit_rate": 1.0,
+            "expert_uses": self._uses,
+            "experts_skipped": self._skipped,
+            "routed_slots": self._routed,
+            "moe_calls": self._calls,
+            "cache_policy": None,
+            "expert_io": "resident",
+            "prefetch": False,
+        }

@@ -10,9 +10,21 @@ Public entry points (see docs/format.md):
 
 from meldlite.formats.gguf import GGUFFile, TensorView, read_gguf
 from meldlite.formats.layout import KINDS, expert_name, stacked_name
-from meldlite.formats.validate import Header, check_header
-from meldlite.formats.spec import ExpertSpec, parse_spec
 from meldlite.formats.pack import PackResult, pack
+from meldlite.formats.spec import ExpertSpec, parse_spec
+from meldlite.formats.validate import Header, check_header
 
-__all__ = ["ExpertSpec", "GGUFFile", "Header", "KINDS", "PackResult", "TensorView", "check_header",
-           "expert_name", "pack", "parse_spec", "read_gguf", "stacked_name"]
+__all__ = [
+    "KINDS",
+    "ExpertSpec",
+    "GGUFFile",
+    "Header",
+    "PackResult",
+    "TensorView",
+    "check_header",
+    "expert_name",
+    "pack",
+    "parse_spec",
+    "read_gguf",
+    "stacked_name",
+]

@@ -19,7 +19,7 @@ from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.formats import layout
 from meldlite.formats.validate import SCALAR_DTYPES, check_header
 
-_RESERVED_PREFIX = "GGUF."    # GGUFReader's pseudo-fields for the header counts
+_RESERVED_PREFIX = "GGUF."  # GGUFReader's pseudo-fields for the header counts
 
 
 def read_gguf(path):
@@ -43,7 +43,9 @@ def _open_reader(path, array_spans):
     except OSError:
         raise
     except Exception as e:  # gguf-py raises ValueError/KeyError/IndexError on bad input
-        raise FormatError(f"{path}: gguf-py cannot parse the file: {type(e).__name__}: {e}") from None
+        raise FormatError(
+            f"{path}: gguf-py cannot parse the file: {type(e).__name__}: {e}"
+        ) from None
 
 
 class _CompactReader(GGUFReader):
@@ -59,10 +61,10 @@ class _CompactReader(GGUFReader):
     def _get_field_parts(self, orig_offs, raw_type):
         if raw_type != GGUFValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)
-        etype = self._get(orig_offs, np.uint32)                 # (1,) element type
-        count = self._get(orig_offs + 4, np.uint64)             # (1,) element count
+        etype = self._get(orig_offs, np.uint32)  # (1,) element type
+        count = self._get(orig_offs + 4, np.uint64)  # (1,) element count
         start = orig_offs + 12
-        elements = self.data[start:start + self._array_spans[start]]   # uint8 (nbytes,)
+        elements = self.data[start : start + self._array_spans[start]]  # uint8 (nbytes,)
         types = [GGUFValueType.ARRAY, GGUFValueType(int(etype[0]))]
         return 12 + elements.nbytes, [etype, count, elements], [2], types
 
@@ -74,14 +76,14 @@ class TensorView:
     raw:   uint8 view (*shape[:-1], row_bytes) of the file's memory map.
     """
 
-    __slots__ = ("name", "ggml_type", "shape", "raw", "offset")
+    __slots__ = ("ggml_type", "name", "offset", "raw", "shape")
 
     def __init__(self, name, ggml_type, shape, raw, offset):
         self.name = name
-        self.ggml_type = ggml_type          # gguf.GGMLQuantizationType
-        self.shape = tuple(shape)           # numpy order, e.g. (n_vocab, n_embd)
-        self.raw = raw                      # uint8 (*shape[:-1], row_bytes), memmap view
-        self.offset = offset                # absolute file offset of the first byte
+        self.ggml_type = ggml_type  # gguf.GGMLQuantizationType
+        self.shape = tuple(shape)  # numpy order, e.g. (n_vocab, n_embd)
+        self.raw = raw  # uint8 (*shape[:-1], row_bytes), memmap view
+        self.offset = offset  # absolute file offset of the first byte
 
     @property
     def qtype(self):
@@ -102,7 +104,7 @@ class TensorView:
 
     def expert_slice(self, e, name):
         """View of slice [e] of a stacked (n_expert, rows, cols) tensor, named `name`."""
-        sub = self.raw[e]                   # uint8 (rows, row_bytes), contiguous
+        sub = self.raw[e]  # uint8 (rows, row_bytes), contiguous
         return TensorView(name, self.ggml_type, self.shape[1:], sub, self.offset + e * sub.nbytes)
 
     def __repr__(self):
@@ -111,7 +113,8 @@ class TensorView:
 
 def dequantize_raw(raw, ggml_type, name="tensor"):
     """Decode uint8 rows (..., row_bytes) of `ggml_type` into float32 (..., n_cols)."""
-    from meldlite.kernels import dequantize   # imported here: opening a file needs no Numba
+    from meldlite.kernels import dequantize  # imported here: opening a file needs no Numba
+
     try:
         return dequantize(raw, ggml_type)
     except UnsupportedError as e:
@@ -156,7 +159,7 @@ class GGUFFile:
 
     @property
     def expert_layout(self):
-        """"stacked" (llama.cpp) or "per_expert" (meldlite pack)."""
+        """ "stacked" (llama.cpp) or "per_expert" (meldlite pack)."""
         return self.metadata.get(layout.KEY_LAYOUT, layout.STACKED)
 
     @property
@@ -167,8 +170,10 @@ class GGUFFile:
         if not isinstance(value, int) or isinstance(value, bool):
             raise FormatError(f"{self.path}: metadata {key!r} is missing or not an integer")
         if not 0 <= value <= len(self._tensors):
-            raise FormatError(f"{self.path}: {key} = {value} is out of range "
-                              f"(file has {len(self._tensors)} tensors)")
+            raise FormatError(
+                f"{self.path}: {key} = {value} is out of range "
+                f"(file has {len(self._tensors)} tensors)"
+            )
         return value
 
     def expert_count(self, layer):
@@ -188,9 +193,12 @@ class GGUFFile:
         """[(gate, up, down) ggml type names] for each expert of `layer`
         ("pruned" x 3 for a pruned expert whose tensors are not in the file)."""
         index = self._expert_index(layer)
-        return [tuple(index.tensor(layer, k, e).qtype for k in layout.KINDS)
-                if self.expert_present(layer, e) else ("pruned",) * 3
-                for e in range(index.count(layer))]
+        return [
+            tuple(index.tensor(layer, k, e).qtype for k in layout.KINDS)
+            if self.expert_present(layer, e)
+            else ("pruned",) * 3
+            for e in range(index.count(layer))
+        ]
 
     def expert_present(self, layer, e):
         """False for a pruned expert whose tensors were left out of the file."""
@@ -198,8 +206,12 @@ class GGUFFile:
 
     def expert_order(self):
         """(layer, e) pairs of every stored expert, sorted by where its gate matrix lies in the file."""
-        pairs = [(L, e) for L in range(self.n_layers) for e in range(self.expert_count(L))
-                 if self.expert_present(L, e)]
+        pairs = [
+            (L, e)
+            for L in range(self.n_layers)
+            for e in range(self.expert_count(L))
+            if self.expert_present(L, e)
+        ]
         return sorted(pairs, key=lambda p: self.expert_tensor(p[0], "gate", p[1]).offset)
 
     def expert_tensor_names(self):
@@ -238,8 +250,12 @@ class GGUFFile:
             raise FormatError(f"{self.path}: {e}") from None
 
     def _check_per_expert(self):
-        stacked = [layout.stacked_name(L, k) for L in range(self.n_layers) for k in layout.KINDS
-                   if self.has_tensor(layout.stacked_name(L, k))]
+        stacked = [
+            layout.stacked_name(L, k)
+            for L in range(self.n_layers)
+            for k in layout.KINDS
+            if self.has_tensor(layout.stacked_name(L, k))
+        ]
         if stacked:
             raise FormatError(f"per-expert file also holds stacked tensor {stacked[0]!r}")
         order = self.metadata.get(layout.KEY_ORDER)
@@ -261,8 +277,10 @@ class GGUFFile:
         self.close()
 
     def __repr__(self):
-        return (f"GGUFFile({str(self.path)!r}, v{self.version}, {self.architecture}, "
-                f"{len(self._tensors)} tensors, {self.expert_layout})")
+        return (
+            f"GGUFFile({str(self.path)!r}, v{self.version}, {self.architecture}, "
+            f"{len(self._tensors)} tensors, {self.expert_layout})"
+        )
 
 
 def _read_metadata(reader, path):
@@ -276,22 +294,23 @@ def _read_metadata(reader, path):
         try:
             values[key] = _array_value(field, sub) if sub is not None else field.contents()
         except Exception as e:
-            raise FormatError(f"{path}: metadata {key!r} at byte {field.offset} "
-                              f"cannot be decoded: {e}") from None
+            raise FormatError(
+                f"{path}: metadata {key!r} at byte {field.offset} cannot be decoded: {e}"
+            ) from None
         types[key] = (main, sub)
     return values, types
 
 
 def _array_value(field, etype):
     """List of an array field's elements, from the one view `_CompactReader` keeps."""
-    elements = field.parts[field.data[0]]                   # uint8 (nbytes,)
-    count = int(field.parts[field.data[0] - 1][0])          # parts: ..., etype, count, elements
+    elements = field.parts[field.data[0]]  # uint8 (nbytes,)
+    count = int(field.parts[field.data[0] - 1][0])  # parts: ..., etype, count, elements
     if etype != GGUFValueType.STRING:
         return elements.view(np.dtype(SCALAR_DTYPES[etype]).newbyteorder("<")).tolist()
     buf, out, pos = elements.tobytes(), [], 0
     for _ in range(count):
         (n,) = struct.unpack_from("<Q", buf, pos)
-        out.append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
+        out.append(buf[pos + 8 : pos + 8 + n].decode("utf-8"))
         pos += 8 + n
     return out
 
@@ -304,15 +323,19 @@ def _tensor_views(reader, header, path):
     for info, rt in zip(header.tensors, reader.tensors):
         start = header.data_offset + info.offset
         if rt.data_offset != start or rt.n_bytes != info.nbytes:
-            raise FormatError(f"{path}: tensor {info.name!r}: gguf-py places it at byte "
-                              f"{rt.data_offset}, the header walk at {start}")
+            raise FormatError(
+                f"{path}: tensor {info.name!r}: gguf-py places it at byte "
+                f"{rt.data_offset}, the header walk at {start}"
+            )
         views[info.name] = _view(reader.data, info, start)
     return views
 
 
 def _view(data, info, start):
-    shape = tuple(reversed(info.ne))                       # numpy order
+    shape = tuple(reversed(info.ne))  # numpy order
     block_size, type_size = GGML_QUANT_SIZES[info.ggml_type]
     row_bytes = shape[-1] // block_size * type_size
-    raw = data[start:start + info.nbytes].reshape(shape[:-1] + (row_bytes,))  # uint8 (..., row_bytes)
+    raw = data[start : start + info.nbytes].reshape(
+        shape[:-1] + (row_bytes,)
+    )  # uint8 (..., row_bytes)
     return TensorView(info.name, info.ggml_type, shape, raw, start)

@@ -18,17 +18,20 @@ from gguf import MODEL_TENSOR, TENSOR_NAMES
 from meldlite.errors import FormatError, OptionError
 
 KINDS = ("gate", "up", "down")
-_KIND_TENSORS = {"gate": MODEL_TENSOR.FFN_GATE_EXP, "up": MODEL_TENSOR.FFN_UP_EXP,
-                 "down": MODEL_TENSOR.FFN_DOWN_EXP}
+_KIND_TENSORS = {
+    "gate": MODEL_TENSOR.FFN_GATE_EXP,
+    "up": MODEL_TENSOR.FFN_UP_EXP,
+    "down": MODEL_TENSOR.FFN_DOWN_EXP,
+}
 
-KEY_LAYOUT = "meldlite.expert_layout"          # "per_expert"; absent means "stacked"
-KEY_ORDER = "meldlite.expert_order"            # u32 array: layer, expert, layer, expert, ...
-KEY_ORDER_POLICY = "meldlite.expert_order_policy"   # name of the order, e.g. "layer-major"
+KEY_LAYOUT = "meldlite.expert_layout"  # "per_expert"; absent means "stacked"
+KEY_ORDER = "meldlite.expert_order"  # u32 array: layer, expert, layer, expert, ...
+KEY_ORDER_POLICY = "meldlite.expert_order_policy"  # name of the order, e.g. "layer-major"
 # Written by `meldlite quantize` (compression), read by the runtime. Each is a flat
 # array of n_layer * n_expert values, layer-major (index L * n_expert + e).
 KEY_POPULARITY = "meldlite.expert_popularity"  # f32: fraction of routed tokens that chose (L, e)
 KEY_SENSITIVITY = "meldlite.expert_sensitivity"  # f32: relative output error of (L, e) at its type
-KEY_PRUNED = "meldlite.expert_pruned"          # u8: 1 = pruned, never routed (router logit masked)
+KEY_PRUNED = "meldlite.expert_pruned"  # u8: 1 = pruned, never routed (router logit masked)
 STACKED, PER_EXPERT = "stacked", "per_expert"
 
 _PER_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.weight$")
@@ -100,10 +103,13 @@ class StackedExperts(ExpertIndex):
     layout = STACKED
 
     def __init__(self, gguf_file, n_layers):
-        self._stacks = {}   # layer -> {kind: TensorView (n_expert, rows, cols)}
+        self._stacks = {}  # layer -> {kind: TensorView (n_expert, rows, cols)}
         for layer in range(n_layers):
-            found = {k: gguf_file.tensor(stacked_name(layer, k)) for k in KINDS
-                     if gguf_file.has_tensor(stacked_name(layer, k))}
+            found = {
+                k: gguf_file.tensor(stacked_name(layer, k))
+                for k in KINDS
+                if gguf_file.has_tensor(stacked_name(layer, k))
+            }
             if found:
                 self._stacks[layer] = _check_stack(layer, found)
 
@@ -124,9 +130,11 @@ def _check_stack(layer, found):
     missing = [stacked_name(layer, k) for k in KINDS if k not in found]
     if missing:
         raise FormatError(f"layer {layer} has stacked experts but lacks {', '.join(missing)}")
-    for kind, view in found.items():
+    for view in found.values():
         if len(view.shape) != 3:
-            raise FormatError(f"tensor {view.name!r}: stacked experts need 3 dims, shape is {view.shape}")
+            raise FormatError(
+                f"tensor {view.name!r}: stacked experts need 3 dims, shape is {view.shape}"
+            )
     counts = {k: v.shape[0] for k, v in found.items()}
     if len(set(counts.values())) != 1:
         raise FormatError(f"layer {layer}: expert tensors disagree on the expert count {counts}")
@@ -150,7 +158,9 @@ class PerExpertExperts(ExpertIndex):
                 found.setdefault(layer, {}).setdefault(e, {})[kind] = gguf_file.tensor(name)
         for layer, experts in found.items():
             if layer >= n_layers:
-                raise FormatError(f"expert tensors for layer {layer}, but the model has {n_layers} layers")
+                raise FormatError(
+                    f"expert tensors for layer {layer}, but the model has {n_layers} layers"
+                )
             self._experts[layer] = _check_experts(layer, experts, pruned.get(layer, ()))
 
     def count(self, layer):
@@ -160,15 +170,22 @@ class PerExpertExperts(ExpertIndex):
         check_kind(kind)
         _check_expert(layer, e, self.count(layer))
         if self._experts[layer][e] is None:
-            raise OptionError(f"expert {e} of layer {layer} is pruned: its tensors are not in the file")
+            raise OptionError(
+                f"expert {e} of layer {layer} is pruned: its tensors are not in the file"
+            )
         return self._experts[layer][e][kind]
 
     def ranges(self, layer, e):
         return merge_ranges(super().ranges(layer, e), self._alignment)
 
     def expert_tensor_names(self):
-        return [v.name for experts in self._experts.values() for ex in experts if ex
-                for v in ex.values()]
+        return [
+            v.name
+            for experts in self._experts.values()
+            for ex in experts
+            if ex
+            for v in ex.values()
+        ]
 
     def stored(self, layer, e):
         _check_expert(layer, e, self.count(layer))
@@ -176,15 +193,19 @@ class PerExpertExperts(ExpertIndex):
 
     def present(self):
         """Set of (layer, e) pairs stored in the file."""
-        return {(L, e) for L, experts in self._experts.items() for e, ex in enumerate(experts) if ex}
+        return {
+            (L, e) for L, experts in self._experts.items() for e, ex in enumerate(experts) if ex
+        }
 
 
 def _pruned_by_layer(flags, n_layers):
     """{layer: set of pruned expert ids} from KEY_PRUNED's flat layer-major flags."""
     if flags is None or not isinstance(flags, list) or not n_layers or len(flags) % n_layers:
-        return {}   # absent, or malformed: ModelConfig reports the latter
+        return {}  # absent, or malformed: ModelConfig reports the latter
     n_expert = len(flags) // n_layers
-    return {L: {e for e in range(n_expert) if flags[L * n_expert + e] == 1} for L in range(n_layers)}
+    return {
+        L: {e for e in range(n_expert) if flags[L * n_expert + e] == 1} for L in range(n_layers)
+    }
 
 
 def _check_experts(layer, experts, pruned=()):
@@ -193,15 +214,19 @@ def _check_experts(layer, experts, pruned=()):
     n = max([*experts, *pruned]) + 1
     missing = [e for e in range(n) if e not in experts and e not in pruned]
     if missing:
-        raise FormatError(f"layer {layer}: per-expert tensors number experts {sorted(experts)}, "
-                          f"expected 0..{n - 1}")
+        raise FormatError(
+            f"layer {layer}: per-expert tensors number experts {sorted(experts)}, "
+            f"expected 0..{n - 1}"
+        )
     for e, kinds in experts.items():
         missing = [expert_name(layer, k, e) for k in KINDS if k not in kinds]
         if missing:
             raise FormatError(f"layer {layer} expert {e} lacks {', '.join(missing)}")
         for view in kinds.values():
             if len(view.shape) != 2:
-                raise FormatError(f"tensor {view.name!r}: an expert matrix needs 2 dims, shape is {view.shape}")
+                raise FormatError(
+                    f"tensor {view.name!r}: an expert matrix needs 2 dims, shape is {view.shape}"
+                )
     return [experts.get(e) for e in range(n)]
 
 

@@ -30,18 +30,19 @@ _OWN_KEYS = (layout.KEY_LAYOUT, layout.KEY_ORDER, layout.KEY_ORDER_POLICY)
 @dataclass(frozen=True)
 class Choice:
     """Expert e of `layer` is copied from `source` (the file labelled `label`)."""
+
     layer: int
     e: int
     label: str
-    source: object      # GGUFFile
+    source: object  # GGUFFile
 
 
 @dataclass(frozen=True)
 class PackResult:
     path: Path
     n_experts: int
-    labels: dict        # label -> number of experts taken from it
-    nbytes: int         # size of the written file
+    labels: dict  # label -> number of experts taken from it
+    nbytes: int  # size of the written file
 
 
 def pack(src, out, spec, sources=None, *, order=None, order_policy=None):
@@ -63,10 +64,13 @@ def pack(src, out, spec, sources=None, *, order=None, order_policy=None):
     policy = order_policy or (LAYER_MAJOR if order is None else "custom")
     out = Path(out)
     write_per_expert(out, src_file, choices, policy)
-    return PackResult(out, len(choices), dict(Counter(c.label for c in choices)), out.stat().st_size)
+    return PackResult(
+        out, len(choices), dict(Counter(c.label for c in choices)), out.stat().st_size
+    )
 
 
 # -- sources ----------------------------------------------------------------
+
 
 def describe(f):
     """Labels that describe a file's quantization: its expert type if uniform
@@ -89,7 +93,7 @@ def _file_type_name(value):
         return None
     for prefix in _FTYPE_PREFIXES:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return None
 
 
@@ -102,7 +106,7 @@ def _is_type_label(label):
 def open_sources(src_file, sources):
     """{label: GGUFFile}: SRC under its own labels, then each --from file (checked to
     be the same model as SRC, and to be what a type-like label says it is)."""
-    files = {label: src_file for label in describe(src_file) | {SRC_LABEL}}
+    files = dict.fromkeys(describe(src_file) | {SRC_LABEL}, src_file)
     explicit = set()
     for label, path in sources.items():
         label = label.upper()
@@ -113,8 +117,10 @@ def open_sources(src_file, sources):
         f = src_file if same else read_gguf(path)
         check_same_model(src_file, f)
         if _is_type_label(label) and label not in describe(f):
-            raise OptionError(f"source {label}={path} does not hold {label} experts "
-                              f"(it is {', '.join(sorted(describe(f))) or 'mixed'})")
+            raise OptionError(
+                f"source {label}={path} does not hold {label} experts "
+                f"(it is {', '.join(sorted(describe(f))) or 'mixed'})"
+            )
         files[label] = f
     return files
 
@@ -123,16 +129,21 @@ def check_same_model(a, b):
     """OptionError unless `b` has the same architecture, tensors, shapes and experts as `a`."""
     what = f"{b.path} is not the same model as {a.path}"
     if a.architecture != b.architecture or a.n_layers != b.n_layers:
-        raise OptionError(f"{what}: architecture {b.architecture}/{b.n_layers} layers, "
-                          f"expected {a.architecture}/{a.n_layers} layers")
+        raise OptionError(
+            f"{what}: architecture {b.architecture}/{b.n_layers} layers, "
+            f"expected {a.architecture}/{a.n_layers} layers"
+        )
     for L in range(a.n_layers):
         if a.expert_count(L) != b.expert_count(L):
-            raise OptionError(f"{what}: layer {L} has {b.expert_count(L)} experts, "
-                              f"expected {a.expert_count(L)}")
+            raise OptionError(
+                f"{what}: layer {L} has {b.expert_count(L)} experts, expected {a.expert_count(L)}"
+            )
         for kind in layout.KINDS if a.expert_count(L) else ():
             sa, sb = a.expert_tensor(L, kind, 0).shape, b.expert_tensor(L, kind, 0).shape
             if sa != sb:
-                raise OptionError(f"{what}: layer {L} {kind} experts have shape {sb}, expected {sa}")
+                raise OptionError(
+                    f"{what}: layer {L} {kind} experts have shape {sb}, expected {sa}"
+                )
     _check_same_tensors(a, b, what)
 
 
@@ -143,8 +154,10 @@ def _check_same_tensors(a, b, what):
         raise OptionError(f"{what}: tensor {diff[0]!r} is in only one of them")
     for name in na:
         if a.tensor(name).shape != b.tensor(name).shape:
-            raise OptionError(f"{what}: tensor {name!r} has shape {b.tensor(name).shape}, "
-                              f"expected {a.tensor(name).shape}")
+            raise OptionError(
+                f"{what}: tensor {name!r} has shape {b.tensor(name).shape}, "
+                f"expected {a.tensor(name).shape}"
+            )
 
 
 def non_expert_names(f):
@@ -154,6 +167,7 @@ def non_expert_names(f):
 
 
 # -- plan -------------------------------------------------------------------
+
 
 def layer_major(f):
     """Every (layer, e) of `f`, by layer then expert."""
@@ -165,45 +179,61 @@ def plan(src_file, spec, files, order=None):
     everyone = layer_major(src_file)
     order = everyone if order is None else [tuple(map(int, p)) for p in order]
     if sorted(order) != everyone:
-        raise OptionError(f"expert order must list each of the {len(everyone)} experts exactly once")
+        raise OptionError(
+            f"expert order must list each of the {len(everyone)} experts exactly once"
+        )
     missing = sorted(spec.labels() - set(files))
     if missing:
-        raise OptionError(f"SPEC names source {missing[0]} but no file has that label "
-                          f"(add --from {missing[0]}=FILE; known: {', '.join(sorted(files))})")
+        raise OptionError(
+            f"SPEC names source {missing[0]} but no file has that label "
+            f"(add --from {missing[0]}=FILE; known: {', '.join(sorted(files))})"
+        )
     return [_choose(spec, files, L, e) for L, e in order]
 
 
 def _choose(spec, files, layer, e):
     label = spec.label_for(layer, e)
     if label is None:
-        raise OptionError(f"SPEC {spec} gives no source for layer {layer} expert {e} (add a default)")
+        raise OptionError(
+            f"SPEC {spec} gives no source for layer {layer} expert {e} (add a default)"
+        )
     return Choice(layer, e, label, files[label])
 
 
 # -- write ------------------------------------------------------------------
+
 
 def write_per_expert(out, src_file, choices, order_policy=LAYER_MAJOR):
     """Write `out`: SRC's metadata and non-expert tensors, then the experts in
     `choices` order, each as gate, up, down back to back. Atomic (temp + rename)."""
     tensors = [(n, src_file.tensor(n)) for n in non_expert_names(src_file)]
     for c in choices:
-        tensors += [(layout.expert_name(c.layer, k, c.e), c.source.expert_tensor(c.layer, k, c.e))
-                    for k in layout.KINDS]
-    write_atomic(out, src_file, [TensorOut.copy(name, view) for name, view in tensors],
-                 _layout_metadata(choices, order_policy))
+        tensors += [
+            (layout.expert_name(c.layer, k, c.e), c.source.expert_tensor(c.layer, k, c.e))
+            for k in layout.KINDS
+        ]
+    write_atomic(
+        out,
+        src_file,
+        [TensorOut.copy(name, view) for name, view in tensors],
+        _layout_metadata(choices, order_policy),
+    )
 
 
 def _layout_metadata(choices, order_policy):
     order = [x for c in choices for x in (c.layer, c.e)]
-    return [(layout.KEY_LAYOUT, layout.PER_EXPERT, GGUFValueType.STRING, None),
-            (layout.KEY_ORDER, order, GGUFValueType.ARRAY, GGUFValueType.UINT32),
-            (layout.KEY_ORDER_POLICY, order_policy, GGUFValueType.STRING, None)]
+    return [
+        (layout.KEY_LAYOUT, layout.PER_EXPERT, GGUFValueType.STRING, None),
+        (layout.KEY_ORDER, order, GGUFValueType.ARRAY, GGUFValueType.UINT32),
+        (layout.KEY_ORDER_POLICY, order_policy, GGUFValueType.STRING, None),
+    ]
 
 
 @dataclass(frozen=True)
 class TensorOut:
     """One tensor to write: name, ggml type, raw shape (*shape[:-1], row_bytes) and
     `data()`, which gives those bytes (uint8) when the tensor's turn comes."""
+
     name: str
     ggml_type: GGMLQuantizationType
     raw_shape: tuple
@@ -227,7 +257,7 @@ def write_atomic(out, src_file, tensors, extra_metadata, skip_keys=()):
     tmp = out.with_name(out.name + ".part")
     try:
         _write(tmp, src_file, tensors, extra_metadata, skip_keys)
-        read_gguf(tmp)                      # what we wrote must read back
+        read_gguf(tmp)  # what we wrote must read back
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -247,7 +277,7 @@ def _write(path, src_file, tensors, extra_metadata, skip_keys=()):
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in tensors:
-            w.write_tensor_data(t.data())   # uint8 (*shape[:-1], row_bytes)
+            w.write_tensor_data(t.data())  # uint8 (*shape[:-1], row_bytes)
     finally:
         w.close()
 
@@ -262,7 +292,8 @@ def _copy_metadata(w, src_file, skip_keys=()):
             continue
         vtype, sub = src_file.metadata_types[key]
         if vtype == GGUFValueType.ARRAY and not value:
-            raise UnsupportedError(f"{src_file.path}: metadata {key!r} is an empty array, "
-                                   f"which gguf-py's writer cannot write")
+            raise UnsupportedError(
+                f"{src_file.path}: metadata {key!r} is an empty array, "
+                f"which gguf-py's writer cannot write"
+            )
         w.add_key_value(key, value, vtype, sub_type=sub)
-

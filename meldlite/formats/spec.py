@@ -33,8 +33,9 @@ _JSON_KEYS = ("default", "layers", "experts")
 @dataclass(frozen=True)
 class Selector:
     """An inclusive range of indices; `*` is lo=0, hi=None."""
+
     lo: int
-    hi: object      # int or None (no upper bound)
+    hi: object  # int or None (no upper bound)
 
     def __contains__(self, i):
         return self.lo <= i and (self.hi is None or i <= self.hi)
@@ -64,6 +65,7 @@ class Rule:
 @dataclass(frozen=True)
 class ExpertSpec:
     """Rules in order; the last one that matches an expert gives its source label."""
+
     rules: tuple
 
     def label_for(self, layer, e):
@@ -125,7 +127,9 @@ def _rule(where, label):
 
 def _selector(text, where):
     if not _SEL_RE.match(text):
-        raise OptionError(f"bad SPEC selector {where!r}: use N, A-B or * for the layer and the expert")
+        raise OptionError(
+            f"bad SPEC selector {where!r}: use N, A-B or * for the layer and the expert"
+        )
     if text == "*":
         return ANY
     lo, _, hi = text.partition("-")

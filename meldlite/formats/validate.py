@@ -24,55 +24,68 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import (GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType,
-                  GGUFValueType, Keys)
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+)
 
 from meldlite.errors import FormatError
 
 SUPPORTED_VERSIONS = (2, 3)
-MAX_DIMS = 4                 # GGML_MAX_DIMS
-MAX_NAME_BYTES = 63          # GGML_MAX_NAME - 1 (room for the NUL in C)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME_BYTES = 63  # GGML_MAX_NAME - 1 (room for the NUL in C)
 # Metadata becomes Python lists: bound their total size (a 256k-token vocabulary
 # with scores, types and merges is about 1M elements).
 MAX_ARRAY_ELEMENTS = 1 << 23
 INT64_MAX = 2**63 - 1
 
 SCALAR_DTYPES = {
-    GGUFValueType.UINT8: np.uint8, GGUFValueType.INT8: np.int8,
-    GGUFValueType.UINT16: np.uint16, GGUFValueType.INT16: np.int16,
-    GGUFValueType.UINT32: np.uint32, GGUFValueType.INT32: np.int32,
-    GGUFValueType.FLOAT32: np.float32, GGUFValueType.BOOL: np.bool_,
-    GGUFValueType.UINT64: np.uint64, GGUFValueType.INT64: np.int64,
+    GGUFValueType.UINT8: np.uint8,
+    GGUFValueType.INT8: np.int8,
+    GGUFValueType.UINT16: np.uint16,
+    GGUFValueType.INT16: np.int16,
+    GGUFValueType.UINT32: np.uint32,
+    GGUFValueType.INT32: np.int32,
+    GGUFValueType.FLOAT32: np.float32,
+    GGUFValueType.BOOL: np.bool_,
+    GGUFValueType.UINT64: np.uint64,
+    GGUFValueType.INT64: np.int64,
     GGUFValueType.FLOAT64: np.float64,
 }
 SCALAR_SIZES = {t: np.dtype(d).itemsize for t, d in SCALAR_DTYPES.items()}
 
 # Smallest encodings, used to bound counts against the bytes that remain.
-_MIN_KV_BYTES = 8 + 4 + 1                # key length, value type, 1-byte value
-_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8   # name len, 1-byte name, n_dims, ne[0], type, offset
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name len, 1-byte name, n_dims, ne[0], type, offset
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor-info record as found in the header."""
+
     name: str
     ggml_type: GGMLQuantizationType
-    ne: tuple            # ggml order: ne[0] is the contiguous axis
-    offset: int          # relative to the data section
+    ne: tuple  # ggml order: ne[0] is the contiguous axis
+    offset: int  # relative to the data section
     nbytes: int
-    info_offset: int     # absolute file offset of the record (for messages)
+    info_offset: int  # absolute file offset of the record (for messages)
 
 
 @dataclass(frozen=True)
 class Header:
     """What the pre-walk learned; the reader cross-checks gguf-py against it."""
+
     version: int
     n_kv: int
     alignment: int
-    data_offset: int     # absolute start of the data section
+    data_offset: int  # absolute start of the data section
     file_size: int
-    tensors: tuple       # of TensorInfo, in file order
-    array_spans: dict    # absolute offset of each metadata array's elements -> their byte size
+    tensors: tuple  # of TensorInfo, in file order
+    array_spans: dict  # absolute offset of each metadata array's elements -> their byte size
 
 
 class _Cursor:
@@ -86,8 +99,10 @@ class _Cursor:
 
     def need(self, n, what):
         if n > self.remaining():
-            raise FormatError(f"truncated file: {what} at byte {self.pos} needs {n} bytes, "
-                              f"only {self.remaining()} remain")
+            raise FormatError(
+                f"truncated file: {what} at byte {self.pos} needs {n} bytes, "
+                f"only {self.remaining()} remain"
+            )
 
     def unpack(self, fmt, what):
         n = struct.calcsize(fmt)
@@ -110,7 +125,7 @@ class _Cursor:
         start = self.pos
         length = self.u64(f"length of {what}")
         self.need(length, f"{what} ({length} bytes, length at byte {start})")
-        raw = bytes(self.buf[self.pos:self.pos + length])
+        raw = bytes(self.buf[self.pos : self.pos + length])
         self.pos += length
         try:
             return raw.decode("utf-8")
@@ -154,20 +169,26 @@ def _check_magic(cur):
 def _check_version(cur):
     version = cur.u32("version")
     if version & 0xFFFF == 0 and version != 0:
-        raise FormatError(f"byte-swapped (big-endian) GGUF is not supported "
-                          f"(version field 0x{version:08x} at byte 4)")
+        raise FormatError(
+            f"byte-swapped (big-endian) GGUF is not supported "
+            f"(version field 0x{version:08x} at byte 4)"
+        )
     if version == 1:
         raise FormatError("GGUF version 1 is no longer supported (byte 4); re-convert the model")
     if version not in SUPPORTED_VERSIONS:
-        raise FormatError(f"unsupported GGUF version {version} at byte 4 "
-                          f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
+        raise FormatError(
+            f"unsupported GGUF version {version} at byte 4 "
+            f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})"
+        )
     return version
 
 
 def _check_count(cur, count, min_bytes, what):
     if count * min_bytes > cur.remaining():
-        raise FormatError(f"absurd {what} {count} at byte {cur.pos}: "
-                          f"at least {count * min_bytes} bytes needed, {cur.remaining()} remain")
+        raise FormatError(
+            f"absurd {what} {count} at byte {cur.pos}: "
+            f"at least {count * min_bytes} bytes needed, {cur.remaining()} remain"
+        )
 
 
 class _Arrays:
@@ -210,11 +231,15 @@ def _value_type(cur, what):
 def _read_alignment(cur, vtype):
     pos = cur.pos
     if vtype != GGUFValueType.UINT32:
-        raise FormatError(f"bad {Keys.General.ALIGNMENT}: type {vtype.name} at byte {pos}, expected UINT32")
+        raise FormatError(
+            f"bad {Keys.General.ALIGNMENT}: type {vtype.name} at byte {pos}, expected UINT32"
+        )
     alignment = cur.u32(Keys.General.ALIGNMENT)
     if alignment == 0 or alignment & (alignment - 1):
-        raise FormatError(f"bad {Keys.General.ALIGNMENT} {alignment} at byte {pos}: "
-                          f"must be a non-zero power of two")
+        raise FormatError(
+            f"bad {Keys.General.ALIGNMENT} {alignment} at byte {pos}: "
+            f"must be a non-zero power of two"
+        )
     return alignment
 
 
@@ -233,14 +258,18 @@ def _skip_array(cur, key, arrays):
     count = cur.u64(f"array length of key {key!r}")
     if etype == GGUFValueType.ARRAY:
         raise FormatError(f"nested array in key {key!r} at byte {pos - 4}: not supported")
-    min_size = SCALAR_SIZES.get(etype, 8)          # a string needs at least its length
+    min_size = SCALAR_SIZES.get(etype, 8)  # a string needs at least its length
     if count * min_size > cur.remaining():
-        raise FormatError(f"absurd array length {count} for key {key!r} at byte {pos}: "
-                          f"{cur.remaining()} bytes remain")
+        raise FormatError(
+            f"absurd array length {count} for key {key!r} at byte {pos}: "
+            f"{cur.remaining()} bytes remain"
+        )
     arrays.n_elements += count
     if arrays.n_elements > MAX_ARRAY_ELEMENTS:
-        raise FormatError(f"array of key {key!r} at byte {pos} brings the metadata to "
-                          f"{arrays.n_elements} array elements (limit {MAX_ARRAY_ELEMENTS})")
+        raise FormatError(
+            f"array of key {key!r} at byte {pos} brings the metadata to "
+            f"{arrays.n_elements} array elements (limit {MAX_ARRAY_ELEMENTS})"
+        )
     start = cur.pos
     if etype == GGUFValueType.STRING:
         for i in range(count):
@@ -255,8 +284,10 @@ def _read_tensor_info(cur):
     name = cur.string("tensor name")
     where = f"tensor {name!r} (info at byte {start})"
     if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise FormatError(f"bad tensor name length {len(name.encode('utf-8'))} at byte {start} "
-                          f"(must be 1..{MAX_NAME_BYTES} bytes)")
+        raise FormatError(
+            f"bad tensor name length {len(name.encode('utf-8'))} at byte {start} "
+            f"(must be 1..{MAX_NAME_BYTES} bytes)"
+        )
     n_dims = cur.u32(f"n_dims of {where}")
     if not 1 <= n_dims <= MAX_DIMS:
         raise FormatError(f"{where}: n_dims {n_dims} out of range 1..{MAX_DIMS}")
@@ -289,8 +320,10 @@ def _tensor_nbytes(ne, ggml_type, where):
             raise FormatError(f"{where}: dimensions {list(ne)} overflow 64-bit element count")
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     if ne[0] % block_size:
-        raise FormatError(f"{where}: row length ne[0] = {ne[0]} is not a multiple of "
-                          f"the {ggml_type.name} block size {block_size}")
+        raise FormatError(
+            f"{where}: row length ne[0] = {ne[0]} is not a multiple of "
+            f"the {ggml_type.name} block size {block_size}"
+        )
     return n_elements // block_size * type_size
 
 
@@ -300,13 +333,17 @@ def _check_tensor_data(infos, alignment, data_offset, file_size):
     expected, previous = 0, None
     for info in infos:
         if info.name in seen:
-            raise FormatError(f"duplicate tensor name {info.name!r} at byte {info.info_offset} "
-                              f"(first at byte {seen[info.name]})")
+            raise FormatError(
+                f"duplicate tensor name {info.name!r} at byte {info.info_offset} "
+                f"(first at byte {seen[info.name]})"
+            )
         seen[info.name] = info.info_offset
         end = data_offset + info.offset + info.nbytes
         if end > file_size:
-            raise FormatError(f"tensor {info.name!r}: data [{data_offset + info.offset}, {end}) "
-                              f"runs past the end of the file ({file_size} bytes)")
+            raise FormatError(
+                f"tensor {info.name!r}: data [{data_offset + info.offset}, {end}) "
+                f"runs past the end of the file ({file_size} bytes)"
+            )
         _check_offset(info, alignment, expected, previous)
         expected, previous = info.offset + _pad(info.nbytes, alignment), info
 
@@ -314,14 +351,19 @@ def _check_tensor_data(infos, alignment, data_offset, file_size):
 def _check_offset(info, alignment, expected, previous):
     where = f"tensor {info.name!r}"
     if info.offset % alignment:
-        raise FormatError(f"{where}: data offset {info.offset} is not a multiple of the "
-                          f"alignment {alignment}")
+        raise FormatError(
+            f"{where}: data offset {info.offset} is not a multiple of the alignment {alignment}"
+        )
     if info.offset < expected:
-        raise FormatError(f"{where}: data offset {info.offset} overlaps or precedes tensor "
-                          f"{previous.name!r} (expected {expected})")
+        raise FormatError(
+            f"{where}: data offset {info.offset} overlaps or precedes tensor "
+            f"{previous.name!r} (expected {expected})"
+        )
     if info.offset > expected:
-        raise FormatError(f"{where}: data offset {info.offset}, expected {expected} "
-                          f"(tensor data must be packed in tensor-info order)")
+        raise FormatError(
+            f"{where}: data offset {info.offset}, expected {expected} "
+            f"(tensor data must be packed in tensor-info order)"
+        )
 
 
 def _pad(n, alignment):

@@ -29,5 +29,15 @@ from meldlite.kernels.moe import check_types, expert_list, moe_ffn, placeholder,
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
 
-__all__ = ["SUPPORTED_TYPES", "check_type", "check_types", "dequantize", "expert_list",
-           "matmul", "moe_ffn", "placeholder", "qmatmul", "set_expert"]
+__all__ = [
+    "SUPPORTED_TYPES",
+    "check_type",
+    "check_types",
+    "dequantize",
+    "expert_list",
+    "matmul",
+    "moe_ffn",
+    "placeholder",
+    "qmatmul",
+    "set_expert",
+]

@@ -25,13 +25,26 @@ from meldlite.kernels._cache import track_sources
 
 NONE, ROUND_F16, ROUND_BF16, Q8_0, Q8_K = 0, 1, 2, 3, 4
 
-_MODE = {T.F16: ROUND_F16, T.BF16: ROUND_BF16,
-         T.Q4_0: Q8_0, T.Q5_0: Q8_0, T.Q8_0: Q8_0, T.IQ4_NL: Q8_0, T.MXFP4: Q8_0,
-         T.Q4_1: Q8_0, T.Q5_1: Q8_0,
-         T.Q2_K: Q8_K, T.Q3_K: Q8_K, T.Q4_K: Q8_K, T.Q5_K: Q8_K, T.Q6_K: Q8_K, T.IQ4_XS: Q8_K}
+_MODE = {
+    T.F16: ROUND_F16,
+    T.BF16: ROUND_BF16,
+    T.Q4_0: Q8_0,
+    T.Q5_0: Q8_0,
+    T.Q8_0: Q8_0,
+    T.IQ4_NL: Q8_0,
+    T.MXFP4: Q8_0,
+    T.Q4_1: Q8_0,
+    T.Q5_1: Q8_0,
+    T.Q2_K: Q8_K,
+    T.Q3_K: Q8_K,
+    T.Q4_K: Q8_K,
+    T.Q5_K: Q8_K,
+    T.Q6_K: Q8_K,
+    T.IQ4_XS: Q8_K,
+}
 
 # mode per ggml type id, for jitted callers (the MoE kernel)
-MODE_BY_ID = np.zeros(max(int(t) for t in T) + 1, np.int32)   # (n_type_ids,)
+MODE_BY_ID = np.zeros(max(int(t) for t in T) + 1, np.int32)  # (n_type_ids,)
 for _t, _m in _MODE.items():
     MODE_BY_ID[int(_t)] = _m
 
@@ -47,10 +60,10 @@ def _f16_round(v):
     a = abs(v)
     if not np.isfinite(a):
         return v
-    if a < np.float32(2.0 ** -14):                  # f16 subnormal: quantum 2^-24
-        step = np.float32(2.0 ** -24)
+    if a < np.float32(2.0**-14):  # f16 subnormal: quantum 2^-24
+        step = np.float32(2.0**-24)
     else:
-        _, ex = math.frexp(a)                       # a = m * 2^ex, m in [0.5, 1)
+        _, ex = math.frexp(a)  # a = m * 2^ex, m in [0.5, 1)
         step = np.float32(math.ldexp(1.0, ex - 11))  # 10 mantissa bits below the leading one
     r = np.float32(np.rint(v / step)) * step
     if abs(r) > np.float32(65504.0):
@@ -61,9 +74,9 @@ def _f16_round(v):
 @njit(cache=True, inline="always")
 def _bf16_round(v):
     u = np.array([v], np.float32).view(np.uint32)[0]
-    if (u & np.uint32(0x7fffffff)) > np.uint32(0x7f800000):      # NaN stays NaN
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays NaN
         return v
-    u = (u + (np.uint32(0x7fff) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xffff0000)
+    u = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
     return np.array([u], np.uint32).view(np.float32)[0]
 
 
@@ -105,10 +118,10 @@ def round_row(src, mode, dst):
             dst[j] = _bf16_round(src[j])
     elif mode == Q8_0 and n % 32 == 0:
         for b in range(0, n, 32):
-            _q8_0_block(src[b:b + 32], dst[b:b + 32])
+            _q8_0_block(src[b : b + 32], dst[b : b + 32])
     elif mode == Q8_K and n % 256 == 0:
         for b in range(0, n, 256):
-            _q8_k_block(src[b:b + 256], dst[b:b + 256])
+            _q8_k_block(src[b : b + 256], dst[b : b + 256])
     else:
         dst[:] = src
 
@@ -124,7 +137,7 @@ def round_activations(x, ggml_type):
     mode = mode_of(ggml_type)
     if mode == NONE:
         return x
-    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])   # (T, n)
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])  # (T, n)
     out = np.empty_like(x2)
     _round_rows(x2, mode, out)
     return out.reshape(x.shape)
@@ -135,11 +148,11 @@ def round_activations_reference(x, ggml_type):
     mode = mode_of(ggml_type)
     x = np.asarray(x, np.float32)
     if mode == ROUND_F16:
-        with np.errstate(over="ignore"):        # beyond f16's range rounds to inf, as in ggml
+        with np.errstate(over="ignore"):  # beyond f16's range rounds to inf, as in ggml
             return x.astype(np.float16).astype(np.float32)
     if mode == ROUND_BF16:
         u = x.view(np.uint32).astype(np.uint64)
-        r = ((u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000).astype(np.uint32).view(np.float32)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
         return np.where(np.isnan(x), x, r)
     if mode == Q8_0 and x.shape[-1] % 32 == 0:
         b = x.reshape(-1, 32)

@@ -9,7 +9,7 @@ Each matches NumPy / gguf-py bit for bit, including NaN payloads:
 import numpy as np
 from numba import njit
 
-_F16_SUBNORMAL_UNIT = np.float32(2.0 ** -24)  # value of the f16 subnormal step
+_F16_SUBNORMAL_UNIT = np.float32(2.0**-24)  # value of the f16 subnormal step
 _EXP_REBIAS = np.uint32((127 - 15) << 23)  # f16 -> f32 exponent bias, at the f32 exponent
 
 

@@ -17,8 +17,14 @@ from numba import njit, prange
 
 from meldlite.kernels._cache import track_sources
 from meldlite.kernels.actquant import NONE, _f16_round
-from meldlite.kernels.qdot import (CHUNK, PARALLEL_MIN_BYTES, _f16_bits_to_f32, matmul_acts,
-                                   quantize_rows, rows_times_tokens)
+from meldlite.kernels.qdot import (
+    CHUNK,
+    PARALLEL_MIN_BYTES,
+    _f16_bits_to_f32,
+    matmul_acts,
+    quantize_rows,
+    rows_times_tokens,
+)
 
 QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
 
@@ -68,10 +74,12 @@ def f32_to_f16_bits(v):
         return np.uint16(sign | np.uint16(0x7E00))
     if a == np.inf:
         return np.uint16(sign | np.uint16(0x7C00))
-    if a < np.float32(2.0 ** -14):  # subnormal half: multiple of 2^-24
-        return np.uint16(sign | np.uint16(np.int32(a * np.float32(2.0 ** 24))))
+    if a < np.float32(2.0**-14):  # subnormal half: multiple of 2^-24
+        return np.uint16(sign | np.uint16(np.int32(a * np.float32(2.0**24))))
     e = np.int32((u >> np.uint32(23)) & np.uint32(0xFF)) - 112
-    return np.uint16(sign | np.uint16((e << 10) | np.int32((u >> np.uint32(13)) & np.uint32(0x3FF))))
+    return np.uint16(
+        sign | np.uint16((e << 10) | np.int32((u >> np.uint32(13)) & np.uint32(0x3FF)))
+    )
 
 
 @njit(cache=True, error_model="numpy")
@@ -92,7 +100,7 @@ def attention_rows(q, kc, vc, pos0, n_head, out):
     Per head: scores = f16(q) . K (float32 sums), times 1/sqrt(D); softmax summed in
     float64; probabilities rounded to float16; out = sum over positions of p * V."""
     n_tok = q.shape[0]
-    n_kv, n_head_kv, d = kc.shape[0], kc.shape[1], kc.shape[2]
+    n_head_kv, d = kc.shape[1], kc.shape[2]
     dv = vc.shape[2]
     group = n_head // n_head_kv
     scale = np.float32(1.0 / np.sqrt(d))
@@ -160,7 +168,11 @@ def route_rows(logits, k, norm_topk, ids, weights):
         for j in range(k):
             best = -1
             for e in range(n_x):
-                if not taken[e] and logits[t, e] != -np.inf and (best < 0 or probs[e] > probs[best]):
+                if (
+                    not taken[e]
+                    and logits[t, e] != -np.inf
+                    and (best < 0 or probs[e] > probs[best])
+                ):
                     best = e
             taken[best] = True
             ids[t, j] = best
@@ -190,23 +202,64 @@ def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, use_int)
     for c in prange(nq + nk + nv):
         if c < nq:
             r0 = c * CHUNK
-            rows_times_tokens(wq, tq, r0, min(wq.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, q,
-                              use_int)
+            rows_times_tokens(
+                wq, tq, r0, min(wq.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, q, use_int
+            )
         elif c < nq + nk:
             r0 = (c - nq) * CHUNK
-            rows_times_tokens(wk, tk, r0, min(wk.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, k,
-                              use_int)
+            rows_times_tokens(
+                wk, tk, r0, min(wk.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, k, use_int
+            )
         else:
             r0 = (c - nq - nk) * CHUNK
-            rows_times_tokens(wv, tv, r0, min(wv.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, v,
-                              use_int)
+            rows_times_tokens(
+                wv, tv, r0, min(wv.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, v, use_int
+            )
 
 
 @njit(cache=True, error_model="numpy")
-def attention_block(x, attn_norm, wq, tq, mq, wk, tk, mk, wv, tv, mv, wo, to, mo,
-                    bq, bk, bv, bo, q_norm, k_norm, qk_norm, kc, vc, cos, sin, pos0,
-                    n_head, n_rot, neox, eps, ffn_norm, wr, tr, mr, rbias, k_used, norm_topk,
-                    h, ids, weights):
+def attention_block(
+    x,
+    attn_norm,
+    wq,
+    tq,
+    mq,
+    wk,
+    tk,
+    mk,
+    wv,
+    tv,
+    mv,
+    wo,
+    to,
+    mo,
+    bq,
+    bk,
+    bv,
+    bo,
+    q_norm,
+    k_norm,
+    qk_norm,
+    kc,
+    vc,
+    cos,
+    sin,
+    pos0,
+    n_head,
+    n_rot,
+    neox,
+    eps,
+    ffn_norm,
+    wr,
+    tr,
+    mr,
+    rbias,
+    k_used,
+    norm_topk,
+    h,
+    ids,
+    weights,
+):
     """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
     ids/weights (T, k) <- routing (when the router wr has rows; rbias (X,), when not
     empty, is added to the router logits: -inf masks a pruned expert). Modes m* say how
@@ -267,5 +320,13 @@ def attention_block(x, attn_norm, wq, tq, mq, wk, tk, mk, wv, tv, mv, wo, to, mo
         route_rows(logits, k_used, norm_topk, ids, weights)
 
 
-track_sources(rms_norm_rows, rope_rows, store_kv, attention_rows, route_rows, project,
-              qkv_parallel, attention_block)
+track_sources(
+    rms_norm_rows,
+    rope_rows,
+    store_kv,
+    attention_rows,
+    route_rows,
+    project,
+    qkv_parallel,
+    attention_block,
+)

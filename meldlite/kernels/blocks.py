@@ -14,8 +14,24 @@ from gguf import quants as gguf_quants
 from numba import njit
 
 from meldlite.kernels.bits import bf16_to_f32, e8m0_to_f32_half, f16_to_f32, read_f16, read_u16
-from meldlite.kernels.qtypes import (BF16, F16, F32, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_0,
-                                     Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0)
+from meldlite.kernels.qtypes import (
+    BF16,
+    F16,
+    F32,
+    IQ4_NL,
+    IQ4_XS,
+    MXFP4,
+    Q2_K,
+    Q3_K,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+)
 
 KVALUES_IQ4NL = np.array(gguf_quants.IQ4_NL.kvalues, dtype=np.float32)  # (16,)
 KVALUES_MXFP4 = np.array(gguf_quants.MXFP4.kvalues, dtype=np.float32)  # (16,) E2M1 x2
@@ -242,13 +258,13 @@ def _decode_plain(t, row, c0, cn, out):
     n16 = cn - cn % 16
     if t == F32:
         for g in range(0, n16, 16):
-            decode_f32_16(row[4 * (c0 + g):], out[g:])
+            decode_f32_16(row[4 * (c0 + g) :], out[g:])
     elif t == F16:
         for g in range(0, n16, 16):
-            decode_f16_16(row[2 * (c0 + g):], out[g:])
+            decode_f16_16(row[2 * (c0 + g) :], out[g:])
     else:
         for g in range(0, n16, 16):
-            decode_bf16_16(row[2 * (c0 + g):], out[g:])
+            decode_bf16_16(row[2 * (c0 + g) :], out[g:])
     for i in range(n16, cn):
         out[i] = _plain_value(t, row, c0 + i)
 
@@ -275,25 +291,25 @@ def _decode_span_32(t, row, c0, cn, out):
         return False
     if t == Q4_0:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q4_0(row[b * 18:], out[b * 32 - c0:])
+            decode_q4_0(row[b * 18 :], out[b * 32 - c0 :])
     elif t == Q4_1:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q4_1(row[b * 20:], out[b * 32 - c0:])
+            decode_q4_1(row[b * 20 :], out[b * 32 - c0 :])
     elif t == Q5_0:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q5_0(row[b * 22:], out[b * 32 - c0:])
+            decode_q5_0(row[b * 22 :], out[b * 32 - c0 :])
     elif t == Q5_1:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q5_1(row[b * 24:], out[b * 32 - c0:])
+            decode_q5_1(row[b * 24 :], out[b * 32 - c0 :])
     elif t == Q8_0:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q8_0(row[b * 34:], out[b * 32 - c0:])
+            decode_q8_0(row[b * 34 :], out[b * 32 - c0 :])
     elif t == IQ4_NL:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_iq4_nl(row[b * 18:], out[b * 32 - c0:])
+            decode_iq4_nl(row[b * 18 :], out[b * 32 - c0 :])
     elif t == MXFP4:
         for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_mxfp4(row[b * 17:], out[b * 32 - c0:])
+            decode_mxfp4(row[b * 17 :], out[b * 32 - c0 :])
     else:
         return False
     return True
@@ -306,22 +322,22 @@ def _decode_span_256(t, row, c0, cn, out):
         return False
     if t == Q2_K:
         for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q2_k(row[b * 84:], out[b * 256 - c0:])
+            decode_q2_k(row[b * 84 :], out[b * 256 - c0 :])
     elif t == Q3_K:
         for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q3_k(row[b * 110:], out[b * 256 - c0:])
+            decode_q3_k(row[b * 110 :], out[b * 256 - c0 :])
     elif t == Q4_K:
         for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q4_k(row[b * 144:], out[b * 256 - c0:])
+            decode_q4_k(row[b * 144 :], out[b * 256 - c0 :])
     elif t == Q5_K:
         for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q5_k(row[b * 176:], out[b * 256 - c0:])
+            decode_q5_k(row[b * 176 :], out[b * 256 - c0 :])
     elif t == Q6_K:
         for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q6_k(row[b * 210:], out[b * 256 - c0:])
+            decode_q6_k(row[b * 210 :], out[b * 256 - c0 :])
     elif t == IQ4_XS:
         for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_iq4_xs(row[b * 136:], out[b * 256 - c0:])
+            decode_iq4_xs(row[b * 136 :], out[b * 256 - c0 :])
     else:
         return False
     return True

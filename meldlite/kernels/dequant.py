@@ -33,9 +33,11 @@ def as_raw_bytes(raw, qtype: GGMLQuantizationType) -> np.ndarray:
         if raw.ndim == 0:
             raw = raw.reshape(1)
         return np.ascontiguousarray(raw).view(np.uint8)
-    raise OptionError(f"raw data of type {qtype.name} must be uint8 bytes"
-                      + (f" or {np.dtype(_TYPED_DTYPES[qtype]).name}" if qtype in _TYPED_DTYPES else "")
-                      + f", got {raw.dtype}")
+    raise OptionError(
+        f"raw data of type {qtype.name} must be uint8 bytes"
+        + (f" or {np.dtype(_TYPED_DTYPES[qtype]).name}" if qtype in _TYPED_DTYPES else "")
+        + f", got {raw.dtype}"
+    )
 
 
 def dequantize(raw, ggml_type) -> np.ndarray:
@@ -50,7 +52,9 @@ def dequantize(raw, ggml_type) -> np.ndarray:
     rows.flags.writeable = False  # one jitted signature for memmaps and in-memory arrays
     out = np.empty((rows.shape[0], n_cols), dtype=np.float32)  # (n_rows, n_cols)
     if not dequantize_rows(rows, int(qtype), out):
-        raise AssertionError(f"jitted decoder rejected {qtype.name}")  # check_type lets only known types in
+        raise AssertionError(
+            f"jitted decoder rejected {qtype.name}"
+        )  # check_type lets only known types in
     return out.reshape(*raw.shape[:-1], n_cols)
 
 

@@ -48,7 +48,7 @@ def _tile(raw, t, x, out, r0, wbuf, acc):
         for k in range(n_tok):
             _accumulate(wbuf, x[k, c0:], acc[k], cn)
     for k in range(n_tok):
-        out[k, r0:r0 + nr] = acc[k, :nr]
+        out[k, r0 : r0 + nr] = acc[k, :nr]
     return True
 
 
@@ -103,13 +103,17 @@ def matmul(raw, ggml_type, x, out=None) -> np.ndarray:
     n_rows, n_cols = raw.shape[0], row_cols(qtype, raw.shape[1])
     x = np.asarray(x)
     if x.dtype != np.float32 or x.ndim not in (1, 2) or x.shape[-1] != n_cols:
-        raise OptionError(f"x must be float32 (n_cols,) or (n_tok, n_cols) with n_cols={n_cols}, "
-                          f"got {x.dtype} {x.shape}")
+        raise OptionError(
+            f"x must be float32 (n_cols,) or (n_tok, n_cols) with n_cols={n_cols}, "
+            f"got {x.dtype} {x.shape}"
+        )
     shape = (*x.shape[:-1], n_rows)
     out = np.empty(shape, dtype=np.float32) if out is None else _check_out(out, shape)
     x2 = writable_rows(x, n_cols)  # (n_tok, n_cols)
     if not matmat_rows(raw, int(qtype), x2, out.reshape(-1, n_rows)):
-        raise AssertionError(f"jitted kernel rejected {qtype.name}")  # check_type lets only known types in
+        raise AssertionError(
+            f"jitted kernel rejected {qtype.name}"
+        )  # check_type lets only known types in
     return out
 
 

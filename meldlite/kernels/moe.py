@@ -16,10 +16,10 @@ kernels lack (moe_ffn checks the experts it uses itself).
 """
 
 import numpy as np
-from numba import njit, prange, types as nbtypes
-from numba.typed import List
-
 from gguf import GGMLQuantizationType
+from numba import njit, prange
+from numba import types as nbtypes
+from numba.typed import List
 
 from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels._cache import track_sources
@@ -28,7 +28,9 @@ from meldlite.kernels.matmul import matmat_rows, writable_rows
 from meldlite.kernels.qdot import PARALLEL_MIN_BYTES, quantize_row, rows_times_tokens
 from meldlite.kernels.qtypes import BLOCK_BYTES, BLOCK_ELEMS, SUPPORTED_IDS, check_type, row_bytes
 
-MATRIX_TYPE = nbtypes.Array(nbtypes.uint8, 2, "C", readonly=True)  # numba type of each entry of `mats`
+MATRIX_TYPE = nbtypes.Array(
+    nbtypes.uint8, 2, "C", readonly=True
+)  # numba type of each entry of `mats`
 GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
 
 
@@ -120,8 +122,16 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
     for e in range(types.shape[0]):
         s, s_end = starts[e], starts[e + 1]
         if s_end > s:
-            ok &= expert_ffn(x, toks[s:s_end], mats[3 * e + GATE], mats[3 * e + UP],
-                             mats[3 * e + DOWN], types[e], modes[e], ys[s:s_end])
+            ok &= expert_ffn(
+                x,
+                toks[s:s_end],
+                mats[3 * e + GATE],
+                mats[3 * e + UP],
+                mats[3 * e + DOWN],
+                types[e],
+                modes[e],
+                ys[s:s_end],
+            )
     combine_slots(ids, weights, pairs, ys, out)
     return ok
 
@@ -134,6 +144,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
 # 64 rows give 64 + 128 items for 8 experts of 512 x 1024, plenty for a few threads.
 
 ITEM_ROWS = 64
+
 
 @njit(cache=True, error_model="numpy")
 def _act_slots(ids, modes):
@@ -177,10 +188,12 @@ def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr,
     gate, up = mats[3 * e + GATE], mats[3 * e + UP]
     r1 = min(gate.shape[0], r0 + ITEM_ROWS)
     a, b = slot[modes[e, GATE]], slot[modes[e, UP]]
-    rows_times_tokens(gate, types[e, GATE], r0, r1, qa[a], da[a], bs[a], xr[a], toks[s:s_end],
-                      g[s:s_end], True)
-    rows_times_tokens(up, types[e, UP], r0, r1, qa[b], da[b], bs[b], xr[b], toks[s:s_end],
-                      u[s:s_end], True)
+    rows_times_tokens(
+        gate, types[e, GATE], r0, r1, qa[a], da[a], bs[a], xr[a], toks[s:s_end], g[s:s_end], True
+    )
+    rows_times_tokens(
+        up, types[e, UP], r0, r1, qa[b], da[b], bs[b], xr[b], toks[s:s_end], u[s:s_end], True
+    )
     for p in range(s, s_end):
         for c in range(r0, r1):
             v = g[p, c]
@@ -191,14 +204,27 @@ def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr,
 def _down_item(mats, types, e, r0, starts, pair_ids, qa, da, bs, xr, ys):
     s, s_end = starts[e], starts[e + 1]
     down = mats[3 * e + DOWN]
-    rows_times_tokens(down, types[e, DOWN], r0, min(down.shape[0], r0 + ITEM_ROWS), qa, da, bs, xr,
-                      pair_ids[s:s_end], ys[s:s_end], True)
+    rows_times_tokens(
+        down,
+        types[e, DOWN],
+        r0,
+        min(down.shape[0], r0 + ITEM_ROWS),
+        qa,
+        da,
+        bs,
+        xr,
+        pair_ids[s:s_end],
+        ys[s:s_end],
+        True,
+    )
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _gate_up_parallel(mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u):
     for i in prange(item_e.shape[0]):
-        _gate_up_item(mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs, xr, g, u)
+        _gate_up_item(
+            mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs, xr, g, u
+        )
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -241,11 +267,14 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out):
     item_e, item_r = _items(starts, n_rows_of, types, GATE)
     parallel = work >= PARALLEL_MIN_BYTES and item_e.shape[0] > 1
     if parallel:
-        _gate_up_parallel(mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u)
+        _gate_up_parallel(
+            mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u
+        )
     else:
         for i in range(item_e.shape[0]):
-            _gate_up_item(mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs,
-                          xr, g, u)
+            _gate_up_item(
+                mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs, xr, g, u
+            )
     # the down matrices' inputs: each pair's SwiGLU row, rounded per its expert's down type
     nbf = max(1, n_ff // 32)
     qh = np.empty((n_pairs, n_ff), dtype=np.int8)  # (P, F)
@@ -293,7 +322,9 @@ def placeholder() -> np.ndarray:
 def _as_matrix(arr, what) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.dtype != np.uint8 or arr.ndim != 2 or not arr.flags.c_contiguous:
-        raise OptionError(f"{what} must be a 2-D C-contiguous uint8 array, got {arr.dtype} {arr.shape}")
+        raise OptionError(
+            f"{what} must be a 2-D C-contiguous uint8 array, got {arr.dtype} {arr.shape}"
+        )
     view = arr.view()
     view.flags.writeable = False
     return view
@@ -322,26 +353,37 @@ def check_types(types, experts=None) -> None:
     bad = ~np.isin(types[rows], SUPPORTED_IDS)  # (n_checked, 3)
     if bad.any():
         i, m = np.argwhere(bad)[0]
-        name = GGMLQuantizationType(types[rows[i], m]).name if types[rows[i], m] in \
-            GGMLQuantizationType._value2member_map_ else f"id {types[rows[i], m]}"
-        raise UnsupportedError(f"expert {rows[i]} {('gate', 'up', 'down')[m]} matrix has ggml type "
-                               f"{name}, which the kernels do not support")
+        name = (
+            GGMLQuantizationType(types[rows[i], m]).name
+            if types[rows[i], m] in GGMLQuantizationType._value2member_map_
+            else f"id {types[rows[i], m]}"
+        )
+        raise UnsupportedError(
+            f"expert {rows[i]} {('gate', 'up', 'down')[m]} matrix has ggml type "
+            f"{name}, which the kernels do not support"
+        )
 
 
 def _check_expert_shapes(mats, types, e, n_embd) -> None:
     gate, up, down = mats[3 * e + GATE], mats[3 * e + UP], mats[3 * e + DOWN]
     n_ff = gate.shape[0]
     try:
-        want = ((n_ff, row_bytes(check_type(types[e, GATE]), n_embd)),
-                (n_ff, row_bytes(check_type(types[e, UP]), n_embd)),
-                (n_embd, row_bytes(check_type(types[e, DOWN]), n_ff)))
+        want = (
+            (n_ff, row_bytes(check_type(types[e, GATE]), n_embd)),
+            (n_ff, row_bytes(check_type(types[e, UP]), n_embd)),
+            (n_embd, row_bytes(check_type(types[e, DOWN]), n_ff)),
+        )
     except OptionError as err:
-        raise OptionError(f"expert {e} (n_embd={n_embd}, n_ff={n_ff} from its gate matrix "
-                          f"of shape {gate.shape}): {err}") from None
+        raise OptionError(
+            f"expert {e} (n_embd={n_embd}, n_ff={n_ff} from its gate matrix "
+            f"of shape {gate.shape}): {err}"
+        ) from None
     for name, arr, shape in zip(("gate", "up", "down"), (gate, up, down), want):
         if arr.shape != shape or not arr.flags.c_contiguous:
-            raise OptionError(f"expert {e} {name} matrix has shape {arr.shape}, expected a "
-                              f"C-contiguous {shape} for n_embd={n_embd}, n_ff={n_ff}")
+            raise OptionError(
+                f"expert {e} {name} matrix has shape {arr.shape}, expected a "
+                f"C-contiguous {shape} for n_embd={n_embd}, n_ff={n_ff}"
+            )
 
 
 def _plain(a, dtype, ndim):
@@ -350,22 +392,37 @@ def _plain(a, dtype, ndim):
 
 
 def _check_inputs(x, ids, weights, types):
-    if (_plain(x, np.float32, 2) and x.flags.writeable and _plain(ids, np.int32, 2)
-            and _plain(weights, np.float32, 2) and _plain(types, np.int32, 2)
-            and ids.shape[0] == x.shape[0] and weights.shape == ids.shape and types.shape[1] == 3):
+    if (
+        _plain(x, np.float32, 2)
+        and x.flags.writeable
+        and _plain(ids, np.int32, 2)
+        and _plain(weights, np.float32, 2)
+        and _plain(types, np.int32, 2)
+        and ids.shape[0] == x.shape[0]
+        and weights.shape == ids.shape
+        and types.shape[1] == 3
+    ):
         return x, ids, weights, types
     x = np.asarray(x)
     if x.dtype != np.float32 or x.ndim != 2:
         raise OptionError(f"x must be float32 (n_tok, n_embd), got {x.dtype} {x.shape}")
     ids, weights, types = np.asarray(ids), np.asarray(weights), np.asarray(types)
     if ids.ndim != 2 or ids.shape[0] != x.shape[0] or not np.issubdtype(ids.dtype, np.integer):
-        raise OptionError(f"ids must be integer (n_tok={x.shape[0]}, k), got {ids.dtype} {ids.shape}")
+        raise OptionError(
+            f"ids must be integer (n_tok={x.shape[0]}, k), got {ids.dtype} {ids.shape}"
+        )
     if weights.dtype != np.float32 or weights.shape != ids.shape:
-        raise OptionError(f"weights must be float32 {ids.shape}, got {weights.dtype} {weights.shape}")
+        raise OptionError(
+            f"weights must be float32 {ids.shape}, got {weights.dtype} {weights.shape}"
+        )
     if types.ndim != 2 or types.shape[1] != 3 or not np.issubdtype(types.dtype, np.integer):
         raise OptionError(f"types must be integer (n_expert, 3), got {types.dtype} {types.shape}")
-    return (writable_rows(x, x.shape[1]), np.ascontiguousarray(ids, dtype=np.int32),
-            np.ascontiguousarray(weights), np.ascontiguousarray(types, dtype=np.int32))
+    return (
+        writable_rows(x, x.shape[1]),
+        np.ascontiguousarray(ids, dtype=np.int32),
+        np.ascontiguousarray(weights),
+        np.ascontiguousarray(types, dtype=np.int32),
+    )
 
 
 _SUPPORTED = np.zeros(len(MODE_BY_ID), dtype=np.bool_)  # (n_type_ids,) types the kernels decode
@@ -373,8 +430,9 @@ _SUPPORTED[SUPPORTED_IDS] = True
 
 
 @njit(cache=True, error_model="numpy")
-def _fast_checks(n_embd, ids, mats, types, supported, block_elems, block_bytes, round_acts,
-                 mode_by_id, modes):
+def _fast_checks(
+    n_embd, ids, mats, types, supported, block_elems, block_bytes, round_acts, mode_by_id, modes
+):
     """True if mats has 3 entries per expert and every used expert id is in range, has
     supported types and matrices of the right shapes (then modes (n_expert, 3) holds each
     matrix's activation rounding); False sends the caller to the checks that name the
@@ -404,10 +462,17 @@ def _fast_checks(n_embd, ids, mats, types, supported, block_elems, block_bytes, 
                     return False
             gate, up, down = mats[3 * e + GATE], mats[3 * e + UP], mats[3 * e + DOWN]
             n_ff = gate.shape[0]
-            for m, mat, rows, cols in ((GATE, gate, n_ff, n_embd), (UP, up, n_ff, n_embd),
-                                       (DOWN, down, n_embd, n_ff)):
+            for m, mat, rows, cols in (
+                (GATE, gate, n_ff, n_embd),
+                (UP, up, n_ff, n_embd),
+                (DOWN, down, n_embd, n_ff),
+            ):
                 el = block_elems[types[e, m]]
-                if cols % el or mat.shape[0] != rows or mat.shape[1] != cols // el * block_bytes[types[e, m]]:
+                if (
+                    cols % el
+                    or mat.shape[0] != rows
+                    or mat.shape[1] != cols // el * block_bytes[types[e, m]]
+                ):
                     return False
     return True
 
@@ -423,10 +488,22 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
     if isinstance(mats, list):
         mats = expert_list(mats)
     modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
-    if not _fast_checks(x.shape[1], ids, mats, types, _SUPPORTED, BLOCK_ELEMS, BLOCK_BYTES,
-                        bool(round_acts), MODE_BY_ID, modes):
+    if not _fast_checks(
+        x.shape[1],
+        ids,
+        mats,
+        types,
+        _SUPPORTED,
+        BLOCK_ELEMS,
+        BLOCK_BYTES,
+        bool(round_acts),
+        MODE_BY_ID,
+        modes,
+    ):
         if len(mats) != 3 * types.shape[0]:
-            raise OptionError(f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}")
+            raise OptionError(
+                f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}"
+            )
         _slow_checks(x, ids, mats, types)
         raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
     if out is None:
@@ -443,14 +520,30 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
 def _slow_checks(x, ids, mats, types):
     """Raise the error that says what is wrong with the experts' inputs."""
     if ids.size and (ids.min() < -1 or ids.max() >= types.shape[0]):
-        raise OptionError(f"expert ids must be -1 (skip) or in [0, {types.shape[0]}), "
-                          f"got {ids.min()}..{ids.max()}")
+        raise OptionError(
+            f"expert ids must be -1 (skip) or in [0, {types.shape[0]}), "
+            f"got {ids.min()}..{ids.max()}"
+        )
     used = np.unique(ids[ids >= 0])
     check_types(types, used)
     for e in used:
         _check_expert_shapes(mats, types, int(e), x.shape[1])
 
 
-track_sources(swiglu, group_by_expert, rounded, expert_ffn, combine_slots, moe_ffn_kernel,
-              _act_slots, _items, _gate_up_item, _down_item, _gate_up_parallel, _down_parallel,
-              moe_ffn_int_kernel, _combine, _fast_checks)
+track_sources(
+    swiglu,
+    group_by_expert,
+    rounded,
+    expert_ffn,
+    combine_slots,
+    moe_ffn_kernel,
+    _act_slots,
+    _items,
+    _gate_up_item,
+    _down_item,
+    _gate_up_parallel,
+    _down_parallel,
+    moe_ffn_int_kernel,
+    _combine,
+    _fast_checks,
+)

@@ -35,7 +35,17 @@ import numpy as np
 from numba import njit, prange
 
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.actquant import NONE, Q8_0 as MODE_Q8_0, Q8_K as MODE_Q8_K, _f16_round, round_row
+from meldlite.kernels.actquant import (
+    NONE,
+    _f16_round,
+    round_row,
+)
+from meldlite.kernels.actquant import (
+    Q8_0 as MODE_Q8_0,
+)
+from meldlite.kernels.actquant import (
+    Q8_K as MODE_Q8_K,
+)
 from meldlite.kernels.bits import f16_to_f32
 from meldlite.kernels.blocks import decode_span
 from meldlite.kernels.qtypes import F16, F32, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
@@ -46,6 +56,7 @@ CHUNK = 16  # rows per parallel work item
 
 
 # ---------------------------------------------------------------- activations
+
 
 @njit(cache=True, error_model="numpy")
 def quantize_q8_0_row(x, qa, da, bs):
@@ -115,11 +126,16 @@ def quantize_rows(x, mode, qa, da, bs, xr):
 def empty_acts(n_tok, n):
     """Uninitialised activation arrays (qa, da, bs, xr) for n_tok rows of n values."""
     nb = max(1, n // 32)
-    return (np.empty((n_tok, n), np.int8), np.empty((n_tok, nb), np.float32),
-            np.empty((n_tok, nb), np.int32), np.empty((n_tok, n), np.float32))
+    return (
+        np.empty((n_tok, n), np.int8),
+        np.empty((n_tok, nb), np.float32),
+        np.empty((n_tok, nb), np.int32),
+        np.empty((n_tok, n), np.float32),
+    )
 
 
 # ---------------------------------------------------------------- row kernels
+
 
 @njit(inline="always")
 def _f16(w, o):
@@ -138,6 +154,7 @@ def _f16_bits(row, o):
 # Row r of a matrix w (n_rows, row_bytes) . token k of activations qa (T, n) int8,
 # da (T, n/32) float32, bs (T, n/32) int32: block by block, the integer sums from simd.py,
 # the float steps here in block order. Flat offsets instead of slices (no reference counts).
+
 
 @njit(cache=True, error_model="numpy")
 def dot_q4_k(w, r, qa, da, bs, k, nb):
@@ -174,7 +191,10 @@ def dot_q8_0(w, r, qa, da, k, nb, L):
     while b + 4 <= nb:
         o = 34 * b
         oa = 32 * b
-        s0 = np.int32(0); s1 = np.int32(0); s2 = np.int32(0); s3 = np.int32(0)
+        s0 = np.int32(0)
+        s1 = np.int32(0)
+        s2 = np.int32(0)
+        s3 = np.int32(0)
         for l in range(L):
             s0 = np.int32(s0 + np.int16(np.int8(row[o + 2 + l])) * np.int16(q[oa + l]))
             s1 = np.int32(s1 + np.int16(np.int8(row[o + 36 + l])) * np.int16(q[oa + 32 + l]))
@@ -185,7 +205,7 @@ def dot_q8_0(w, r, qa, da, k, nb, L):
         sumf += _f16_bits(row, o + 68) * da[k, b + 2] * np.float32(s2)
         sumf += _f16_bits(row, o + 102) * da[k, b + 3] * np.float32(s3)
         b += 4
-    for b in range(b, nb):
+    for b in range(b, nb):  # noqa: B020 - continues from the unrolled loop
         o = 34 * b
         s = np.int32(0)
         for l in range(L):
@@ -203,14 +223,21 @@ def dot_q4_0(row, qa, da, nb, L):
     while b + 2 <= nb:
         o = 18 * b
         oa = 32 * b
-        s0 = np.int32(0); s1 = np.int32(0)
+        s0 = np.int32(0)
+        s1 = np.int32(0)
         for l in range(L):
             v0 = row[o + 2 + l]
             v1 = row[o + 20 + l]
-            s0 = np.int32(s0 + (np.int16(v0 & 15) - np.int16(8)) * np.int16(qa[oa + l])
-                          + (np.int16(v0 >> 4) - np.int16(8)) * np.int16(qa[oa + 16 + l]))
-            s1 = np.int32(s1 + (np.int16(v1 & 15) - np.int16(8)) * np.int16(qa[oa + 32 + l])
-                          + (np.int16(v1 >> 4) - np.int16(8)) * np.int16(qa[oa + 48 + l]))
+            s0 = np.int32(
+                s0
+                + (np.int16(v0 & 15) - np.int16(8)) * np.int16(qa[oa + l])
+                + (np.int16(v0 >> 4) - np.int16(8)) * np.int16(qa[oa + 16 + l])
+            )
+            s1 = np.int32(
+                s1
+                + (np.int16(v1 & 15) - np.int16(8)) * np.int16(qa[oa + 32 + l])
+                + (np.int16(v1 >> 4) - np.int16(8)) * np.int16(qa[oa + 48 + l])
+            )
         sumf += _f16(row, o) * da[b] * np.float32(s0)
         sumf += _f16(row, o + 18) * da[b + 1] * np.float32(s1)
         b += 2
@@ -219,8 +246,11 @@ def dot_q4_0(row, qa, da, nb, L):
         s = np.int32(0)
         for l in range(L):
             v = row[o + 2 + l]
-            s = np.int32(s + (np.int16(v & 15) - np.int16(8)) * np.int16(qa[32 * b + l])
-                         + (np.int16(v >> 4) - np.int16(8)) * np.int16(qa[32 * b + 16 + l]))
+            s = np.int32(
+                s
+                + (np.int16(v & 15) - np.int16(8)) * np.int16(qa[32 * b + l])
+                + (np.int16(v >> 4) - np.int16(8)) * np.int16(qa[32 * b + 16 + l])
+            )
         sumf += _f16(row, o) * da[b] * np.float32(s)
         b += 1
     return sumf
@@ -234,15 +264,24 @@ def dot_q5_0(row, qa, da, nb, L):
     for b in range(nb):
         o = 22 * b
         oa = 32 * b
-        qh = (np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << np.uint32(8))
-              | (np.uint32(row[o + 4]) << np.uint32(16)) | (np.uint32(row[o + 5]) << np.uint32(24)))
+        qh = (
+            np.uint32(row[o + 2])
+            | (np.uint32(row[o + 3]) << np.uint32(8))
+            | (np.uint32(row[o + 4]) << np.uint32(16))
+            | (np.uint32(row[o + 5]) << np.uint32(24))
+        )
         s = np.int32(0)
         for l in range(L):
             v = row[o + 6 + l]
             lo = np.int16(v & 15) | np.int16(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
-            hi = np.int16(v >> 4) | np.int16(((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4))
-            s = np.int32(s + (lo - np.int16(16)) * np.int16(qa[oa + l])
-                         + (hi - np.int16(16)) * np.int16(qa[oa + 16 + l]))
+            hi = np.int16(v >> 4) | np.int16(
+                ((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4)
+            )
+            s = np.int32(
+                s
+                + (lo - np.int16(16)) * np.int16(qa[oa + l])
+                + (hi - np.int16(16)) * np.int16(qa[oa + 16 + l])
+            )
         sumf += _f16(row, o) * da[b] * np.float32(s)
     return sumf
 
@@ -251,7 +290,7 @@ def dot_q5_0(row, qa, da, nb, L):
 def _f16_bits_to_f32(h):
     """f16 bits (uint32) -> float32, branch-free (vectorizable), exact incl. inf/NaN."""
     em = h & np.uint32(0x7FFF)
-    f = np.uint32(em << np.uint32(13)).view(np.float32) * np.float32(2.0 ** 112)
+    f = np.uint32(em << np.uint32(13)).view(np.float32) * np.float32(2.0**112)
     if em >= np.uint32(0x7C00):
         f = np.uint32((em << np.uint32(13)) | np.uint32(0x7F800000)).view(np.float32)
     return -f if h & np.uint32(0x8000) else f
@@ -310,6 +349,7 @@ def dot_float(wf, xr, n):
 
 # ---------------------------------------------------------------- rows x tokens
 
+
 @njit(cache=True, error_model="numpy")
 def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
@@ -367,8 +407,9 @@ def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int):
     n_rows = raw.shape[0]
     n_chunks = (n_rows + CHUNK - 1) // CHUNK
     for c in prange(n_chunks):
-        rows_times_tokens(raw, t, c * CHUNK, min(n_rows, c * CHUNK + CHUNK), qa, da, bs, xr,
-                          toks, out, use_int)
+        rows_times_tokens(
+            raw, t, c * CHUNK, min(n_rows, c * CHUNK + CHUNK), qa, da, bs, xr, toks, out, use_int
+        )
 
 
 @njit(cache=True, error_model="numpy")
@@ -389,9 +430,25 @@ def matmul_acts(raw, t, qa, da, bs, xr, toks, out, use_int):
         matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int)
 
 
-track_sources(quantize_q8_0_row, quantize_q8_k_row, quantize_row, quantize_rows, dot_q4_k,
-              dot_q6_k, dot_q8_0, dot_q4_0, dot_q5_0, f16_row_to_f32, dot_lanes16, dot_f32, dot_float,
-              rows_times_tokens, matmul_parallel, matmul_serial, matmul_acts)
+track_sources(
+    quantize_q8_0_row,
+    quantize_q8_k_row,
+    quantize_row,
+    quantize_rows,
+    dot_q4_k,
+    dot_q6_k,
+    dot_q8_0,
+    dot_q4_0,
+    dot_q5_0,
+    f16_row_to_f32,
+    dot_lanes16,
+    dot_f32,
+    dot_float,
+    rows_times_tokens,
+    matmul_parallel,
+    matmul_serial,
+    matmul_acts,
+)
 
 
 @njit(cache=True, error_model="numpy")
@@ -410,17 +467,20 @@ def linear(raw, t, mode, x, out):
 def qmatmul(raw, ggml_type, x, out=None):
     """W x with x rounded as llama.cpp rounds a matmul's activations (actquant), by integer
     dot products where the type has them. Arguments as `kernels.matmul`."""
+    from meldlite.errors import OptionError
     from meldlite.kernels.actquant import mode_of
     from meldlite.kernels.matmul import _check_out, readonly_matrix, writable_rows
     from meldlite.kernels.qtypes import check_type, row_cols
-    from meldlite.errors import OptionError
+
     qtype = check_type(ggml_type)
     raw = readonly_matrix(raw, qtype)
     n_rows, n_cols = raw.shape[0], row_cols(qtype, raw.shape[1])
     x = np.asarray(x)
     if x.dtype != np.float32 or x.ndim not in (1, 2) or x.shape[-1] != n_cols:
-        raise OptionError(f"x must be float32 (n_cols,) or (n_tok, n_cols) with n_cols={n_cols}, "
-                          f"got {x.dtype} {x.shape}")
+        raise OptionError(
+            f"x must be float32 (n_cols,) or (n_tok, n_cols) with n_cols={n_cols}, "
+            f"got {x.dtype} {x.shape}"
+        )
     shape = (*x.shape[:-1], n_rows)
     out = np.empty(shape, dtype=np.float32) if out is None else _check_out(out, shape)
     linear(raw, int(qtype), mode_of(qtype), writable_rows(x, n_cols), out.reshape(-1, n_rows))

@@ -26,9 +26,27 @@ IQ4_NL = int(GGMLQuantizationType.IQ4_NL)
 IQ4_XS = int(GGMLQuantizationType.IQ4_XS)
 MXFP4 = int(GGMLQuantizationType.MXFP4)
 
-SUPPORTED_TYPES = tuple(GGMLQuantizationType[name] for name in (
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"))
+SUPPORTED_TYPES = tuple(
+    GGMLQuantizationType[name]
+    for name in (
+        "F32",
+        "F16",
+        "BF16",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "IQ4_NL",
+        "IQ4_XS",
+        "MXFP4",
+    )
+)
 SUPPORTED_IDS = np.array([int(t) for t in SUPPORTED_TYPES], dtype=np.int32)  # (n_supported,)
 
 # (bytes per block) indexed by type id; 0 for types the kernels do not decode.
@@ -46,8 +64,10 @@ def check_type(ggml_type) -> GGMLQuantizationType:
     except (ValueError, TypeError):
         raise UnsupportedError(f"unknown ggml type {ggml_type!r}") from None
     if qtype not in SUPPORTED_TYPES:
-        raise UnsupportedError(f"ggml type {qtype.name} is not supported by the kernels "
-                               f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+        raise UnsupportedError(
+            f"ggml type {qtype.name} is not supported by the kernels "
+            f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)})"
+        )
     return qtype
 
 
@@ -55,7 +75,9 @@ def row_bytes(qtype: GGMLQuantizationType, n_cols: int) -> int:
     """Bytes of one row of `n_cols` values of type `qtype`."""
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     if n_cols % elems:
-        raise OptionError(f"{n_cols} columns is not a multiple of the {qtype.name} block size {elems}")
+        raise OptionError(
+            f"{n_cols} columns is not a multiple of the {qtype.name} block size {elems}"
+        )
     return n_cols // elems * nbytes
 
 
@@ -63,6 +85,8 @@ def row_cols(qtype: GGMLQuantizationType, n_bytes: int) -> int:
     """Number of values in a row of `n_bytes` bytes of type `qtype`."""
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     if n_bytes % nbytes:
-        raise OptionError(f"a row of {n_bytes} bytes is not a whole number of "
-                          f"{qtype.name} blocks ({nbytes} bytes each)")
+        raise OptionError(
+            f"a row of {n_bytes} bytes is not a whole number of "
+            f"{qtype.name} blocks ({nbytes} bytes each)"
+        )
     return n_bytes // nbytes * elems

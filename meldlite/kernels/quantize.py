@@ -22,8 +22,14 @@ from meldlite.kernels import quantize_legacy as legacy
 
 T = GGMLQuantizationType
 
-_KERNELS = {T.Q8_0: legacy.quantize_q8_0, T.Q4_0: legacy.quantize_q4_0, T.Q5_0: legacy.quantize_q5_0,
-            T.Q4_1: legacy.quantize_q4_1, T.Q5_1: legacy.quantize_q5_1, **kq.KERNELS}
+_KERNELS = {
+    T.Q8_0: legacy.quantize_q8_0,
+    T.Q4_0: legacy.quantize_q4_0,
+    T.Q5_0: legacy.quantize_q5_0,
+    T.Q4_1: legacy.quantize_q4_1,
+    T.Q5_1: legacy.quantize_q5_1,
+    **kq.KERNELS,
+}
 _FLOATS = (T.F32, T.F16, T.BF16)
 QUANTIZABLE = frozenset(_FLOATS) | frozenset(_KERNELS)
 
@@ -31,8 +37,18 @@ QUANTIZABLE = frozenset(_FLOATS) | frozenset(_KERNELS)
 # largest integer sub-block scale (K-quants); for Q4_1/Q5_1 the f16 maximum (m = min x).
 # Beyond it the f16 scales overflow to inf.
 _F16_MAX = float(np.finfo(np.float16).max)
-_MAX_ABS = {T.Q8_0: 127, T.Q4_0: 8, T.Q5_0: 16, T.Q4_1: 1, T.Q5_1: 1, T.Q2_K: 3 * 15, T.Q3_K: 4 * 32,
-            T.Q4_K: 15 * 63, T.Q5_K: 31 * 63, T.Q6_K: 32 * 128}
+_MAX_ABS = {
+    T.Q8_0: 127,
+    T.Q4_0: 8,
+    T.Q5_0: 16,
+    T.Q4_1: 1,
+    T.Q5_1: 1,
+    T.Q2_K: 3 * 15,
+    T.Q3_K: 4 * 32,
+    T.Q4_K: 15 * 63,
+    T.Q5_K: 31 * 63,
+    T.Q6_K: 32 * 128,
+}
 
 
 def as_qtype(qtype) -> GGMLQuantizationType:
@@ -64,8 +80,10 @@ def _check_values(x) -> np.ndarray:
 def _check_importance(importance, n_cols) -> np.ndarray:
     imp = np.asarray(importance)
     if imp.dtype.kind not in "fiu" or imp.shape != (n_cols,):
-        raise OptionError(f"importance must be {n_cols} real numbers (one per column), "
-                          f"got shape {imp.shape} of {imp.dtype}")
+        raise OptionError(
+            f"importance must be {n_cols} real numbers (one per column), "
+            f"got shape {imp.shape} of {imp.dtype}"
+        )
     imp = np.ascontiguousarray(imp, dtype=np.float32)  # (n_cols,)
     if not np.isfinite(imp).all() or (imp < 0).any():
         raise OptionError("importance must be finite and >= 0")
@@ -95,18 +113,23 @@ def quantize_rows(x, qtype, importance=None) -> np.ndarray:
     n_cols = x.shape[-1]
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     if n_cols % elems or n_cols == 0:
-        raise OptionError(f"{n_cols} columns is not a positive multiple of the {qtype.name} "
-                          f"block size {elems}")
+        raise OptionError(
+            f"{n_cols} columns is not a positive multiple of the {qtype.name} block size {elems}"
+        )
     imp = None if importance is None else _check_importance(importance, n_cols)
     limit = _F16_MAX * _MAX_ABS.get(qtype, np.inf)
     if x.size and float(np.abs(x).max()) > limit:
-        raise OptionError(f"x has values up to {float(np.abs(x).max()):g}, beyond the "
-                          f"{limit:g} that {qtype.name} blocks (f16 scales) can hold")
+        raise OptionError(
+            f"x has values up to {float(np.abs(x).max()):g}, beyond the "
+            f"{limit:g} that {qtype.name} blocks (f16 scales) can hold"
+        )
     rows = x.reshape(-1, n_cols)  # (n_rows, n_cols)
     if qtype in _FLOATS:
         out = _floats(rows, qtype)  # (n_rows, row_bytes)
     else:
-        out = np.empty((rows.shape[0], n_cols // elems * nbytes), dtype=np.uint8)  # (n_rows, row_bytes)
+        out = np.empty(
+            (rows.shape[0], n_cols // elems * nbytes), dtype=np.uint8
+        )  # (n_rows, row_bytes)
         w = imp if imp is not None else np.ones(n_cols, dtype=np.float32)  # (n_cols,)
         _KERNELS[qtype](rows, w, imp is not None, out)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -117,8 +140,10 @@ def importance_from_activations(X) -> np.ndarray:
     the mean of squares over the samples, as llama.cpp's imatrix accumulates it."""
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0 or X.dtype.kind != "f":
-        raise OptionError(f"activations must be a non-empty (n_samples, n_cols) float array, "
-                          f"got shape {X.shape} of {X.dtype}")
+        raise OptionError(
+            f"activations must be a non-empty (n_samples, n_cols) float array, "
+            f"got shape {X.shape} of {X.dtype}"
+        )
     X = X.astype(np.float64)  # (n_samples, n_cols)
     if not np.isfinite(X).all():
         raise OptionError("activations have a non-finite value")

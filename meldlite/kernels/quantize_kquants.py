@@ -25,14 +25,24 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.quantize_search import (TIE, block_err_affine, block_err_symmetric, block_weights,
-                                              clamp_round, f16_bits, f16_value, fit_affine, fit_symmetric,
-                                              put_f16)
+from meldlite.kernels.quantize_search import (
+    TIE,
+    block_err_affine,
+    block_err_symmetric,
+    block_weights,
+    clamp_round,
+    f16_bits,
+    f16_value,
+    fit_affine,
+    fit_symmetric,
+    put_f16,
+)
 
 QK_K = 256
 
 
 # ---- affine types (Q2_K, Q4_K, Q5_K) ----------------------------------------------------------
+
 
 @njit(cache=True)
 def _affine_err(x, w, sub, nmax, d, ls, dm, lm):
@@ -83,7 +93,7 @@ def _search_super(x, w, sub, nmax, qmax, vals, h_other, ls_other, n_cand, is_min
 def _neighbours_affine(x, w, sub, nmax, qmax, radius, d, dm, ls, lm):
     """Each sub-block's (ls, lm) within +-radius, for fixed d, dm."""
     for j in range(ls.shape[0]):
-        xj, wj = x[sub * j:sub * (j + 1)], w[sub * j:sub * (j + 1)]
+        xj, wj = x[sub * j : sub * (j + 1)], w[sub * j : sub * (j + 1)]
         l0, m0 = ls[j], lm[j]
         best = block_err_affine(xj, wj, d * l0, dm * m0, nmax)
         for a in range(max(0, l0 - radius), min(qmax, l0 + radius) + 1):
@@ -101,7 +111,7 @@ def _refit_affine(x, w, sub, nmax, d, ls, dm, lm):
         j = i // sub
         s, m = d * ls[j], dm * lm[j]
         l = clamp_round((x[i] + m) / s, 0, nmax) if s > 0 else 0
-        a, b = np.float64(ls[j] * l), np.float64(-lm[j])       # x ~ d*a + dmin*b
+        a, b = np.float64(ls[j] * l), np.float64(-lm[j])  # x ~ d*a + dmin*b
         wi, xi = np.float64(w[i]), np.float64(x[i])
         saa += wi * a * a
         sab += wi * a * b
@@ -126,19 +136,22 @@ def quantize_affine_super(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius, ls
     s = np.empty(n_sub)  # (n_sub,) sub-block scales
     m = np.empty(n_sub)  # (n_sub,) sub-block mins
     for j in range(n_sub):
-        s[j], m[j] = fit_affine(x[sub * j:sub * (j + 1)], wf[sub * j:sub * (j + 1)], nmax, n_steps)
+        s[j], m[j] = fit_affine(
+            x[sub * j : sub * (j + 1)], wf[sub * j : sub * (j + 1)], nmax, n_steps
+        )
     mmax = m.max()
     hm = f16_bits(np.float32(mmax / qmax)) if mmax > 0 else 0
     _round_scales(m, f16_value(hm), 0, qmax, lm)
     hd, _ = _search_super(x, w, sub, nmax, qmax, s, hm, lm, n_cand, False, ls, lm)
-    hm, err = _search_super(x, w, sub, nmax, qmax, m, hd, ls, n_cand, True, ls, lm)
+    hm, _err = _search_super(x, w, sub, nmax, qmax, m, hd, ls, n_cand, True, ls, lm)
     _neighbours_affine(x, w, sub, nmax, qmax, radius, f16_value(hd), f16_value(hm), ls, lm)
     hd2, hm2 = _refit_affine(x, w, sub, nmax, f16_value(hd), ls, f16_value(hm), lm)
     if hd2 >= 0:
         ls2, lm2 = ls.copy(), lm.copy()  # (n_sub,)
         _neighbours_affine(x, w, sub, nmax, qmax, radius, f16_value(hd2), f16_value(hm2), ls2, lm2)
-        if (_affine_err(x, w, sub, nmax, f16_value(hd2), ls2, f16_value(hm2), lm2) * TIE
-                < _affine_err(x, w, sub, nmax, f16_value(hd), ls, f16_value(hm), lm)):
+        if _affine_err(
+            x, w, sub, nmax, f16_value(hd2), ls2, f16_value(hm2), lm2
+        ) * TIE < _affine_err(x, w, sub, nmax, f16_value(hd), ls, f16_value(hm), lm):
             hd, hm = hd2, hm2
             ls[:] = ls2
             lm[:] = lm2
@@ -152,18 +165,21 @@ def quantize_affine_super(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius, ls
 
 # ---- symmetric types (Q3_K, Q6_K) -------------------------------------------------------------
 
+
 @njit(cache=True)
 def _sym_err(x, w, sub, nmax, d, ls):
     err = 0.0
     for j in range(ls.shape[0]):
-        err += block_err_symmetric(x[sub * j:sub * (j + 1)], w[sub * j:sub * (j + 1)], d * ls[j], nmax)
+        err += block_err_symmetric(
+            x[sub * j : sub * (j + 1)], w[sub * j : sub * (j + 1)], d * ls[j], nmax
+        )
     return err
 
 
 @njit(cache=True)
 def _neighbours_sym(x, w, sub, nmax, lo, hi, radius, d, ls):
     for j in range(ls.shape[0]):
-        xj, wj = x[sub * j:sub * (j + 1)], w[sub * j:sub * (j + 1)]
+        xj, wj = x[sub * j : sub * (j + 1)], w[sub * j : sub * (j + 1)]
         l0 = ls[j]
         best = block_err_symmetric(xj, wj, d * l0, nmax)
         for a in range(max(lo, l0 - radius), min(hi, l0 + radius) + 1):
@@ -193,7 +209,7 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
     n_sub = QK_K // sub
     s = np.empty(n_sub)  # (n_sub,) sub-block scales
     for j in range(n_sub):
-        s[j] = fit_symmetric(x[sub * j:sub * (j + 1)], wf[sub * j:sub * (j + 1)], nmax)
+        s[j] = fit_symmetric(x[sub * j : sub * (j + 1)], wf[sub * j : sub * (j + 1)], nmax)
     smax = 0.0
     for v in s:
         if abs(v) > abs(smax):
@@ -203,10 +219,10 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
     ls[:] = 0
     if smax != 0:
         for c in range(2 * (n_cand + 1) + 2 * n_sub):
-            if c < 2 * (n_cand + 1):       # the extreme scale -> lo + 0.25k or hi - 0.25k
+            if c < 2 * (n_cand + 1):  # the extreme scale -> lo + 0.25k or hi - 0.25k
                 k = c % (n_cand + 1)
                 v = smax / (lo + 0.25 * k) if c <= n_cand else smax / (hi - 0.25 * k)
-            else:                          # sub-block j's scale -> lo or hi
+            else:  # sub-block j's scale -> lo or hi
                 j = (c - 2 * (n_cand + 1)) // 2
                 v = s[j] / (lo if c % 2 == 0 else hi)
                 if s[j] == 0:
@@ -222,7 +238,9 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
     if h2 >= 0 and (h2 & 0x7C00) != 0x7C00:
         ls2 = ls.copy()  # (16,)
         _neighbours_sym(x, w, sub, nmax, lo, hi, radius, f16_value(h2), ls2)
-        if _sym_err(x, w, sub, nmax, f16_value(h2), ls2) * TIE < _sym_err(x, w, sub, nmax, f16_value(best_h), ls):
+        if _sym_err(x, w, sub, nmax, f16_value(h2), ls2) * TIE < _sym_err(
+            x, w, sub, nmax, f16_value(best_h), ls
+        ):
             best_h = h2
             ls[:] = ls2
     d = f16_value(best_h)
@@ -233,6 +251,7 @@ def quantize_symmetric_super(x, w, wf, sub, nmax, lo, hi, n_cand, radius, ls, le
 
 
 # ---- packing, as ggml lays the blocks out ------------------------------------------------------
+
 
 @njit(cache=True)
 def _pack_scales_k4(ls, lm, dst):
@@ -258,7 +277,7 @@ def _pack_2bit(levels, dst):
 
 
 @njit(cache=True)
-def _pack_q2_k(hd, hm, ls, lm, levels, blk):      # scales[16], qs[64], d, dmin
+def _pack_q2_k(hd, hm, ls, lm, levels, blk):  # scales[16], qs[64], d, dmin
     for j in range(16):
         blk[j] = ls[j] | (lm[j] << 4)
     _pack_2bit(levels, blk[16:80])
@@ -267,7 +286,7 @@ def _pack_q2_k(hd, hm, ls, lm, levels, blk):      # scales[16], qs[64], d, dmin
 
 
 @njit(cache=True)
-def _pack_q4_k(hd, hm, ls, lm, levels, blk):      # d, dmin, scales[12], qs[128]
+def _pack_q4_k(hd, hm, ls, lm, levels, blk):  # d, dmin, scales[12], qs[128]
     put_f16(blk, 0, hd)
     put_f16(blk, 2, hm)
     _pack_scales_k4(ls, lm, blk[4:16])
@@ -277,22 +296,26 @@ def _pack_q4_k(hd, hm, ls, lm, levels, blk):      # d, dmin, scales[12], qs[128]
 
 
 @njit(cache=True)
-def _pack_q5_k(hd, hm, ls, lm, levels, blk):      # d, dmin, scales[12], qh[32], qs[128]
+def _pack_q5_k(hd, hm, ls, lm, levels, blk):  # d, dmin, scales[12], qh[32], qs[128]
     put_f16(blk, 0, hd)
     put_f16(blk, 2, hm)
     _pack_scales_k4(ls, lm, blk[4:16])
     for l in range(32):
         v = 0
         for c in range(4):
-            v |= ((levels[64 * c + l] >> 4) << (2 * c)) | ((levels[64 * c + 32 + l] >> 4) << (2 * c + 1))
+            v |= ((levels[64 * c + l] >> 4) << (2 * c)) | (
+                (levels[64 * c + 32 + l] >> 4) << (2 * c + 1)
+            )
         blk[16 + l] = v
     for c in range(4):
         for l in range(32):
-            blk[48 + 32 * c + l] = (levels[64 * c + l] & 0xF) | ((levels[64 * c + 32 + l] & 0xF) << 4)
+            blk[48 + 32 * c + l] = (levels[64 * c + l] & 0xF) | (
+                (levels[64 * c + 32 + l] & 0xF) << 4
+            )
 
 
 @njit(cache=True)
-def _pack_q3_k(hd, ls, levels, blk):              # hmask[32], qs[64], scales[12], d
+def _pack_q3_k(hd, ls, levels, blk):  # hmask[32], qs[64], scales[12], d
     for m in range(32):
         v = 0
         for k in range(8):
@@ -312,13 +335,15 @@ def _pack_q3_k(hd, ls, levels, blk):              # hmask[32], qs[64], scales[12
 
 
 @njit(cache=True)
-def _pack_q6_k(hd, ls, levels, blk):              # ql[128], qh[64], scales[16] int8, d
+def _pack_q6_k(hd, ls, levels, blk):  # ql[128], qh[64], scales[16] int8, d
     for h in range(2):
         for l in range(32):
-            q = levels[128 * h + l:128 * h + l + 97:32]            # the 4 levels l, +32, +64, +96
+            q = levels[128 * h + l : 128 * h + l + 97 : 32]  # the 4 levels l, +32, +64, +96
             blk[64 * h + l] = (q[0] & 0xF) | ((q[2] & 0xF) << 4)
             blk[64 * h + l + 32] = (q[1] & 0xF) | ((q[3] & 0xF) << 4)
-            blk[128 + 32 * h + l] = (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6)
+            blk[128 + 32 * h + l] = (
+                (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6)
+            )
     for j in range(16):
         blk[192 + j] = ls[j] & 0xFF
     put_f16(blk, 208, hd)
@@ -340,12 +365,13 @@ def alt_weights(x, w):
 
 # ---- row kernels ------------------------------------------------------------------------------
 
+
 @njit(cache=True)
 def _weights(w, c0, sub):
     """The super-block's weights, each all-zero sub-block replaced by ones."""
     out = np.empty(QK_K, dtype=np.float32)  # (256,)
     for j in range(QK_K // sub):
-        out[sub * j:sub * (j + 1)] = block_weights(w, c0 + sub * j, sub)
+        out[sub * j : sub * (j + 1)] = block_weights(w, c0 + sub * j, sub)
     return out
 
 
@@ -360,18 +386,31 @@ def _affine_rows(x, w, out, kind, sub, nmax, qmax, n_steps, n_cand, radius):
         levels = np.zeros(QK_K, dtype=np.int64)  # (256,)
         ls2, lm2, levels2 = ls.copy(), lm.copy(), levels.copy()  # (n_sub,), (n_sub,), (256,)
         for b in range(nb):
-            xs = x[r, QK_K * b:QK_K * (b + 1)]  # (256,)
+            xs = x[r, QK_K * b : QK_K * (b + 1)]  # (256,)
             ws = _weights(w, QK_K * b, sub)  # (256,)
-            hd, hm, err = quantize_affine_super(xs, ws, ws, sub, nmax, qmax, n_steps, n_cand, radius,
-                                                ls, lm, levels)
-            hd2, hm2, err2 = quantize_affine_super(xs, ws, alt_weights(xs, ws), sub, nmax, qmax, n_steps,
-                                                   n_cand, radius, ls2, lm2, levels2)
+            hd, hm, err = quantize_affine_super(
+                xs, ws, ws, sub, nmax, qmax, n_steps, n_cand, radius, ls, lm, levels
+            )
+            hd2, hm2, err2 = quantize_affine_super(
+                xs,
+                ws,
+                alt_weights(xs, ws),
+                sub,
+                nmax,
+                qmax,
+                n_steps,
+                n_cand,
+                radius,
+                ls2,
+                lm2,
+                levels2,
+            )
             if err2 * TIE < err:
                 hd, hm = hd2, hm2
                 ls[:] = ls2
                 lm[:] = lm2
                 levels[:] = levels2
-            blk = out[r, nbytes * b:nbytes * (b + 1)]
+            blk = out[r, nbytes * b : nbytes * (b + 1)]
             if kind == 2:
                 _pack_q2_k(hd, hm, ls, lm, levels, blk)
             elif kind == 4:
@@ -390,16 +429,19 @@ def _symmetric_rows(x, w, out, kind, nmax, lo, hi, n_cand, radius):
         levels = np.zeros(QK_K, dtype=np.int64)  # (256,)
         ls2, levels2 = ls.copy(), levels.copy()  # (16,), (256,)
         for b in range(nb):
-            xs = x[r, QK_K * b:QK_K * (b + 1)]  # (256,)
+            xs = x[r, QK_K * b : QK_K * (b + 1)]  # (256,)
             ws = _weights(w, QK_K * b, 16)  # (256,)
-            hd, err = quantize_symmetric_super(xs, ws, ws, 16, nmax, lo, hi, n_cand, radius, ls, levels)
-            hd2, err2 = quantize_symmetric_super(xs, ws, alt_weights(xs, ws), 16, nmax, lo, hi, n_cand, radius,
-                                                 ls2, levels2)
+            hd, err = quantize_symmetric_super(
+                xs, ws, ws, 16, nmax, lo, hi, n_cand, radius, ls, levels
+            )
+            hd2, err2 = quantize_symmetric_super(
+                xs, ws, alt_weights(xs, ws), 16, nmax, lo, hi, n_cand, radius, ls2, levels2
+            )
             if err2 * TIE < err:
                 hd = hd2
                 ls[:] = ls2
                 levels[:] = levels2
-            blk = out[r, nbytes * b:nbytes * (b + 1)]
+            blk = out[r, nbytes * b : nbytes * (b + 1)]
             if kind == 3:
                 _pack_q3_k(hd, ls, levels, blk)
             else:
@@ -407,7 +449,11 @@ def _symmetric_rows(x, w, out, kind, nmax, lo, hi, n_cand, radius):
 
 
 # (sub-block size, nmax, scale levels, fit steps, super-scale candidates, neighbour radius)
-AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 6), "Q4_K": (32, 15, 63, 20, 5, 8), "Q5_K": (32, 31, 63, 15, 5, 8)}
+AFFINE = {
+    "Q2_K": (16, 3, 15, 15, 10, 6),
+    "Q4_K": (32, 15, 63, 20, 5, 8),
+    "Q5_K": (32, 31, 63, 15, 5, 8),
+}
 # (nmax, lowest and highest sub-block scale, super-scale candidates, neighbour radius)
 SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 8), "Q6_K": (32, -128, 127, 6, 16)}
 
@@ -432,7 +478,12 @@ def quantize_q6_k(x, w, weighted, out):
     _symmetric_rows(x, w, out, 6, *SYMMETRIC["Q6_K"])
 
 
-KERNELS = {T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k,
-           T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k}
+KERNELS = {
+    T.Q2_K: quantize_q2_k,
+    T.Q3_K: quantize_q3_k,
+    T.Q4_K: quantize_q4_k,
+    T.Q5_K: quantize_q5_k,
+    T.Q6_K: quantize_q6_k,
+}
 
 track_sources(_affine_rows, _symmetric_rows)

@@ -26,14 +26,25 @@ import numpy as np
 from numba import njit, prange
 
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.quantize_search import (FAST, N_LLOYD, TIE, block_err_affine, block_err_symmetric,
-                                              block_weights, clamp_round, f16_bits, f16_value, fit_symmetric, level_sums,
-                                              put_f16)
+from meldlite.kernels.quantize_search import (
+    FAST,
+    N_LLOYD,
+    TIE,
+    block_err_affine,
+    block_err_symmetric,
+    block_weights,
+    clamp_round,
+    f16_bits,
+    f16_value,
+    fit_symmetric,
+    level_sums,
+    put_f16,
+)
 
-QK = 32              # elements per block of Q8_0, Q4_0, Q5_0, Q4_1, Q5_1
+QK = 32  # elements per block of Q8_0, Q4_0, Q5_0, Q4_1, Q5_1
 # Q4_1/Q5_1 search grid: origins min + t*span/nmax, inverse scales (nmax + 0.1k)/span
-ORIGINS = np.arange(-4, 9) * 0.25    # t: from one level below the minimum to two above
-SCALES = np.arange(-20, 31)          # k: from 2 levels fewer than nmax to 3 more
+ORIGINS = np.arange(-4, 9) * 0.25  # t: from one level below the minimum to two above
+SCALES = np.arange(-20, 31)  # k: from 2 levels fewer than nmax to 3 more
 
 
 @njit(cache=True)
@@ -55,7 +66,7 @@ def _q8_0_ref(xb, blk):
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     put_f16(blk, 0, f16_bits(d))
     for j in range(QK):
-        v = np.float64(xb[j] * inv)                    # float32 product, then C roundf
+        v = np.float64(xb[j] * inv)  # float32 product, then C roundf
         q = int(math.copysign(math.floor(abs(v) + 0.5), v))
         blk[2 + j] = q & 0xFF
 
@@ -68,7 +79,7 @@ def _nibbles_ref(xb, nmax, levels):
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     half = np.float32(nmax + 0.5)
     for j in range(QK):
-        levels[j] = min(2 * nmax - 1, int(xb[j] * inv + half))   # C truncating cast
+        levels[j] = min(2 * nmax - 1, int(xb[j] * inv + half))  # C truncating cast
     return d
 
 
@@ -84,7 +95,7 @@ def _weighted_levels(xb, wb, nmax, levels):
     h = f16_bits(np.float32(fit_symmetric(xb, wb, nmax)))
     best_h, best_err = h, np.inf
     _, vmax = _absmax(xb)
-    for c in range(5):        # the rounded scale, its f16 neighbours, the extreme -> -nmax, -> nmax-1
+    for c in range(5):  # the rounded scale, its f16 neighbours, the extreme -> -nmax, -> nmax-1
         if c < 3:
             cand = _f16_step(h, (0, -1, 1)[c])
         else:
@@ -105,8 +116,8 @@ def quantize_q8_0(x, w, weighted, out):
     for r in prange(n_rows):
         levels = np.empty(QK, dtype=np.int64)  # (32,)
         for b in range(n_cols // QK):
-            blk = out[r, 34 * b:34 * (b + 1)]
-            xb = x[r, QK * b:QK * (b + 1)]  # (32,)
+            blk = out[r, 34 * b : 34 * (b + 1)]
+            xb = x[r, QK * b : QK * (b + 1)]  # (32,)
             if not weighted:
                 _q8_0_ref(xb, blk)
                 continue
@@ -136,8 +147,8 @@ def _quantize_nibbles(x, w, weighted, out, nmax):
     for r in prange(n_rows):
         levels = np.empty(QK, dtype=np.int64)  # (32,)
         for b in range(n_cols // QK):
-            blk = out[r, nbytes * b:nbytes * (b + 1)]
-            xb = x[r, QK * b:QK * (b + 1)]  # (32,)
+            blk = out[r, nbytes * b : nbytes * (b + 1)]
+            xb = x[r, QK * b : QK * (b + 1)]  # (32,)
             if weighted:
                 put_f16(blk, 0, _weighted_levels(xb, block_weights(w, QK * b, QK), nmax, levels))
             else:
@@ -155,12 +166,13 @@ def quantize_q5_0(x, w, weighted, out):
 
 # ---- affine blocks: Q4_1, Q5_1 (x ~ d*q + m) ------------------------------------------------
 
+
 @njit(cache=True)
 def _offset_ref(xb, nmax, levels):
     """ggml's Q4_1/Q5_1 reference levels in [0, nmax]: (d, min) as float32."""
     lo = xb[0]
     hi = xb[0]
-    for v in xb:              # first of equal values, as ggml (0.0 / -0.0 sets m's sign)
+    for v in xb:  # first of equal values, as ggml (0.0 / -0.0 sets m's sign)
         if v < lo:
             lo = v
         if v > hi:
@@ -168,7 +180,7 @@ def _offset_ref(xb, nmax, levels):
     d = (hi - lo) / np.float32(nmax)
     inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
     for j in range(QK):
-        levels[j] = min(nmax, int((xb[j] - lo) * inv + np.float32(0.5)))   # C truncating cast
+        levels[j] = min(nmax, int((xb[j] - lo) * inv + np.float32(0.5)))  # C truncating cast
     return d, lo
 
 
@@ -213,12 +225,12 @@ def search_offset(xb, wb, wf, nmax):
     if span <= 0:
         return best_d, best_m
     n_grid = len(ORIGINS) * len(SCALES)
-    last_d, last_m = -1, -1                     # neighbouring grid points often give the same fit
+    last_d, last_m = -1, -1  # neighbouring grid points often give the same fit
     for c in range(n_grid + N_LLOYD):
         if c < n_grid:
             origin = lo + ORIGINS[c // len(SCALES)] * span / nmax
             iscale = (nmax + 0.1 * SCALES[c % len(SCALES)]) / span
-        else:                                   # Lloyd: the levels of the best so far
+        else:  # Lloyd: the levels of the best so far
             d = f16_value(best_d)
             if d <= 0:
                 break
@@ -246,7 +258,7 @@ def _weighted_offset(xb, wb, wa, nmax, levels):
     best_err = _offset_err(xb, wb, best_d, best_m, nmax)
     for k in range(2):
         hd, hm = search_offset(xb, wb, wb if k == 0 else wa, nmax)
-        for a in range(3):                  # the search's (d, m) and their f16 neighbours
+        for a in range(3):  # the search's (d, m) and their f16 neighbours
             cd = _f16_step(hd, (0, -1, 1)[a])
             for b in range(3):
                 cm = _f16_step(hm, (0, -1, 1)[b])
@@ -273,8 +285,8 @@ def _quantize_offset(x, w, weighted, out, nmax):
             sigma2 += np.float64(v) * v
         sigma2 /= n_cols
         for b in range(n_cols // QK):
-            blk = out[r, nbytes * b:nbytes * (b + 1)]
-            xb = x[r, QK * b:QK * (b + 1)]  # (32,)
+            blk = out[r, nbytes * b : nbytes * (b + 1)]
+            xb = x[r, QK * b : QK * (b + 1)]  # (32,)
             if weighted:
                 wb[:] = block_weights(w, QK * b, QK)
                 for j in range(QK):

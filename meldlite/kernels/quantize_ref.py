@@ -31,8 +31,11 @@ def first_best(errs):
 def _f16_bytes(d) -> np.ndarray:
     """(...) values -> (..., 2) uint8 of their f16 (nearest even)."""
     with np.errstate(over="ignore"):
-        return np.ascontiguousarray(np.asarray(d, dtype=np.float32).astype(np.float16)).view(np.uint8).reshape(
-            *np.shape(d), 2)
+        return (
+            np.ascontiguousarray(np.asarray(d, dtype=np.float32).astype(np.float16))
+            .view(np.uint8)
+            .reshape(*np.shape(d), 2)
+        )
 
 
 def _blocks(x, n):
@@ -44,7 +47,9 @@ def _block_weights(w, shape, n):
     """Per-element weights (n_rows, n_blocks, n): w per column, ones where a block's are all 0."""
     if w is None:
         return np.ones(shape, dtype=np.float64)
-    wb = np.broadcast_to(w.astype(np.float64).reshape(1, -1, n), shape).copy()  # (n_rows, n_blocks, n)
+    wb = np.broadcast_to(
+        w.astype(np.float64).reshape(1, -1, n), shape
+    ).copy()  # (n_rows, n_blocks, n)
     wb[wb.sum(-1) == 0] = 1.0
     return wb
 
@@ -57,10 +62,13 @@ def _signed_absmax(xb):
 
 # ---- ggml's reference quantizers (no importance) --------------------------------------------
 
+
 def q8_0_ggml_ref(x):
     xb = _blocks(x, 32)  # (n_rows, nb, 32)
     d = np.abs(xb).max(-1) / np.float32(127)  # (n_rows, nb) float32
-    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)  # (n_rows, nb)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(
+        np.float32
+    )  # (n_rows, nb)
     v = (xb * inv[..., None]).astype(np.float64)  # (n_rows, nb, 32)
     q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)  # roundf: ties away from zero
     return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=-1).reshape(x.shape[0], -1)
@@ -69,7 +77,9 @@ def q8_0_ggml_ref(x):
 def _nibble_levels_ggml(x, nmax):
     xb = _blocks(x, 32)  # (n_rows, nb, 32)
     d = (_signed_absmax(xb) / np.float32(-nmax)).astype(np.float32)  # (n_rows, nb)
-    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)  # (n_rows, nb)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(
+        np.float32
+    )  # (n_rows, nb)
     v = (xb * inv[..., None] + np.float32(nmax + 0.5)).astype(np.float32)  # (n_rows, nb, 32)
     return d, np.minimum(2 * nmax - 1, np.trunc(v)).astype(np.uint8)
 
@@ -89,6 +99,7 @@ def _pack_q5_0(head, levels):
 
 # ---- importance-weighted symmetric scale search -----------------------------------------------
 
+
 def _round_clamp(v, lo, hi):
     return np.clip(np.rint(v), lo, hi)
 
@@ -104,7 +115,7 @@ def fit_symmetric_ref(xb, wb, nmax):
     iscales = steps.reshape(-1, *[1] * vsafe.ndim) / vsafe[None]  # (n_cand, ...)
     best_s = np.zeros(vmax.shape)  # (...)
     best_gain = np.zeros(vmax.shape)  # (...)
-    for isc in iscales:                                     # in the kernel's candidate order
+    for isc in iscales:  # in the kernel's candidate order
         l = _round_clamp(isc[..., None] * x, -nmax, nmax - 1)  # (..., n)
         slx = (wb * x * l).sum(-1)  # (...)
         sl2 = (wb * l * l).sum(-1)  # (...)
@@ -149,9 +160,15 @@ def _weighted_levels(x, w, nmax):
     wb = _block_weights(w, xb.shape, 32)  # (n_rows, nb, 32)
     vmax = _signed_absmax(_blocks(x, 32))  # (n_rows, nb) float32
     with np.errstate(over="ignore"):
-        extremes = np.stack([vmax / np.float32(-nmax), vmax / np.float32(nmax - 1)]).astype(np.float16)
-    cands = np.concatenate([_f16_neighbours(fit_symmetric_ref(xb, wb, nmax)), extremes])  # (5, n_rows, nb)
-    errs = np.stack([_err_symmetric(xb, wb, c.astype(np.float64), nmax) for c in cands])  # (5, n_rows, nb)
+        extremes = np.stack([vmax / np.float32(-nmax), vmax / np.float32(nmax - 1)]).astype(
+            np.float16
+        )
+    cands = np.concatenate(
+        [_f16_neighbours(fit_symmetric_ref(xb, wb, nmax)), extremes]
+    )  # (5, n_rows, nb)
+    errs = np.stack(
+        [_err_symmetric(xb, wb, c.astype(np.float64), nmax) for c in cands]
+    )  # (5, n_rows, nb)
     pick = first_best(errs)
     d = np.take_along_axis(cands, pick[None], axis=0)[0]  # (n_rows, nb) float16
     df = d.astype(np.float64)  # (n_rows, nb)
@@ -183,13 +200,16 @@ def q5_0_ref(x, w=None):
 
 # ---- Q4_1 / Q5_1: x ~ d*l + m, l in [0, nmax] --------------------------------------------------
 
+
 def _offset_ggml(x, nmax):
     """ggml's reference: (d, min) float32 (n_rows, nb), levels (n_rows, nb, 32)."""
     xb = _blocks(x, 32)  # (n_rows, nb, 32)
     lo = xb.min(-1)  # (n_rows, nb) float32
     d = ((xb.max(-1) - lo) / np.float32(nmax)).astype(np.float32)  # (n_rows, nb)
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
-    v = ((xb - lo[..., None]) * inv[..., None] + np.float32(0.5)).astype(np.float32)  # (n_rows, nb, 32)
+    v = ((xb - lo[..., None]) * inv[..., None] + np.float32(0.5)).astype(
+        np.float32
+    )  # (n_rows, nb, 32)
     return d, lo, np.minimum(nmax, np.trunc(v)).astype(np.int64)
 
 
@@ -201,13 +221,17 @@ def _err_offset(x, w, d, m, nmax):
 def search_offset_ref(x, w, wf, nmax):
     """f16 (d, m) (...) for x, w, wf (..., 32): the grid of quantize_legacy.search_offset."""
     from meldlite.kernels.quantize_legacy import ORIGINS, SCALES
+
     lo, hi = x.min(-1), x.max(-1)  # (...)
     span = hi - lo
     live = span > 0
     sp = np.where(live, span, 1.0)
     sum_w, sum_x = wf.sum(-1), (wf * x).sum(-1)
     with np.errstate(over="ignore"):
-        bd, bm = (span / nmax).astype(np.float32).astype(np.float16), lo.astype(np.float32).astype(np.float16)
+        bd, bm = (
+            (span / nmax).astype(np.float32).astype(np.float16),
+            lo.astype(np.float32).astype(np.float16),
+        )
     be = _err_offset(x, w, bd, bm, nmax)
     last_d, last_m = np.full(lo.shape, np.nan, np.float16), np.full(lo.shape, np.nan, np.float16)
     active = live.copy()
@@ -227,7 +251,10 @@ def search_offset_ref(x, w, wf, nmax):
         with np.errstate(over="ignore"):
             hd = ((sum_w * sxl - sum_x * sl) / det).astype(np.float32).astype(np.float16)
             hm = ((sl2 * sum_x - sl * sxl) / det).astype(np.float32).astype(np.float16)
-        new = ok & ~((hd.view(np.uint16) == last_d.view(np.uint16)) & (hm.view(np.uint16) == last_m.view(np.uint16)))
+        new = ok & ~(
+            (hd.view(np.uint16) == last_d.view(np.uint16))
+            & (hm.view(np.uint16) == last_m.view(np.uint16))
+        )
         last_d, last_m = np.where(new, hd, last_d), np.where(new, hm, last_m)
         err = np.where(new, _err_offset(x, w, hd, hm, nmax), np.inf)
         better = active & new & (err * TIE < be)
@@ -255,7 +282,9 @@ def _offset_ref(x, w, nmax, pack):
         d = np.take_along_axis(np.stack([a for a, _ in cands]), pick, axis=0)[0]  # (n_rows, nb)
         m = np.take_along_axis(np.stack([b for _, b in cands]), pick, axis=0)[0]  # (n_rows, nb)
         df, mf = d.astype(np.float64), m.astype(np.float64)
-        levels = _round_clamp((xb - mf[..., None]) * _safe_inv(df, df > 0)[..., None], 0, nmax).astype(np.int64)
+        levels = _round_clamp(
+            (xb - mf[..., None]) * _safe_inv(df, df > 0)[..., None], 0, nmax
+        ).astype(np.int64)
     return pack(np.concatenate([_f16_bytes(d), _f16_bytes(m)], axis=-1), levels.astype(np.uint8))
 
 
@@ -271,7 +300,11 @@ def q5_1_ref(x, w=None):
 
 QK_K = 256
 # as in quantize_kquants: (sub, nmax, qmax, fit steps, super candidates, radius) / (nmax, lo, hi, cand, radius)
-AFFINE = {"Q2_K": (16, 3, 15, 15, 10, 6), "Q4_K": (32, 15, 63, 20, 5, 8), "Q5_K": (32, 31, 63, 15, 5, 8)}
+AFFINE = {
+    "Q2_K": (16, 3, 15, 15, 10, 6),
+    "Q4_K": (32, 15, 63, 20, 5, 8),
+    "Q5_K": (32, 31, 63, 15, 5, 8),
+}
 SYMMETRIC = {"Q3_K": (4, -32, 31, 6, 8), "Q6_K": (32, -128, 127, 6, 16)}
 
 
@@ -322,13 +355,21 @@ def fit_affine_ref(x, w, nmax, n_steps):
     for k in range(-n_steps, n_steps + 1):
         s, m, err = _ls_affine(x, w, (nmax + 0.1 * k) / span, lo, nmax, sum_w, sum_x)
         better = err * TIE < best_err
-        best_s, best_m, best_err = _update(better, s, best_s), _update(better, m, best_m), _update(better, err, best_err)
+        best_s, best_m, best_err = (
+            _update(better, s, best_s),
+            _update(better, m, best_m),
+            _update(better, err, best_err),
+        )
     active = np.ones(lo.shape, dtype=bool)
     for _ in range(N_LLOYD):
         active &= best_s > 0
         s, m, err = _ls_affine(x, w, _safe_inv(best_s, best_s > 0), -best_m, nmax, sum_w, sum_x)
         active &= err * TIE < best_err
-        best_s, best_m, best_err = _update(active, s, best_s), _update(active, m, best_m), _update(active, err, best_err)
+        best_s, best_m, best_err = (
+            _update(active, s, best_s),
+            _update(active, m, best_m),
+            _update(active, err, best_err),
+        )
     return np.where(flat, 0.0, best_s), np.where(flat, -lo, best_m)
 
 
@@ -353,16 +394,22 @@ def _search_super_ref(x, w, nmax, qmax, vals, n_cand, score):
         ints = _round_scales(vals, d, 0, qmax)  # (B, n_sub)
         err = score(d, ints)
         better = (err * TIE < best_err) & ((vmax > 0) | (k == -n_cand))
-        best_d, best_err, best_l = _update(better, d, best_d), _update(better, err, best_err), \
-            _update(better[:, None], ints, best_l)
-    for j in range(vals.shape[1]):                          # sub-block j's value -> qmax
+        best_d, best_err, best_l = (
+            _update(better, d, best_d),
+            _update(better, err, best_err),
+            _update(better[:, None], ints, best_l),
+        )
+    for j in range(vals.shape[1]):  # sub-block j's value -> qmax
         v = vals[:, j] / qmax  # (B,)
         d = _f16(np.where(v > 0, v, 0))  # (B,)
         ints = _round_scales(vals, d, 0, qmax)  # (B, n_sub)
         err = score(d, ints)
         better = (vmax > 0) & (v > 0) & (err * TIE < best_err)
-        best_d, best_err, best_l = _update(better, d, best_d), _update(better, err, best_err), \
-            _update(better[:, None], ints, best_l)
+        best_d, best_err, best_l = (
+            _update(better, d, best_d),
+            _update(better, err, best_err),
+            _update(better[:, None], ints, best_l),
+        )
     return best_d, best_l
 
 
@@ -408,21 +455,37 @@ def affine_super_ref(x, w, wf, sub, nmax, qmax, n_steps, n_cand, radius):
     """x, w, wf (B, 256) -> f16 d, dmin (B,), integer scales, mins (B, n_sub), levels (B, 256),
     error (B,); the sub-block fits use weights wf."""
     B = x.shape[0]
-    x, w, wf = x.reshape(B, -1, sub), w.reshape(B, -1, sub), wf.reshape(B, -1, sub)  # (B, n_sub, sub)
+    x, w, wf = (
+        x.reshape(B, -1, sub),
+        w.reshape(B, -1, sub),
+        wf.reshape(B, -1, sub),
+    )  # (B, n_sub, sub)
     s, m = fit_affine_ref(x, wf, nmax, n_steps)  # (B, n_sub)
     mmax = m.max(-1)  # (B,)
     dm = np.where(mmax > 0, _f16(mmax / qmax), 0.0)  # (B,)
     lm = _round_scales(m, dm, 0, qmax)  # (B, n_sub)
-    d, ls = _search_super_ref(x, w, nmax, qmax, s, n_cand, lambda d_, l_: _affine_total(x, w, nmax, d_, l_, dm, lm))
-    dm, lm = _search_super_ref(x, w, nmax, qmax, m, n_cand, lambda d_, l_: _affine_total(x, w, nmax, d, ls, d_, l_))
+    d, ls = _search_super_ref(
+        x, w, nmax, qmax, s, n_cand, lambda d_, l_: _affine_total(x, w, nmax, d_, l_, dm, lm)
+    )
+    dm, lm = _search_super_ref(
+        x, w, nmax, qmax, m, n_cand, lambda d_, l_: _affine_total(x, w, nmax, d, ls, d_, l_)
+    )
     ls, lm = _neighbours_affine_ref(x, w, nmax, qmax, radius, d, dm, ls, lm)
     d2, dm2, ok = _refit_affine_ref(x, w, nmax, d, ls, dm, lm)
     ls2, lm2 = _neighbours_affine_ref(x, w, nmax, qmax, radius, d2, dm2, ls, lm)
-    ok &= _affine_total(x, w, nmax, d2, ls2, dm2, lm2) * TIE < _affine_total(x, w, nmax, d, ls, dm, lm)
+    ok &= _affine_total(x, w, nmax, d2, ls2, dm2, lm2) * TIE < _affine_total(
+        x, w, nmax, d, ls, dm, lm
+    )
     d, dm = _update(ok, d2, d), _update(ok, dm2, dm)
     ls, lm = _update(ok[:, None], ls2, ls), _update(ok[:, None], lm2, lm)
-    return (d, dm, ls.astype(np.int64), lm.astype(np.int64), _levels_affine(x, d, ls, dm, lm, nmax).reshape(B, -1),
-            _affine_total(x, w, nmax, d, ls, dm, lm))
+    return (
+        d,
+        dm,
+        ls.astype(np.int64),
+        lm.astype(np.int64),
+        _levels_affine(x, d, ls, dm, lm, nmax).reshape(B, -1),
+        _affine_total(x, w, nmax, d, ls, dm, lm),
+    )
 
 
 def _sym_total(x, w, nmax, d, ls):
@@ -463,16 +526,22 @@ def symmetric_super_ref(x, w, wf, nmax, lo, hi, n_cand, radius):
             ints = _round_scales(s, d, lo, hi)  # (B, 16)
             err = _sym_total(x, w, nmax, d, ints)
             better = live & (err * TIE < best_err)
-            best_d, best_err, ls = _update(better, d, best_d), _update(better, err, best_err), \
-                _update(better[:, None], ints, ls)
-    for j in range(s.shape[1]):                             # sub-block j's scale -> lo or hi
+            best_d, best_err, ls = (
+                _update(better, d, best_d),
+                _update(better, err, best_err),
+                _update(better[:, None], ints, ls),
+            )
+    for j in range(s.shape[1]):  # sub-block j's scale -> lo or hi
         for t in (lo, hi):
             d = _f16(s[:, j] / t)  # (B,)
             ints = _round_scales(s, d, lo, hi)  # (B, 16)
             err = _sym_total(x, w, nmax, d, ints)
             better = live & (s[:, j] != 0) & (err * TIE < best_err)
-            best_d, best_err, ls = _update(better, d, best_d), _update(better, err, best_err), \
-                _update(better[:, None], ints, ls)
+            best_d, best_err, ls = (
+                _update(better, d, best_d),
+                _update(better, err, best_err),
+                _update(better[:, None], ints, ls),
+            )
     d = best_d
     ls = _neighbours_sym_ref(x, w, nmax, lo, hi, radius, d, ls)
     l = _levels_sym(x, d, ls, nmax)  # (B, 16, 16)
@@ -485,8 +554,12 @@ def symmetric_super_ref(x, w, wf, nmax, lo, hi, n_cand, radius):
     ls2 = _neighbours_sym_ref(x, w, nmax, lo, hi, radius, d2, ls)
     ok &= _sym_total(x, w, nmax, d2, ls2) * TIE < _sym_total(x, w, nmax, d, ls)
     d, ls = _update(ok, d2, d), _update(ok[:, None], ls2, ls)
-    return (d, ls.astype(np.int64), (_levels_sym(x, d, ls, nmax) + nmax).astype(np.int64).reshape(B, -1),
-            _sym_total(x, w, nmax, d, ls))
+    return (
+        d,
+        ls.astype(np.int64),
+        (_levels_sym(x, d, ls, nmax) + nmax).astype(np.int64).reshape(B, -1),
+        _sym_total(x, w, nmax, d, ls),
+    )
 
 
 def _super_inputs(x, w, sub):
@@ -531,10 +604,15 @@ def _kquant_affine_ref(name, pack):
     def run(x, w=None):
         sub, nmax, qmax, n_steps, n_cand, radius = AFFINE[name]
         xs, ws = _super_inputs(x, w, sub)
-        starts = [affine_super_ref(xs, ws, wf, sub, nmax, qmax, n_steps, n_cand, radius)
-                  for wf in (ws, alt_weights_ref(xs, ws))]
+        starts = [
+            affine_super_ref(xs, ws, wf, sub, nmax, qmax, n_steps, n_cand, radius)
+            for wf in (ws, alt_weights_ref(xs, ws))
+        ]
         d, dm, ls, lm, levels, _ = _best_of_two(*starts)
-        return _rows(pack(_f16_bytes(d), _f16_bytes(dm), ls, lm, levels.astype(np.int64)), x.shape[0])
+        return _rows(
+            pack(_f16_bytes(d), _f16_bytes(dm), ls, lm, levels.astype(np.int64)), x.shape[0]
+        )
+
     return run
 
 
@@ -542,10 +620,13 @@ def _kquant_symmetric_ref(name, pack):
     def run(x, w=None):
         nmax, lo, hi, n_cand, radius = SYMMETRIC[name]
         xs, ws = _super_inputs(x, w, 16)
-        starts = [symmetric_super_ref(xs, ws, wf, nmax, lo, hi, n_cand, radius)
-                  for wf in (ws, alt_weights_ref(xs, ws))]
+        starts = [
+            symmetric_super_ref(xs, ws, wf, nmax, lo, hi, n_cand, radius)
+            for wf in (ws, alt_weights_ref(xs, ws))
+        ]
         d, ls, levels, _ = _best_of_two(*starts)
         return _rows(pack(_f16_bytes(d), ls, levels), x.shape[0])
+
     return run
 
 
@@ -578,8 +659,13 @@ def _pack_q3_k(d16, ls, levels):
 
 def _pack_q6_k(d16, ls, levels):
     q = levels.reshape(-1, 2, 4, 32)  # (B, half, k, l): level 128h + 32k + l
-    ql = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
-                         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)  # (B, 128)
+    ql = np.concatenate(
+        [
+            (q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+            (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4),
+        ],
+        axis=2,
+    ).reshape(-1, 128)  # (B, 128)
     qh = ((q >> 4) << (2 * np.arange(4))[None, None, :, None]).sum(2).reshape(-1, 64)  # (B, 64)
     return np.concatenate([ql, qh, ls.astype(np.int8).view(np.uint8), d16], axis=1)
 
@@ -590,5 +676,15 @@ q5_k_ref = _kquant_affine_ref("Q5_K", _pack_q5_k)
 q3_k_ref = _kquant_symmetric_ref("Q3_K", _pack_q3_k)
 q6_k_ref = _kquant_symmetric_ref("Q6_K", _pack_q6_k)
 
-REFS = {T.Q8_0: q8_0_ref, T.Q4_0: q4_0_ref, T.Q5_0: q5_0_ref, T.Q4_1: q4_1_ref, T.Q5_1: q5_1_ref, T.Q2_K: q2_k_ref, T.Q3_K: q3_k_ref,
-        T.Q4_K: q4_k_ref, T.Q5_K: q5_k_ref, T.Q6_K: q6_k_ref}
+REFS = {
+    T.Q8_0: q8_0_ref,
+    T.Q4_0: q4_0_ref,
+    T.Q5_0: q5_0_ref,
+    T.Q4_1: q4_1_ref,
+    T.Q5_1: q5_1_ref,
+    T.Q2_K: q2_k_ref,
+    T.Q3_K: q3_k_ref,
+    T.Q4_K: q4_k_ref,
+    T.Q5_K: q5_k_ref,
+    T.Q6_K: q6_k_ref,
+}

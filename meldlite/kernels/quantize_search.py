@@ -22,11 +22,11 @@ import math
 import numpy as np
 from numba import njit
 
-EPS = 1e-15          # ggml's GROUP_MAX_EPS: blocks with max |x| below this are all-zero
-N_STEPS = 9          # candidate inverse scales at 0.1 level spacing either side of the extreme
-N_LLOYD = 4          # rounding / least-squares refinement rounds
+EPS = 1e-15  # ggml's GROUP_MAX_EPS: blocks with max |x| below this are all-zero
+N_STEPS = 9  # candidate inverse scales at 0.1 level spacing either side of the extreme
+N_LLOYD = 4  # rounding / least-squares refinement rounds
 FAST = {"reassoc", "contract"}  # lets LLVM vectorise the sums of the inner loops
-TIE = 1 + 1e-12      # a later candidate must beat the best by this factor (stable ties)
+TIE = 1 + 1e-12  # a later candidate must beat the best by this factor (stable ties)
 
 
 @njit(cache=True)
@@ -36,10 +36,10 @@ def f16_bits(v):
     a = abs(np.float64(v))
     if a >= 65520.0:
         return sign | 0x7C00
-    if a < 2.0 ** -14:                           # subnormal: quantum 2^-24
-        return sign | int(np.rint(a * 2.0 ** 24))
-    m, e = math.frexp(a)                         # a = m * 2^e, m in [0.5, 1)
-    mant = int(np.rint(m * 2048.0))              # 11 significant bits, in [1024, 2048]
+    if a < 2.0**-14:  # subnormal: quantum 2^-24
+        return sign | int(np.rint(a * 2.0**24))
+    m, e = math.frexp(a)  # a = m * 2^e, m in [0.5, 1)
+    mant = int(np.rint(m * 2048.0))  # 11 significant bits, in [1024, 2048]
     if mant == 2048:
         mant = 1024
         e += 1
@@ -54,7 +54,7 @@ def f16_value(h):
     e = (h >> 10) & 31
     m = h & 1023
     if e == 0:
-        v = m * 2.0 ** -24
+        v = m * 2.0**-24
     elif e == 31:
         v = np.inf
     else:
@@ -105,13 +105,13 @@ def fit_symmetric(x, w, nmax):
     if amax < EPS:
         return 0.0
     best_s = 0.0
-    best_gain = 0.0                                # error = sum w x^2 - sumlx^2 / suml2
+    best_gain = 0.0  # error = sum w x^2 - sumlx^2 / suml2
     for orient in range(2):
         for k in range(-N_STEPS, N_STEPS + 1):
             if orient == 0:
-                iscale = -(nmax + 0.1 * k) / vmax      # the extreme goes to -nmax
+                iscale = -(nmax + 0.1 * k) / vmax  # the extreme goes to -nmax
             else:
-                iscale = (nmax - 1 + 0.1 * k) / vmax   # the extreme goes to nmax - 1
+                iscale = (nmax - 1 + 0.1 * k) / vmax  # the extreme goes to nmax - 1
             sumlx, suml2 = _gain_symmetric(x, w, iscale, nmax)
             if suml2 > 0 and sumlx * sumlx > best_gain * suml2 * TIE:
                 best_gain = sumlx * sumlx / suml2
@@ -165,7 +165,7 @@ def _ls_affine(x, w, iscale, lo, nmax, sum_w, sum_x):
     if det <= 0:
         return 0.0, 0.0, np.inf
     s = (sum_w * sum_xl - sum_x * sum_l) / det
-    off = (sum_l2 * sum_x - sum_l * sum_xl) / det    # x ~ s*l + off
+    off = (sum_l2 * sum_x - sum_l * sum_xl) / det  # x ~ s*l + off
     if off > 0:
         off = 0.0
         s = sum_xl / sum_l2
@@ -201,7 +201,7 @@ def fit_affine(x, w, nmax, n_steps):
         hi = max(hi, xi)
         sum_w += wi
         sum_x += wi * xi
-    if hi <= lo:                                    # constant block <= 0: exact with s = 0
+    if hi <= lo:  # constant block <= 0: exact with s = 0
         return 0.0, -lo
     best_s = (hi - lo) / nmax
     best_m = -lo
@@ -224,7 +224,7 @@ def fit_affine(x, w, nmax, n_steps):
 def block_weights(w, c0, n):
     """w[c0:c0+n], or ones if those weights are all zero (any result would then do; this
     keeps the block sensible)."""
-    wb = w[c0:c0 + n]
+    wb = w[c0 : c0 + n]
     for v in wb:
         if v > 0:
             return wb

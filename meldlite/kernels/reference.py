@@ -30,7 +30,9 @@ def _with_f16_fields(blocks, values):
     """A copy of (n, block_bytes) blocks with the float16 fields {offset: value} replaced."""
     out = np.array(blocks, dtype=np.uint8)
     for off, value in values.items():
-        out[:, off:off + 2] = np.full(out.shape[0], value, np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, off : off + 2] = (
+            np.full(out.shape[0], value, np.float16).view(np.uint8).reshape(-1, 2)
+        )
     return out
 
 
@@ -39,7 +41,9 @@ def q4k_sums_ref(blocks, qa, bs):
     and per-32 code sums bs (n, 8): isum = sum_j sc_j * (q_j . qa_j), msum = sum_j m_j bs_j.
     From gguf-py's dequantization with d=1, dmin=0 (values sc*q) and d=0, dmin=1 (-m)."""
     qt = GGMLQuantizationType.Q4_K
-    scq = dequantize_ref(_with_f16_fields(blocks, {0: 1.0, 2: 0.0}), qt).astype(np.int64)  # (n, 256)
+    scq = dequantize_ref(_with_f16_fields(blocks, {0: 1.0, 2: 0.0}), qt).astype(
+        np.int64
+    )  # (n, 256)
     mins = -dequantize_ref(_with_f16_fields(blocks, {0: 0.0, 2: 1.0}), qt)[:, ::32].astype(np.int64)
     return (scq * qa).sum(1), (mins * bs).sum(1)
 

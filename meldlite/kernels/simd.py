@@ -33,7 +33,11 @@ from numba import types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
-_FEATURES = config.CPU_FEATURES if config.CPU_FEATURES is not None else llb.get_host_cpu_features().flatten()
+_FEATURES = (
+    config.CPU_FEATURES
+    if config.CPU_FEATURES is not None
+    else llb.get_host_cpu_features().flatten()
+)
 AVX2 = "+avx2" in _FEATURES.split(",")  # x86 with AVX2: call the x86 intrinsics
 F16C = "+f16c" in _FEATURES.split(",")  # float16 -> float32 in one instruction
 
@@ -44,6 +48,7 @@ V16I16, V8I16, V8I32 = ir.VectorType(I16, 16), ir.VectorType(I16, 8), ir.VectorT
 
 # ---------------------------------------------------------------- IR helpers
 
+
 def _typed(*pairs):
     """Typing guard: (array type, dtype) pairs; the sums read raw memory at element
     offsets, so each array must be C-contiguous with exactly that dtype."""
@@ -52,8 +57,10 @@ def _typed(*pairs):
 
 def _offsets(context, builder, sig, args):
     """args with every integer argument cast to int64 (offsets index with i64)."""
-    return [context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
-            for v, t in zip(args, sig.args)]
+    return [
+        context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
+        for v, t in zip(args, sig.args)
+    ]
 
 
 class _Ctx:
@@ -127,6 +134,7 @@ def _q4k_scales(c, rowty, row, o):
 
 # ---------------------------------------------------------------- block sums
 
+
 def _q4k_codegen(context, builder, sig, args):
     rowty, _, qaty, _, bsty, _ = sig.args
     row, o, qa, oa, bs, ob = _offsets(context, builder, sig, args)
@@ -138,8 +146,10 @@ def _q4k_codegen(context, builder, sig, args):
         w = c.load(rowty, row, o, V32I8, 16 + 32 * k)
         lo, hi = b.and_(w, c.const8(15)), b.lshr(w, c.const8(4))
         al, ah = c.load(qaty, qa, oa, V32I8, 64 * k), c.load(qaty, qa, oa, V32I8, 64 * k + 32)
-        s = b.add(c.madd(c.maddubs(lo, al), c.splat(sc, [2 * k] * 16)),
-                  c.madd(c.maddubs(hi, ah), c.splat(sc, [2 * k + 1] * 16)))
+        s = b.add(
+            c.madd(c.maddubs(lo, al), c.splat(sc, [2 * k] * 16)),
+            c.madd(c.maddubs(hi, ah), c.splat(sc, [2 * k + 1] * 16)),
+        )
         acc = s if acc is None else b.add(acc, s)
     msum = c.reduce(b.mul(b.sext(mn, V8I32), c.load(bsty, bs, ob, V8I32)))
     return context.make_tuple(builder, sig.return_type, [c.reduce(acc), msum])
@@ -165,8 +175,12 @@ def _q6k_codegen(context, builder, sig, args):
         l0, l1 = c.load(rowty, row, o, V32I8, 64 * h), c.load(rowty, row, o, V32I8, 64 * h + 32)
         hb = c.load(rowty, row, o, V32I8, 128 + 32 * h)
         top = [b.shl(b.and_(b.lshr(hb, c.const8(2 * i)), m3), c.const8(4)) for i in range(4)]
-        codes = (b.or_(b.and_(l0, m15), top[0]), b.or_(b.and_(l1, m15), top[1]),
-                 b.or_(b.lshr(l0, c.const8(4)), top[2]), b.or_(b.lshr(l1, c.const8(4)), top[3]))
+        codes = (
+            b.or_(b.and_(l0, m15), top[0]),
+            b.or_(b.and_(l1, m15), top[1]),
+            b.or_(b.lshr(l0, c.const8(4)), top[2]),
+            b.or_(b.lshr(l1, c.const8(4)), top[3]),
+        )
         for k, q in enumerate(codes):  # values 128h+32k.., scales 8h+2k and 8h+2k+1
             a = c.load(qaty, qa, oa, V32I8, 128 * h + 32 * k)
             p = b.sub(c.maddubs(q, a), c.maddubs(c.const8(32), a))  # (q - 32) * a pairs

@@ -106,7 +106,7 @@ def _clean_punct(buf):
 
 
 def _clean_quotes(buf):
-    """" ' " -> "'" (both spaces around a lone apostrophe dropped)."""
+    """ " ' " -> "'" (both spaces around a lone apostrophe dropped)."""
     n, total, i = len(buf), min(len(buf), 1), 1
     while i < n:
         x = buf[i]
@@ -127,7 +127,9 @@ def _clean_contractions(buf):
         x = buf[i]
         if buf[i - 1] == 0x20 and x == 0x27 and i + 1 < n:
             x1 = buf[i + 1]
-            if x1 in b"sm" or (x1 not in b"td" and i + 2 < n and bytes(buf[i + 1:i + 3]) in (b"re", b"ve")):
+            if x1 in b"sm" or (
+                x1 not in b"td" and i + 2 < n and bytes(buf[i + 1 : i + 3]) in (b"re", b"ve")
+            ):
                 total -= 1
         buf[total] = x
         total += 1

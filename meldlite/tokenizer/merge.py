@@ -33,7 +33,7 @@ def merge_pairs(text, priority):
         _, left, right, merged = heapq.heappop(heap)
         a, b = syms[left], syms[right]
         if not a or not b or a + b != merged:
-            continue                      # a side was merged since this pair was queued
+            continue  # a side was merged since this pair was queued
         syms[left], syms[right] = merged, ""
         nxt[left] = nxt[right]
         if nxt[right] >= 0:

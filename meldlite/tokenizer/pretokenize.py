@@ -26,8 +26,12 @@ from meldlite.tokenizer import unicode_data
 # -- code point classes ------------------------------------------------------
 
 _WS, _OTHER, _LETTER, _NUMBER, _PUNCT, _MARK = "\x0b", "\x80", "\x81", "\x82", "\x83", "\x84"
-_CLASS_RANGES = ((unicode_data.LETTER, _LETTER), (unicode_data.NUMBER, _NUMBER),
-                 (unicode_data.PUNCTUATION, _PUNCT), (unicode_data.MARK, _MARK))
+_CLASS_RANGES = (
+    (unicode_data.LETTER, _LETTER),
+    (unicode_data.NUMBER, _NUMBER),
+    (unicode_data.PUNCTUATION, _PUNCT),
+    (unicode_data.MARK, _MARK),
+)
 _WHITESPACE = frozenset(unicode_data.WHITESPACE)
 
 
@@ -38,7 +42,7 @@ def _boundaries():
 
 
 _STARTS, _ENDS, _PLACEHOLDERS = _boundaries()
-_COLLAPSE = {}          # code point -> placeholder, filled lazily for code points >= 128
+_COLLAPSE = {}  # code point -> placeholder, filled lazily for code points >= 128
 
 
 def _placeholder(cpt):
@@ -88,8 +92,9 @@ _ANYCASE = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}]+| ?[\p{N}]+| ?[^\s\p{L}\p{N}]+|[\s]+(?![^\s])"
 LLAMA3 = _ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|" + _SPACES
 QWEN2 = _ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]| ?[^\s\p{L}\p{N}]+[\r\n]*|" + _SPACES
-QWEN35 = (_ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|[\p{N}]| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
-          + _SPACES)
+QWEN35 = (
+    _ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|[\p{N}]| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|" + _SPACES
+)
 DEFAULT_PUNCT = r"[\p{P}$+<=>^~|]+"
 FALCON_PUNCT = r"[\p{P}$+<=>^~|`]+"
 DIGITS = r"[\p{N}]+"
@@ -129,15 +134,17 @@ def _split_spans(regex, text, spans):
 
 # -- tokenizer.ggml.pre values ------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PreType:
     """What one `tokenizer.ggml.pre` value sets in llama.cpp's vocab loader."""
-    family: str                  # llama.cpp's LLAMA_VOCAB_PRE_TYPE_* name
+
+    family: str  # llama.cpp's LLAMA_VOCAB_PRE_TYPE_* name
     patterns: tuple
     ignore_merges: bool = False  # a word that is a token is taken whole
-    add_bos: bool = False        # default of tokenizer.ggml.add_bos_token
-    clean_spaces: bool = True    # detokenize removes " ," " ." " 's" ...
-    has_bos: bool = True         # False: no default BOS id
+    add_bos: bool = False  # default of tokenizer.ggml.add_bos_token
+    clean_spaces: bool = True  # detokenize removes " ," " ." " 's" ...
+    has_bos: bool = True  # False: no default BOS id
 
 
 _DEFAULT = (DEFAULT_PUNCT, GPT2, DIGITS, ASCII_DIGITS_3)
@@ -150,28 +157,80 @@ def _pre_types():
     qwen2 = PreType("QWEN2", (QWEN2,), clean_spaces=False)
     starcoder = PreType("STARCODER", _STARCODER)
     table = {"default": PreType("DEFAULT", _DEFAULT)}
-    table.update(dict.fromkeys(("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es",
-                                "jina-v2-de", "a.x-4.0", "mellum", "modern-bert", "exaone4"), gpt2))
-    table.update({"mpt": PreType("MPT", (GPT2,)), "olmo": PreType("OLMO", (GPT2,)),
-                  "jais": PreType("JAIS", (GPT2,)),
-                  "trillion": PreType("TRILLION", (GPT2,), clean_spaces=False),
-                  "granite-docling": PreType("GRANITE_DOCLING", (GPT2,), clean_spaces=False)})
-    table.update(dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
-                                "midm-2.0", "lfm2", "jina-v5-nano"), llama3))
-    table.update({"dbrx": PreType("DBRX", (LLAMA3,)), "smaug-bpe": PreType("SMAUG", (LLAMA3,)),
-                  "chatglm-bpe": PreType("CHATGLM4", (LLAMA3,), has_bos=False),
-                  "glm4": PreType("CHATGLM4", (LLAMA3,), ignore_merges=True, has_bos=False),
-                  "glm5": PreType("CHATGLM4", (LLAMA3,), ignore_merges=True, has_bos=False)})
-    table.update(dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan",
-                                "solar-open"), qwen2))
-    table.update({"megrez": PreType("QWEN2", (QWEN2,)), "stablelm2": PreType("STABLELM2", (QWEN2,)),
-                  "grok-2": PreType("GROK_2", (QWEN2,), clean_spaces=False),
-                  "qwen35": PreType("QWEN35", (QWEN35,), clean_spaces=False),
-                  "falcon": PreType("FALCON", (FALCON_PUNCT, GPT2, ASCII_DIGITS_3))})
-    table.update(dict.fromkeys(("starcoder", "refact", "codeshell", "exaone", "minerva-7b",
-                                "mellum2"), starcoder))
-    table.update(dict.fromkeys(("command-r", "smollm"),
-                               PreType("STARCODER", _STARCODER, clean_spaces=False)))
+    table.update(
+        dict.fromkeys(
+            (
+                "gpt-2",
+                "phi-2",
+                "jina-es",
+                "jina-de",
+                "gigachat",
+                "jina-v2-es",
+                "jina-v2-de",
+                "a.x-4.0",
+                "mellum",
+                "modern-bert",
+                "exaone4",
+            ),
+            gpt2,
+        )
+    )
+    table.update(
+        {
+            "mpt": PreType("MPT", (GPT2,)),
+            "olmo": PreType("OLMO", (GPT2,)),
+            "jais": PreType("JAIS", (GPT2,)),
+            "trillion": PreType("TRILLION", (GPT2,), clean_spaces=False),
+            "granite-docling": PreType("GRANITE_DOCLING", (GPT2,), clean_spaces=False),
+        }
+    )
+    table.update(
+        dict.fromkeys(
+            (
+                "llama3",
+                "llama-v3",
+                "llama-bpe",
+                "falcon3",
+                "falcon-h1",
+                "pixtral",
+                "midm-2.0",
+                "lfm2",
+                "jina-v5-nano",
+            ),
+            llama3,
+        )
+    )
+    table.update(
+        {
+            "dbrx": PreType("DBRX", (LLAMA3,)),
+            "smaug-bpe": PreType("SMAUG", (LLAMA3,)),
+            "chatglm-bpe": PreType("CHATGLM4", (LLAMA3,), has_bos=False),
+            "glm4": PreType("CHATGLM4", (LLAMA3,), ignore_merges=True, has_bos=False),
+            "glm5": PreType("CHATGLM4", (LLAMA3,), ignore_merges=True, has_bos=False),
+        }
+    )
+    table.update(
+        dict.fromkeys(
+            ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open"), qwen2
+        )
+    )
+    table.update(
+        {
+            "megrez": PreType("QWEN2", (QWEN2,)),
+            "stablelm2": PreType("STABLELM2", (QWEN2,)),
+            "grok-2": PreType("GROK_2", (QWEN2,), clean_spaces=False),
+            "qwen35": PreType("QWEN35", (QWEN35,), clean_spaces=False),
+            "falcon": PreType("FALCON", (FALCON_PUNCT, GPT2, ASCII_DIGITS_3)),
+        }
+    )
+    table.update(
+        dict.fromkeys(
+            ("starcoder", "refact", "codeshell", "exaone", "minerva-7b", "mellum2"), starcoder
+        )
+    )
+    table.update(
+        dict.fromkeys(("command-r", "smollm"), PreType("STARCODER", _STARCODER, clean_spaces=False))
+    )
     return table
 
 
@@ -188,6 +247,7 @@ def pretokenizer(pre_type):
 
 # -- GPT-2 byte <-> unicode map (byte-level BPE) -----------------------------
 
+
 def _byte_to_unicode():
     """Printable bytes map to themselves; the others to U+0100 onwards, in byte order."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -203,7 +263,7 @@ def _byte_to_unicode():
 
 BYTE_TO_UNICODE = _byte_to_unicode()
 UNICODE_TO_BYTE = {ch: b for b, ch in enumerate(BYTE_TO_UNICODE)}
-_LATIN1_TO_GPT2 = {b: ch for b, ch in enumerate(BYTE_TO_UNICODE)}
+_LATIN1_TO_GPT2 = dict(enumerate(BYTE_TO_UNICODE))
 
 
 def byte_encode(word):

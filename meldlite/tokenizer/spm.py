@@ -13,7 +13,7 @@ precedes U+2581 inside a token, and each piece is tokenized once and cached.
 from meldlite.errors import FormatError
 from meldlite.tokenizer.merge import merge_pairs
 
-SPACE = "\u2581"       # what llama.cpp writes for ' ' before SPM tokenizing
+SPACE = "\u2581"  # what llama.cpp writes for ' ' before SPM tokenizing
 _CACHE_LIMIT = 1 << 16
 
 
@@ -24,8 +24,9 @@ class SpmEncoder:
         self.token_to_id = vocab.token_to_id
         self.scores = vocab.scores
         self._byte_ids = [_byte_token(vocab.token_to_id, b) for b in range(256)]
-        self._unsafe_before_space = {t[i - 1] for t in vocab.texts
-                                     for i in range(1, len(t)) if t[i] == SPACE}
+        self._unsafe_before_space = {
+            t[i - 1] for t in vocab.texts for i in range(1, len(t)) if t[i] == SPACE
+        }
         self._cache = {}
 
     def encode(self, text):

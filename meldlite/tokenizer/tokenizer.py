@@ -99,7 +99,7 @@ class Tokenizer:
         return tid
 
     def _encode_spm(self, fragments, ids):
-        prev_special = True         # the space prefix goes first and after each special token
+        prev_special = True  # the space prefix goes first and after each special token
         for frag in fragments:
             if isinstance(frag, int):
                 ids.append(frag)

@@ -13,12 +13,13 @@ from meldlite.errors import FormatError, UnsupportedError
 from meldlite.tokenizer.pretokenize import PRE_TYPES, PreType
 
 K = Keys.Tokenizer
-SPM, BPE = "llama", "gpt2"          # tokenizer.ggml.model values meldlite reads
+SPM, BPE = "llama", "gpt2"  # tokenizer.ggml.model values meldlite reads
 SUPPORTED_MODELS = (SPM, BPE)
 
 
 class TokenAttr(enum.IntFlag):
     """llama.cpp's `llama_token_attr` bits."""
+
     UNDEFINED = 0
     UNKNOWN = 1 << 0
     UNUSED = 1 << 1
@@ -32,43 +33,121 @@ class TokenAttr(enum.IntFlag):
     SINGLE_WORD = 1 << 9
 
 
-_TYPE_TO_ATTR = {TokenType.NORMAL: TokenAttr.NORMAL, TokenType.UNKNOWN: TokenAttr.UNKNOWN,
-                 TokenType.CONTROL: TokenAttr.CONTROL, TokenType.USER_DEFINED: TokenAttr.USER_DEFINED,
-                 TokenType.UNUSED: TokenAttr.UNUSED, TokenType.BYTE: TokenAttr.BYTE}
+_TYPE_TO_ATTR = {
+    TokenType.NORMAL: TokenAttr.NORMAL,
+    TokenType.UNKNOWN: TokenAttr.UNKNOWN,
+    TokenType.CONTROL: TokenAttr.CONTROL,
+    TokenType.USER_DEFINED: TokenAttr.USER_DEFINED,
+    TokenType.UNUSED: TokenAttr.UNUSED,
+    TokenType.BYTE: TokenAttr.BYTE,
+}
 SPECIAL_ATTRS = TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN
 
 # Token texts llama.cpp recognises when the metadata does not name the id
 # (`load`, "auto-detect special tokens by text").
-EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-             "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>",
-             "<end_of_utterance>")
+EOT_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+)
 EOM_TEXTS = ("<|eom_id|>",)
 FIM_TEXTS = {
-    K.FIM_PRE_ID: ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>",
-                   "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
-    K.FIM_SUF_ID: ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>",
-                   "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
-    K.FIM_MID_ID: ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>",
-                   "▁<MID>", "<|code_middle|>", "<|middle|>"),
+    K.FIM_PRE_ID: (
+        "<|fim_prefix|>",
+        "<fim-prefix>",
+        "<fim_prefix>",
+        "<｜fim▁begin｜>",
+        "<PRE>",
+        "▁<PRE>",
+        "<|code_prefix|>",
+        "<|prefix|>",
+    ),
+    K.FIM_SUF_ID: (
+        "<|fim_suffix|>",
+        "<fim-suffix>",
+        "<fim_suffix>",
+        "<｜fim▁hole｜>",
+        "<SUF>",
+        "▁<SUF>",
+        "<|code_suffix|>",
+        "<|suffix|>",
+    ),
+    K.FIM_MID_ID: (
+        "<|fim_middle|>",
+        "<fim-middle>",
+        "<fim_middle>",
+        "<｜fim▁end｜>",
+        "<MID>",
+        "▁<MID>",
+        "<|code_middle|>",
+        "<|middle|>",
+    ),
     K.FIM_PAD_ID: ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     K.FIM_REP_ID: ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     K.FIM_SEP_ID: ("<|file_sep|>",),
 }
-EOG_TEXTS = frozenset((
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~["))
+EOG_TEXTS = frozenset(
+    (
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
+    )
+)
 ALWAYS_RENDERED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss
 
 # Ids read from metadata; deprecated prefix/suffix/middle keys alias the FIM ones.
-_ID_KEYS = {"bos": K.BOS_ID, "eos": K.EOS_ID, "eot": K.EOT_ID, "eom": K.EOM_ID, "unk": K.UNK_ID,
-            "sep": K.SEP_ID, "pad": K.PAD_ID, "mask": K.MASK_ID, "fim_pre": K.FIM_PRE_ID,
-            "fim_suf": K.FIM_SUF_ID, "fim_mid": K.FIM_MID_ID, "fim_pad": K.FIM_PAD_ID,
-            "fim_rep": K.FIM_REP_ID, "fim_sep": K.FIM_SEP_ID}
+_ID_KEYS = {
+    "bos": K.BOS_ID,
+    "eos": K.EOS_ID,
+    "eot": K.EOT_ID,
+    "eom": K.EOM_ID,
+    "unk": K.UNK_ID,
+    "sep": K.SEP_ID,
+    "pad": K.PAD_ID,
+    "mask": K.MASK_ID,
+    "fim_pre": K.FIM_PRE_ID,
+    "fim_suf": K.FIM_SUF_ID,
+    "fim_mid": K.FIM_MID_ID,
+    "fim_pad": K.FIM_PAD_ID,
+    "fim_rep": K.FIM_REP_ID,
+    "fim_sep": K.FIM_SEP_ID,
+}
 _DEPRECATED_ID_KEYS = {"fim_pre": K.PREFIX_ID, "fim_suf": K.SUFFIX_ID, "fim_mid": K.MIDDLE_ID}
-_FIM_NAMES = {K.FIM_PRE_ID: "fim_pre", K.FIM_SUF_ID: "fim_suf", K.FIM_MID_ID: "fim_mid",
-              K.FIM_PAD_ID: "fim_pad", K.FIM_REP_ID: "fim_rep", K.FIM_SEP_ID: "fim_sep"}
+_FIM_NAMES = {
+    K.FIM_PRE_ID: "fim_pre",
+    K.FIM_SUF_ID: "fim_suf",
+    K.FIM_MID_ID: "fim_mid",
+    K.FIM_PAD_ID: "fim_pad",
+    K.FIM_REP_ID: "fim_rep",
+    K.FIM_SEP_ID: "fim_sep",
+}
 _DEFAULT_IDS = {SPM: {"bos": 1, "eos": 2, "unk": 0}, BPE: {"bos": 11, "eos": 11}}
 
 
@@ -80,18 +159,18 @@ class Vocab:
     """
 
     def __init__(self, model, texts, scores, attrs, pre_type, merges):
-        self.model = model                   # SPM or BPE
+        self.model = model  # SPM or BPE
         self.texts = texts
         self.scores = scores
         self.attrs = attrs
         self.token_to_id = {t: i for i, t in enumerate(texts)}
-        self.pre_type = pre_type             # PreType (BPE) or None (SPM)
-        self.merges = merges                 # (left, right) -> rank (BPE) or None
+        self.pre_type = pre_type  # PreType (BPE) or None (SPM)
+        self.merges = merges  # (left, right) -> rank (BPE) or None
         self.ids = {}
         self.add_bos = self.add_eos = self.add_space_prefix = False
         self.clean_spaces = False
         self.eog_ids = frozenset()
-        self.special_ids = ()                # CONTROL/USER_DEFINED/UNKNOWN, longest text first
+        self.special_ids = ()  # CONTROL/USER_DEFINED/UNKNOWN, longest text first
 
     @property
     def n_tokens(self):
@@ -103,8 +182,14 @@ class Vocab:
         texts = _token_texts(md)
         n = len(texts)
         pre_type = _pre_type(md) if model == BPE else None
-        vocab = cls(model, texts, _scores(md, n), _attrs(md, n), pre_type,
-                    _merge_ranks(md) if model == BPE else None)
+        vocab = cls(
+            model,
+            texts,
+            _scores(md, n),
+            _attrs(md, n),
+            pre_type,
+            _merge_ranks(md) if model == BPE else None,
+        )
         vocab._read_flags(md)
         vocab._read_ids(md)
         vocab._detect_special_tokens()
@@ -145,8 +230,9 @@ class Vocab:
 
     def _detect_special_tokens(self):
         """EOT, EOM and FIM ids found by text when the metadata does not give them."""
-        for name, texts in [("eot", EOT_TEXTS), ("eom", EOM_TEXTS)] + \
-                [(_FIM_NAMES[k], v) for k, v in FIM_TEXTS.items()]:
+        for name, texts in [("eot", EOT_TEXTS), ("eom", EOM_TEXTS)] + [
+            (_FIM_NAMES[k], v) for k, v in FIM_TEXTS.items()
+        ]:
             if self.ids[name] is None:
                 self.ids[name] = self._first_with_text(texts)
                 if self.ids[name] is not None:
@@ -181,6 +267,7 @@ class Vocab:
 
 # -- metadata readers ------------------------------------------------------------
 
+
 def _tokenizer_model(md):
     model = md.get(K.MODEL)
     if model is None:
@@ -188,8 +275,9 @@ def _tokenizer_model(md):
     if not isinstance(model, str):
         raise FormatError(f"metadata {K.MODEL!r} is not a string: {model!r}")
     if model not in SUPPORTED_MODELS:
-        raise UnsupportedError(f"tokenizer model {model!r} is not supported "
-                               f"(supported: {', '.join(SUPPORTED_MODELS)})")
+        raise UnsupportedError(
+            f"tokenizer model {model!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})"
+        )
     return model
 
 
@@ -198,8 +286,9 @@ def _pre_type(md):
     if not isinstance(pre, str):
         raise FormatError(f"metadata {K.PRE!r} is not a string: {pre!r}")
     if pre not in PRE_TYPES:
-        raise UnsupportedError(f"pre-tokenizer {pre!r} is not supported "
-                               f"(supported: {', '.join(sorted(PRE_TYPES))})")
+        raise UnsupportedError(
+            f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(PRE_TYPES))})"
+        )
     return PRE_TYPES[pre]
 
 
@@ -247,7 +336,7 @@ def _merge_ranks(md):
     ranks = {}
     for rank, merge in enumerate(merges):
         pos = merge.find(" ", 1)
-        pair = (merge[:pos], merge[pos + 1:]) if pos >= 0 else ("", "")
+        pair = (merge[:pos], merge[pos + 1 :]) if pos >= 0 else ("", "")
         ranks.setdefault(pair, rank)
     return ranks
 
@@ -287,8 +376,9 @@ def _apply_name_rules(vocab, md):
     name = str(md.get(Keys.General.NAME) or "").lower()
     pre = str(md.get(K.PRE) or "")
     arch = str(md.get(Keys.General.ARCHITECTURE) or "")
-    if any(s in pre for s in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or \
-            any(s in arch for s in ("nomic-bert-moe", "jina-bert-v3")):
+    if any(s in pre for s in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or any(
+        s in arch for s in ("nomic-bert-moe", "jina-bert-v3")
+    ):
         _set_attr(vocab, "<mask>", TokenAttr.LSTRIP, True)
     elif "phi-3" in name or "phi3" in name:
         for tid in vocab.special_ids:

@@ -11,16 +11,27 @@ See docs/peers.md.
 from meldlite.transports.placement import Placement, load_placement, place, round_robin
 from meldlite.transports.protocol import PROTOCOL_VERSION, model_hash
 
-__all__ = ["PROTOCOL_VERSION", "Placement", "PeerServer", "RemoteStore", "connect",
-           "load_placement", "model_hash", "place", "round_robin"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "PeerServer",
+    "Placement",
+    "RemoteStore",
+    "connect",
+    "load_placement",
+    "model_hash",
+    "place",
+    "round_robin",
+]
 
 
 def __getattr__(name):
     # zmq-using classes load on first use, so `import meldlite` stays light
     if name == "PeerServer":
         from meldlite.transports.peer import PeerServer
+
         return PeerServer
     if name in ("RemoteStore", "connect"):
         from meldlite.transports import remote
+
         return getattr(remote, name)
     raise AttributeError(name)

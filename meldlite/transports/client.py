@@ -29,11 +29,21 @@ from meldlite.transports import security
 log = logging.getLogger("meldlite.peers")
 
 CONNECTING, HELLO, ASSIGNING, LOADING, READY, DEAD = (
-    "connecting", "hello", "assigning", "loading", "ready", "dead")
-LOAD_WINDOW = 4                 # LOAD messages in flight during setup
-MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    "connecting",
+    "hello",
+    "assigning",
+    "loading",
+    "ready",
+    "dead",
+)
+LOAD_WINDOW = 4  # LOAD messages in flight during setup
+MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class PeerClient:
@@ -46,25 +56,38 @@ class PeerClient:
     def __init__(self, ctx, node, address, setup, *, keys=None, limits=P.Limits(), ids=None):
         self.ctx, self.node, self.address, self.setup = ctx, node, address, setup
         self.keys, self.limits = keys, limits
-        self.ids = ids                  # shared request-id counter (itertools.count)
+        self.ids = ids  # shared request-id counter (itertools.count)
         self.sock = self.monitor = None
         self.state = DEAD
-        self.generation = 0             # bumped for every new socket
+        self.generation = 0  # bumped for every new socket
         self.closed_at = 0.0
-        self.error = None               # last reason it is not ready, for messages
-        self.refused = False            # CURVE handshake refused our key
-        self.fatal = False              # handshake said no (model or version): do not retry soon
+        self.error = None  # last reason it is not ready, for messages
+        self.refused = False  # CURVE handshake refused our key
+        self.fatal = False  # handshake said no (model or version): do not retry soon
         self.welcome = {}
         self.heartbeat = 1.0
         self.last_heard = 0.0
         self.setup_req = None
         self.to_load, self.loading = [], set()
-        self.done = {}                  # req_id -> (Header, payload) or WireError
+        self.done = {}  # req_id -> (Header, payload) or WireError
         # messages_*/bytes_*: COMPUTE requests and their replies; control_*: everything else
         # (handshake, expert bytes at start-up, heartbeats, stats)
-        self.counters = {"requests": 0, "messages_out": 0, "messages_in": 0, "bytes_out": 0,
-                         "bytes_in": 0, "control_messages": 0, "control_bytes": 0, "rows": 0, "deaths": 0, "joins": 0, "errors": 0,
-                         "heartbeats": 0, "service_s": 0.0, "load_bytes": 0}
+        self.counters = {
+            "requests": 0,
+            "messages_out": 0,
+            "messages_in": 0,
+            "bytes_out": 0,
+            "bytes_in": 0,
+            "control_messages": 0,
+            "control_bytes": 0,
+            "rows": 0,
+            "deaths": 0,
+            "joins": 0,
+            "errors": 0,
+            "heartbeats": 0,
+            "service_s": 0.0,
+            "load_bytes": 0,
+        }
         self.open()
 
     # -- socket lifecycle ----------------------------------------------------------------
@@ -72,10 +95,10 @@ class PeerClient:
     def open(self):
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
-        s.setsockopt(zmq.IMMEDIATE, 1)             # no queueing for a peer that is not there
+        s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)      # ZMTP pings: a dead link drops in ~3 s
+        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings: a dead link drops in ~3 s
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         s.setsockopt(zmq.MAXMSGSIZE, self.limits.frame)
         if self.keys is not None:
@@ -169,7 +192,10 @@ class PeerClient:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.refused = True
                 self.error = f"peer refused our CURVE key (ZAP status {ev['value']})"
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            elif event in (
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            ):
                 self.error = "security handshake failed (check the peer's public key and --keys)"
             elif event == zmq.EVENT_DISCONNECTED and self.state != CONNECTING:
                 self.die("disconnected")
@@ -186,7 +212,8 @@ class PeerClient:
             try:
                 header, payload = P.parse(frames, self.limits)
                 compute = header.type == P.Msg.RESULT or (
-                    header.type == P.Msg.ERROR and self.state == READY)
+                    header.type == P.Msg.ERROR and self.state == READY
+                )
                 self.count(frames, "in" if compute else None)
             except P.WireError as e:
                 self.count(frames, None)
@@ -218,7 +245,7 @@ class PeerClient:
             log.warning("peer %s refused the session: %s", self.address, err)
             self.close()
             return
-        if code == "NO_SESSION":           # the peer restarted under the same address
+        if code == "NO_SESSION":  # the peer restarted under the same address
             self.done[header.req_id] = err
             self.die("peer lost our session (restarted?)")
             return
@@ -252,16 +279,23 @@ class PeerClient:
             self.loading.discard(header.req_id)
             self._load_more()
         else:
-            log.info("peer %s: unexpected %s in state %s", self.address,
-                     P.Msg(header.type).name, self.state)
+            log.info(
+                "peer %s: unexpected %s in state %s",
+                self.address,
+                P.Msg(header.type).name,
+                self.state,
+            )
 
     def _load_more(self):
         while self.to_load and len(self.loading) < LOAD_WINDOW:
             layer, e = self.to_load.pop(0)
             req = self.next_id()
             mats = self.setup.expert_frames(layer, e)
-            frames = [P.Header(P.Msg.LOAD, req).pack(),
-                      P.pack_json({"layer": layer, "expert": e}), *mats]
+            frames = [
+                P.Header(P.Msg.LOAD, req).pack(),
+                P.pack_json({"layer": layer, "expert": e}),
+                *mats,
+            ]
             if not self.send(frames):
                 return
             self.counters["load_bytes"] += sum(m.nbytes for m in mats)
@@ -270,5 +304,9 @@ class PeerClient:
             self.state = READY
             self.error = None
             self.counters["joins"] += 1
-            log.info("peer %s ready as node %s (%s)", self.address, self.node,
-                     self.welcome.get("name", "?"))
+            log.info(
+                "peer %s ready as node %s (%s)",
+                self.address,
+                self.node,
+                self.welcome.get("name", "?"),
+            )

@@ -31,9 +31,9 @@ def pair_outputs(moe, x, ids):
     rows, slots = pairs_of(ids)
     if len(rows) == 0:
         return np.zeros((0, x.shape[1]), F32)
-    xp = np.ascontiguousarray(x[rows], dtype=F32)                     # (P, E)
+    xp = np.ascontiguousarray(x[rows], dtype=F32)  # (P, E)
     idp = np.ascontiguousarray(np.asarray(ids)[rows, slots][:, None], dtype=np.int32)  # (P, 1)
-    return moe(xp, idp, np.ones((len(rows), 1), F32))                 # (P, E)
+    return moe(xp, idp, np.ones((len(rows), 1), F32))  # (P, E)
 
 
 def combine_exact(ids, weights, y_of_pair, n_embd):
@@ -45,12 +45,13 @@ def combine_exact(ids, weights, y_of_pair, n_embd):
     weights = np.asarray(weights, dtype=F32)
 
     def combine(Y):
-        out = np.zeros((ids.shape[0], n_embd), F32)                   # (T, E)
+        out = np.zeros((ids.shape[0], n_embd), F32)  # (T, E)
         for j in range(ids.shape[1]):
             ok = ids[:, j] >= 0
             if ok.any():
                 out[ok] += weights[ok, j][:, None] * Y[y_of_pair[ok, j]]
         return out
+
     return combine
 
 

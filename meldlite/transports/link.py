@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 
 from meldlite.errors import OptionError
 
-_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9,
-               "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
+_RATE_UNITS = {
+    "bit": 1,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "bps": 1,
+    "kbps": 1e3,
+    "mbps": 1e6,
+    "gbps": 1e9,
+}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _NUM = r"([0-9]*\.?[0-9]+)"
 _LINK_RE = re.compile(rf"^\s*{_NUM}\s*([a-zA-Z]+)\s*/\s*{_NUM}\s*([a-zA-Z]+)\s*$")
@@ -33,6 +41,7 @@ _LINK_RE = re.compile(rf"^\s*{_NUM}\s*([a-zA-Z]+)\s*/\s*{_NUM}\s*([a-zA-Z]+)\s*$
 @dataclass
 class Link:
     """One emulated link: bandwidth in bytes/s, one-way latency in seconds."""
+
     bandwidth: float
     latency: float
     up_free: float = field(default=0.0, repr=False)

@@ -39,6 +39,7 @@ HEARTBEAT_S = 1.0
 @dataclass
 class Expert:
     """One expert's matrices (gate, up, down as uint8 (rows, row_bytes)) and types."""
+
     mats: tuple
     types: tuple
     nbytes: int
@@ -54,9 +55,9 @@ class Session:
     n_layer: int = 0
     n_expert: int = 0
     round_acts: bool = True
-    assigned: dict = field(default_factory=dict)   # (layer, e) -> (g, u, d) types
-    missing: set = field(default_factory=set)      # (layer, e) still to LOAD
-    layers: list = None                            # per layer: (typed mats, types (X, 3), held bool (X,))
+    assigned: dict = field(default_factory=dict)  # (layer, e) -> (g, u, d) types
+    missing: set = field(default_factory=set)  # (layer, e) still to LOAD
+    layers: list = None  # per layer: (typed mats, types (X, 3), held bool (X,))
     last_seen: float = 0.0
 
     @property
@@ -73,18 +74,27 @@ def expert_nbytes(types, n_embd, n_ff):
 def matrix_shapes(types, n_embd, n_ff):
     """(rows, row_bytes) of the gate, up and down matrices."""
     g, u, d = (check_type(t) for t in types)
-    return ((n_ff, row_bytes(g, n_embd)), (n_ff, row_bytes(u, n_embd)), (n_embd, row_bytes(d, n_ff)))
+    return (
+        (n_ff, row_bytes(g, n_embd)),
+        (n_ff, row_bytes(u, n_embd)),
+        (n_embd, row_bytes(d, n_ff)),
+    )
 
 
 def warm_up():
     """One tiny MoE call, so the first real request does not wait for Numba's cache."""
     e = 32
-    mat = np.zeros((e, e * 4), np.uint8)                          # F32 rows of 32 values
+    mat = np.zeros((e, e * 4), np.uint8)  # F32 rows of 32 values
     mats = kernels.expert_list([mat, mat, mat])
     for round_acts in (False, True):
-        kernels.moe_ffn(np.zeros((1, e), np.float32), np.zeros((1, 1), np.int32),
-                        np.ones((1, 1), np.float32), mats, np.zeros((1, 3), np.int32),
-                        round_acts=round_acts)
+        kernels.moe_ffn(
+            np.zeros((1, e), np.float32),
+            np.zeros((1, 1), np.int32),
+            np.ones((1, 1), np.float32),
+            mats,
+            np.zeros((1, 3), np.int32),
+            round_acts=round_acts,
+        )
 
 
 class PeerServer:
@@ -96,8 +106,18 @@ class PeerServer:
     threads: Numba threads for the kernels (None: leave Numba's default).
     """
 
-    def __init__(self, model=None, listen="tcp://127.0.0.1:5555", *, mem_budget=None, keys=None,
-                 heartbeat=HEARTBEAT_S, limits=P.Limits(), threads=None, name=None):
+    def __init__(
+        self,
+        model=None,
+        listen="tcp://127.0.0.1:5555",
+        *,
+        mem_budget=None,
+        keys=None,
+        heartbeat=HEARTBEAT_S,
+        limits=P.Limits(),
+        threads=None,
+        name=None,
+    ):
         self.gguf = read_gguf(model) if model is not None else None
         self.model_hash = P.model_hash(self.gguf) if self.gguf is not None else None
         self.budget = None if mem_budget is None else int(mem_budget)
@@ -110,6 +130,7 @@ class PeerServer:
         self.name = name or f"peer-{os.getpid()}"
         if threads is not None:
             from meldlite.api import set_threads
+
             set_threads(threads)
         self.keys = security.as_server_keys(keys)
         self.ctx = zmq.Context()
@@ -122,17 +143,26 @@ class PeerServer:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         if self.keys:
             security.secure_server(self.sock, self.keys)
-        host, port = security.split_endpoint(listen)
+        _host, port = security.split_endpoint(listen)
         try:
             self.sock.bind(listen.rsplit(":", 1)[0] + ":" + ("*" if port in ("0", "*") else port))
         except zmq.ZMQError as e:
             self.close()
             raise OptionError(f"cannot listen on {listen}: {e}") from None
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.sessions = {}          # identity -> Session
-        self.bank = {}              # (model_hash, layer, e) -> Expert
-        self.counters = {"requests": 0, "errors": 0, "compute_s": 0.0, "rows": 0, "pairs": 0,
-                         "bytes_in": 0, "bytes_out": 0, "sessions": 0, "heartbeats": 0}
+        self.sessions = {}  # identity -> Session
+        self.bank = {}  # (model_hash, layer, e) -> Expert
+        self.counters = {
+            "requests": 0,
+            "errors": 0,
+            "compute_s": 0.0,
+            "rows": 0,
+            "pairs": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "sessions": 0,
+            "heartbeats": 0,
+        }
         self.error_codes = {}
         self._stop = False
         warm_up()
@@ -148,7 +178,7 @@ class PeerServer:
         while not self._stop and (end is None or time.monotonic() < end):
             wait = max(0.0, next_beat - time.monotonic())
             if poller.poll(int(wait * 1000) + 1):
-                for _ in range(64):                 # drain a burst, then heartbeat
+                for _ in range(64):  # drain a burst, then heartbeat
                     try:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -173,7 +203,7 @@ class PeerServer:
                 self.sock.send_multipart([ident, frame], zmq.NOBLOCK)
                 self.counters["heartbeats"] += 1
             except zmq.Again:
-                pass                                # its queue is full: it is alive but slow
+                pass  # its queue is full: it is alive but slow
             except zmq.ZMQError as e:
                 if e.errno == zmq.EHOSTUNREACH:
                     log.info("client %s is gone; dropping its session", ident.hex())
@@ -195,7 +225,7 @@ class PeerServer:
             reply = self.fail(ident, e.code, e.detail, e.req_id or req_id)
         except MeldliteError as e:
             reply = self.fail(ident, "BAD_REQUEST", str(e), req_id)
-        except Exception as e:  # noqa: BLE001 - a bug must not take the peer down
+        except Exception as e:
             log.exception("client %s: request %d failed", ident.hex(), req_id)
             reply = self.fail(ident, "INTERNAL", f"{type(e).__name__}: {e}", req_id)
         if reply is not None:
@@ -218,12 +248,18 @@ class PeerServer:
         return P.error_message(code, text, req_id)
 
     def dispatch(self, ident, h, payload):
-        handler = {P.Msg.HELLO: self.on_hello, P.Msg.ASSIGN: self.on_assign,
-                   P.Msg.LOAD: self.on_load, P.Msg.COMPUTE: self.on_compute,
-                   P.Msg.STATS: self.on_stats, P.Msg.BYE: self.on_bye}.get(h.type)
+        handler = {
+            P.Msg.HELLO: self.on_hello,
+            P.Msg.ASSIGN: self.on_assign,
+            P.Msg.LOAD: self.on_load,
+            P.Msg.COMPUTE: self.on_compute,
+            P.Msg.STATS: self.on_stats,
+            P.Msg.BYE: self.on_bye,
+        }.get(h.type)
         if handler is None:
-            raise P.WireError("UNKNOWN_TYPE", f"a peer does not accept {P.Msg(h.type).name}",
-                              h.req_id)
+            raise P.WireError(
+                "UNKNOWN_TYPE", f"a peer does not accept {P.Msg(h.type).name}", h.req_id
+            )
         if h.type in P.JSON_TYPES:
             P.expect_frames(h, payload, 1)
             return handler(ident, h, P.parse_json(payload[0], self.limits, h.req_id))
@@ -235,18 +271,31 @@ class PeerServer:
         theirs = P.field(obj, "model_hash", str, h.req_id)
         client = str(obj.get("client", ""))[:200]
         if self.model_hash is not None and theirs != self.model_hash:
-            raise P.WireError("MODEL_MISMATCH", f"coordinator serves model {theirs[:16]}..., "
-                              f"this peer's file is {self.model_hash[:16]}...", h.req_id)
+            raise P.WireError(
+                "MODEL_MISMATCH",
+                f"coordinator serves model {theirs[:16]}..., "
+                f"this peer's file is {self.model_hash[:16]}...",
+                h.req_id,
+            )
         if ident in self.sessions:
             self.drop_session(ident)
         self.sessions[ident] = Session(theirs, client, last_seen=time.monotonic())
         self.counters["sessions"] += 1
         log.info("client %s (%s) joined for model %s", ident.hex(), client, theirs[:16])
-        return P.message(P.Msg.WELCOME, {
-            "protocol": P.PROTOCOL_VERSION, "model_hash": self.model_hash,
-            "has_model": self.gguf is not None, "budget": self.budget, "name": self.name,
-            "pid": os.getpid(), "heartbeat": self.heartbeat, "held_bytes": self.held_bytes()},
-            h.req_id)
+        return P.message(
+            P.Msg.WELCOME,
+            {
+                "protocol": P.PROTOCOL_VERSION,
+                "model_hash": self.model_hash,
+                "has_model": self.gguf is not None,
+                "budget": self.budget,
+                "name": self.name,
+                "pid": os.getpid(),
+                "heartbeat": self.heartbeat,
+                "held_bytes": self.held_bytes(),
+            },
+            h.req_id,
+        )
 
     def session(self, ident, h):
         s = self.sessions.get(ident)
@@ -266,19 +315,30 @@ class PeerServer:
         experts = P.field(obj, "experts", list, r)
         types = P.field(obj, "types", list, r)
         if len(experts) != len(types) or len(experts) > s.n_layer * s.n_expert:
-            raise P.WireError("BAD_REQUEST", "experts and types must be lists of equal length, "
-                              "at most n_layer * n_expert", r)
+            raise P.WireError(
+                "BAD_REQUEST",
+                "experts and types must be lists of equal length, at most n_layer * n_expert",
+                r,
+            )
         assigned = {}
         for pair, ty in zip(experts, types):
-            if not (isinstance(pair, list) and len(pair) == 2 and all(type(v) is int for v in pair)
-                    and 0 <= pair[0] < s.n_layer and 0 <= pair[1] < s.n_expert):
+            if not (
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(type(v) is int for v in pair)
+                and 0 <= pair[0] < s.n_layer
+                and 0 <= pair[1] < s.n_expert
+            ):
                 raise P.WireError("BAD_REQUEST", f"expert {pair!r} is not [layer, e] in range", r)
             if not (isinstance(ty, list) and len(ty) == 3 and all(type(v) is int for v in ty)):
                 raise P.WireError("BAD_REQUEST", f"types {ty!r} are not three ggml type ids", r)
             assigned[tuple(pair)] = tuple(int(check_type(v)) for v in ty)
         self._release(s)
-        new_bytes = sum(expert_nbytes(t, s.n_embd, s.n_ff) for (L, e), t in assigned.items()
-                        if (s.model_hash, L, e) not in self.bank)
+        new_bytes = sum(
+            expert_nbytes(t, s.n_embd, s.n_ff)
+            for (L, e), t in assigned.items()
+            if (s.model_hash, L, e) not in self.bank
+        )
         self._make_room(new_bytes, r, s.model_hash)
         s.assigned = assigned
         s.missing = set()
@@ -288,18 +348,30 @@ class PeerServer:
                 self.bank[key] = self._read_expert(s, L, e, ty, r)
             if key in self.bank:
                 if self.bank[key].types != ty:
-                    raise P.WireError("MODEL_MISMATCH", f"layer {L} expert {e} has types "
-                                      f"{self.bank[key].types}, coordinator says {ty}", r)
+                    raise P.WireError(
+                        "MODEL_MISMATCH",
+                        f"layer {L} expert {e} has types "
+                        f"{self.bank[key].types}, coordinator says {ty}",
+                        r,
+                    )
                 self.bank[key].refs += 1
             else:
                 s.missing.add((L, e))
         s.layers = None
         if not s.missing:
             self._build(s)
-        log.info("client %s: assigned %d experts (%d to receive), %.1f MiB held", ident.hex(),
-                 len(assigned), len(s.missing), self.held_bytes() / 2**20)
-        return P.message(P.Msg.ASSIGNED, {"need": sorted([list(p) for p in s.missing]),
-                                          "bytes": self.held_bytes()}, r)
+        log.info(
+            "client %s: assigned %d experts (%d to receive), %.1f MiB held",
+            ident.hex(),
+            len(assigned),
+            len(s.missing),
+            self.held_bytes() / 2**20,
+        )
+        return P.message(
+            P.Msg.ASSIGNED,
+            {"need": sorted([list(p) for p in s.missing]), "bytes": self.held_bytes()},
+            r,
+        )
 
     def _read_expert(self, s, layer, e, types, req_id):
         """One expert from the peer's own file, by pread into owned memory."""
@@ -309,9 +381,13 @@ class PeerServer:
             for kind, ty, shape in zip(KINDS, types, shapes):
                 t = self.gguf.expert_tensor(layer, kind, e)
                 if int(t.ggml_type) != ty or tuple(t.raw.shape) != shape:
-                    raise P.WireError("MODEL_MISMATCH", f"layer {layer} expert {e} {kind}: file has "
-                                      f"{t.qtype} {t.raw.shape}, coordinator expects type {ty} "
-                                      f"{shape}", req_id)
+                    raise P.WireError(
+                        "MODEL_MISMATCH",
+                        f"layer {layer} expert {e} {kind}: file has "
+                        f"{t.qtype} {t.raw.shape}, coordinator expects type {ty} "
+                        f"{shape}",
+                        req_id,
+                    )
                 buf = np.empty(shape, np.uint8)
                 if os.preadv(f.fileno(), [memoryview(buf).cast("B")], t.offset) != buf.nbytes:
                     raise OSError(f"{self.gguf.path}: short read of layer {layer} expert {e}")
@@ -351,7 +427,7 @@ class PeerServer:
             for e in range(s.n_expert):
                 ex = self.bank.get((s.model_hash, L, e)) if (L, e) in s.assigned else None
                 if ex is not None:
-                    arrays[3 * e:3 * e + 3] = ex.mats
+                    arrays[3 * e : 3 * e + 3] = ex.mats
                     types[e] = ex.types
                     held[e] = True
             layers.append((kernels.expert_list(arrays), types, held))
@@ -368,18 +444,24 @@ class PeerServer:
                 key = tuple(types[e])
                 if key not in seen:
                     seen.add(key)
-                    kernels.moe_ffn(x, np.array([[e]], np.int32), np.ones((1, 1), np.float32),
-                                    mats, types, round_acts=s.round_acts)
+                    kernels.moe_ffn(
+                        x,
+                        np.array([[e]], np.int32),
+                        np.ones((1, 1), np.float32),
+                        mats,
+                        types,
+                        round_acts=s.round_acts,
+                    )
 
     def _release(self, s):
-        for (L, e) in s.assigned:
+        for L, e in s.assigned:
             ex = self.bank.get((s.model_hash, L, e))
             if ex is not None and (L, e) not in s.missing:
                 ex.refs -= 1
         s.assigned, s.missing, s.layers = {}, set(), None
 
     def _make_room(self, nbytes, req_id, model_hash=None):
-        if self.budget is None:      # keep unused experts of this model only (a rejoin needs them)
+        if self.budget is None:  # keep unused experts of this model only (a rejoin needs them)
             for key in [k for k, ex in self.bank.items() if ex.refs <= 0 and k[0] != model_hash]:
                 del self.bank[key]
             return
@@ -388,9 +470,13 @@ class PeerServer:
                 break
             del self.bank[key]
         if self.held_bytes() + nbytes > self.budget:
-            raise P.WireError("BUDGET", f"{nbytes / 2**20:.1f} MiB more of experts do not fit the "
-                              f"budget of {self.budget / 2**20:.1f} MiB "
-                              f"({self.held_bytes() / 2**20:.1f} MiB held)", req_id)
+            raise P.WireError(
+                "BUDGET",
+                f"{nbytes / 2**20:.1f} MiB more of experts do not fit the "
+                f"budget of {self.budget / 2**20:.1f} MiB "
+                f"({self.held_bytes() / 2**20:.1f} MiB held)",
+                req_id,
+            )
 
     def held_bytes(self):
         return sum(ex.nbytes for ex in self.bank.values())
@@ -402,13 +488,20 @@ class PeerServer:
 
     def on_bye(self, ident, h, obj):
         self.drop_session(ident)
-        return None
+        return
 
     def on_stats(self, ident, h, obj):
         self.session(ident, h)
-        return P.message(P.Msg.STATS_REPLY, dict(self.counters, error_codes=self.error_codes,
-                                                 held_bytes=self.held_bytes(),
-                                                 n_sessions=len(self.sessions)), h.req_id)
+        return P.message(
+            P.Msg.STATS_REPLY,
+            dict(
+                self.counters,
+                error_codes=self.error_codes,
+                held_bytes=self.held_bytes(),
+                n_sessions=len(self.sessions),
+            ),
+            h.req_id,
+        )
 
     # -- compute ----------------------------------------------------------------------------
 
@@ -423,16 +516,21 @@ class PeerServer:
         x, ids, weights = P.parse_compute(h, payload, s.n_embd, self.limits)
         mats, types, held = s.layers[h.layer]
         if ids.size and (ids.min() < -1 or ids.max() >= s.n_expert):
-            raise P.WireError("BAD_REQUEST", f"expert ids {ids.min()}..{ids.max()} outside "
-                              f"-1..{s.n_expert - 1}", r)
+            raise P.WireError(
+                "BAD_REQUEST",
+                f"expert ids {ids.min()}..{ids.max()} outside -1..{s.n_expert - 1}",
+                r,
+            )
         used = np.unique(ids[ids >= 0])
         if not held[used].all():
             missing = used[~held[used]]
-            raise P.WireError("NOT_HERE", f"layer {h.layer} experts {missing.tolist()} are not "
-                              f"on this peer", r)
+            raise P.WireError(
+                "NOT_HERE", f"layer {h.layer} experts {missing.tolist()} are not on this peer", r
+            )
 
         def moe(xx, ii, ww):
             return kernels.moe_ffn(xx, ii, ww, mats, types, round_acts=s.round_acts)
+
         y = pair_outputs(moe, x, ids) if h.exact else moe(x, ids, weights)
         self.counters["requests"] += 1
         self.counters["rows"] += len(x)
@@ -468,17 +566,29 @@ class LocalPeer:
     (a path) or is discarded.
     """
 
-    def __init__(self, model=None, *, listen="tcp://127.0.0.1:0", threads=1, args=(), log=None,
-                 timeout=300.0, wait=True):
+    def __init__(
+        self,
+        model=None,
+        *,
+        listen="tcp://127.0.0.1:0",
+        threads=1,
+        args=(),
+        log=None,
+        timeout=300.0,
+        wait=True,
+    ):
         import subprocess
         import sys
-        self.cmd = [sys.executable, "-m", "meldlite", "peer"] + ([os.fspath(model)] if model else [])
+
+        self.cmd = [sys.executable, "-m", "meldlite", "peer"] + (
+            [os.fspath(model)] if model else []
+        )
         self.cmd += ["--listen", listen, *map(str, args)]
         if threads:
             self.cmd += ["--threads", str(threads)]
         self.log = log
         self.endpoint = None
-        err = open(log, "ab") if log else subprocess.DEVNULL
+        err = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         if log:
             err.close()
@@ -503,6 +613,7 @@ class LocalPeer:
     def wait_ready(self, timeout=300.0):
         """Wait for the "listening on" line; returns the bound endpoint."""
         import selectors
+
         if self.endpoint:
             return self.endpoint
         sel = selectors.DefaultSelector()
@@ -511,8 +622,10 @@ class LocalPeer:
         sel.close()
         if "listening on " not in line:
             self.kill()
-            raise RuntimeError(f"peer did not start ({' '.join(self.cmd)}): {line!r}, "
-                               f"exit code {self.proc.returncode}")
+            raise RuntimeError(
+                f"peer did not start ({' '.join(self.cmd)}): {line!r}, "
+                f"exit code {self.proc.returncode}"
+            )
         self.endpoint = line.split("listening on ")[1].split()[0]
         return self.endpoint
 
@@ -538,6 +651,7 @@ class LocalPeer:
     def stop(self, timeout=10.0):
         """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
         import subprocess
+
         if self.proc.poll() is None:
             self.resume()
             self.proc.terminate()

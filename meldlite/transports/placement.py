@@ -47,8 +47,8 @@ LOCAL = "local"
 
 @dataclass
 class Placement:
-    nodes: list                     # [{"name": str, "budget": int | None}]
-    experts: list                   # [layer][e] -> [node, ...] (primary first; [] = pruned)
+    nodes: list  # [{"name": str, "budget": int | None}]
+    experts: list  # [layer][e] -> [node, ...] (primary first; [] = pruned)
     strategy: str = "custom"
     summary: dict = field(default_factory=dict)
 
@@ -74,8 +74,9 @@ class Placement:
 
     def experts_of(self, node):
         """[(layer, e)] held by `node` (as primary or replica)."""
-        return [(L, e) for L, row in enumerate(self.experts) for e, hs in enumerate(row)
-                if node in hs]
+        return [
+            (L, e) for L, row in enumerate(self.experts) for e, hs in enumerate(row) if node in hs
+        ]
 
     def holds(self, node):
         """(n_layer, n_expert) bool: which experts `node` holds."""
@@ -85,9 +86,16 @@ class Placement:
         return out
 
     def to_dict(self):
-        return {"format": FORMAT, "version": VERSION, "strategy": self.strategy,
-                "n_layer": self.n_layer, "n_expert": self.n_expert, "nodes": self.nodes,
-                "experts": self.experts, "summary": self.summary}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "strategy": self.strategy,
+            "n_layer": self.n_layer,
+            "n_expert": self.n_expert,
+            "nodes": self.nodes,
+            "experts": self.experts,
+            "summary": self.summary,
+        }
 
     def save(self, path):
         path = Path(path)
@@ -100,11 +108,15 @@ class Placement:
         """OptionError unless this placement fits a model of this shape and n_peers peers
         and gives every expert `present` (n_layer, n_expert) bool (default: all) a holder."""
         if (self.n_layer, self.n_expert) != (n_layer, n_expert):
-            raise OptionError(f"placement is for {self.n_layer} layers x {self.n_expert} experts, "
-                              f"the model has {n_layer} x {n_expert}")
+            raise OptionError(
+                f"placement is for {self.n_layer} layers x {self.n_expert} experts, "
+                f"the model has {n_layer} x {n_expert}"
+            )
         if len(self.peer_nodes()) != n_peers:
-            raise OptionError(f"placement has {len(self.peer_nodes())} peer nodes "
-                              f"({', '.join(self.node_names())}), {n_peers} peers were given")
+            raise OptionError(
+                f"placement has {len(self.peer_nodes())} peer nodes "
+                f"({', '.join(self.node_names())}), {n_peers} peers were given"
+            )
         for L, row in enumerate(self.experts):
             for e, hs in enumerate(row):
                 if not hs and (present is None or present[L][e]):
@@ -114,8 +126,10 @@ class Placement:
     def only(self, present):
         """A copy without holders for the experts where `present` (n_layer, n_expert)
         is False (pruned experts left out of the file: never routed, never sent)."""
-        experts = [[list(hs) if present[L][e] else [] for e, hs in enumerate(row)]
-                   for L, row in enumerate(self.experts)]
+        experts = [
+            [list(hs) if present[L][e] else [] for e, hs in enumerate(row)]
+            for L, row in enumerate(self.experts)
+        ]
         return Placement([dict(n) for n in self.nodes], experts, self.strategy, dict(self.summary))
 
 
@@ -124,28 +138,48 @@ def from_dict(obj, where="placement"):
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise FormatError(f"{where}: not a meldlite placement (format != {FORMAT!r})")
     if obj.get("version") != VERSION:
-        raise FormatError(f"{where}: placement version {obj.get('version')!r}, this meldlite reads {VERSION}")
+        raise FormatError(
+            f"{where}: placement version {obj.get('version')!r}, this meldlite reads {VERSION}"
+        )
     nodes, experts = obj.get("nodes"), obj.get("experts")
-    if not isinstance(nodes, list) or not nodes or not all(
-            isinstance(n, dict) and isinstance(n.get("name"), str) for n in nodes):
+    if (
+        not isinstance(nodes, list)
+        or not nodes
+        or not all(isinstance(n, dict) and isinstance(n.get("name"), str) for n in nodes)
+    ):
         raise FormatError(f"{where}: 'nodes' must be a non-empty list of {{name, budget}}")
     names = [n["name"] for n in nodes]
     if len(set(names)) != len(names):
         raise FormatError(f"{where}: node names repeat: {names}")
-    if not isinstance(experts, list) or not experts or not all(isinstance(r, list) for r in experts):
+    if (
+        not isinstance(experts, list)
+        or not experts
+        or not all(isinstance(r, list) for r in experts)
+    ):
         raise FormatError(f"{where}: 'experts' must be a list (layers) of lists (experts)")
     n_expert = len(experts[0])
     for L, row in enumerate(experts):
         if len(row) != n_expert or n_expert == 0:
-            raise FormatError(f"{where}: layer {L} lists {len(row)} experts, layer 0 lists {n_expert}")
+            raise FormatError(
+                f"{where}: layer {L} lists {len(row)} experts, layer 0 lists {n_expert}"
+            )
         for e, hs in enumerate(row):
-            if (not isinstance(hs, list) or len(set(hs)) != len(hs)
-                    or not all(type(h) is int and 0 <= h < len(nodes) for h in hs)):
-                raise FormatError(f"{where}: layer {L} expert {e}: holders {hs!r} must be a list "
-                                  f"of distinct node indices < {len(nodes)} (empty: pruned)")
+            if (
+                not isinstance(hs, list)
+                or len(set(hs)) != len(hs)
+                or not all(type(h) is int and 0 <= h < len(nodes) for h in hs)
+            ):
+                raise FormatError(
+                    f"{where}: layer {L} expert {e}: holders {hs!r} must be a list "
+                    f"of distinct node indices < {len(nodes)} (empty: pruned)"
+                )
     clean_nodes = [{"name": n["name"], "budget": n.get("budget")} for n in nodes]
-    return Placement(clean_nodes, [[list(hs) for hs in row] for row in experts],
-                     str(obj.get("strategy", "custom")), obj.get("summary") or {})
+    return Placement(
+        clean_nodes,
+        [[list(hs) for hs in row] for row in experts],
+        str(obj.get("strategy", "custom")),
+        obj.get("summary") or {},
+    )
 
 
 def load_placement(path):
@@ -177,23 +211,28 @@ def round_robin(n_layer, n_expert, n_peers, present=None):
     if present is None:
         present = np.ones((n_layer, n_expert), bool)
     nodes = [{"name": n, "budget": None} for n in peer_names(n_peers)]
-    rank = np.cumsum(present, axis=1) - 1                                   # (L, X)
-    experts = [[[int(rank[L, e]) % n_peers] if present[L, e] else [] for e in range(n_expert)]
-               for L in range(n_layer)]
+    rank = np.cumsum(present, axis=1) - 1  # (L, X)
+    experts = [
+        [[int(rank[L, e]) % n_peers] if present[L, e] else [] for e in range(n_expert)]
+        for L in range(n_layer)
+    ]
     return Placement(nodes, experts, "round-robin")
 
 
 # -- routing --------------------------------------------------------------------------
+
 
 class Router:
     """Node of every (token, slot) pair, by the rule in the module docstring."""
 
     def __init__(self, placement):
         self.n_nodes = len(placement.nodes)
-        self.primary = np.array([[hs[0] if hs else -1 for hs in row] for row in placement.experts],
-                                np.int64)                                   # (L, X) -1: pruned
-        self.replicas = [{e: hs for e, hs in enumerate(row) if len(hs) > 1}
-                         for row in placement.experts]
+        self.primary = np.array(
+            [[hs[0] if hs else -1 for hs in row] for row in placement.experts], np.int64
+        )  # (L, X) -1: pruned
+        self.replicas = [
+            {e: hs for e, hs in enumerate(row) if len(hs) > 1} for row in placement.experts
+        ]
 
     def route(self, layer, ids):
         """ids (T, k) -> node (T, k) int64, -1 where ids is -1."""
@@ -236,7 +275,7 @@ def evaluate(placement, routes, local_node=None):
         ids = np.asarray(ids)
         if L == 0:
             n_tok = len(ids)
-        node = router.route(L, ids)                                          # (T, k)
+        node = router.route(L, ids)  # (T, k)
         for t in range(len(ids)):
             used = set(node[t][node[t] >= 0].tolist()) - {local}
             msgs += len(used)
@@ -246,18 +285,22 @@ def evaluate(placement, routes, local_node=None):
     share = work / max(1, work.sum())
     peers = [i for i in range(n_nodes) if i != local]
     pshare = share[peers] if peers else share
-    return {"requests_per_token": msgs / max(1, n_tok),
-            "peers_per_layer": msgs / max(1, visits),
-            "local_only_share": local_only / max(1, visits),
-            "work_share": [round(float(s), 4) for s in share],
-            "load_imbalance": float(pshare.max() / pshare.mean()) if pshare.mean() > 0 else 1.0}
+    return {
+        "requests_per_token": msgs / max(1, n_tok),
+        "peers_per_layer": msgs / max(1, visits),
+        "local_only_share": local_only / max(1, visits),
+        "work_share": [round(float(s), 4) for s in share],
+        "load_imbalance": float(pshare.max() / pshare.mean()) if pshare.mean() > 0 else 1.0,
+    }
 
 
 # -- profile-guided placement ------------------------------------------------------------
 
+
 @dataclass
 class Profile:
     """Per-layer routing statistics, per token: popularity (L, X), coact (L, X, X)."""
+
     popularity: np.ndarray
     coact: np.ndarray
     tokens: int = 0
@@ -278,6 +321,7 @@ def read_profile(profile):
         return profile
     if not isinstance(profile, dict):
         from meldlite.experts.profile import read_profile as read_json
+
         profile = read_json(profile)
     try:
         layers = profile["layers"]
@@ -337,22 +381,30 @@ def place(profile, n_peers, budgets, expert_bytes, *, replicate=0, local_budget=
     cap_total = np.array([np.inf if n["budget"] is None else float(n["budget"]) for n in nodes])
     total = sizes.sum()
     if cap_total.sum() < total:
-        raise BudgetError(f"the experts need {total / 2**20:.1f} MiB, the budgets add up to "
-                          f"{cap_total.sum() / 2**20:.1f} MiB")
+        raise BudgetError(
+            f"the experts need {total / 2**20:.1f} MiB, the budgets add up to "
+            f"{cap_total.sum() / 2**20:.1f} MiB"
+        )
     left = cap_total.copy()
     experts = []
     for layer in range(L):
         rest = sizes[layer:].sum()
         share = np.where(np.isinf(left), np.inf, left * sizes[layer].sum() / max(rest, 1.0))
-        mem_cap = share + sizes[layer].max()            # one expert of slack per layer
-        assign = _partition(prof.popularity[layer], prof.coact[layer], sizes[layer],
-                            np.minimum(mem_cap, left), slack)
+        mem_cap = share + sizes[layer].max()  # one expert of slack per layer
+        assign = _partition(
+            prof.popularity[layer],
+            prof.coact[layer],
+            sizes[layer],
+            np.minimum(mem_cap, left),
+            slack,
+        )
         holders = [[int(a)] for a in assign]
         used = np.bincount(assign, weights=sizes[layer], minlength=len(nodes))
         left -= used
         if replicate:
-            left -= _replicate(holders, prof.popularity[layer], prof.coact[layer], sizes[layer],
-                               left, replicate)
+            left -= _replicate(
+                holders, prof.popularity[layer], prof.coact[layer], sizes[layer], left, replicate
+            )
         experts.append(holders)
     p = Placement(nodes, experts, "profile")
     p.summary = summarize(p, prof, sizes)
@@ -367,10 +419,10 @@ def _partition(pop, co, size, mem_cap, slack):
     w = (w + w.T) / 2
     load_cap = (1 + slack) * pop.sum() / n_nodes + 1e-12
     load, mem = np.zeros(n_nodes), np.zeros(n_nodes)
-    aff = np.zeros((X, n_nodes))                       # co-activation of e with each node
+    aff = np.zeros((X, n_nodes))  # co-activation of e with each node
     assign = np.full(X, -1)
     for e in np.argsort(-pop, kind="stable"):
-        fits = (mem + size[e] <= mem_cap + 1e-6)
+        fits = mem + size[e] <= mem_cap + 1e-6
         ok = fits & (load + pop[e] <= load_cap)
         cand = np.flatnonzero(ok) if ok.any() else np.flatnonzero(fits)
         if len(cand) == 0:
@@ -389,21 +441,30 @@ def _partition(pop, co, size, mem_cap, slack):
                 if q == p:
                     continue
                 gain = aff[e, q] - aff[e, p]
-                if gain > 1e-12 and load[q] + pop[e] <= load_cap and mem[q] + size[e] <= mem_cap[q] + 1e-6:
+                if (
+                    gain > 1e-12
+                    and load[q] + pop[e] <= load_cap
+                    and mem[q] + size[e] <= mem_cap[q] + 1e-6
+                ):
                     _move(e, p, q, assign, load, mem, aff, w, pop, size)
                     improved = True
                     break
                 members = np.flatnonzero(assign == q)
-                gains = (aff[e, q] - aff[e, p] + aff[members, p] - aff[members, q]
-                         - 2 * w[e, members])
+                gains = (
+                    aff[e, q] - aff[e, p] + aff[members, p] - aff[members, q] - 2 * w[e, members]
+                )
                 for f in members[np.argsort(-gains)]:
                     g = aff[e, q] - aff[e, p] + aff[f, p] - aff[f, q] - 2 * w[e, f]
                     if g <= 1e-12:
                         break
                     dl = pop[e] - pop[f]
                     dm = size[e] - size[f]
-                    if (load[q] + dl <= load_cap and load[p] - dl <= load_cap
-                            and mem[q] + dm <= mem_cap[q] + 1e-6 and mem[p] - dm <= mem_cap[p] + 1e-6):
+                    if (
+                        load[q] + dl <= load_cap
+                        and load[p] - dl <= load_cap
+                        and mem[q] + dm <= mem_cap[q] + 1e-6
+                        and mem[p] - dm <= mem_cap[p] + 1e-6
+                    ):
                         _move(e, p, q, assign, load, mem, aff, w, pop, size)
                         _move(f, q, p, assign, load, mem, aff, w, pop, size)
                         improved = True
@@ -432,7 +493,7 @@ def _replicate(holders, pop, co, size, left, n):
         p = holders[e][0]
         members = [[f for f in range(len(holders)) if holders[f][0] == q] for q in range(len(left))]
         scores = [(co[e, members[q]].sum() if members[q] else 0.0, -q) for q in range(len(left))]
-        for score, negq in sorted(scores, reverse=True):
+        for _score, negq in sorted(scores, reverse=True):
             q = -negq
             if q != p and left[q] - used[q] >= size[e]:
                 holders[e].append(q)
@@ -458,15 +519,24 @@ def summarize(p, prof, sizes):
             np.fill_diagonal(w, 0)
             total += w.sum()
             kept += w[prim[:, None] == prim[None, :]].sum()
-    return {"bytes": [int(m) for m in mem],
-            "load_per_token": [round(float(v), 4) for v in load / max(1, p.n_layer)],
-            "load_imbalance": round(float(load.max() / load.mean()), 4) if load.mean() else 1.0,
-            "coactivation_kept": round(kept / total, 4) if total else None,
-            "replicas": sum(len(hs) - 1 for row in p.experts for hs in row)}
+    return {
+        "bytes": [int(m) for m in mem],
+        "load_per_token": [round(float(v), 4) for v in load / max(1, p.n_layer)],
+        "load_imbalance": round(float(load.max() / load.mean()), 4) if load.mean() else 1.0,
+        "coactivation_kept": round(kept / total, 4) if total else None,
+        "replicas": sum(len(hs) - 1 for row in p.experts for hs in row),
+    }
 
 
 def expert_sizes(gguf, n_layer, n_expert):
     """(n_layer, n_expert) bytes of each expert of a GGUF file (0: pruned, left out)."""
-    return np.array([[sum(n for _, n in gguf.expert_ranges(L, e)) if gguf.expert_present(L, e)
-                      else 0 for e in range(n_expert)]
-                     for L in range(n_layer)], np.int64)
+    return np.array(
+        [
+            [
+                sum(n for _, n in gguf.expert_ranges(L, e)) if gguf.expert_present(L, e) else 0
+                for e in range(n_expert)
+            ]
+            for L in range(n_layer)
+        ],
+        np.int64,
+    )

@@ -55,28 +55,39 @@ from meldlite.errors import OptionError, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAGIC = b"ML"
-HEADER = struct.Struct("<2sBBIHBBII")       # magic version type req_id layer enc k rows aux
+HEADER = struct.Struct("<2sBBIHBBII")  # magic version type req_id layer enc k rows aux
 assert HEADER.size == 20
 
 
 class Msg(enum.IntEnum):
-    HELLO = 1          # coordinator -> peer: {"protocol", "model_hash", "client"}
-    WELCOME = 2        # peer -> coordinator: {"protocol", "model_hash"|null, "has_model", "budget", ...}
-    ASSIGN = 3         # coordinator -> peer: config, experts to serve and their types
-    ASSIGNED = 4       # peer -> coordinator: {"need": [[layer, e], ...], "bytes"}
-    LOAD = 5           # coordinator -> peer: one expert's three matrices
-    LOADED = 6         # peer -> coordinator: {"layer", "expert", "remaining"}
-    COMPUTE = 7        # coordinator -> peer: one layer's hidden states for this peer
-    RESULT = 8         # peer -> coordinator
-    HEARTBEAT = 9      # peer -> coordinator, every heartbeat interval
-    ERROR = 10         # peer -> coordinator: {"code", "message", "protocol"}
-    BYE = 11           # coordinator -> peer: end of session (no reply)
-    STATS = 12         # coordinator -> peer: counters please
-    STATS_REPLY = 13   # peer -> coordinator: {"requests", "errors", ...}
+    HELLO = 1  # coordinator -> peer: {"protocol", "model_hash", "client"}
+    WELCOME = 2  # peer -> coordinator: {"protocol", "model_hash"|null, "has_model", "budget", ...}
+    ASSIGN = 3  # coordinator -> peer: config, experts to serve and their types
+    ASSIGNED = 4  # peer -> coordinator: {"need": [[layer, e], ...], "bytes"}
+    LOAD = 5  # coordinator -> peer: one expert's three matrices
+    LOADED = 6  # peer -> coordinator: {"layer", "expert", "remaining"}
+    COMPUTE = 7  # coordinator -> peer: one layer's hidden states for this peer
+    RESULT = 8  # peer -> coordinator
+    HEARTBEAT = 9  # peer -> coordinator, every heartbeat interval
+    ERROR = 10  # peer -> coordinator: {"code", "message", "protocol"}
+    BYE = 11  # coordinator -> peer: end of session (no reply)
+    STATS = 12  # coordinator -> peer: counters please
+    STATS_REPLY = 13  # peer -> coordinator: {"requests", "errors", ...}
 
 
-JSON_TYPES = frozenset({Msg.HELLO, Msg.WELCOME, Msg.ASSIGN, Msg.ASSIGNED, Msg.LOADED, Msg.ERROR,
-                        Msg.BYE, Msg.STATS, Msg.STATS_REPLY})
+JSON_TYPES = frozenset(
+    {
+        Msg.HELLO,
+        Msg.WELCOME,
+        Msg.ASSIGN,
+        Msg.ASSIGNED,
+        Msg.LOADED,
+        Msg.ERROR,
+        Msg.BYE,
+        Msg.STATS,
+        Msg.STATS_REPLY,
+    }
+)
 
 
 class Enc(enum.IntEnum):
@@ -86,8 +97,8 @@ class Enc(enum.IntEnum):
 
 
 ENC_MASK, IDS16, EXACT = 0x0F, 0x10, 0x80
-Q8_BLOCK = 32                 # values per Q8 block
-Q8_BLOCK_BYTES = 34           # f16 scale + 32 int8
+Q8_BLOCK = 32  # values per Q8 block
+Q8_BLOCK_BYTES = 34  # f16 scale + 32 int8
 
 # Error codes a peer replies with (ERROR {"code": ...}).
 CODES = {
@@ -119,17 +130,19 @@ class WireError(ProtocolError):
 @dataclass(frozen=True)
 class Limits:
     """Sizes a side accepts; checked before anything is allocated from a message."""
-    json: int = 1 << 16           # bytes of a JSON frame
-    rows: int = 1 << 16           # rows of a hidden-state frame (tokens, or pairs in exact mode)
-    frame: int = 1 << 30          # bytes of any frame (an expert matrix in LOAD); ZMQ_MAXMSGSIZE
-    frames: int = 8               # frames per message, header included
-    layers: int = 1 << 12         # layers and experts a config may name
+
+    json: int = 1 << 16  # bytes of a JSON frame
+    rows: int = 1 << 16  # rows of a hidden-state frame (tokens, or pairs in exact mode)
+    frame: int = 1 << 30  # bytes of any frame (an expert matrix in LOAD); ZMQ_MAXMSGSIZE
+    frames: int = 8  # frames per message, header included
+    layers: int = 1 << 12  # layers and experts a config may name
     experts: int = 1 << 12
     n_embd: int = 1 << 16
     n_ff: int = 1 << 18
 
 
 # -- headers -------------------------------------------------------------------
+
 
 @dataclass
 class Header:
@@ -143,8 +156,17 @@ class Header:
     version: int = PROTOCOL_VERSION
 
     def pack(self):
-        return HEADER.pack(MAGIC, self.version, int(self.type), self.req_id & 0xFFFFFFFF,
-                           self.layer, self.enc, self.k, self.rows, min(self.aux, 0xFFFFFFFF))
+        return HEADER.pack(
+            MAGIC,
+            self.version,
+            int(self.type),
+            self.req_id & 0xFFFFFFFF,
+            self.layer,
+            self.enc,
+            self.k,
+            self.rows,
+            min(self.aux, 0xFFFFFFFF),
+        )
 
     @property
     def encoding(self):
@@ -167,8 +189,9 @@ def parse_header(buf):
     if magic != MAGIC:
         raise WireError("MALFORMED", f"bad magic {magic!r}")
     if version != PROTOCOL_VERSION:
-        raise WireError("VERSION", f"protocol version {version}, this side speaks "
-                        f"{PROTOCOL_VERSION}", req_id)
+        raise WireError(
+            "VERSION", f"protocol version {version}, this side speaks {PROTOCOL_VERSION}", req_id
+        )
     try:
         mtype = Msg(mtype)
     except ValueError:
@@ -194,14 +217,21 @@ def parse(frames, limits=Limits()):
 
 def expect_frames(header, payload, n):
     if len(payload) < n:
-        raise WireError("TRUNCATED", f"{Msg(header.type).name} needs {n} frames after the header, "
-                        f"got {len(payload)}", header.req_id)
+        raise WireError(
+            "TRUNCATED",
+            f"{Msg(header.type).name} needs {n} frames after the header, got {len(payload)}",
+            header.req_id,
+        )
     if len(payload) > n:
-        raise WireError("MALFORMED", f"{Msg(header.type).name} takes {n} frames after the header, "
-                        f"got {len(payload)}", header.req_id)
+        raise WireError(
+            "MALFORMED",
+            f"{Msg(header.type).name} takes {n} frames after the header, got {len(payload)}",
+            header.req_id,
+        )
 
 
 # -- JSON frames -----------------------------------------------------------------
+
 
 def pack_json(obj):
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
@@ -211,10 +241,11 @@ def parse_json(frame, limits=Limits(), req_id=0):
     """A JSON object from a frame, size-checked first; WireError if not one."""
     buf = frame_bytes(frame)
     if len(buf) > limits.json:
-        raise WireError("OVERSIZED", f"JSON frame of {len(buf)} bytes, at most {limits.json}", req_id)
+        raise WireError(
+            "OVERSIZED", f"JSON frame of {len(buf)} bytes, at most {limits.json}", req_id
+        )
     try:
-        obj = json.loads(bytes(buf).decode("utf-8"),
-                         parse_constant=_reject_constant)
+        obj = json.loads(bytes(buf).decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise WireError("MALFORMED", f"JSON frame does not parse: {e}", req_id) from None
     if not isinstance(obj, dict):
@@ -253,8 +284,7 @@ def message(mtype, obj=None, req_id=0, **header):
 
 
 def error_message(code, text, req_id=0):
-    return message(Msg.ERROR, {"code": code, "message": text, "protocol": PROTOCOL_VERSION},
-                   req_id)
+    return message(Msg.ERROR, {"code": code, "message": text, "protocol": PROTOCOL_VERSION}, req_id)
 
 
 def raise_error_reply(obj, where):
@@ -290,7 +320,9 @@ def encoded_nbytes(enc, rows, n_embd):
 
 def check_encoding(enc, n_embd):
     if enc == Enc.Q8 and n_embd % Q8_BLOCK:
-        raise OptionError(f"q8 wire encoding needs n_embd divisible by {Q8_BLOCK}, model has {n_embd}")
+        raise OptionError(
+            f"q8 wire encoding needs n_embd divisible by {Q8_BLOCK}, model has {n_embd}"
+        )
 
 
 def encode(x, enc):
@@ -303,13 +335,13 @@ def encode(x, enc):
             return x.astype(np.float16)
     if enc == Enc.Q8:
         rows, e = x.shape
-        b = x.reshape(rows, e // Q8_BLOCK, Q8_BLOCK)                          # (R, B, 32)
-        amax = np.abs(b).max(axis=-1)                                         # (R, B)
-        d = (amax / np.float32(127)).astype(np.float16)                       # (R, B)
+        b = x.reshape(rows, e // Q8_BLOCK, Q8_BLOCK)  # (R, B, 32)
+        amax = np.abs(b).max(axis=-1)  # (R, B)
+        d = (amax / np.float32(127)).astype(np.float16)  # (R, B)
         with np.errstate(divide="ignore"):
             inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-        q = np.rint(b * inv[..., None]).astype(np.int8)                       # (R, B, 32)
-        out = np.empty((rows, e // Q8_BLOCK, Q8_BLOCK_BYTES), np.uint8)       # (R, B, 34)
+        q = np.rint(b * inv[..., None]).astype(np.int8)  # (R, B, 32)
+        out = np.empty((rows, e // Q8_BLOCK, Q8_BLOCK_BYTES), np.uint8)  # (R, B, 34)
         out[..., :2] = d[..., None].view(np.uint8)
         out[..., 2:] = q.view(np.uint8)
         return out
@@ -324,16 +356,20 @@ def decode(buf, enc, rows, n_embd, req_id=0):
     want = encoded_nbytes(enc, rows, n_embd)
     if len(buf) != want:
         code = "TRUNCATED" if len(buf) < want else "MALFORMED"
-        raise WireError(code, f"hidden-state frame has {len(buf)} bytes, {rows} rows of "
-                        f"{n_embd} in {Enc(enc).name} need {want}", req_id)
+        raise WireError(
+            code,
+            f"hidden-state frame has {len(buf)} bytes, {rows} rows of "
+            f"{n_embd} in {Enc(enc).name} need {want}",
+            req_id,
+        )
     raw = np.frombuffer(buf, np.uint8)
     if enc == Enc.F32:
         return raw.view(np.float32).reshape(rows, n_embd)
     if enc == Enc.F16:
         return raw.view(np.float16).reshape(rows, n_embd).astype(np.float32)
-    blocks = raw.reshape(rows, n_embd // Q8_BLOCK, Q8_BLOCK_BYTES)                # (R, B, 34)
-    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)              # (R, B, 1)
-    q = blocks[..., 2:].view(np.int8).astype(np.float32)                        # (R, B, 32)
+    blocks = raw.reshape(rows, n_embd // Q8_BLOCK, Q8_BLOCK_BYTES)  # (R, B, 34)
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)  # (R, B, 1)
+    q = blocks[..., 2:].view(np.int8).astype(np.float32)  # (R, B, 32)
     return (q * d).reshape(rows, n_embd)
 
 
@@ -343,12 +379,17 @@ def array_frame(buf, dtype, shape, what, req_id=0):
     want = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if len(buf) != want:
         code = "TRUNCATED" if len(buf) < want else "MALFORMED"
-        raise WireError(code, f"{what} frame has {len(buf)} bytes, expected {want} for "
-                        f"{np.dtype(dtype).name} {tuple(shape)}", req_id)
+        raise WireError(
+            code,
+            f"{what} frame has {len(buf)} bytes, expected {want} for "
+            f"{np.dtype(dtype).name} {tuple(shape)}",
+            req_id,
+        )
     return np.frombuffer(buf, dtype).reshape(shape)
 
 
 # -- COMPUTE / RESULT ------------------------------------------------------------------
+
 
 def compute_message(req_id, layer, x_wire, ids, weights, enc, exact):
     """Frames of a COMPUTE request (x_wire already encoded; weights None in exact mode)."""
@@ -379,10 +420,14 @@ def parse_compute(header, payload, n_embd, limits=Limits()):
         raise WireError("BAD_REQUEST", f"Q8 needs n_embd divisible by {Q8_BLOCK}", r)
     expect_frames(header, payload, 2 if header.exact else 3)
     x = decode(payload[0], enc, header.rows, n_embd, r)
-    ids = array_frame(payload[1], np.int16 if header.enc & IDS16 else np.int8,
-                      (header.rows, header.k), "ids", r).astype(np.int32)
-    weights = None if header.exact else array_frame(payload[2], np.float32,
-                                                    (header.rows, header.k), "weights", r)
+    ids = array_frame(
+        payload[1], np.int16 if header.enc & IDS16 else np.int8, (header.rows, header.k), "ids", r
+    ).astype(np.int32)
+    weights = (
+        None
+        if header.exact
+        else array_frame(payload[2], np.float32, (header.rows, header.k), "weights", r)
+    )
     return x, ids, weights
 
 
@@ -395,8 +440,9 @@ def result_message(req_id, layer, y, enc, exact, service_us):
 def parse_result(header, payload, rows, n_embd, limits=Limits()):
     """float32 (rows, E) of a RESULT that must have `rows` rows."""
     if header.rows != rows:
-        raise WireError("MALFORMED", f"result has {header.rows} rows, expected {rows}",
-                        header.req_id)
+        raise WireError(
+            "MALFORMED", f"result has {header.rows} rows, expected {rows}", header.req_id
+        )
     expect_frames(header, payload, 1)
     try:
         enc = header.encoding
@@ -407,7 +453,7 @@ def parse_result(header, payload, rows, n_embd, limits=Limits()):
 
 # -- sending -------------------------------------------------------------------------
 
-ZERO_COPY_MIN = 1 << 16       # smaller frames are copied: cheaper than tracking a zero-copy frame
+ZERO_COPY_MIN = 1 << 16  # smaller frames are copied: cheaper than tracking a zero-copy frame
 
 
 def send_frames(sock, frames, flags=0):
@@ -416,10 +462,11 @@ def send_frames(sock, frames, flags=0):
     last = len(frames) - 1
     for i, f in enumerate(frames):
         n = f.nbytes if isinstance(f, np.ndarray) else len(f)
-        sock.send(f, flags | (0 if i == last else 0x2), copy=n < ZERO_COPY_MIN)   # 0x2: SNDMORE
+        sock.send(f, flags | (0 if i == last else 0x2), copy=n < ZERO_COPY_MIN)  # 0x2: SNDMORE
 
 
 # -- accounting and model identity ---------------------------------------------------
+
 
 def wire_size(frames):
     """Bytes a multipart message takes in ZMTP frames: payload plus each frame's

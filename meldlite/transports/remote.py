@@ -44,7 +44,7 @@ from meldlite.experts.store import ExpertStore, ResidentStore
 from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
 from meldlite.transports import security
-from meldlite.transports.client import PeerClient, READY
+from meldlite.transports.client import READY, PeerClient
 from meldlite.transports.compute import combine_exact, fuse_rows, pair_outputs
 from meldlite.transports.link import parse_link
 from meldlite.transports.placement import Router, as_placement, round_robin
@@ -70,20 +70,21 @@ def parse_peers(peers):
 @dataclass
 class Job:
     """One group (node) of one layer's pairs."""
+
     node: int
-    rows: np.ndarray            # (m,) token rows this group touches
-    ids: np.ndarray             # (m, k) int32, other nodes' slots -1
-    weights: np.ndarray         # (m, k) float32, 0 where masked
-    reps: np.ndarray            # (R,) rows actually computed (token fusion), indices into rows
-    inverse: np.ndarray         # (m,) row of the computed block for each row
-    remote: bool                # the node is a peer (so the wire applies)
+    rows: np.ndarray  # (m,) token rows this group touches
+    ids: np.ndarray  # (m, k) int32, other nodes' slots -1
+    weights: np.ndarray  # (m, k) float32, 0 where masked
+    reps: np.ndarray  # (R,) rows actually computed (token fusion), indices into rows
+    inverse: np.ndarray  # (m,) row of the computed block for each row
+    remote: bool  # the node is a peer (so the wire applies)
     client: object = None
     generation: int = -1
     req_id: int = 0
     deadline: float = 0.0
-    arrival: float = 0.0        # link model: when the request reaches the peer
-    delivery: float = 0.0       # link model: when the reply reaches us
-    result: np.ndarray = None   # compact: (m, E); exact: (pairs, E)
+    arrival: float = 0.0  # link model: when the request reaches the peer
+    delivery: float = 0.0  # link model: when the reply reaches us
+    result: np.ndarray = None  # compact: (m, E); exact: (pairs, E)
 
 
 class RemoteStore(ExpertStore):
@@ -102,10 +103,28 @@ class RemoteStore(ExpertStore):
     top-k applied here, before routing (give the local store none).
     """
 
-    def __init__(self, gguf, cfg, peers, *, local=None, placement=None, wire="f32", exact=False,
-                 fuse=0.0, link=None, keys=None, insecure=False, timeout=10.0,
-                 connect_timeout=60.0, liveness=3, llama_numerics=True, retry_s=2.0,
-                 min_expert_weight=None, limits=P.Limits()):
+    def __init__(
+        self,
+        gguf,
+        cfg,
+        peers,
+        *,
+        local=None,
+        placement=None,
+        wire="f32",
+        exact=False,
+        fuse=0.0,
+        link=None,
+        keys=None,
+        insecure=False,
+        timeout=10.0,
+        connect_timeout=60.0,
+        liveness=3,
+        llama_numerics=True,
+        retry_s=2.0,
+        min_expert_weight=None,
+        limits=P.Limits(),
+    ):
         if not cfg.is_moe:
             raise OptionError("peers serve routed experts; this model has none")
         self.gguf, self.cfg = gguf, cfg
@@ -123,8 +142,11 @@ class RemoteStore(ExpertStore):
             raise OptionError(f"fuse must be a relative distance in [0, 1), got {fuse}")
         if self.exact and self.fuse:
             raise OptionError("token fusion changes results; it cannot be used in exact mode")
-        for name, v, lo in (("timeout", timeout, 0.01), ("connect_timeout", connect_timeout, 0.01),
-                            ("liveness", liveness, 1)):
+        for name, v, lo in (
+            ("timeout", timeout, 0.01),
+            ("connect_timeout", connect_timeout, 0.01),
+            ("liveness", liveness, 1),
+        ):
             if not isinstance(v, (int, float)) or v < lo:
                 raise OptionError(f"{name} must be >= {lo}, got {v!r}")
         self.timeout, self.liveness, self.retry_s = float(timeout), float(liveness), float(retry_s)
@@ -132,28 +154,54 @@ class RemoteStore(ExpertStore):
         self.link = parse_link(link)
         self.limits = limits
         self.llama_numerics = llama_numerics
-        present = np.array([[gguf.expert_present(L, e) for e in range(cfg.n_expert)]
-                            for L in range(cfg.n_layer)])                # (L, X) False: pruned
+        present = np.array(
+            [[gguf.expert_present(L, e) for e in range(cfg.n_expert)] for L in range(cfg.n_layer)]
+        )  # (L, X) False: pruned
         given = as_placement(placement)
-        self.placement = (given.only(present) if given is not None
-                          else round_robin(cfg.n_layer, cfg.n_expert, len(self.peers), present))
+        self.placement = (
+            given.only(present)
+            if given is not None
+            else round_robin(cfg.n_layer, cfg.n_expert, len(self.peers), present)
+        )
         self.placement.check(cfg.n_layer, cfg.n_expert, len(self.peers), present)
         self.router = Router(self.placement)
         self.local_node = self.placement.local_node()
         self.holds = {n: self.placement.holds(n) for n in range(len(self.placement.nodes))}
         self.model_hash = P.model_hash(gguf)
-        self._types = np.array([[[int(gguf.expert_tensor(L, kind, e).ggml_type) if present[L, e]
-                                  else 0 for kind in KINDS]
-                                 for e in range(cfg.n_expert)] for L in range(cfg.n_layer)])
-        self._own_local = local is None              # close it ourselves only if we made it
+        self._types = np.array(
+            [
+                [
+                    [
+                        int(gguf.expert_tensor(L, kind, e).ggml_type) if present[L, e] else 0
+                        for kind in KINDS
+                    ]
+                    for e in range(cfg.n_expert)
+                ]
+                for L in range(cfg.n_layer)
+            ]
+        )
+        self._own_local = local is None  # close it ourselves only if we made it
         self.local = local if local is not None else ResidentStore(gguf, cfg, llama_numerics)
-        if hasattr(self.local, "serve_only"):        # a budgeted store prefetches local experts only
-            self.local.serve_only(self.holds[self.local_node] if self.local_node is not None
-                                  else np.zeros((cfg.n_layer, cfg.n_expert), bool))
-        self.counters = {"layers": 0, "remote_layers": 0, "requests": 0, "rows_sent": 0,
-                         "rows_fused": 0, "failovers": 0, "failover_local": 0,
-                         "failover_replica": 0, "stall_s": 0.0, "local_s": 0.0, "encode_s": 0.0,
-                         "link_wait_s": 0.0}
+        if hasattr(self.local, "serve_only"):  # a budgeted store prefetches local experts only
+            self.local.serve_only(
+                self.holds[self.local_node]
+                if self.local_node is not None
+                else np.zeros((cfg.n_layer, cfg.n_expert), bool)
+            )
+        self.counters = {
+            "layers": 0,
+            "remote_layers": 0,
+            "requests": 0,
+            "rows_sent": 0,
+            "rows_fused": 0,
+            "failovers": 0,
+            "failover_local": 0,
+            "failover_replica": 0,
+            "stall_s": 0.0,
+            "local_s": 0.0,
+            "encode_s": 0.0,
+            "link_wait_s": 0.0,
+        }
         self.ctx = zmq.Context()
         self._ids = itertools.count(1)
         self.clients = {}
@@ -161,27 +209,36 @@ class RemoteStore(ExpertStore):
         self._last_service = time.monotonic()
         try:
             for node, addr in zip(self.placement.peer_nodes(), self.peers):
-                self.clients[node] = PeerClient(self.ctx, node, addr, self, keys=self.keys,
-                                                limits=limits, ids=self._ids)
+                self.clients[node] = PeerClient(
+                    self.ctx, node, addr, self, keys=self.keys, limits=limits, ids=self._ids
+                )
             self._start(float(connect_timeout))
         except BaseException:
             if not self._own_local:
-                self.local = None                    # the caller's store stays open
+                self.local = None  # the caller's store stays open
             self.close()
             raise
 
     # -- setup callbacks for PeerClient -----------------------------------------------------
 
     def hello(self):
-        return {"protocol": P.PROTOCOL_VERSION, "model_hash": self.model_hash,
-                "client": f"meldlite coordinator {self.gguf.path.name}"}
+        return {
+            "protocol": P.PROTOCOL_VERSION,
+            "model_hash": self.model_hash,
+            "client": f"meldlite coordinator {self.gguf.path.name}",
+        }
 
     def assignment(self, node):
         experts = self.placement.experts_of(node)
-        return {"n_embd": self.cfg.n_embd, "n_ff": self.cfg.n_ff_exp, "n_layer": self.cfg.n_layer,
-                "n_expert": self.cfg.n_expert, "round_acts": bool(self.llama_numerics),
-                "experts": [[L, e] for L, e in experts],
-                "types": [self._types[L, e].tolist() for L, e in experts]}
+        return {
+            "n_embd": self.cfg.n_embd,
+            "n_ff": self.cfg.n_ff_exp,
+            "n_layer": self.cfg.n_layer,
+            "n_expert": self.cfg.n_expert,
+            "round_acts": bool(self.llama_numerics),
+            "experts": [[L, e] for L, e in experts],
+            "types": [self._types[L, e].tolist() for L, e in experts],
+        }
 
     def expert_frames(self, layer, e):
         return [np.ascontiguousarray(self.gguf.expert_tensor(layer, kind, e).raw) for kind in KINDS]
@@ -210,8 +267,10 @@ class RemoteStore(ExpertStore):
 
     def _reopen(self, now):
         for c in self.clients.values():
-            if c.sock is None and now - c.closed_at >= (10 * self.retry_s if c.fatal else self.retry_s):
-                c.open()                        # try again: the peer may be back (or fixed)
+            if c.sock is None and now - c.closed_at >= (
+                10 * self.retry_s if c.fatal else self.retry_s
+            ):
+                c.open()  # try again: the peer may be back (or fixed)
 
     def _service(self):
         """Handle what arrived, judge heartbeats, reopen closed connections."""
@@ -221,8 +280,11 @@ class RemoteStore(ExpertStore):
         now = time.monotonic()
         self._reopen(now)
         for c in self.clients.values():
-            if (c.ready and active < c.heartbeat
-                    and now - c.last_heard > self.liveness * c.heartbeat):
+            if (
+                c.ready
+                and active < c.heartbeat
+                and now - c.last_heard > self.liveness * c.heartbeat
+            ):
                 c.die(f"no heartbeat for {now - c.last_heard:.1f} s")
         self._last_service = now
 
@@ -243,9 +305,14 @@ class RemoteStore(ExpertStore):
                 return
             if time.monotonic() > end:
                 late = [c for c in cs if not c.ready]
-                raise PeerError("; ".join(
-                    f"peer {c.address} not ready after {timeout:g} s ({c.state}"
-                    + (f": {c.error}" if c.error else "") + ")" for c in late))
+                raise PeerError(
+                    "; ".join(
+                        f"peer {c.address} not ready after {timeout:g} s ({c.state}"
+                        + (f": {c.error}" if c.error else "")
+                        + ")"
+                        for c in late
+                    )
+                )
 
     # -- the layer step -------------------------------------------------------------------------
 
@@ -256,7 +323,7 @@ class RemoteStore(ExpertStore):
         weights = np.ascontiguousarray(weights, dtype=F32)
         if self.min_weight:
             ids, weights = skip_light_experts(ids, weights, self.min_weight)
-        node = self.router.route(layer, ids)                                  # (T, k)
+        node = self.router.route(layer, ids)  # (T, k)
         jobs = [self._job(layer, int(g), x, ids, weights, node) for g in np.unique(node[node >= 0])]
         self.counters["layers"] += 1
         sent = 0
@@ -275,10 +342,10 @@ class RemoteStore(ExpertStore):
         return self._combine(jobs, ids, weights, x.shape)
 
     def _job(self, layer, g, x, ids, weights, node):
-        mask = node == g                                                      # (T, k)
-        rows = np.flatnonzero(mask.any(axis=1))                               # (m,)
-        ids_g = np.where(mask[rows], ids[rows], -1).astype(np.int32)          # (m, k)
-        w_g = np.where(mask[rows], weights[rows], F32(0)).astype(F32)         # (m, k)
+        mask = node == g  # (T, k)
+        rows = np.flatnonzero(mask.any(axis=1))  # (m,)
+        ids_g = np.where(mask[rows], ids[rows], -1).astype(np.int32)  # (m, k)
+        w_g = np.where(mask[rows], weights[rows], F32(0)).astype(F32)  # (m, k)
         remote = g != self.local_node
         if remote and self.fuse and len(rows) > 1:
             reps, inverse = fuse_rows(x[rows], ids_g, self.fuse)
@@ -293,8 +360,11 @@ class RemoteStore(ExpertStore):
         primary = self.clients.get(job.node)
         options = [primary] if primary is not None and primary.ready else []
         if not options:
-            options = [c for c in self.clients.values()
-                       if c.ready and self.holds[c.node][layer, used].all()]
+            options = [
+                c
+                for c in self.clients.values()
+                if c.ready and self.holds[c.node][layer, used].all()
+            ]
             self.counters["failovers"] += 1
             if options:
                 self.counters["failover_replica"] += 1
@@ -307,9 +377,15 @@ class RemoteStore(ExpertStore):
         xr = x[job.rows[job.reps]]
         x_wire = P.encode(xr, self.enc)
         job.req_id = client.next_id()
-        frames = P.compute_message(job.req_id, layer, x_wire, idr,
-                                   None if self.exact else job.weights[job.reps], self.enc,
-                                   self.exact)
+        frames = P.compute_message(
+            job.req_id,
+            layer,
+            x_wire,
+            idr,
+            None if self.exact else job.weights[job.reps],
+            self.enc,
+            self.exact,
+        )
         self.counters["encode_s"] += time.perf_counter() - t
         now = time.monotonic()
         if not client.request(frames):
@@ -334,6 +410,7 @@ class RemoteStore(ExpertStore):
 
         def moe(a, b, c):
             return self.local.moe(layer, a, b, c)
+
         if self.exact:
             return pair_outputs(moe, xr, idr)
         y = moe(xr, idr, np.ascontiguousarray(job.weights[job.reps]))
@@ -355,14 +432,15 @@ class RemoteStore(ExpertStore):
                         if isinstance(got, P.WireError):
                             raise got
                         header, payload = got
-                        rows = (int((job.ids[job.reps] >= 0).sum()) if self.exact
-                                else len(job.reps))
+                        rows = int((job.ids[job.reps] >= 0).sum()) if self.exact else len(job.reps)
                         y = P.parse_result(header, payload, rows, n_embd, self.limits)
                         job.result = y if self.exact else y[job.inverse]
                         c.counters["service_s"] += header.aux / 1e6
                         if self.link is not None:
-                            job.delivery = self.link.reply(job.arrival + header.aux / 1e6,
-                                                           P.wire_size(payload) + P.HEADER.size + 2)
+                            job.delivery = self.link.reply(
+                                job.arrival + header.aux / 1e6,
+                                P.wire_size(payload) + P.HEADER.size + 2,
+                            )
                     except P.WireError as e:
                         reason = f"error reply: {e}"
                 elif c.generation != job.generation or c.state != READY:
@@ -374,8 +452,12 @@ class RemoteStore(ExpertStore):
                     continue
                 pending.remove(job)
                 if reason is not None:
-                    log.warning("layer %d: node %d's work computed here instead (%s)",
-                                layer, job.node, reason)
+                    log.warning(
+                        "layer %d: node %d's work computed here instead (%s)",
+                        layer,
+                        job.node,
+                        reason,
+                    )
                     self.counters["failovers"] += 1
                     self.counters["failover_local"] += 1
                     job.result = self._compute_here(layer, job, x)
@@ -391,16 +473,15 @@ class RemoteStore(ExpertStore):
 
     def _combine(self, jobs, ids, weights, shape):
         if self.exact:
-            y_of_pair = np.zeros(ids.shape, np.int64)                         # (T, k)
+            y_of_pair = np.zeros(ids.shape, np.int64)  # (T, k)
             offset = 0
             for job in jobs:
                 r, s = np.nonzero(job.ids >= 0)
                 y_of_pair[job.rows[r], s] = offset + np.arange(len(r))
                 offset += len(r)
-            Y = (np.concatenate([j.result for j in jobs]) if jobs
-                 else np.zeros((0, shape[1]), F32))
+            Y = np.concatenate([j.result for j in jobs]) if jobs else np.zeros((0, shape[1]), F32)
             return combine_exact(ids, weights, y_of_pair, shape[1])(Y)
-        out = np.zeros(shape, F32)                                            # (T, E)
+        out = np.zeros(shape, F32)  # (T, E)
         for job in sorted(jobs, key=lambda j: j.node):
             out[job.rows] += job.result
         return out
@@ -438,10 +519,20 @@ class RemoteStore(ExpertStore):
         per = []
         for c in self.clients.values():
             per.append(dict(c.counters, address=c.address, node=c.node, state=c.state))
-        total = {k: sum(p[k] for p in per) for k in ("messages_out", "messages_in", "bytes_out",
-                                                      "bytes_in", "control_messages",
-                                                      "control_bytes", "load_bytes", "deaths",
-                                                      "joins")}
+        total = {
+            k: sum(p[k] for p in per)
+            for k in (
+                "messages_out",
+                "messages_in",
+                "bytes_out",
+                "bytes_in",
+                "control_messages",
+                "control_bytes",
+                "load_bytes",
+                "deaths",
+                "joins",
+            )
+        }
         out.update({f"peers_{k}": v for k, v in total.items()})
         out["peers_rejoins"] = max(0, total["joins"] - len(per))
         out["peers"] = per
@@ -471,7 +562,13 @@ def connect(model, peers, **options):
 
     The model's current store becomes the local store (local experts and
     failover). Options: see RemoteStore."""
-    store = RemoteStore(model.gguf, model.cfg, peers, local=model.store,
-                        llama_numerics=model.weights.llama_numerics, **options)
+    store = RemoteStore(
+        model.gguf,
+        model.cfg,
+        peers,
+        local=model.store,
+        llama_numerics=model.weights.llama_numerics,
+        **options,
+    )
     model.store = store
     return store

@@ -41,6 +41,7 @@ def keygen(directory, name=None, force=False):
     """Write the key layout above into `directory` (or one pair NAME); returns the paths."""
     check_curve()
     from zmq.auth import create_certificates
+
     d = Path(directory)
     names = [name] if name else [SERVER, CLIENT]
     for n in names:
@@ -65,6 +66,7 @@ def keygen(directory, name=None, force=False):
 
 def _load(path, need_secret):
     from zmq.auth import load_certificate
+
     path = Path(path)
     if not path.is_file():
         raise OptionError(f"key file {path} does not exist (see `meldlite keygen`)")
@@ -80,6 +82,7 @@ def _load(path, need_secret):
 @dataclass(frozen=True)
 class ServerKeys:
     """A peer's key pair and the directory of client public keys it accepts."""
+
     public: bytes
     secret: bytes
     authorized: Path
@@ -98,6 +101,7 @@ class ServerKeys:
 @dataclass(frozen=True)
 class ClientKeys:
     """A coordinator's key pair and the peers' server public key."""
+
     public: bytes
     secret: bytes
     server_public: bytes
@@ -122,6 +126,7 @@ def as_client_keys(keys):
 def start_authenticator(ctx, keys):
     """A ZAP handler accepting the client keys in keys.authorized; call before bind."""
     from zmq.auth.thread import ThreadAuthenticator
+
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=str(keys.authorized))
@@ -163,8 +168,9 @@ def is_loopback(endpoint):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         try:
-            return all(ipaddress.ip_address(a[4][0]).is_loopback
-                       for a in socket.getaddrinfo(host, None))
+            return all(
+                ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None)
+            )
         except (OSError, ValueError):
             return False
 
@@ -172,5 +178,7 @@ def is_loopback(endpoint):
 def check_exposure(endpoint, keys, insecure, what):
     """Refuse to bind (or connect) beyond loopback without keys unless `insecure`."""
     if keys is None and not insecure and not is_loopback(endpoint):
-        raise OptionError(f"{what} {endpoint} is not a loopback address and no keys were given: "
-                          f"use --keys DIR (see `meldlite keygen`) or --insecure")
+        raise OptionError(
+            f"{what} {endpoint} is not a loopback address and no keys were given: "
+            f"use --keys DIR (see `meldlite keygen`) or --insecure"
+        )
