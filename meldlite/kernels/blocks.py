@@ -16,6 +16,8 @@ from numba import njit
 from meldlite.kernels.bits import bf16_to_f32, e8m0_to_f32_half, f16_to_f32, read_f16, read_u16
 from meldlite.kernels.qtypes import (
     BF16,
+    BLOCK_BYTES,
+    BLOCK_ELEMS,
     F16,
     F32,
     IQ4_NL,
@@ -269,6 +271,37 @@ def _decode_plain(t, row, c0, cn, out):
         out[i] = _plain_value(t, row, c0 + i)
 
 
+@njit(inline="always")
+def decode_block(t, blk, out):
+    """Decode the one block of quantized type `t` at blk[0:] into out[:block size]."""
+    if t == Q4_0:
+        decode_q4_0(blk, out)
+    elif t == Q4_1:
+        decode_q4_1(blk, out)
+    elif t == Q5_0:
+        decode_q5_0(blk, out)
+    elif t == Q5_1:
+        decode_q5_1(blk, out)
+    elif t == Q8_0:
+        decode_q8_0(blk, out)
+    elif t == IQ4_NL:
+        decode_iq4_nl(blk, out)
+    elif t == MXFP4:
+        decode_mxfp4(blk, out)
+    elif t == Q2_K:
+        decode_q2_k(blk, out)
+    elif t == Q3_K:
+        decode_q3_k(blk, out)
+    elif t == Q4_K:
+        decode_q4_k(blk, out)
+    elif t == Q5_K:
+        decode_q5_k(blk, out)
+    elif t == Q6_K:
+        decode_q6_k(blk, out)
+    elif t == IQ4_XS:
+        decode_iq4_xs(blk, out)
+
+
 @njit
 def decode_span(t, row, c0, cn, out):
     """Decode values c0..c0+cn of `row` (uint8) of type `t` into out[:cn].
@@ -279,65 +312,11 @@ def decode_span(t, row, c0, cn, out):
     if t == F32 or t == F16 or t == BF16:
         _decode_plain(t, row, c0, cn, out)
         return True
-    if t == Q4_0 or t == IQ4_NL or t == MXFP4 or t == Q4_1 or t == Q5_0 or t == Q5_1 or t == Q8_0:
-        return _decode_span_32(t, row, c0, cn, out)
-    return _decode_span_256(t, row, c0, cn, out)
-
-
-@njit
-def _decode_span_32(t, row, c0, cn, out):
-    """Types with 32-value blocks."""
-    if c0 % 32 or cn % 32:
+    if t < 0 or t >= BLOCK_ELEMS.shape[0] or BLOCK_ELEMS[t] == 0:
         return False
-    if t == Q4_0:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q4_0(row[b * 18 :], out[b * 32 - c0 :])
-    elif t == Q4_1:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q4_1(row[b * 20 :], out[b * 32 - c0 :])
-    elif t == Q5_0:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q5_0(row[b * 22 :], out[b * 32 - c0 :])
-    elif t == Q5_1:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q5_1(row[b * 24 :], out[b * 32 - c0 :])
-    elif t == Q8_0:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_q8_0(row[b * 34 :], out[b * 32 - c0 :])
-    elif t == IQ4_NL:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_iq4_nl(row[b * 18 :], out[b * 32 - c0 :])
-    elif t == MXFP4:
-        for b in range(c0 // 32, (c0 + cn) // 32):
-            decode_mxfp4(row[b * 17 :], out[b * 32 - c0 :])
-    else:
+    elems, nbytes = BLOCK_ELEMS[t], BLOCK_BYTES[t]
+    if c0 % elems or cn % elems:
         return False
-    return True
-
-
-@njit
-def _decode_span_256(t, row, c0, cn, out):
-    """Types with 256-value super-blocks."""
-    if c0 % 256 or cn % 256:
-        return False
-    if t == Q2_K:
-        for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q2_k(row[b * 84 :], out[b * 256 - c0 :])
-    elif t == Q3_K:
-        for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q3_k(row[b * 110 :], out[b * 256 - c0 :])
-    elif t == Q4_K:
-        for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q4_k(row[b * 144 :], out[b * 256 - c0 :])
-    elif t == Q5_K:
-        for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q5_k(row[b * 176 :], out[b * 256 - c0 :])
-    elif t == Q6_K:
-        for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_q6_k(row[b * 210 :], out[b * 256 - c0 :])
-    elif t == IQ4_XS:
-        for b in range(c0 // 256, (c0 + cn) // 256):
-            decode_iq4_xs(row[b * 136 :], out[b * 256 - c0 :])
-    else:
-        return False
+    for b in range(c0 // elems, (c0 + cn) // elems):
+        decode_block(t, row[b * nbytes :], out[b * elems - c0 :])
     return True

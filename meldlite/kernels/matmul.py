@@ -94,10 +94,9 @@ def _check_out(out, shape):
     return out
 
 
-def matmul(raw, ggml_type, x, out=None) -> np.ndarray:
-    """W x for W = `raw` (n_rows, row_bytes) of `ggml_type` and x (n_cols,) or (n_tok, n_cols).
-
-    Returns float32 (n_rows,) or (n_tok, n_rows), written into `out` if given."""
+def operands(raw, ggml_type, x, out):
+    """Checked arguments of a matmul: (qtype, raw (n_rows, row_bytes) read-only,
+    x (n_tok, n_cols) writeable, out as given or new, out (n_tok, n_rows) view of it)."""
     qtype = check_type(ggml_type)
     raw = readonly_matrix(raw, qtype)
     n_rows, n_cols = raw.shape[0], row_cols(qtype, raw.shape[1])
@@ -109,8 +108,15 @@ def matmul(raw, ggml_type, x, out=None) -> np.ndarray:
         )
     shape = (*x.shape[:-1], n_rows)
     out = np.empty(shape, dtype=np.float32) if out is None else _check_out(out, shape)
-    x2 = writable_rows(x, n_cols)  # (n_tok, n_cols)
-    if not matmat_rows(raw, int(qtype), x2, out.reshape(-1, n_rows)):
+    return qtype, raw, writable_rows(x, n_cols), out, out.reshape(-1, n_rows)
+
+
+def matmul(raw, ggml_type, x, out=None) -> np.ndarray:
+    """W x for W = `raw` (n_rows, row_bytes) of `ggml_type` and x (n_cols,) or (n_tok, n_cols).
+
+    Returns float32 (n_rows,) or (n_tok, n_rows), written into `out` if given."""
+    qtype, raw, x2, out, out2 = operands(raw, ggml_type, x, out)
+    if not matmat_rows(raw, int(qtype), x2, out2):
         raise AssertionError(
             f"jitted kernel rejected {qtype.name}"
         )  # check_type lets only known types in

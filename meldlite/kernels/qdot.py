@@ -38,6 +38,7 @@ from meldlite.kernels._cache import track_sources
 from meldlite.kernels.actquant import (
     NONE,
     _f16_round,
+    mode_of,
     round_row,
 )
 from meldlite.kernels.actquant import (
@@ -48,7 +49,23 @@ from meldlite.kernels.actquant import (
 )
 from meldlite.kernels.bits import f16_to_f32
 from meldlite.kernels.blocks import decode_span
-from meldlite.kernels.qtypes import F16, F32, Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
+from meldlite.kernels.matmul import operands
+from meldlite.kernels.qtypes import (
+    F16,
+    F32,
+    Q4_0,
+    Q4_0_BYTES,
+    Q4_K,
+    Q4_K_BYTES,
+    Q5_0,
+    Q5_0_BYTES,
+    Q6_K,
+    Q6_K_BYTES,
+    Q8_0,
+    Q8_0_BYTES,
+    QK,
+    QK_K,
+)
 from meldlite.kernels.simd import F16C, f16_hw, q4k_sums, q6k_sum, u16_at
 
 INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)  # ggml type ids with integer kernels
@@ -61,15 +78,15 @@ CHUNK = 16  # rows per parallel work item
 @njit(cache=True, error_model="numpy")
 def quantize_q8_0_row(x, qa, da, bs):
     """One row as Q8_0 blocks of 32 (the x86 rounding of actquant: round-half-even)."""
-    for b in range(x.shape[0] // 32):
+    for b in range(x.shape[0] // QK):
         amax = np.float32(0.0)
-        for j in range(32 * b, 32 * b + 32):
+        for j in range(QK * b, QK * b + QK):
             amax = max(amax, abs(x[j]))
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
         da[b] = _f16_round(d)
         s = 0
-        for j in range(32 * b, 32 * b + 32):
+        for j in range(QK * b, QK * b + QK):
             q = np.int32(np.rint(x[j] * inv))
             qa[j] = q
             s += q
@@ -79,23 +96,23 @@ def quantize_q8_0_row(x, qa, da, bs):
 @njit(cache=True, error_model="numpy")
 def quantize_q8_k_row(x, qa, da, bs):
     """One row as Q8_K blocks of 256: iscale = -127/max (signed), q = min(127, rint)."""
-    for b in range(x.shape[0] // 256):
+    for b in range(x.shape[0] // QK_K):
         amax, mx = np.float32(0.0), np.float32(0.0)
-        for j in range(256 * b, 256 * b + 256):
+        for j in range(QK_K * b, QK_K * b + QK_K):
             if abs(x[j]) > amax:
                 amax, mx = abs(x[j]), x[j]
         if amax == 0:
             da[b] = 0.0
-            for j in range(256 * b, 256 * b + 256):
+            for j in range(QK_K * b, QK_K * b + QK_K):
                 qa[j] = 0
         else:
             iscale = np.float32(-127.0) / mx
             da[b] = np.float32(1.0) / iscale
-            for j in range(256 * b, 256 * b + 256):
+            for j in range(QK_K * b, QK_K * b + QK_K):
                 qa[j] = np.int32(min(np.float32(127.0), np.rint(iscale * x[j])))
         for s in range(8 * b, 8 * b + 8):
             t = 0
-            for j in range(32 * s, 32 * s + 32):
+            for j in range(QK * s, QK * s + QK):
                 t += qa[j]
             bs[s] = t
 
@@ -104,14 +121,14 @@ def quantize_q8_k_row(x, qa, da, bs):
 def quantize_row(x, mode, qa, da, bs, xr):
     """Fill one token's activation arrays for `mode` (actquant's modes)."""
     n = x.shape[0]
-    if mode == MODE_Q8_0 and n % 32 == 0:
+    if mode == MODE_Q8_0 and n % QK == 0:
         quantize_q8_0_row(x, qa, da, bs)
         for j in range(n):
-            xr[j] = np.float32(qa[j]) * da[j // 32]
-    elif mode == MODE_Q8_K and n % 256 == 0:
+            xr[j] = np.float32(qa[j]) * da[j // QK]
+    elif mode == MODE_Q8_K and n % QK_K == 0:
         quantize_q8_k_row(x, qa, da, bs)
         for j in range(n):
-            xr[j] = np.float32(qa[j]) * da[j // 256]
+            xr[j] = np.float32(qa[j]) * da[j // QK_K]
     else:
         round_row(x, mode, xr)
 
@@ -125,7 +142,7 @@ def quantize_rows(x, mode, qa, da, bs, xr):
 
 def empty_acts(n_tok, n):
     """Uninitialised activation arrays (qa, da, bs, xr) for n_tok rows of n values."""
-    nb = max(1, n // 32)
+    nb = max(1, n // QK)
     return (
         np.empty((n_tok, n), np.int8),
         np.empty((n_tok, nb), np.float32),
@@ -158,12 +175,12 @@ def _f16_bits(row, o):
 
 @njit(cache=True, error_model="numpy")
 def dot_q4_k(w, r, qa, da, bs, k, nb):
-    """Q4_K row (nb super-blocks of 144 bytes) . Q8_K activations."""
+    """Q4_K row (nb super-blocks of Q4_K_BYTES) . Q8_K activations."""
     sumf = np.float32(0.0)
     ow, oa, ob = r * w.shape[1], k * qa.shape[1], k * bs.shape[1]
     for b in range(nb):
-        o = ow + 144 * b
-        isum, msum = q4k_sums(w, o, qa, oa + 256 * b, bs, ob + 8 * b)
+        o = ow + Q4_K_BYTES * b
+        isum, msum = q4k_sums(w, o, qa, oa + QK_K * b, bs, ob + QK_K // QK * b)
         d = da[k, b]
         sumf += _f16(w, o) * d * np.float32(isum) - _f16(w, o + 2) * d * np.float32(msum)
     return sumf
@@ -171,63 +188,67 @@ def dot_q4_k(w, r, qa, da, bs, k, nb):
 
 @njit(cache=True, error_model="numpy")
 def dot_q6_k(w, r, qa, da, k, nb):
-    """Q6_K row (nb super-blocks of 210 bytes) . Q8_K activations."""
+    """Q6_K row (nb super-blocks of Q6_K_BYTES) . Q8_K activations."""
     sumf = np.float32(0.0)
     ow, oa = r * w.shape[1], k * qa.shape[1]
     for b in range(nb):
-        o = ow + 210 * b
-        sumf += _f16(w, o + 208) * da[k, b] * np.float32(q6k_sum(w, o, qa, oa + 256 * b))
+        o = ow + Q6_K_BYTES * b
+        d = _f16(w, o + Q6_K_BYTES - 2)  # the f16 scale ends the block
+        sumf += d * da[k, b] * np.float32(q6k_sum(w, o, qa, oa + QK_K * b))
     return sumf
 
 
 @njit(cache=True, error_model="numpy")
 def dot_q8_0(w, r, qa, da, k, nb, L):
-    """Q8_0 row (nb blocks of 34 bytes) . Q8_0 activations. A plain Numba loop (LLVM
+    """Q8_0 row (nb blocks of Q8_0_BYTES: d f16, qs[32]) . Q8_0 activations. A plain Numba loop (LLVM
     vectorizes int8 x int8 to vpdpwssd; faster here than simd's vpmaddubsw form), four
     blocks per pass so that the loop holds four independent sums; L must be 32."""
     row, q = w[r], qa[k]
     sumf = np.float32(0.0)
     b = 0
     while b + 4 <= nb:
-        o = 34 * b
-        oa = 32 * b
+        o0 = Q8_0_BYTES * b
+        o1 = o0 + Q8_0_BYTES
+        o2 = o1 + Q8_0_BYTES
+        o3 = o2 + Q8_0_BYTES
+        oa = QK * b
         s0 = np.int32(0)
         s1 = np.int32(0)
         s2 = np.int32(0)
         s3 = np.int32(0)
         for l in range(L):
-            s0 = np.int32(s0 + np.int16(np.int8(row[o + 2 + l])) * np.int16(q[oa + l]))
-            s1 = np.int32(s1 + np.int16(np.int8(row[o + 36 + l])) * np.int16(q[oa + 32 + l]))
-            s2 = np.int32(s2 + np.int16(np.int8(row[o + 70 + l])) * np.int16(q[oa + 64 + l]))
-            s3 = np.int32(s3 + np.int16(np.int8(row[o + 104 + l])) * np.int16(q[oa + 96 + l]))
-        sumf += _f16_bits(row, o) * da[k, b] * np.float32(s0)
-        sumf += _f16_bits(row, o + 34) * da[k, b + 1] * np.float32(s1)
-        sumf += _f16_bits(row, o + 68) * da[k, b + 2] * np.float32(s2)
-        sumf += _f16_bits(row, o + 102) * da[k, b + 3] * np.float32(s3)
+            s0 = np.int32(s0 + np.int16(np.int8(row[o0 + 2 + l])) * np.int16(q[oa + l]))
+            s1 = np.int32(s1 + np.int16(np.int8(row[o1 + 2 + l])) * np.int16(q[oa + QK + l]))
+            s2 = np.int32(s2 + np.int16(np.int8(row[o2 + 2 + l])) * np.int16(q[oa + 2 * QK + l]))
+            s3 = np.int32(s3 + np.int16(np.int8(row[o3 + 2 + l])) * np.int16(q[oa + 3 * QK + l]))
+        sumf += _f16_bits(row, o0) * da[k, b] * np.float32(s0)
+        sumf += _f16_bits(row, o1) * da[k, b + 1] * np.float32(s1)
+        sumf += _f16_bits(row, o2) * da[k, b + 2] * np.float32(s2)
+        sumf += _f16_bits(row, o3) * da[k, b + 3] * np.float32(s3)
         b += 4
     for b in range(b, nb):  # noqa: B020 - continues from the unrolled loop
-        o = 34 * b
+        o = Q8_0_BYTES * b
         s = np.int32(0)
         for l in range(L):
-            s = np.int32(s + np.int16(np.int8(row[o + 2 + l])) * np.int16(q[32 * b + l]))
+            s = np.int32(s + np.int16(np.int8(row[o + 2 + l])) * np.int16(q[QK * b + l]))
         sumf += _f16_bits(row, o) * da[k, b] * np.float32(s)
     return sumf
 
 
 @njit(cache=True, error_model="numpy")
 def dot_q4_0(row, qa, da, nb, L):
-    """Q4_0 row (nb blocks of 18 bytes) . Q8_0 activations; L must be 16.
+    """Q4_0 row (nb blocks of Q4_0_BYTES: d f16, qs[16]) . Q8_0 activations; L must be 16.
     Byte l of a block holds values l (low nibble) and 16+l (high nibble), minus 8."""
     sumf = np.float32(0.0)
     b = 0
     while b + 2 <= nb:
-        o = 18 * b
-        oa = 32 * b
+        o = Q4_0_BYTES * b
+        oa = QK * b
         s0 = np.int32(0)
         s1 = np.int32(0)
         for l in range(L):
             v0 = row[o + 2 + l]
-            v1 = row[o + 20 + l]
+            v1 = row[o + Q4_0_BYTES + 2 + l]
             s0 = np.int32(
                 s0
                 + (np.int16(v0 & 15) - np.int16(8)) * np.int16(qa[oa + l])
@@ -235,21 +256,21 @@ def dot_q4_0(row, qa, da, nb, L):
             )
             s1 = np.int32(
                 s1
-                + (np.int16(v1 & 15) - np.int16(8)) * np.int16(qa[oa + 32 + l])
-                + (np.int16(v1 >> 4) - np.int16(8)) * np.int16(qa[oa + 48 + l])
+                + (np.int16(v1 & 15) - np.int16(8)) * np.int16(qa[oa + QK + l])
+                + (np.int16(v1 >> 4) - np.int16(8)) * np.int16(qa[oa + QK + 16 + l])
             )
         sumf += _f16(row, o) * da[b] * np.float32(s0)
-        sumf += _f16(row, o + 18) * da[b + 1] * np.float32(s1)
+        sumf += _f16(row, o + Q4_0_BYTES) * da[b + 1] * np.float32(s1)
         b += 2
     while b < nb:
-        o = 18 * b
+        o = Q4_0_BYTES * b
         s = np.int32(0)
         for l in range(L):
             v = row[o + 2 + l]
             s = np.int32(
                 s
-                + (np.int16(v & 15) - np.int16(8)) * np.int16(qa[32 * b + l])
-                + (np.int16(v >> 4) - np.int16(8)) * np.int16(qa[32 * b + 16 + l])
+                + (np.int16(v & 15) - np.int16(8)) * np.int16(qa[QK * b + l])
+                + (np.int16(v >> 4) - np.int16(8)) * np.int16(qa[QK * b + 16 + l])
             )
         sumf += _f16(row, o) * da[b] * np.float32(s)
         b += 1
@@ -258,12 +279,12 @@ def dot_q4_0(row, qa, da, nb, L):
 
 @njit(cache=True, error_model="numpy")
 def dot_q5_0(row, qa, da, nb, L):
-    """Q5_0 row (nb blocks of 22 bytes: d, qh u32, qs[16]) . Q8_0 activations; L = 16.
+    """Q5_0 row (nb blocks of Q5_0_BYTES: d f16, qh u32, qs[16]) . Q8_0 activations; L = 16.
     Value l has bit l of qh as its 5th bit, value 16+l bit 16+l; minus 16."""
     sumf = np.float32(0.0)
     for b in range(nb):
-        o = 22 * b
-        oa = 32 * b
+        o = Q5_0_BYTES * b
+        oa = QK * b
         qh = (
             np.uint32(row[o + 2])
             | (np.uint32(row[o + 3]) << np.uint32(8))
@@ -332,18 +353,10 @@ def dot_lanes16(w, xr, n, acc, L):
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def dot_f32(w, xr, n):
-    """Float row . float activations (w: n float32)."""
+    """Float row . float activations (w: n float32, e.g. a decoded row)."""
     s = np.float32(0.0)
     for i in range(n):
         s += w[i] * xr[i]
-    return s
-
-
-@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def dot_float(wf, xr, n):
-    s = np.float32(0.0)
-    for i in range(n):
-        s += wf[i] * xr[i]
     return s
 
 
@@ -389,7 +402,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
             elif not use_int:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
-                v = dot_float(scratch, xr[k], n_cols)
+                v = dot_f32(scratch, xr[k], n_cols)
             elif t == Q4_0:
                 v = dot_q4_0(row, qa[k], da[k], n32, 16)
             elif t == Q5_0:
@@ -397,7 +410,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
             else:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
-                v = dot_float(scratch, xr[k], n_cols)
+                v = dot_f32(scratch, xr[k], n_cols)
             out[i, r] = v
 
 
@@ -408,7 +421,17 @@ def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int):
     n_chunks = (n_rows + CHUNK - 1) // CHUNK
     for c in prange(n_chunks):
         rows_times_tokens(
-            raw, t, c * CHUNK, min(n_rows, c * CHUNK + CHUNK), qa, da, bs, xr, toks, out, use_int
+            raw,
+            t,
+            c * CHUNK,
+            min(n_rows, c * CHUNK + CHUNK),
+            qa,
+            da,
+            bs,
+            xr,
+            toks,
+            out,
+            use_int,
         )
 
 
@@ -443,7 +466,6 @@ track_sources(
     f16_row_to_f32,
     dot_lanes16,
     dot_f32,
-    dot_float,
     rows_times_tokens,
     matmul_parallel,
     matmul_serial,
@@ -456,7 +478,7 @@ def linear(raw, t, mode, x, out):
     """out (T, n_rows) = W x for x (T, n_cols) rounded per `mode`, in one call."""
     n_tok, n = x.shape
     qa = np.empty((n_tok, n), dtype=np.int8)  # (T, n)
-    nb = max(1, n // 32)
+    nb = max(1, n // QK)
     da = np.empty((n_tok, nb), dtype=np.float32)  # (T, n/32)
     bs = np.empty((n_tok, nb), dtype=np.int32)  # (T, n/32)
     xr = np.empty((n_tok, n), dtype=np.float32)  # (T, n)
@@ -467,23 +489,8 @@ def linear(raw, t, mode, x, out):
 def qmatmul(raw, ggml_type, x, out=None):
     """W x with x rounded as llama.cpp rounds a matmul's activations (actquant), by integer
     dot products where the type has them. Arguments as `kernels.matmul`."""
-    from meldlite.errors import OptionError
-    from meldlite.kernels.actquant import mode_of
-    from meldlite.kernels.matmul import _check_out, readonly_matrix, writable_rows
-    from meldlite.kernels.qtypes import check_type, row_cols
-
-    qtype = check_type(ggml_type)
-    raw = readonly_matrix(raw, qtype)
-    n_rows, n_cols = raw.shape[0], row_cols(qtype, raw.shape[1])
-    x = np.asarray(x)
-    if x.dtype != np.float32 or x.ndim not in (1, 2) or x.shape[-1] != n_cols:
-        raise OptionError(
-            f"x must be float32 (n_cols,) or (n_tok, n_cols) with n_cols={n_cols}, "
-            f"got {x.dtype} {x.shape}"
-        )
-    shape = (*x.shape[:-1], n_rows)
-    out = np.empty(shape, dtype=np.float32) if out is None else _check_out(out, shape)
-    linear(raw, int(qtype), mode_of(qtype), writable_rows(x, n_cols), out.reshape(-1, n_rows))
+    qtype, raw, x2, out, out2 = operands(raw, ggml_type, x, out)
+    linear(raw, int(qtype), mode_of(qtype), x2, out2)
     return out
 
 

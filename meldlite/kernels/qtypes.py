@@ -1,4 +1,5 @@
-"""The ggml types the kernels decode, as integer constants for jitted code.
+"""The ggml types the kernels decode and their block sizes, as integer constants for
+jitted code.
 
 All numbers come from gguf-py's tables (`GGMLQuantizationType`, `GGML_QUANT_SIZES`);
 jitted code switches on the module-level ints below (Numba freezes them).
@@ -25,6 +26,19 @@ Q6_K = int(GGMLQuantizationType.Q6_K)
 IQ4_NL = int(GGMLQuantizationType.IQ4_NL)
 IQ4_XS = int(GGMLQuantizationType.IQ4_XS)
 MXFP4 = int(GGMLQuantizationType.MXFP4)
+
+
+def _block(qtype: int) -> tuple[int, int]:
+    """(values, bytes) of one block of `qtype`, from gguf-py's table."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+
+
+QK = _block(Q8_0)[0]  # values per block of the 32-value types (Q4_0 ... Q8_0, IQ4_NL, MXFP4)
+QK_K = _block(Q4_K)[0]  # values per super-block of the K-quants and IQ4_XS
+# bytes per block of the types with integer dot products (qdot.py)
+Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q4_K_BYTES, Q6_K_BYTES = (
+    _block(t)[1] for t in (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)
+)
 
 SUPPORTED_TYPES = tuple(
     GGMLQuantizationType[name]

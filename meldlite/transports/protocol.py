@@ -50,6 +50,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from meldlite.errors import OptionError, ProtocolError
 
@@ -97,8 +98,7 @@ class Enc(enum.IntEnum):
 
 
 ENC_MASK, IDS16, EXACT = 0x0F, 0x10, 0x80
-Q8_BLOCK = 32  # values per Q8 block
-Q8_BLOCK_BYTES = 34  # f16 scale + 32 int8
+Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]  # f16 scale + 32 int8
 
 # Error codes a peer replies with (ERROR {"code": ...}).
 CODES = {
