@@ -22,7 +22,7 @@ from helpers_gguf import (
 
 from meldlite import kernels
 from meldlite.errors import OptionError, UnsupportedError
-from meldlite.kernels.reference import matmul_ref, moe_ffn_ref
+from meldlite.kernels.reference import matmul_ref, moe_ffn_ref, sum_slots_ref
 
 ALL = [t.name for t in kernels.SUPPORTED_TYPES]
 PLAIN = {T.F32: np.float32, T.F16: np.float16}  # BF16 handled in random_matrix
@@ -332,6 +332,35 @@ def test_moe_slot_order_is_the_summation_order(experts):
     for j in range(3):
         want = want + weights[0, j] * ys[j]
     np.testing.assert_array_equal(kernels.moe_ffn(x, ids, weights, mats, types), want)
+
+
+@pytest.mark.parametrize("n_tok", [0, 1, 7, 300])
+def test_sum_slots_matches_reference_bit_for_bit(n_tok):
+    """The jitted slot-order sum (serial and threaded) equals the NumPy statement of it."""
+    rng = np.random.default_rng(14)
+    k, n_embd, n_rows = 4, 160, 3 * n_tok + 5
+    ids = rng.integers(-1, 8, (n_tok, k)).astype(np.int32)  # -1: skipped slot
+    weights = rng.random((n_tok, k)).astype(np.float32)
+    ys = rng.standard_normal((n_rows, n_embd)).astype(np.float32)
+    row_of = rng.integers(0, n_rows, (n_tok, k))
+    want = sum_slots_ref(ids, weights, ys, row_of)
+    assert_bits_equal(kernels.sum_slots(ids, weights, ys, row_of), want)
+    out = np.full((n_tok, n_embd), np.nan, np.float32)
+    assert kernels.sum_slots(ids, weights, ys, row_of, out=out) is out
+    assert_bits_equal(out, want)
+    np.testing.assert_array_equal(want[(ids < 0).all(axis=1)], 0.0)  # no expert: zeros
+
+
+def test_sum_slots_rejects_bad_input():
+    ids = np.array([[0, -1], [1, 2]], np.int32)
+    weights = np.ones((2, 2), np.float32)
+    ys = np.ones((3, 8), np.float32)
+    with pytest.raises(OptionError, match="outside"):
+        kernels.sum_slots(ids, weights, ys, np.array([[0, 0], [1, 3]]))
+    with pytest.raises(OptionError, match="float32"):
+        kernels.sum_slots(ids, weights.astype(np.float64), ys, np.zeros((2, 2)))
+    with pytest.raises(OptionError, match="shape"):
+        kernels.sum_slots(ids, weights[:1], ys, np.zeros((2, 2)))
 
 
 def test_moe_set_expert_and_out(experts):

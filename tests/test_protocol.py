@@ -11,7 +11,7 @@ from meldlite.errors import OptionError
 from meldlite.kernels.actquant import round_activations_reference
 from meldlite.transports import protocol as P
 from meldlite.transports import security
-from meldlite.transports.compute import combine_exact, fuse_rows, pair_outputs
+from meldlite.transports.compute import fuse_rows, pair_outputs
 from meldlite.transports.link import Link, parse_link
 
 
@@ -269,7 +269,7 @@ def test_pair_outputs_summed_in_slot_order_are_bit_identical(round_acts):
         y_of_pair[rows[r], s] = off + np.arange(len(r))
         off += len(r)
         Ys.append(Y)
-    got = combine_exact(ids, w, y_of_pair, 64)(np.concatenate(Ys))
+    got = kernels.sum_slots(ids, w, np.concatenate(Ys), y_of_pair)
     assert np.array_equal(got, ref)
 
 

@@ -7,6 +7,8 @@ Public API:
 - `moe_ffn(x, ids, weights, mats, types, out=None)`: one layer's routed experts.
 - `expert_list`, `set_expert`, `placeholder`, `check_types`: helpers for `mats`.
 - `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
+- `sum_slots(ids, weights, ys, row_of, out=None)`: the slot-order sum of expert outputs
+  that every MoE path ends with (one token's experts added in slot order from 0.0).
 
 - `qmatmul(raw, ggml_type, x, out=None)`: W x with x rounded as llama.cpp rounds it, by
   integer dot products against 8-bit activations (qdot.py) where the type has them.
@@ -28,6 +30,7 @@ from meldlite.kernels.matmul import matmul
 from meldlite.kernels.moe import check_types, expert_list, moe_ffn, placeholder, set_expert
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
+from meldlite.kernels.slots import sum_slots
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -40,4 +43,5 @@ __all__ = [
     "placeholder",
     "qmatmul",
     "set_expert",
+    "sum_slots",
 ]

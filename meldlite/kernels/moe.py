@@ -5,8 +5,8 @@ out[t] = sum over slots j = 0..k-1 with ids[t, j] >= 0, in slot order, starting 
 
 The (token, slot) pairs are grouped by expert, each used expert runs once on all its
 tokens (mat-mat, so its blocks are decoded once), its outputs land in one row per pair,
-and only then are the rows added per token in slot order. Every matmul output is a
-serial sum that does not depend on the batch (see matmul.py), so a batch gives exactly
+and only then are the rows added per token in slot order (`slots.sum_slots`). Every
+matmul output is a serial sum that does not depend on the batch (see matmul.py), so a batch gives exactly
 the same bits as the same tokens one by one.
 
 `mats` is a numba.typed.List of read-only 2-D C-contiguous uint8 arrays, three per
@@ -27,6 +27,7 @@ from meldlite.kernels.actquant import MODE_BY_ID, NONE, round_row
 from meldlite.kernels.matmul import matmat_rows, writable_rows
 from meldlite.kernels.qdot import PARALLEL_MIN_BYTES, quantize_row, rows_times_tokens
 from meldlite.kernels.qtypes import BLOCK_BYTES, BLOCK_ELEMS, SUPPORTED_IDS, check_type, row_bytes
+from meldlite.kernels.slots import sum_slots_parallel, sum_slots_serial
 
 MATRIX_TYPE = nbtypes.Array(
     nbtypes.uint8, 2, "C", readonly=True
@@ -95,21 +96,13 @@ def expert_ffn(x, toks, gate, up, down, tys, modes, y):
     return ok
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def combine_slots(ids, weights, pairs, ys, out):
-    """out[t] = sum in slot order of weights[t, j] * ys[row of pair (t, j)]."""
-    n_tok, k = ids.shape
-    row_of = np.empty(n_tok * k, dtype=np.int64)  # (n_tok*k,) pair -> row of ys
+@njit(cache=True, error_model="numpy")
+def rows_of_pairs(pairs, n_tok, k):
+    """row_of (n_tok, k): the row i of ys holding pair pairs[i] = t*k + j."""
+    row_of = np.zeros((n_tok, k), dtype=np.int64)  # (n_tok, k)
     for i in range(pairs.shape[0]):
-        row_of[pairs[i]] = i
-    for t in prange(n_tok):
-        out[t, :] = 0.0
-        for j in range(k):
-            if ids[t, j] >= 0:
-                w = weights[t, j]
-                y = ys[row_of[t * k + j]]
-                for c in range(out.shape[1]):
-                    out[t, c] += w * y[c]
+        row_of[pairs[i] // k, pairs[i] % k] = i
+    return row_of
 
 
 @njit(cache=True, error_model="numpy")
@@ -132,7 +125,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
                 modes[e],
                 ys[s:s_end],
             )
-    combine_slots(ids, weights, pairs, ys, out)
+    sum_slots_parallel(ids, weights, ys, rows_of_pairs(pairs, ids.shape[0], ids.shape[1]), out)
     return ok
 
 
@@ -292,24 +285,7 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out):
     else:
         for i in range(item_e.shape[0]):
             _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, qh, dh, bh, xh, ys)
-    _combine(ids, weights, pairs, ys, out)
-
-
-@njit(cache=True, error_model="numpy")
-def _combine(ids, weights, pairs, ys, out):
-    """combine_slots on one thread (the same operations in the same order)."""
-    n_tok, k = ids.shape
-    row_of = np.empty(n_tok * k, dtype=np.int64)  # (n_tok*k,)
-    for i in range(pairs.shape[0]):
-        row_of[pairs[i]] = i
-    for t in range(n_tok):
-        out[t, :] = 0.0
-        for j in range(k):
-            if ids[t, j] >= 0:
-                w = weights[t, j]
-                y = ys[row_of[t * k + j]]
-                for c in range(out.shape[1]):
-                    out[t, c] += w * y[c]
+    sum_slots_serial(ids, weights, ys, rows_of_pairs(pairs, n_tok, ids.shape[1]), out)
 
 
 def placeholder() -> np.ndarray:
@@ -535,7 +511,7 @@ track_sources(
     group_by_expert,
     rounded,
     expert_ffn,
-    combine_slots,
+    rows_of_pairs,
     moe_ffn_kernel,
     _act_slots,
     _items,
@@ -544,6 +520,5 @@ track_sources(
     _gate_up_parallel,
     _down_parallel,
     moe_ffn_int_kernel,
-    _combine,
     _fast_checks,
 )

@@ -26,6 +26,17 @@ def matmul_ref(raw, ggml_type, x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) @ w.T  # (n_rows,) or (n_tok, n_rows)
 
 
+def sum_slots_ref(ids, weights, ys, row_of) -> np.ndarray:
+    """out[t] = sum over slots j in order, from 0.0, of weights[t, j] * ys[row_of[t, j]]
+    for ids[t, j] >= 0, in float32: one NumPy step per slot for all tokens at once."""
+    ids = np.asarray(ids)
+    out = np.zeros((ids.shape[0], ys.shape[1]), np.float32)  # (T, E)
+    for j in range(ids.shape[1]):
+        ok = ids[:, j] >= 0  # (T,)
+        out[ok] += weights[ok, j][:, None] * ys[row_of[ok, j]]
+    return out
+
+
 def _with_f16_fields(blocks, values):
     """A copy of (n, block_bytes) blocks with the float16 fields {offset: value} replaced."""
     out = np.array(blocks, dtype=np.uint8)

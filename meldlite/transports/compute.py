@@ -7,8 +7,8 @@ Two ways to split a layer's routed experts between nodes:
   the partials. This changes only the order of float additions.
 - exact: each node returns every chosen expert's own output y (one row per
   (token, slot) pair); the coordinator adds w * y per token in slot order
-  j = 0..k-1 starting from 0.0, exactly as `kernels.moe_ffn` does
-  (`combine_slots`), so the sum is bit-identical to one node's.
+  j = 0..k-1 starting from 0.0 with `kernels.sum_slots`, the sum `kernels.moe_ffn`
+  ends with, so the result is bit-identical to one node's.
 
 `pair_outputs` gets y from an ordinary `moe(x, ids, weights)` call: each pair
 becomes a row of its own with one slot of weight 1.0, and 0.0 + 1.0 * y == y.
@@ -34,25 +34,6 @@ def pair_outputs(moe, x, ids):
     xp = np.ascontiguousarray(x[rows], dtype=F32)  # (P, E)
     idp = np.ascontiguousarray(np.asarray(ids)[rows, slots][:, None], dtype=np.int32)  # (P, 1)
     return moe(xp, idp, np.ones((len(rows), 1), F32))  # (P, E)
-
-
-def combine_exact(ids, weights, y_of_pair, n_embd):
-    """out[t] = sum over slots j in order, from 0.0, of weights[t, j] * y[t, j].
-
-    ids (T, k); y_of_pair (T, k) int64: row of `Y` holding pair (t, j)'s output;
-    returns a function of Y (P, E) -> (T, E) float32."""
-    ids = np.asarray(ids)
-    weights = np.asarray(weights, dtype=F32)
-
-    def combine(Y):
-        out = np.zeros((ids.shape[0], n_embd), F32)  # (T, E)
-        for j in range(ids.shape[1]):
-            ok = ids[:, j] >= 0
-            if ok.any():
-                out[ok] += weights[ok, j][:, None] * Y[y_of_pair[ok, j]]
-        return out
-
-    return combine
 
 
 def fuse_rows(x, ids, tau):

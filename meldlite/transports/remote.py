@@ -12,7 +12,7 @@ Combining:
   adds the partials of all groups (nodes) in node order. Only the float
   addition order differs from one node.
 - exact: f32 on the wire; peers return each pair's own expert output and the
-  coordinator adds w * y per token in slot order (`compute.combine_exact`),
+  coordinator adds w * y per token in slot order (`kernels.sum_slots`),
   bit-identical to one node.
 
 Faults: every request has a deadline; a disconnect (socket monitor), a missed
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
+from meldlite import kernels
 from meldlite.errors import OptionError, PeerError
 from meldlite.experts.adaptive import check_min_weight, skip_light_experts
 from meldlite.experts.store import ExpertStore, ResidentStore
@@ -45,7 +46,7 @@ from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
 from meldlite.transports import security
 from meldlite.transports.client import READY, PeerClient
-from meldlite.transports.compute import combine_exact, fuse_rows, pair_outputs
+from meldlite.transports.compute import fuse_rows, pair_outputs
 from meldlite.transports.link import parse_link
 from meldlite.transports.placement import Router, as_placement, round_robin
 
@@ -480,7 +481,7 @@ class RemoteStore(ExpertStore):
                 y_of_pair[job.rows[r], s] = offset + np.arange(len(r))
                 offset += len(r)
             Y = np.concatenate([j.result for j in jobs]) if jobs else np.zeros((0, shape[1]), F32)
-            return combine_exact(ids, weights, y_of_pair, shape[1])(Y)
+            return kernels.sum_slots(ids, weights, Y, y_of_pair)
         out = np.zeros(shape, F32)  # (T, E)
         for job in sorted(jobs, key=lambda j: j.node):
             out[job.rows] += job.result
