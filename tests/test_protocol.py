@@ -244,8 +244,8 @@ def random_experts(n_expert, n_embd, n_ff, seed):
     return kernels.expert_list(arrays), types
 
 
-@pytest.mark.parametrize("round_acts", [False, True])
-def test_pair_outputs_summed_in_slot_order_are_bit_identical(round_acts):
+@pytest.mark.parametrize("llama_numerics", [False, True])
+def test_pair_outputs_summed_in_slot_order_are_bit_identical(llama_numerics):
     mats, types = random_experts(6, 64, 64, 0)
     g = rng(7)
     x = g.standard_normal((9, 64)).astype(np.float32)
@@ -254,7 +254,7 @@ def test_pair_outputs_summed_in_slot_order_are_bit_identical(round_acts):
     w = g.random((9, 3)).astype(np.float32)
 
     def moe(a, b, c):
-        return kernels.moe_ffn(a, b, c, mats, types, round_acts=round_acts)
+        return kernels.moe_ffn(a, b, c, mats, types, llama_numerics=llama_numerics)
 
     ref = moe(x, ids, w)
     # split the pairs over two "nodes", compute each node's pairs alone, combine

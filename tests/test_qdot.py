@@ -3,7 +3,7 @@
 - qdot: activations quantized exactly as actquant rounds them; integer (and float-lane)
   matmuls equal a float64 product with the rounded activations up to float rounding,
   the same bits for a token alone or in a batch, on 1 or 2 threads;
-- moe_ffn(round_acts=True): the integer MoE against the float kernel on rounded inputs,
+- moe_ffn(llama_numerics=True): the integer MoE against the float kernel on rounded inputs,
   batch == token by token bit for bit;
 - block: the jitted attention pieces against the NumPy layers (meldlite.layers).
 """
@@ -207,30 +207,30 @@ def experts():
 
 
 @pytest.mark.parametrize("n_tok", [1, 17])
-def test_moe_round_acts_matches_float_kernel_on_rounded_inputs(experts, n_tok):
+def test_moe_llama_numerics_matches_float_kernel_on_rounded_inputs(experts, n_tok):
     mats, types = experts
     rng = np.random.default_rng(40 + n_tok)
     x = rng.standard_normal((n_tok, N_EMBD)).astype(np.float32)
     ids, weights = routing(rng, n_tok)
-    fast = kernels.moe_ffn(x, ids, weights, mats, types, round_acts=True)
+    fast = kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=True)
     slow = np.empty_like(fast)
     assert moe_ffn_kernel(x, ids, weights, mats, types, MODE_BY_ID[types], slow)
     # the SwiGLU output is re-quantized before down: a 1-ulp change can move one code
     assert rel_err(fast, slow) < 2e-4
 
 
-def test_moe_round_acts_batch_equals_token_by_token(experts):
+def test_moe_llama_numerics_batch_equals_token_by_token(experts):
     mats, types = experts
     rng = np.random.default_rng(41)
     x = rng.standard_normal((20, N_EMBD)).astype(np.float32)
     ids, weights = routing(rng, 20, k=4)
     ids[0] = -1
     ids[1] = [5, 5, -1, 2]
-    batch = kernels.moe_ffn(x, ids, weights, mats, types, round_acts=True)
+    batch = kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=True)
     one = np.concatenate(
         [
             kernels.moe_ffn(
-                x[t : t + 1], ids[t : t + 1], weights[t : t + 1], mats, types, round_acts=True
+                x[t : t + 1], ids[t : t + 1], weights[t : t + 1], mats, types, llama_numerics=True
             )
             for t in range(20)
         ]
@@ -239,10 +239,10 @@ def test_moe_round_acts_batch_equals_token_by_token(experts):
     np.testing.assert_array_equal(batch[0], 0.0)
     # one pair alone with weight 1 is that pair's expert output (what CachedStore relies on)
     y = kernels.moe_ffn(
-        x[2:3], ids[2:3, 1:2], np.ones((1, 1), np.float32), mats, types, round_acts=True
+        x[2:3], ids[2:3, 1:2], np.ones((1, 1), np.float32), mats, types, llama_numerics=True
     )
     want = kernels.moe_ffn(
-        x[2:3], ids[2:3, :2], np.array([[0.0, 1.0]], np.float32), mats, types, round_acts=True
+        x[2:3], ids[2:3, :2], np.array([[0.0, 1.0]], np.float32), mats, types, llama_numerics=True
     )
     np.testing.assert_array_equal(y, want)
 

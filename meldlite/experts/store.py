@@ -80,7 +80,7 @@ class ResidentStore(ExpertStore):
             expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
             for i in range(cfg.n_layer)
         ]
-        self._round = llama_numerics
+        self.llama_numerics = llama_numerics
         self.min_weight = min_expert_weight
         self._calls = self._uses = self._skipped = self._routed = 0
 
@@ -94,7 +94,7 @@ class ResidentStore(ExpertStore):
             self._skipped += n_routed - np.count_nonzero(ids >= 0)
         self._calls += 1
         self._uses += _distinct(ids)
-        return kernels.moe_ffn(x, ids, weights, mats, types, round_acts=self._round)
+        return kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=self.llama_numerics)
 
     def stats(self):
         """Every expert is always there: all uses are hits, nothing is read."""

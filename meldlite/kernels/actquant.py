@@ -9,9 +9,9 @@ the same result up to float summation order, which is what `round_activations`
 returns. Following it is optional (`Model(..., llama_numerics=True)`); the
 kernels themselves compute exactly in float.
 
-Rounding details (see REFERENCES.md section 3): Q8_0/Q8_1 blocks of 32 with
-d = amax/127 stored as f16 and q = round-half-even(x * 127/amax) (the x86
-SIMD path); Q8_K blocks of 256 with iscale = -127/max (signed max),
+Rounding details (llama.cpp's quantize_row_q8_0 and quantize_row_q8_K): Q8_0/Q8_1
+blocks of 32 with d = amax/127 stored as f16 and q = round-half-even(x * 127/amax)
+(the x86 SIMD path); Q8_K blocks of 256 with iscale = -127/max (signed max),
 q = min(127, nearest_int(iscale*x)) and d = 1/iscale kept in f32.
 """
 

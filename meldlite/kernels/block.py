@@ -3,10 +3,10 @@
 RMSNorm -> Q/K/V projections -> (bias) -> Q/K norm -> RoPE -> KV cache (float16 bits)
 -> causal grouped-query attention -> output projection -> residual -> FFN RMSNorm ->
 router -> softmax top-k. The NumPy versions in `meldlite.layers` are the references;
-the numerics follow them (and llama.cpp, REFERENCES.md section 5): squares summed in
-float64, Q and the softmax probabilities rounded to float16, softmax summed in float64,
-every projection through qdot's kernels with the activations rounded as llama.cpp does
-(`llama` true) or in float (`llama` false).
+the numerics follow them and llama.cpp's CPU path: squares summed in float64, Q and the
+softmax probabilities rounded to float16, softmax summed in float64, every projection
+through qdot's kernels with its input rounded per the matrix's activation mode (actquant:
+as llama.cpp rounds it when the model runs with `llama_numerics`, NONE = float otherwise).
 
 Shape letters: T tokens, E n_embd, H/G query/KV heads, D/Dv head sizes, C context,
 R/2 rotated pairs, X experts, k experts used.
@@ -193,7 +193,7 @@ def project(raw, t, mode, src, qa, da, bs, xr, toks, out, quantize):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, use_int):
+def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, llama_numerics):
     """q, k, v = Wq h, Wk h, Wv h for one set of rounded activations, all three matrices'
     row chunks in one parallel loop (one thread start-up instead of three)."""
     nq = (wq.shape[0] + CHUNK - 1) // CHUNK
@@ -203,17 +203,17 @@ def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, use_int)
         if c < nq:
             r0 = c * CHUNK
             rows_times_tokens(
-                wq, tq, r0, min(wq.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, q, use_int
+                wq, tq, r0, min(wq.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, q, llama_numerics
             )
         elif c < nq + nk:
             r0 = (c - nq) * CHUNK
             rows_times_tokens(
-                wk, tk, r0, min(wk.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, k, use_int
+                wk, tk, r0, min(wk.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, k, llama_numerics
             )
         else:
             r0 = (c - nq - nk) * CHUNK
             rows_times_tokens(
-                wv, tv, r0, min(wv.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, v, use_int
+                wv, tv, r0, min(wv.shape[0], r0 + CHUNK), qa, da, bs, xr, toks, v, llama_numerics
             )
 
 

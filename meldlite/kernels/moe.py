@@ -129,7 +129,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
     return ok
 
 
-# ---------------------------------------------------------------- integer path (round_acts)
+# ---------------------------------------------------------------- integer path (llama_numerics)
 # The same sum as moe_ffn_kernel with rounded activations, computed as llama.cpp does:
 # integer dot products against 8-bit activation codes (qdot.py). Work is split into
 # (expert, ITEM_ROWS rows) items: one parallel pass for gate+up+SwiGLU, one for down.
@@ -407,7 +407,7 @@ _SUPPORTED[SUPPORTED_IDS] = True
 
 @njit(cache=True, error_model="numpy")
 def _fast_checks(
-    n_embd, ids, mats, types, supported, block_elems, block_bytes, round_acts, mode_by_id, modes
+    n_embd, ids, mats, types, supported, block_elems, block_bytes, llama_numerics, mode_by_id, modes
 ):
     """True if mats has 3 entries per expert and every used expert id is in range, has
     supported types and matrices of the right shapes (then modes (n_expert, 3) holds each
@@ -424,7 +424,7 @@ def _fast_checks(
     for e in range(n_expert):
         for m in range(3):
             ty = types[e, m]
-            modes[e, m] = mode_by_id[ty] if round_acts and 0 <= ty < mode_by_id.shape[0] else 0
+            modes[e, m] = mode_by_id[ty] if llama_numerics and 0 <= ty < mode_by_id.shape[0] else 0
     seen = np.zeros(n_expert, dtype=np.bool_)  # (n_expert,)
     for t in range(ids.shape[0]):
         for j in range(ids.shape[1]):
@@ -453,12 +453,12 @@ def _fast_checks(
     return True
 
 
-def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndarray:
+def moe_ffn(x, ids, weights, mats, types, out=None, llama_numerics=False) -> np.ndarray:
     """Routed experts of one layer for x (n_tok, n_embd) -> float32 (n_tok, n_embd).
 
     ids (n_tok, k) int32 expert per slot (-1 = skipped), weights (n_tok, k) float32,
     mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids.
-    round_acts: round each matrix's input as llama.cpp does (see actquant) and multiply
+    llama_numerics: round each matrix's input as llama.cpp does (see actquant) and multiply
     by integer dot products (qdot), as llama.cpp's CPU backend does."""
     x, ids, weights, types = _check_inputs(x, ids, weights, types)
     if isinstance(mats, list):
@@ -472,7 +472,7 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
         _SUPPORTED,
         BLOCK_ELEMS,
         BLOCK_BYTES,
-        bool(round_acts),
+        bool(llama_numerics),
         MODE_BY_ID,
         modes,
     ):
@@ -486,7 +486,7 @@ def moe_ffn(x, ids, weights, mats, types, out=None, round_acts=False) -> np.ndar
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
         raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
-    if round_acts:
+    if llama_numerics:
         moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out)
     elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
         raise AssertionError("jitted kernel rejected an expert type")  # checked above

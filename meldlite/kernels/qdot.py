@@ -364,11 +364,11 @@ def dot_f32(w, xr, n):
 
 
 @njit(cache=True, error_model="numpy")
-def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
+def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics):
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
 
     qa/da/bs/xr are (n_tok_all, ...) activation arrays; toks (n,) picks the tokens;
-    out (n, n_rows). Every quantized type takes a float path when not `use_int` (float
+    out (n, n_rows). Every quantized type takes a float path when not `llama_numerics` (float
     activations in xr); only float paths allocate (a row buffer per call). Rows are the
     outer loop, so a row is read from memory once for all tokens."""
     n_cols = xr.shape[1]
@@ -376,7 +376,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
     if n == 0:
         return
     nk, n32 = n_cols // 256, n_cols // 32
-    if use_int and (t == Q4_K or t == Q6_K or t == Q8_0):  # the simd kernels, no slices
+    if llama_numerics and (t == Q4_K or t == Q6_K or t == Q8_0):  # the simd kernels, no slices
         for r in range(r0, r1):
             for i in range(n):
                 k = toks[i]
@@ -399,7 +399,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
                 v = dot_lanes16(scratch, xr[k], n_cols, acc16, 16)
             elif t == F32:
                 v = dot_f32(row.view(np.float32), xr[k], n_cols)
-            elif not use_int:
+            elif not llama_numerics:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
                 v = dot_f32(scratch, xr[k], n_cols)
@@ -415,7 +415,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, use_int):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int):
+def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
     """out (n, n_rows) for all rows, CHUNK rows per work item, in parallel."""
     n_rows = raw.shape[0]
     n_chunks = (n_rows + CHUNK - 1) // CHUNK
@@ -431,26 +431,26 @@ def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int):
             xr,
             toks,
             out,
-            use_int,
+            llama_numerics,
         )
 
 
 @njit(cache=True, error_model="numpy")
-def matmul_serial(raw, t, qa, da, bs, xr, toks, out, use_int):
+def matmul_serial(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
     """matmul_parallel on the calling thread (small matrices: no thread start-up)."""
-    rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, use_int)
+    rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, llama_numerics)
 
 
 PARALLEL_MIN_BYTES = 1 << 19  # weight bytes x tokens below which one thread is faster (measured)
 
 
 @njit(cache=True, error_model="numpy")
-def matmul_acts(raw, t, qa, da, bs, xr, toks, out, use_int):
+def matmul_acts(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
     """Pick the serial or parallel row loop by work size (both give the same bits)."""
     if raw.shape[0] * raw.shape[1] * toks.shape[0] < PARALLEL_MIN_BYTES or raw.shape[0] < 2 * CHUNK:
-        matmul_serial(raw, t, qa, da, bs, xr, toks, out, use_int)
+        matmul_serial(raw, t, qa, da, bs, xr, toks, out, llama_numerics)
     else:
-        matmul_parallel(raw, t, qa, da, bs, xr, toks, out, use_int)
+        matmul_parallel(raw, t, qa, da, bs, xr, toks, out, llama_numerics)
 
 
 track_sources(

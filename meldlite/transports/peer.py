@@ -54,7 +54,7 @@ class Session:
     n_ff: int = 0
     n_layer: int = 0
     n_expert: int = 0
-    round_acts: bool = True
+    llama_numerics: bool = True
     assigned: dict = field(default_factory=dict)  # (layer, e) -> (g, u, d) types
     missing: set = field(default_factory=set)  # (layer, e) still to LOAD
     layers: list = None  # per layer: (typed mats, types (X, 3), held bool (X,))
@@ -86,14 +86,14 @@ def warm_up():
     e = 32
     mat = np.zeros((e, e * 4), np.uint8)  # F32 rows of 32 values
     mats = kernels.expert_list([mat, mat, mat])
-    for round_acts in (False, True):
+    for llama_numerics in (False, True):
         kernels.moe_ffn(
             np.zeros((1, e), np.float32),
             np.zeros((1, 1), np.int32),
             np.ones((1, 1), np.float32),
             mats,
             np.zeros((1, 3), np.int32),
-            round_acts=round_acts,
+            llama_numerics=llama_numerics,
         )
 
 
@@ -311,7 +311,7 @@ class PeerServer:
         s.n_ff = P.field(obj, "n_ff", int, r, 1, lim.n_ff)
         s.n_layer = P.field(obj, "n_layer", int, r, 1, lim.layers)
         s.n_expert = P.field(obj, "n_expert", int, r, 1, lim.experts)
-        s.round_acts = bool(P.field(obj, "round_acts", bool, r))
+        s.llama_numerics = bool(P.field(obj, "llama_numerics", bool, r))
         experts = P.field(obj, "experts", list, r)
         types = P.field(obj, "types", list, r)
         if len(experts) != len(types) or len(experts) > s.n_layer * s.n_expert:
@@ -450,7 +450,7 @@ class PeerServer:
                         np.ones((1, 1), np.float32),
                         mats,
                         types,
-                        round_acts=s.round_acts,
+                        llama_numerics=s.llama_numerics,
                     )
 
     def _release(self, s):
@@ -529,7 +529,7 @@ class PeerServer:
             )
 
         def moe(xx, ii, ww):
-            return kernels.moe_ffn(xx, ii, ww, mats, types, round_acts=s.round_acts)
+            return kernels.moe_ffn(xx, ii, ww, mats, types, llama_numerics=s.llama_numerics)
 
         y = pair_outputs(moe, x, ids) if h.exact else moe(x, ids, weights)
         self.counters["requests"] += 1

@@ -54,7 +54,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from meldlite.errors import OptionError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: ASSIGN says "llama_numerics" (1 said "round_acts")
 MAGIC = b"ML"
 HEADER = struct.Struct("<2sBBIHBBII")  # magic version type req_id layer enc k rows aux
 assert HEADER.size == 20

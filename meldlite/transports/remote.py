@@ -236,7 +236,7 @@ class RemoteStore(ExpertStore):
             "n_ff": self.cfg.n_ff_exp,
             "n_layer": self.cfg.n_layer,
             "n_expert": self.cfg.n_expert,
-            "round_acts": bool(self.llama_numerics),
+            "llama_numerics": bool(self.llama_numerics),
             "experts": [[L, e] for L, e in experts],
             "types": [self._types[L, e].tolist() for L, e in experts],
         }
