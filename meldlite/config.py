@@ -29,7 +29,6 @@ class ArchTraits:
     shared_expert: bool  # a dense shared expert with a sigmoid gate beside the routed ones
     expert_ff_key: str  # metadata key giving the routed experts' FFN width
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
-    gating: str = "softmax"  # router probabilities over all experts
     tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
 
 
