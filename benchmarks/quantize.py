@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's meldlite, whatever is installed
 from helpers_ggml import ggml_quantize  # noqa: E402
 
-from meldlite.kernels.quantize import importance_from_activations, quantize_rows  # noqa: E402
+from meldlite.compress.quantizers import importance_from_activations, quantize_rows  # noqa: E402
 
 TYPES = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 MODEL = ROOT.parent / "shared" / "models" / "tinystories-moe-f16.gguf"

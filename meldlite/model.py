@@ -7,9 +7,9 @@ D head size, F FFN width, X experts, k experts used, V vocabulary.
 
 import numpy as np
 
-from meldlite import layers
 from meldlite.errors import OptionError
-from meldlite.kernels.block import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
+from meldlite.kernels import mathops
+from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
 
 F32 = np.float32
 
@@ -25,7 +25,7 @@ class KVCache:
         self.v = np.zeros(
             (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_v), np.float16
         )  # (L, C, G, Dv)
-        self.cos, self.sin = layers.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)  # (C, R/2)
+        self.cos, self.sin = mathops.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)  # (C, R/2)
         self.n_past = 0
 
     def reset(self):
@@ -40,7 +40,7 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
     layer's routing, for profiling and prefetch.
 
     Each layer's attention half (norm, projections, RoPE, KV cache, attention,
-    residual, FFN norm, router) is one jitted call (`kernels.block`); the
+    residual, FFN norm, router) is one jitted call (`kernels.attention`); the
     routed experts go through `store.moe`.
     """
     tr = cfg.traits
@@ -83,13 +83,13 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
             if tr.shared_expert:
                 g = w[p + "ffn_gate_shexp.weight"] @ h  # (T, Fs)
                 u = w[p + "ffn_up_shexp.weight"] @ h  # (T, Fs)
-                s = w[p + "ffn_down_shexp.weight"] @ (layers.silu(g) * u)  # (T, E)
+                s = w[p + "ffn_down_shexp.weight"] @ (mathops.silu(g) * u)  # (T, E)
                 gate = (h @ w[p + "ffn_gate_inp_shexp.weight"])[:, None]  # (T, 1)
-                f = f + s * (layers.silu(gate) / gate)  # (T, E)
+                f = f + s * (mathops.silu(gate) / gate)  # (T, E)
         else:
             g = w[p + "ffn_gate.weight"] @ h  # (T, F)
             u = w[p + "ffn_up.weight"] @ h  # (T, F)
-            f = w[p + "ffn_down.weight"] @ (layers.silu(g) * u)  # (T, E)
+            f = w[p + "ffn_down.weight"] @ (mathops.silu(g) * u)  # (T, E)
         x += f  # (T, E)
 
     cache.n_past = pos0 + n_tok

@@ -6,6 +6,8 @@
 - moe_ffn: against a float64 NumPy reference; batch == token by token, bit for bit.
 """
 
+import pathlib
+
 import numba
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ from meldlite.kernels.reference import matmul_ref, moe_ffn_ref, sum_slots_ref
 ALL = [t.name for t in kernels.SUPPORTED_TYPES]
 PLAIN = {T.F32: np.float32, T.F16: np.float16}  # BF16 handled in random_matrix
 
-# byte offsets of the f16 scale fields of each block (d, dmin / m), per REFERENCES.md §2
+# byte offsets of the f16 scale fields of each block (d, dmin / m), as ggml's block structs lay them out
 F16_FIELDS = {
     T.Q4_0: (0,),
     T.Q4_1: (0, 2),
@@ -425,8 +427,9 @@ def test_moe_empty_batch_and_plain_list(experts):
 
 def test_kernels_use_the_disk_cache():
     """cache=True, and the cache key covers every kernel source file (Numba alone only
-    looks at the file that defines the jitted function, not the decoders it calls) but
-    the quantizers', which the runtime kernels do not import."""
+    looks at the file that defines the jitted function, not the decoders it calls); the
+    quantizers' key covers their own package, which the runtime kernels do not import."""
+    from meldlite.compress.quantizers import legacy
     from meldlite.kernels._cache import sources_digest
     from meldlite.kernels.dequant import dequantize_rows
     from meldlite.kernels.matmul import matmat_rows
@@ -435,4 +438,6 @@ def test_kernels_use_the_disk_cache():
     for dispatcher in (dequantize_rows, matmat_rows, moe_ffn_kernel):
         assert dispatcher._cache.__class__.__name__ != "NullCache", dispatcher
         assert sources_digest() in dispatcher._cache._cache_file._source_stamp
-    assert sources_digest() != sources_digest(with_quantizers=True)
+    quantizers = pathlib.Path(legacy.__file__).parent
+    assert sources_digest(quantizers) in legacy.quantize_q8_0._cache._cache_file._source_stamp
+    assert sources_digest() != sources_digest(quantizers)

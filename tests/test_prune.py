@@ -27,8 +27,8 @@ from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.experts.profile import FORMAT, READS
 from meldlite.formats import layout, read_gguf
 from meldlite.formats.pack import TensorOut, write_atomic
-from meldlite.kernels.block import route_rows
-from meldlite.layers import route
+from meldlite.kernels.attention import route_rows
+from meldlite.kernels.attention_ref import route
 from meldlite.model import forward
 
 SHAPE = Shape(n_expert=8, n_expert_used=2, n_layer=2, n_ff_exp=128, n_ff_shexp=128)

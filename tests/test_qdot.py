@@ -5,7 +5,7 @@
   the same bits for a token alone or in a batch, on 1 or 2 threads;
 - moe_ffn(llama_numerics=True): the integer MoE against the float kernel on rounded inputs,
   batch == token by token bit for bit;
-- block: the jitted attention pieces against the NumPy layers (meldlite.layers).
+- attention: the jitted attention pieces against their NumPy reference (kernels.attention_ref).
 """
 
 import numba
@@ -14,9 +14,10 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from test_kernels import EXPERT_TYPES, N_EMBD, N_FF, random_matrix, rel_err, routing
 
-from meldlite import kernels, layers
-from meldlite.kernels import block, qdot
+from meldlite import kernels
+from meldlite.kernels import attention, attention_ref, qdot
 from meldlite.kernels.actquant import MODE_BY_ID, NONE, mode_of, round_activations_reference
+from meldlite.kernels.mathops import rope_tables
 from meldlite.kernels.moe import moe_ffn_kernel
 from meldlite.kernels.reference import matmul_ref
 
@@ -254,7 +255,7 @@ def test_f32_to_f16_bits_matches_numpy():
     rng = np.random.default_rng(50)
     v = (rng.standard_normal(4000) * np.exp(rng.uniform(-20, 12, 4000))).astype(np.float32)
     v[:8] = [0.0, -0.0, 65504.0, 65520.0, -1e9, 6e-8, 2.0**-25, np.nan]
-    got = np.array([block.f32_to_f16_bits(np.float32(a)) for a in v], np.uint16)
+    got = np.array([attention.f32_to_f16_bits(np.float32(a)) for a in v], np.uint16)
     with np.errstate(over="ignore"):
         want = v.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(got[:7], want[:7])
@@ -262,26 +263,26 @@ def test_f32_to_f16_bits_matches_numpy():
     assert np.isnan(got[7:8].view(np.float16)[0])
 
 
-def test_block_pieces_match_numpy_layers():
+def test_attention_pieces_match_numpy_reference():
     rng = np.random.default_rng(51)
     n_tok, n_head, n_kv, d, pos0, n_ctx = 5, 4, 2, 64, 7, 16
     x = rng.standard_normal((n_tok, 256)).astype(np.float32)
     w = (1 + 0.1 * rng.standard_normal(256)).astype(np.float32)
     got = np.empty_like(x)
-    block.rms_norm_rows(x, w, 1e-6, got)
-    assert rel_err(got, layers.rms_norm(x, w, 1e-6)) < 1e-6
+    attention.rms_norm_rows(x, w, 1e-6, got)
+    assert rel_err(got, attention_ref.rms_norm(x, w, 1e-6)) < 1e-6
     wh = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)  # per-head norm
     got = np.empty((n_tok, n_head * d), np.float32)
     q = rng.standard_normal((n_tok, n_head * d)).astype(np.float32)
-    block.rms_norm_rows(q, wh, 1e-6, got)
-    want = layers.rms_norm(q.reshape(n_tok, n_head, d), wh, 1e-6).reshape(n_tok, -1)
+    attention.rms_norm_rows(q, wh, 1e-6, got)
+    want = attention_ref.rms_norm(q.reshape(n_tok, n_head, d), wh, 1e-6).reshape(n_tok, -1)
     assert rel_err(got, want) < 1e-6
 
-    cos, sin = layers.rope_tables(n_ctx, d, 10000.0)
+    cos, sin = rope_tables(n_ctx, d, 10000.0)
     for neox in (True, False):
         r = q.copy()
-        block.rope_rows(r, n_head, d, cos, sin, pos0, d, neox)
-        want = layers.rope(
+        attention.rope_rows(r, n_head, d, cos, sin, pos0, d, neox)
+        want = attention_ref.rope(
             q.reshape(n_tok, n_head, d), cos[pos0 : pos0 + n_tok], sin[pos0 : pos0 + n_tok], d, neox
         ).reshape(n_tok, -1)
         np.testing.assert_array_equal(r, want)
@@ -292,13 +293,13 @@ def test_block_pieces_match_numpy_layers():
     vc[:pos0] = rng.standard_normal((pos0, n_kv, d))
     k = rng.standard_normal((n_tok, n_kv * d)).astype(np.float32)
     v = rng.standard_normal((n_tok, n_kv * d)).astype(np.float32)
-    block.store_kv(k, v, n_kv, d, d, kc.view(np.uint16), vc.view(np.uint16), pos0)
+    attention.store_kv(k, v, n_kv, d, d, kc.view(np.uint16), vc.view(np.uint16), pos0)
     np.testing.assert_array_equal(
         kc[pos0 : pos0 + n_tok], k.reshape(n_tok, n_kv, d).astype(np.float16)
     )
     a = np.empty((n_tok, n_head * d), np.float32)
-    block.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, a)
-    want = layers.attention(
+    attention.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, a)
+    want = attention_ref.attention(
         q.reshape(n_tok, n_head, d), kc[: pos0 + n_tok], vc[: pos0 + n_tok], pos0
     )
     assert rel_err(a, want) < 1e-5
@@ -307,7 +308,7 @@ def test_block_pieces_match_numpy_layers():
     logits[0, 3] = logits[0, 9]  # a tie: lower id first
     ids, wts = np.empty((n_tok, 4), np.int32), np.empty((n_tok, 4), np.float32)
     for norm in (True, False):
-        block.route_rows(logits, 4, norm, ids, wts)
-        want_ids, want_w = layers.route(logits, 4, norm)
+        attention.route_rows(logits, 4, norm, ids, wts)
+        want_ids, want_w = attention_ref.route(logits, 4, norm)
         np.testing.assert_array_equal(ids, want_ids)
         assert rel_err(wts, want_w) < 1e-6

@@ -13,10 +13,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from helpers_ggml import ggml_quantize
 
+from meldlite.compress.quantizers import QUANTIZABLE, importance_from_activations, quantize_rows
+from meldlite.compress.quantizers import reference as ref
+from meldlite.compress.quantizers.search import f16_bits, f16_value
 from meldlite.errors import OptionError, UnsupportedError
-from meldlite.kernels import quantize_ref as ref
-from meldlite.kernels.quantize import QUANTIZABLE, importance_from_activations, quantize_rows
-from meldlite.kernels.quantize_search import f16_bits, f16_value
 
 QTYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K]
 QTYPES = [t for t in QTYPES if t in QUANTIZABLE]

@@ -6,4 +6,7 @@ precision files) and expert pruning.
 - `write.py`: writing stacked or per-expert files through `formats.pack`'s writer.
 - `sensitivity.py`, `plan.py`, `mixed.py`: per-expert errors from calibration rows,
   the allocation under a size budget, and the mixed file.
+- `result.py`: `QuantizeResult`, what `quantize_model` returns.
+- `quantizers/`: the jitted quantizers themselves (float rows -> ggml blocks) and their
+  NumPy references.
 """

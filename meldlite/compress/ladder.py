@@ -29,7 +29,7 @@ _KEEP = re.compile(
 
 def quantizable_types():
     """Types meldlite can write: the kernels' QUANTIZABLE (float types included)."""
-    from meldlite.kernels.quantize import QUANTIZABLE
+    from meldlite.compress.quantizers import QUANTIZABLE
 
     return tuple(sorted(QUANTIZABLE, key=int))
 
@@ -90,6 +90,6 @@ def quantize(x, qtype, importance=None):
     """x (rows, cols) float32 -> (rows, row_bytes) uint8 of `qtype`, by the kernels'
     `quantize_rows` (float types are plain conversions), weighted per column by
     `importance` (cols,) when given."""
-    from meldlite.kernels.quantize import quantize_rows
+    from meldlite.compress.quantizers import quantize_rows
 
     return quantize_rows(x, qtype, importance)  # (rows, row_bytes)

@@ -7,6 +7,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from meldlite.compress import ladder, plan, sensitivity, write
+from meldlite.compress.result import QuantizeResult
 from meldlite.errors import OptionError
 from meldlite.experts.profile import decode_array, load_calibration, read_profile
 from meldlite.formats import layout
@@ -17,8 +18,6 @@ _INFO_BYTES = 8 + 4 + 4 * 8 + 4 + 8  # a tensor info besides its name (at most 4
 
 def quantize_mixed(f, out, budget, profile, progress=None, ladder_types=None):
     """Write the per-expert file `out` from the float GGUFFile `f`, at most `budget` bytes."""
-    from meldlite.compress.quantize import QuantizeResult
-
     prof = profile if isinstance(profile, dict) else read_profile(profile)
     check_profile(prof, f)
     sample = load_calibration(prof)

@@ -7,22 +7,14 @@ stacked layout) or to a per-expert mixed file under a size budget.
 """
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from meldlite.compress import ladder, write
+from meldlite.compress.mixed import quantize_mixed
+from meldlite.compress.result import QuantizeResult
 from meldlite.errors import OptionError
 from meldlite.experts.budget import parse_size
 from meldlite.formats.gguf import read_gguf
-
-
-@dataclass
-class QuantizeResult:
-    path: Path
-    nbytes: int  # size of the written file
-    tensor_types: dict  # type name -> number of tensors
-    expert_types: dict = field(default_factory=dict)  # (gate, up, down) names -> experts (mixed)
-    budget: int = None  # the size budget in bytes (mixed)
 
 
 def quantize_model(
@@ -61,7 +53,6 @@ def quantize_model(
             "a mixed file (--size or --bpw) needs --profile PROFILE, "
             "from `meldlite profile MODEL TEXT -o PROFILE`"
         )
-    from meldlite.compress.mixed import quantize_mixed
 
     return quantize_mixed(f, out, budget, profile, progress=progress, ladder_types=ladder_types)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from meldlite.compress import ladder
+from meldlite.compress.quantizers import importance_from_activations
 from meldlite.kernels import dequantize
-from meldlite.kernels.quantize import importance_from_activations
-from meldlite.layers import silu
+from meldlite.kernels.mathops import silu
 
 GROUPS = {"gate_up": ("gate", "up"), "down": ("down",)}
 

@@ -6,7 +6,7 @@ from numba import njit, prange
 
 from meldlite.errors import OptionError
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.blocks import decode_span
+from meldlite.kernels.decode import decode_span
 from meldlite.kernels.qtypes import check_type, row_cols
 
 _TYPED_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}

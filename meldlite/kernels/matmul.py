@@ -13,7 +13,7 @@ from numba import njit, prange
 
 from meldlite.errors import OptionError
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.blocks import decode_span
+from meldlite.kernels.decode import decode_span
 from meldlite.kernels.dequant import as_raw_bytes
 from meldlite.kernels.qtypes import BLOCK_ELEMS, check_type, row_cols
 

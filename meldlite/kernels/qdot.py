@@ -17,7 +17,7 @@ and `dot_row` multiplies one weight row by one token. A Q4_K row against Q8_K ac
 which equals the float product of the dequantized weights with xr up to float rounding
 (integer sums are exact, the float steps are fewer). Q4_K, Q6_K, Q8_0, Q4_0 and Q5_0 have
 integer kernels; F16 and F32 rows use float lanes; every other type decodes the row into
-float (blocks.decode_span) and dots it with xr.
+float (decode.decode_span) and dots it with xr.
 
 Each output (token, row) is one call of the same row function with a fixed operation order,
 so results do not depend on thread count, batch size or which rows share a chunk.
@@ -48,7 +48,7 @@ from meldlite.kernels.actquant import (
     Q8_K as MODE_Q8_K,
 )
 from meldlite.kernels.bits import f16_to_f32
-from meldlite.kernels.blocks import decode_span
+from meldlite.kernels.decode import decode_span
 from meldlite.kernels.matmul import operands
 from meldlite.kernels.qtypes import (
     F16,

@@ -1,9 +1,10 @@
-"""The non-expert pieces of a transformer block, in NumPy.
+"""NumPy reference of the attention half of a layer (`kernels.attention` is checked
+against it), and of the router.
 
-Numerics follow llama.cpp's CPU path where that is cheap (see REFERENCES.md
-section 5): RMSNorm sums squares in float64, RoPE angles are built by repeated
-float32 multiplication, the KV cache holds float16, and attention rounds Q and
-the softmax probabilities to float16 as ggml's non-flash path does.
+Numerics follow llama.cpp's CPU path where that is cheap: RMSNorm sums squares in
+float64, the KV cache holds float16, attention rounds Q and the softmax probabilities
+to float16 as ggml's non-flash path does, softmax sums in float64. The RoPE tables are
+the runtime's own (`mathops.rope_tables`).
 Shape letters: T tokens in this batch, S positions attended (past + T),
 H query heads, G KV heads, D head size, E n_embd, X experts.
 """
@@ -22,32 +23,10 @@ def rms_norm(x, weight, eps):
     return (x * scale[..., None]) * weight  # (T, E)
 
 
-def silu(x):
-    """x * sigmoid(x) in float32."""
-    return x / (F32(1.0) + np.exp(-x))
-
-
 def softmax(x):
     """Softmax over the last axis, summed in float64 like ggml."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))  # (..., N)
     return (e * (1.0 / e.sum(axis=-1, dtype=np.float64, keepdims=True))).astype(F32)
-
-
-def rope_tables(n_pos, n_rot, base):
-    """cos/sin tables (n_pos, n_rot/2) with angles pos * base^(-2i/n_rot).
-
-    The angle of pair i is built as ggml does: start from the position and
-    multiply by theta_scale once per pair, in float32.
-    """
-    theta_scale = F32(base) ** F32(-2.0 / n_rot)
-    theta = np.arange(n_pos, dtype=F32)  # (P,)
-    cos = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
-    sin = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
-    for i in range(n_rot // 2):
-        cos[:, i] = np.cos(theta.astype(np.float64))  # correctly rounded, like libm cosf
-        sin[:, i] = np.sin(theta.astype(np.float64))
-        theta = theta * theta_scale
-    return cos, sin
 
 
 def rope(x, cos, sin, n_rot, neox):

@@ -1,7 +1,7 @@
 """Plain NumPy references of the jitted quantizers (slow; tests compare the kernels with them).
 
-Written vectorised over blocks, from the algorithm descriptions in quantize_search.py,
-quantize_legacy.py and quantize_kquants.py, sharing no code with them; f16 rounding is
+Written vectorised over blocks, from the algorithm descriptions in search.py,
+legacy.py and kquants.py, sharing no code with them; f16 rounding is
 NumPy's. Each `*_ref(x, w)` takes x (n_rows, n_cols) float32 and w (n_cols,) float32 or
 None and returns (n_rows, row_bytes) uint8.
 Shapes: n_rows x n_cols input; nb blocks of 32 per row; B super-blocks of 256 (all rows);
@@ -219,8 +219,8 @@ def _err_offset(x, w, d, m, nmax):
 
 
 def search_offset_ref(x, w, wf, nmax):
-    """f16 (d, m) (...) for x, w, wf (..., 32): the grid of quantize_legacy.search_offset."""
-    from meldlite.kernels.quantize_legacy import ORIGINS, SCALES
+    """f16 (d, m) (...) for x, w, wf (..., 32): the grid of legacy.search_offset."""
+    from meldlite.compress.quantizers.legacy import ORIGINS, SCALES
 
     lo, hi = x.min(-1), x.max(-1)  # (...)
     span = hi - lo
@@ -299,7 +299,7 @@ def q5_1_ref(x, w=None):
 # ---- K-quants -----------------------------------------------------------------------------------
 
 QK_K = 256
-# as in quantize_kquants: (sub, nmax, qmax, fit steps, super candidates, radius) / (nmax, lo, hi, cand, radius)
+# as in kquants: (sub, nmax, qmax, fit steps, super candidates, radius) / (nmax, lo, hi, cand, radius)
 AFFINE = {
     "Q2_K": (16, 3, 15, 15, 10, 6),
     "Q4_K": (32, 15, 63, 20, 5, 8),

@@ -25,8 +25,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from meldlite.kernels._cache import track_sources
-from meldlite.kernels.quantize_search import (
+from meldlite.compress.quantizers.search import (
     FAST,
     N_LLOYD,
     TIE,
@@ -40,8 +39,9 @@ from meldlite.kernels.quantize_search import (
     level_sums,
     put_f16,
 )
+from meldlite.kernels._cache import track_sources
+from meldlite.kernels.qtypes import Q8_0_BYTES, QK  # QK: values per Q8_0 ... Q5_1 block
 
-QK = 32  # elements per block of Q8_0, Q4_0, Q5_0, Q4_1, Q5_1
 # Q4_1/Q5_1 search grid: origins min + t*span/nmax, inverse scales (nmax + 0.1k)/span
 ORIGINS = np.arange(-4, 9) * 0.25  # t: from one level below the minimum to two above
 SCALES = np.arange(-20, 31)  # k: from 2 levels fewer than nmax to 3 more
@@ -116,7 +116,7 @@ def quantize_q8_0(x, w, weighted, out):
     for r in prange(n_rows):
         levels = np.empty(QK, dtype=np.int64)  # (32,)
         for b in range(n_cols // QK):
-            blk = out[r, 34 * b : 34 * (b + 1)]
+            blk = out[r, Q8_0_BYTES * b : Q8_0_BYTES * (b + 1)]
             xb = x[r, QK * b : QK * (b + 1)]  # (32,)
             if not weighted:
                 _q8_0_ref(xb, blk)

@@ -24,8 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from meldlite.kernels._cache import track_sources
-from meldlite.kernels.quantize_search import (
+from meldlite.compress.quantizers.search import (
     TIE,
     block_err_affine,
     block_err_symmetric,
@@ -37,9 +36,8 @@ from meldlite.kernels.quantize_search import (
     fit_symmetric,
     put_f16,
 )
-
-QK_K = 256
-
+from meldlite.kernels._cache import track_sources
+from meldlite.kernels.qtypes import QK_K
 
 # ---- affine types (Q2_K, Q4_K, Q5_K) ----------------------------------------------------------
 

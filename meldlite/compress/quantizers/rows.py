@@ -8,17 +8,17 @@ Public API:
 - `importance_from_activations(X)`: X (n_samples, cols) calibration activations ->
   (cols,) mean of squares, as llama.cpp's imatrix collects it.
 
-Algorithms: quantize_legacy.py (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1) and quantize_kquants.py (K-quants);
-NumPy references in quantize_ref.py. F32, F16 and BF16 are plain conversions (importance
+Algorithms: legacy.py (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1) and kquants.py (K-quants), built
+from search.py; NumPy references in reference.py. F32, F16 and BF16 are plain conversions (importance
 is ignored), rounding as ggml does (nearest even; BF16 as `ggml_fp32_to_bf16_row_ref`).
 """
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from meldlite.compress.quantizers import kquants as kq
+from meldlite.compress.quantizers import legacy
 from meldlite.errors import OptionError, UnsupportedError
-from meldlite.kernels import quantize_kquants as kq
-from meldlite.kernels import quantize_legacy as legacy
 
 T = GGMLQuantizationType
 

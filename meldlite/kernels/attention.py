@@ -2,7 +2,7 @@
 
 RMSNorm -> Q/K/V projections -> (bias) -> Q/K norm -> RoPE -> KV cache (float16 bits)
 -> causal grouped-query attention -> output projection -> residual -> FFN RMSNorm ->
-router -> softmax top-k. The NumPy versions in `meldlite.layers` are the references;
+router -> softmax top-k. The NumPy versions in `attention_ref` are the references;
 the numerics follow them and llama.cpp's CPU path: squares summed in float64, Q and the
 softmax probabilities rounded to float16, softmax summed in float64, every projection
 through qdot's kernels with its input rounded per the matrix's activation mode (actquant:
