@@ -147,7 +147,9 @@ def _k_scale_min(blk, off, i):
 
 
 @njit(inline="always")
-def decode_q4_k(blk, out):  # d, dmin, scales[12], qs[128]
+def _decode_k_affine(blk, out, qs, high):
+    """Q4_K / Q5_K: d, dmin, scales[12], then for Q5_K (`high`) qh[32] (the 5th bits),
+    then qs[128] at byte `qs`; value = (d*sc)*q - (dmin*m) per sub-block of 32."""
     d = read_f16(blk, 0)
     dmin = read_f16(blk, 2)
     for i in range(8):
@@ -156,22 +158,20 @@ def decode_q4_k(blk, out):  # d, dmin, scales[12], qs[128]
         ml = dmin * np.float32(m)
         shift = 4 * (i % 2)
         for l in range(32):
-            q = (blk[16 + (i // 2) * 32 + l] >> shift) & 0xF
+            q = (blk[qs + (i // 2) * 32 + l] >> shift) & 0xF
+            if high:
+                q |= ((blk[16 + l] >> i) & 1) << 4
             out[i * 32 + l] = dl * np.float32(q) - ml
 
 
 @njit(inline="always")
+def decode_q4_k(blk, out):  # d, dmin, scales[12], qs[128]
+    _decode_k_affine(blk, out, 16, False)
+
+
+@njit(inline="always")
 def decode_q5_k(blk, out):  # d, dmin, scales[12], qh[32], qs[128]
-    d = read_f16(blk, 0)
-    dmin = read_f16(blk, 2)
-    for i in range(8):
-        sc, m = _k_scale_min(blk, 4, i)
-        dl = d * np.float32(sc)
-        ml = dmin * np.float32(m)
-        shift = 4 * (i % 2)
-        for l in range(32):
-            q = ((blk[48 + (i // 2) * 32 + l] >> shift) & 0xF) | (((blk[16 + l] >> i) & 1) << 4)
-            out[i * 32 + l] = dl * np.float32(q) - ml
+    _decode_k_affine(blk, out, 48, True)
 
 
 @njit(inline="always")
