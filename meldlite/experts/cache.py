@@ -30,7 +30,6 @@ import numpy as np
 from meldlite import kernels
 from meldlite.errors import OptionError
 from meldlite.experts import io as eio
-from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.counters import CacheCounters, CacheTimers, Estimates
 from meldlite.experts.loads import MECHANISMS, ExpertReader, Loads
 from meldlite.experts.plan import ExpertPlan
@@ -76,7 +75,6 @@ class CachedStore(ExpertStore):
         prefetch=True,
         mechanism="direct",
         llama_numerics=True,
-        min_expert_weight=None,
         io_throttle=None,
         prior=None,
         drop_cache=True,
@@ -87,7 +85,6 @@ class CachedStore(ExpertStore):
         self.cfg = cfg
         self.n_layer, self.n_expert, self.k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
         self._round = llama_numerics
-        self.min_weight = min_expert_weight
         self.reader = ExpertReader(gguf, mechanism, io_throttle, drop_cache)
         self.mechanism, self.slabs = self.reader.mechanism, self.reader.slabs
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.reader.file.direct else 1)
@@ -126,11 +123,6 @@ class CachedStore(ExpertStore):
     def moe(self, layer, x, ids, weights):
         ids = np.asarray(ids)
         weights = np.asarray(weights, dtype=F32)
-        n_routed = int((ids >= 0).sum())
-        self.counters.routed_slots += n_routed
-        if self.min_weight:
-            ids, weights = skip_light_experts(ids, weights, self.min_weight)
-            self.counters.experts_skipped += n_routed - int((ids >= 0).sum())
         n_tok, X, tab = x.shape[0], self.n_expert, self.table
         self._phase(layer, n_tok)
         counts = np.bincount(ids[ids >= 0], minlength=X)  # (X,)
