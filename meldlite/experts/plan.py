@@ -35,6 +35,12 @@ class ExpertPlan:
         self.present = np.array(
             [gguf.expert_present(layer, e) for layer in range(L) for e in range(X)], bool
         )  # (L*X,) stored in the file
+        expert_names = set(gguf.expert_tensor_names())
+        self.other_ranges = [
+            (t.offset, t.nbytes)
+            for t in map(gguf.tensor, gguf.tensor_names())
+            if t.name not in expert_names
+        ]  # [(file offset, nbytes)] of the tensors that are not experts
         want = {
             "gate": (cfg.n_ff_exp, cfg.n_embd),
             "up": (cfg.n_ff_exp, cfg.n_embd),
