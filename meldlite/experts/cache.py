@@ -102,12 +102,13 @@ class CachedStore(ExpertStore):
                 kernels.expert_list([None] * (3 * self.n_expert)) for _ in range(self.n_layer)
             ]
         self._bound = np.full(self.n_layer * self.n_expert, -1, np.int64)  # (L*X,) slot bound
-        self._in_prefill = False
 
         self.counters, self.timers, self.estimates = CacheCounters(), CacheTimers(), Estimates()
         self.policy = make_policy(policy, self.n_layer, self.n_expert, self.k, prior)
         drop = partial(self.reader.drop_pages, plan)
         self.table = Residency(plan, self.pools, self.policy, self.counters, drop)
+        # prefill protection: experts kept per layer for decode (a share of the cache)
+        self._protect_quota = max(0, (self.pools.capacity_experts - self.k) // self.n_layer)
         self.loads = Loads(self.reader, self.table, self.timers, self.estimates)
         self.prefetcher = self.loader = None
         if prefetch:
@@ -124,7 +125,7 @@ class CachedStore(ExpertStore):
         ids = np.asarray(ids)
         weights = np.asarray(weights, dtype=F32)
         n_tok, X, tab = x.shape[0], self.n_expert, self.table
-        self._phase(layer, n_tok)
+        tab.track_phase(layer, n_tok)
         counts = np.bincount(ids[ids >= 0], minlength=X)  # (X,)
         used = np.flatnonzero(counts)
         gs = layer * X + used  # (U,)
@@ -149,7 +150,7 @@ class CachedStore(ExpertStore):
         finally:
             tab.unpin(list(held), held)
         if n_tok > 1:
-            self._protect(layer)
+            tab.protect(layer, self._protect_quota)
         return out
 
     def hint(self, layer, ids):
@@ -304,22 +305,3 @@ class CachedStore(ExpertStore):
         if ready:
             flush()
         return combine(ids, weights, Y)
-
-    # -- prefill protection ------------------------------------------------------
-
-    def _phase(self, layer, n_tok):
-        """Track prefill (batches) vs decode (one token) for the prefill protection."""
-        if n_tok > 1 and layer == 0:
-            self._in_prefill = True
-            self.table.unprotect()
-        elif n_tok == 1 and self._in_prefill:
-            self._in_prefill = False
-            self.table.unprotect()
-
-    def _protect(self, layer):
-        """After a prefill batch ran `layer`: keep the experts its last tokens make most
-        likely (the policy's ranking) through the rest of the prefill, up to a share
-        of the cache per layer, so that decoding starts with them cached."""
-        quota = max(0, (self.pools.capacity_experts - self.k) // self.n_layer)
-        if quota:
-            self.table.protect(layer, quota)

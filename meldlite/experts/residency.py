@@ -33,6 +33,7 @@ class Residency:
         self.tick = 0  # layer visits so far (the policy's clock)
         self.layer_now = plan.n_layer - 1  # the layer running
         self.visits = np.zeros(plan.n_layer, np.int64)  # (L,) visits of each layer
+        self.in_prefill = False  # the last batch had more than one token
 
     def visit(self, layer, gs, counts, n_tok, recent):
         """Layer `layer` runs a batch of n_tok tokens routed to experts gs (U,)
@@ -132,9 +133,24 @@ class Residency:
             self.pins[gs] -= 1
         held.difference_update(gs)
 
+    # -- prefill protection (these take `cond`) ------------------------------------
+
+    def track_phase(self, layer, n_tok):
+        """Prefill (batches) vs decode (one token): a new prefill, and the first
+        decode step after one, end the protection."""
+        if n_tok > 1 and layer == 0:
+            self.in_prefill = True
+            self.unprotect()
+        elif n_tok == 1 and self.in_prefill:
+            self.in_prefill = False
+            self.unprotect()
+
     def protect(self, layer, quota):
-        """Keep the `quota` experts of `layer` the policy ranks likeliest, if cached,
-        until protection ends (takes `cond`)."""
+        """After a prefill batch ran `layer`: keep the `quota` experts its last tokens
+        make most likely (the policy's ranking), if cached, through the rest of the
+        prefill, so that decoding starts with them cached."""
+        if quota == 0:
+            return
         with self.cond:
             best = layer * self.plan.n_expert + np.asarray(
                 self.policy.likely(layer, quota), np.int64
@@ -142,6 +158,5 @@ class Residency:
             self.protected[best[self.state[best] == READY]] = True
 
     def unprotect(self):
-        """End protection (takes `cond`)."""
         with self.cond:
             self.protected[:] = False
