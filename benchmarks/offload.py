@@ -148,8 +148,9 @@ def trace_and_opt(packed, reps_tokens, budgets):
     bit-identical routing) and, per budget, Belady's bytes per decode token."""
     import meldlite
     from meldlite.experts.budget import parse_budget
-    from meldlite.experts.cache import ExpertPlan, split_budget
     from meldlite.experts.io import DIO_ALIGN
+    from meldlite.experts.plan import ExpertPlan
+    from meldlite.experts.pools import split_budget
 
     m = meldlite.load(packed, n_ctx=512)
     plan = ExpertPlan(m.gguf, m.cfg, DIO_ALIGN)  # the slots of the default (direct) store
@@ -315,9 +316,9 @@ def worker(spec):
         expert_io=spec.get("mechanism"),
         min_expert_weight=spec.get("min_expert_weight"),
     )
-    for attr in ("prefetch_depth", "prefetch_top"):  # store attributes (experiments)
-        if spec.get(attr):
-            setattr(m.store, attr, spec[attr])
+    for attr in ("prefetch_depth", "prefetch_top"):  # prefetcher attributes (experiments)
+        if spec.get(attr) and m.store.prefetcher is not None:
+            setattr(m.store.prefetcher, attr, spec[attr])
     res = []
     for prompt, dec in spec["tokens"]:
         m.cache.reset()

@@ -190,7 +190,8 @@ def test_other_mechanisms_bit_identical(models, reference, layout, mechanism, pr
 def test_direct_reads_whole_blocks_into_aligned_slots(models):
     m = meldlite.load(models["packed"], n_ctx=32, mem_budget="25%")
     st = m.store
-    assert st.stats()["expert_io"] == "direct" and st.file.direct  # this file system allows it
+    assert st.stats()["expert_io"] == "direct"
+    assert st.reader.file.direct  # this file system allows it
     for reads in st.plan.reads:
         for off, nb, at, need in reads:
             assert off % 4096 == 0 and nb % 4096 == 0 and at % 4096 == 0 and need <= nb
@@ -326,7 +327,7 @@ def test_prefill_keeps_decode_experts_of_every_layer(models):
     X = m.cfg.n_expert
     for layer in range(m.cfg.n_layer):
         # plain LRU after a 60-token prefill would have kept only the last layers' experts
-        assert (store.state[layer * X + seen[layer]] == READY).all(), layer
+        assert (store.table.state[layer * X + seen[layer]] == READY).all(), layer
     m.close()
 
 
@@ -334,9 +335,9 @@ def test_hint_loads_experts_in_the_background(models):
     m = meldlite.load(models["packed"], n_ctx=32, mem_budget="100%", prefetch=True)
     m.store.hint(1, [0, 3, 5])
     t0 = time.time()
-    while (m.store.state[1 * 8 + np.array([0, 3, 5])] != READY).any() and time.time() - t0 < 10:
+    while (m.store.table.state[8 + np.array([0, 3, 5])] != READY).any() and time.time() - t0 < 10:
         time.sleep(0.01)
-    assert (m.store.state[8 + np.array([0, 3, 5])] == READY).all()
+    assert (m.store.table.state[8 + np.array([0, 3, 5])] == READY).all()
     m.close()
 
 
@@ -358,7 +359,7 @@ def test_read_error_reaches_the_caller(models, reference, prefetch):
     def broken(buf, offset, need=None):
         raise OSError(5, "Input/output error (injected)")
 
-    m.store.file.read_into = broken
+    m.store.reader.file.read_into = broken
     with pytest.raises(OSError, match="injected"):
         m.logits(reference[0])
     m.close()
@@ -385,9 +386,20 @@ def test_min_expert_weight_skips_loads_and_agrees_across_stores(models, referenc
     want = res.logits(ids)
     assert res.stats()["experts_skipped"] > 0
     assert not np.array_equal(want, reference[1])
-    m = meldlite.load(models["packed"], n_ctx=64, min_expert_weight=0.45, mem_budget="25%")
+    # the cached store computes the routing it is handed, light experts skipped
+    # (as the forward pass hands it): it neither loads nor computes them
+    m = meldlite.load(models["packed"], n_ctx=64, mem_budget="25%")
+    inner, skipped = m.store.moe, []
+
+    def moe(layer, x, i, w):
+        kept, kept_w = skip_light_experts(i, w, 0.45)
+        skipped.append(int((np.asarray(i) >= 0).sum() - (kept >= 0).sum()))
+        return inner(layer, x, kept, kept_w)
+
+    m.store.moe = moe
     assert np.array_equal(m.logits(ids), want)
-    assert m.stats()["experts_skipped"] == res.stats()["experts_skipped"]
+    assert sum(skipped) == res.stats()["experts_skipped"]
+    assert m.stats()["expert_uses"] == res.stats()["expert_uses"]
     m.close()
 
 
@@ -576,7 +588,7 @@ def test_file_popularity_keeps_the_most_popular_experts_resident(models, tmp_pat
         st = m.store
         n_slots = sum(p.n_slots for p in st.pools)
         assert 0 < n_slots < L * X
-        assert set(np.flatnonzero(st.state == READY)) == set(ranked[:n_slots])
+        assert set(np.flatnonzero(st.table.state == READY)) == set(ranked[:n_slots])
         assert m.stats()["loads_preload"] == n_slots
         p = st.policy.p.reshape(L, X)  # forecast's P(picked), seeded
         assert np.all(
@@ -589,7 +601,7 @@ def test_file_popularity_keeps_the_most_popular_experts_resident(models, tmp_pat
     # an explicit profile overrides the file's popularity: nothing is preloaded
     prof = {"model": {"n_layer": L, "n_expert": X}, "layers": [{"share": [1 / X] * X}] * L}
     m = meldlite.load(path, n_ctx=64, mem_budget="25%", prefetch=False, profile=prof)
-    assert m.stats()["loads_preload"] == 0 and not (m.store.state == READY).any()
+    assert m.stats()["loads_preload"] == 0 and not (m.store.table.state == READY).any()
     m.close()
 
 
@@ -638,13 +650,14 @@ def pruned(models, tmp_path_factory):
 
 def run_recording_loads(m, ids):
     """run_both, recording every expert the store reads after the load (g ids)."""
-    st, read, seen = m.store, m.store._read, []
+    loads, seen = m.store.loads, []
+    read = loads.read
 
-    def recording(job):
-        seen.append(job[0] if isinstance(job, tuple) else job)
-        return read(job)
+    def recording(g):
+        seen.append(g)
+        return read(g)
 
-    st._read = recording  # the loader thread calls st._read too
+    loads.read = recording  # the loader thread calls loads.read too
     batch, single = run_both(m, ids)
     return batch, single, seen
 
@@ -652,9 +665,10 @@ def run_recording_loads(m, ids):
 def check_no_pruned_load(m, flags, seen):
     st, stats = m.store, m.stats()
     gone = np.flatnonzero(flags.reshape(-1))  # pruned g
-    assert stats["loads_pruned"] == 0 and not st.load_count[gone].any()
-    assert not np.isin(seen, gone).any() and not (st.state[gone] != 0).any()
-    assert not st.served[gone].any() and stats["experts_present"] == flags.size - gone.size
+    tab = st.table
+    assert stats["loads_pruned"] == 0 and not tab.load_count[gone].any()
+    assert not np.isin(seen, gone).any() and not (tab.state[gone] != 0).any()
+    assert not tab.served[gone].any() and stats["experts_present"] == flags.size - gone.size
     assert stats["loads"] > 0
 
 
@@ -693,14 +707,14 @@ def test_pruned_file_minimum_budget_counts_present_experts(pruned):
     path, flags, *_ = pruned
     m = meldlite.load(path, n_ctx=32, mem_budget="100%", prefetch=False, expert_io="pread")
     st = m.store
-    sizes = st.sizes.reshape(SMALL.n_layer, SMALL.n_expert)
+    sizes = st.pools.sizes.reshape(SMALL.n_layer, SMALL.n_expert)
     want = max(
         int(np.sort(row[~gone])[::-1][: SMALL.n_expert_used].sum())
         for row, gone in zip(sizes, flags)
     )
     want = max(want, int(np.unique(sizes[~flags]).sum()))  # one slot per size class
-    assert st.min_budget == want and (sizes[flags] == 0).all()
-    assert sum(p.capacity for p in st.pools) <= st.budget
+    assert st.pools.minimum == want and (sizes[flags] == 0).all()
+    assert sum(p.capacity for p in st.pools) <= st.pools.budget
     m.close()
     with pytest.raises(BudgetError, match="needs at least"):
         meldlite.load(path, n_ctx=32, mem_budget=want - 1)
@@ -755,7 +769,7 @@ def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, refe
                 m._eval([t], all_logits=False)
             here = np.arange(L * X) % 2 == 0
             assert local.stats()["prefetch_issued"] > 0
-            assert not (local.state[~here] == READY).any()  # nothing of peer0's was read
+            assert not (local.table.state[~here] == READY).any()  # nothing of peer0's was read
         finally:
             m.close()
     finally:

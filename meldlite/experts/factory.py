@@ -72,7 +72,6 @@ def make_store(
         prefetch=prefetch,
         mechanism=expert_io or DEFAULT_IO,
         llama_numerics=llama_numerics,
-        min_expert_weight=min_weight,
         io_throttle=rate,
         prior=prior,
     )

@@ -8,10 +8,13 @@
   compute thread, like every kernel.
 - `LoadQueue`: pending speculative loads by priority (predictions in rank order,
   then popularity guesses), one entry per expert.
-- `Loader` (background thread): takes the next load the store allows (the store
-  decides what it may evict), reads it with os.preadv / madvise (which release
-  the GIL) and marks it ready. It never calls a Numba kernel, so the compute
-  thread is the only one using Numba's threading layer.
+- `Prefetcher` (compute thread): after each layer's routing, queues the
+  predictor's guesses for the coming layers and scores the earlier ones.
+- `Loader` (background thread): drives a `LoadSource` through its public
+  methods: takes the next load the source allows (the source decides what it
+  may evict), reads it with os.preadv / madvise (which release the GIL) and
+  hands back the outcome. It never calls a Numba kernel, so the compute thread
+  is the only one using Numba's threading layer.
 
 Misses the compute thread needs now are read by the compute thread itself (no
 hand-off between threads), and the guesses still queued for that layer are
@@ -22,8 +25,11 @@ is waited for instead of read again: it costs no more than the miss would have.
 
 import heapq
 import threading
+from typing import Protocol
 
 import numpy as np
+
+from meldlite.experts.residency import ABSENT, READY
 
 PREDICTED = 1  # priority band of predicted loads (plus rank / 1000)
 HINTED = 2  # popularity fallback and external hints
@@ -114,37 +120,135 @@ class LoadQueue:
         return len(self._best)
 
 
-class Loader(threading.Thread):
-    """The background reader of a `CachedStore` (I/O only, never a kernel)."""
+class Prefetcher:
+    """The guesses of a `CachedStore`: after each layer's routing, the predicted
+    experts of the next `depth` layers (the next token's first layer from
+    popularity) join the load queue; on decode the guesses are scored so that
+    later ones carry a confidence per predicted rank."""
 
-    def __init__(self, store):
+    def __init__(self, predictor, table, queue, k, depth=1):
+        self.predictor, self.table, self.queue, self.k = predictor, table, queue, k
+        self.n_layer, self.n_expert = table.plan.n_layer, table.plan.n_expert
+        self.prefetch_depth = depth  # layers guessed ahead
+        self.prefetch_top = k  # guesses per layer (router's top ones)
+        self._pred = [None] * self.n_layer  # per layer: (guesses, their ranks) or None
+        self._rank_hits = np.full(k, 1.0)  # per predicted rank: hits (+1 prior)
+        self._rank_tries = np.full(k, 2.0)  # per predicted rank: tries (+2 prior)
+
+    def guess(self, layer, x):
+        """Queue the guesses that follow layer `layer`'s expert input x (T, E)."""
+        tab, X = self.table, self.n_expert
+        jobs = []  # (target layer, experts, confidence, priority)
+        for d in range(1, self.prefetch_depth + 1):
+            tgt = layer + d
+            if tgt > self.n_layer or (tgt == self.n_layer and d > 1):
+                break
+            tgt %= self.n_layer
+            served = tab.served[tgt * X : (tgt + 1) * X]  # (X,)
+            if (tab.state[tgt * X : (tgt + 1) * X][served] == READY).all():
+                continue  # nothing to fetch for that layer
+            if tgt > layer:
+                experts = self.predictor.predict(layer, x, self.prefetch_top, tgt)
+                conf = self._rank_hits / self._rank_tries * (0.8 ** (d - 1))  # (k,)
+                prio = PREDICTED + 0.1 * (d - 1)
+            else:  # next token's first layer: popularity
+                experts, conf, prio = tab.policy.likely(tgt, self.k), np.full(self.k, 0.5), HINTED
+            keep = served[experts]  # experts served elsewhere are not guessed
+            experts, conf = np.asarray(experts)[keep], conf[: len(keep)][keep]
+            if d == 1 and tgt > layer:
+                self._pred[tgt] = (experts, np.flatnonzero(keep))  # guesses and their ranks
+            jobs.append((tgt, experts, conf, prio))
+        if not jobs:
+            return
+        with tab.cond:
+            tab.reserved[:] = False
+            pushed = False
+            for tgt, experts, conf, prio in jobs:
+                gs = tgt * X + np.asarray(experts, np.int64)
+                tab.reserved[gs] = True
+                tab.policy.expect(gs, conf)
+                for r, g in enumerate(gs):
+                    if tab.state[g] == ABSENT:
+                        pushed |= self.queue.push(
+                            int(g), prio + r / 1000, (tgt, int(tab.visits[tgt]))
+                        )
+            if pushed:
+                tab.cond.notify_all()
+
+    def score(self, layer, used, n_tok):
+        """Layer `layer` routed to experts `used`: count how the guesses for it did."""
+        pred = self._pred[layer]
+        self._pred[layer] = None
+        if pred is None or n_tok != 1:
+            return
+        pred, ranks = pred
+        right = np.isin(pred, used)
+        c = self.table.counters
+        c.predicted += len(pred)
+        c.predicted_right += int(right.sum())
+        c.actual_routed += int(self.table.served[layer * self.n_expert + used].sum())
+        self._rank_tries[ranks] += 1
+        self._rank_hits[ranks] += right
+
+    def hint(self, layer, ids):
+        """Queue loads of experts `ids` of `layer` at the hint priority."""
+        tab = self.table
+        with tab.cond:
+            for e in np.unique(np.asarray(ids).reshape(-1)):
+                g = layer * self.n_expert + int(e)
+                if 0 <= e < self.n_expert and tab.state[g] == ABSENT and tab.served[g]:
+                    self.queue.push(g, HINTED, (layer, int(tab.visits[layer])))
+            tab.cond.notify_all()
+
+
+class LoadSource(Protocol):
+    """What `Loader` drives: a source of speculative loads, one at a time.
+
+    `claim_next` and `finish` are called with `cond` held; `read` without it
+    (it may take long and releases the GIL while it waits)."""
+
+    cond: threading.Condition
+
+    def claim_next(self) -> int | None:
+        """The next expert to read, its place already reserved; None: nothing now."""
+
+    def read(self, g: int) -> None:
+        """Read expert g into its place."""
+
+    def finish(self, g: int, err: BaseException | None) -> None:
+        """The read of g ended; err is its exception, or None."""
+
+
+class Loader(threading.Thread):
+    """The background reader of a `LoadSource` (I/O only, never a kernel)."""
+
+    def __init__(self, source: LoadSource):
         super().__init__(name="meldlite-expert-loader", daemon=True)
-        self.store = store
+        self.source = source
         self.stopping = False
 
     def run(self):
-        st = self.store
-        cond = st._cond
+        src, cond = self.source, self.source.cond
         while True:
             with cond:
-                job = None
-                while job is None:
+                g = None
+                while g is None:
                     if self.stopping:
                         return
-                    job = st._claim_next()
-                    if job is None:
+                    g = src.claim_next()
+                    if g is None:
                         cond.wait()
             err = None
             try:
-                st._read(job)
+                src.read(g)
             except BaseException as e:  # reported to the compute thread
                 err = e
             with cond:
-                st._finish(job, err)
+                src.finish(g, err)
                 cond.notify_all()
 
     def stop(self):
-        with self.store._cond:
+        with self.source.cond:
             self.stopping = True
-            self.store._cond.notify_all()
+            self.source.cond.notify_all()
         self.join(timeout=10)
