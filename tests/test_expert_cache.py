@@ -16,10 +16,11 @@ import pytest
 from helpers_models import Shape, write_random_model
 
 import meldlite
+from meldlite import kernels
 from meldlite.errors import BudgetError, OptionError
 from meldlite.experts import skip_light_experts
 from meldlite.experts.budget import parse_budget, parse_rate, parse_size
-from meldlite.experts.cache import READY, combine
+from meldlite.experts.cache import READY
 from meldlite.experts.io import Throttle, drop_file_cache, page_cache_fraction
 from meldlite.formats import pack, read_gguf
 
@@ -235,12 +236,14 @@ def test_prefill_in_small_batches_with_minimum_budget_splits_groups(models, refe
         m.close()
 
 
-def test_combine_adds_in_slot_order_like_the_kernel():
+def test_pairs_add_in_slot_order_like_the_kernel():
+    # the cache computes (token, slot) pairs in groups into rows t * k + j of Y and
+    # sums them with kernels.sum_slots: the order of moe_ffn's own sum
     rng = np.random.default_rng(0)
     ids = np.array([[1, 0, -1], [2, 2, 1]], np.int32)
     w = rng.random((2, 3)).astype(np.float32)
     Y = rng.standard_normal((2, 3, 5)).astype(np.float32)
-    out = combine(ids, w, Y)
+    out = kernels.sum_slots(ids, w, Y.reshape(6, 5), np.arange(6).reshape(2, 3))
     want = np.zeros((2, 5), np.float32)
     for t in range(2):
         for j in range(3):

@@ -18,7 +18,7 @@ the policy, counters) is guarded by one condition variable, `table.cond`.
 Results are bit-identical to `ResidentStore`: when all of a layer's experts are
 cached at once the same `moe_ffn` call runs; otherwise the experts are computed
 in groups, each (token, slot) pair with weight 1 (y = 0 + 1*y exactly), and the
-pairs are added per token in slot order as `moe_ffn` adds them (see `combine`).
+pairs are added per token in slot order as `moe_ffn` adds them (`kernels.sum_slots`).
 """
 
 import time
@@ -39,24 +39,9 @@ from meldlite.experts.prefetch import Loader, Prefetcher, RoutePredictor
 from meldlite.experts.residency import ABSENT, LOADING, READY, Residency
 from meldlite.experts.store import ExpertStore, expert_matrices
 
-__all__ = ["MECHANISMS", "READY", "CachedStore", "combine"]
+__all__ = ["MECHANISMS", "READY", "CachedStore"]
 
 F32 = np.float32
-
-
-def combine(ids, weights, Y):
-    """out[t] = sum over slots j in order, ids[t, j] >= 0, of weights[t, j] * Y[t, j],
-    in float32 from 0.0 -- the same operations, in the same order, as moe_ffn's
-    combine step."""
-    T, k = ids.shape
-    out = np.zeros((T, Y.shape[2]), F32)  # (T, E)
-    for j in range(k):
-        m = ids[:, j] >= 0  # (T,)
-        if m.all():
-            out += weights[:, j, None] * Y[:, j]
-        elif m.any():
-            out[m] += weights[m, j, None] * Y[m, j]
-    return out
 
 
 class CachedStore(ExpertStore):
@@ -84,7 +69,7 @@ class CachedStore(ExpertStore):
             raise OptionError(f"expert_io {mechanism!r} is not one of {', '.join(MECHANISMS)}")
         self.cfg = cfg
         self.n_layer, self.n_expert, self.k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
-        self._round = llama_numerics
+        self.llama_numerics = llama_numerics
         self.reader = ExpertReader(gguf, mechanism, io_throttle, drop_cache)
         self.mechanism, self.slabs = self.reader.mechanism, self.reader.slabs
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.reader.file.direct else 1)
@@ -248,7 +233,7 @@ class CachedStore(ExpertStore):
         self._bind(layer, gs)
         t0 = time.perf_counter()
         out = kernels.moe_ffn(
-            x, ids, weights, self.mats[layer], self.types[layer], round_acts=self._round
+            x, ids, weights, self.mats[layer], self.types[layer], llama_numerics=self.llama_numerics
         )
         self.estimates.note_compute(time.perf_counter() - t0, n_pairs or int((ids >= 0).sum()))
         return out
@@ -263,7 +248,7 @@ class CachedStore(ExpertStore):
         wp = np.ones((len(t_idx), 1), F32)  # (P, 1)
         t0 = time.perf_counter()
         Y[t_idx, j_idx] = kernels.moe_ffn(
-            xp, ip, wp, self.mats[layer], self.types[layer], round_acts=self._round
+            xp, ip, wp, self.mats[layer], self.types[layer], llama_numerics=self.llama_numerics
         )
         self.estimates.note_compute(time.perf_counter() - t0, len(t_idx))
         self.counters.groups_split += 1
@@ -304,4 +289,6 @@ class CachedStore(ExpertStore):
             return self._compute_all(layer, x, ids, weights, gs)
         if ready:
             flush()
-        return combine(ids, weights, Y)
+        T, k, E = Y.shape  # pair (t, j) sits in row t * k + j
+        rows = np.arange(T * k).reshape(T, k)  # (T, k)
+        return kernels.sum_slots(ids, weights, Y.reshape(T * k, E), rows)  # (T, E)
