@@ -147,9 +147,9 @@ def trace_and_opt(packed, reps_tokens, budgets):
     """Decode-step expert traces (identical in every configuration: same tokens,
     bit-identical routing) and, per budget, Belady's bytes per decode token."""
     import meldlite
-    from meldlite.experts.budget import parse_budget
     from meldlite.experts.cache import ExpertPlan, split_budget
     from meldlite.experts.io import DIO_ALIGN
+    from meldlite.units import parse_budget
 
     m = meldlite.load(packed, n_ctx=512)
     plan = ExpertPlan(m.gguf, m.cfg, DIO_ALIGN)  # the slots of the default (direct) store
@@ -471,7 +471,7 @@ def main():
             spec,
         )
     import meldlite
-    from meldlite.experts.budget import parse_rate
+    from meldlite.units import parse_rate
 
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}; threads {args.threads}; prompt {args.prompt} tokens, "

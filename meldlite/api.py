@@ -15,6 +15,7 @@ from meldlite.errors import OptionError
 from meldlite.experts import make_store
 from meldlite.experts.io import drop_file_cache
 from meldlite.formats import read_gguf
+from meldlite.kernels.threads import set_threads
 from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.tokenizer import Tokenizer
@@ -109,18 +110,6 @@ def load(
 def peak_rss_bytes():
     """Peak resident set size of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def set_threads(n_threads):
-    """Set the kernels' thread count (None: all cores)."""
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    n = limit if n_threads is None else int(n_threads)
-    if not 1 <= n <= limit:
-        raise OptionError(f"threads must be in 1..{limit}, got {n_threads}")
-    numba.set_num_threads(n)
-    return n
 
 
 class Model:

@@ -52,9 +52,9 @@ from meldlite.cli import command
 @click.option("-v", "--verbose", is_flag=True, help="Log every session change.")
 def peer(model, listen, mem_budget, keys, insecure, threads, heartbeat, verbose):
     """Serve experts of MODEL (or, without MODEL, experts the coordinator sends)."""
-    from meldlite.experts.budget import parse_size
     from meldlite.transports import security
     from meldlite.transports.peer import PeerServer
+    from meldlite.units import parse_size
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from meldlite.compress import ladder, write
 from meldlite.errors import OptionError
-from meldlite.experts.budget import parse_size
 from meldlite.formats.gguf import read_gguf
+from meldlite.units import parse_size
 
 
 @dataclass

@@ -35,10 +35,10 @@ from meldlite import kernels
 from meldlite.errors import BudgetError, FormatError, OptionError
 from meldlite.experts import io as eio
 from meldlite.experts.adaptive import skip_light_experts
-from meldlite.experts.budget import format_bytes
 from meldlite.experts.policy import make_policy
 from meldlite.experts.prefetch import HINTED, PREDICTED, Loader, LoadQueue, RoutePredictor
 from meldlite.experts.store import ExpertStore, expert_matrices
+from meldlite.units import format_bytes
 
 ABSENT, LOADING, READY = 0, 1, 2
 MECHANISMS = ("direct", "pread", "mmap")

@@ -7,6 +7,7 @@ Public API:
 - `moe_ffn(x, ids, weights, mats, types, out=None)`: one layer's routed experts.
 - `expert_list`, `set_expert`, `placeholder`, `check_types`: helpers for `mats`.
 - `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
+- `set_threads`, `check_threads`: the parallel loops' thread count.
 
 - `qmatmul(raw, ggml_type, x, out=None)`: W x with x rounded as llama.cpp rounds it, by
   integer dot products against 8-bit activations (qdot.py) where the type has them.
@@ -28,9 +29,11 @@ from meldlite.kernels.matmul import matmul
 from meldlite.kernels.moe import check_types, expert_list, moe_ffn, placeholder, set_expert
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
+from meldlite.kernels.threads import check_threads, set_threads
 
 __all__ = [
     "SUPPORTED_TYPES",
+    "check_threads",
     "check_type",
     "check_types",
     "dequantize",
@@ -40,4 +43,5 @@ __all__ = [
     "placeholder",
     "qmatmul",
     "set_expert",
+    "set_threads",
 ]

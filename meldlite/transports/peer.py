@@ -129,9 +129,7 @@ class PeerServer:
         self.limits = limits
         self.name = name or f"peer-{os.getpid()}"
         if threads is not None:
-            from meldlite.api import set_threads
-
-            set_threads(threads)
+            kernels.set_threads(threads)
         self.keys = security.as_server_keys(keys)
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, self.keys) if self.keys else None
