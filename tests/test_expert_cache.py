@@ -311,18 +311,13 @@ def test_prefill_keeps_decode_experts_of_every_layer(models):
     ids = m.tokenize(TEXT + " " + TEXT)[:60]
     seen = {}
 
-    class Spy:
-        def __init__(self, inner):
-            self.inner = inner
+    def spy(layer, x, i, w):
+        seen[layer] = np.unique(np.asarray(i)[-1])  # the prompt's last token
 
-        def moe(self, layer, x, i, w):
-            seen[layer] = np.unique(np.asarray(i)[-1])  # the prompt's last token
-            return self.inner.moe(layer, x, i, w)
-
-    store = m.store
-    m.store = Spy(store)
+    m.route_observers.append(spy)
     m.logits(ids)
-    m.store = store
+    m.route_observers.remove(spy)
+    store = m.store
     X = m.cfg.n_expert
     for layer in range(m.cfg.n_layer):
         # plain LRU after a 60-token prefill would have kept only the last layers' experts

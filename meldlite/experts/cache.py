@@ -38,10 +38,10 @@ from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.policy import make_policy
 from meldlite.experts.prefetch import HINTED, PREDICTED, Loader, LoadQueue, RoutePredictor
 from meldlite.experts.store import ExpertStore, expert_matrices
+from meldlite.options import MECHANISMS
 from meldlite.units import format_bytes
 
 ABSENT, LOADING, READY = 0, 1, 2
-MECHANISMS = ("direct", "pread", "mmap")
 KINDS = ("gate", "up", "down")
 SLOT_ALIGN = 64  # slab slots start on cache-line boundaries
 SPLIT_COST = 3e-4  # seconds an extra kernel call + combine cost (measured, docs/experts.md)
