@@ -88,7 +88,7 @@ class Model:
         over it a `RemoteStore` when peers are given (the local store then serves
         the experts placed here and failover)."""
         self.path = default_model_path() if path is None else os.fspath(path)
-        self.options = runtime
+        self.runtime = runtime
         self.cold_cache = drop_file_cache(self.path) if runtime.cold else None  # (before, after)
         self.gguf = read_gguf(self.path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
@@ -155,7 +155,7 @@ class Model:
                 chunk,
                 all_logits=all_logits,
                 on_route=self._observe if self.route_observers else None,
-                min_expert_weight=self.options.min_expert_weight,
+                min_expert_weight=self.runtime.min_expert_weight,
                 route_counts=self.route_counts,
             )
             if all_logits or last:
