@@ -27,6 +27,10 @@ from meldlite.weights import Weights
 def load(path=None, **options):
     """Open a GGUF model (`None`: the built-in default model).
 
+    The keywords below fill the option groups of `meldlite.options` (`Runtime`,
+    `Store`, `Peers`), where each is declared, defaulted and checked once;
+    `Model(path, runtime=..., store=..., peers=...)` takes the groups themselves.
+
     n_ctx: context length (default: the model's training context, at most 4096);
     n_threads: compute threads (default: all cores); n_batch: prompt tokens per
     forward call during prefill; llama_numerics: round activations before each
