@@ -104,18 +104,14 @@ def replay_tokens(tokenizer_model, n_prompt, n_decode, reps):
 
 
 class _Trace:
-    """Wraps an expert store and records each decode step's experts per layer."""
+    """A route observer (`Model.route_observers`): each decode step's experts per layer."""
 
-    def __init__(self, inner, n_expert):
-        self.inner, self.n_expert, self.steps, self.on = inner, n_expert, [], False
+    def __init__(self):
+        self.steps, self.on = [], False
 
-    def moe(self, layer, x, ids, weights):
+    def __call__(self, layer, x, ids, weights):
         if self.on:
             self.steps.append((layer, np.unique(ids[ids >= 0])))
-        return self.inner.moe(layer, x, ids, weights)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def belady_loads(trace, n_expert, sizes, slots_by_size):
@@ -147,15 +143,15 @@ def trace_and_opt(packed, reps_tokens, budgets):
     """Decode-step expert traces (identical in every configuration: same tokens,
     bit-identical routing) and, per budget, Belady's bytes per decode token."""
     import meldlite
-    from meldlite.experts.budget import parse_budget
     from meldlite.experts.io import DIO_ALIGN
     from meldlite.experts.plan import ExpertPlan
     from meldlite.experts.pools import split_budget
+    from meldlite.units import parse_budget
 
     m = meldlite.load(packed, n_ctx=512)
     plan = ExpertPlan(m.gguf, m.cfg, DIO_ALIGN)  # the slots of the default (direct) store
-    tr = _Trace(m.store, m.cfg.n_expert)
-    m.store = tr
+    tr = _Trace()
+    m.route_observers.append(tr)
     per_rep = []
     for prompt, dec in reps_tokens:
         m.cache.reset()
@@ -472,7 +468,7 @@ def main():
             spec,
         )
     import meldlite
-    from meldlite.experts.budget import parse_rate
+    from meldlite.units import parse_rate
 
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}; threads {args.threads}; prompt {args.prompt} tokens, "

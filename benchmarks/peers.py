@@ -42,12 +42,13 @@ SHARED = ROOT.parent / "shared" / "models"
 MODEL = SHARED / "tinystories-moe-f16.gguf"
 
 import meldlite  # noqa: E402
+from meldlite.api import Model  # noqa: E402
 from meldlite.experts.profile import build_profile  # noqa: E402
 from meldlite.metrics import kl_divergence, top1_agreement  # noqa: E402
+from meldlite.options import Peers, Runtime  # noqa: E402
 from meldlite.transports import placement as pl  # noqa: E402
 from meldlite.transports.link import parse_link  # noqa: E402
 from meldlite.transports.peer import LocalPeer  # noqa: E402
-from meldlite.transports.remote import connect  # noqa: E402
 
 
 def stories(a, b):
@@ -98,9 +99,14 @@ def per_token(s0, s1, key, n):
     return (s1.get(key, 0) - s0.get(key, 0)) / n
 
 
+def with_peers(path, endpoints, **options):
+    """The model with its experts on `endpoints` (Peers options as keywords)."""
+    peers = Peers(endpoints, **{"timeout": 30.0, **options})
+    return Model(path, runtime=Runtime(n_threads=1), peers=peers)
+
+
 def bench_config(path, endpoints, ids, n_decode, reps, **options):
-    m = meldlite.load(path, n_threads=1)
-    connect(m, endpoints, timeout=30.0, **options)
+    m = with_peers(path, endpoints, **options)
     try:
         timed_run(m, ids[:8], 2)  # warm-up
         rows = []
@@ -174,7 +180,7 @@ def main():
     prof = build_profile(base, "<|endoftext|>".join(stories(100, 140)))
     routes = [[] for _ in range(cfg.n_layer)]
 
-    def record(layer, h, ids_):
+    def record(layer, h, ids_, weights):
         routes[layer].append(np.array(ids_))
 
     for s in stories(0, 10):
@@ -308,14 +314,12 @@ def main():
             ("f32", 0.3),
             ("q8", 0.2),
         ):
-            m = meldlite.load(MODEL, n_threads=1)
-            connect(
-                m,
+            m = with_peers(
+                MODEL,
                 endpoints[:n],
                 placement=placements[(n, "profile" if n > 1 else "round-robin")],
                 wire=wire,
                 fuse=tau,
-                timeout=30.0,
             )
             try:
                 s0 = m.store.stats()

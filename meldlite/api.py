@@ -1,6 +1,7 @@
 """The public Python API: `meldlite.load(...) -> Model`."""
 
 import codecs
+import inspect
 import math
 import os
 import resource
@@ -15,38 +16,20 @@ from meldlite.errors import OptionError
 from meldlite.experts import make_store
 from meldlite.experts.io import drop_file_cache
 from meldlite.formats import read_gguf
+from meldlite.kernels.threads import set_threads
 from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
+from meldlite.options import Generation, Runtime, Sampler, Store, from_keywords, load_keywords
 from meldlite.tokenizer import Tokenizer
 from meldlite.weights import Weights
 
 
-def load(
-    path=None,
-    *,
-    n_ctx=None,
-    n_threads=None,
-    n_batch=512,
-    llama_numerics=True,
-    mem_budget=None,
-    cache_policy=None,
-    prefetch=True,
-    min_expert_weight=None,
-    io_throttle=None,
-    cold=False,
-    profile=None,
-    expert_io=None,
-    peers=None,
-    placement=None,
-    wire="f32",
-    exact=False,
-    fuse=0.0,
-    link=None,
-    keys=None,
-    insecure=False,
-    peer_timeout=10.0,
-):
+def load(path=None, **options):
     """Open a GGUF model (`None`: the built-in default model).
+
+    The keywords below fill the option groups of `meldlite.options` (`Runtime`,
+    `Store`, `Peers`), where each is declared, defaulted and checked once;
+    `Model(path, runtime=..., store=..., peers=...)` takes the groups themselves.
 
     n_ctx: context length (default: the model's training context, at most 4096);
     n_threads: compute threads (default: all cores); n_batch: prompt tokens per
@@ -78,32 +61,19 @@ def load(
     insecure: allow unencrypted non-loopback peers; peer_timeout: seconds per
     request; link ("100Mbit/5ms"): link emulation, a measurement aid.
     """
-    return Model(
-        default_model_path() if path is None else os.fspath(path),
-        n_ctx=n_ctx,
-        n_threads=n_threads,
-        n_batch=n_batch,
-        llama_numerics=llama_numerics,
-        cold=cold,
-        mem_budget=mem_budget,
-        cache_policy=cache_policy,
-        prefetch=prefetch,
-        min_expert_weight=min_expert_weight,
-        io_throttle=io_throttle,
-        profile=profile,
-        expert_io=expert_io,
-        peers=peers,
-        peer_options=dict(
-            placement=placement,
-            wire=wire,
-            exact=exact,
-            fuse=fuse,
-            link=link,
-            keys=keys,
-            insecure=insecure,
-            timeout=peer_timeout,
-        ),
-    )
+    return Model(path, **from_keywords(options))
+
+
+def _load_signature():
+    """`load`'s signature as `inspect` shows it: path, then every keyword the
+    option groups give `load`, with its default."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    params += [inspect.Parameter(k, kw, default=d) for k, (_, _, d) in load_keywords().items()]
+    return inspect.Signature(params)
+
+
+load.__signature__ = _load_signature()
 
 
 def peak_rss_bytes():
@@ -111,77 +81,58 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def set_threads(n_threads):
-    """Set the kernels' thread count (None: all cores)."""
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    n = limit if n_threads is None else int(n_threads)
-    if not 1 <= n <= limit:
-        raise OptionError(f"threads must be in 1..{limit}, got {n_threads}")
-    numba.set_num_threads(n)
-    return n
-
-
 class Model:
     """A loaded model: tokenizer, resident weights, expert store and KV cache."""
 
-    def __init__(
-        self,
-        path,
-        n_ctx=None,
-        n_threads=None,
-        n_batch=512,
-        llama_numerics=True,
-        cold=False,
-        peers=None,
-        peer_options=None,
-        **store_options,
-    ):
-        self.path = path
-        self.cold_cache = drop_file_cache(path) if cold else None  # (cached before, after)
-        self.gguf = read_gguf(path)
+    def __init__(self, path=None, runtime=Runtime(), store=Store(), peers=None):
+        """path: a GGUF file (None: the built-in model); runtime, store, peers: the
+        option groups of `meldlite.options` (peers None: every expert computed here).
+
+        The expert store stack is built here: the local store (`make_store`), and
+        over it a `RemoteStore` when peers are given (the local store then serves
+        the experts placed here and failover)."""
+        self.path = default_model_path() if path is None else os.fspath(path)
+        self.runtime = runtime
+        self.cold_cache = drop_file_cache(self.path) if runtime.cold else None  # (before, after)
+        self.gguf = read_gguf(self.path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-        self.weights = Weights(self.gguf, llama_numerics)
+        self.weights = Weights(self.gguf, runtime.llama_numerics)
         self.cfg = ModelConfig.from_metadata(
             self.gguf.metadata, n_vocab=self.weights["token_embd.weight"].shape[0]
         )
         check_weights(self.cfg, self.weights)
-        self.n_ctx = self.cfg.n_ctx_train if n_ctx is None else int(n_ctx)
-        if n_ctx is None:
-            self.n_ctx = min(self.n_ctx, 4096)
+        self.n_ctx = min(self.cfg.n_ctx_train, 4096) if runtime.n_ctx is None else runtime.n_ctx
         if not 1 <= self.n_ctx <= 1 << 20:
-            raise OptionError(f"n_ctx must be in 1..{1 << 20}, got {n_ctx}")
-        if int(n_batch) < 1:
-            raise OptionError(f"n_batch must be >= 1, got {n_batch}")
-        self.n_batch = int(n_batch)
-        self.n_threads = set_threads(n_threads)
-        if not self.cfg.is_moe and store_options.get("mem_budget") is not None:
-            raise OptionError(
-                "mem_budget applies to Mixture-of-Experts models; this one has no experts"
-            )
-        if peers:  # adaptive top-k is applied once, before routing to peers
-            peer_options = dict(
-                peer_options or {}, min_expert_weight=store_options.pop("min_expert_weight", None)
-            )
-        self.store = (
-            make_store(
-                self.gguf, self.cfg, self.weights, llama_numerics=llama_numerics, **store_options
-            )
-            if self.cfg.is_moe
-            else None
-        )
-        if peers:
-            from meldlite.transports.remote import connect
-
-            try:
-                connect(self, peers, **peer_options)
-            except BaseException:
-                if self.store is not None:
-                    self.store.close()
-                raise
+            raise OptionError(f"n_ctx must be in 1..{1 << 20}, got {self.n_ctx}")
+        self.n_batch = runtime.n_batch
+        self.n_threads = set_threads(runtime.n_threads)
+        self.route_observers = []  # callables (layer, x (T, E), ids (T, k), weights (T, k))
+        self.route_counts = {"routed_slots": 0, "experts_skipped": 0}
+        self.store = self._build_store(store, peers)
         self.cache = KVCache(self.cfg, self.n_ctx)
         self.timings = {}
+
+    def _build_store(self, store, peers):
+        """The local store, wrapped by a RemoteStore when there are peers (None: dense)."""
+        if not self.cfg.is_moe:
+            if store.mem_budget is not None:
+                raise OptionError(
+                    "mem_budget applies to Mixture-of-Experts models; this one has no experts"
+                )
+            if peers is not None:
+                raise OptionError("peers serve routed experts; this model has none")
+            return None
+        numerics = self.weights.llama_numerics
+        local = make_store(self.gguf, self.cfg, self.weights, store, llama_numerics=numerics)
+        if peers is None:
+            return local
+        from meldlite.transports.remote import RemoteStore
+
+        try:
+            return RemoteStore(self.gguf, self.cfg, peers, local=local, llama_numerics=numerics)
+        except BaseException:
+            local.close()
+            raise
 
     # --- tokens ---
     def tokenize(self, text, add_bos=True):
@@ -201,11 +152,23 @@ class Model:
             chunk = ids[start : start + self.n_batch]
             last = start + self.n_batch >= len(ids)
             logits = forward(
-                self.cfg, self.weights, self.store, self.cache, chunk, all_logits=all_logits
+                self.cfg,
+                self.weights,
+                self.store,
+                self.cache,
+                chunk,
+                all_logits=all_logits,
+                on_route=self._observe if self.route_observers else None,
+                min_expert_weight=self.runtime.min_expert_weight,
+                route_counts=self.route_counts,
             )
             if all_logits or last:
                 out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.n_vocab), np.float32)
+
+    def _observe(self, layer, x, ids, weights):
+        for observe in self.route_observers:
+            observe(layer, x, ids, weights)
 
     def _check_ids(self, ids):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -227,22 +190,24 @@ class Model:
     def generate(
         self,
         prompt,
-        max_tokens=128,
-        temperature=0.8,
-        top_k=40,
-        top_p=0.95,
-        min_p=0.05,
-        repeat_penalty=1.0,
-        seed=None,
+        max_tokens=Generation.max_tokens,
+        temperature=Sampler.temperature,
+        top_k=Sampler.top_k,
+        top_p=Sampler.top_p,
+        min_p=Sampler.min_p,
+        repeat_penalty=Sampler.repeat_penalty,
+        seed=Sampler.seed,
         stop_at_eos=True,
+        sampler=None,
     ):
         """Yield text pieces of a continuation of `prompt` as they are produced.
 
-        temperature 0 is greedy; `seed` makes sampling reproducible. Generation
+        temperature 0 is greedy; `seed` makes sampling reproducible; `sampler`, a
+        `meldlite.options.Sampler`, replaces the sampling keywords. Generation
         stops at end-of-generation tokens, after max_tokens, or when the
         context is full. Timings land in `self.timings`.
         """
-        params = sampling.SamplerParams(
+        params = sampler or Sampler(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -250,6 +215,7 @@ class Model:
             repeat_penalty=repeat_penalty,
             seed=seed,
         )
+        seed = params.seed
         if max_tokens < 0:
             raise OptionError("max_tokens must be >= 0")
         rng = np.random.default_rng(seed)
@@ -292,6 +258,8 @@ class Model:
         evaluated alone as BOS + document. A document longer than the context
         is cut into windows, each starting from a fresh context.
         """
+        if self.n_ctx < 2:
+            raise OptionError(f"perplexity needs a context of at least 2 tokens, got {self.n_ctx}")
         docs = [d.strip("\n") for d in text.split(separator)] if separator else [text]
         nll, count = 0.0, 0
         for doc in docs:
@@ -318,8 +286,11 @@ class Model:
         return model_info(self)
 
     def stats(self):
-        """Counters of the expert store plus peak resident memory."""
+        """Counters of the expert store and of routing (adaptive top-k's
+        `routed_slots`, `experts_skipped`), plus peak resident memory."""
         out = dict(self.store.stats()) if self.store else {}
+        if self.store:
+            out.update(self.route_counts)
         out["peak_rss_bytes"] = peak_rss_bytes()
         return out
 

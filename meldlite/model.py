@@ -8,6 +8,7 @@ D head size, F FFN width, X experts, k experts used, V vocabulary.
 import numpy as np
 
 from meldlite.errors import OptionError
+from meldlite.experts.adaptive import skip_light_experts
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
 
@@ -32,12 +33,23 @@ class KVCache:
         self.n_past = 0
 
 
-def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
+def forward(
+    cfg,
+    w,
+    store,
+    cache,
+    tokens,
+    all_logits=True,
+    on_route=None,
+    min_expert_weight=None,
+    route_counts=None,
+):
     """Run `tokens` (T,) after the `cache.n_past` tokens already in `cache`.
 
     Returns logits (T, V) float32, or (1, V) for the last token only when
-    `all_logits` is False. `on_route(layer, h, ids)` (optional) sees each
-    layer's routing, for profiling and prefetch.
+    `all_logits` is False. `on_route(layer, h, ids, weights)` (optional) sees each
+    layer's routing as the router made it, for profiling. `min_expert_weight`:
+    adaptive top-k (`adapt_route`), counted in the dict `route_counts` (optional).
 
     Each layer's attention half (norm, projections, RoPE, KV cache, attention,
     residual, FFN norm, router) is one jitted call (`kernels.attention`); the
@@ -78,7 +90,8 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
         )
         if cfg.is_moe:
             if on_route is not None:
-                on_route(i, h, ids)
+                on_route(i, h, ids, weights)
+            ids, weights = adapt_route(ids, weights, min_expert_weight, route_counts)
             f = store.moe(i, h, ids, weights)  # (T, E)
             if tr.shared_expert:
                 g = w[p + "ffn_gate_shexp.weight"] @ h  # (T, Fs)
@@ -98,6 +111,22 @@ def forward(cfg, w, store, cache, tokens, all_logits=True, on_route=None):
     h = np.empty_like(x)
     rms_norm_rows(x, w["output_norm.weight"], cfg.rms_eps, h)  # (T, E)
     return output_matrix(cfg, w) @ h  # (T, V)
+
+
+def adapt_route(ids, weights, min_weight, counts=None):
+    """Adaptive top-k, applied once, right after the router: with `min_weight`, the
+    slots whose renormalised weight is below it are skipped (id -1, weight 0) before
+    any store loads or computes them (`experts.adaptive.skip_light_experts`).
+
+    counts (optional dict): "routed_slots" += the router's slots, "experts_skipped"
+    += the slots skipped. ids (T, k), weights (T, k) -> (ids', weights')."""
+    n_routed = int(np.count_nonzero(ids >= 0)) if counts is not None else 0
+    if min_weight:
+        ids, weights = skip_light_experts(ids, weights, min_weight)
+    if counts is not None:
+        counts["routed_slots"] += n_routed
+        counts["experts_skipped"] += n_routed - int(np.count_nonzero(ids >= 0))
+    return ids, weights
 
 
 _EMPTY_F32 = np.zeros(0, F32)

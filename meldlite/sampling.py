@@ -2,40 +2,13 @@
 
 The order follows llama.cpp's sampler chain: repetition penalty -> top-k ->
 top-p -> min-p -> temperature -> draw. Filters return logits with the
-removed entries set to -inf, so they compose in any order.
+removed entries set to -inf, so they compose in any order. The parameters and
+their defaults are the option group `meldlite.options.Sampler`.
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 
-from meldlite.errors import OptionError
-
 NEG_INF = np.float32(-np.inf)
-
-
-@dataclass(frozen=True)
-class SamplerParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-
-    def __post_init__(self):
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise OptionError(message)
 
 
 def repetition_penalty(logits, recent, penalty):
@@ -84,7 +57,8 @@ def min_p(logits, p):
 
 
 def sample(logits, params, rng, recent=()):
-    """One token id from logits (V,) under `params`, drawing from `rng`."""
+    """One token id from logits (V,) under `params` (a `meldlite.options.Sampler`),
+    drawing from `rng`."""
     logits = repetition_penalty(
         logits,
         list(recent)[-params.repeat_last_n :] if params.repeat_last_n else [],

@@ -19,10 +19,10 @@ import meldlite
 from meldlite import kernels
 from meldlite.errors import BudgetError, OptionError
 from meldlite.experts import skip_light_experts
-from meldlite.experts.budget import parse_budget, parse_rate, parse_size
 from meldlite.experts.cache import READY
 from meldlite.experts.io import Throttle, drop_file_cache, page_cache_fraction
 from meldlite.formats import pack, read_gguf
+from meldlite.units import parse_budget, parse_rate, parse_size
 
 SMALL = Shape(
     n_vocab=4096,
@@ -315,18 +315,13 @@ def test_prefill_keeps_decode_experts_of_every_layer(models):
     ids = m.tokenize(TEXT + " " + TEXT)[:60]
     seen = {}
 
-    class Spy:
-        def __init__(self, inner):
-            self.inner = inner
+    def spy(layer, x, i, w):
+        seen[layer] = np.unique(np.asarray(i)[-1])  # the prompt's last token
 
-        def moe(self, layer, x, i, w):
-            seen[layer] = np.unique(np.asarray(i)[-1])  # the prompt's last token
-            return self.inner.moe(layer, x, i, w)
-
-    store = m.store
-    m.store = Spy(store)
+    m.route_observers.append(spy)
     m.logits(ids)
-    m.store = store
+    m.route_observers.remove(spy)
+    store = m.store
     X = m.cfg.n_expert
     for layer in range(m.cfg.n_layer):
         # plain LRU after a 60-token prefill would have kept only the last layers' experts
@@ -389,19 +384,11 @@ def test_min_expert_weight_skips_loads_and_agrees_across_stores(models, referenc
     want = res.logits(ids)
     assert res.stats()["experts_skipped"] > 0
     assert not np.array_equal(want, reference[1])
-    # the cached store computes the routing it is handed, light experts skipped
-    # (as the forward pass hands it): it neither loads nor computes them
-    m = meldlite.load(models["packed"], n_ctx=64, mem_budget="25%")
-    inner, skipped = m.store.moe, []
-
-    def moe(layer, x, i, w):
-        kept, kept_w = skip_light_experts(i, w, 0.45)
-        skipped.append(int((np.asarray(i) >= 0).sum() - (kept >= 0).sum()))
-        return inner(layer, x, kept, kept_w)
-
-    m.store.moe = moe
+    # adaptive top-k is applied once, in the forward pass: the cached store is
+    # handed the routing without the light experts and neither loads nor computes them
+    m = meldlite.load(models["packed"], n_ctx=64, min_expert_weight=0.45, mem_budget="25%")
     assert np.array_equal(m.logits(ids), want)
-    assert sum(skipped) == res.stats()["experts_skipped"]
+    assert m.stats()["experts_skipped"] == res.stats()["experts_skipped"]
     assert m.stats()["expert_uses"] == res.stats()["expert_uses"]
     m.close()
 

@@ -14,12 +14,13 @@ import zmq
 from helpers_models import Shape, llamacpp_quantize, write_random_model
 
 import meldlite
+from meldlite.api import Model
 from meldlite.errors import PeerError
 from meldlite.formats import pack, read_gguf
+from meldlite.options import Peers, Runtime, Store
 from meldlite.transports import protocol as P
 from meldlite.transports.peer import LocalPeer
 from meldlite.transports.placement import Placement, round_robin
-from meldlite.transports.remote import connect
 from meldlite.transports.security import keygen
 
 SHAPE = Shape(
@@ -88,10 +89,10 @@ def greedy_tokens(logits):
     return [int(np.argmax(step[-1])) for step in logits[:-1]]
 
 
-def with_peers(path, endpoints, **options):
-    m = meldlite.load(path, n_threads=1)
-    connect(m, endpoints, **{**FAST, **options})
-    return m
+def with_peers(path, endpoints, store=Store(), **options):
+    """The model with its experts on `endpoints` (`Peers` options as keywords)."""
+    peers = Peers(endpoints, **{**FAST, **options})
+    return Model(path, runtime=Runtime(n_threads=1), store=store, peers=peers)
 
 
 def random_placement(n_peers, seed, local=True, replicas=True):
@@ -161,13 +162,12 @@ def test_pruned_file_exact_mode_is_bit_identical(models, empty_peers, tmp_path, 
     if placement == "round-robin":
         m = with_peers(path, [p.endpoint for p in empty_peers[:2]], exact=True)
     else:
-        m = meldlite.load(path, n_threads=1, mem_budget="50%", prefetch=True)
-        connect(
-            m,
+        m = with_peers(
+            path,
             [p.endpoint for p in empty_peers],
+            store=Store(mem_budget="50%", prefetch=True),
             exact=True,
             placement=random_placement(3, seed=5),
-            **FAST,
         )
     try:
         st = m.store
@@ -266,14 +266,12 @@ def test_encodings_trade_bytes_for_error(models, empty_peers):
 def test_exact_mode_rejects_lossy_options(models, empty_peers):
     from meldlite.errors import OptionError
 
-    m = meldlite.load(models["f16"], n_threads=1)
-    try:
-        with pytest.raises(OptionError, match="f32"):
-            connect(m, [empty_peers[0].endpoint], exact=True, wire="q8")
-        with pytest.raises(OptionError, match="fusion"):
-            connect(m, [empty_peers[0].endpoint], exact=True, fuse=0.1)
-    finally:
-        m.close()
+    with pytest.raises(OptionError, match="f32"):
+        meldlite.load(models["f16"], peers=[empty_peers[0].endpoint], exact=True, wire="q8")
+    with pytest.raises(OptionError, match="fusion"):
+        meldlite.load(models["f16"], peers=[empty_peers[0].endpoint], exact=True, fuse=0.1)
+    with pytest.raises(OptionError, match="fusion"):
+        with_peers(models["f16"], [empty_peers[0].endpoint], exact=True, fuse=0.1)
 
 
 def test_token_fusion_merges_identical_states(models, empty_peers):
@@ -431,23 +429,15 @@ def test_model_mismatch_and_budget_are_refused(models, tmp_path):
     b = LocalPeer(args=["--mem-budget", "100kB"], log=tmp_path / "b.log", wait=False)
     with a, b:
         a.wait_ready(), b.wait_ready()
-        m = meldlite.load(other, n_threads=1)
-        try:
-            with pytest.raises(PeerError, match="MODEL_MISMATCH"):
-                connect(m, [a.endpoint], **FAST)
-            with pytest.raises(PeerError, match="BUDGET"):
-                connect(m, [b.endpoint], **FAST)
-        finally:
-            m.close()
+        with pytest.raises(PeerError, match="MODEL_MISMATCH"):
+            with_peers(other, [a.endpoint])
+        with pytest.raises(PeerError, match="BUDGET"):
+            with_peers(other, [b.endpoint])
 
 
 def test_unreachable_peer_is_named(models):
-    m = meldlite.load(models["f16"], n_threads=1)
-    try:
-        with pytest.raises(PeerError, match=r"tcp://127\.0\.0\.1:9 not ready"):
-            connect(m, ["tcp://127.0.0.1:9"], timeout=1.0, connect_timeout=0.5)
-    finally:
-        m.close()
+    with pytest.raises(PeerError, match=r"tcp://127\.0\.0\.1:9 not ready"):
+        with_peers(models["f16"], ["tcp://127.0.0.1:9"], timeout=1.0, connect_timeout=0.5)
 
 
 def raw_socket(endpoint):
@@ -592,14 +582,10 @@ def test_curve_keys_required_and_wrong_key_refused(models, tmp_path):
             assert np.array_equal(m.logits(PROMPT), ref[0])
         finally:
             m.close()
-        m = meldlite.load(models["f16"], n_threads=1)
-        try:
-            with pytest.raises(PeerError, match="refused our CURVE key"):
-                connect(m, [peer.endpoint], keys=wrong, timeout=2.0, connect_timeout=5.0)
-            with pytest.raises(PeerError):
-                connect(m, [peer.endpoint], timeout=1.0, connect_timeout=2.0)  # no keys at all
-        finally:
-            m.close()
+        with pytest.raises(PeerError, match="refused our CURVE key"):
+            with_peers(models["f16"], [peer.endpoint], keys=wrong, timeout=2.0, connect_timeout=5.0)
+        with pytest.raises(PeerError):  # no keys at all
+            with_peers(models["f16"], [peer.endpoint], timeout=1.0, connect_timeout=2.0)
 
 
 def test_cli_peer_binds_loopback_only_without_keys(tmp_path):

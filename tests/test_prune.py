@@ -132,7 +132,7 @@ def test_pruned_experts_are_never_routed_and_absent(models):
         m.store,
         m.cache,
         np.asarray(tokens()),
-        on_route=lambda layer, h, ids: seen.append((layer, ids.copy())),
+        on_route=lambda layer, h, ids, weights: seen.append((layer, ids.copy())),
     )
     for layer, ids in seen:
         assert not flags[layer][ids].any()

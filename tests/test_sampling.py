@@ -8,6 +8,7 @@ import pytest
 
 from meldlite import sampling
 from meldlite.errors import OptionError
+from meldlite.options import Sampler
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -77,13 +78,13 @@ def test_repetition_penalty_matches_llamacpp(penalty):
 
 def test_greedy_is_argmax_and_ignores_rng():
     x = logits(3)
-    params = sampling.SamplerParams(temperature=0.0)
+    params = Sampler(temperature=0.0)
     assert sampling.sample(x, params, np.random.default_rng(0)) == int(np.argmax(x))
 
 
 def test_seeded_sampling_is_reproducible_and_follows_distribution():
     x = logits(4)
-    params = sampling.SamplerParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    params = Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     draw = [sampling.sample(x, params, np.random.default_rng(42)) for _ in range(3)]
     assert len(set(draw)) == 1
     rng = np.random.default_rng(0)
@@ -96,4 +97,4 @@ def test_seeded_sampling_is_reproducible_and_follows_distribution():
 def test_bad_params_raise_option_error():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(min_p=2), dict(top_k=-3)):
         with pytest.raises(OptionError):
-            sampling.SamplerParams(**bad)
+            Sampler(**bad)

@@ -3,6 +3,8 @@
 import click
 
 from meldlite.cli import command
+from meldlite.cli.options import declared
+from meldlite.options import Runtime
 
 
 @command("perplexity")
@@ -14,17 +16,10 @@ from meldlite.cli import command
     show_default=True,
     help="Evaluate each document between separators alone ('' for one text).",
 )
-@click.option(
-    "-c",
-    "--ctx-size",
-    default=None,
-    type=click.IntRange(min=2),
-    help="Context length (default: the model's).",
-)
-@click.option("-t", "--threads", default=None, type=click.IntRange(min=1))
-def perplexity(model, textfile, separator, ctx_size, threads):
+@declared(Runtime, "n_ctx", "n_threads")
+def perplexity(model, textfile, separator, **options):
     """Perplexity of MODEL on TEXTFILE."""
-    import meldlite
+    from meldlite.api import Model
 
-    m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads)
+    m = Model(model, runtime=Runtime.take(options))
     click.echo(f"{m.perplexity(textfile.read(), separator=separator or None):.4f}")

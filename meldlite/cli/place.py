@@ -57,8 +57,8 @@ def place_cmd(profile, n_peers, budget, model, replicate, local_budget, slack, r
     import numpy as np
 
     from meldlite.errors import OptionError
-    from meldlite.experts.budget import parse_size
     from meldlite.transports import placement as pl
+    from meldlite.units import parse_size
 
     prof = pl.read_profile(profile)
     sizes = np.ones((prof.n_layer, prof.n_expert), np.int64)

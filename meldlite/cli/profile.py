@@ -5,6 +5,8 @@ a calibration sample of expert inputs into a sidecar .npz."""
 import click
 
 from meldlite.cli import command
+from meldlite.cli.options import declared
+from meldlite.options import Runtime
 
 
 @command("profile")
@@ -29,14 +31,7 @@ from meldlite.cli import command
     type=click.IntRange(min=1),
     help="Stop after the document that reaches this many tokens.",
 )
-@click.option(
-    "-c",
-    "--ctx-size",
-    default=None,
-    type=click.IntRange(min=2),
-    help="Context length (default: the model's, at most 4096).",
-)
-@click.option("-t", "--threads", default=None, type=click.IntRange(min=1))
+@declared(Runtime, "n_ctx", "n_threads")
 @click.option(
     "--calib-rows",
     default=None,
@@ -44,12 +39,12 @@ from meldlite.cli import command
     help="Rows per layer of the calibration sample kept for `meldlite quantize` "
     "(default 4096, fewer for big models; 0: none).",
 )
-def profile(model, textfile, output, separator, max_tokens, ctx_size, threads, calib_rows):
+def profile(model, textfile, output, separator, max_tokens, calib_rows, **options):
     """Profile MODEL's expert routing on TEXTFILE into OUTPUT."""
-    import meldlite
+    from meldlite.api import Model
     from meldlite.experts.profile import build_profile, save_profile
 
-    m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads)
+    m = Model(model, runtime=Runtime.take(options))
     prof = build_profile(
         m,
         textfile.read(),

@@ -13,8 +13,8 @@ from meldlite.compress import ladder, write
 from meldlite.compress.mixed import quantize_mixed
 from meldlite.compress.result import QuantizeResult
 from meldlite.errors import OptionError
-from meldlite.experts.budget import parse_size
 from meldlite.formats.gguf import read_gguf
+from meldlite.units import parse_size
 
 
 def quantize_model(

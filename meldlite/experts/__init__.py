@@ -4,7 +4,7 @@
 - `CachedStore`: experts in a memory budget, loaded from the file on demand and
   ahead of time by predictive prefetch (cache.py; its parts plan.py, pools.py,
   residency.py, loads.py, counters.py; prefetch.py, policy.py, io.py).
-- `make_store`: the store `meldlite.load`'s options ask for.
+- `make_store`: the local store that the `meldlite.options.Store` group asks for.
 - `build_profile` / `save_profile` / `read_profile`: routing profiles (profile.py).
 - `skip_light_experts`: adaptive top-k (adaptive.py).
 """

@@ -1,27 +1,14 @@
 """Adaptive top-k: skip routed experts whose share of the router weight is small.
 
-A pure function on a layer's routing, applied by the expert stores before they
-load or compute anything, so a skipped expert costs neither I/O nor FLOPs.
+A pure function on a layer's routing, applied once by the forward pass right
+after the router (`meldlite.model.adapt_route`), before any expert store loads or
+computes anything, so a skipped expert costs neither I/O nor FLOPs. The option,
+`min_expert_weight`, is declared in `meldlite.options.Runtime`.
 """
 
 import numpy as np
 
-from meldlite.errors import OptionError
-
 F32 = np.float32
-
-
-def check_min_weight(value):
-    """None/0 (off) or a float in (0, 1); OptionError otherwise."""
-    if value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"min_expert_weight must be a number in [0, 1), got {value!r}") from None
-    if not 0 <= v < 1 or v != v:
-        raise OptionError(f"min_expert_weight must be in [0, 1), got {value!r}")
-    return v or None
 
 
 def skip_light_experts(ids, weights, min_weight):

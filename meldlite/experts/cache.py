@@ -31,13 +31,14 @@ from meldlite import kernels
 from meldlite.errors import OptionError
 from meldlite.experts import io as eio
 from meldlite.experts.counters import CacheCounters, CacheTimers, Estimates
-from meldlite.experts.loads import MECHANISMS, ExpertReader, Loads
+from meldlite.experts.loads import ExpertReader, Loads
 from meldlite.experts.plan import ExpertPlan
 from meldlite.experts.policy import make_policy
 from meldlite.experts.pools import SlotPools
 from meldlite.experts.prefetch import Loader, Prefetcher, RoutePredictor
 from meldlite.experts.residency import ABSENT, LOADING, READY, Residency
 from meldlite.experts.store import ExpertStore, expert_matrices
+from meldlite.options import MECHANISMS
 
 __all__ = ["MECHANISMS", "READY", "CachedStore"]
 

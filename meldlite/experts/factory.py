@@ -1,16 +1,11 @@
-"""`make_store`: the expert store that `meldlite.load`'s options ask for."""
+"""`make_store`: the local expert store that the `Store` options ask for."""
 
-from meldlite.errors import OptionError
-from meldlite.experts.adaptive import check_min_weight
-from meldlite.experts.budget import parse_budget, parse_rate
-from meldlite.experts.cache import MECHANISMS, CachedStore
-from meldlite.experts.policy import POLICIES
+from meldlite.experts.cache import CachedStore
 from meldlite.experts.profile import load_prior
 from meldlite.experts.seed import metadata_seed
 from meldlite.experts.store import ResidentStore
-
-DEFAULT_POLICY = "forecast"  # chosen by benchmarks/offload.py, see docs/benchmarks.md
-DEFAULT_IO = "direct"  # idem
+from meldlite.options import DEFAULT_IO, DEFAULT_POLICY, Store
+from meldlite.units import parse_budget, parse_rate
 
 
 def expert_bytes(gguf, cfg):
@@ -24,43 +19,13 @@ def expert_bytes(gguf, cfg):
     )
 
 
-def make_store(
-    gguf,
-    cfg,
-    weights,
-    *,
-    llama_numerics=True,
-    mem_budget=None,
-    cache_policy=None,
-    prefetch=True,
-    min_expert_weight=None,
-    io_throttle=None,
-    profile=None,
-    expert_io=None,
-):
-    """A ResidentStore without mem_budget, else a CachedStore (see meldlite.load)."""
-    min_weight = check_min_weight(min_expert_weight)
-    if not isinstance(prefetch, bool):
-        raise OptionError(f"prefetch must be True or False, got {prefetch!r}")
-    if cache_policy is not None and cache_policy not in POLICIES:
-        raise OptionError(f"cache_policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
-    if expert_io is not None and expert_io not in MECHANISMS:
-        raise OptionError(f"expert_io {expert_io!r} is not one of {', '.join(MECHANISMS)}")
-    rate = parse_rate(io_throttle)
-    if mem_budget is None:
-        for name, value in (
-            ("cache_policy", cache_policy),
-            ("io_throttle", io_throttle),
-            ("profile", profile),
-            ("expert_io", expert_io),
-        ):
-            if value is not None:
-                raise OptionError(
-                    f"{name} applies to a memory-budgeted store: give mem_budget "
-                    f"too (e.g. mem_budget='100%')"
-                )
-        return ResidentStore(gguf, cfg, llama_numerics, min_expert_weight=min_weight)
-    budget = parse_budget(mem_budget, expert_bytes(gguf, cfg))
+def make_store(gguf, cfg, weights, options=Store(), llama_numerics=True):
+    """The local expert store that a `meldlite.options.Store` asks for: a
+    ResidentStore without a memory budget, else a CachedStore."""
+    if options.mem_budget is None:
+        return ResidentStore(gguf, cfg, llama_numerics)
+    profile = options.profile
+    budget = parse_budget(options.mem_budget, expert_bytes(gguf, cfg))
     seed = None if profile is not None else metadata_seed(gguf.metadata, cfg.n_layer, cfg.n_expert)
     prior = load_prior(profile, cfg) if profile is not None else (seed.prior() if seed else None)
     store = CachedStore(
@@ -68,11 +33,11 @@ def make_store(
         cfg,
         weights,
         budget,
-        policy=cache_policy or DEFAULT_POLICY,
-        prefetch=prefetch,
-        mechanism=expert_io or DEFAULT_IO,
+        policy=options.cache_policy or DEFAULT_POLICY,
+        prefetch=options.prefetch,
+        mechanism=options.expert_io or DEFAULT_IO,
         llama_numerics=llama_numerics,
-        io_throttle=rate,
+        io_throttle=parse_rate(options.io_throttle),
         prior=prior,
     )
     if seed is not None:  # a compressed file's popularity: most popular resident first

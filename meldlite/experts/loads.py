@@ -19,8 +19,6 @@ from meldlite.experts import io as eio
 from meldlite.experts.prefetch import HINTED, LoadQueue
 from meldlite.experts.residency import ABSENT, LOADING, READY
 
-MECHANISMS = ("direct", "pread", "mmap")
-
 
 class ExpertReader:
     """The model file opened for expert loads with `mechanism`, and the page-cache

@@ -24,8 +24,7 @@ layer), every load (`on_load`), and ranks eviction candidates with `value`
 import numpy as np
 
 from meldlite.errors import OptionError
-
-POLICIES = ("lru", "lfu", "forecast")
+from meldlite.options import POLICIES
 
 
 class Policy:

@@ -13,7 +13,7 @@ import numpy as np
 
 from meldlite.errors import BudgetError
 from meldlite.experts import io as eio
-from meldlite.experts.budget import format_bytes
+from meldlite.units import format_bytes
 
 
 class SlabPool:

@@ -32,7 +32,6 @@ import numpy as np
 
 from meldlite.errors import FormatError, OptionError
 from meldlite.experts.prefetch import RoutePredictor
-from meldlite.experts.store import ExpertStore
 
 FORMAT = "meldlite-expert-profile"
 VERSION = 2
@@ -100,11 +99,10 @@ class _Reservoir:
         return self.x[:n], self.ids[:n], self.w[:n]
 
 
-class _Recorder(ExpertStore):
-    """Wraps a store: passes every call through and records the routing."""
+class _Recorder:
+    """A route observer (`Model.route_observers`): records each MoE layer's routing."""
 
-    def __init__(self, inner, cfg, weights, calib_rows=0):
-        self.inner = inner
+    def __init__(self, cfg, weights, calib_rows=0):
         self.cfg = cfg
         self.predictor = RoutePredictor(weights, cfg)
         L, X, E = cfg.n_layer, cfg.n_expert, cfg.n_embd
@@ -115,7 +113,8 @@ class _Recorder(ExpertStore):
         k = max(cfg.n_expert_used, 1)
         self.sample = [_Reservoir(calib_rows, E, k) for _ in range(L)] if calib_rows else None
 
-    def moe(self, layer, x, ids, weights):
+    def __call__(self, layer, x, ids, weights):
+        """x (T, E) the experts' input, ids (T, k) and weights (T, k) as routed."""
         ids = np.asarray(ids)
         self.ids[layer].append(ids.astype(np.int16))
         self.weights[layer].append(np.asarray(weights, np.float32))
@@ -131,7 +130,6 @@ class _Recorder(ExpertStore):
             logits = self.predictor.routers[layer + 1] @ z  # (T, X)
             k = self.cfg.n_expert_used
             self.pred[layer + 1].append(np.argsort(-logits, axis=-1, kind="stable")[:, :k])
-        return self.inner.moe(layer, x, ids, weights)
 
     def end_document(self):
         """Mark a document boundary (recurrence does not look across it)."""
@@ -199,8 +197,8 @@ def build_profile(
         calib_rows = default_calib_rows(cfg)
     if calib_rows < 0:
         raise OptionError(f"calib_rows must be >= 0, got {calib_rows}")
-    rec = _Recorder(model.store, cfg, model.weights, calib_rows)
-    saved, model.store = model.store, rec
+    rec = _Recorder(cfg, model.weights, calib_rows)
+    model.route_observers.append(rec)
     n_tok, n_docs, t0 = 0, 0, time.perf_counter()
     try:
         for doc in docs:
@@ -216,7 +214,7 @@ def build_profile(
             if max_tokens and n_tok >= max_tokens:
                 break
     finally:
-        model.store = saved
+        model.route_observers.remove(rec)
     return summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, time.perf_counter() - t0)
 
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from meldlite import kernels
 from meldlite.errors import FormatError
-from meldlite.experts.adaptive import skip_light_experts
 
 
 class ExpertStore:
@@ -70,28 +69,19 @@ def _distinct(ids) -> int:
 
 
 class ResidentStore(ExpertStore):
-    """All experts stay where the memory map puts them; nothing is evicted.
+    """All experts stay where the memory map puts them; nothing is evicted."""
 
-    min_expert_weight: skip routed experts whose renormalised weight is below it
-    (adaptive top-k, see `adaptive.skip_light_experts`); None keeps all k."""
-
-    def __init__(self, gguf, cfg, llama_numerics=True, min_expert_weight=None):
+    def __init__(self, gguf, cfg, llama_numerics=True):
         self._layers = [
             expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
             for i in range(cfg.n_layer)
         ]
         self.llama_numerics = llama_numerics
-        self.min_weight = min_expert_weight
-        self._calls = self._uses = self._skipped = self._routed = 0
+        self._calls = self._uses = 0
 
     def moe(self, layer, x, ids, weights):
         mats, types = self._layers[layer]
         ids = np.asarray(ids)
-        n_routed = np.count_nonzero(ids >= 0)
-        self._routed += n_routed
-        if self.min_weight:
-            ids, weights = skip_light_experts(ids, weights, self.min_weight)
-            self._skipped += n_routed - np.count_nonzero(ids >= 0)
         self._calls += 1
         self._uses += _distinct(ids)
         return kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=self.llama_numerics)
@@ -107,8 +97,6 @@ class ResidentStore(ExpertStore):
             "stall_seconds": 0.0,
             "hit_rate": 1.0,
             "expert_uses": self._uses,
-            "experts_skipped": self._skipped,
-            "routed_slots": self._routed,
             "moe_calls": self._calls,
             "cache_policy": None,
             "expert_io": "resident",

@@ -9,6 +9,7 @@ Public API:
 - `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
 - `sum_slots(ids, weights, ys, row_of, out=None)`: the slot-order sum of expert outputs
   that every MoE path ends with (one token's experts added in slot order from 0.0).
+- `set_threads`, `check_threads`: the parallel loops' thread count.
 
 - `qmatmul(raw, ggml_type, x, out=None)`: W x with x rounded as llama.cpp rounds it, by
   integer dot products against 8-bit activations (qdot.py) where the type has them.
@@ -31,9 +32,11 @@ from meldlite.kernels.moe import check_types, expert_list, moe_ffn, placeholder,
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
 from meldlite.kernels.slots import sum_slots
+from meldlite.kernels.threads import check_threads, set_threads
 
 __all__ = [
     "SUPPORTED_TYPES",
+    "check_threads",
     "check_type",
     "check_types",
     "dequantize",
@@ -43,5 +46,6 @@ __all__ = [
     "placeholder",
     "qmatmul",
     "set_expert",
+    "set_threads",
     "sum_slots",
 ]

@@ -2,7 +2,8 @@
 
 - `protocol`: the wire protocol (the one module that defines it).
 - `peer.PeerServer`: serves experts (`meldlite peer`).
-- `remote.RemoteStore` / `remote.connect`: the coordinator's expert store.
+- `remote.RemoteStore`: the coordinator's expert store (`Model` builds it over its
+  local store when given peers).
 - `placement`: placement files, round-robin, profile-guided `place`, routing.
 - `security`: CurveZMQ keys (`meldlite keygen`); `link`: link emulation.
 See docs/peers.md.
@@ -16,7 +17,6 @@ __all__ = [
     "PeerServer",
     "Placement",
     "RemoteStore",
-    "connect",
     "load_placement",
     "model_hash",
     "place",
@@ -30,8 +30,8 @@ def __getattr__(name):
         from meldlite.transports.peer import PeerServer
 
         return PeerServer
-    if name in ("RemoteStore", "connect"):
-        from meldlite.transports import remote
+    if name == "RemoteStore":
+        from meldlite.transports.remote import RemoteStore
 
-        return getattr(remote, name)
+        return RemoteStore
     raise AttributeError(name)

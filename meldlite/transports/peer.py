@@ -24,12 +24,16 @@ import numpy as np
 import zmq
 
 from meldlite import kernels
+from meldlite.config import ModelConfig
 from meldlite.errors import MeldliteError, OptionError
+from meldlite.experts.factory import expert_bytes
 from meldlite.formats import KINDS, read_gguf
 from meldlite.kernels.qtypes import check_type, row_bytes
+from meldlite.options import Serve
 from meldlite.transports import protocol as P
 from meldlite.transports import security
 from meldlite.transports.compute import pair_outputs
+from meldlite.units import parse_budget
 
 log = logging.getLogger("meldlite.peer")
 
@@ -81,6 +85,13 @@ def matrix_shapes(types, n_embd, n_ff):
     )
 
 
+def model_expert_bytes(gguf):
+    """Bytes of the experts of a model file (None without a file)."""
+    if gguf is None:
+        return None
+    return expert_bytes(gguf, ModelConfig.from_metadata(gguf.metadata))
+
+
 def warm_up():
     """One tiny MoE call, so the first real request does not wait for Numba's cache."""
     e = 32
@@ -101,7 +112,8 @@ class PeerServer:
     """Serve experts on `listen` ("tcp://HOST:PORT", port 0 or * for any free port).
 
     model: path of the GGUF file (None: experts arrive from the coordinator);
-    mem_budget: bytes of expert weights this peer may hold (None: no limit);
+    mem_budget: expert weights this peer may hold, as `meldlite.load` takes it
+    (bytes, "512MB", or "25%" of the model's expert bytes, with a model; None: no limit);
     keys: a `security.ServerKeys` or a key directory (None: no CURVE);
     threads: Numba threads for the kernels (None: leave Numba's default).
     """
@@ -118,20 +130,16 @@ class PeerServer:
         threads=None,
         name=None,
     ):
+        opts = Serve(listen=listen, mem_budget=mem_budget, keys=keys, heartbeat=heartbeat)
         self.gguf = read_gguf(model) if model is not None else None
         self.model_hash = P.model_hash(self.gguf) if self.gguf is not None else None
-        self.budget = None if mem_budget is None else int(mem_budget)
-        if self.budget is not None and self.budget < 0:
-            raise OptionError(f"mem_budget must be >= 0, got {mem_budget}")
-        self.heartbeat = float(heartbeat)
-        if not 0.01 <= self.heartbeat <= 3600:
-            raise OptionError(f"heartbeat must be in [0.01, 3600] s, got {heartbeat}")
+        share = isinstance(mem_budget, str) and "%" in mem_budget  # of the model's experts
+        self.budget = parse_budget(mem_budget, model_expert_bytes(self.gguf) if share else None)
+        self.heartbeat = float(opts.heartbeat)
         self.limits = limits
         self.name = name or f"peer-{os.getpid()}"
         if threads is not None:
-            from meldlite.api import set_threads
-
-            set_threads(threads)
+            kernels.set_threads(threads)
         self.keys = security.as_server_keys(keys)
         self.ctx = zmq.Context()
         self.auth = security.start_authenticator(self.ctx, self.keys) if self.keys else None

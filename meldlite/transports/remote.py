@@ -39,8 +39,7 @@ import numpy as np
 import zmq
 
 from meldlite import kernels
-from meldlite.errors import OptionError, PeerError
-from meldlite.experts.adaptive import check_min_weight, skip_light_experts
+from meldlite.errors import PeerError
 from meldlite.experts.store import ExpertStore, ResidentStore
 from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
@@ -52,20 +51,6 @@ from meldlite.transports.placement import Router, as_placement, round_robin
 
 log = logging.getLogger("meldlite.peers")
 F32 = np.float32
-
-
-def parse_peers(peers):
-    """List of endpoints from a list or a comma-separated string."""
-    if isinstance(peers, str):
-        peers = [p for p in peers.split(",") if p.strip()]
-    peers = [str(p).strip() for p in (peers or [])]
-    if not peers:
-        raise OptionError("peers: give at least one tcp://HOST:PORT")
-    for p in peers:
-        security.split_endpoint(p)
-    if len(set(peers)) != len(peers):
-        raise OptionError(f"peers repeat: {peers}")
-    return peers
 
 
 @dataclass
@@ -91,67 +76,27 @@ class Job:
 class RemoteStore(ExpertStore):
     """Experts on peers (and optionally here), see the module docstring.
 
-    gguf, cfg: the coordinator's model; peers: endpoints "tcp://host:port" in
-    placement node order; local: the store used for local experts and failover
-    (default: a ResidentStore on the same file); placement: Placement, dict or
-    path (default: round-robin over the peers); wire: "f32", "f16" or "q8";
-    exact: per-pair outputs summed here (f32 only); fuse: token-fusion
-    threshold for prefill (relative distance, 0 = off); link: "100Mbit/5ms"
-    link emulation; keys: ClientKeys or key directory; insecure: allow
-    unencrypted non-loopback peers; timeout: seconds per request;
-    connect_timeout: seconds for all peers to be ready at start; liveness:
-    missed heartbeats before a peer counts as dead; min_expert_weight: adaptive
-    top-k applied here, before routing (give the local store none).
+    gguf, cfg: the coordinator's model; options: a `meldlite.options.Peers` (the
+    endpoints in placement node order, placement, wire, exact, fuse, link, keys,
+    insecure, timeouts, liveness, retry); local: the store used for local experts
+    and failover, closed by `close` (but left open when construction fails;
+    default: a ResidentStore on the same file). Adaptive top-k is applied before `moe` is
+    called (`meldlite.model.adapt_route`).
     """
 
-    def __init__(
-        self,
-        gguf,
-        cfg,
-        peers,
-        *,
-        local=None,
-        placement=None,
-        wire="f32",
-        exact=False,
-        fuse=0.0,
-        link=None,
-        keys=None,
-        insecure=False,
-        timeout=10.0,
-        connect_timeout=60.0,
-        liveness=3,
-        llama_numerics=True,
-        retry_s=2.0,
-        min_expert_weight=None,
-        limits=P.Limits(),
-    ):
-        if not cfg.is_moe:
-            raise OptionError("peers serve routed experts; this model has none")
+    def __init__(self, gguf, cfg, options, *, local=None, llama_numerics=True, limits=P.Limits()):
         self.gguf, self.cfg = gguf, cfg
-        self.peers = parse_peers(peers)
-        self.keys = security.as_client_keys(keys)
+        self.peers = options.endpoints
+        self.keys = security.as_client_keys(options.keys)
         for p in self.peers:
-            security.check_exposure(p, self.keys, insecure, "peer")
-        self.enc = P.parse_encoding(wire)
+            security.check_exposure(p, self.keys, options.insecure, "peer")
+        self.enc = P.parse_encoding(options.wire)
         P.check_encoding(self.enc, cfg.n_embd)
-        self.exact = bool(exact)
-        if self.exact and self.enc != P.Enc.F32:
-            raise OptionError("exact mode sends f32 hidden states; wire must be f32")
-        self.fuse = float(fuse or 0.0)
-        if not 0.0 <= self.fuse < 1.0:
-            raise OptionError(f"fuse must be a relative distance in [0, 1), got {fuse}")
-        if self.exact and self.fuse:
-            raise OptionError("token fusion changes results; it cannot be used in exact mode")
-        for name, v, lo in (
-            ("timeout", timeout, 0.01),
-            ("connect_timeout", connect_timeout, 0.01),
-            ("liveness", liveness, 1),
-        ):
-            if not isinstance(v, (int, float)) or v < lo:
-                raise OptionError(f"{name} must be >= {lo}, got {v!r}")
-        self.timeout, self.liveness, self.retry_s = float(timeout), float(liveness), float(retry_s)
-        self.min_weight = check_min_weight(min_expert_weight)
+        self.exact = options.exact
+        self.fuse = float(options.fuse)
+        self.timeout, self.liveness = float(options.timeout), float(options.liveness)
+        self.retry_s = float(options.retry_s)
+        link, placement = options.link, options.placement
         self.link = parse_link(link)
         self.limits = limits
         self.llama_numerics = llama_numerics
@@ -181,7 +126,7 @@ class RemoteStore(ExpertStore):
                 for L in range(cfg.n_layer)
             ]
         )
-        self._own_local = local is None  # close it ourselves only if we made it
+        self._own_local = local is None  # closed here on failure only if made here
         self.local = local if local is not None else ResidentStore(gguf, cfg, llama_numerics)
         if hasattr(self.local, "serve_only"):  # a budgeted store prefetches local experts only
             self.local.serve_only(
@@ -213,7 +158,7 @@ class RemoteStore(ExpertStore):
                 self.clients[node] = PeerClient(
                     self.ctx, node, addr, self, keys=self.keys, limits=limits, ids=self._ids
                 )
-            self._start(float(connect_timeout))
+            self._start(float(options.connect_timeout))
         except BaseException:
             if not self._own_local:
                 self.local = None  # the caller's store stays open
@@ -322,8 +267,6 @@ class RemoteStore(ExpertStore):
         x = np.ascontiguousarray(x, dtype=F32)
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         weights = np.ascontiguousarray(weights, dtype=F32)
-        if self.min_weight:
-            ids, weights = skip_light_experts(ids, weights, self.min_weight)
         node = self.router.route(layer, ids)  # (T, k)
         jobs = [self._job(layer, int(g), x, ids, weights, node) for g in np.unique(node[node >= 0])]
         self.counters["layers"] += 1
@@ -556,20 +499,3 @@ class RemoteStore(ExpertStore):
         if getattr(self, "local", None) is not None:
             self.local.close()
             self.local = None
-
-
-def connect(model, peers, **options):
-    """Replace `model`'s expert store by a RemoteStore over `peers`; returns it.
-
-    The model's current store becomes the local store (local experts and
-    failover). Options: see RemoteStore."""
-    store = RemoteStore(
-        model.gguf,
-        model.cfg,
-        peers,
-        local=model.store,
-        llama_numerics=model.weights.llama_numerics,
-        **options,
-    )
-    model.store = store
-    return store

@@ -1,4 +1,4 @@
-"""Parsing of the sizes and rates users give: memory budgets and I/O throttles.
+"""Sizes and rates as users give them: byte sizes, memory budgets, I/O rates.
 
     parse_budget("64MB", expert_bytes)   -> 64_000_000
     parse_budget("1.5GiB", expert_bytes) -> 1_610_612_736
@@ -61,10 +61,16 @@ def parse_size(value, what="size"):
 def parse_budget(value, expert_bytes):
     """The memory budget in bytes; None stays None (everything resident).
 
-    A percentage is of `expert_bytes`; it must lie in (0, 100]."""
+    A percentage is of `expert_bytes`; it must lie in (0, 100]. With `expert_bytes`
+    None (no model to take a share of) a percentage is an OptionError."""
     if value is None:
         return None
     if isinstance(value, str) and "%" in value:
+        if expert_bytes is None:
+            raise OptionError(
+                f"mem_budget {value!r} is a share of a model's expert bytes, and there is "
+                f'no model; give a size such as "512MB"'
+            )
         m = _PCT_RE.match(value)
         if not m:
             raise OptionError(f"mem_budget {value!r} is not a percentage; use e.g. {BUDGET_FORMS}")
