@@ -46,7 +46,7 @@ from meldlite.experts.profile import build_profile  # noqa: E402
 from meldlite.metrics import kl_divergence, top1_agreement  # noqa: E402
 from meldlite.transports import placement as pl  # noqa: E402
 from meldlite.transports.link import parse_link  # noqa: E402
-from meldlite.transports.peer import LocalPeer  # noqa: E402
+from meldlite.transports.local_peer import LocalPeer  # noqa: E402
 from meldlite.transports.remote import connect  # noqa: E402
 
 

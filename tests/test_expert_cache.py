@@ -729,7 +729,7 @@ def test_pruned_file_other_mechanisms_and_preload(pruned, tmp_path, mechanism):
 
 
 def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, reference):
-    from meldlite.transports.peer import LocalPeer
+    from meldlite.transports.local_peer import LocalPeer
     from meldlite.transports.placement import Placement
 
     ids, _, _ = reference

@@ -2,6 +2,7 @@
 
 - `protocol`: the wire protocol (the one module that defines it).
 - `peer.PeerServer`: serves experts (`meldlite peer`).
+- `local_peer.LocalPeer`: a peer process on this machine (tests, benchmarks, examples).
 - `remote.RemoteStore` / `remote.connect`: the coordinator's expert store.
 - `placement`: placement files, round-robin, profile-guided `place`, routing.
 - `security`: CurveZMQ keys (`meldlite keygen`); `link`: link emulation.
