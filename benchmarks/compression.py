@@ -195,7 +195,8 @@ def profile_file(threads):
     path = OUT / "profile-calibration.json"
     if not path.exists():
         import meldlite
-        from meldlite.experts.profile import build_profile, save_profile
+        from meldlite.experts.profile import build_profile
+        from meldlite.formats.profile import save_profile
 
         calib, _ = stories()
         m = meldlite.load(F16, n_ctx=N_CTX, n_threads=threads)

@@ -205,7 +205,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for n in counts:
         rr = pl.round_robin(cfg.n_layer, cfg.n_expert, n)
-        rr.summary = pl.summarize(rr, pl.read_profile(prof), sizes)
+        rr.summary = pl.placement_summary(rr, pl.routing_stats_from_profile(prof), sizes)
         placements[(n, "round-robin")] = rr
         kinds = [("round-robin", rr)]
         if n > 1:

@@ -613,7 +613,7 @@ def pruned(models, tmp_path_factory):
     pruned and left out (`prune_file`, as `meldlite pack/quantize --prune-experts`);
     test_prune checks such a file's resident logits against llama.cpp."""
     from meldlite.compress.prune import prune_file
-    from meldlite.experts.profile import FORMAT, READS
+    from meldlite.formats.profile import FORMAT, READS
 
     d = tmp_path_factory.mktemp("pruned")
     pop = np.random.default_rng(7).random((SMALL.n_layer, SMALL.n_expert))  # (L, X)

@@ -139,7 +139,7 @@ def test_pruned_file_exact_mode_is_bit_identical(models, empty_peers, tmp_path, 
     bit-identical to one node. "random+budget": a placement made for all experts
     (pruned ones are dropped from it) and a memory-budgeted local store."""
     from meldlite.compress.prune import prune_file
-    from meldlite.experts.profile import FORMAT, READS
+    from meldlite.formats.profile import FORMAT, READS
 
     pop = np.random.default_rng(9).random((SHAPE.n_layer, SHAPE.n_expert))
     prof = {

@@ -47,7 +47,8 @@ from meldlite.cli import command
 def profile(model, textfile, output, separator, max_tokens, ctx_size, threads, calib_rows):
     """Profile MODEL's expert routing on TEXTFILE into OUTPUT."""
     import meldlite
-    from meldlite.experts.profile import build_profile, save_profile
+    from meldlite.experts.profile import build_profile
+    from meldlite.formats.profile import save_profile
 
     m = meldlite.load(model, n_ctx=ctx_size, n_threads=threads)
     prof = build_profile(

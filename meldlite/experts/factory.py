@@ -5,9 +5,9 @@ from meldlite.experts.adaptive import check_min_weight
 from meldlite.experts.budget import parse_budget, parse_rate
 from meldlite.experts.cache import MECHANISMS, CachedStore
 from meldlite.experts.policy import POLICIES
-from meldlite.experts.profile import load_prior
 from meldlite.experts.seed import metadata_seed
 from meldlite.experts.store import ResidentStore
+from meldlite.formats.profile import load_prior
 
 DEFAULT_POLICY = "forecast"  # chosen by benchmarks/offload.py, see docs/benchmarks.md
 DEFAULT_IO = "direct"  # idem
