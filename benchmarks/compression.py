@@ -29,7 +29,10 @@ The reference distributions are llama.cpp's on the F16 file. Groups of rows:
   removed (meldlite.compress.prune), evaluated by meldlite.
 
 The runtime that computed each row is in the table. Generated files and results
-are cached in benchmarks/out/compression/ (delete a file there to redo it).
+are cached in benchmarks/out/compression/CODE/, where CODE is a digest of the code
+that produces them (meldlite's sources, this benchmark's, tests/helpers_models.py
+and the installed llama-cpp-python's version): a change to any of them starts an
+empty cache (delete a file there to redo it; delete old CODE folders to free space).
 Output: a Markdown table on stdout (also written to
 benchmarks/out/compression/table.md) and, with matplotlib installed (the `bench`
 extra), the plot docs/compression.png.
@@ -37,6 +40,8 @@ extra), the plot docs/compression.png.
 
 import argparse
 import datetime
+import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -59,6 +64,28 @@ CROSS_CHECK = "Q4_K_M"  # a llama.cpp file evaluated by both runtimes
 PLOT = ROOT / "docs" / "compression.png"
 
 from offload import stories  # noqa: E402  (calibration half, held-out half of valid.txt)
+
+
+def code_digest():
+    """A digest of the code that produces this benchmark's files and results: every
+    Python source of meldlite/, this script, benchmarks/offload.py (the text split),
+    tests/helpers_models.py (llama.cpp's quantizer) and llama-cpp-python's version."""
+    h = hashlib.sha256()
+    sources = sorted((ROOT / "meldlite").rglob("*.py")) + [
+        Path(__file__).resolve(),
+        ROOT / "benchmarks" / "offload.py",
+        ROOT / "tests" / "helpers_models.py",
+    ]
+    for f in sources:
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    try:
+        h.update(importlib.metadata.version("llama_cpp_python").encode())
+    except importlib.metadata.PackageNotFoundError:
+        h.update(b"no llama-cpp-python")
+    return h.hexdigest()[:16]
+
+
+CACHE = OUT / code_digest()  # generated files and results of this code
 
 # -- data -------------------------------------------------------------------------
 
@@ -110,7 +137,7 @@ RUNNERS = {"llama.cpp": llamacpp_runner, "meldlite": meldlite_runner}
 
 def reference(docs, threads):
     """llama.cpp's F16 log-probabilities of each story, cached (list of (T, V) float32)."""
-    path = OUT / f"ref-f16-{len(docs)}.npz"
+    path = CACHE / f"ref-f16-{len(docs)}.npz"
     if path.exists():
         z = np.load(path)
         return [z[f"s{i}"] for i in range(len(docs))]
@@ -158,7 +185,7 @@ def file_sizes(path):
 def llamacpp_file(qtype):
     from helpers_models import llamacpp_quantize
 
-    dst = OUT / f"llamacpp-{qtype.lower()}.gguf"
+    dst = CACHE / f"llamacpp-{qtype.lower()}.gguf"
     if not dst.exists():
         llamacpp_quantize(F16, dst, qtype)
     return dst
@@ -192,10 +219,11 @@ def meldlite_quantize(dst, *args):
 
 def profile_file(threads):
     """Expert profile of the F16 model on the calibration half of valid.txt (cached)."""
-    path = OUT / "profile-calibration.json"
+    path = CACHE / "profile-calibration.json"
     if not path.exists():
         import meldlite
-        from meldlite.experts.profile import build_profile, save_profile
+        from meldlite.experts.profile import build_profile
+        from meldlite.formats.profile import save_profile
 
         calib, _ = stories()
         m = meldlite.load(F16, n_ctx=N_CTX, n_threads=threads)
@@ -210,7 +238,7 @@ def removed_file(pruned, src, name):
     from meldlite.compress.prune import pruned_flags, remove_experts
     from meldlite.formats import read_gguf
 
-    dst = OUT / f"{name}-removed.gguf"
+    dst = CACHE / f"{name}-removed.gguf"
     if not dst.exists():
         remove_experts(src, dst, pruned_flags(read_gguf(pruned)))
     return dst
@@ -220,7 +248,7 @@ def pruned_file(src, n_prune, prof, name):
     """`src` with the n_prune least used experts of each layer pruned (cached)."""
     from meldlite.compress.prune import prune_file
 
-    dst = OUT / f"{name}-prune{n_prune}.gguf"
+    dst = CACHE / f"{name}-prune{n_prune}.gguf"
     if not dst.exists():
         prune_file(src, dst, prof, n_prune)
     return dst
@@ -246,7 +274,7 @@ def rows_to_run(groups, mixed_sizes, prunes, threads):
     have_quantize = quantize_command_exists()
     if "meldlite" in groups and have_quantize:
         for t in MELDLITE_TYPES:
-            path = meldlite_quantize(OUT / f"meldlite-{t.lower()}.gguf", "--type", t)
+            path = meldlite_quantize(CACHE / f"meldlite-{t.lower()}.gguf", "--type", t)
             if path is None:
                 continue
             rows.append((f"meldlite {t}", "meldlite", path, "meldlite"))
@@ -258,7 +286,7 @@ def rows_to_run(groups, mixed_sizes, prunes, threads):
         for s in mixed_sizes:
             label = f"{parse_size(s) / 1e6:.2f}MB"
             path = meldlite_quantize(
-                OUT / f"mixed-{parse_size(s)}.gguf", "--size", s, "--profile", str(prof)
+                CACHE / f"mixed-{parse_size(s)}.gguf", "--size", s, "--profile", str(prof)
             )
             if path is not None:
                 mixed[label] = path
@@ -403,11 +431,11 @@ def main():
     args = ap.parse_args()
     if not F16.exists():
         sys.exit(f"{F16} not found")
-    OUT.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
     groups = args.groups.split(",")
     docs = held_out_ids(args.stories)
     ref = reference(docs, args.threads)
-    results_path = OUT / "results.json"
+    results_path = CACHE / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     def save():
@@ -434,7 +462,7 @@ def main():
     n_tok = f16["tokens"]
     text = (
         f"{args.stories} held-out stories ({n_tok} scored tokens), reference llama.cpp F16, "
-        f"{datetime.date.today()}\n\n"
+        f"{datetime.date.today()}, code {CACHE.name}\n\n"
         + table(measured, ("F16 (noise floor)", "f16", "meldlite", f16))
         + "\n\n"
         + verdict(measured)

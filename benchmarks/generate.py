@@ -7,10 +7,13 @@ Models: `trained` is ../shared/models' F16 tinystories MoE, `trained-q4` its
 Q4_K_M (llama.cpp's quantizer), `edge-q4`/`edge-q8` a random-weight qwen3moe
 of a realistic edge shape (24 layers, d_model 1024, 32 experts of 512, top-8,
 vocab 49152) in Q4_K_M / Q8_0, generated once into benchmarks/out/.
-Each engine prefills the same prompt tokens from a fresh context and then
-decodes greedily; the table shows medians over --reps runs and the ratio
-meldlite / llama.cpp (higher is better for meldlite). The two engines alternate
-within each repetition, so a burst of load from other processes hits both.
+Each engine first warms up on the same tokens (JIT, page-in: a prefill of the
+prompt's first WARMUP_PROMPT tokens and WARMUP_DECODE greedy decode steps; meldlite
+once per model, llama.cpp in each of its child processes), then prefills the
+prompt from a fresh context and decodes greedily; the table shows medians over
+--reps runs and the ratio meldlite / llama.cpp (higher is better for meldlite).
+The two engines alternate within each repetition, so a burst of load from other
+processes hits both.
 llama.cpp runs in a child process with this process's environment minus the
 OMP_WAIT_POLICY that meldlite sets for itself (llama.cpp's own OpenMP default:
 spinning workers), or with --llamacpp-wait passive the same sleeping workers as
@@ -83,6 +86,7 @@ def prompt_ids(n, n_vocab):
 
 LLAMACPP_WAIT = "default"
 QUIET = None
+WARMUP_PROMPT, WARMUP_DECODE = 8, 2  # warm-up of both engines before they are timed
 
 
 def time_llamacpp(path, ids, n_decode, threads):
@@ -116,16 +120,23 @@ def llamacpp_child(path, ids, n_decode, threads):
         n_threads_batch=threads,
         verbose=False,
     )
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    t1 = time.perf_counter()
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    for _ in range(n_decode):
-        llm.eval([tok])
+
+    def generate(ids, n_decode):
+        llm.reset()  # a fresh context, as time_meldlite's cache.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t2 = time.perf_counter()
+        for _ in range(n_decode):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t2 = time.perf_counter()
+        return len(ids) / (t1 - t0), n_decode / (t2 - t1)
+
+    generate(ids[:WARMUP_PROMPT], WARMUP_DECODE)  # warm-up, as bench() warms meldlite
+    speeds = generate(ids, n_decode)
     llm.close()
-    return len(ids) / (t1 - t0), n_decode / (t2 - t1)
+    return speeds
 
 
 def time_meldlite(model, ids, n_decode):
@@ -206,7 +217,7 @@ def bench(name, args):
     path = model_path(name)
     model = meldlite.load(path, n_ctx=args.prompt + args.decode + 8, n_threads=args.threads)
     ids = prompt_ids(args.prompt, model.cfg.n_vocab)
-    time_meldlite(model, ids[:8], 2)  # JIT / page-in warm-up
+    time_meldlite(model, ids[:WARMUP_PROMPT], WARMUP_DECODE)  # warm-up, as llamacpp_child's
     ours, ref = [], []
     for _ in range(args.reps):
         ref.append(QUIET(lambda: time_llamacpp(path, ids, args.decode, args.threads)))

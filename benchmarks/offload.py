@@ -75,7 +75,8 @@ def prepare(name):
     prof = OUT / f"offload-{name}-profile.json"
     if not prof.exists():
         import meldlite
-        from meldlite.experts.profile import build_profile, save_profile
+        from meldlite.experts.profile import build_profile
+        from meldlite.formats.profile import save_profile
 
         train, _ = stories()
         m = meldlite.load(packed, n_ctx=512)

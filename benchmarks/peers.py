@@ -48,7 +48,7 @@ from meldlite.metrics import kl_divergence, top1_agreement  # noqa: E402
 from meldlite.options import Peers, Runtime  # noqa: E402
 from meldlite.transports import placement as pl  # noqa: E402
 from meldlite.transports.link import parse_link  # noqa: E402
-from meldlite.transports.peer import LocalPeer  # noqa: E402
+from meldlite.transports.local_peer import LocalPeer  # noqa: E402
 
 
 def stories(a, b):
@@ -211,7 +211,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for n in counts:
         rr = pl.round_robin(cfg.n_layer, cfg.n_expert, n)
-        rr.summary = pl.summarize(rr, pl.read_profile(prof), sizes)
+        rr.summary = pl.placement_summary(rr, pl.routing_stats_from_profile(prof), sizes)
         placements[(n, "round-robin")] = rr
         kinds = [("round-robin", rr)]
         if n > 1:

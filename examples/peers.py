@@ -12,7 +12,7 @@ import sys
 
 import meldlite
 from meldlite.data import default_model_path
-from meldlite.transports.peer import LocalPeer
+from meldlite.transports.local_peer import LocalPeer
 
 model = sys.argv[1] if len(sys.argv) > 1 else default_model_path()
 prompt = "Once upon a time"

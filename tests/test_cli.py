@@ -37,7 +37,7 @@ def test_info_reports_architecture_and_parameters():
         (["run", "/nonexistent/model.gguf", "-n", "1"], "No such file"),
         (["run", "-n", "1", "--top-p", "5"], "top-p"),
         (["run", "-n", "-3"], "n-predict"),
-        (["info", "/"], ""),
+        (["info", "/"], "File '/' is a directory."),
         (["frobnicate"], "No such command"),
     ],
 )

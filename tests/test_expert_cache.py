@@ -615,7 +615,7 @@ def pruned(models, tmp_path_factory):
     pruned and left out (`prune_file`, as `meldlite pack/quantize --prune-experts`);
     test_prune checks such a file's resident logits against llama.cpp."""
     from meldlite.compress.prune import prune_file
-    from meldlite.experts.profile import FORMAT, READS
+    from meldlite.formats.profile import FORMAT, READS
 
     d = tmp_path_factory.mktemp("pruned")
     pop = np.random.default_rng(7).random((SMALL.n_layer, SMALL.n_expert))  # (L, X)
@@ -733,7 +733,7 @@ def test_pruned_file_other_mechanisms_and_preload(pruned, tmp_path, mechanism):
 
 
 def test_local_store_of_a_coordinator_prefetches_only_local_experts(models, reference):
-    from meldlite.transports.peer import LocalPeer
+    from meldlite.transports.local_peer import LocalPeer
     from meldlite.transports.placement import Placement
 
     ids, _, _ = reference

@@ -29,7 +29,9 @@ from meldlite.kernels.reference import matmul_ref, moe_ffn_ref, sum_slots_ref
 ALL = [t.name for t in kernels.SUPPORTED_TYPES]
 PLAIN = {T.F32: np.float32, T.F16: np.float16}  # BF16 handled in random_matrix
 
-# byte offsets of the f16 scale fields of each block (d, dmin / m), as ggml's block structs lay them out
+# byte offsets of the f16 scale fields of each block (d, dmin / m), in the field order of
+# llama.cpp's block structs (ggml/src/ggml-common.h): Q2_K, Q3_K and Q6_K store d (and
+# Q2_K dmin) after their quants and sub-block scales, the others first
 F16_FIELDS = {
     T.Q4_0: (0,),
     T.Q4_1: (0, 2),

@@ -96,9 +96,9 @@ def test_router_prefers_a_replica_the_token_already_uses():
 
 def test_profile_guided_placement_keeps_clusters_together_and_balances():
     routes = clustered_routes()
-    prof = pl.profile_from_routes(routes, 16)
+    stats = pl.routing_stats_from_routes(routes, 16)
     sizes = np.full((2, 16), 1000)
-    p = pl.place(prof, 4, None, sizes)
+    p = pl.place(stats, 4, None, sizes)
     rr = pl.round_robin(2, 16, 4)
     ev, ev_rr = pl.evaluate(p, routes), pl.evaluate(rr, routes)
     assert p.summary["coactivation_kept"] > 0.95
@@ -109,39 +109,39 @@ def test_profile_guided_placement_keeps_clusters_together_and_balances():
 
 def test_budgets_are_respected_and_too_small_is_an_error():
     routes = clustered_routes(n_layer=3)
-    prof = pl.profile_from_routes(routes, 16)
+    stats = pl.routing_stats_from_routes(routes, 16)
     sizes = np.random.default_rng(1).integers(800, 1200, (3, 16))
     budgets = [int(sizes.sum() * f) + 1200 for f in (0.4, 0.3, 0.2, 0.1)]
-    p = pl.place(prof, 4, budgets, sizes)
+    p = pl.place(stats, 4, budgets, sizes)
     for node, budget in enumerate(budgets):
         used = sum(sizes[L, e] for L, e in p.experts_of(node))
         assert used <= budget
     with pytest.raises(BudgetError, match="budgets add up"):
-        pl.place(prof, 4, [int(sizes.sum() / 5)] * 4, sizes)
+        pl.place(stats, 4, [int(sizes.sum() / 5)] * 4, sizes)
 
 
 def test_replicas_and_local_node():
     routes = clustered_routes()
-    prof = pl.profile_from_routes(routes, 16)
+    stats = pl.routing_stats_from_routes(routes, 16)
     sizes = np.full((2, 16), 10)
-    p = pl.place(prof, 3, None, sizes, replicate=2, local_budget=10_000)
+    p = pl.place(stats, 3, None, sizes, replicate=2, local_budget=10_000)
     assert p.node_names() == ["peer0", "peer1", "peer2", "local"]
     assert p.local_node() == 3 and p.peer_nodes() == [0, 1, 2]
     assert p.summary["replicas"] == 4
-    hot = np.argsort(-prof.popularity[0], kind="stable")[:2]
+    hot = np.argsort(-stats.popularity[0], kind="stable")[:2]
     assert all(len(p.experts[0][e]) == 2 for e in hot)
     ev = pl.evaluate(p, routes)
     assert 0 < ev["local_only_share"] < 1
 
 
 def test_place_argument_errors():
-    prof = pl.profile_from_routes(clustered_routes(), 16)
+    stats = pl.routing_stats_from_routes(clustered_routes(), 16)
     with pytest.raises(OptionError, match="do not match"):
-        pl.place(prof, 2, None, np.ones((3, 16)))
+        pl.place(stats, 2, None, np.ones((3, 16)))
     with pytest.raises(OptionError, match="budgets for"):
-        pl.place(prof, 2, [1, 2, 3], np.ones((2, 16)))
+        pl.place(stats, 2, [1, 2, 3], np.ones((2, 16)))
     with pytest.raises(OptionError, match="at least one"):
-        pl.place(prof, 0, None, np.ones((2, 16)))
+        pl.place(stats, 0, None, np.ones((2, 16)))
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +182,10 @@ def profiled(tmp_path_factory):
 
 def test_reads_meldlite_profile_files(profiled):
     _, prof_path = profiled
-    prof = pl.read_profile(prof_path)
-    assert prof.popularity.shape == (2, 8) and prof.coact.shape == (2, 8, 8)
-    assert np.allclose(prof.popularity.sum(axis=1), 2.0)  # k picks per token
-    assert np.allclose(np.diagonal(prof.coact, axis1=1, axis2=2), prof.popularity)
+    stats = pl.routing_stats_from_profile(prof_path)
+    assert stats.popularity.shape == (2, 8) and stats.coact.shape == (2, 8, 8)
+    assert np.allclose(stats.popularity.sum(axis=1), 2.0)  # k picks per token
+    assert np.allclose(np.diagonal(stats.coact, axis1=1, axis2=2), stats.popularity)
 
 
 def test_cli_place(profiled, tmp_path):

@@ -13,15 +13,14 @@ from helpers_models import Shape, write_random_model
 
 import meldlite
 from meldlite.errors import FormatError, OptionError
-from meldlite.experts.profile import (
+from meldlite.experts.profile import build_profile, recurrence
+from meldlite.formats.profile import (
     FORMAT,
     VERSION,
-    build_profile,
     decode_array,
     load_calibration,
     load_prior,
     read_profile,
-    recurrence,
     save_profile,
 )
 

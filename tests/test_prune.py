@@ -24,9 +24,9 @@ from meldlite.compress.prune import (
     remove_experts,
 )
 from meldlite.errors import FormatError, OptionError, UnsupportedError
-from meldlite.experts.profile import FORMAT, READS
 from meldlite.formats import layout, read_gguf
 from meldlite.formats.pack import TensorOut, write_atomic
+from meldlite.formats.profile import FORMAT, READS
 from meldlite.kernels.attention import route_rows
 from meldlite.kernels.attention_ref import route
 from meldlite.model import forward

@@ -18,8 +18,9 @@ from meldlite.cli import info as info_cli
 from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.errors import FormatError, OptionError
-from meldlite.experts.profile import build_profile, load_calibration, read_profile, save_profile
+from meldlite.experts.profile import build_profile
 from meldlite.formats import layout, read_gguf
+from meldlite.formats.profile import load_calibration, read_profile, save_profile
 from meldlite.metrics import kl_divergence, top1_agreement
 
 SHAPE = Shape(

@@ -60,7 +60,7 @@ def place_cmd(profile, n_peers, budget, model, replicate, local_budget, slack, r
     from meldlite.transports import placement as pl
     from meldlite.units import parse_size
 
-    prof = pl.read_profile(profile)
+    prof = pl.routing_stats_from_profile(profile)
     sizes = np.ones((prof.n_layer, prof.n_expert), np.int64)
     if model is not None:
         from meldlite.formats import read_gguf
@@ -78,7 +78,7 @@ def place_cmd(profile, n_peers, budget, model, replicate, local_budget, slack, r
         budgets = parts * n_peers if len(parts) == 1 else parts
     local = parse_size(local_budget, "--local-budget") if local_budget else 0
     rr = pl.round_robin(prof.n_layer, prof.n_expert, n_peers)
-    rr.summary = pl.summarize(rr, prof, sizes)
+    rr.summary = pl.placement_summary(rr, prof, sizes)
     if round_robin:
         result = rr
     else:

@@ -42,7 +42,8 @@ from meldlite.options import Runtime
 def profile(model, textfile, output, separator, max_tokens, calib_rows, **options):
     """Profile MODEL's expert routing on TEXTFILE into OUTPUT."""
     from meldlite.api import Model
-    from meldlite.experts.profile import build_profile, save_profile
+    from meldlite.experts.profile import build_profile
+    from meldlite.formats.profile import save_profile
 
     m = Model(model, runtime=Runtime.take(options))
     prof = build_profile(

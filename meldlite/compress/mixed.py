@@ -9,9 +9,9 @@ from gguf import GGUFValueType
 from meldlite.compress import ladder, plan, sensitivity, write
 from meldlite.compress.result import QuantizeResult
 from meldlite.errors import OptionError
-from meldlite.experts.profile import decode_array, load_calibration, read_profile
 from meldlite.formats import layout
 from meldlite.formats.pack import non_expert_names
+from meldlite.formats.profile import decode_array, load_calibration, read_profile
 
 _INFO_BYTES = 8 + 4 + 4 * 8 + 4 + 8  # a tensor info besides its name (at most 4 dims)
 

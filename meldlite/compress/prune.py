@@ -106,7 +106,7 @@ def pruned_metadata(flags):
 def prune_plan(f, profile=None, prune="0"):
     """(L, X) bool: the experts of `f` (a GGUFFile) pruned after pruning `prune`
     (count or fraction) per layer, by popularity from `profile` or `f`'s metadata."""
-    from meldlite.experts.profile import load_prior
+    from meldlite.formats.profile import load_prior
 
     cfg = ModelConfig.from_metadata(f.metadata)
     if not cfg.is_moe:

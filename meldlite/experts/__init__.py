@@ -5,14 +5,14 @@
   ahead of time by predictive prefetch (cache.py; its parts plan.py, pools.py,
   residency.py, loads.py, counters.py; prefetch.py, policy.py, io.py).
 - `make_store`: the local store that the `meldlite.options.Store` group asks for.
-- `build_profile` / `save_profile` / `read_profile`: routing profiles (profile.py).
+- `build_profile`: routing profiles (profile.py; the file format is formats/profile.py).
 - `skip_light_experts`: adaptive top-k (adaptive.py).
 """
 
 from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.cache import CachedStore
 from meldlite.experts.factory import make_store
-from meldlite.experts.profile import build_profile, read_profile, save_profile
+from meldlite.experts.profile import build_profile
 from meldlite.experts.store import ExpertStore, ResidentStore
 
 __all__ = [
@@ -21,7 +21,5 @@ __all__ = [
     "ResidentStore",
     "build_profile",
     "make_store",
-    "read_profile",
-    "save_profile",
     "skip_light_experts",
 ]

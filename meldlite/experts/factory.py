@@ -1,9 +1,9 @@
 """`make_store`: the local expert store that the `Store` options ask for."""
 
 from meldlite.experts.cache import CachedStore
-from meldlite.experts.profile import load_prior
 from meldlite.experts.seed import metadata_seed
 from meldlite.experts.store import ResidentStore
+from meldlite.formats.profile import load_prior
 from meldlite.options import DEFAULT_IO, DEFAULT_POLICY, Store
 from meldlite.units import parse_budget, parse_rate
 

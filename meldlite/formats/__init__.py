@@ -1,4 +1,5 @@
-"""GGUF files: reading (zero-copy), hostile-input checks, expert layouts, packing.
+"""GGUF files: reading (zero-copy), hostile-input checks, expert layouts, packing;
+and the expert profile file of `meldlite profile` (profile.py).
 
 Public entry points (see docs/format.md):
     read_gguf(path) -> GGUFFile          open a GGUF file (v2/v3), tensors as memmap views

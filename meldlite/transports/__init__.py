@@ -2,6 +2,7 @@
 
 - `protocol`: the wire protocol (the one module that defines it).
 - `peer.PeerServer`: serves experts (`meldlite peer`).
+- `local_peer.LocalPeer`: a peer process on this machine (tests, benchmarks, examples).
 - `remote.RemoteStore`: the coordinator's expert store (`Model` builds it over its
   local store when given peers).
 - `placement`: placement files, round-robin, profile-guided `place`, routing.

@@ -298,7 +298,7 @@ def evaluate(placement, routes, local_node=None):
 
 
 @dataclass
-class Profile:
+class RoutingStats:
     """Per-layer routing statistics, per token: popularity (L, X), coact (L, X, X)."""
 
     popularity: np.ndarray
@@ -314,13 +314,13 @@ class Profile:
         return self.popularity.shape[1]
 
 
-def read_profile(profile):
-    """Profile from a `meldlite profile` file or dict (meldlite.experts.profile format):
+def routing_stats_from_profile(profile):
+    """RoutingStats from a `meldlite profile` file or dict (meldlite.formats.profile):
     per layer "tokens", "counts" (X,) and "coactivation" (X, X) token counts."""
-    if isinstance(profile, Profile):
+    if isinstance(profile, RoutingStats):
         return profile
     if not isinstance(profile, dict):
-        from meldlite.experts.profile import read_profile as read_json
+        from meldlite.formats.profile import read_profile as read_json
 
         profile = read_json(profile)
     try:
@@ -336,11 +336,11 @@ def read_profile(profile):
     if (tokens <= 0).any() or not np.isfinite(co).all() or (co < 0).any():
         raise FormatError("profile has a layer with no tokens or bad co-activation counts")
     per = tokens[:, None]
-    return Profile(counts / per, co / per[..., None], int(tokens[0]))
+    return RoutingStats(counts / per, co / per[..., None], int(tokens[0]))
 
 
-def profile_from_routes(routes, n_expert):
-    """Profile from recorded routing: per layer ids (T, k) (tests, benchmarks)."""
+def routing_stats_from_routes(routes, n_expert):
+    """RoutingStats from recorded routing: per layer ids (T, k) (tests, benchmarks)."""
     pops, cos = [], []
     for ids in routes:
         ids = np.asarray(ids)
@@ -350,7 +350,7 @@ def profile_from_routes(routes, n_expert):
             onehot[np.flatnonzero(ok), ids[ok, j]] = 1
         pops.append(onehot.mean(axis=0))
         cos.append(onehot.T @ onehot / max(1, len(ids)))
-    return Profile(np.array(pops), np.array(cos), len(routes[0]) if routes else 0)
+    return RoutingStats(np.array(pops), np.array(cos), len(routes[0]) if routes else 0)
 
 
 def place(profile, n_peers, budgets, expert_bytes, *, replicate=0, local_budget=0, slack=0.1):
@@ -361,9 +361,9 @@ def place(profile, n_peers, budgets, expert_bytes, *, replicate=0, local_budget=
     of this many of the most popular experts per layer; slack: allowed excess of a
     node's load over the even share. BudgetError if the experts do not fit.
     """
-    prof = read_profile(profile)
+    stats = routing_stats_from_profile(profile)
     sizes = np.asarray(expert_bytes, np.float64)
-    L, X = prof.n_layer, prof.n_expert
+    L, X = stats.n_layer, stats.n_expert
     if sizes.shape != (L, X):
         raise OptionError(f"expert sizes {sizes.shape} do not match the profile's {L} x {X}")
     if n_peers < 1:
@@ -392,8 +392,8 @@ def place(profile, n_peers, budgets, expert_bytes, *, replicate=0, local_budget=
         share = np.where(np.isinf(left), np.inf, left * sizes[layer].sum() / max(rest, 1.0))
         mem_cap = share + sizes[layer].max()  # one expert of slack per layer
         assign = _partition(
-            prof.popularity[layer],
-            prof.coact[layer],
+            stats.popularity[layer],
+            stats.coact[layer],
             sizes[layer],
             np.minimum(mem_cap, left),
             slack,
@@ -403,11 +403,11 @@ def place(profile, n_peers, budgets, expert_bytes, *, replicate=0, local_budget=
         left -= used
         if replicate:
             left -= _replicate(
-                holders, prof.popularity[layer], prof.coact[layer], sizes[layer], left, replicate
+                holders, stats.popularity[layer], stats.coact[layer], sizes[layer], left, replicate
             )
         experts.append(holders)
     p = Placement(nodes, experts, "profile")
-    p.summary = summarize(p, prof, sizes)
+    p.summary = placement_summary(p, stats, sizes)
     return p
 
 
@@ -502,7 +502,7 @@ def _replicate(holders, pop, co, size, left, n):
     return used
 
 
-def summarize(p, prof, sizes):
+def placement_summary(p, stats, sizes):
     """Budget use, load balance and co-activation kept together, per node."""
     n_nodes = len(p.nodes)
     load = np.zeros(n_nodes)
@@ -511,11 +511,11 @@ def summarize(p, prof, sizes):
     for L, row in enumerate(p.experts):
         prim = np.array([hs[0] for hs in row])
         for e, hs in enumerate(row):
-            load[hs[0]] += prof.popularity[L, e] if prof is not None else 1.0
+            load[hs[0]] += stats.popularity[L, e] if stats is not None else 1.0
             for h in hs:
                 mem[h] += sizes[L, e]
-        if prof is not None:
-            w = prof.coact[L].copy()
+        if stats is not None:
+            w = stats.coact[L].copy()
             np.fill_diagonal(w, 0)
             total += w.sum()
             kept += w[prim[:, None] == prim[None, :]].sum()

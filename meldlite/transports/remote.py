@@ -27,7 +27,8 @@ back, the handshake runs again and it rejoins.
 
 Threads: none. Sockets are polled from the calling thread and every kernel
 call (local experts) is made from it, so Numba's threading layer never sees
-two threads (its `workqueue` layer aborts on concurrent use).
+two threads (its `workqueue` layer is not thread-safe: it aborts when two threads
+launch parallel kernels at once).
 """
 
 import itertools
