@@ -8,7 +8,6 @@ D head size, F FFN width, X experts, k experts used, V vocabulary.
 import numpy as np
 
 from meldlite.errors import OptionError
-from meldlite.experts.adaptive import skip_light_experts
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
 
@@ -116,7 +115,7 @@ def forward(
 def adapt_route(ids, weights, min_weight, counts=None):
     """Adaptive top-k, applied once, right after the router: with `min_weight`, the
     slots whose renormalised weight is below it are skipped (id -1, weight 0) before
-    any store loads or computes them (`experts.adaptive.skip_light_experts`).
+    any store loads or computes them (`skip_light_experts`).
 
     counts (optional dict): "routed_slots" += the router's slots, "experts_skipped"
     += the slots skipped. ids (T, k), weights (T, k) -> (ids', weights')."""
@@ -127,6 +126,31 @@ def adapt_route(ids, weights, min_weight, counts=None):
         counts["routed_slots"] += n_routed
         counts["experts_skipped"] += n_routed - int(np.count_nonzero(ids >= 0))
     return ids, weights
+
+
+def skip_light_experts(ids, weights, min_weight):
+    """Drop slots whose renormalised weight w / sum(w) is below `min_weight`.
+
+    ids (T, k) int32 (-1 = skipped), weights (T, k) float32 -> (ids', weights')
+    with dropped slots set to id -1 and weight 0; the kept slots keep their
+    weights (not rescaled: on the trained model rescaling them to the old sum
+    doubled the KL divergence from the full run, docs/experts.md). The heaviest
+    expert of each token is always kept. Returns the inputs themselves when
+    nothing is dropped.
+    """
+    ids = np.asarray(ids)
+    weights = np.asarray(weights, dtype=F32)
+    valid = ids >= 0  # (T, k)
+    w = np.where(valid, weights, F32(0))  # (T, k)
+    total = w.sum(axis=-1, keepdims=True, dtype=F32)  # (T, 1)
+    share = w / np.maximum(total, F32(1e-30))  # (T, k)
+    drop = valid & (share < F32(min_weight))  # (T, k)
+    drop[np.arange(len(ids)), np.argmax(share, axis=-1)] = False
+    if not drop.any():
+        return ids, weights
+    new_w = np.where(drop, F32(0), weights).astype(F32)
+    new_ids = np.where(drop, np.int32(-1), ids).astype(np.int32)
+    return np.ascontiguousarray(new_ids), np.ascontiguousarray(new_w)
 
 
 _EMPTY_F32 = np.zeros(0, F32)

@@ -18,10 +18,10 @@ from helpers_models import Shape, write_random_model
 import meldlite
 from meldlite import kernels
 from meldlite.errors import BudgetError, OptionError
-from meldlite.experts import skip_light_experts
 from meldlite.experts.cache import READY
 from meldlite.experts.io import Throttle, drop_file_cache, page_cache_fraction
 from meldlite.formats import pack, read_gguf
+from meldlite.model import skip_light_experts
 from meldlite.units import parse_budget, parse_rate, parse_size
 
 SMALL = Shape(

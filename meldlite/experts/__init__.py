@@ -6,10 +6,8 @@
   residency.py, loads.py, counters.py; prefetch.py, policy.py, io.py).
 - `make_store`: the local store that the `meldlite.options.Store` group asks for.
 - `build_profile`: routing profiles (profile.py; the file format is formats/profile.py).
-- `skip_light_experts`: adaptive top-k (adaptive.py).
 """
 
-from meldlite.experts.adaptive import skip_light_experts
 from meldlite.experts.cache import CachedStore
 from meldlite.experts.factory import make_store
 from meldlite.experts.profile import build_profile
@@ -21,5 +19,4 @@ __all__ = [
     "ResidentStore",
     "build_profile",
     "make_store",
-    "skip_light_experts",
 ]
