@@ -120,8 +120,8 @@ def _words_to_i16(c, lo, hi):
 
 
 def _q4k_scales(c, rowty, row, o):
-    """(sc, m) <8 x i16> from the 12 packed bytes at row[o+4:] (REFERENCES.md 2,
-    get_scale_min_k4: sub-blocks 0-3 keep the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7
+    """(sc, m) <8 x i16> from the 12 packed bytes at row[o+4:] (ggml's Q4_K/Q5_K
+    scale packing, its get_scale_min_k4: sub-blocks 0-3 keep the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7
     take 4 bits from bytes 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7)."""
     b = c.b
     w0, w1, w2 = (c.load(rowty, row, o, I32, 4 + 4 * i) for i in range(3))
