@@ -140,3 +140,14 @@ def test_cli_options_come_from_the_groups():
         assert opts(command)["n_ctx"].opts == ["-c", "--ctx-size"]
     assert run["temperature"].default == Sampler().temperature
     assert tuple(run["cache_policy"].type.choices) == POLICIES
+
+
+def test_peer_server_on_a_busy_port_is_an_option_error():
+    from meldlite.transports.peer import PeerServer
+
+    first = PeerServer(listen="tcp://127.0.0.1:0")
+    try:
+        with pytest.raises(OptionError, match="cannot listen on"):
+            PeerServer(listen=first.endpoint)
+    finally:
+        first.close()

@@ -174,7 +174,7 @@ def test_pruned_file_exact_mode_is_bit_identical(models, empty_peers, tmp_path, 
         for node in range(len(st.placement.nodes)):
             assert not gone & set(st.placement.experts_of(node))
         for node in st.placement.peer_nodes():
-            assert not gone & {tuple(p) for p in st.assignment(node)["experts"]}
+            assert not gone & {tuple(p) for p in st.setup.assignment(node)["experts"]}
         got = run(m, PROMPT, len(ref) - 1, forced=greedy_tokens(ref))
         s = st.stats()
         if placement != "round-robin":
@@ -363,7 +363,7 @@ def test_stalled_peer_times_out_then_rejoins(models, empty_peers, tmp_path):
             b.resume()
             end = time.monotonic() + 20
             while m.store.stats()["peers_ready"] < 2 and time.monotonic() < end:
-                m.store._service()
+                m.store.links.service()
                 time.sleep(0.05)
             assert m.store.stats()["peers_ready"] == 2, m.store.stats()["peers"]
             before = {p["address"]: p["requests"] for p in m.store.stats()["peers"]}
@@ -378,9 +378,9 @@ def test_stalled_peer_times_out_then_rejoins(models, empty_peers, tmp_path):
             b.suspend()
             end = time.monotonic() + 8
             while m.store.stats()["peers_deaths"] < 2 and time.monotonic() < end:
-                m.store._service()
+                m.store.links.service()
                 time.sleep(0.1)
-            client = m.store.clients[1]
+            client = m.store.links.get(1)
             assert m.store.stats()["peers_deaths"] == 2 and not client.ready
             assert "heartbeat" in client.error or "disconnected" in client.error
             b.resume()
@@ -405,7 +405,7 @@ def test_restarted_peer_rejoins_on_the_same_address(models, empty_peers, tmp_pat
             b = LocalPeer(listen=b.endpoint, log=tmp_path / "b2.log")
             end = time.monotonic() + 20
             while m.store.stats()["peers_ready"] < 2 and time.monotonic() < end:
-                m.store._service()
+                m.store.links.service()
                 time.sleep(0.05)
             assert m.store.stats()["peers_ready"] == 2
             assert (

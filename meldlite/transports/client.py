@@ -13,7 +13,7 @@ a fresh socket starts connecting again: that is how a peer rejoins).
     ready       serving COMPUTE requests
     dead        connection lost, timed out, or refused: the socket was closed
 
-Nothing here blocks: `RemoteStore` polls all sockets and feeds what arrives
+Nothing here blocks: `remote_peers.PeerLinks` polls all sockets and feeds what arrives
 to `on_event` / `on_message`. Kernels are never called here.
 """
 
@@ -50,7 +50,7 @@ class PeerClient:
     """Connection to the peer at `address`, serving placement node `node`.
 
     setup: object with `hello()` (dict), `assignment(node)` (dict for ASSIGN) and
-    `expert_frames(layer, e)` (three uint8 arrays), provided by RemoteStore.
+    `expert_frames(layer, e)` (three uint8 arrays): a `remote_setup.PeerSetup`.
     """
 
     def __init__(self, ctx, node, address, setup, *, keys=None, limits=P.Limits(), ids=None):

@@ -29,49 +29,44 @@ Threads: none. Sockets are polled from the calling thread and every kernel
 call (local experts) is made from it, so Numba's threading layer never sees
 two threads (its `workqueue` layer is not thread-safe: it aborts when two threads
 launch parallel kernels at once).
+
+The parts: `remote_peers` (the links to the peers: polling, heartbeats,
+reconnects), `remote_setup` (what a joining peer is told), `remote_jobs` (a
+layer's pairs split by node, and combined), `remote_dispatch` (jobs sent,
+computed here, gathered, failed over).
 """
 
-import itertools
-import logging
-import time
-from dataclasses import dataclass
-
 import numpy as np
-import zmq
 
-from meldlite import kernels
-from meldlite.errors import PeerError
 from meldlite.experts.store import ExpertStore, ResidentStore
-from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
 from meldlite.transports import security
-from meldlite.transports.client import READY, PeerClient
-from meldlite.transports.compute import fuse_rows, pair_outputs
 from meldlite.transports.link import parse_link
 from meldlite.transports.placement import Router, as_placement, round_robin
+from meldlite.transports.remote_dispatch import Dispatcher
+from meldlite.transports.remote_jobs import combine, split_jobs
+from meldlite.transports.remote_peers import SUMMED, PeerLinks
+from meldlite.transports.remote_setup import PeerSetup
 
-log = logging.getLogger("meldlite.peers")
 F32 = np.float32
 
 
-@dataclass
-class Job:
-    """One group (node) of one layer's pairs."""
-
-    node: int
-    rows: np.ndarray  # (m,) token rows this group touches
-    ids: np.ndarray  # (m, k) int32, other nodes' slots -1
-    weights: np.ndarray  # (m, k) float32, 0 where masked
-    reps: np.ndarray  # (R,) rows actually computed (token fusion), indices into rows
-    inverse: np.ndarray  # (m,) row of the computed block for each row
-    remote: bool  # the node is a peer (so the wire applies)
-    client: object = None
-    generation: int = -1
-    req_id: int = 0
-    deadline: float = 0.0
-    arrival: float = 0.0  # link model: when the request reaches the peer
-    delivery: float = 0.0  # link model: when the reply reaches us
-    result: np.ndarray = None  # compact: (m, E); exact: (pairs, E)
+def new_counters():
+    """The coordinator's counters, reported by `stats()` as peers_<name>."""
+    return {
+        "layers": 0,
+        "remote_layers": 0,
+        "requests": 0,
+        "rows_sent": 0,
+        "rows_fused": 0,
+        "failovers": 0,
+        "failover_local": 0,
+        "failover_replica": 0,
+        "stall_s": 0.0,
+        "local_s": 0.0,
+        "encode_s": 0.0,
+        "link_wait_s": 0.0,
+    }
 
 
 class RemoteStore(ExpertStore):
@@ -95,16 +90,14 @@ class RemoteStore(ExpertStore):
         P.check_encoding(self.enc, cfg.n_embd)
         self.exact = options.exact
         self.fuse = float(options.fuse)
-        self.timeout, self.liveness = float(options.timeout), float(options.liveness)
-        self.retry_s = float(options.retry_s)
-        link, placement = options.link, options.placement
-        self.link = parse_link(link)
+        self.timeout = float(options.timeout)
+        self.link = parse_link(options.link)
         self.limits = limits
         self.llama_numerics = llama_numerics
         present = np.array(
             [[gguf.expert_present(L, e) for e in range(cfg.n_expert)] for L in range(cfg.n_layer)]
         )  # (L, X) False: pruned
-        given = as_placement(placement)
+        given = as_placement(options.placement)
         self.placement = (
             given.only(present)
             if given is not None
@@ -114,19 +107,8 @@ class RemoteStore(ExpertStore):
         self.router = Router(self.placement)
         self.local_node = self.placement.local_node()
         self.holds = {n: self.placement.holds(n) for n in range(len(self.placement.nodes))}
-        self.model_hash = P.model_hash(gguf)
-        self._types = np.array(
-            [
-                [
-                    [
-                        int(gguf.expert_tensor(L, kind, e).ggml_type) if present[L, e] else 0
-                        for kind in KINDS
-                    ]
-                    for e in range(cfg.n_expert)
-                ]
-                for L in range(cfg.n_layer)
-            ]
-        )
+        self.setup = PeerSetup(gguf, cfg, self.placement, present, llama_numerics)
+        self.model_hash = self.setup.model_hash
         self._own_local = local is None  # closed here on failure only if made here
         self.local = local if local is not None else ResidentStore(gguf, cfg, llama_numerics)
         if hasattr(self.local, "serve_only"):  # a budgeted store prefetches local experts only
@@ -135,303 +117,46 @@ class RemoteStore(ExpertStore):
                 if self.local_node is not None
                 else np.zeros((cfg.n_layer, cfg.n_expert), bool)
             )
-        self.counters = {
-            "layers": 0,
-            "remote_layers": 0,
-            "requests": 0,
-            "rows_sent": 0,
-            "rows_fused": 0,
-            "failovers": 0,
-            "failover_local": 0,
-            "failover_replica": 0,
-            "stall_s": 0.0,
-            "local_s": 0.0,
-            "encode_s": 0.0,
-            "link_wait_s": 0.0,
-        }
-        self.ctx = zmq.Context()
-        self._ids = itertools.count(1)
-        self.clients = {}
-        self._poller, self._poller_key = None, None
-        self._last_service = time.monotonic()
+        self.counters = new_counters()
+        self.links = None
         try:
-            for node, addr in zip(self.placement.peer_nodes(), self.peers):
-                self.clients[node] = PeerClient(
-                    self.ctx, node, addr, self, keys=self.keys, limits=limits, ids=self._ids
-                )
-            self._start(float(options.connect_timeout))
+            self.links = PeerLinks(
+                self.placement,
+                self.peers,
+                self.setup,
+                keys=self.keys,
+                limits=limits,
+                liveness=options.liveness,
+                retry_s=options.retry_s,
+            )
+            self.links.start(float(options.connect_timeout))
         except BaseException:
             if not self._own_local:
                 self.local = None  # the caller's store stays open
             self.close()
             raise
-
-    # -- setup callbacks for PeerClient -----------------------------------------------------
-
-    def hello(self):
-        return {
-            "protocol": P.PROTOCOL_VERSION,
-            "model_hash": self.model_hash,
-            "client": f"meldlite coordinator {self.gguf.path.name}",
-        }
-
-    def assignment(self, node):
-        experts = self.placement.experts_of(node)
-        return {
-            "n_embd": self.cfg.n_embd,
-            "n_ff": self.cfg.n_ff_exp,
-            "n_layer": self.cfg.n_layer,
-            "n_expert": self.cfg.n_expert,
-            "llama_numerics": bool(self.llama_numerics),
-            "experts": [[L, e] for L, e in experts],
-            "types": [self._types[L, e].tolist() for L, e in experts],
-        }
-
-    def expert_frames(self, layer, e):
-        return [np.ascontiguousarray(self.gguf.expert_tensor(layer, kind, e).raw) for kind in KINDS]
-
-    # -- polling --------------------------------------------------------------------------------
-
-    def _sockets(self):
-        return [s for c in self.clients.values() for s in c.sockets() if s is not None]
-
-    def _pump(self, timeout_s):
-        """Wait up to timeout_s for traffic, then handle everything that arrived."""
-        socks = self._sockets()
-        key = tuple(id(s) for s in socks)
-        if key != self._poller_key:
-            self._poller = zmq.Poller()
-            for s in socks:
-                self._poller.register(s, zmq.POLLIN)
-            self._poller_key = key
-        ready = dict(self._poller.poll(max(0, int(timeout_s * 1000)))) if socks else {}
-        now = time.monotonic()
-        for c in list(self.clients.values()):
-            if c.monitor is not None and (c.monitor in ready or c.state != READY):
-                c.on_event(now)
-            if c.sock is not None and c.sock in ready:
-                c.on_message(now)
-
-    def _reopen(self, now):
-        for c in self.clients.values():
-            if c.sock is None and now - c.closed_at >= (
-                10 * self.retry_s if c.fatal else self.retry_s
-            ):
-                c.open()  # try again: the peer may be back (or fixed)
-
-    def _service(self):
-        """Handle what arrived, judge heartbeats, reopen closed connections."""
-        now = time.monotonic()
-        active = now - self._last_service
-        self._pump(0)
-        now = time.monotonic()
-        self._reopen(now)
-        for c in self.clients.values():
-            if (
-                c.ready
-                and active < c.heartbeat
-                and now - c.last_heard > self.liveness * c.heartbeat
-            ):
-                c.die(f"no heartbeat for {now - c.last_heard:.1f} s")
-        self._last_service = now
-
-    def _start(self, timeout):
-        end = time.monotonic() + timeout
-        while True:
-            self._pump(0.05)
-            cs = list(self.clients.values())
-            bad = [c for c in cs if c.refused or c.fatal]
-            if bad:
-                c = bad[0]
-                raise PeerError(f"peer {c.address}: {c.error}")
-            self._reopen(time.monotonic())
-            if all(c.ready for c in cs):
-                self._last_service = time.monotonic()
-                for c in cs:
-                    c.last_heard = self._last_service
-                return
-            if time.monotonic() > end:
-                late = [c for c in cs if not c.ready]
-                raise PeerError(
-                    "; ".join(
-                        f"peer {c.address} not ready after {timeout:g} s ({c.state}"
-                        + (f": {c.error}" if c.error else "")
-                        + ")"
-                        for c in late
-                    )
-                )
-
-    # -- the layer step -------------------------------------------------------------------------
+        self.dispatcher = Dispatcher(
+            self.links,
+            self.holds,
+            self.local,
+            enc=self.enc,
+            exact=self.exact,
+            timeout=self.timeout,
+            link=self.link,
+            limits=limits,
+            counters=self.counters,
+        )
 
     def moe(self, layer, x, ids, weights):
-        self._service()
-        x = np.ascontiguousarray(x, dtype=F32)
-        ids = np.ascontiguousarray(ids, dtype=np.int32)
-        weights = np.ascontiguousarray(weights, dtype=F32)
+        self.links.service()
+        x = np.ascontiguousarray(x, dtype=F32)  # (T, E)
+        ids = np.ascontiguousarray(ids, dtype=np.int32)  # (T, k)
+        weights = np.ascontiguousarray(weights, dtype=F32)  # (T, k)
         node = self.router.route(layer, ids)  # (T, k)
-        jobs = [self._job(layer, int(g), x, ids, weights, node) for g in np.unique(node[node >= 0])]
+        jobs = split_jobs(x, ids, weights, node, self.local_node, self.fuse, self.counters)
         self.counters["layers"] += 1
-        sent = 0
-        for job in jobs:
-            if job.remote:
-                sent += self._dispatch(layer, job, x)
-        self.counters["remote_layers"] += sent > 0
-        t0 = time.perf_counter()
-        for job in jobs:
-            if job.client is None:
-                job.result = self._compute_here(layer, job, x)
-        t1 = time.perf_counter()
-        self.counters["local_s"] += t1 - t0
-        self._gather(layer, jobs, x)
-        self.counters["stall_s"] += time.perf_counter() - t1
-        return self._combine(jobs, ids, weights, x.shape)
-
-    def _job(self, layer, g, x, ids, weights, node):
-        mask = node == g  # (T, k)
-        rows = np.flatnonzero(mask.any(axis=1))  # (m,)
-        ids_g = np.where(mask[rows], ids[rows], -1).astype(np.int32)  # (m, k)
-        w_g = np.where(mask[rows], weights[rows], F32(0)).astype(F32)  # (m, k)
-        remote = g != self.local_node
-        if remote and self.fuse and len(rows) > 1:
-            reps, inverse = fuse_rows(x[rows], ids_g, self.fuse)
-            self.counters["rows_fused"] += len(rows) - len(reps)
-        else:
-            reps = inverse = np.arange(len(rows))
-        return Job(g, rows, ids_g, w_g, reps, inverse, remote)
-
-    def _dispatch(self, layer, job, x):
-        """Send the job to its peer, or a ready replica holding all its experts; 0 if neither."""
-        used = np.unique(job.ids[job.ids >= 0])
-        primary = self.clients.get(job.node)
-        options = [primary] if primary is not None and primary.ready else []
-        if not options:
-            options = [
-                c
-                for c in self.clients.values()
-                if c.ready and self.holds[c.node][layer, used].all()
-            ]
-            self.counters["failovers"] += 1
-            if options:
-                self.counters["failover_replica"] += 1
-            else:
-                self.counters["failover_local"] += 1
-                return 0
-        client = options[0]
-        t = time.perf_counter()
-        idr = np.ascontiguousarray(job.ids[job.reps])
-        xr = x[job.rows[job.reps]]
-        x_wire = P.encode(xr, self.enc)
-        job.req_id = client.next_id()
-        frames = P.compute_message(
-            job.req_id,
-            layer,
-            x_wire,
-            idr,
-            None if self.exact else job.weights[job.reps],
-            self.enc,
-            self.exact,
-        )
-        self.counters["encode_s"] += time.perf_counter() - t
-        now = time.monotonic()
-        if not client.request(frames):
-            self.counters["failovers"] += 1
-            self.counters["failover_local"] += 1
-            return 0
-        job.client, job.generation = client, client.generation
-        job.deadline = now + self.timeout
-        if self.link is not None:
-            job.arrival = self.link.send(now, P.wire_size(frames))
-        self.counters["requests"] += 1
-        self.counters["rows_sent"] += len(job.reps)
-        return 1
-
-    def _compute_here(self, layer, job, x):
-        """The job's result computed by the local store, exactly as its peer would."""
-        xr = x[job.rows[job.reps]]
-        idr = np.ascontiguousarray(job.ids[job.reps])
-        wire = job.remote and self.enc != P.Enc.F32
-        if wire:
-            xr = P.decode(P.encode(xr, self.enc), self.enc, len(xr), x.shape[1])
-
-        def moe(a, b, c):
-            return self.local.moe(layer, a, b, c)
-
-        if self.exact:
-            return pair_outputs(moe, xr, idr)
-        y = moe(xr, idr, np.ascontiguousarray(job.weights[job.reps]))
-        if wire:
-            y = P.decode(P.encode(y, self.enc), self.enc, len(y), x.shape[1])
-        return y[job.inverse]
-
-    def _gather(self, layer, jobs, x):
-        pending = [j for j in jobs if j.client is not None]
-        n_embd = x.shape[1]
-        while pending:
-            now = time.monotonic()
-            for job in list(pending):
-                c = job.client
-                got = c.done.pop(job.req_id, None)
-                reason = None
-                if got is not None:
-                    try:
-                        if isinstance(got, P.WireError):
-                            raise got
-                        header, payload = got
-                        rows = int((job.ids[job.reps] >= 0).sum()) if self.exact else len(job.reps)
-                        y = P.parse_result(header, payload, rows, n_embd, self.limits)
-                        job.result = y if self.exact else y[job.inverse]
-                        c.counters["service_s"] += header.aux / 1e6
-                        if self.link is not None:
-                            job.delivery = self.link.reply(
-                                job.arrival + header.aux / 1e6,
-                                P.wire_size(payload) + P.HEADER.size + 2,
-                            )
-                    except P.WireError as e:
-                        reason = f"error reply: {e}"
-                elif c.generation != job.generation or c.state != READY:
-                    reason = f"peer {c.address} lost"
-                elif now > job.deadline:
-                    c.die(f"request timed out after {self.timeout:g} s")
-                    reason = "timeout"
-                else:
-                    continue
-                pending.remove(job)
-                if reason is not None:
-                    log.warning(
-                        "layer %d: node %d's work computed here instead (%s)",
-                        layer,
-                        job.node,
-                        reason,
-                    )
-                    self.counters["failovers"] += 1
-                    self.counters["failover_local"] += 1
-                    job.result = self._compute_here(layer, job, x)
-            if pending:
-                wait = min(j.deadline for j in pending) - time.monotonic()
-                self._pump(min(max(wait, 0.0), 0.25))
-        if self.link is not None:
-            last = max((j.delivery for j in jobs if j.client is not None), default=0.0)
-            wait = last - time.monotonic()
-            if wait > 0:
-                self.counters["link_wait_s"] += wait
-                time.sleep(wait)
-
-    def _combine(self, jobs, ids, weights, shape):
-        if self.exact:
-            y_of_pair = np.zeros(ids.shape, np.int64)  # (T, k)
-            offset = 0
-            for job in jobs:
-                r, s = np.nonzero(job.ids >= 0)
-                y_of_pair[job.rows[r], s] = offset + np.arange(len(r))
-                offset += len(r)
-            Y = np.concatenate([j.result for j in jobs]) if jobs else np.zeros((0, shape[1]), F32)
-            return kernels.sum_slots(ids, weights, Y, y_of_pair)
-        out = np.zeros(shape, F32)  # (T, E)
-        for job in sorted(jobs, key=lambda j: j.node):
-            out[job.rows] += job.result
-        return out
-
-    # -- the rest of the store interface --------------------------------------------------------
+        self.dispatcher.run(layer, jobs, x)
+        return combine(jobs, ids, weights, x.shape, self.exact)  # (T, E)
 
     def hint(self, layer, ids):
         """Passed on to the local store for the experts held here only."""
@@ -444,44 +169,16 @@ class RemoteStore(ExpertStore):
 
     def peer_stats(self, timeout=2.0):
         """Each ready peer's own counters (STATS request), by address."""
-        out = {}
-        for c in self.clients.values():
-            if not c.ready:
-                continue
-            req = c.next_id()
-            if not c.send(P.message(P.Msg.STATS, {}, req)):
-                continue
-            end = time.monotonic() + timeout
-            while req not in c.done and time.monotonic() < end:
-                self._pump(0.05)
-            got = c.done.pop(req, None)
-            if isinstance(got, tuple):
-                out[c.address] = P.parse_json(got[1][0], self.limits)
-        return out
+        return self.links.query_stats(timeout)
 
     def stats(self):
         out = {f"peers_{k}": v for k, v in self.counters.items()}
-        per = []
-        for c in self.clients.values():
-            per.append(dict(c.counters, address=c.address, node=c.node, state=c.state))
-        total = {
-            k: sum(p[k] for p in per)
-            for k in (
-                "messages_out",
-                "messages_in",
-                "bytes_out",
-                "bytes_in",
-                "control_messages",
-                "control_bytes",
-                "load_bytes",
-                "deaths",
-                "joins",
-            )
-        }
+        per = self.links.per_peer()
+        total = {k: sum(p[k] for p in per) for k in SUMMED}
         out.update({f"peers_{k}": v for k, v in total.items()})
         out["peers_rejoins"] = max(0, total["joins"] - len(per))
         out["peers"] = per
-        out["peers_ready"] = sum(c.ready for c in self.clients.values())
+        out["peers_ready"] = self.links.n_ready()
         out["wire"] = P.Enc(self.enc).name.lower()
         out["exact"] = self.exact
         out["link"] = str(self.link) if self.link else None
@@ -491,12 +188,8 @@ class RemoteStore(ExpertStore):
         return out
 
     def close(self):
-        for c in getattr(self, "clients", {}).values():
-            c.close(bye=True)
-        self.clients = {}
-        if getattr(self, "ctx", None) is not None:
-            self.ctx.term()
-            self.ctx = None
+        if getattr(self, "links", None) is not None:
+            self.links.close()
         if getattr(self, "local", None) is not None:
             self.local.close()
             self.local = None
