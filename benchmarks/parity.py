@@ -53,6 +53,7 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--arch", action="append", choices=list(ARCHS), help="default: all")
     args = ap.parse_args()
     ids = [1] + np.random.default_rng(1).integers(3, 4096, args.tokens - 1).tolist()
     print(
@@ -61,7 +62,7 @@ def main():
     )
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ARCHS:
+        for arch in args.arch or ARCHS:
             f32 = write_random_model(Path(tmp) / f"{arch}-F32.gguf", arch)
             files = {
                 "F32": f32,

@@ -26,10 +26,14 @@ class ArchTraits:
         str  # "" none, "head": RMSNorm per head (qwen3), "full": over the whole projection (olmoe)
     )
     norm_topk: bool  # renormalise the chosen experts' weights to sum 1
-    shared_expert: bool  # a dense shared expert with a sigmoid gate beside the routed ones
+    # a dense shared expert beside the routed ones: "" none, "sigmoid" always present, its
+    # output gated by sigmoid(h . ffn_gate_inp_shexp) (qwen2moe), "plain" ungated and
+    # present only when the file gives its width (Granite MoE Shared)
+    shared_expert: str
     expert_ff_key: str  # metadata key giving the routed experts' FFN width
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
     tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
+    multipliers: bool = False  # reads Granite's embedding/residual/attention/logit scales
 
 
 ARCHITECTURES = {
@@ -37,7 +41,7 @@ ARCHITECTURES = {
         rope_neox=True,
         qk_norm="head",
         norm_topk=True,
-        shared_expert=False,
+        shared_expert="",
         expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
         expert_ff_split=True,
     ),
@@ -45,14 +49,14 @@ ARCHITECTURES = {
         rope_neox=True,
         qk_norm="",
         norm_topk=False,
-        shared_expert=True,
+        shared_expert="sigmoid",
         expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
     ),
     "olmoe": ArchTraits(
         rope_neox=True,
         qk_norm="full",
         norm_topk=False,
-        shared_expert=False,
+        shared_expert="",
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
         tied_output=False,
     ),
@@ -60,22 +64,30 @@ ARCHITECTURES = {
         rope_neox=False,
         qk_norm="",
         norm_topk=True,
-        shared_expert=False,
+        shared_expert="",
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
     ),
     "qwen2": ArchTraits(
         rope_neox=True,
         qk_norm="",
         norm_topk=False,
-        shared_expert=False,
+        shared_expert="",
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
     ),
     "qwen3": ArchTraits(
         rope_neox=True,
         qk_norm="head",
         norm_topk=False,
-        shared_expert=False,
+        shared_expert="",
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+    ),
+    "granitemoe": ArchTraits(
+        rope_neox=False,
+        qk_norm="",
+        norm_topk=True,
+        shared_expert="plain",
+        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+        multipliers=True,
     ),
 }
 
@@ -102,6 +114,10 @@ class ModelConfig:
     n_expert_used: int
     n_ff_exp: int  # routed expert FFN width
     n_ff_shexp: int  # shared expert FFN width (0 without one)
+    attention_scale: float  # multiplies Q.K before the softmax: 1/sqrt(head_dim_k) unless given
+    embedding_scale: float = 1.0  # multiplies the token embeddings
+    residual_scale: float = 1.0  # multiplies each block's attention and FFN output
+    logit_scale: float = 1.0  # the logits are multiplied by 1/logit_scale
     expert_pruned: tuple = ()  # (L*X,) 1 = expert never routed (meldlite.expert_pruned); () none
 
     @property
@@ -143,6 +159,7 @@ class ModelConfig:
         if n_expert:
             fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
             n_ff_exp = get(traits.expert_ff_key, fallback or None)
+        scales = _multipliers(get, head_dim_k, traits.multipliers)
         cfg = cls(
             arch=arch,
             traits=traits,
@@ -162,8 +179,14 @@ class ModelConfig:
             n_expert_used=n_expert_used,
             n_ff_exp=n_ff_exp,
             n_ff_shexp=(
-                get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, n_ff) if traits.shared_expert else 0
+                get(
+                    Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH,
+                    n_ff if traits.shared_expert == "sigmoid" else 0,
+                )
+                if traits.shared_expert
+                else 0
             ),
+            **scales,
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
@@ -228,6 +251,23 @@ class ModelConfig:
                     f"{KEY_PRUNED}: layer {layer} keeps {kept} experts, fewer than "
                     f"the {self.n_expert_used} used per token"
                 )
+
+
+def _multipliers(get, head_dim_k, present):
+    """The attention, embedding, residual and logit scales. Granite's files carry them;
+    as in llama.cpp, an absent or 0 value means none (and 1/sqrt(head_dim_k) for the
+    attention scale)."""
+    given = {}
+    if present:
+        keys = {
+            "attention_scale": Keys.Attention.SCALE,
+            "embedding_scale": Keys.LLM.EMBEDDING_SCALE,
+            "residual_scale": Keys.LLM.RESIDUAL_SCALE,
+            "logit_scale": Keys.LLM.LOGIT_SCALE,
+        }
+        given = {name: get(key, 0.0, float) for name, key in keys.items()}
+        given = {name: value for name, value in given.items() if value}
+    return {"attention_scale": float(1.0 / np.sqrt(head_dim_k)), **given}
 
 
 def _pruned_flags(value):

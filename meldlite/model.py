@@ -61,6 +61,8 @@ def forward(
     if n_tok == 0:
         return np.zeros((0, cfg.n_vocab), F32)
     x = w["token_embd.weight"].rows(tokens)  # (T, E)
+    if cfg.embedding_scale != 1.0:
+        x *= F32(cfg.embedding_scale)
     kc, vc = cache.k.view(np.uint16), cache.v.view(np.uint16)  # float16 bits
     k_used = max(cfg.n_expert_used, 1)
     for i, layer in enumerate(layer_plans(cfg, w)):
@@ -77,9 +79,11 @@ def forward(
             cache.sin,
             pos0,
             cfg.n_head,
+            cfg.attention_scale,
             cfg.n_rot,
             tr.rope_neox,
             cfg.rms_eps,
+            cfg.residual_scale,
             *layer.ffn,
             k_used,
             tr.norm_topk,
@@ -92,16 +96,20 @@ def forward(
                 on_route(i, h, ids, weights)
             ids, weights = adapt_route(ids, weights, min_expert_weight, route_counts)
             f = store.moe(i, h, ids, weights)  # (T, E)
-            if tr.shared_expert:
+            if cfg.n_ff_shexp:
                 g = w[p + "ffn_gate_shexp.weight"] @ h  # (T, Fs)
                 u = w[p + "ffn_up_shexp.weight"] @ h  # (T, Fs)
                 s = w[p + "ffn_down_shexp.weight"] @ (mathops.silu(g) * u)  # (T, E)
-                gate = (h @ w[p + "ffn_gate_inp_shexp.weight"])[:, None]  # (T, 1)
-                f = f + s * (mathops.silu(gate) / gate)  # (T, E)
+                if tr.shared_expert == "sigmoid":
+                    gate = (h @ w[p + "ffn_gate_inp_shexp.weight"])[:, None]  # (T, 1)
+                    s = s * (mathops.silu(gate) / gate)  # (T, E)
+                f = f + s  # (T, E)
         else:
             g = w[p + "ffn_gate.weight"] @ h  # (T, F)
             u = w[p + "ffn_up.weight"] @ h  # (T, F)
             f = w[p + "ffn_down.weight"] @ (mathops.silu(g) * u)  # (T, E)
+        if cfg.residual_scale != 1.0:
+            f = f * F32(cfg.residual_scale)  # (T, E)
         x += f  # (T, E)
 
     cache.n_past = pos0 + n_tok
@@ -109,7 +117,10 @@ def forward(
         x = x[-1:]  # (1, E)
     h = np.empty_like(x)
     rms_norm_rows(x, w["output_norm.weight"], cfg.rms_eps, h)  # (T, E)
-    return output_matrix(cfg, w) @ h  # (T, V)
+    logits = output_matrix(cfg, w) @ h  # (T, V)
+    if cfg.logit_scale != 1.0:
+        logits *= F32(1.0) / F32(cfg.logit_scale)
+    return logits
 
 
 def adapt_route(ids, weights, min_weight, counts=None):
@@ -238,8 +249,9 @@ def check_weights(cfg, w):
             w.matrix(p + "ffn_gate.weight", cfg.n_ff, e)
             w.matrix(p + "ffn_up.weight", cfg.n_ff, e)
             w.matrix(p + "ffn_down.weight", e, cfg.n_ff)
-        if cfg.traits.shared_expert:
+        if cfg.n_ff_shexp:
             w.matrix(p + "ffn_gate_shexp.weight", cfg.n_ff_shexp, e)
             w.matrix(p + "ffn_up_shexp.weight", cfg.n_ff_shexp, e)
             w.matrix(p + "ffn_down_shexp.weight", e, cfg.n_ff_shexp)
+        if cfg.n_ff_shexp and cfg.traits.shared_expert == "sigmoid":
             w.vector(p + "ffn_gate_inp_shexp.weight", e)

@@ -39,7 +39,18 @@ ARCHS = {
     "llama": dict(moe=False, shexp=False, qk_norm="", bias=False),
     "qwen2": dict(moe=False, shexp=False, qk_norm="", bias=True),
     "qwen3": dict(moe=False, shexp=False, qk_norm="head", bias=False),
+    "granitemoe": dict(moe=True, shexp=False, qk_norm="", bias=False, granite=True, tied=True),
+    "granitemoe-shared": dict(moe=True, shexp=True, qk_norm="", bias=False, granite=True),
 }
+
+# Arch names in ARCHS that write another general.architecture
+GGUF_ARCH = {"llama-moe": "llama", "granitemoe-shared": "granitemoe"}
+
+# Granite's multipliers (config.json: embedding_multiplier, residual_multiplier,
+# attention_multiplier, logits_scaling), of the size granite-3.0-1b-a400m has; the
+# attention scale differs from 1/sqrt(head_dim) on purpose. Granite files have a tied
+# output head (no output.weight), as its converted files do.
+GRANITE_SCALES = dict(embedding=12.0, residual=0.22, attention=0.0078125, logit=6.0)
 
 
 def vocab_fields(n_vocab=4096):
@@ -65,10 +76,12 @@ def vocab_fields(n_vocab=4096):
     return out
 
 
-def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=False):
-    """Write a random-weight model of `arch` (a key of ARCHS) to `path`."""
+def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None):
+    """Write a random-weight model of `arch` (a key of ARCHS) to `path`; `tied`: no
+    output.weight (None: as the architecture's converted files)."""
     spec = ARCHS[arch]
-    gguf_arch = "llama" if arch == "llama-moe" else arch
+    tied = spec.get("tied", False) if tied is None else tied
+    gguf_arch = GGUF_ARCH.get(arch, arch)
     s = shape
     if arch == "olmoe":  # olmoe's q/k norms span the full projection: keep heads equal
         s = replace(s, n_head_kv=s.n_head)
@@ -78,7 +91,7 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     w.add_embedding_length(s.n_embd)
     w.add_block_count(s.n_layer)
     w.add_feed_forward_length(
-        s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe") else s.n_ff
+        s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe", "granitemoe") else s.n_ff
     )
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
@@ -88,6 +101,11 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(1 if dtype == np.float16 else 0)
+    if spec.get("granite"):  # as convert_hf_to_gguf writes Granite's multipliers
+        w.add_embedding_scale(GRANITE_SCALES["embedding"])
+        w.add_residual_scale(GRANITE_SCALES["residual"])
+        w.add_attention_scale(GRANITE_SCALES["attention"])
+        w.add_logit_scale(GRANITE_SCALES["logit"])
     if spec["moe"]:
         w.add_expert_count(s.n_expert)
         w.add_expert_used_count(s.n_expert_used)
@@ -107,7 +125,10 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     e, hd = s.n_embd, s.head_dim
-    mat("token_embd.weight", s.n_vocab, e, scale=1.0)
+    # Granite's embedding multiplier brings its rows to the size of the others' rows,
+    # so attention and experts weigh on the logits as much as in the other files
+    embd_scale = 1.0 / GRANITE_SCALES["embedding"] if spec.get("granite") else 1.0
+    mat("token_embd.weight", s.n_vocab, e, scale=embd_scale)
     norm("output_norm.weight", e)
     if not tied:
         mat("output.weight", s.n_vocab, e, scale=2 * e**-0.5)
@@ -134,8 +155,9 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
             mat(p + "ffn_gate_exps.weight", s.n_expert, s.n_ff_exp, e)
             mat(p + "ffn_up_exps.weight", s.n_expert, s.n_ff_exp, e)
             mat(p + "ffn_down_exps.weight", s.n_expert, e, s.n_ff_exp)
-            if spec["shexp"]:
+            if spec["shexp"] and not spec.get("granite"):  # Granite's is not gated
                 mat(p + "ffn_gate_inp_shexp.weight", e)
+            if spec["shexp"]:
                 mat(p + "ffn_gate_shexp.weight", s.n_ff_shexp, e)
                 mat(p + "ffn_up_shexp.weight", s.n_ff_shexp, e)
                 mat(p + "ffn_down_shexp.weight", e, s.n_ff_shexp)

@@ -298,11 +298,12 @@ def test_attention_pieces_match_numpy_reference():
         kc[pos0 : pos0 + n_tok], k.reshape(n_tok, n_kv, d).astype(np.float16)
     )
     a = np.empty((n_tok, n_head * d), np.float32)
-    attention.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, a)
-    want = attention_ref.attention(
-        q.reshape(n_tok, n_head, d), kc[: pos0 + n_tok], vc[: pos0 + n_tok], pos0
-    )
-    assert rel_err(a, want) < 1e-5
+    for scale in (1.0 / np.sqrt(d), 0.0078125):  # the usual scale, Granite's multiplier
+        attention.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, scale, a)
+        want = attention_ref.attention(
+            q.reshape(n_tok, n_head, d), kc[: pos0 + n_tok], vc[: pos0 + n_tok], pos0, scale
+        )
+        assert rel_err(a, want) < 1e-5
 
     logits = rng.standard_normal((n_tok, 16)).astype(np.float32)
     logits[0, 3] = logits[0, 9]  # a tie: lower id first

@@ -94,16 +94,17 @@ def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
 
 
 @njit(cache=True, error_model="numpy")
-def attention_rows(q, kc, vc, pos0, n_head, out):
+def attention_rows(q, kc, vc, pos0, n_head, scale, out):
     """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
 
-    Per head: scores = f16(q) . K (float32 sums), times 1/sqrt(D); softmax summed in
+    Per head: scores = f16(q) . K (float32 sums), times `scale` (float32; 1/sqrt(D) in
+    most models); softmax summed in
     float64; probabilities rounded to float16; out = sum over positions of p * V."""
     n_tok = q.shape[0]
     n_head_kv, d = kc.shape[1], kc.shape[2]
     dv = vc.shape[2]
     group = n_head // n_head_kv
-    scale = np.float32(1.0 / np.sqrt(d))
+    scale = np.float32(scale)
     n_s = pos0 + n_tok
     kf = np.empty((n_s, d), dtype=np.float32)  # (S, D) keys of one KV head
     vf = np.empty((n_s, dv), dtype=np.float32)  # (S, Dv)
@@ -246,9 +247,11 @@ def attention_block(
     sin,
     pos0,
     n_head,
+    attn_scale,
     n_rot,
     neox,
     eps,
+    res_scale,
     ffn_norm,
     wr,
     tr,
@@ -263,7 +266,8 @@ def attention_block(
     """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
     ids/weights (T, k) <- routing (when the router wr has rows; rbias (X,), when not
     empty, is added to the router logits: -inf masks a pruned expert). Modes m* say how
-    each projection's input is rounded (actquant; NONE = float)."""
+    each projection's input is rounded (actquant; NONE = float). attn_scale multiplies
+    Q.K; res_scale the attention output before the residual add (skipped when 1)."""
     n_tok, n_embd = x.shape
     n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     toks = np.arange(n_tok)
@@ -297,7 +301,7 @@ def attention_block(
     rope_rows(k, n_head_kv, dk, cos, sin, pos0, n_rot, neox)
     store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0)
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
-    attention_rows(q, kc, vc, pos0, n_head, a)
+    attention_rows(q, kc, vc, pos0, n_head, attn_scale, a)
     n = a.shape[1]
     nb = max(1, n // 32)
     qa2 = np.empty((n_tok, n), dtype=np.int8)
@@ -306,9 +310,12 @@ def attention_block(
     xr2 = np.empty((n_tok, n), dtype=np.float32)
     o = np.empty((n_tok, n_embd), dtype=np.float32)  # (T, E)
     project(wo, to, mo, a, qa2, da2, bs2, xr2, toks, o, True)
+    rs = np.float32(res_scale)
     for t in range(n_tok):
         for i in range(n_embd):
             ob = o[t, i] + bo[i] if bo.shape[0] else o[t, i]
+            if res_scale != 1.0:
+                ob = ob * rs
             x[t, i] = x[t, i] + ob
     rms_norm_rows(x, ffn_norm, eps, h)
     if wr.shape[0]:

@@ -50,11 +50,11 @@ def rope(x, cos, sin, n_rot, neox):
     return out
 
 
-def attention(q, k_cache, v_cache, pos0):
+def attention(q, k_cache, v_cache, pos0, scale):
     """Causal grouped-query attention of T new tokens over S = pos0 + T positions.
 
-    q: (T, H, D) float32; k_cache: (S, G, D) float16; v_cache: (S, G, Dv) float16.
-    Returns (T, H * Dv) float32.
+    q: (T, H, D) float32; k_cache: (S, G, D) float16; v_cache: (S, G, Dv) float16;
+    scale multiplies Q.K (1/sqrt(D) in most models). Returns (T, H * Dv) float32.
     """
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv = k_cache.shape[0], k_cache.shape[1]
@@ -63,7 +63,7 @@ def attention(q, k_cache, v_cache, pos0):
     k = k_cache.astype(F32)  # (S, G, D)
     v = v_cache.astype(F32)  # (S, G, Dv)
     scores = np.einsum("tgjd,sgd->gjts", qh, k, optimize=True)  # (G, H/G, T, S)
-    scores *= F32(1.0 / np.sqrt(d))
+    scores *= F32(scale)
     future = np.arange(n_kv)[None, :] > (pos0 + np.arange(n_tok))[:, None]  # (T, S)
     scores[..., future] = -np.inf
     probs = softmax(scores).astype(F16).astype(F32)  # (G, H/G, T, S)
