@@ -88,6 +88,14 @@ ARCHITECTURES = {
         shared_expert="",
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
     ),
+    "deepseek2": ArchTraits(
+        rope_neox=False,
+        qk_norm="",
+        norm_topk=False,
+        shared_expert="plain",
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+        expert_keys=True,
+    ),
     "granitemoe": ArchTraits(
         rope_neox=False,
         qk_norm="",
@@ -132,6 +140,8 @@ class ModelConfig:
     n_expert_groups: int = 0  # group-limited top-k: experts in this many groups (<= 1: none)
     n_group_used: int = 0  # ... of which this many groups are kept per token
     n_layer_dense_lead: int = 0  # the first layers have a dense FFN instead of experts
+    kv_lora_rank: int = 0  # multi-head latent attention: the cached latent's width (0: none)
+    q_lora_rank: int = 0  # MLA: the query's low-rank width (0: one attn_q projection)
 
     @property
     def is_moe(self):
@@ -169,6 +179,10 @@ class ModelConfig:
         n_head = get(Keys.Attention.HEAD_COUNT)
         n_head_kv = get(Keys.Attention.HEAD_COUNT_KV, n_head)
         head_dim_k = get(Keys.Attention.KEY_LENGTH, n_embd // max(n_head, 1))
+        head_dim_v = get(Keys.Attention.VALUE_LENGTH, head_dim_k)
+        # MLA files give the cache's sizes as key/value_length and the heads' as *_mla
+        head_dim_k = get(Keys.Attention.KEY_LENGTH_MLA, head_dim_k)
+        head_dim_v = get(Keys.Attention.VALUE_LENGTH_MLA, head_dim_v)
         n_expert = get(Keys.LLM.EXPERT_COUNT, 0)
         n_ff = get(Keys.LLM.FEED_FORWARD_LENGTH, 0)
         n_expert_used = get(Keys.LLM.EXPERT_USED_COUNT, 0)
@@ -176,6 +190,8 @@ class ModelConfig:
         if n_expert:
             fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
             n_ff_exp = get(traits.expert_ff_key, fallback or None)
+        # without a shared expert width: expert_shared_count experts' worth (deepseek2)
+        n_shared = get(Keys.LLM.EXPERT_SHARED_COUNT, 0) * n_ff_exp
         scales = _multipliers(get, head_dim_k, traits.multipliers)
         routing = _routing(get, traits)
         cfg = cls(
@@ -188,7 +204,7 @@ class ModelConfig:
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim_k=head_dim_k,
-            head_dim_v=get(Keys.Attention.VALUE_LENGTH, head_dim_k),
+            head_dim_v=head_dim_v,
             n_rot=get(Keys.Rope.DIMENSION_COUNT, head_dim_k),
             rope_base=get(Keys.Rope.FREQ_BASE, 10000.0, float),
             rms_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, kind=float),
@@ -199,17 +215,30 @@ class ModelConfig:
             n_ff_shexp=(
                 get(
                     Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH,
-                    n_ff if traits.shared_expert == "sigmoid" else 0,
+                    n_ff if traits.shared_expert == "sigmoid" else n_shared,
                 )
                 if traits.shared_expert
                 else 0
             ),
             **scales,
             **routing,
+            n_layer_dense_lead=get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0),
+            kv_lora_rank=get(Keys.Attention.KV_LORA_RANK, 0),
+            q_lora_rank=get(Keys.Attention.Q_LORA_RANK, 0),
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
         return cfg
+
+    def kv_bytes_per_token(self):
+        """(cached, naive): float16 KV-cache bytes one token takes over all layers; an MLA
+        model caches its latent and rope part (kv_lora_rank + n_rot values per layer),
+        where keeping full keys and values would take n_head * (head_dim_k + head_dim_v)."""
+        naive = self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * 2
+        if not self.kv_lora_rank:
+            return naive, naive
+        full = self.n_layer * self.n_head * (self.head_dim_k + self.head_dim_v) * 2
+        return self.n_layer * (self.kv_lora_rank + self.n_rot) * 2, full
 
     def pruned(self, layer):
         """Ids of the pruned experts of `layer` (never routed)."""

@@ -7,25 +7,26 @@ D head size, F FFN width, X experts, k experts used, V vocabulary.
 
 import numpy as np
 
-from meldlite.errors import OptionError
+from meldlite.errors import FormatError, OptionError
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
+from meldlite.kernels.mla import mla_block
 from meldlite.kernels.route import GATINGS
 
 F32 = np.float32
 
 
 class KVCache:
-    """Keys and values of every layer, float16 like llama.cpp's default cache."""
+    """Keys and values of every layer, float16 like llama.cpp's default cache; for
+    multi-head latent attention the normed latent and the RoPE'd key part instead."""
 
     def __init__(self, cfg, n_ctx):
         self.n_ctx = n_ctx
-        self.k = np.zeros(
-            (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_k), np.float16
-        )  # (L, C, G, D)
-        self.v = np.zeros(
-            (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_v), np.float16
-        )  # (L, C, G, Dv)
+        g, dk, dv = cfg.n_head_kv, cfg.head_dim_k, cfg.head_dim_v
+        if cfg.kv_lora_rank:  # MLA: one shared [latent | rope part] per position, no V
+            g, dk, dv = 1, cfg.kv_lora_rank + cfg.n_rot, 0
+        self.k = np.zeros((cfg.n_layer, n_ctx, g, dk), np.float16)  # (L, C, G, D)
+        self.v = np.zeros((cfg.n_layer, n_ctx, g, dv), np.float16)  # (L, C, G, Dv)
         self.cos, self.sin = mathops.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)  # (C, R/2)
         self.n_past = 0
 
@@ -71,7 +72,7 @@ def forward(
         h = np.empty_like(x)  # (T, E)
         ids = np.empty((n_tok, k_used), np.int32)  # (T, k)
         weights = np.empty((n_tok, k_used), F32)  # (T, k)
-        attention_block(
+        layer.block(
             x,
             *layer.attn,
             kc[i],
@@ -85,13 +86,13 @@ def forward(
             tr.rope_neox,
             cfg.rms_eps,
             cfg.residual_scale,
-            *layer.ffn,
+            layer.ffn,
             k_used,
             h,
             ids,
             weights,
         )
-        if cfg.is_moe:
+        if cfg.moe_layer(i):
             if on_route is not None:
                 on_route(i, h, ids, weights)
             ids, weights = adapt_route(ids, weights, min_expert_weight, route_counts)
@@ -190,7 +191,17 @@ class LayerPlan:
             return w[p + name] if p + name in w else _EMPTY_F32
 
         qk = {"": QK_NONE, "head": QK_HEAD, "full": QK_FULL}[cfg.traits.qk_norm]
-        self.attn = (
+        self.block = attention_block
+        if p + "attn_kv_a_mqa.weight" in w:
+            self.block, self.attn = mla_block, mla_weights(cfg, w, p, mat, vec)
+        else:
+            self.attn = self.standard_weights(w, p, mat, vec, qk)
+        router = mat("ffn_gate_inp.weight") if cfg.moe_layer(i) else (_NO_MATRIX, 0, 0)
+        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i), *routing(cfg, w, p))
+
+    @staticmethod
+    def standard_weights(w, p, mat, vec, qk):
+        return (
             w[p + "attn_norm.weight"],
             *mat("attn_q.weight"),
             *mat("attn_k.weight"),
@@ -204,8 +215,35 @@ class LayerPlan:
             vec("attn_k_norm.weight"),
             qk,
         )
-        router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
-        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i), *routing(cfg, w, p))
+
+
+def mla_weights(cfg, w, p, mat, vec):
+    """`mla_block`'s weights of layer prefix p: attn_q, or attn_q_a + its norm + attn_q_b
+    (empty matrices for the form the file lacks), attn_kv_a_mqa and its norm, the per-head
+    attn_k_b and attn_v_b (split from the older attn_kv_b when the file has that), output."""
+    none = (_NO_MATRIX, 0, 0)
+    lora = p + "attn_q_a.weight" in w
+    if p + "attn_k_b.weight" in w:
+        k_b, v_b = w.heads(p + "attn_k_b.weight"), w.heads(p + "attn_v_b.weight")
+    else:
+        nope = cfg.head_dim_k - cfg.n_rot
+        k_b, v_b = w.split_kv_b(p + "attn_kv_b.weight", cfg.n_head, nope, cfg.head_dim_v)
+    return (
+        w[p + "attn_norm.weight"],
+        *(none if lora else mat("attn_q.weight")),
+        *(mat("attn_q_a.weight") if lora else none),
+        vec("attn_q_a_norm.weight"),
+        *(mat("attn_q_b.weight") if lora else none),
+        *mat("attn_kv_a_mqa.weight"),
+        w[p + "attn_kv_a_norm.weight"],
+        k_b.mat,
+        k_b.t,
+        k_b.mode,
+        v_b.mat,
+        v_b.t,
+        v_b.mode,
+        *mat("attn_output.weight"),
+    )
 
 
 def routing(cfg, w, p):
@@ -243,7 +281,7 @@ def output_matrix(cfg, w):
 def check_weights(cfg, w):
     """Touch every tensor the forward pass needs and check its shape, so a
     broken file fails at load with a FormatError, not in the middle of a run."""
-    e, dk, dv = cfg.n_embd, cfg.head_dim_k, cfg.head_dim_v
+    e = cfg.n_embd
     w.matrix("token_embd.weight", cfg.n_vocab, e)
     w.matrix(output_matrix(cfg, w).name, cfg.n_vocab, e)
     w.vector("output_norm.weight", e)
@@ -251,23 +289,64 @@ def check_weights(cfg, w):
         p = f"blk.{i}."
         w.vector(p + "attn_norm.weight", e)
         w.vector(p + "ffn_norm.weight", e)
-        w.matrix(p + "attn_q.weight", cfg.n_head * dk, e)
-        w.matrix(p + "attn_k.weight", cfg.n_head_kv * dk, e)
-        w.matrix(p + "attn_v.weight", cfg.n_head_kv * dv, e)
-        w.matrix(p + "attn_output.weight", e, cfg.n_head * dv)
-        if cfg.traits.qk_norm:
-            full = cfg.traits.qk_norm == "full"
-            w.vector(p + "attn_q_norm.weight", cfg.n_head * dk if full else dk)
-            w.vector(p + "attn_k_norm.weight", cfg.n_head_kv * dk if full else dk)
-        if cfg.is_moe:
-            w.matrix(p + "ffn_gate_inp.weight", cfg.n_expert, e)
+        if p + "attn_kv_a_mqa.weight" in w:
+            check_mla(cfg, w, p)
         else:
-            w.matrix(p + "ffn_gate.weight", cfg.n_ff, e)
-            w.matrix(p + "ffn_up.weight", cfg.n_ff, e)
-            w.matrix(p + "ffn_down.weight", e, cfg.n_ff)
-        if cfg.n_ff_shexp:
-            w.matrix(p + "ffn_gate_shexp.weight", cfg.n_ff_shexp, e)
-            w.matrix(p + "ffn_up_shexp.weight", cfg.n_ff_shexp, e)
-            w.matrix(p + "ffn_down_shexp.weight", e, cfg.n_ff_shexp)
-        if cfg.n_ff_shexp and cfg.traits.shared_expert == "sigmoid":
-            w.vector(p + "ffn_gate_inp_shexp.weight", e)
+            check_attention(cfg, w, p)
+        check_ffn(cfg, w, p, cfg.moe_layer(i))
+
+
+def check_attention(cfg, w, p):
+    e, dk, dv = cfg.n_embd, cfg.head_dim_k, cfg.head_dim_v
+    w.matrix(p + "attn_q.weight", cfg.n_head * dk, e)
+    w.matrix(p + "attn_k.weight", cfg.n_head_kv * dk, e)
+    w.matrix(p + "attn_v.weight", cfg.n_head_kv * dv, e)
+    w.matrix(p + "attn_output.weight", e, cfg.n_head * dv)
+    if cfg.traits.qk_norm:
+        full = cfg.traits.qk_norm == "full"
+        w.vector(p + "attn_q_norm.weight", cfg.n_head * dk if full else dk)
+        w.vector(p + "attn_k_norm.weight", cfg.n_head_kv * dk if full else dk)
+
+
+def check_mla(cfg, w, p):
+    """The tensors of multi-head latent attention, as llama.cpp's deepseek2 loader."""
+    e, h, dk, dv, r = cfg.n_embd, cfg.n_head, cfg.head_dim_k, cfg.head_dim_v, cfg.kv_lora_rank
+    if r <= 0 or cfg.n_rot >= dk:
+        raise FormatError(
+            f"{p}attn_kv_a_mqa: kv_lora_rank and a rope dimension < key length needed"
+        )
+    if cfg.q_lora_rank:
+        w.matrix(p + "attn_q_a.weight", cfg.q_lora_rank, e)
+        w.vector(p + "attn_q_a_norm.weight", cfg.q_lora_rank)
+        w.matrix(p + "attn_q_b.weight", h * dk, cfg.q_lora_rank)
+    else:
+        w.matrix(p + "attn_q.weight", h * dk, e)
+    w.matrix(p + "attn_kv_a_mqa.weight", r + cfg.n_rot, e)
+    w.vector(p + "attn_kv_a_norm.weight", r)
+    if p + "attn_k_b.weight" in w:
+        shapes = {"attn_k_b": (h, r, dk - cfg.n_rot), "attn_v_b": (h, dv, r)}
+        for name, shape in shapes.items():
+            got = w.gguf.tensor(p + name + ".weight").shape
+            if tuple(got) != shape:
+                raise FormatError(f"tensor {p}{name}.weight should have shape {shape}, has {got}")
+    else:
+        w.matrix(p + "attn_kv_b.weight", h * (dk - cfg.n_rot + dv), r)
+    w.matrix(p + "attn_output.weight", e, h * dv)
+
+
+def check_ffn(cfg, w, p, moe):
+    e = cfg.n_embd
+    if not moe:
+        w.matrix(p + "ffn_gate.weight", cfg.n_ff, e)
+        w.matrix(p + "ffn_up.weight", cfg.n_ff, e)
+        w.matrix(p + "ffn_down.weight", e, cfg.n_ff)
+        return
+    w.matrix(p + "ffn_gate_inp.weight", cfg.n_expert, e)
+    if p + "exp_probs_b.bias" in w:
+        w.vector(p + "exp_probs_b.bias", cfg.n_expert)
+    if cfg.n_ff_shexp:
+        w.matrix(p + "ffn_gate_shexp.weight", cfg.n_ff_shexp, e)
+        w.matrix(p + "ffn_up_shexp.weight", cfg.n_ff_shexp, e)
+        w.matrix(p + "ffn_down_shexp.weight", e, cfg.n_ff_shexp)
+    if cfg.n_ff_shexp and cfg.traits.shared_expert == "sigmoid":
+        w.vector(p + "ffn_gate_inp_shexp.weight", e)

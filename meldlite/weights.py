@@ -6,9 +6,11 @@ tensor (norms, biases). Nothing is renamed, so loading needs no mapping table.
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from meldlite import kernels
 from meldlite.errors import FormatError, UnsupportedError
+from meldlite.formats.gguf import TensorView
 from meldlite.kernels.actquant import NONE, mode_of
 from meldlite.kernels.matmul import readonly_matrix
 from meldlite.kernels.qdot import linear
@@ -58,6 +60,12 @@ class QMatrix:
         return kernels.dequantize(self.raw[np.asarray(ids)], self.ggml_type)
 
 
+def f32_view(name, a):
+    """A TensorView over a float32 matrix a (rows, cols) held in memory."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return TensorView(name, GGMLQuantizationType.F32, a.shape, a.view(np.uint8), 0)
+
+
 class Weights:
     """Lazy, cached access to a GGUF file's non-expert tensors by name."""
 
@@ -77,6 +85,32 @@ class Weights:
             else:
                 self._cache[name] = QMatrix(tensor, self.llama_numerics)
         return self._cache[name]
+
+    def heads(self, name):
+        """A 3-D tensor (H, rows, cols) of per-head matrices as one QMatrix of H*rows rows
+        (MLA's attn_k_b / attn_v_b); cached like the others."""
+        key = name + "#heads"
+        if key not in self._cache:
+            t = self.gguf.tensor(name)
+            if len(t.shape) != 3:
+                raise FormatError(f"tensor {name!r} should be 3-D, has shape {t.shape}")
+            flat = (t.shape[0] * t.shape[1], t.shape[2])
+            view = TensorView(name, t.ggml_type, flat, t.raw.reshape(flat[0], -1), t.offset)
+            self._cache[key] = QMatrix(view, self.llama_numerics)
+        return self._cache[key]
+
+    def split_kv_b(self, name, n_head, nope, dv):
+        """The older MLA form: attn_kv_b (H*(nope+Dv), R) split into (attn_k_b, attn_v_b) as
+        the converter splits it now: float32 QMatrices of H*R rows of nope values (each
+        head's K part transposed) and H*Dv rows of R values."""
+        kv = self[name].rows(np.arange(self[name].shape[0]))  # (H*(nope+Dv), R)
+        kv = kv.reshape(n_head, nope + dv, -1)  # (H, nope+Dv, R)
+        k_b = np.ascontiguousarray(kv[:, :nope].transpose(0, 2, 1))  # (H, R, nope)
+        v_b = np.ascontiguousarray(kv[:, nope:])  # (H, Dv, R)
+        return tuple(
+            QMatrix(f32_view(f"{name}:{part}", a.reshape(-1, a.shape[-1])), self.llama_numerics)
+            for part, a in (("k_b", k_b), ("v_b", v_b))
+        )
 
     def get(self, name):
         """The tensor, or None when the file does not have it (optional tensors)."""

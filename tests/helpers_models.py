@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, replace
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
+from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
 
 from meldlite.data import default_model_path
 
@@ -41,16 +41,59 @@ ARCHS = {
     "qwen3": dict(moe=False, shexp=False, qk_norm="head", bias=False),
     "granitemoe": dict(moe=True, shexp=False, qk_norm="", bias=False, granite=True, tied=True),
     "granitemoe-shared": dict(moe=True, shexp=True, qk_norm="", bias=False, granite=True),
+    # MLA rounds to float16 more often than the others: F16 and quantized files flip
+    # near-ties between llama.cpp's own batched and token-by-token runs, so these rows
+    # are held to issue 13's gate, llama.cpp's own flips + 1% (self_flips; test_parity)
+    "deepseek2-lite": dict(
+        moe=True, shexp=True, qk_norm="", bias=False, tied=False, mla="lite", self_flips=True
+    ),
+    "deepseek2": dict(
+        moe=True, shexp=True, qk_norm="", bias=False, tied=False, mla="v3", self_flips=True
+    ),
 }
 
 # Arch names in ARCHS that write another general.architecture
-GGUF_ARCH = {"llama-moe": "llama", "granitemoe-shared": "granitemoe"}
+GGUF_ARCH = {
+    "llama-moe": "llama",
+    "granitemoe-shared": "granitemoe",
+    "deepseek2-lite": "deepseek2",
+}
 
 # Granite's multipliers (config.json: embedding_multiplier, residual_multiplier,
 # attention_multiplier, logits_scaling), of the size granite-3.0-1b-a400m has; the
 # attention scale differs from 1/sqrt(head_dim) on purpose. Granite files have a tied
 # output head (no output.weight), as its converted files do.
 GRANITE_SCALES = dict(embedding=12.0, residual=0.22, attention=0.0078125, logit=6.0)
+
+
+@dataclass(frozen=True)
+class Mla:
+    """DeepSeek-V2/V3 hyper-parameters (config.json names in comments), small sizes of
+    the real ratios. q_lora_rank 0 is V2-Lite's attn_q; V2-Lite's file has no q_lora_rank
+    key, but llama.cpp reads it unless block_count is 26/27 (its V2-Lite test), so the
+    small file writes 0; meldlite treats an absent key as 0 (test_deepseek2)."""
+
+    q_lora_rank: int = 0  # q_lora_rank
+    kv_lora_rank: int = 128  # kv_lora_rank
+    nope: int = 64  # qk_nope_head_dim
+    rope: int = 32  # qk_rope_head_dim
+    v_head: int = 64  # v_head_dim
+    n_shared: int = 2  # n_shared_experts
+    dense_lead: int = 1  # first_k_dense_replace
+    gating: int = 1  # scoring_func: 1 softmax, 2 sigmoid (gguf ExpertGatingFuncType)
+    norm: bool = False  # norm_topk_prob
+    scale: float = 1.0  # routed_scaling_factor
+    groups: tuple = (1, 1)  # n_group, topk_group
+    probs_b: bool = False  # e_score_correction_bias (exp_probs_b)
+    kv_b: bool = False  # the older converters' unsplit attn_kv_b
+
+
+MLA = {
+    "lite": Mla(),
+    "v3": Mla(
+        q_lora_rank=128, n_shared=1, gating=2, norm=True, scale=2.5, groups=(4, 2), probs_b=True
+    ),
+}
 
 
 def vocab_fields(n_vocab=4096):
@@ -94,10 +137,12 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
         s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe", "granitemoe") else s.n_ff
     )
     w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_dimension_count(s.head_dim)
+    if "mla" not in spec:
+        w.add_head_count_kv(s.n_head_kv)
+    if "mla" not in spec:
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
+        w.add_rope_dimension_count(s.head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(1 if dtype == np.float16 else 0)
@@ -106,12 +151,15 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
         w.add_residual_scale(GRANITE_SCALES["residual"])
         w.add_attention_scale(GRANITE_SCALES["attention"])
         w.add_logit_scale(GRANITE_SCALES["logit"])
+    mla = MLA[spec["mla"]] if "mla" in spec else None
+    if mla:
+        _mla_metadata(w, s, mla)
     if spec["moe"]:
         w.add_expert_count(s.n_expert)
         w.add_expert_used_count(s.n_expert_used)
         if gguf_arch in ("qwen3moe", "qwen2moe"):
             w.add_expert_feed_forward_length(s.n_ff_exp)
-        if spec["shexp"]:
+        if spec["shexp"] and not mla:
             w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
     for key, value, vtype, sub in vocab_fields(s.n_vocab):
         w.add_key_value(key, value, vtype, sub_type=sub)
@@ -135,6 +183,10 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     for i in range(s.n_layer):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight", e)
+        if mla:
+            _mla_tensors(mat, norm, p, s, mla)
+            _mla_ffn(mat, norm, p, s, mla, i)
+            continue
         mat(p + "attn_q.weight", s.n_head * hd, e)
         mat(p + "attn_k.weight", s.n_head_kv * hd, e)
         mat(p + "attn_v.weight", s.n_head_kv * hd, e)
@@ -172,6 +224,68 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     return path
 
 
+def _mla_metadata(w, s, m):
+    """The keys convert_hf_to_gguf's DeepseekV2Model writes (MLA as MQA with one KV head)."""
+    w.add_head_count_kv(1)
+    w.add_leading_dense_block_count(m.dense_lead)
+    w.add_vocab_size(s.n_vocab)
+    w.add_q_lora_rank(m.q_lora_rank)
+    w.add_kv_lora_rank(m.kv_lora_rank)
+    w.add_key_length(m.kv_lora_rank + m.rope)
+    w.add_value_length(m.kv_lora_rank)
+    w.add_key_length_mla(m.nope + m.rope)
+    w.add_value_length_mla(m.v_head)
+    w.add_expert_feed_forward_length(s.n_ff_exp)
+    w.add_expert_shared_count(m.n_shared)
+    w.add_expert_weights_scale(m.scale)
+    if m.norm:
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(m.rope)
+    w.add_expert_group_count(m.groups[0])
+    w.add_expert_group_used_count(m.groups[1])
+    w.add_expert_gating_func(ExpertGatingFuncType(m.gating))
+
+
+def _mla_tensors(mat, norm, p, s, m):
+    """One layer's MLA tensors in the converter's names and numpy shapes."""
+    e, h, dk = s.n_embd, s.n_head, m.nope + m.rope
+    if m.q_lora_rank:
+        mat(p + "attn_q_a.weight", m.q_lora_rank, e)
+        norm(p + "attn_q_a_norm.weight", m.q_lora_rank)
+        mat(p + "attn_q_b.weight", h * dk, m.q_lora_rank)
+    else:
+        mat(p + "attn_q.weight", h * dk, e)
+    mat(p + "attn_kv_a_mqa.weight", m.kv_lora_rank + m.rope, e)
+    norm(p + "attn_kv_a_norm.weight", m.kv_lora_rank)
+    if m.kv_b:
+        mat(p + "attn_kv_b.weight", h * (m.nope + m.v_head), m.kv_lora_rank)
+    else:
+        mat(p + "attn_k_b.weight", h, m.kv_lora_rank, m.nope)
+        mat(p + "attn_v_b.weight", h, m.v_head, m.kv_lora_rank)
+    mat(p + "attn_output.weight", e, h * m.v_head)
+
+
+def _mla_ffn(mat, norm, p, s, m, i):
+    """Layer i's FFN: dense for the leading layers, else routed and shared experts."""
+    e = s.n_embd
+    norm(p + "ffn_norm.weight", e)
+    if i < m.dense_lead:
+        mat(p + "ffn_gate.weight", s.n_ff, e)
+        mat(p + "ffn_up.weight", s.n_ff, e)
+        mat(p + "ffn_down.weight", e, s.n_ff)
+        return
+    mat(p + "ffn_gate_inp.weight", s.n_expert, e, scale=2 * e**-0.5, keep_f32=True)
+    if m.probs_b:
+        mat(p + "exp_probs_b.bias", s.n_expert, scale=0.05, keep_f32=True)
+    mat(p + "ffn_gate_exps.weight", s.n_expert, s.n_ff_exp, e)
+    mat(p + "ffn_up_exps.weight", s.n_expert, s.n_ff_exp, e)
+    mat(p + "ffn_down_exps.weight", s.n_expert, e, s.n_ff_exp)
+    n_sh = m.n_shared * s.n_ff_exp
+    mat(p + "ffn_gate_shexp.weight", n_sh, e)
+    mat(p + "ffn_up_shexp.weight", n_sh, e)
+    mat(p + "ffn_down_shexp.weight", e, n_sh)
+
+
 def llamacpp_quantize(src, dst, ftype_name, pure=False):
     """Quantize `src` to `dst` with llama.cpp's own quantizer (e.g. "Q4_K_M")."""
     import llama_cpp
@@ -202,3 +316,20 @@ def llamacpp_logits(path, tokens, n_ctx=256, n_threads=2):
     out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()
     return out
+
+
+def llamacpp_step_logits(path, tokens, n_ctx=256, n_threads=2):
+    """llama.cpp's logits (len(tokens), n_vocab) fed one token per batch: how far its
+    own results move with the batch shape (its noise floor for argmax flips)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        os.fspath(path), n_ctx=n_ctx, n_batch=1, n_ubatch=1, n_threads=n_threads,
+        logits_all=True, verbose=False,
+    )  # fmt: skip
+    rows = []
+    for t in tokens:
+        llm.eval([int(t)])
+        rows.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+    llm.close()
+    return np.array(rows)

@@ -41,7 +41,9 @@ class RoutePredictor:
     def __init__(self, weights, cfg):
         self.cfg = cfg
         self.k = cfg.n_expert_used
-        self.routers = [weights[f"blk.{i}.ffn_gate_inp.weight"] for i in range(cfg.n_layer)]
+        self.routers = [
+            weights.get(f"blk.{i}.ffn_gate_inp.weight") for i in range(cfg.n_layer)
+        ]  # None for a dense layer (never a target: it serves no experts)
         self.norms = [
             np.asarray(weights[f"blk.{i}.ffn_norm.weight"], np.float32) for i in range(cfg.n_layer)
         ]

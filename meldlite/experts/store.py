@@ -36,11 +36,14 @@ def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
     """(mats, types) of one layer for `kernels.moe_ffn`, as views of the file.
 
     Checks every expert matrix has the shape the config promises. A pruned expert
-    left out of the file (never routed) gets placeholders and a stored expert's types.
+    left out of the file (never routed) gets placeholders and a stored expert's types;
+    a layer without experts only placeholders (types F32).
     """
     arrays, types = [], np.empty((n_expert, 3), np.int32)  # types: (X, 3)
     expected = {"gate": (n_ff, n_embd), "up": (n_ff, n_embd), "down": (n_embd, n_ff)}
     stored = [e for e in range(n_expert) if gguf.expert_present(layer, e)]
+    if not stored:  # a dense layer of a MoE model: never routed
+        return kernels.expert_list([None] * (3 * n_expert)), np.zeros((n_expert, 3), np.int32)
     for e in range(n_expert):
         if e not in stored:
             arrays += [None] * 3

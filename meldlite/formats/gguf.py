@@ -201,8 +201,10 @@ class GGUFFile:
         ]
 
     def expert_present(self, layer, e):
-        """False for a pruned expert whose tensors were left out of the file."""
-        return self._expert_index(layer).stored(layer, e)
+        """False for a pruned expert whose tensors were left out of the file, and for
+        every expert of a layer without experts (a dense layer of a MoE model)."""
+        index = self._expert_index(layer)
+        return index.count(layer) > 0 and index.stored(layer, e)
 
     def expert_order(self):
         """(layer, e) pairs of every stored expert, sorted by where its gate matrix lies in the file."""

@@ -21,6 +21,7 @@ from meldlite.kernels.qdot import (
     CHUNK,
     PARALLEL_MIN_BYTES,
     _f16_bits_to_f32,
+    linear,
     matmul_acts,
     quantize_rows,
     rows_times_tokens,
@@ -223,26 +224,17 @@ def attention_block(
     neox,
     eps,
     res_scale,
-    ffn_norm,
-    wr,
-    tr,
-    mr,
-    rbias,
-    sel_bias,
-    gating,
-    n_group,
-    n_group_used,
-    norm_topk,
-    w_scale,
+    ffn,
     k_used,
     h,
     ids,
     weights,
 ):
     """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
-    ids/weights (T, k) <- routing (when the router wr has rows; rbias (X,), when not
-    empty, is added to the router logits: -inf masks a pruned expert; sel_bias .. w_scale:
-    the gating of `route.route_gated`). Modes m* say how
+    ids/weights (T, k) <- routing. ffn = (ffn_norm, router wr/tr/mr, rbias, sel_bias,
+    gating, n_group, n_group_used, norm_topk, w_scale): routing runs when wr has rows;
+    rbias (X,), when not empty, is added to the router logits (-inf masks a pruned
+    expert); the rest is the gating of `route.route_gated`. Modes m* say how
     each projection's input is rounded (actquant; NONE = float). attn_scale multiplies
     Q.K; res_scale the attention output before the residual add (skipped when 1)."""
     n_tok, n_embd = x.shape
@@ -279,14 +271,46 @@ def attention_block(
     store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0)
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
     attention_rows(q, kc, vc, pos0, n_head, attn_scale, a)
-    n = a.shape[1]
-    nb = max(1, n // 32)
-    qa2 = np.empty((n_tok, n), dtype=np.int8)
-    da2 = np.empty((n_tok, nb), dtype=np.float32)
-    bs2 = np.empty((n_tok, nb), dtype=np.int32)
-    xr2 = np.empty((n_tok, n), dtype=np.float32)
+    finish_block(
+        x,
+        a,
+        wo,
+        to,
+        mo,
+        bo,
+        res_scale,
+        eps,
+        ffn,
+        k_used,
+        h,
+        ids,
+        weights,
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def finish_block(
+    x,
+    a,
+    wo,
+    to,
+    mo,
+    bo,
+    res_scale,
+    eps,
+    ffn,
+    k_used,
+    h,
+    ids,
+    weights,
+):
+    """The end of every attention half: x (T, E) += res_scale * (Wo a + bo) for the
+    attention output a (T, n); h <- FFN-normed x; the router's ids/weights (T, k) when
+    the router has rows (ffn: see `attention_block`)."""
+    ffn_norm, wr, tr, mr, rbias, sel_bias, gating, n_group, n_group_used, norm_topk, w_scale = ffn
+    n_tok, n_embd = x.shape
     o = np.empty((n_tok, n_embd), dtype=np.float32)  # (T, E)
-    project(wo, to, mo, a, qa2, da2, bs2, xr2, toks, o, True)
+    linear(wo, to, mo, a, o)
     rs = np.float32(res_scale)
     for t in range(n_tok):
         for i in range(n_embd):
@@ -297,7 +321,7 @@ def attention_block(
     rms_norm_rows(x, ffn_norm, eps, h)
     if wr.shape[0]:
         logits = np.empty((n_tok, wr.shape[0]), dtype=np.float32)  # (T, X)
-        project(wr, tr, mr, h, qa, da, bs, xr, toks, logits, True)
+        linear(wr, tr, mr, h, logits)
         if rbias.shape[0]:
             for t in range(n_tok):
                 logits[t] += rbias
@@ -324,4 +348,5 @@ track_sources(
     project,
     qkv_parallel,
     attention_block,
+    finish_block,
 )

@@ -1,0 +1,102 @@
+"""DeepSeek-V2/V3 (deepseek2): multi-head latent attention against its NumPy reference,
+the configuration read from the keys the converter writes, logits against llama.cpp on
+random-weight files shaped like V2-Lite (attn_q, softmax gating, one leading dense layer,
+two shared experts) and V3 (attn_q_a/attn_q_b, sigmoid gating with exp_probs_b, expert
+groups, renormalised and scaled weights), and everything else on them: memory budgets
+and peers give the all-resident bits, pack, quantize --type and mixed files, profile,
+info. F32/F16 and quantized parity rows are in test_parity.py (ARCHS)."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from helpers_models import MLA, Shape, write_random_model
+
+import meldlite
+from meldlite.kernels.actquant import NONE
+from meldlite.kernels.mathops import rope_tables
+from meldlite.kernels.matmul import readonly_matrix
+from meldlite.kernels.mla import mla_block
+from meldlite.kernels.mla_ref import mla_layer
+from meldlite.kernels.route import GATE_SOFTMAX
+
+F32 = np.float32
+SHAPE = Shape(n_layer=3, n_expert=16, n_expert_used=4, n_ff_exp=128, n_ctx=128)
+ARCHS = ["deepseek2-lite", "deepseek2"]
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
+
+
+def _mat(a):
+    """(raw, type, mode) of a float32 matrix for the kernels."""
+    a = np.ascontiguousarray(a, F32)
+    return readonly_matrix(a.view(np.uint8), GGMLQuantizationType.F32), 0, NONE
+
+
+@pytest.mark.parametrize("q_lora", [0, 48])
+def test_mla_block_matches_numpy_reference(q_lora):
+    rng = np.random.default_rng(11)
+    e, h, r, nope, dr, dv, n_ctx = 64, 4, 32, 16, 8, 16, 24
+    dk = nope + dr
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * shape[-1] ** -0.5).astype(F32)
+
+    w = {"attn_norm": 1 + 0.1 * rand(e), "kv_a": rand(r + dr, e), "kv_a_norm": 1 + rand(r)}
+    w |= {"k_b": rand(h, r, nope), "v_b": rand(h, dv, r), "out": rand(e, h * dv)}
+    if q_lora:
+        w |= {"q_a": rand(q_lora, e), "q_a_norm": 1 + rand(q_lora), "q_b": rand(h * dk, q_lora)}
+    else:
+        w["q"] = rand(h * dk, e)
+    none = (readonly_matrix(np.zeros((0, 0), np.uint8), GGMLQuantizationType.F32), 0, NONE)
+    cos, sin = rope_tables(n_ctx, dr, 10000.0)
+    kc = np.zeros((n_ctx, 1, r + dr), np.float16)  # (C, 1, R+Dr)
+    lat, pe = np.zeros((n_ctx, r), np.float16), np.zeros((n_ctx, dr), np.float16)
+    scale = 1 / np.sqrt(dk)
+    pos0 = 0
+    for n_tok in (7, 1, 3):  # prefill then decode steps over the same cache
+        x = rng.standard_normal((n_tok, e)).astype(F32)
+        want = mla_layer(x, w, lat, pe, pos0, cos, sin, dr, scale, 1e-6)
+        got = x.copy()
+        hbuf = np.empty_like(x)
+        ids, wts = np.empty((n_tok, 1), np.int32), np.empty((n_tok, 1), F32)
+        mla_block(
+            got, w["attn_norm"],
+            *(none if q_lora else _mat(w["q"])),
+            *(_mat(w["q_a"]) if q_lora else none),
+            w.get("q_a_norm", np.zeros(0, F32)),
+            *(_mat(w["q_b"]) if q_lora else none),
+            *_mat(w["kv_a"]), w["kv_a_norm"],
+            *_mat(w["k_b"].reshape(h * r, nope)), *_mat(w["v_b"].reshape(h * dv, r)),
+            *_mat(w["out"]),
+            kc.view(np.uint16), np.zeros((n_ctx, 1, 0), np.uint16), cos, sin, pos0, h, scale,
+            dr, False, 1e-6, 1.0,
+            (np.ones(e, F32), *none, np.zeros(0, F32), np.zeros(0, F32), GATE_SOFTMAX, 0, 0,
+             False, 0.0),
+            1, hbuf, ids, wts,
+        )  # fmt: skip
+        new = slice(pos0, pos0 + n_tok)  # the cache: [latent | k_pe], float16 (1 ulp)
+        np.testing.assert_allclose(kc[new, 0, :r], lat[new], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(kc[new, 0, r:], pe[new], rtol=1e-3, atol=1e-4)
+        d = np.abs(got - want).max() / np.abs(want - x).max()
+        assert d < 5e-3, f"attention output off by {d:.2e} of its size"  # f16 Q and probabilities
+        pos0 += n_tok
+
+
+def test_config_reads_the_converters_keys(tmp_path):
+    lite = write_random_model(tmp_path / "lite.gguf", "deepseek2-lite", SHAPE, seed=2)
+    v3 = write_random_model(tmp_path / "v3.gguf", "deepseek2", SHAPE, seed=2)
+    a, b = meldlite.load(lite, n_ctx=32), meldlite.load(v3, n_ctx=32)
+    m = MLA["v3"]
+    assert (a.cfg.q_lora_rank, b.cfg.q_lora_rank) == (0, m.q_lora_rank)
+    assert b.cfg.kv_lora_rank == m.kv_lora_rank and b.cfg.n_rot == m.rope
+    assert (b.cfg.head_dim_k, b.cfg.head_dim_v) == (m.nope + m.rope, m.v_head)
+    assert (a.cfg.gating, b.cfg.gating) == ("softmax", "sigmoid")
+    assert (a.cfg.norm_topk, b.cfg.norm_topk) == (False, True)
+    assert b.cfg.expert_weights_scale == pytest.approx(2.5)
+    assert (b.cfg.n_expert_groups, b.cfg.n_group_used) == (4, 2)
+    assert a.cfg.n_layer_dense_lead == 1 and not a.cfg.moe_layer(0) and a.cfg.moe_layer(1)
+    assert a.cfg.n_ff_shexp == 2 * SHAPE.n_ff_exp and b.cfg.n_ff_shexp == SHAPE.n_ff_exp
+    # the cache holds kv_lora_rank + rope values per layer, float16
+    cached, naive = b.cfg.kv_bytes_per_token()
+    assert cached == SHAPE.n_layer * (m.kv_lora_rank + m.rope) * 2
+    assert naive == SHAPE.n_layer * SHAPE.n_head * (m.nope + m.rope + m.v_head) * 2
+    assert b.cache.k.shape[2:] == (1, m.kv_lora_rank + m.rope) and b.cache.v.size == 0
