@@ -52,11 +52,17 @@ ARCHS = {
     ),
 }
 
+# Not parity rows of their own (test_deepseek2 compares them): the older attn_kv_b form
+EXTRA_ARCHS = {
+    "deepseek2-kvb": dict(moe=True, shexp=True, qk_norm="", bias=False, tied=False, mla="kv_b"),
+}
+
 # Arch names in ARCHS that write another general.architecture
 GGUF_ARCH = {
     "llama-moe": "llama",
     "granitemoe-shared": "granitemoe",
     "deepseek2-lite": "deepseek2",
+    "deepseek2-kvb": "deepseek2",
 }
 
 # Granite's multipliers (config.json: embedding_multiplier, residual_multiplier,
@@ -90,6 +96,7 @@ class Mla:
 
 MLA = {
     "lite": Mla(),
+    "kv_b": Mla(kv_b=True),
     "v3": Mla(
         q_lora_rank=128, n_shared=1, gating=2, norm=True, scale=2.5, groups=(4, 2), probs_b=True
     ),
@@ -122,7 +129,7 @@ def vocab_fields(n_vocab=4096):
 def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None):
     """Write a random-weight model of `arch` (a key of ARCHS) to `path`; `tied`: no
     output.weight (None: as the architecture's converted files)."""
-    spec = ARCHS[arch]
+    spec = ARCHS.get(arch) or EXTRA_ARCHS[arch]
     tied = spec.get("tied", False) if tied is None else tied
     gguf_arch = GGUF_ARCH.get(arch, arch)
     s = shape
@@ -226,15 +233,20 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
 
 def _mla_metadata(w, s, m):
     """The keys convert_hf_to_gguf's DeepseekV2Model writes (MLA as MQA with one KV head)."""
-    w.add_head_count_kv(1)
     w.add_leading_dense_block_count(m.dense_lead)
     w.add_vocab_size(s.n_vocab)
     w.add_q_lora_rank(m.q_lora_rank)
     w.add_kv_lora_rank(m.kv_lora_rank)
-    w.add_key_length(m.kv_lora_rank + m.rope)
-    w.add_value_length(m.kv_lora_rank)
-    w.add_key_length_mla(m.nope + m.rope)
-    w.add_value_length_mla(m.v_head)
+    if m.kv_b:  # older files: multi-head sizes, as many KV heads as heads
+        w.add_head_count_kv(s.n_head)
+        w.add_key_length(m.nope + m.rope)
+        w.add_value_length(m.v_head)
+    else:
+        w.add_head_count_kv(1)
+        w.add_key_length(m.kv_lora_rank + m.rope)
+        w.add_value_length(m.kv_lora_rank)
+        w.add_key_length_mla(m.nope + m.rope)
+        w.add_value_length_mla(m.v_head)
     w.add_expert_feed_forward_length(s.n_ff_exp)
     w.add_expert_shared_count(m.n_shared)
     w.add_expert_weights_scale(m.scale)

@@ -4,21 +4,17 @@ all-resident bits, `pack`, `quantize --type` and mixed files run, `profile` and
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from helpers_models import GRANITE_SCALES, Shape, llamacpp_logits, write_random_model
+from helpers_moe import budget_steps, info_and_profile, peer_steps, steps
 
 import meldlite
-from meldlite.api import Model
-from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.experts.profile import build_profile
 from meldlite.formats import pack
 from meldlite.metrics import kl_divergence
-from meldlite.options import Peers, Runtime
 
 SHAPE = Shape(n_expert=8, n_expert_used=2, n_ff_exp=128, n_ff_shexp=128, n_ctx=128)
 ARCHS = ["granitemoe", "granitemoe-shared"]
-PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -28,15 +24,6 @@ def files(request, tmp_path_factory):
     f16 = write_random_model(d / "f16.gguf", request.param, SHAPE, np.float16, seed=5)
     pack(f16, d / "packed.gguf", "SRC")
     return {"arch": request.param, "f16": f16, "packed": d / "packed.gguf"}
-
-
-def steps(m, tokens=PROMPT, n_decode=3):
-    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
-    m.cache.reset()
-    out = [m._eval(tokens, all_logits=True)]
-    for _ in range(n_decode):
-        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +47,13 @@ def test_config_reads_the_multipliers(files):
 @pytest.mark.parametrize("layout", ["f16", "packed"])
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
-    m = meldlite.load(files[layout], n_ctx=64, n_threads=1, mem_budget=budget)
-    got = steps(m)
-    misses = m.stats()["expert_misses"]
-    m.close()
+    got, misses = budget_steps(files[layout], budget)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert misses > 0
 
 
 def test_peers_exact_mode_is_bit_identical(files, resident):
-    from meldlite.transports.local_peer import LocalPeer
-
-    peers = LocalPeer.start(2)
-    try:
-        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
-        m = Model(files["packed"], runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
-        try:
-            got = steps(m)
-            requests = m.store.stats()["peers_requests"]
-        finally:
-            m.close()
-    finally:
-        for p in peers:
-            p.stop()
+    got, requests = peer_steps(files["packed"])
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 
@@ -104,12 +75,5 @@ def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
 
 
 def test_info_and_profile_commands(files, tmp_path):
-    r = CliRunner().invoke(main, ["info", str(files["f16"])])
-    assert r.exit_code == 0, r.output
-    assert "granitemoe" in r.output
-    text = tmp_path / "t.txt"
-    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
-    out = tmp_path / "prof.json"
-    r = CliRunner().invoke(main, ["profile", str(files["f16"]), str(text), "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    assert out.exists()
+    output, profiled = info_and_profile(files["f16"], tmp_path)
+    assert "granitemoe" in output and profiled

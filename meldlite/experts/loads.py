@@ -26,7 +26,8 @@ class ExpertReader:
     unless the cache holds it."""
 
     def __init__(self, gguf, mechanism, throttle, drop_cache):
-        tensor0 = gguf.expert_tensor(0, "gate", 0)
+        layer, e = gguf.expert_order()[0]  # a stored expert (not of a dense layer)
+        tensor0 = gguf.expert_tensor(layer, "gate", e)
         self.map_base = tensor0.raw.ctypes.data - tensor0.offset  # byte 0 of the map
         self.file = eio.ExpertFile(
             gguf.path,

@@ -91,7 +91,7 @@ class _Recorder:
         self.sq[layer] += sel.T @ (x.astype(np.float64) ** 2)
         if self.sample:
             self.sample[layer].add(x, ids, weights)
-        if layer + 1 < self.cfg.n_layer:
+        if layer + 1 < self.cfg.n_layer and self.predictor.routers[layer + 1] is not None:
             z = np.ascontiguousarray(x * self.predictor.ratio(layer, layer + 1), np.float32)
             logits = self.predictor.routers[layer + 1] @ z  # (T, X)
             k = self.cfg.n_expert_used
@@ -116,6 +116,17 @@ def _split_docs(seq):
     if cur:
         docs.append(np.concatenate(cur))
     return docs
+
+
+def _layer_docs(seq, k):
+    """One layer's per-document arrays; a single (0, k) array for a layer that never
+    routed (a dense layer of a MoE model)."""
+    return _split_docs(seq) or [np.zeros((0, k), np.int64)]
+
+
+def _mean(a, shape):
+    """Mean over the first axis, zeros of `shape` when there are no rows."""
+    return np.asarray(a).mean(axis=0) if len(a) else np.zeros(shape)
 
 
 def recurrence(docs, n_expert, window):
@@ -188,9 +199,9 @@ def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
     L, X, k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
     layers = []
     for layer in range(L):
-        docs = _split_docs(rec.ids[layer])
-        ids = np.concatenate(docs).astype(np.int64)  # (N, k)
-        w = np.concatenate(_split_docs(rec.weights[layer]))  # (N, k)
+        docs = _layer_docs(rec.ids[layer], k)
+        ids = np.concatenate(docs).astype(np.int64)  # (N, k); N = 0 for a dense layer
+        w = np.concatenate(_layer_docs(rec.weights[layer], k)).astype(np.float32)  # (N, k)
         valid = ids >= 0
         counts = np.bincount(ids[valid], minlength=X)  # (X,)
         share = counts / max(1, counts.sum())
@@ -210,25 +221,29 @@ def summarize(rec, cfg, model, n_tok, n_docs, text_name, separator, seconds):
             "entropy": float(-(share[share > 0] * np.log(share[share > 0])).sum()),
             "coactivation": co.tolist(),
             "recurrence": {str(wn): round(recurrence(docs, X, wn), 6) for wn in WINDOWS},
-            "slot_weight_mean": [round(float(v), 6) for v in rel.mean(axis=0)],
-            "light_fraction": {str(t): round(float((rel[valid] < t).mean()), 6) for t in LIGHT},
+            "slot_weight_mean": [round(float(v), 6) for v in _mean(rel, k)],
+            "light_fraction": {str(t): round(float(_mean(rel[valid] < t, ())), 6) for t in LIGHT},
             "input_sq_mean": encode_array(rec.sq[layer] / np.maximum(counts, 1)[:, None]),
         }
         entry["entropy_ratio"] = entry["entropy"] / np.log(X)
         if layer + 1 < L:
-            nxt = np.concatenate(_split_docs(rec.ids[layer + 1])).astype(np.int64)
+            nxt = np.concatenate(_layer_docs(rec.ids[layer + 1], k)).astype(np.int64)
             nxt_hot = np.zeros((len(nxt), X), np.int64)
             for j in range(k):
                 ok = nxt[:, j] >= 0
                 nxt_hot[np.flatnonzero(ok), nxt[ok, j]] = 1
-            entry["next_layer_coactivation"] = (onehot.T @ nxt_hot).tolist()
+            same = len(nxt_hot) == len(onehot)  # not across a dense layer (no rows)
+            co_next = onehot.T @ nxt_hot if same else np.zeros((X, X), np.int64)  # (X, X)
+            entry["next_layer_coactivation"] = co_next.tolist()
         if layer > 0:
-            pred = np.concatenate(_split_docs(rec.pred[layer])).astype(np.int64)
+            pred = np.concatenate(_layer_docs(rec.pred[layer], k)).astype(np.int64)
+            if len(pred) != len(ids):  # the layer before routes nothing (dense): no guesses
+                pred = np.full((len(ids), k), -1, np.int64)  # (N, k)
             overlap = np.array([len(np.intersect1d(p, a[a >= 0])) for p, a in zip(pred, ids)])
             exact = overlap == valid.sum(axis=1)
             entry["prediction"] = {
-                "overlap": round(float(overlap.mean() / k), 6),
-                "exact": round(float(exact.mean()), 6),
+                "overlap": round(float(_mean(overlap, ()) / k), 6),
+                "exact": round(float(_mean(exact, ())), 6),
             }
         layers.append(entry)
     path = Path(model.path)

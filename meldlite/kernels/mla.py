@@ -123,9 +123,11 @@ def mla_block(
     linear(wkva, tkva, mkva, h, kv)
     k_pe = np.ascontiguousarray(kv[:, r:])  # (T, Dr)
     rope_rows(k_pe, 1, dr, cos, sin, pos0, n_rot, neox)
-    rms_norm_rows(kv[:, :r], kv_a_norm, eps, kv[:, :r])
+    lat = np.ascontiguousarray(kv[:, :r])  # (T, R)
+    rms_norm_rows(lat, kv_a_norm, eps, lat)
+    kv[:, :r] = lat
     kv[:, r:] = k_pe
-    store_kv(kv, kv[:, :0], 1, r + dr, 0, kc, vc, pos0)
+    store_kv(kv, np.empty((n_tok, 0), dtype=np.float32), 1, r + dr, 0, kc, vc, pos0)
     q_nope = np.empty((n_tok, n_head * nope), dtype=np.float32)  # (T, H*nope)
     q_pe = np.empty((n_tok, n_head * dr), dtype=np.float32)  # (T, H*Dr)
     for hd in range(n_head):
