@@ -41,6 +41,26 @@ class ArchTraits:
     # reads expert_weights_norm, expert_weights_scale and expert_gating_func from the
     # file (absent: no renormalisation, no scale, the row's gating), as deepseek2 does
     expert_keys: bool = False
+    # Sliding-window attention (SWA), on when the file gives attention.sliding_window > 0.
+    # swa_pattern: llama.cpp's hard-coded n_pattern where the file has no
+    # attention.sliding_window_pattern (every n-th layer is global; 0 all SWA; -1 the
+    # architecture has no SWA); swa_dense_first: the global layer opens each group of n
+    # (else it closes it)
+    swa_pattern: int = -1
+    swa_dense_first: bool = False
+    swa_window: int = 0  # a window llama.cpp forces over the file's (0: the file's)
+    # SWA layers' RoPE: "own" = rope.freq_base_swa (default 10000) and no scaling (gemma3);
+    # "global" = the global base unless rope.freq_base_swa is given, and its scaling
+    swa_rope: str = "global"
+    nope_step: int = 0  # with SWA on, layers il % nope_step == 0 have no RoPE (0: none)
+    ffn_act: str = "silu"  # dense FFN activation: "silu" or "gelu" (ggml's table GELU)
+    post_norms: bool = False  # RMSNorms after attention and after the FFN (gemma3)
+    embd_scale_sqrt: bool = False  # token embeddings times sqrt(n_embd)
+    # Q scaled before attention (1/sqrt(head_dim), or 1/sqrt(n_embd/n_head) for the layer
+    # counts listed, as llama.cpp derives Gemma 3's query_pre_attn_scalar) instead of Q.K
+    q_prescale: bool = False
+    q_scale_embd_layers: tuple = ()
+    logit_softcap: bool = False  # reads final_logit_softcapping: c * tanh(logits / c)
 
 
 ARCHITECTURES = {
@@ -142,6 +162,14 @@ class ModelConfig:
     n_layer_dense_lead: int = 0  # the first layers have a dense FFN instead of experts
     kv_lora_rank: int = 0  # multi-head latent attention: the cached latent's width (0: none)
     q_lora_rank: int = 0  # MLA: the query's low-rank width (0: one attn_q projection)
+    rope_scale: float = 1.0  # RoPE frequency scale of the global layers: 1/rope.scaling.factor
+    n_swa: int = 0  # sliding window: a token sees the n_swa positions up to itself; 0 none
+    swa_layers: tuple = ()  # (L,) 1 = the layer uses the sliding window; () none
+    rope_base_swa: float = 10000.0  # RoPE base and frequency scale of the SWA layers
+    rope_scale_swa: float = 1.0
+    nope_layers: tuple = ()  # (L,) 1 = the layer has no RoPE; () none
+    q_scale: float = 1.0  # multiplies Q after RoPE (gemma3; attention_scale is then 1)
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c) when c > 0
 
     @property
     def is_moe(self):
@@ -194,6 +222,15 @@ class ModelConfig:
         n_shared = get(Keys.LLM.EXPERT_SHARED_COUNT, 0) * n_ff_exp
         scales = _multipliers(get, head_dim_k, traits.multipliers)
         routing = _routing(get, traits)
+        if traits.embd_scale_sqrt:
+            scales["embedding_scale"] = float(np.sqrt(np.float32(n_embd)))
+        if traits.q_prescale:
+            n_layer = get(Keys.LLM.BLOCK_COUNT)
+            qd = n_embd // n_head if n_layer in traits.q_scale_embd_layers else head_dim_k
+            scales["q_scale"] = float(np.float32(1.0) / np.sqrt(np.float32(qd)))
+            scales["attention_scale"] = 1.0
+        if traits.logit_softcap:
+            scales["logit_softcap"] = get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, 0.0, float)
         cfg = cls(
             arch=arch,
             traits=traits,
@@ -225,6 +262,7 @@ class ModelConfig:
             n_layer_dense_lead=get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0),
             kv_lora_rank=get(Keys.Attention.KV_LORA_RANK, 0),
             q_lora_rank=get(Keys.Attention.Q_LORA_RANK, 0),
+            **_rope_and_swa(md, arch, traits, get),
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
@@ -239,6 +277,17 @@ class ModelConfig:
             return naive, naive
         full = self.n_layer * self.n_head * (self.head_dim_k + self.head_dim_v) * 2
         return self.n_layer * (self.kv_lora_rank + self.n_rot) * 2, full
+
+    def is_swa(self, layer):
+        """Whether `layer` attends through the sliding window."""
+        return bool(self.swa_layers) and bool(self.swa_layers[layer])
+
+    def rope_of(self, layer):
+        """(freq_base, freq_scale, n_rot) of `layer`'s RoPE; n_rot 0 for a NoPE layer."""
+        n_rot = 0 if self.nope_layers and self.nope_layers[layer] else self.n_rot
+        if self.is_swa(layer):
+            return self.rope_base_swa, self.rope_scale_swa, n_rot
+        return self.rope_base, self.rope_scale, n_rot
 
     def pruned(self, layer):
         """Ids of the pruned experts of `layer` (never routed)."""
@@ -355,6 +404,55 @@ def _routing(get, traits):
     out["n_expert_groups"] = get(Keys.LLM.EXPERT_GROUP_COUNT, 0)
     out["n_group_used"] = get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0)
     return out
+
+
+def _rope_and_swa(md, arch, traits, get):
+    """The RoPE frequency scale and the sliding-window fields, as llama.cpp reads them:
+    rope.scaling.factor f gives scale 1/f; the window from attention.sliding_window
+    (or the architecture's forced one), the SWA layers from the per-layer array or the
+    n_pattern in attention.sliding_window_pattern, else the architecture's pattern."""
+    factor = get(Keys.Rope.SCALING_FACTOR, 0.0, float)
+    rope_scale = 1.0 / factor if factor else 1.0
+    out = {"rope_scale": rope_scale}
+    n_swa = get(Keys.Attention.SLIDING_WINDOW, 0) if traits.swa_pattern >= 0 else 0
+    if n_swa <= 0:
+        return out
+    n_swa = traits.swa_window or n_swa
+    n_layer = get(Keys.LLM.BLOCK_COUNT)
+    layers = _swa_layers(
+        md.get(Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)), n_layer, traits
+    )
+    if traits.swa_rope == "own":
+        base_swa, scale_swa = get(Keys.Rope.FREQ_BASE_SWA, 10000.0, float), 1.0
+    else:
+        base = get(Keys.Rope.FREQ_BASE, 10000.0, float)
+        base_swa, scale_swa = get(Keys.Rope.FREQ_BASE_SWA, base, float), rope_scale
+    nope = ()
+    if traits.nope_step:
+        nope = tuple(int(i % traits.nope_step == 0) for i in range(n_layer))
+    return {
+        **out,
+        "n_swa": n_swa,
+        "swa_layers": layers,
+        "rope_base_swa": base_swa,
+        "rope_scale_swa": scale_swa,
+        "nope_layers": nope,
+    }
+
+
+def _swa_layers(value, n_layer, traits):
+    """(L,) 0/1 flags of the SWA layers from the pattern key's value (None, n_pattern or
+    a per-layer array): every n-th layer is global (llama_hparams::set_swa_pattern)."""
+    if isinstance(value, list):
+        if len(value) != n_layer or any(v not in (0, 1, True, False) for v in value):
+            raise FormatError(f"sliding_window_pattern must have {n_layer} 0/1 flags")
+        return tuple(int(v) for v in value)
+    n = traits.swa_pattern if value is None else value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise FormatError(f"sliding_window_pattern has bad value {value!r}")
+    if traits.swa_dense_first:
+        return tuple(int(n == 0 or i % n != 0) for i in range(n_layer))
+    return tuple(int(n == 0 or i % n < n - 1) for i in range(n_layer))
 
 
 def _pruned_flags(value):

@@ -73,7 +73,7 @@ def test_mla_block_matches_numpy_reference(q_lora):
             *_mat(w["k_b"].reshape(h * r, nope)), *_mat(w["v_b"].reshape(h * dv, r)),
             *_mat(w["out"]),
             kc.view(np.uint16), np.zeros((n_ctx, 1, 0), np.uint16), cos, sin, pos0, h, scale,
-            dr, False, 1e-6, 1.0,
+            1.0, 0, dr, False, 1e-6, 1.0,
             (np.ones(e, F32), *none, np.zeros(0, F32), np.zeros(0, F32), GATE_SOFTMAX, 0, 0,
              False, 0.0),
             1, hbuf, ids, wts,
@@ -104,7 +104,7 @@ def test_config_reads_the_converters_keys(tmp_path):
     cached, naive = b.cfg.kv_bytes_per_token()
     assert cached == SHAPE.n_layer * (m.kv_lora_rank + m.rope) * 2
     assert naive == SHAPE.n_layer * SHAPE.n_head * (m.nope + m.rope + m.v_head) * 2
-    assert b.cache.k.shape[2:] == (1, m.kv_lora_rank + m.rope) and b.cache.v.size == 0
+    assert b.cache.k[0].shape[1:] == (1, m.kv_lora_rank + m.rope) and b.cache.v[0].size == 0
 
 
 def test_older_kv_b_form_and_absent_q_lora_rank(tmp_path):
@@ -116,7 +116,7 @@ def test_older_kv_b_form_and_absent_q_lora_rank(tmp_path):
     ref = llamacpp_logits(path, tokens, n_ctx=64)
     m = meldlite.load(path, n_ctx=64)
     got = m.logits(tokens)
-    assert m.cache.k.shape[2:] == (1, MLA["kv_b"].kv_lora_rank + MLA["kv_b"].rope)
+    assert m.cache.k[0].shape[1:] == (1, MLA["kv_b"].kv_lora_rank + MLA["kv_b"].rope)
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     md = dict(m.gguf.metadata)

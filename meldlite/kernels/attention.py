@@ -86,47 +86,60 @@ def f32_to_f16_bits(v):
 
 @njit(cache=True, error_model="numpy")
 def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
-    """Write k (T, G*D), v (T, G*Dv) as float16 bits into kc (C, G, D), vc (C, G, Dv)."""
+    """Write k (T, G*D), v (T, G*Dv) as float16 bits into kc (C, G, D), vc (C, G, Dv).
+
+    Position p goes to row p % C: a cache of n_ctx rows holds each position at its own
+    row, a sliding-window layer's ring of C rows the latest C positions."""
+    rows = kc.shape[0]
     for t in range(k.shape[0]):
+        r = (pos0 + t) % rows
         for g in range(n_head_kv):
             for i in range(dk):
-                kc[pos0 + t, g, i] = f32_to_f16_bits(k[t, g * dk + i])
+                kc[r, g, i] = f32_to_f16_bits(k[t, g * dk + i])
             for i in range(dv):
-                vc[pos0 + t, g, i] = f32_to_f16_bits(v[t, g * dv + i])
+                vc[r, g, i] = f32_to_f16_bits(v[t, g * dv + i])
 
 
 @njit(cache=True, error_model="numpy")
-def attention_rows(q, kc, vc, pos0, n_head, scale, out):
+def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0):
     """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
 
     Per head: scores = f16(q) . K (float32 sums), times `scale` (float32; 1/sqrt(D) in
-    most models); softmax summed in
-    float64; probabilities rounded to float16; out = sum over positions of p * V."""
+    most models); softmax summed in float64; probabilities rounded to float16; out = sum
+    over positions of p * V. With window > 0 the token at position p sees positions
+    p - window + 1 .. p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD mask: masked when
+    p - p0 >= window). Position s is read from cache row s % C, in position order; the
+    rows must hold every position the T tokens see (checked)."""
     n_tok = q.shape[0]
-    n_head_kv, d = kc.shape[1], kc.shape[2]
+    rows, n_head_kv, d = kc.shape[0], kc.shape[1], kc.shape[2]
     dv = vc.shape[2]
     group = n_head // n_head_kv
     scale = np.float32(scale)
     n_s = pos0 + n_tok
-    kf = np.empty((n_s, d), dtype=np.float32)  # (S, D) keys of one KV head
-    vf = np.empty((n_s, dv), dtype=np.float32)  # (S, Dv)
+    lo = max(0, pos0 - window + 1) if window > 0 else 0  # first position any token sees
+    if n_s - lo > rows:
+        raise ValueError("attention_rows: the cache rows do not hold the attended positions")
+    kf = np.empty((n_s - lo, d), dtype=np.float32)  # (S, D) keys of one KV head
+    vf = np.empty((n_s - lo, dv), dtype=np.float32)  # (S, Dv)
     qh = np.empty(d, dtype=np.float32)  # (D,)
-    p = np.empty(n_s, dtype=np.float32)  # (S,)
+    p = np.empty(n_s - lo, dtype=np.float32)  # (S,)
     acc = np.empty(dv, dtype=np.float32)  # (Dv,)
     for g in range(n_head_kv):
-        for s in range(n_s):
+        for s in range(lo, n_s):
+            r = s % rows
             for i in range(d):
-                kf[s, i] = _f16_bits_to_f32(np.uint32(kc[s, g, i]))
+                kf[s - lo, i] = _f16_bits_to_f32(np.uint32(kc[r, g, i]))
             for i in range(dv):
-                vf[s, i] = _f16_bits_to_f32(np.uint32(vc[s, g, i]))
+                vf[s - lo, i] = _f16_bits_to_f32(np.uint32(vc[r, g, i]))
         for t in range(n_tok):
-            last = pos0 + t  # attends to positions 0..last
+            last = pos0 + t - lo  # attends to positions first..last (offsets from lo)
+            first = max(0, last - window + 1) if window > 0 else 0
             for j in range(group):
                 h = g * group + j
                 for i in range(d):
                     qh[i] = _f16_round(q[t, h * d + i])
                 mx = -np.inf
-                for s in range(last + 1):
+                for s in range(first, last + 1):
                     a = np.float32(0.0)
                     for i in range(d):
                         a += qh[i] * kf[s, i]
@@ -134,19 +147,38 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out):
                     p[s] = a
                     mx = max(mx, a)
                 tot = 0.0
-                for s in range(last + 1):
+                for s in range(first, last + 1):
                     e = np.exp(p[s] - mx)
                     p[s] = e
                     tot += np.float64(e)
                 inv = 1.0 / tot
                 for i in range(dv):
                     acc[i] = 0.0
-                for s in range(last + 1):
+                for s in range(first, last + 1):
                     w = _f16_round(np.float32(p[s] * inv))
                     for i in range(dv):
                         acc[i] += w * vf[s, i]
                 for i in range(dv):
                     out[t, h * dv + i] = acc[i]
+
+
+@njit(cache=True, error_model="numpy")
+def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out):
+    """Store k, v (T, G*D / G*Dv) in the cache and attend q (T, H*D) -> out (T, H*Dv).
+
+    A cache of fewer rows than the positions (a sliding-window ring) takes the tokens in
+    chunks of rows - window + 1, so that each chunk's attended positions are all held;
+    every token sees the same positions in the same order as with a full cache."""
+    n_tok = q.shape[0]
+    n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    rows = kc.shape[0]
+    step = n_tok
+    if window > 0 and pos0 + n_tok > rows:
+        step = rows - window + 1
+    for c0 in range(0, n_tok, step):
+        c1 = min(n_tok, c0 + step)
+        store_kv(k[c0:c1], v[c0:c1], n_head_kv, dk, dv, kc, vc, pos0 + c0)
+        attention_rows(q[c0:c1], kc, vc, pos0 + c0, n_head, scale, out[c0:c1], window)
 
 
 @njit(cache=True, error_model="numpy")
@@ -213,6 +245,7 @@ def attention_block(
     q_norm,
     k_norm,
     qk_norm,
+    post_norm,
     kc,
     vc,
     cos,
@@ -220,6 +253,8 @@ def attention_block(
     pos0,
     n_head,
     attn_scale,
+    q_scale,
+    window,
     n_rot,
     neox,
     eps,
@@ -236,7 +271,10 @@ def attention_block(
     rbias (X,), when not empty, is added to the router logits (-inf masks a pruned
     expert); the rest is the gating of `route.route_gated`. Modes m* say how
     each projection's input is rounded (actquant; NONE = float). attn_scale multiplies
-    Q.K; res_scale the attention output before the residual add (skipped when 1)."""
+    Q.K, q_scale Q after RoPE (skipped when 1); window > 0: sliding-window attention over
+    kc/vc (C, G, D), which may be a ring of C >= window rows (`attend_cached`); n_rot 0:
+    no RoPE. post_norm (E,), when not empty, RMS-normalises the attention output before
+    the residual add; res_scale multiplies it (skipped when 1)."""
     n_tok, n_embd = x.shape
     n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     toks = np.arange(n_tok)
@@ -268,53 +306,33 @@ def attention_block(
         rms_norm_rows(k, k_norm, eps, k)
     rope_rows(q, n_head, dk, cos, sin, pos0, n_rot, neox)
     rope_rows(k, n_head_kv, dk, cos, sin, pos0, n_rot, neox)
-    store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0)
+    if q_scale != 1.0:
+        q *= np.float32(q_scale)
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
-    attention_rows(q, kc, vc, pos0, n_head, attn_scale, a)
-    finish_block(
-        x,
-        a,
-        wo,
-        to,
-        mo,
-        bo,
-        res_scale,
-        eps,
-        ffn,
-        k_used,
-        h,
-        ids,
-        weights,
-    )
+    attend_cached(q, k, v, kc, vc, pos0, n_head, attn_scale, window, a)
+    finish_block(x, a, wo, to, mo, bo, post_norm, res_scale, eps, ffn, k_used, h, ids, weights)
 
 
 @njit(cache=True, error_model="numpy")
-def finish_block(
-    x,
-    a,
-    wo,
-    to,
-    mo,
-    bo,
-    res_scale,
-    eps,
-    ffn,
-    k_used,
-    h,
-    ids,
-    weights,
-):
-    """The end of every attention half: x (T, E) += res_scale * (Wo a + bo) for the
-    attention output a (T, n); h <- FFN-normed x; the router's ids/weights (T, k) when
-    the router has rows (ffn: see `attention_block`)."""
+def finish_block(x, a, wo, to, mo, bo, post_norm, res_scale, eps, ffn, k_used, h, ids, weights):
+    """The end of every attention half: x (T, E) += res_scale * post_norm(Wo a + bo) for
+    the attention output a (T, n) (post_norm (E,) empty: none); h <- FFN-normed x; the
+    router's ids/weights (T, k) when the router has rows (ffn: see `attention_block`)."""
     ffn_norm, wr, tr, mr, rbias, sel_bias, gating, n_group, n_group_used, norm_topk, w_scale = ffn
     n_tok, n_embd = x.shape
     o = np.empty((n_tok, n_embd), dtype=np.float32)  # (T, E)
     linear(wo, to, mo, a, o)
+    add_bias = bo.shape[0] > 0
+    if post_norm.shape[0]:
+        if add_bias:
+            for t in range(n_tok):
+                o[t] += bo
+        rms_norm_rows(o, post_norm, eps, o)
+        add_bias = False
     rs = np.float32(res_scale)
     for t in range(n_tok):
         for i in range(n_embd):
-            ob = o[t, i] + bo[i] if bo.shape[0] else o[t, i]
+            ob = o[t, i] + bo[i] if add_bias else o[t, i]
             if res_scale != 1.0:
                 ob = ob * rs
             x[t, i] = x[t, i] + ob
@@ -344,6 +362,7 @@ track_sources(
     rope_rows,
     store_kv,
     attention_rows,
+    attend_cached,
     route_rows,
     project,
     qkv_parallel,

@@ -97,6 +97,8 @@ def mla_block(
     pos0,
     n_head,
     attn_scale,
+    q_scale,
+    window,
     n_rot,
     neox,
     eps,
@@ -111,7 +113,8 @@ def mla_block(
     (h, ids, weights, the router arguments, modes m*). kc (C, 1, R + Dr) float16 bits
     holds [latent | k_pe] per position; vc (C, 1, 0) is unused. wq has no rows when
     q_lora_rank > 0 (then wqa/q_a_norm/wqb are used); wkb is Wk_b as H*R rows of nope
-    values, wvb Wv_b as H*Dv rows of R values."""
+    values, wvb Wv_b as H*Dv rows of R values. q_scale and window are the standard
+    block's (arguments in the same places); MLA layers have neither (1 and 0)."""
     n_tok = x.shape[0]
     r = kv_a_norm.shape[0]
     dr = n_rot
@@ -145,13 +148,15 @@ def mla_block(
     dv = wvb.shape[0] // n_head
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
     per_head(wvb, tvb, mvb, o_lat, n_head, r, a, dv)
+    no_vec = np.zeros(0, dtype=np.float32)  # (0,) no output bias, no post-norm
     finish_block(
         x,
         a,
         wo,
         to,
         mo,
-        np.zeros(0, dtype=np.float32),
+        no_vec,
+        no_vec,
         res_scale,
         eps,
         ffn,
