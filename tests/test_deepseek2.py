@@ -203,3 +203,4 @@ def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
 def test_info_and_profile_commands(files, tmp_path):
     output, profiled = info_and_profile(files["f16"], tmp_path)
     assert "deepseek2" in output and profiled
+    assert "latent (MLA)" in output and "bytes per token (full keys and values:" in output

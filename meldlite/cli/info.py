@@ -40,10 +40,24 @@ def format_info(d, full=False):
         f"shape        vocab {d['n_vocab']}, ctx {d['n_ctx_train']}, embd {d['n_embd']}, "
         f"layers {d['n_layer']}, heads {d['n_head']}/{d['n_head_kv']} x {d['head_dim']}"
     )
+    if d["kv_lora_rank"]:
+        yield (
+            f"attention    latent (MLA): kv_lora_rank {d['kv_lora_rank']}, "
+            f"q_lora_rank {d['q_lora_rank'] or 'none (attn_q)'}"
+        )
+    yield (
+        f"kv cache     {d['kv_bytes_per_token']:,} bytes per token"
+        + (
+            f" (full keys and values: {d['kv_bytes_per_token_naive']:,})"
+            if d["kv_bytes_per_token_naive"] != d["kv_bytes_per_token"]
+            else ""
+        )
+    )
     if d["n_expert"]:
         yield (
             f"experts      {d['n_expert_used']} of {d['n_expert']} per token, FFN {d['n_ff_exp']}"
             + (f", shared FFN {d['n_ff_shexp']}" if d["n_ff_shexp"] else "")
+            + (f", first {d['n_layer_dense_lead']} layers dense" if d["n_layer_dense_lead"] else "")
         )
     else:
         yield f"ffn          {d['n_ff']}"
