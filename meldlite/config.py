@@ -16,6 +16,8 @@ from gguf import Keys
 from meldlite.errors import FormatError, UnsupportedError
 from meldlite.formats.layout import KEY_PRUNED
 
+F32 = np.float32
+
 
 @dataclass(frozen=True)
 class ArchTraits:
@@ -122,10 +124,28 @@ class ModelConfig:
     residual_scale: float = 1.0  # multiplies each block's attention and FFN output
     logit_scale: float = 1.0  # the logits are multiplied by 1/logit_scale
     expert_pruned: tuple = ()  # (L*X,) 1 = expert never routed (meldlite.expert_pruned); () none
+    # RoPE scaling (rope.scaling.*) as llama.cpp's context sets it up (see _rope_scaling):
+    rope_scale: float = 1.0  # RoPE frequency scale: angles times 1/rope.scaling.factor
+    rope_ext_factor: float = 0.0  # YaRN's extrapolation mix: 1 for "yarn", else 0
+    rope_attn_factor: float = 1.0  # multiplies cos/sin (before YaRN's own magnitude term)
+    rope_n_ctx_orig: int = 0  # YaRN's original context length (0: n_ctx_train)
+    yarn_beta_fast: float = 32.0  # YaRN's correction range, llama.cpp's defaults
+    yarn_beta_slow: float = 1.0
 
     @property
     def is_moe(self):
         return self.n_expert > 0
+
+    def rope_yarn(self):
+        """YaRN's keyword arguments of `kernels.mathops.rope_tables` (after the base and
+        the frequency scale)."""
+        return dict(
+            ext_factor=self.rope_ext_factor,
+            attn_factor=self.rope_attn_factor,
+            beta_fast=self.yarn_beta_fast,
+            beta_slow=self.yarn_beta_slow,
+            n_ctx_orig=self.rope_n_ctx_orig or self.n_ctx_train,
+        )
 
     @classmethod
     def from_metadata(cls, md, n_vocab=None):
@@ -163,6 +183,7 @@ class ModelConfig:
             fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
             n_ff_exp = get(traits.expert_ff_key, fallback or None)
         scales = _multipliers(get, head_dim_k, traits.multipliers)
+        rope = _rope_scaling(get)
         cfg = cls(
             arch=arch,
             traits=traits,
@@ -190,6 +211,7 @@ class ModelConfig:
                 else 0
             ),
             **scales,
+            **rope,
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
@@ -271,6 +293,47 @@ def _multipliers(get, head_dim_k, present):
         given = {name: get(key, 0.0, float) for name, key in keys.items()}
         given = {name: value for name, value in given.items() if value}
     return {"attention_scale": float(1.0 / np.sqrt(head_dim_k)), **given}
+
+
+def _rope_scaling(get):
+    """RoPE scaling from rope.scaling.* as llama.cpp reads it (llama-model.cpp) and
+    sets up its context (llama-context.cpp) for the defaults llama-cpp-python passes:
+    type "linear" unless given ("none" disables the factor); the factor's inverse
+    scales positions; "yarn" sets the extrapolation mix to 1 and an attention factor
+    that cancels the magnitude term ggml's rope_yarn multiplies in (times
+    rope.scaling.attn_factor). The beta range stays at llama.cpp's 32/1, which only
+    some architectures (none here) read from the file. Float32 steps as llama.cpp's."""
+    kind = get(Keys.Rope.SCALING_TYPE, "linear", str)
+    if kind not in ("none", "linear", "yarn"):
+        raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
+    factor = get(Keys.Rope.SCALING_FACTOR, 0.0, float)
+    freq_scale = F32(1.0) if factor == 0.0 or kind == "none" else F32(1.0) / F32(factor)
+    ext_factor = 1.0 if kind == "yarn" else 0.0
+    attn = F32(1.0)
+    if ext_factor:
+        inv = F32(1.0) / freq_scale
+        log_mul = F32(get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, float))
+        attn = _yarn_mscale(inv, F32(1.0))
+        if log_mul != 0:
+            attn = attn / _yarn_mscale(inv, log_mul)
+        attn = attn * (F32(1.0) / (F32(1.0) + F32(0.1) * _logf(inv)))
+    attn = attn * F32(get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0, float))
+    return {
+        "rope_scale": float(freq_scale),
+        "rope_ext_factor": ext_factor,
+        "rope_attn_factor": float(attn),
+        "rope_n_ctx_orig": get(Keys.Rope.SCALING_ORIG_CTX_LEN, 0),
+    }
+
+
+def _logf(v):
+    """logf of a float32, correctly rounded."""
+    return F32(np.log(np.float64(v)))
+
+
+def _yarn_mscale(scale, mscale):
+    """llama.cpp's get_mscale: 0.1 mscale ln(scale) + 1 (1 when scale <= 1), float32."""
+    return F32(1.0) if scale <= 1 else F32(0.1) * mscale * _logf(scale) + F32(1.0)
 
 
 def _pruned_flags(value):

@@ -25,7 +25,9 @@ class KVCache:
         self.v = np.zeros(
             (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_v), np.float16
         )  # (L, C, G, Dv)
-        self.cos, self.sin = mathops.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)  # (C, R/2)
+        self.cos, self.sin = mathops.rope_tables(
+            n_ctx, cfg.n_rot, cfg.rope_base, cfg.rope_scale, **cfg.rope_yarn()
+        )  # (C, R/2)
         self.n_past = 0
 
     def reset(self):

@@ -8,6 +8,7 @@ import ctypes
 import os
 from dataclasses import dataclass, replace
 
+import gguf
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
 
@@ -76,9 +77,11 @@ def vocab_fields(n_vocab=4096):
     return out
 
 
-def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None):
+def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None, rope=None):
     """Write a random-weight model of `arch` (a key of ARCHS) to `path`; `tied`: no
-    output.weight (None: as the architecture's converted files)."""
+    output.weight (None: as the architecture's converted files); rope: RoPE scaling keys
+    as convert_hf_to_gguf writes them, dict(type="yarn" or "linear", factor, orig_ctx
+    (yarn)) (None: none)."""
     spec = ARCHS[arch]
     tied = spec.get("tied", False) if tied is None else tied
     gguf_arch = GGUF_ARCH.get(arch, arch)
@@ -101,6 +104,11 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(1 if dtype == np.float16 else 0)
+    if rope:
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        if rope["type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(rope["orig_ctx"])
     if spec.get("granite"):  # as convert_hf_to_gguf writes Granite's multipliers
         w.add_embedding_scale(GRANITE_SCALES["embedding"])
         w.add_residual_scale(GRANITE_SCALES["residual"])

@@ -9,6 +9,8 @@ Shape letters: T tokens in this batch, S positions attended (past + T),
 H query heads, G KV heads, D head size, E n_embd, X experts.
 """
 
+import math
+
 import numpy as np
 
 F32 = np.float32
@@ -85,3 +87,51 @@ def route(logits, k, norm_topk):
         total = np.maximum(weights.sum(axis=-1, keepdims=True), F32(6.103515625e-5))
         weights = weights / total
     return ids, np.ascontiguousarray(weights, dtype=F32)
+
+
+def rope_tables_ref(
+    n_pos,
+    n_rot,
+    base,
+    freq_scale=1.0,
+    ext_factor=0.0,
+    attn_factor=1.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    n_ctx_orig=0,
+):
+    """cos/sin (n_pos, n_rot/2) one angle at a time, as ggml's rope cache: theta starts
+    at the position and is multiplied by base^(-2/n_rot) per pair (float32); rope_yarn
+    scales it, mixes it back by the ramp between the correction dims and multiplies
+    cos/sin by the magnitude factor."""
+    f = F32
+    log = math.log
+
+    def corr_dim(beta):
+        return (
+            f(n_rot)
+            * f(log(f(n_ctx_orig) / (f(beta) * f(2) * f(math.pi))))
+            / (f(2) * f(log(f(base))))
+        )
+
+    low = high = f(0)
+    if ext_factor != 0.0:
+        low = max(f(0), f(math.floor(corr_dim(beta_fast))))
+        high = min(f(n_rot - 1), f(math.ceil(corr_dim(beta_slow))))
+    theta_scale = f(base) ** f(-2.0 / n_rot)
+    cos = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
+    sin = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
+    for pos in range(n_pos):
+        theta = f(pos)
+        for i in range(n_rot // 2):
+            interp = f(freq_scale) * theta
+            angle, mscale = interp, f(attn_factor)
+            if ext_factor != 0.0:
+                y = (f(i) - low) / max(f(0.001), high - low)
+                mix = (f(1) - min(f(1), max(f(0), y))) * f(ext_factor)
+                angle = interp * (f(1) - mix) + theta * mix
+                mscale = mscale * (f(1) + f(0.1) * f(log(f(1) / f(freq_scale))))
+            cos[pos, i] = f(math.cos(float(angle))) * mscale
+            sin[pos, i] = f(math.sin(float(angle))) * mscale
+            theta = theta * theta_scale
+    return cos, sin
