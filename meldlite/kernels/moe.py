@@ -4,7 +4,7 @@ out[t] = sum over slots j = 0..k-1 with ids[t, j] >= 0, in slot order, starting 
          of weights[t, j] * (down_e(act(gate_e x[t] + bg_e, up_e x[t] + bu_e)) + bd_e),
          e = ids[t, j].
 
-`act` is one of `ACTS` (the architecture's `expert_act`): "silu" silu(g) * u,
+`act` is one of `EXPERT_ACTS` (the architecture's `expert_act`): "silu" silu(g) * u,
 "relu" relu(g) * u (ggml's reglu), "swiglu_oai" gpt-oss's clamped SwiGLU (ggml's
 swiglu_oai: x = min(g, 7), y = clamp(u, -7, 7), x * sigmoid(1.702 x) * (y + 1)).
 The biases bg/bu/bd (gpt-oss) are rows of a per-layer float32 array (n_expert,
@@ -42,7 +42,7 @@ MATRIX_TYPE = nbtypes.Array(
 )  # numba type of each entry of `mats`
 GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
 ACT_SILU, ACT_RELU, ACT_SWIGLU_OAI = 0, 1, 2
-ACTS = {"silu": ACT_SILU, "relu": ACT_RELU, "swiglu_oai": ACT_SWIGLU_OAI}
+EXPERT_ACTS = {"silu": ACT_SILU, "relu": ACT_RELU, "swiglu_oai": ACT_SWIGLU_OAI}
 OAI_ALPHA = np.float32(1.702)  # llama.cpp's build_moe_ffn constants for swiglu_oai
 OAI_LIMIT = np.float32(7.0)
 NO_BIAS = np.zeros((0, 0), np.float32)  # (0, 0) no expert biases
@@ -538,7 +538,7 @@ def moe_ffn(
     mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids.
     llama_numerics: round each matrix's input as llama.cpp does (see actquant) and multiply
     by integer dot products (qdot), as llama.cpp's CPU backend does.
-    act: a key of ACTS; bias: None, or float32 (n_expert, 2 n_ff + n_embd) expert biases."""
+    act: a key of EXPERT_ACTS; bias: None, or float32 (n_expert, 2 n_ff + n_embd) expert biases."""
     x, ids, weights, types = _check_inputs(x, ids, weights, types)
     act_id = _act_id(act)
     bias = _check_bias(bias, types.shape[0])
@@ -580,9 +580,9 @@ def moe_ffn(
 
 
 def _act_id(act):
-    if act not in ACTS:
-        raise OptionError(f"expert activation {act!r} is not one of {', '.join(ACTS)}")
-    return ACTS[act]
+    if act not in EXPERT_ACTS:
+        raise OptionError(f"expert activation {act!r} is not one of {', '.join(EXPERT_ACTS)}")
+    return EXPERT_ACTS[act]
 
 
 def _check_bias(bias, n_expert):

@@ -5,7 +5,7 @@ the model hash agreed in the handshake, the config and the experts assigned.
 import time
 from dataclasses import dataclass, field
 
-from meldlite.kernels.moe import ACTS
+from meldlite.kernels.moe import EXPERT_ACTS
 from meldlite.kernels.qtypes import check_type
 from meldlite.transports import protocol as P
 
@@ -19,7 +19,7 @@ class Session:
     n_layer: int = 0
     n_expert: int = 0
     llama_numerics: bool = True
-    act: str = "silu"  # the experts' activation (kernels.moe.ACTS)
+    act: str = "silu"  # the experts' activation (kernels.moe.EXPERT_ACTS)
     bias: bool = False  # the experts have biases (gpt-oss): 2 n_ff + n_embd floats each
     assigned: dict = field(default_factory=dict)  # (layer, e) -> (g, u, d) types
     missing: set = field(default_factory=set)  # (layer, e) still to LOAD
@@ -40,7 +40,7 @@ def read_assignment(s, obj, limits, req_id):
     s.n_expert = P.field(obj, "n_expert", int, r, 1, lim.experts)
     s.llama_numerics = bool(P.field(obj, "llama_numerics", bool, r))
     s.act = str(obj.get("act", "silu"))
-    if s.act not in ACTS:
+    if s.act not in EXPERT_ACTS:
         raise P.WireError("BAD_REQUEST", f"expert activation {s.act!r} is not known", r)
     s.bias = bool(obj.get("bias", False))
     experts = P.field(obj, "experts", list, r)

@@ -1,0 +1,198 @@
+"""gpt-oss (llama.cpp's "gpt-oss", LLM_ARCH_OPENAI_MOE) against llama.cpp, on random-weight
+files shaped like gpt-oss-20b scaled down (helpers_models.write_gpt_oss: the keys,
+tensor names and types convert_hf_to_gguf writes, experts MXFP4 as in the published
+files, or F16/F32): logits of float, MXFP4 and llama.cpp-quantized files, greedy
+generation; and the rest of meldlite on them: memory
+budgets and peers give the all-resident bits, pack, quantize --type and a mixed file,
+profile and info.
+
+The files are shorter than gpt-oss's sliding window (128 positions) wherever llama.cpp
+is compared, so that every layer sees the whole context.
+"""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as T
+from helpers_models import (
+    GPT_OSS,
+    Shape,
+    llamacpp_logits,
+    llamacpp_quantize,
+    write_random_model,
+)
+
+import meldlite
+from meldlite.api import Model
+from meldlite.cli import main
+from meldlite.compress.quantize import quantize_model
+from meldlite.experts.profile import build_profile
+from meldlite.formats import pack
+from meldlite.metrics import kl_divergence
+from meldlite.options import Peers, Runtime
+
+SHAPE = Shape(n_expert=8, n_expert_used=4, n_ff_exp=128, n_ctx=128)
+N_CTX = 128
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
+
+
+def tokens(n=100, seed=1):
+    return [1] + np.random.default_rng(seed).integers(3, 4096, n - 1).tolist()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{kind: path}: "F32"/"F16" all-float files, "MXFP4" with MXFP4 experts and F16
+    others (as the published gpt-oss files), "packed" its per-expert layout."""
+    d = tmp_path_factory.mktemp("gpt-oss")
+    made = {
+        "F32": write_random_model(d / "f32.gguf", "gpt-oss", SHAPE, np.float32, seed=3),
+        "F16": write_random_model(d / "f16.gguf", "gpt-oss", SHAPE, np.float16, seed=3),
+        "MXFP4": write_random_model(
+            d / "mxfp4.gguf", "gpt-oss", SHAPE, np.float16, seed=3, expert_type=T.MXFP4
+        ),
+    }
+    pack(made["MXFP4"], d / "packed.gguf", "SRC")
+    made["packed"] = d / "packed.gguf"
+    return made
+
+
+def test_config(files):
+    cfg = meldlite.load(files["F16"], n_ctx=N_CTX).cfg
+    assert cfg.arch == "gpt-oss" and cfg.traits.expert_act == "swiglu_oai"
+    assert cfg.rope_scale == np.float32(1 / GPT_OSS["yarn_factor"])
+    assert cfg.rope_ext_factor == 1.0 and cfg.rope_n_ctx_orig == GPT_OSS["n_ctx_orig"]
+    assert cfg.rope_attn_factor == pytest.approx(1.0, abs=1e-6)  # llama.cpp's cancellation
+    assert cfg.n_head == 2 * cfg.n_embd // cfg.head_dim_k
+
+
+# -- against llama.cpp -------------------------------------------------------------------
+
+
+def compare(path, ids, ref=None):
+    """(max |d| / max |ref|, median |d| / max |ref|, argmax agreement, ours, ref)."""
+    ref = llamacpp_logits(path, ids, n_ctx=N_CTX) if ref is None else ref
+    ours = meldlite.load(path, n_ctx=N_CTX).logits(ids)
+    d = np.abs(ours - ref)
+    top = np.abs(ref).max()
+    return d.max() / top, np.median(d) / top, (ours.argmax(-1) == ref.argmax(-1)).mean(), ours, ref
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "MXFP4"])
+def test_float_and_mxfp4_logits_match_llamacpp(files, kind):
+    rel, med, agree, _, _ = compare(files[kind], tokens())
+    print(f"gpt-oss {kind}: max {rel:.2e} median {med:.2e} argmax {agree:.3f}")
+    assert rel <= 1e-3, f"max |diff| / max |logit| = {rel:.2e}"
+    assert med <= 5e-4, f"median |diff| / max |logit| = {med:.2e}"
+    assert agree == 1.0
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K_M"])
+def test_quantized_logits_match_llamacpp(files, tmp_path, kind):
+    path = llamacpp_quantize(files["F32"], tmp_path / f"{kind}.gguf", kind)
+    _, _, agree, ours, ref = compare(path, tokens())
+    kl = kl_divergence(ref, ours).mean()
+    print(f"gpt-oss {kind}: mean KL {kl:.2e} argmax {agree:.3f}")
+    assert kl <= 1e-3, f"mean KL {kl:.2e}"
+    assert agree >= 0.93
+
+
+def test_greedy_generation_matches_llamacpp(files):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(
+        str(files["MXFP4"]), n_ctx=N_CTX, n_batch=N_CTX, n_threads=2, verbose=False
+    )
+    want = []
+    llm.eval(PROMPT)
+    for _ in range(16):
+        want.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([want[-1]])
+    llm.close()
+    m = meldlite.load(files["MXFP4"], n_ctx=N_CTX)
+    got = [int(np.argmax(m._eval(PROMPT, all_logits=False)[-1]))]
+    for _ in range(15):
+        got.append(int(np.argmax(m._eval([got[-1]], all_logits=False)[-1])))
+    m.close()
+    assert got == want
+
+
+# -- the rest of meldlite ------------------------------------------------------------------
+
+
+def steps(m, n_decode=3):
+    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
+    m.cache.reset()
+    out = [m._eval(PROMPT, all_logits=True)]
+    for _ in range(n_decode):
+        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def resident(files):
+    m = meldlite.load(files["MXFP4"], n_ctx=64, n_threads=1)
+    out = steps(m)
+    m.close()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["MXFP4", "packed"])
+@pytest.mark.parametrize("budget", ["25%", "50%"])
+def test_memory_budget_is_bit_identical(files, resident, layout, budget):
+    m = meldlite.load(files[layout], n_ctx=64, n_threads=1, mem_budget=budget)
+    got = steps(m)
+    misses = m.stats()["expert_misses"]
+    m.close()
+    assert all(np.array_equal(a, b) for a, b in zip(resident, got))
+    assert misses > 0
+
+
+@pytest.mark.parametrize("with_file", [True, False])
+def test_peers_exact_mode_is_bit_identical(files, resident, with_file):
+    """Peers that read the experts (and their biases) from their own file, or that
+    receive them from the coordinator."""
+    from meldlite.transports.local_peer import LocalPeer
+
+    model = files["packed"] if with_file else None
+    peers = LocalPeer.start(2, model=model)
+    try:
+        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
+        m = Model(files["packed"], runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
+        try:
+            got = steps(m)
+            requests = m.store.stats()["peers_requests"]
+        finally:
+            m.close()
+    finally:
+        for p in peers:
+            p.stop()
+    assert all(np.array_equal(a, b) for a, b in zip(resident, got))
+    assert requests > 0
+
+
+def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
+    ids = tokens(64)
+    uniform = quantize_model(files["F16"], tmp_path / "q4k.gguf", qtype="Q4_K").path
+    m = meldlite.load(files["F16"], n_ctx=64)
+    prof = build_profile(m, "Once upon a time there was a little girl. " * 8)
+    m.close()
+    mixed = quantize_model(files["F16"], tmp_path / "mixed.gguf", bpw=5.0, profile=prof).path
+    ref = llamacpp_logits(uniform, ids, n_ctx=64)  # llama.cpp loads the uniform file
+    kl_uniform = kl_divergence(ref, meldlite.load(uniform, n_ctx=64).logits(ids)).mean()
+    f16 = llamacpp_logits(files["F16"], ids, n_ctx=64)
+    kl_mixed = kl_divergence(f16, meldlite.load(mixed, n_ctx=64).logits(ids)).mean()
+    print(f"gpt-oss quantize: Q4_K KL {kl_uniform:.2e}, 5 bpw mixed KL {kl_mixed:.2e}")
+    assert kl_uniform <= 1e-3
+    assert kl_mixed <= 5e-3
+
+
+def test_info_and_profile_commands(files, tmp_path):
+    r = CliRunner().invoke(main, ["info", str(files["MXFP4"])])
+    assert r.exit_code == 0, r.output
+    assert "gpt-oss" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
+    out = tmp_path / "prof.json"
+    r = CliRunner().invoke(main, ["profile", str(files["MXFP4"]), str(text), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists()
