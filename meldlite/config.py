@@ -11,7 +11,7 @@ them from the file; the table mirrors what its graph builders do.
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import ExpertGatingFuncType, Keys
+from gguf import MODEL_TENSOR, TENSOR_NAMES, ExpertGatingFuncType, Keys
 
 from meldlite.errors import FormatError, UnsupportedError
 from meldlite.formats.layout import KEY_PRUNED
@@ -66,6 +66,9 @@ class ArchTraits:
     q_prescale: bool = False
     q_scale_embd_layers: tuple = ()
     logit_softcap: bool = False  # reads final_logit_softcapping: c * tanh(logits / c)
+    # the RMSNorm before the FFN (gpt-oss names it post_attention_norm)
+    ffn_norm: MODEL_TENSOR = MODEL_TENSOR.FFN_NORM
+    attn_sinks: bool = False  # per-head sink logits in the softmax denominator (gpt-oss)
 
 
 ARCHITECTURES = {
@@ -121,7 +124,29 @@ ARCHITECTURES = {
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
         multipliers=True,
     ),
+    # gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE): biases on q/k/v/o, the router and the
+    # experts, attention sinks, the clamped SwiGLU, the router's weights the softmax over
+    # the k chosen logits; sliding-window and full layers alternate (load_swa_pattern(2):
+    # even layers slide), the SWA layers with the global RoPE base and scaling
+    "gpt-oss": ArchTraits(
+        rope_neox=True,
+        qk_norm="",
+        norm_topk=False,
+        shared_expert="",
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+        tied_output=False,
+        expert_act="swiglu_oai",
+        gating="softmax_weight",
+        swa_pattern=2,
+        ffn_norm=MODEL_TENSOR.ATTN_POST_NORM,
+        attn_sinks=True,
+    ),
 }
+
+
+def tensor_name(kind, layer):
+    """The GGUF name of layer's weight of gguf-py tensor kind, e.g. blk.3.ffn_norm.weight."""
+    return TENSOR_NAMES[kind].format(bid=layer) + ".weight"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ D head size, F FFN width, X experts, k experts used, V vocabulary.
 
 import numpy as np
 
+from meldlite.config import tensor_name
 from meldlite.errors import OptionError
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
@@ -212,9 +213,10 @@ class LayerPlan:
 
     attn: (attn_norm, then raw/type/mode of q, k, v, output, the four biases (empty when
     absent), q/k norm weights (empty when absent), qk-norm kind, post-attention norm
-    weight (empty when absent)); ffn: (ffn_norm, router
-    raw/type/mode: an empty matrix for dense models, router bias (X,): -inf for pruned
-    experts, empty when none is pruned, then the gating of `routing`)."""
+    weight (empty unless the architecture has post norms), sink logits (H,) (empty when
+    absent)); ffn: (ffn_norm, router raw/type/mode: an empty matrix for dense models,
+    router bias (X,): the file's plus -inf for pruned experts, empty when none, then the
+    gating of `routing`)."""
 
     def __init__(self, cfg, w, i):
         p = f"blk.{i}."
@@ -242,10 +244,22 @@ class LayerPlan:
             vec("attn_q_norm.weight"),
             vec("attn_k_norm.weight"),
             qk,
-            vec("post_attention_norm.weight"),
+            vec("post_attention_norm.weight") if cfg.traits.post_norms else _EMPTY_F32,
+            vec("attn_sinks.weight"),
         )
         router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
-        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i), *routing(cfg, w, p))
+        ffn_norm = w[tensor_name(cfg.traits.ffn_norm, i)]
+        rbias = router_bias(cfg, vec("ffn_gate_inp.bias"), i)
+        self.ffn = (ffn_norm, *router, rbias, *routing(cfg, w, p))
+
+
+def router_bias(cfg, bias, layer):
+    """(X,) added to the router logits: the file's router bias (gpt-oss) plus -inf for
+    pruned experts; empty when there is neither."""
+    mask = cfg.router_bias(layer)  # (X,) or (0,)
+    if not bias.size:
+        return mask
+    return bias + mask if mask.size else bias
 
 
 def routing(cfg, w, p):
@@ -290,10 +304,12 @@ def check_weights(cfg, w):
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         w.vector(p + "attn_norm.weight", e)
-        w.vector(p + "ffn_norm.weight", e)
+        w.vector(tensor_name(cfg.traits.ffn_norm, i), e)
         if cfg.traits.post_norms:
             w.vector(p + "post_attention_norm.weight", e)
             w.vector(p + "post_ffw_norm.weight", e)
+        if cfg.traits.attn_sinks:
+            w.vector(p + "attn_sinks.weight", cfg.n_head)
         w.matrix(p + "attn_q.weight", cfg.n_head * dk, e)
         w.matrix(p + "attn_k.weight", cfg.n_head_kv * dk, e)
         w.matrix(p + "attn_v.weight", cfg.n_head_kv * dv, e)
@@ -304,6 +320,8 @@ def check_weights(cfg, w):
             w.vector(p + "attn_k_norm.weight", cfg.n_head_kv * dk if full else dk)
         if cfg.is_moe:
             w.matrix(p + "ffn_gate_inp.weight", cfg.n_expert, e)
+            if p + "ffn_gate_inp.bias" in w:
+                w.vector(p + "ffn_gate_inp.bias", cfg.n_expert)
         else:
             w.matrix(p + "ffn_gate.weight", cfg.n_ff, e)
             w.matrix(p + "ffn_up.weight", cfg.n_ff, e)

@@ -42,6 +42,7 @@ ARCHS = {
     "qwen3": dict(moe=False, shexp=False, qk_norm="head", bias=False),
     "granitemoe": dict(moe=True, shexp=False, qk_norm="", bias=False, granite=True, tied=True),
     "granitemoe-shared": dict(moe=True, shexp=True, qk_norm="", bias=False, granite=True),
+    "gpt-oss": dict(moe=True, shexp=False, qk_norm="", bias=True, gpt_oss=True),
 }
 
 # Arch names in ARCHS that write another general.architecture
@@ -52,6 +53,14 @@ GGUF_ARCH = {"llama-moe": "llama", "granitemoe-shared": "granitemoe"}
 # attention scale differs from 1/sqrt(head_dim) on purpose. Granite files have a tied
 # output head (no output.weight), as its converted files do.
 GRANITE_SCALES = dict(embedding=12.0, residual=0.22, attention=0.0078125, logit=6.0)
+
+# gpt-oss-20b's settings as convert_hf_to_gguf writes them (config.json: sliding_window,
+# rope_theta, rope_scaling yarn factor 32 over 4096 positions, beta_fast/slow); its
+# head count times head size differs from n_embd (64 x 64 vs 2880), so the test files
+# use twice as many heads as n_embd / head_dim
+GPT_OSS = dict(
+    sliding_window=128, rope_base=150000.0, yarn_factor=32.0, n_ctx_orig=4096, rms_eps=1e-5
+)
 
 
 def vocab_fields(n_vocab=4096):
@@ -77,12 +86,17 @@ def vocab_fields(n_vocab=4096):
     return out
 
 
-def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None, rope=None):
+def write_random_model(
+    path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None, expert_type=None, rope=None
+):
     """Write a random-weight model of `arch` (a key of ARCHS) to `path`; `tied`: no
-    output.weight (None: as the architecture's converted files); rope: RoPE scaling keys
-    as convert_hf_to_gguf writes them, dict(type="yarn" or "linear", factor, orig_ctx
-    (yarn)) (None: none)."""
+    output.weight (None: as the architecture's converted files); expert_type: a
+    GGMLQuantizationType for the routed experts, quantized by gguf-py (None: dtype);
+    rope: RoPE scaling keys as convert_hf_to_gguf writes them, dict(type="yarn" or
+    "linear", factor, orig_ctx (yarn)) (None: none)."""
     spec = ARCHS[arch]
+    if spec.get("gpt_oss"):
+        return write_gpt_oss(path, shape, dtype, seed, expert_type)
     tied = spec.get("tied", False) if tied is None else tied
     gguf_arch = GGUF_ARCH.get(arch, arch)
     s = shape
@@ -173,6 +187,95 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
             mat(p + "ffn_gate.weight", s.n_ff, e)
             mat(p + "ffn_up.weight", s.n_ff, e)
             mat(p + "ffn_down.weight", e, s.n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=None):
+    """A random-weight gpt-oss file with the keys, tensor names and types that
+    convert_hf_to_gguf writes for gpt-oss-20b: sinks, post-attention norm, biases on
+    q/k/v/o, the router and the experts (F32, 2-D for the experts), experts in
+    `expert_type` (MXFP4 as in the published files; None: dtype). Gate and up have 2x
+    the usual scale so that the clamped SwiGLU's limits (+-7) are reached (by ~0.05%
+    of the values; at 3x, 2%, the random model becomes so sensitive that Q4_K moves its
+    logits by a KL of 0.3)."""
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gguf_quants
+
+    s, g = replace(shape, n_head=2 * shape.n_embd // shape.head_dim), GPT_OSS
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(os.fspath(path), "gpt-oss")
+    w.add_context_length(int(g["n_ctx_orig"] * g["yarn_factor"]))
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_feed_forward_length(s.n_ff_exp)
+    w.add_head_count(s.n_head)
+    w.add_head_count_kv(s.n_head_kv)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(g["rope_base"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(g["yarn_factor"])
+    w.add_rope_scaling_orig_ctx_len(g["n_ctx_orig"])
+    w.add_rope_scaling_yarn_beta_fast(32.0)
+    w.add_rope_scaling_yarn_beta_slow(1.0)
+    w.add_layer_norm_rms_eps(g["rms_eps"])
+    w.add_expert_count(s.n_expert)
+    w.add_expert_used_count(s.n_expert_used)
+    w.add_sliding_window(g["sliding_window"])
+    w.add_expert_feed_forward_length(s.n_ff_exp)
+    w.add_file_type(1 if dtype == np.float16 else 0)
+    for key, value, vtype, sub in vocab_fields(s.n_vocab):
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+    def rand(*dims, scale):
+        return rng.standard_normal(dims).astype(np.float32) * np.float32(scale)
+
+    def mat(name, *dims, scale=None):
+        w.add_tensor(name, rand(*dims, scale=scale or dims[-1] ** -0.5).astype(dtype))
+
+    def f32(name, *dims, scale):
+        w.add_tensor(name, rand(*dims, scale=scale))
+
+    def experts(name, *dims, scale):
+        a = rand(*dims, scale=scale)
+        if expert_type is None:
+            w.add_tensor(name, a.astype(dtype))
+        else:
+            q = gguf_quants.quantize(a, expert_type)
+            w.add_tensor(name, q, raw_dtype=GGMLQuantizationType(expert_type))
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    e, hd, x, f = s.n_embd, s.head_dim, s.n_expert, s.n_ff_exp
+    mat("token_embd.weight", s.n_vocab, e, scale=1.0)
+    norm("output_norm.weight", e)
+    mat("output.weight", s.n_vocab, e, scale=2 * e**-0.5)
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight", e)
+        mat(p + "attn_q.weight", s.n_head * hd, e)
+        mat(p + "attn_k.weight", s.n_head_kv * hd, e)
+        mat(p + "attn_v.weight", s.n_head_kv * hd, e)
+        mat(p + "attn_output.weight", e, s.n_head * hd)
+        f32(p + "attn_q.bias", s.n_head * hd, scale=0.1)
+        f32(p + "attn_k.bias", s.n_head_kv * hd, scale=0.1)
+        f32(p + "attn_v.bias", s.n_head_kv * hd, scale=0.1)
+        f32(p + "attn_output.bias", e, scale=0.1)
+        f32(p + "attn_sinks.weight", s.n_head, scale=1.0)
+        norm(p + "post_attention_norm.weight", e)
+        f32(p + "ffn_gate_inp.weight", x, e, scale=2 * e**-0.5)
+        f32(p + "ffn_gate_inp.bias", x, scale=0.5)
+        experts(p + "ffn_gate_exps.weight", x, f, e, scale=2 * e**-0.5)
+        experts(p + "ffn_up_exps.weight", x, f, e, scale=2 * e**-0.5)
+        experts(p + "ffn_down_exps.weight", x, e, f, scale=f**-0.5)
+        f32(p + "ffn_gate_exps.bias", x, f, scale=0.5)
+        f32(p + "ffn_up_exps.bias", x, f, scale=0.5)
+        f32(p + "ffn_down_exps.bias", x, e, scale=0.1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

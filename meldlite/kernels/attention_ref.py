@@ -54,12 +54,14 @@ def rope(x, cos, sin, n_rot, neox):
     return out
 
 
-def attention(q, k_cache, v_cache, pos0, scale, window=0):
+def attention(q, k_cache, v_cache, pos0, scale, window=0, sinks=None):
     """Causal grouped-query attention of T new tokens over S = pos0 + T positions.
 
     q: (T, H, D) float32; k_cache: (S, G, D) float16; v_cache: (S, G, Dv) float16;
     scale multiplies Q.K (1/sqrt(D) in most models); window > 0: position p sees only
-    p - window + 1 .. p (llama.cpp's standard SWA mask). Returns (T, H * Dv) float32.
+    p - window + 1 .. p (llama.cpp's standard SWA mask); sinks (H,) (gpt-oss): per head
+    a logit that joins the softmax (a column of its own) and is dropped after it.
+    Returns (T, H * Dv) float32.
     """
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv = k_cache.shape[0], k_cache.shape[1]
@@ -72,7 +74,12 @@ def attention(q, k_cache, v_cache, pos0, scale, window=0):
     dist = (pos0 + np.arange(n_tok))[:, None] - np.arange(n_kv)[None, :]  # (T, S)
     masked = (dist < 0) | ((dist >= window) if window > 0 else False)  # (T, S)
     scores[..., masked] = -np.inf
-    probs = softmax(scores).astype(F16).astype(F32)  # (G, H/G, T, S)
+    if sinks is not None:
+        sink = np.broadcast_to(
+            np.asarray(sinks, F32).reshape(n_head_kv, group, 1, 1), (*scores.shape[:3], 1)
+        )  # (G, H/G, T, 1)
+        scores = np.concatenate([scores, sink], axis=-1)  # (G, H/G, T, S+1)
+    probs = softmax(scores)[..., :n_kv].astype(F16).astype(F32)  # (G, H/G, T, S)
     out = np.einsum("gjts,sgd->tgjd", probs, v, optimize=True)  # (T, G, H/G, Dv)
     return np.ascontiguousarray(out.reshape(n_tok, -1), dtype=F32)  # (T, H*Dv)
 
