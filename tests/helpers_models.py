@@ -200,8 +200,9 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
     q/k/v/o, the router and the experts (F32, 2-D for the experts), experts in
     `expert_type` (MXFP4 as in the published files; None: dtype). Gate and up have 2x
     the usual scale so that the clamped SwiGLU's limits (+-7) are reached (by ~0.05%
-    of the values; at 3x, 2%, the random model becomes so sensitive that Q4_K moves its
-    logits by a KL of 0.3)."""
+    of the values), down a quarter of it so that the experts' outputs keep the usual
+    size (larger ones make the random model so sensitive that Q4_K moves its logits by
+    a KL of 0.2 or more, against 0.06 for the other architectures' files)."""
     from gguf import GGMLQuantizationType
     from gguf import quants as gguf_quants
 
@@ -252,14 +253,18 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
     e, hd, x, f = s.n_embd, s.head_dim, s.n_expert, s.n_ff_exp
+    # YaRN multiplies cos/sin by 1 + 0.1 ln(factor) (1.35): Q and K are scaled down by
+    # as much, so that Q.K is as large as in the other files (at full size the random
+    # model's attention turns so sharp that Q8_0 moves its logits by a KL of 0.06)
+    qk = e**-0.5 / (1.0 + 0.1 * np.log(g["yarn_factor"]))
     mat("token_embd.weight", s.n_vocab, e, scale=1.0)
     norm("output_norm.weight", e)
     mat("output.weight", s.n_vocab, e, scale=2 * e**-0.5)
     for i in range(s.n_layer):
         p = f"blk.{i}."
         norm(p + "attn_norm.weight", e)
-        mat(p + "attn_q.weight", s.n_head * hd, e)
-        mat(p + "attn_k.weight", s.n_head_kv * hd, e)
+        mat(p + "attn_q.weight", s.n_head * hd, e, scale=qk)
+        mat(p + "attn_k.weight", s.n_head_kv * hd, e, scale=qk)
         mat(p + "attn_v.weight", s.n_head_kv * hd, e)
         mat(p + "attn_output.weight", e, s.n_head * hd)
         f32(p + "attn_q.bias", s.n_head * hd, scale=0.1)
@@ -272,7 +277,7 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
         f32(p + "ffn_gate_inp.bias", x, scale=0.5)
         experts(p + "ffn_gate_exps.weight", x, f, e, scale=2 * e**-0.5)
         experts(p + "ffn_up_exps.weight", x, f, e, scale=2 * e**-0.5)
-        experts(p + "ffn_down_exps.weight", x, e, f, scale=f**-0.5)
+        experts(p + "ffn_down_exps.weight", x, e, f, scale=f**-0.5 / 4)
         f32(p + "ffn_gate_exps.bias", x, f, scale=0.5)
         f32(p + "ffn_up_exps.bias", x, f, scale=0.5)
         f32(p + "ffn_down_exps.bias", x, e, scale=0.1)
