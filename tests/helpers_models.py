@@ -228,7 +228,10 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
     w.add_expert_used_count(s.n_expert_used)
     w.add_sliding_window(g["sliding_window"])
     w.add_expert_feed_forward_length(s.n_ff_exp)
-    w.add_file_type(1 if dtype == np.float16 else 0)
+    mxfp4 = expert_type == GGMLQuantizationType.MXFP4  # as the converter labels such files
+    w.add_file_type(
+        gguf.LlamaFileType.MOSTLY_MXFP4_MOE if mxfp4 else 1 if dtype == np.float16 else 0
+    )
     for key, value, vtype, sub in vocab_fields(s.n_vocab):
         w.add_key_value(key, value, vtype, sub_type=sub)
 
