@@ -216,6 +216,17 @@ def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
     assert kl_mixed <= 2 * kl_q4km
 
 
+def test_quantize_from_the_mxfp4_experts(files, tmp_path):
+    """The published files' MXFP4 experts are a valid source: decoded exactly, then
+    quantized again (llama.cpp runs the result like meldlite)."""
+    ids = tokens(64)
+    out = quantize_model(files["MXFP4"], tmp_path / "q4k.gguf", qtype="Q4_K").path
+    ours = meldlite.load(out, n_ctx=64).logits(ids)
+    kl = kl_divergence(llamacpp_logits(out, ids, n_ctx=64), ours).mean()
+    print(f"gpt-oss MXFP4 -> Q4_K: parity KL {kl:.2e}")
+    assert kl <= 1e-3
+
+
 def test_info_and_profile_commands(files, tmp_path):
     r = CliRunner().invoke(main, ["info", str(files["MXFP4"])])
     assert r.exit_code == 0, r.output
