@@ -198,7 +198,8 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
     """A random-weight gpt-oss file with the keys, tensor names and types that
     convert_hf_to_gguf writes for gpt-oss-20b: sinks, post-attention norm, biases on
     q/k/v/o, the router and the experts (F32, 2-D for the experts), experts in
-    `expert_type` (MXFP4 as in the published files; None: dtype). Gate and up have 2x
+    `expert_type` (MXFP4 as in the published files; None: dtype; dtype "bf16": BF16
+    for the other matrices, the converter's default). Gate and up have 2x
     the usual scale so that the clamped SwiGLU's limits (+-7) are reached (by ~0.05%
     of the values), down a quarter of it so that the experts' outputs keep the usual
     size (larger ones make the random model so sensitive that Q4_K moves its logits by
@@ -239,7 +240,12 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
         return rng.standard_normal(dims).astype(np.float32) * np.float32(scale)
 
     def mat(name, *dims, scale=None):
-        w.add_tensor(name, rand(*dims, scale=scale or dims[-1] ** -0.5).astype(dtype))
+        a = rand(*dims, scale=scale or dims[-1] ** -0.5)
+        if dtype == "bf16":  # the converter's default for gpt-oss's bf16 weights
+            bf16 = GGMLQuantizationType.BF16
+            w.add_tensor(name, gguf_quants.quantize(a, bf16), raw_dtype=bf16)
+        else:
+            w.add_tensor(name, a.astype(dtype))
 
     def f32(name, *dims, scale):
         w.add_tensor(name, rand(*dims, scale=scale))

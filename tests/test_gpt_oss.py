@@ -43,7 +43,9 @@ def tokens(n=100, seed=1):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """{kind: path}: "F32"/"F16" all-float files, "MXFP4" with MXFP4 experts and F16
-    others (as the published gpt-oss files), "packed" its per-expert layout. Seed 4:
+    others (as the published gpt-oss files), "MXFP4+BF16" with BF16 others (the
+    converter's default for gpt-oss's bf16 weights), "packed" the MXFP4 file's
+    per-expert layout. Seed 4:
     with seed 3 one router near-tie (4th and 5th logits 2.3e-5 apart) flips under F16
     rounding and moves one position's logits by 6.8e-2 of the largest."""
     d = tmp_path_factory.mktemp("gpt-oss")
@@ -52,6 +54,9 @@ def files(tmp_path_factory):
         "F16": write_random_model(d / "f16.gguf", "gpt-oss", SHAPE, np.float16, seed=4),
         "MXFP4": write_random_model(
             d / "mxfp4.gguf", "gpt-oss", SHAPE, np.float16, seed=4, expert_type=T.MXFP4
+        ),
+        "MXFP4+BF16": write_random_model(
+            d / "bf16.gguf", "gpt-oss", SHAPE, "bf16", seed=4, expert_type=T.MXFP4
         ),
     }
     pack(made["MXFP4"], d / "packed.gguf", "SRC")
@@ -99,7 +104,7 @@ def test_logits_past_the_sliding_window_match_llamacpp(files):
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
 
 
-@pytest.mark.parametrize("kind", ["MXFP4", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("kind", ["MXFP4", "MXFP4+BF16", "Q8_0", "Q4_K_M"])
 def test_quantized_logits_match_llamacpp(files, tmp_path, kind):
     """The MXFP4 file as written (its experts' products quantize the activations to 8
     bits, so llama.cpp's own prefill and decode differ by up to 2.2e-3 of the largest
