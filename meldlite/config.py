@@ -37,7 +37,7 @@ class ArchTraits:
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
     tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
     multipliers: bool = False  # reads Granite's embedding/residual/attention/logit scales
-    # the routed experts' gated activation (kernels.moe.ACTS): "silu", "relu" or
+    # the routed experts' gated activation (kernels.moe.EXPERT_ACTS): "silu", "relu" or
     # "swiglu_oai" (gpt-oss's clamped SwiGLU)
     expert_act: str = "silu"
     # router gating (kernels.route): "softmax", "sigmoid" (selection bias exp_probs_b),

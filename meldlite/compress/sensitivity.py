@@ -33,7 +33,7 @@ from meldlite.compress.quantizers import importance_from_activations
 from meldlite.config import ARCHITECTURES
 from meldlite.experts.store import expert_biases
 from meldlite.kernels import dequantize
-from meldlite.kernels.reference import act_ref
+from meldlite.kernels.mathops import gated
 
 GROUPS = {"gate_up": ("gate", "up"), "down": ("down",)}
 
@@ -62,7 +62,7 @@ class ExpertData:
         if self.bias is not None:
             n_ff = g.shape[1]
             g, u = g + self.bias[:n_ff], u + self.bias[n_ff : 2 * n_ff]  # (n, F)
-        return act_ref(g, u, self.act).astype(np.float32)  # (n, F)
+        return gated(g, u, self.act)  # (n, F)
 
 
 def rows_of(sample_layer, e):

@@ -2,8 +2,9 @@
 
 `rope_tables` builds the RoPE cos/sin tables the attention kernel reads (angles as ggml
 builds them, with linear or YaRN scaling as ggml's rope_yarn); `silu` is the activation
-of the dense and shared-expert FFNs, `gelu` the tanh-approximated GELU of Gemma's FFN as
-ggml's CPU path computes it (through its f16 table).
+of the dense and shared-expert FFNs, `gated` the experts' (for the quantizer's
+estimates), `gelu` the tanh-approximated GELU of Gemma's FFN as ggml's CPU path
+computes it (through its f16 table).
 """
 
 import numpy as np
@@ -14,6 +15,18 @@ F32 = np.float32
 def silu(x):
     """x * sigmoid(x) in float32."""
     return x / (F32(1.0) + np.exp(-x))
+
+
+def gated(g, u, act="silu"):
+    """The experts' gated activation in float32, as kernels.moe computes it (act: a key
+    of moe.EXPERT_ACTS): silu(g) u, relu(g) u, or gpt-oss's clamped SwiGLU."""
+    if act == "relu":
+        return np.where(g > 0, g * u, F32(0))
+    if act == "swiglu_oai":
+        x = np.minimum(g, F32(7.0))
+        y = np.clip(u, F32(-7.0), F32(7.0))
+        return x / (F32(1.0) + np.exp(F32(1.702) * -x)) * (y + F32(1.0))
+    return silu(g) * u
 
 
 def yarn_corr_dims(n_rot, n_ctx_orig, base, beta_fast, beta_slow):
