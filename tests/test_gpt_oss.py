@@ -21,15 +21,14 @@ from helpers_models import (
     llamacpp_quantize,
     write_random_model,
 )
+from helpers_runs import budget_steps, peer_steps, steps
 
 import meldlite
-from meldlite.api import Model
 from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.experts.profile import build_profile
 from meldlite.formats import pack
 from meldlite.metrics import kl_divergence
-from meldlite.options import Peers, Runtime
 
 SHAPE = Shape(n_expert=16, n_expert_used=4, n_ff_exp=128, n_ctx=128)
 N_CTX = 128
@@ -145,19 +144,10 @@ def test_greedy_generation_matches_llamacpp(files):
 # -- the rest of meldlite ------------------------------------------------------------------
 
 
-def steps(m, n_decode=3):
-    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
-    m.cache.reset()
-    out = [m._eval(PROMPT, all_logits=True)]
-    for _ in range(n_decode):
-        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
-    return out
-
-
 @pytest.fixture(scope="module")
 def resident(files):
     m = meldlite.load(files["MXFP4"], n_ctx=64, n_threads=1)
-    out = steps(m)
+    out = steps(m, PROMPT)
     m.close()
     return out
 
@@ -165,10 +155,7 @@ def resident(files):
 @pytest.mark.parametrize("layout", ["MXFP4", "packed"])
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
-    m = meldlite.load(files[layout], n_ctx=64, n_threads=1, mem_budget=budget)
-    got = steps(m)
-    misses = m.stats()["expert_misses"]
-    m.close()
+    got, misses = budget_steps(files[layout], PROMPT, budget)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert misses > 0
 
@@ -177,21 +164,8 @@ def test_memory_budget_is_bit_identical(files, resident, layout, budget):
 def test_peers_exact_mode_is_bit_identical(files, resident, with_file):
     """Peers that read the experts (and their biases) from their own file, or that
     receive them from the coordinator."""
-    from meldlite.transports.local_peer import LocalPeer
-
     model = files["packed"] if with_file else None
-    peers = LocalPeer.start(2, model=model)
-    try:
-        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
-        m = Model(files["packed"], runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
-        try:
-            got = steps(m)
-            requests = m.store.stats()["peers_requests"]
-        finally:
-            m.close()
-    finally:
-        for p in peers:
-            p.stop()
+    got, requests = peer_steps(files["packed"], PROMPT, model)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 

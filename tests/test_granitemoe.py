@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers_models import GRANITE_SCALES, Shape, llamacpp_logits, write_random_model
+from helpers_runs import budget_steps, peer_steps, steps
 
 import meldlite
-from meldlite.api import Model
 from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.experts.profile import build_profile
 from meldlite.formats import pack
 from meldlite.metrics import kl_divergence
-from meldlite.options import Peers, Runtime
 
 SHAPE = Shape(n_expert=8, n_expert_used=2, n_ff_exp=128, n_ff_shexp=128, n_ctx=128)
 ARCHS = ["granitemoe", "granitemoe-shared"]
@@ -30,19 +29,10 @@ def files(request, tmp_path_factory):
     return {"arch": request.param, "f16": f16, "packed": d / "packed.gguf"}
 
 
-def steps(m, tokens=PROMPT, n_decode=3):
-    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
-    m.cache.reset()
-    out = [m._eval(tokens, all_logits=True)]
-    for _ in range(n_decode):
-        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
-    return out
-
-
 @pytest.fixture(scope="module")
 def resident(files):
     m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m)
+    out = steps(m, PROMPT)
     m.close()
     return out
 
@@ -60,29 +50,13 @@ def test_config_reads_the_multipliers(files):
 @pytest.mark.parametrize("layout", ["f16", "packed"])
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
-    m = meldlite.load(files[layout], n_ctx=64, n_threads=1, mem_budget=budget)
-    got = steps(m)
-    misses = m.stats()["expert_misses"]
-    m.close()
+    got, misses = budget_steps(files[layout], PROMPT, budget)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert misses > 0
 
 
 def test_peers_exact_mode_is_bit_identical(files, resident):
-    from meldlite.transports.local_peer import LocalPeer
-
-    peers = LocalPeer.start(2)
-    try:
-        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
-        m = Model(files["packed"], runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
-        try:
-            got = steps(m)
-            requests = m.store.stats()["peers_requests"]
-        finally:
-            m.close()
-    finally:
-        for p in peers:
-            p.stop()
+    got, requests = peer_steps(files["packed"], PROMPT)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 
