@@ -11,11 +11,13 @@ them from the file; the table mirrors what its graph builders do.
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import ExpertGatingFuncType, Keys
+from gguf import MODEL_TENSOR, TENSOR_NAMES, ExpertGatingFuncType, Keys
 
 from meldlite.errors import FormatError, UnsupportedError
 from meldlite.formats.layout import KEY_PRUNED
 from meldlite.kernels.route import GATINGS
+
+F32 = np.float32
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class ArchTraits:
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
     tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
     multipliers: bool = False  # reads Granite's embedding/residual/attention/logit scales
+    # the routed experts' gated activation (kernels.moe.EXPERT_ACTS): "silu", "relu" or
+    # "swiglu_oai" (gpt-oss's clamped SwiGLU)
+    expert_act: str = "silu"
     # router gating (kernels.route): "softmax", "sigmoid" (selection bias exp_probs_b),
     # "softmax_weight" (softmax over the chosen k logits)
     gating: str = "softmax"
@@ -61,6 +66,9 @@ class ArchTraits:
     q_prescale: bool = False
     q_scale_embd_layers: tuple = ()
     logit_softcap: bool = False  # reads final_logit_softcapping: c * tanh(logits / c)
+    # the RMSNorm before the FFN (gpt-oss names it post_attention_norm)
+    ffn_norm: MODEL_TENSOR = MODEL_TENSOR.FFN_NORM
+    attn_sinks: bool = False  # per-head sink logits in the softmax denominator (gpt-oss)
 
 
 ARCHITECTURES = {
@@ -124,7 +132,29 @@ ARCHITECTURES = {
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
         multipliers=True,
     ),
+    # gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE): biases on q/k/v/o, the router and the
+    # experts, attention sinks, the clamped SwiGLU, the router's weights the softmax over
+    # the k chosen logits; sliding-window and full layers alternate (load_swa_pattern(2):
+    # even layers slide), the SWA layers with the global RoPE base and scaling
+    "gpt-oss": ArchTraits(
+        rope_neox=True,
+        qk_norm="",
+        norm_topk=False,
+        shared_expert="",
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+        tied_output=False,
+        expert_act="swiglu_oai",
+        gating="softmax_weight",
+        swa_pattern=2,
+        ffn_norm=MODEL_TENSOR.ATTN_POST_NORM,
+        attn_sinks=True,
+    ),
 }
+
+
+def tensor_name(kind, layer):
+    """The GGUF name of layer's weight of gguf-py tensor kind, e.g. blk.3.ffn_norm.weight."""
+    return TENSOR_NAMES[kind].format(bid=layer) + ".weight"
 
 
 @dataclass(frozen=True)
@@ -154,6 +184,13 @@ class ModelConfig:
     residual_scale: float = 1.0  # multiplies each block's attention and FFN output
     logit_scale: float = 1.0  # the logits are multiplied by 1/logit_scale
     expert_pruned: tuple = ()  # (L*X,) 1 = expert never routed (meldlite.expert_pruned); () none
+    # RoPE scaling (rope.scaling.*) as llama.cpp's context sets it up (see _rope_scaling):
+    rope_scale: float = 1.0  # RoPE frequency scale (global layers): 1/rope.scaling.factor
+    rope_ext_factor: float = 0.0  # YaRN's extrapolation mix: 1 for "yarn", else 0
+    rope_attn_factor: float = 1.0  # multiplies cos/sin (before YaRN's own magnitude term)
+    rope_n_ctx_orig: int = 0  # YaRN's original context length (0: n_ctx_train)
+    yarn_beta_fast: float = 32.0  # YaRN's correction range, llama.cpp's defaults
+    yarn_beta_slow: float = 1.0
     norm_topk: bool = False  # renormalise the chosen experts' weights to sum 1
     gating: str = "softmax"  # router gating (kernels.route.GATINGS)
     expert_weights_scale: float = 0.0  # multiplies the routed weights (0 or 1: none)
@@ -162,7 +199,6 @@ class ModelConfig:
     n_layer_dense_lead: int = 0  # the first layers have a dense FFN instead of experts
     kv_lora_rank: int = 0  # multi-head latent attention: the cached latent's width (0: none)
     q_lora_rank: int = 0  # MLA: the query's low-rank width (0: one attn_q projection)
-    rope_scale: float = 1.0  # RoPE frequency scale of the global layers: 1/rope.scaling.factor
     n_swa: int = 0  # sliding window: a token sees the n_swa positions up to itself; 0 none
     swa_layers: tuple = ()  # (L,) 1 = the layer uses the sliding window; () none
     rope_base_swa: float = 10000.0  # RoPE base and frequency scale of the SWA layers
@@ -174,6 +210,17 @@ class ModelConfig:
     @property
     def is_moe(self):
         return self.n_expert > 0
+
+    def rope_yarn(self):
+        """YaRN's keyword arguments of `kernels.mathops.rope_tables` (after the base and
+        the frequency scale)."""
+        return dict(
+            ext_factor=self.rope_ext_factor,
+            attn_factor=self.rope_attn_factor,
+            beta_fast=self.yarn_beta_fast,
+            beta_slow=self.yarn_beta_slow,
+            n_ctx_orig=self.rope_n_ctx_orig or self.n_ctx_train,
+        )
 
     def moe_layer(self, layer):
         """True when `layer` has routed experts (not one of the leading dense layers)."""
@@ -221,6 +268,7 @@ class ModelConfig:
         # without a shared expert width: expert_shared_count experts' worth (deepseek2)
         n_shared = get(Keys.LLM.EXPERT_SHARED_COUNT, 0) * n_ff_exp
         scales = _multipliers(get, head_dim_k, traits.multipliers)
+        rope = _rope_scaling(get)
         routing = _routing(get, traits)
         if traits.embd_scale_sqrt:
             scales["embedding_scale"] = float(np.sqrt(np.float32(n_embd)))
@@ -258,11 +306,12 @@ class ModelConfig:
                 else 0
             ),
             **scales,
+            **rope,
             **routing,
             n_layer_dense_lead=get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0),
             kv_lora_rank=get(Keys.Attention.KV_LORA_RANK, 0),
             q_lora_rank=get(Keys.Attention.Q_LORA_RANK, 0),
-            **_rope_and_swa(md, arch, traits, get),
+            **_rope_and_swa(md, arch, traits, get, rope["rope_scale"]),
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
         cfg.check()
@@ -383,6 +432,47 @@ def _multipliers(get, head_dim_k, present):
     return {"attention_scale": float(1.0 / np.sqrt(head_dim_k)), **given}
 
 
+def _rope_scaling(get):
+    """RoPE scaling from rope.scaling.* as llama.cpp reads it (llama-model.cpp) and
+    sets up its context (llama-context.cpp) for the defaults llama-cpp-python passes:
+    type "linear" unless given ("none" disables the factor); the factor's inverse
+    scales positions; "yarn" sets the extrapolation mix to 1 and an attention factor
+    that cancels the magnitude term ggml's rope_yarn multiplies in (times
+    rope.scaling.attn_factor). The beta range stays at llama.cpp's 32/1, which only
+    some architectures (none here) read from the file. Float32 steps as llama.cpp's."""
+    kind = get(Keys.Rope.SCALING_TYPE, "linear", str)
+    if kind not in ("none", "linear", "yarn"):
+        raise UnsupportedError(f"rope scaling type {kind!r} is not supported")
+    factor = get(Keys.Rope.SCALING_FACTOR, 0.0, float)
+    freq_scale = F32(1.0) if factor == 0.0 or kind == "none" else F32(1.0) / F32(factor)
+    ext_factor = 1.0 if kind == "yarn" else 0.0
+    attn = F32(1.0)
+    if ext_factor:
+        inv = F32(1.0) / freq_scale
+        log_mul = F32(get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, float))
+        attn = _yarn_mscale(inv, F32(1.0))
+        if log_mul != 0:
+            attn = attn / _yarn_mscale(inv, log_mul)
+        attn = attn * (F32(1.0) / (F32(1.0) + F32(0.1) * _logf(inv)))
+    attn = attn * F32(get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0, float))
+    return {
+        "rope_scale": float(freq_scale),
+        "rope_ext_factor": ext_factor,
+        "rope_attn_factor": float(attn),
+        "rope_n_ctx_orig": get(Keys.Rope.SCALING_ORIG_CTX_LEN, 0),
+    }
+
+
+def _logf(v):
+    """logf of a float32, correctly rounded."""
+    return F32(np.log(np.float64(v)))
+
+
+def _yarn_mscale(scale, mscale):
+    """llama.cpp's get_mscale: 0.1 mscale ln(scale) + 1 (1 when scale <= 1), float32."""
+    return F32(1.0) if scale <= 1 else F32(0.1) * mscale * _logf(scale) + F32(1.0)
+
+
 def _gating_name(code):
     """The router gating named by an expert_gating_func value (gguf ExpertGatingFuncType)."""
     names = {int(t): t.name.lower() for t in ExpertGatingFuncType}
@@ -406,17 +496,15 @@ def _routing(get, traits):
     return out
 
 
-def _rope_and_swa(md, arch, traits, get):
-    """The RoPE frequency scale and the sliding-window fields, as llama.cpp reads them:
-    rope.scaling.factor f gives scale 1/f; the window from attention.sliding_window
-    (or the architecture's forced one), the SWA layers from the per-layer array or the
-    n_pattern in attention.sliding_window_pattern, else the architecture's pattern."""
-    factor = get(Keys.Rope.SCALING_FACTOR, 0.0, float)
-    rope_scale = 1.0 / factor if factor else 1.0
-    out = {"rope_scale": rope_scale}
+def _rope_and_swa(md, arch, traits, get, rope_scale):
+    """The sliding-window fields, as llama.cpp reads them: the window from
+    attention.sliding_window (or the architecture's forced one), the SWA layers from the
+    per-layer array or the n_pattern in attention.sliding_window_pattern, else the
+    architecture's pattern; the SWA layers' RoPE base and scale (rope_scale: the global
+    layers' frequency scale, from _rope_scaling)."""
     n_swa = get(Keys.Attention.SLIDING_WINDOW, 0) if traits.swa_pattern >= 0 else 0
     if n_swa <= 0:
-        return out
+        return {}
     n_swa = traits.swa_window or n_swa
     n_layer = get(Keys.LLM.BLOCK_COUNT)
     layers = _swa_layers(
@@ -431,7 +519,6 @@ def _rope_and_swa(md, arch, traits, get):
     if traits.nope_step:
         nope = tuple(int(i % traits.nope_step == 0) for i in range(n_layer))
     return {
-        **out,
         "n_swa": n_swa,
         "swa_layers": layers,
         "rope_base_swa": base_swa,

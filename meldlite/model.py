@@ -7,6 +7,7 @@ D head size, F FFN width, X experts, k experts used, V vocabulary.
 
 import numpy as np
 
+from meldlite.config import tensor_name
 from meldlite.errors import FormatError, OptionError
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
@@ -46,7 +47,9 @@ class KVCache:
             self.v.append(np.zeros((rows, g, dv), np.float16))
             base, scale, _ = cfg.rope_of(i)
             if (base, scale) not in tables:
-                tables[base, scale] = mathops.rope_tables(n_ctx, cfg.n_rot, base, scale)
+                tables[base, scale] = mathops.rope_tables(
+                    n_ctx, cfg.n_rot, base, scale, **cfg.rope_yarn()
+                )
             cos, sin = tables[base, scale]  # (C, R/2)
             self.cos.append(cos)
             self.sin.append(sin)
@@ -216,9 +219,10 @@ class LayerPlan:
 
     attn: (attn_norm, then raw/type/mode of q, k, v, output, the four biases (empty when
     absent), q/k norm weights (empty when absent), qk-norm kind, post-attention norm
-    weight (empty when absent)); ffn: (ffn_norm, router
-    raw/type/mode: an empty matrix for dense models, router bias (X,): -inf for pruned
-    experts, empty when none is pruned, then the gating of `routing`)."""
+    weight (empty unless the architecture has post norms), sink logits (H,) (empty when
+    absent)); ffn: (ffn_norm, router raw/type/mode: an empty matrix for dense models,
+    router bias (X,): the file's plus -inf for pruned experts, empty when none, then the
+    gating of `routing`)."""
 
     def __init__(self, cfg, w, i):
         p = f"blk.{i}."
@@ -237,12 +241,14 @@ class LayerPlan:
         if p + "attn_kv_a_mqa.weight" in w:
             self.block, self.attn = mla_block, mla_weights(cfg, w, p, mat, vec)
         else:
-            self.attn = self.standard_weights(w, p, mat, vec, qk)
+            self.attn = self.standard_weights(cfg, w, p, mat, vec, qk)
         router = mat("ffn_gate_inp.weight") if cfg.moe_layer(i) else (_NO_MATRIX, 0, 0)
-        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i), *routing(cfg, w, p))
+        ffn_norm = w[tensor_name(cfg.traits.ffn_norm, i)]
+        rbias = router_bias(cfg, vec("ffn_gate_inp.bias"), i)
+        self.ffn = (ffn_norm, *router, rbias, *routing(cfg, w, p))
 
     @staticmethod
-    def standard_weights(w, p, mat, vec, qk):
+    def standard_weights(cfg, w, p, mat, vec, qk):
         return (
             w[p + "attn_norm.weight"],
             *mat("attn_q.weight"),
@@ -256,7 +262,8 @@ class LayerPlan:
             vec("attn_q_norm.weight"),
             vec("attn_k_norm.weight"),
             qk,
-            vec("post_attention_norm.weight"),
+            vec("post_attention_norm.weight") if cfg.traits.post_norms else _EMPTY_F32,
+            vec("attn_sinks.weight"),
         )
 
 
@@ -287,6 +294,15 @@ def mla_weights(cfg, w, p, mat, vec):
         v_b.mode,
         *mat("attn_output.weight"),
     )
+
+
+def router_bias(cfg, bias, layer):
+    """(X,) added to the router logits: the file's router bias (gpt-oss) plus -inf for
+    pruned experts; empty when there is neither."""
+    mask = cfg.router_bias(layer)  # (X,) or (0,)
+    if not bias.size:
+        return mask
+    return bias + mask if mask.size else bias
 
 
 def routing(cfg, w, p):
@@ -331,10 +347,12 @@ def check_weights(cfg, w):
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         w.vector(p + "attn_norm.weight", e)
-        w.vector(p + "ffn_norm.weight", e)
+        w.vector(tensor_name(cfg.traits.ffn_norm, i), e)
         if cfg.traits.post_norms:
             w.vector(p + "post_attention_norm.weight", e)
             w.vector(p + "post_ffw_norm.weight", e)
+        if cfg.traits.attn_sinks:
+            w.vector(p + "attn_sinks.weight", cfg.n_head)
         if p + "attn_kv_a_mqa.weight" in w:
             check_mla(cfg, w, p)
         else:
@@ -388,6 +406,8 @@ def check_ffn(cfg, w, p, moe):
         w.matrix(p + "ffn_down.weight", e, cfg.n_ff)
         return
     w.matrix(p + "ffn_gate_inp.weight", cfg.n_expert, e)
+    if p + "ffn_gate_inp.bias" in w:
+        w.vector(p + "ffn_gate_inp.bias", cfg.n_expert)
     if p + "exp_probs_b.bias" in w:
         w.vector(p + "exp_probs_b.bias", cfg.n_expert)
     if cfg.n_ff_shexp:

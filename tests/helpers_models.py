@@ -8,6 +8,7 @@ import ctypes
 import os
 from dataclasses import dataclass, replace
 
+import gguf
 import numpy as np
 from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
 
@@ -41,6 +42,7 @@ ARCHS = {
     "qwen3": dict(moe=False, shexp=False, qk_norm="head", bias=False),
     "granitemoe": dict(moe=True, shexp=False, qk_norm="", bias=False, granite=True, tied=True),
     "granitemoe-shared": dict(moe=True, shexp=True, qk_norm="", bias=False, granite=True),
+    "gpt-oss": dict(moe=True, shexp=False, qk_norm="", bias=True, gpt_oss=True),
     # MLA rounds to float16 more often than the others: F16 and quantized files flip
     # near-ties between llama.cpp's own batched and token-by-token runs, so these rows
     # are held to issue 13's gate, llama.cpp's own flips + 1% (self_flips; test_parity)
@@ -70,6 +72,14 @@ GGUF_ARCH = {
 # attention scale differs from 1/sqrt(head_dim) on purpose. Granite files have a tied
 # output head (no output.weight), as its converted files do.
 GRANITE_SCALES = dict(embedding=12.0, residual=0.22, attention=0.0078125, logit=6.0)
+
+# gpt-oss-20b's settings as convert_hf_to_gguf writes them (config.json: sliding_window,
+# rope_theta, rope_scaling yarn factor 32 over 4096 positions, beta_fast/slow); its
+# head count times head size differs from n_embd (64 x 64 vs 2880), so the test files
+# use twice as many heads as n_embd / head_dim
+GPT_OSS = dict(
+    sliding_window=128, rope_base=150000.0, yarn_factor=32.0, n_ctx_orig=4096, rms_eps=1e-5
+)
 
 
 @dataclass(frozen=True)
@@ -126,10 +136,17 @@ def vocab_fields(n_vocab=4096):
     return out
 
 
-def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None):
+def write_random_model(
+    path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None, expert_type=None, rope=None
+):
     """Write a random-weight model of `arch` (a key of ARCHS) to `path`; `tied`: no
-    output.weight (None: as the architecture's converted files)."""
+    output.weight (None: as the architecture's converted files); expert_type: a
+    GGMLQuantizationType for the routed experts, quantized by gguf-py (None: dtype);
+    rope: RoPE scaling keys as convert_hf_to_gguf writes them, dict(type="yarn" or
+    "linear", factor, orig_ctx (yarn)) (None: none)."""
     spec = ARCHS.get(arch) or EXTRA_ARCHS[arch]
+    if spec.get("gpt_oss"):
+        return write_gpt_oss(path, shape, dtype, seed, expert_type)
     tied = spec.get("tied", False) if tied is None else tied
     gguf_arch = GGUF_ARCH.get(arch, arch)
     s = shape
@@ -153,6 +170,11 @@ def write_random_model(path, arch, shape=Shape(), dtype=np.float32, seed=0, tied
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(1 if dtype == np.float16 else 0)
+    if rope:
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope["type"]))
+        w.add_rope_scaling_factor(rope["factor"])
+        if rope["type"] == "yarn":
+            w.add_rope_scaling_orig_ctx_len(rope["orig_ctx"])
     if spec.get("granite"):  # as convert_hf_to_gguf writes Granite's multipliers
         w.add_embedding_scale(GRANITE_SCALES["embedding"])
         w.add_residual_scale(GRANITE_SCALES["residual"])
@@ -296,6 +318,109 @@ def _mla_ffn(mat, norm, p, s, m, i):
     mat(p + "ffn_gate_shexp.weight", n_sh, e)
     mat(p + "ffn_up_shexp.weight", n_sh, e)
     mat(p + "ffn_down_shexp.weight", e, n_sh)
+
+
+def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=None):
+    """A random-weight gpt-oss file with the keys, tensor names and types that
+    convert_hf_to_gguf writes for gpt-oss-20b: sinks, post-attention norm, biases on
+    q/k/v/o, the router and the experts (F32, 2-D for the experts), experts in
+    `expert_type` (MXFP4 as in the published files; None: dtype; dtype "bf16": BF16
+    for the other matrices, the converter's default). Gate and up have 2x
+    the usual scale so that the clamped SwiGLU's limits (+-7) are reached (by ~0.05%
+    of the values), down a quarter of it so that the experts' outputs keep the usual
+    size (larger ones make the random model so sensitive that Q4_K moves its logits by
+    a KL of 0.2 or more, against 0.06 for the other architectures' files)."""
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gguf_quants
+
+    s, g = replace(shape, n_head=2 * shape.n_embd // shape.head_dim), GPT_OSS
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(os.fspath(path), "gpt-oss")
+    w.add_context_length(int(g["n_ctx_orig"] * g["yarn_factor"]))
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_feed_forward_length(s.n_ff_exp)
+    w.add_head_count(s.n_head)
+    w.add_head_count_kv(s.n_head_kv)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(g["rope_base"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(g["yarn_factor"])
+    w.add_rope_scaling_orig_ctx_len(g["n_ctx_orig"])
+    w.add_rope_scaling_yarn_beta_fast(32.0)
+    w.add_rope_scaling_yarn_beta_slow(1.0)
+    w.add_layer_norm_rms_eps(g["rms_eps"])
+    w.add_expert_count(s.n_expert)
+    w.add_expert_used_count(s.n_expert_used)
+    w.add_sliding_window(g["sliding_window"])
+    w.add_expert_feed_forward_length(s.n_ff_exp)
+    mxfp4 = expert_type == GGMLQuantizationType.MXFP4  # as the converter labels such files
+    w.add_file_type(
+        gguf.LlamaFileType.MOSTLY_MXFP4_MOE if mxfp4 else 1 if dtype == np.float16 else 0
+    )
+    for key, value, vtype, sub in vocab_fields(s.n_vocab):
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+    def rand(*dims, scale):
+        return rng.standard_normal(dims).astype(np.float32) * np.float32(scale)
+
+    def mat(name, *dims, scale=None):
+        a = rand(*dims, scale=scale or dims[-1] ** -0.5)
+        if dtype == "bf16":  # the converter's default for gpt-oss's bf16 weights
+            bf16 = GGMLQuantizationType.BF16
+            w.add_tensor(name, gguf_quants.quantize(a, bf16), raw_dtype=bf16)
+        else:
+            w.add_tensor(name, a.astype(dtype))
+
+    def f32(name, *dims, scale):
+        w.add_tensor(name, rand(*dims, scale=scale))
+
+    def experts(name, *dims, scale):
+        a = rand(*dims, scale=scale)
+        if expert_type is None:
+            w.add_tensor(name, a.astype(dtype))
+        else:
+            q = gguf_quants.quantize(a, expert_type)
+            w.add_tensor(name, q, raw_dtype=GGMLQuantizationType(expert_type))
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    e, hd, x, f = s.n_embd, s.head_dim, s.n_expert, s.n_ff_exp
+    # YaRN multiplies cos/sin by 1 + 0.1 ln(factor) (1.35): Q and K are scaled down by
+    # as much, so that Q.K is as large as in the other files (at full size the random
+    # model's attention turns so sharp that Q8_0 moves its logits by a KL of 0.06)
+    qk = e**-0.5 / (1.0 + 0.1 * np.log(g["yarn_factor"]))
+    mat("token_embd.weight", s.n_vocab, e, scale=1.0)
+    norm("output_norm.weight", e)
+    mat("output.weight", s.n_vocab, e, scale=2 * e**-0.5)
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight", e)
+        mat(p + "attn_q.weight", s.n_head * hd, e, scale=qk)
+        mat(p + "attn_k.weight", s.n_head_kv * hd, e, scale=qk)
+        mat(p + "attn_v.weight", s.n_head_kv * hd, e)
+        mat(p + "attn_output.weight", e, s.n_head * hd)
+        f32(p + "attn_q.bias", s.n_head * hd, scale=0.1)
+        f32(p + "attn_k.bias", s.n_head_kv * hd, scale=0.1)
+        f32(p + "attn_v.bias", s.n_head_kv * hd, scale=0.1)
+        f32(p + "attn_output.bias", e, scale=0.1)
+        f32(p + "attn_sinks.weight", s.n_head, scale=1.0)
+        norm(p + "post_attention_norm.weight", e)
+        f32(p + "ffn_gate_inp.weight", x, e, scale=2 * e**-0.5)
+        f32(p + "ffn_gate_inp.bias", x, scale=0.5)
+        experts(p + "ffn_gate_exps.weight", x, f, e, scale=2 * e**-0.5)
+        experts(p + "ffn_up_exps.weight", x, f, e, scale=2 * e**-0.5)
+        experts(p + "ffn_down_exps.weight", x, e, f, scale=f**-0.5 / 4)
+        f32(p + "ffn_gate_exps.bias", x, f, scale=0.5)
+        f32(p + "ffn_up_exps.bias", x, f, scale=0.5)
+        f32(p + "ffn_down_exps.bias", x, e, scale=0.1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def llamacpp_quantize(src, dst, ftype_name, pure=False):

@@ -8,11 +8,13 @@ info. F32/F16 and quantized parity rows are in test_parity.py (ARCHS)."""
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from gguf import GGMLQuantizationType
 from helpers_models import MLA, Shape, llamacpp_logits, llamacpp_step_logits, write_random_model
-from helpers_moe import PROMPT, budget_steps, info_and_profile, peer_steps, steps
+from helpers_runs import budget_steps, peer_steps, steps
 
 import meldlite
+from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.config import ModelConfig
 from meldlite.experts.profile import build_profile
@@ -26,6 +28,7 @@ from meldlite.kernels.route import GATE_SOFTMAX
 from meldlite.metrics import kl_divergence
 
 F32 = np.float32
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
 SHAPE = Shape(n_layer=3, n_expert=16, n_expert_used=4, n_ff_exp=128, n_ctx=128)
 ARCHS = ["deepseek2-lite", "deepseek2"]
 
@@ -136,7 +139,7 @@ def files(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def resident(files):
     m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m)
+    out = steps(m, PROMPT)
     m.close()
     return out
 
@@ -164,13 +167,13 @@ def test_greedy_generation_matches_llamacpp(files):
 @pytest.mark.parametrize("layout", ["f16", "packed"])
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
-    got, misses = budget_steps(files[layout], budget)
+    got, misses = budget_steps(files[layout], PROMPT, budget)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert misses > 0
 
 
 def test_peers_exact_mode_is_bit_identical(files, resident):
-    got, requests = peer_steps(files["packed"])
+    got, requests = peer_steps(files["packed"], PROMPT)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 
@@ -201,6 +204,13 @@ def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
 
 
 def test_info_and_profile_commands(files, tmp_path):
-    output, profiled = info_and_profile(files["f16"], tmp_path)
-    assert "deepseek2" in output and profiled
-    assert "latent (MLA)" in output and "bytes per token (full keys and values:" in output
+    r = CliRunner().invoke(main, ["info", str(files["f16"])])
+    assert r.exit_code == 0, r.output
+    assert "deepseek2" in r.output and "latent (MLA)" in r.output
+    assert "bytes per token (full keys and values:" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
+    out = tmp_path / "prof.json"
+    r = CliRunner().invoke(main, ["profile", str(files["f16"]), str(text), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists()

@@ -4,10 +4,12 @@ all-resident bits, `pack`, `quantize --type` and mixed files run, `profile` and
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from helpers_models import GRANITE_SCALES, Shape, llamacpp_logits, write_random_model
-from helpers_moe import budget_steps, info_and_profile, peer_steps, steps
+from helpers_runs import budget_steps, peer_steps, steps
 
 import meldlite
+from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.experts.profile import build_profile
 from meldlite.formats import pack
@@ -15,6 +17,7 @@ from meldlite.metrics import kl_divergence
 
 SHAPE = Shape(n_expert=8, n_expert_used=2, n_ff_exp=128, n_ff_shexp=128, n_ctx=128)
 ARCHS = ["granitemoe", "granitemoe-shared"]
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -29,7 +32,7 @@ def files(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def resident(files):
     m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m)
+    out = steps(m, PROMPT)
     m.close()
     return out
 
@@ -47,13 +50,13 @@ def test_config_reads_the_multipliers(files):
 @pytest.mark.parametrize("layout", ["f16", "packed"])
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
-    got, misses = budget_steps(files[layout], budget)
+    got, misses = budget_steps(files[layout], PROMPT, budget)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert misses > 0
 
 
 def test_peers_exact_mode_is_bit_identical(files, resident):
-    got, requests = peer_steps(files["packed"])
+    got, requests = peer_steps(files["packed"], PROMPT)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 
@@ -75,5 +78,12 @@ def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
 
 
 def test_info_and_profile_commands(files, tmp_path):
-    output, profiled = info_and_profile(files["f16"], tmp_path)
-    assert "granitemoe" in output and profiled
+    r = CliRunner().invoke(main, ["info", str(files["f16"])])
+    assert r.exit_code == 0, r.output
+    assert "granitemoe" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
+    out = tmp_path / "prof.json"
+    r = CliRunner().invoke(main, ["profile", str(files["f16"]), str(text), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists()

@@ -18,7 +18,7 @@ from meldlite import kernels
 from meldlite.kernels import attention, attention_ref, qdot
 from meldlite.kernels.actquant import MODE_BY_ID, NONE, mode_of, round_activations_reference
 from meldlite.kernels.mathops import rope_tables
-from meldlite.kernels.moe import moe_ffn_kernel
+from meldlite.kernels.moe import NO_BIAS, moe_ffn_kernel
 from meldlite.kernels.reference import matmul_ref
 
 FAST = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16", "F32"]
@@ -215,7 +215,7 @@ def test_moe_llama_numerics_matches_float_kernel_on_rounded_inputs(experts, n_to
     ids, weights = routing(rng, n_tok)
     fast = kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=True)
     slow = np.empty_like(fast)
-    assert moe_ffn_kernel(x, ids, weights, mats, types, MODE_BY_ID[types], 0, slow)
+    assert moe_ffn_kernel(x, ids, weights, mats, types, MODE_BY_ID[types], 0, NO_BIAS, slow)
     # the SwiGLU output is re-quantized before down: a 1-ulp change can move one code
     assert rel_err(fast, slow) < 2e-4
 
@@ -298,10 +298,13 @@ def test_attention_pieces_match_numpy_reference():
         kc[pos0 : pos0 + n_tok], k.reshape(n_tok, n_kv, d).astype(np.float16)
     )
     a = np.empty((n_tok, n_head * d), np.float32)
-    for scale in (1.0 / np.sqrt(d), 0.0078125):  # the usual scale, Granite's multiplier
-        attention.attention_rows(q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, scale, a)
+    no_sinks = np.zeros(0, np.float32)
+    sinks = (3.0 * rng.standard_normal(n_head)).astype(np.float32)  # gpt-oss's sink logits
+    for scale, sk in ((1.0 / np.sqrt(d), None), (0.0078125, None), (1.0 / np.sqrt(d), sinks)):
+        kv = kc.view(np.uint16), vc.view(np.uint16)
+        attention.attention_rows(q, *kv, pos0, n_head, scale, a, 0, no_sinks if sk is None else sk)
         want = attention_ref.attention(
-            q.reshape(n_tok, n_head, d), kc[: pos0 + n_tok], vc[: pos0 + n_tok], pos0, scale
+            q.reshape(n_tok, n_head, d), kc[: pos0 + n_tok], vc[: pos0 + n_tok], pos0, scale, 0, sk
         )
         assert rel_err(a, want) < 1e-5
 

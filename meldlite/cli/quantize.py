@@ -40,7 +40,7 @@ from meldlite.cli import command
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def quantize(src, out, qtype, size, bpw, profile_path, prune, quiet):
-    """Quantize SRC (F32/F16/BF16 GGUF) into OUT."""
+    """Quantize SRC (F32/F16/BF16 GGUF; MXFP4 experts allowed) into OUT."""
     from meldlite.compress.quantize import quantize_model
 
     if prune is not None:

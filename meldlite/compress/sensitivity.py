@@ -6,6 +6,9 @@ sampled rows x routed to it with router weights w:
     a = silu(x G^T) * (x U^T)          (n, F)   the down projection's input
     y = a D^T                          (n, E)   the expert's output
 
+(with the architecture's expert activation in place of silu, and the expert's gate and
+up biases added where the file has them, as gpt-oss's; a down bias cancels in y_t - y).
+
 An expert is two allocation units: "gate_up" (G and U, one type) and "down" (D).
 The cost of a unit at type t is the expected squared error it adds to the layer's
 output per token, relative to that output's mean energy:
@@ -23,11 +26,14 @@ routed to the expert for G and U (the profile's `input_sq_mean`), mean a^2 for D
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import Keys
 
 from meldlite.compress import ladder
 from meldlite.compress.quantizers import importance_from_activations
+from meldlite.config import ARCHITECTURES
+from meldlite.experts.store import expert_biases
 from meldlite.kernels import dequantize
-from meldlite.kernels.mathops import silu
+from meldlite.kernels.mathops import gated
 
 GROUPS = {"gate_up": ("gate", "up"), "down": ("down",)}
 
@@ -45,13 +51,18 @@ class ExpertData:
     importance: dict  # kind -> (cols,) float32 or None
     a: np.ndarray = None  # (n, F) exact inner activation
     y: np.ndarray = None  # (n, E) exact output
+    act: str = "silu"  # the architecture's expert activation (kernels.moe.EXPERT_ACTS)
+    bias: np.ndarray = None  # (2F + E,) gate, up and down biases, or None
 
     def inner(self, gate=None, up=None):
         if gate is None and up is None and self.a is not None:
             return self.a
         g = self.x @ (self.gate if gate is None else gate).T  # (n, F)
         u = self.x @ (self.up if up is None else up).T  # (n, F)
-        return silu(g) * u  # (n, F)
+        if self.bias is not None:
+            n_ff = g.shape[1]
+            g, u = g + self.bias[:n_ff], u + self.bias[n_ff : 2 * n_ff]  # (n, F)
+        return gated(g, u, self.act)  # (n, F)
 
 
 def rows_of(sample_layer, e):
@@ -67,10 +78,15 @@ def expert_data(f, layer, e, sample_layer, share, input_sq):
     mats = {k: f.expert_tensor(layer, k, e).dequantize() for k in ("gate", "up", "down")}
     x, w = rows_of(sample_layer, e)
     d = ExpertData(mats["gate"], mats["up"], mats["down"], x, w, float(share), {})
+    arch = ARCHITECTURES.get(f.metadata.get(Keys.General.ARCHITECTURE))
+    d.act = arch.expert_act if arch else "silu"
+    n_ff, n_embd = d.gate.shape
+    bias = expert_biases(f, layer, f.expert_count(layer), n_embd, n_ff, expert=e)
+    d.bias = bias if bias.size else None
     sq = None if input_sq is None or not np.any(input_sq) else np.asarray(input_sq, np.float32)
     if len(x):
         d.a = d.inner()  # (n, F)
-        d.y = d.a @ d.down.T  # (n, E)
+        d.y = d.a @ d.down.T  # (n, E) (a down bias cancels in the errors: left out)
         sq = importance_from_activations(x) if sq is None else sq
     d.importance = {
         "gate": sq,

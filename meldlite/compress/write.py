@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType, Keys
+from gguf import GGMLQuantizationType as T
 
 from meldlite.compress import ladder
 from meldlite.errors import OptionError
@@ -36,12 +37,16 @@ class Written:
 
 
 def check_float_source(f):
-    """OptionError unless every weight of `f` is F32, F16 or BF16."""
+    """OptionError unless every weight of `f` is F32, F16 or BF16, or, for the routed
+    experts, MXFP4: gpt-oss is published with MXFP4 experts, which decode exactly."""
+    experts = set(f.expert_tensor_names())
     for name in f.tensor_names():
         t = f.tensor(name)
-        if t.ggml_type not in ladder.FLOAT_TYPES:
+        ok = ladder.FLOAT_TYPES + ((T.MXFP4,) if name in experts else ())
+        if t.ggml_type not in ok:
             raise OptionError(
-                f"{f.path}: quantize needs an F32/F16/BF16 model, tensor {name!r} is {t.qtype}"
+                f"{f.path}: quantize needs an F32/F16/BF16 model (MXFP4 experts allowed), "
+                f"tensor {name!r} is {t.qtype}"
             )
 
 

@@ -37,7 +37,7 @@ from meldlite.experts.policy import make_policy
 from meldlite.experts.pools import SlotPools
 from meldlite.experts.prefetch import Loader, Prefetcher, RoutePredictor
 from meldlite.experts.residency import ABSENT, LOADING, READY, Residency
-from meldlite.experts.store import ExpertStore, expert_matrices
+from meldlite.experts.store import ExpertStore, expert_matrices, layer_biases
 from meldlite.options import MECHANISMS
 
 __all__ = ["MECHANISMS", "READY", "CachedStore"]
@@ -78,6 +78,8 @@ class CachedStore(ExpertStore):
         self.reader.quiet_map(plan)
 
         self.types = [np.ascontiguousarray(plan.types[i]) for i in range(self.n_layer)]
+        self.bias = layer_biases(gguf, cfg)  # per layer (X, 2F+E) or (0, 0), resident
+        self.act = cfg.traits.expert_act
         if not self.slabs:
             self.mats = [
                 expert_matrices(gguf, i, self.n_expert, cfg.n_embd, cfg.n_ff_exp)[0]
@@ -230,12 +232,22 @@ class CachedStore(ExpertStore):
             kernels.set_expert(mats, int(g - layer * self.n_expert), *arrays)
             self._bound[g] = s
 
+    def _kernel(self, layer, x, ids, weights):
+        return kernels.moe_ffn(
+            x,
+            ids,
+            weights,
+            self.mats[layer],
+            self.types[layer],
+            llama_numerics=self.llama_numerics,
+            act=self.act,
+            bias=self.bias[layer],
+        )
+
     def _compute_all(self, layer, x, ids, weights, gs, n_pairs=None):
         self._bind(layer, gs)
         t0 = time.perf_counter()
-        out = kernels.moe_ffn(
-            x, ids, weights, self.mats[layer], self.types[layer], llama_numerics=self.llama_numerics
-        )
+        out = self._kernel(layer, x, ids, weights)
         self.estimates.note_compute(time.perf_counter() - t0, n_pairs or int((ids >= 0).sum()))
         return out
 
@@ -248,9 +260,7 @@ class CachedStore(ExpertStore):
         ip = np.ascontiguousarray(ids[t_idx, j_idx][:, None], dtype=np.int32)  # (P, 1)
         wp = np.ones((len(t_idx), 1), F32)  # (P, 1)
         t0 = time.perf_counter()
-        Y[t_idx, j_idx] = kernels.moe_ffn(
-            xp, ip, wp, self.mats[layer], self.types[layer], llama_numerics=self.llama_numerics
-        )
+        Y[t_idx, j_idx] = self._kernel(layer, xp, ip, wp)
         self.estimates.note_compute(time.perf_counter() - t0, len(t_idx))
         self.counters.groups_split += 1
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
+from meldlite.config import tensor_name
 from meldlite.experts.residency import ABSENT, READY
 
 PREDICTED = 1  # priority band of predicted loads (plus rank / 1000)
@@ -44,8 +45,10 @@ class RoutePredictor:
         self.routers = [
             weights.get(f"blk.{i}.ffn_gate_inp.weight") for i in range(cfg.n_layer)
         ]  # None for a dense layer (never a target: it serves no experts)
+        self.biases = [weights.get(f"blk.{i}.ffn_gate_inp.bias") for i in range(cfg.n_layer)]
         self.norms = [
-            np.asarray(weights[f"blk.{i}.ffn_norm.weight"], np.float32) for i in range(cfg.n_layer)
+            np.asarray(weights[tensor_name(cfg.traits.ffn_norm, i)], np.float32)
+            for i in range(cfg.n_layer)
         ]
         self._ratios = {}
 
@@ -63,6 +66,8 @@ class RoutePredictor:
         nxt = layer + 1 if target is None else target
         z = np.ascontiguousarray(h * self.ratio(layer, nxt), dtype=np.float32)  # (T, E)
         logits = self.routers[nxt] @ z  # (T, X)
+        if self.biases[nxt] is not None:
+            logits = logits + self.biases[nxt]  # (T, X) the router's bias (gpt-oss)
         if logits.shape[0] == 1:
             return np.argsort(-logits[0], kind="stable")[: min(self.k, limit)]
         top = np.argpartition(-logits, self.k - 1, axis=-1)[:, : self.k]  # (T, k)

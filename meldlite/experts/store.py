@@ -12,6 +12,8 @@ import numpy as np
 
 from meldlite import kernels
 from meldlite.errors import FormatError
+from meldlite.formats.gguf import dequantize_raw
+from meldlite.formats.layout import KINDS, stacked_bias_name
 
 
 class ExpertStore:
@@ -65,6 +67,36 @@ def expert_matrices(gguf, layer, n_expert, n_embd, n_ff):
     return kernels.expert_list(arrays), types
 
 
+def expert_biases(gguf, layer, n_expert, n_embd, n_ff, expert=None):
+    """float32 (X, 2 n_ff + n_embd) = [gate | up | down] biases of a layer's experts
+    (gpt-oss's stacked `ffn_*_exps.bias`), or an empty (0, 0) array when the file has
+    none; with `expert`, that expert's row only ((2 n_ff + n_embd,), or (0,)). Small
+    (under 1% of the experts' bytes), so the stores keep them resident."""
+    names = [stacked_bias_name(layer, kind) for kind in KINDS]
+    found = [gguf.has_tensor(n) for n in names]
+    if not any(found):
+        return np.zeros((0, 0) if expert is None else (0,), np.float32)
+    if not all(found):
+        missing = [n for n, ok in zip(names, found) if not ok]
+        raise FormatError(f"layer {layer} has expert biases but lacks {', '.join(missing)}")
+    parts = []
+    for name, n in zip(names, (n_ff, n_ff, n_embd)):
+        t = gguf.tensor(name)
+        if tuple(t.shape) != (n_expert, n):
+            raise FormatError(f"tensor {name!r} has shape {t.shape}, expected {(n_expert, n)}")
+        rows = t.raw if expert is None else t.raw[expert : expert + 1]  # (X or 1, row_bytes)
+        parts.append(dequantize_raw(rows, t.ggml_type, name))  # (X or 1, n)
+    out = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)  # (X, 2F+E)
+    return out if expert is None else out[0]
+
+
+def layer_biases(gguf, cfg):
+    """expert_biases of every layer."""
+    return [
+        expert_biases(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp) for i in range(cfg.n_layer)
+    ]
+
+
 def _distinct(ids) -> int:
     """Number of distinct expert ids >= 0 in ids (cheaper than np.unique for a few)."""
     used = ids[ids >= 0]  # (n_routed,)
@@ -79,6 +111,8 @@ class ResidentStore(ExpertStore):
             expert_matrices(gguf, i, cfg.n_expert, cfg.n_embd, cfg.n_ff_exp)
             for i in range(cfg.n_layer)
         ]
+        self.bias = layer_biases(gguf, cfg)  # per layer (X, 2F+E) or (0, 0)
+        self.act = cfg.traits.expert_act
         self.llama_numerics = llama_numerics
         self._calls = self._uses = 0
 
@@ -87,7 +121,16 @@ class ResidentStore(ExpertStore):
         ids = np.asarray(ids)
         self._calls += 1
         self._uses += _distinct(ids)
-        return kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=self.llama_numerics)
+        return kernels.moe_ffn(
+            x,
+            ids,
+            weights,
+            mats,
+            types,
+            llama_numerics=self.llama_numerics,
+            act=self.act,
+            bias=self.bias[layer],
+        )
 
     def stats(self):
         """Every expert is always there: all uses are hits, nothing is read."""

@@ -42,6 +42,12 @@ def stacked_name(layer, kind):
     return TENSOR_NAMES[_KIND_TENSORS[kind]].format(bid=layer) + ".weight"
 
 
+def stacked_bias_name(layer, kind):
+    """Name of a layer's stacked expert biases (n_expert, n), e.g. blk.3.ffn_up_exps.bias
+    (gpt-oss); they stay stacked in both layouts."""
+    return TENSOR_NAMES[_KIND_TENSORS[kind]].format(bid=layer) + ".bias"
+
+
 def expert_name(layer, kind, e):
     """Name of one expert's 2-D tensor in the per-expert layout, e.g. blk.3.ffn_up_exps.7.weight."""
     return TENSOR_NAMES[_KIND_TENSORS[kind]].format(bid=layer) + f".{e}.weight"

@@ -4,7 +4,8 @@ Public API:
 - `dequantize(raw, ggml_type)`: (..., row_bytes) uint8 -> (..., n_cols) float32,
   bit-identical to `gguf.quants.dequantize`.
 - `matmul(raw, ggml_type, x, out=None)`: W x from the blocks, x (n_cols,) or (n_tok, n_cols).
-- `moe_ffn(x, ids, weights, mats, types, out=None)`: one layer's routed experts.
+- `moe_ffn(x, ids, weights, mats, types, out=None, act="silu", bias=None)`: one layer's
+  routed experts (activation kinds and expert biases: see moe.py).
 - `expert_list`, `set_expert`, `placeholder`, `check_types`: helpers for `mats`.
 - `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
 - `sum_slots(ids, weights, ys, row_of, out=None)`: the slot-order sum of expert outputs

@@ -101,7 +101,7 @@ def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
 
 
 @njit(cache=True, error_model="numpy")
-def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0):
+def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
     """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
 
     Per head: scores = f16(q) . K (float32 sums), times `scale` (float32; 1/sqrt(D) in
@@ -109,7 +109,13 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0):
     over positions of p * V. With window > 0 the token at position p sees positions
     p - window + 1 .. p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD mask: masked when
     p - p0 >= window). Position s is read from cache row s % C, in position order; the
-    rows must hold every position the T tokens see (checked)."""
+    rows must hold every position the T tokens see (checked). sinks (H,) (gpt-oss; None
+    or empty: none): head h's sink logit joins the softmax's max and denominator
+    (exp(sink - max), as ggml's soft_max with sinks) but attends nothing."""
+    if sinks is None:
+        sk = np.zeros(0, dtype=np.float32)  # (0,)
+    else:
+        sk = sinks  # (H,)
     n_tok = q.shape[0]
     rows, n_head_kv, d = kc.shape[0], kc.shape[1], kc.shape[2]
     dv = vc.shape[2]
@@ -146,11 +152,15 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0):
                     a *= scale
                     p[s] = a
                     mx = max(mx, a)
+                if sk.shape[0]:
+                    mx = max(mx, sk[h])
                 tot = 0.0
                 for s in range(first, last + 1):
                     e = np.exp(p[s] - mx)
                     p[s] = e
                     tot += np.float64(e)
+                if sk.shape[0]:
+                    tot += np.float64(np.exp(sk[h] - mx))
                 inv = 1.0 / tot
                 for i in range(dv):
                     acc[i] = 0.0
@@ -163,12 +173,13 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0):
 
 
 @njit(cache=True, error_model="numpy")
-def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out):
+def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out, sinks=None):
     """Store k, v (T, G*D / G*Dv) in the cache and attend q (T, H*D) -> out (T, H*Dv).
 
     A cache of fewer rows than the positions (a sliding-window ring) takes the tokens in
     chunks of rows - window + 1, so that each chunk's attended positions are all held;
-    every token sees the same positions in the same order as with a full cache."""
+    every token sees the same positions in the same order as with a full cache. sinks:
+    the attention sink logits (H,) (None or empty: none)."""
     n_tok = q.shape[0]
     n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     rows = kc.shape[0]
@@ -178,7 +189,7 @@ def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out):
     for c0 in range(0, n_tok, step):
         c1 = min(n_tok, c0 + step)
         store_kv(k[c0:c1], v[c0:c1], n_head_kv, dk, dv, kc, vc, pos0 + c0)
-        attention_rows(q[c0:c1], kc, vc, pos0 + c0, n_head, scale, out[c0:c1], window)
+        attention_rows(q[c0:c1], kc, vc, pos0 + c0, n_head, scale, out[c0:c1], window, sinks)
 
 
 @njit(cache=True, error_model="numpy")
@@ -246,6 +257,7 @@ def attention_block(
     k_norm,
     qk_norm,
     post_norm,
+    sinks,
     kc,
     vc,
     cos,
@@ -274,7 +286,8 @@ def attention_block(
     Q.K, q_scale Q after RoPE (skipped when 1); window > 0: sliding-window attention over
     kc/vc (C, G, D), which may be a ring of C >= window rows (`attend_cached`); n_rot 0:
     no RoPE. post_norm (E,), when not empty, RMS-normalises the attention output before
-    the residual add; res_scale multiplies it (skipped when 1)."""
+    the residual add; res_scale multiplies it (skipped when 1); sinks (H,) the attention
+    sink logits (empty: none)."""
     n_tok, n_embd = x.shape
     n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     toks = np.arange(n_tok)
@@ -309,7 +322,7 @@ def attention_block(
     if q_scale != 1.0:
         q *= np.float32(q_scale)
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
-    attend_cached(q, k, v, kc, vc, pos0, n_head, attn_scale, window, a)
+    attend_cached(q, k, v, kc, vc, pos0, n_head, attn_scale, window, a, sinks)
     finish_block(x, a, wo, to, mo, bo, post_norm, res_scale, eps, ffn, k_used, h, ids, weights)
 
 

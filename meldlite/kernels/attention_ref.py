@@ -9,6 +9,8 @@ Shape letters: T tokens in this batch, S positions attended (past + T),
 H query heads, G KV heads, D head size, E n_embd, X experts.
 """
 
+import math
+
 import numpy as np
 
 from meldlite.kernels import route_ref
@@ -52,12 +54,14 @@ def rope(x, cos, sin, n_rot, neox):
     return out
 
 
-def attention(q, k_cache, v_cache, pos0, scale, window=0):
+def attention(q, k_cache, v_cache, pos0, scale, window=0, sinks=None):
     """Causal grouped-query attention of T new tokens over S = pos0 + T positions.
 
     q: (T, H, D) float32; k_cache: (S, G, D) float16; v_cache: (S, G, Dv) float16;
     scale multiplies Q.K (1/sqrt(D) in most models); window > 0: position p sees only
-    p - window + 1 .. p (llama.cpp's standard SWA mask). Returns (T, H * Dv) float32.
+    p - window + 1 .. p (llama.cpp's standard SWA mask); sinks (H,) (gpt-oss): per head
+    a logit that joins the softmax (a column of its own) and is dropped after it.
+    Returns (T, H * Dv) float32.
     """
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv = k_cache.shape[0], k_cache.shape[1]
@@ -70,7 +74,12 @@ def attention(q, k_cache, v_cache, pos0, scale, window=0):
     dist = (pos0 + np.arange(n_tok))[:, None] - np.arange(n_kv)[None, :]  # (T, S)
     masked = (dist < 0) | ((dist >= window) if window > 0 else False)  # (T, S)
     scores[..., masked] = -np.inf
-    probs = softmax(scores).astype(F16).astype(F32)  # (G, H/G, T, S)
+    if sinks is not None:
+        sink = np.broadcast_to(
+            np.asarray(sinks, F32).reshape(n_head_kv, group, 1, 1), (*scores.shape[:3], 1)
+        )  # (G, H/G, T, 1)
+        scores = np.concatenate([scores, sink], axis=-1)  # (G, H/G, T, S+1)
+    probs = softmax(scores)[..., :n_kv].astype(F16).astype(F32)  # (G, H/G, T, S)
     out = np.einsum("gjts,sgd->tgjd", probs, v, optimize=True)  # (T, G, H/G, Dv)
     return np.ascontiguousarray(out.reshape(n_tok, -1), dtype=F32)  # (T, H*Dv)
 
@@ -81,3 +90,51 @@ def route(logits, k, norm_topk):
     Returns ids (T, k) int32 and weights (T, k) float32.
     """
     return route_ref.route(logits, k, norm_topk)
+
+
+def rope_tables_ref(
+    n_pos,
+    n_rot,
+    base,
+    freq_scale=1.0,
+    ext_factor=0.0,
+    attn_factor=1.0,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    n_ctx_orig=0,
+):
+    """cos/sin (n_pos, n_rot/2) one angle at a time, as ggml's rope cache: theta starts
+    at the position and is multiplied by base^(-2/n_rot) per pair (float32); rope_yarn
+    scales it, mixes it back by the ramp between the correction dims and multiplies
+    cos/sin by the magnitude factor."""
+    f = F32
+    log = math.log
+
+    def corr_dim(beta):
+        return (
+            f(n_rot)
+            * f(log(f(n_ctx_orig) / (f(beta) * f(2) * f(math.pi))))
+            / (f(2) * f(log(f(base))))
+        )
+
+    low = high = f(0)
+    if ext_factor != 0.0:
+        low = max(f(0), f(math.floor(corr_dim(beta_fast))))
+        high = min(f(n_rot - 1), f(math.ceil(corr_dim(beta_slow))))
+    theta_scale = f(base) ** f(-2.0 / n_rot)
+    cos = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
+    sin = np.empty((n_pos, n_rot // 2), F32)  # (P, R/2)
+    for pos in range(n_pos):
+        theta = f(pos)
+        for i in range(n_rot // 2):
+            interp = f(freq_scale) * theta
+            angle, mscale = interp, f(attn_factor)
+            if ext_factor != 0.0:
+                y = (f(i) - low) / max(f(0.001), high - low)
+                mix = (f(1) - min(f(1), max(f(0), y))) * f(ext_factor)
+                angle = interp * (f(1) - mix) + theta * mix
+                mscale = mscale * (f(1) + f(0.1) * f(log(f(1) / f(freq_scale))))
+            cos[pos, i] = f(math.cos(float(angle))) * mscale
+            sin[pos, i] = f(math.sin(float(angle))) * mscale
+            theta = theta * theta_scale
+    return cos, sin

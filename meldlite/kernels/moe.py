@@ -1,8 +1,15 @@
 """moe_ffn: one jitted call for a layer's routed experts, any mix of quant types.
 
 out[t] = sum over slots j = 0..k-1 with ids[t, j] >= 0, in slot order, starting from 0.0,
-         of weights[t, j] * down_e(act(gate_e x[t]) * up_e x[t]),   e = ids[t, j],
-act = silu (default) or relu (`EXPERT_ACTS`, the architecture's `expert_act`).
+         of weights[t, j] * (down_e(act(gate_e x[t] + bg_e, up_e x[t] + bu_e)) + bd_e),
+         e = ids[t, j].
+
+`act` is one of `EXPERT_ACTS` (the architecture's `expert_act`): "silu" silu(g) * u,
+"relu" relu(g) * u (ggml's reglu), "swiglu_oai" gpt-oss's clamped SwiGLU (ggml's
+swiglu_oai: x = min(g, 7), y = clamp(u, -7, 7), x * sigmoid(1.702 x) * (y + 1)).
+The biases bg/bu/bd (gpt-oss) are rows of a per-layer float32 array (n_expert,
+2 n_ff + n_embd) = [gate bias | up bias | down bias], added in float32 after each
+matmul as ggml's add_id does; an empty (0, 0) array means none.
 
 The (token, slot) pairs are grouped by expert, each used expert runs once on all its
 tokens (mat-mat, so its blocks are decoded once), its outputs land in one row per pair,
@@ -34,25 +41,46 @@ MATRIX_TYPE = nbtypes.Array(
     nbtypes.uint8, 2, "C", readonly=True
 )  # numba type of each entry of `mats`
 GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
-ACT_SILU, ACT_RELU = 0, 1
-EXPERT_ACTS = {"silu": ACT_SILU, "relu": ACT_RELU}  # ArchTraits.expert_act -> kernel code
+ACT_SILU, ACT_RELU, ACT_SWIGLU_OAI = 0, 1, 2
+EXPERT_ACTS = {"silu": ACT_SILU, "relu": ACT_RELU, "swiglu_oai": ACT_SWIGLU_OAI}
+OAI_ALPHA = np.float32(1.702)  # llama.cpp's build_moe_ffn constants for swiglu_oai
+OAI_LIMIT = np.float32(7.0)
+NO_BIAS = np.zeros((0, 0), np.float32)  # (0, 0) no expert biases
 
 
 @njit(inline="always")
-def gated(v, u, act):
-    """act(v) * u in float32: silu(v) = v / (1 + exp(-v)); relu as ggml's reglu
-    (v * u where v > 0, else 0)."""
+def activate(v, u, act):
+    """One gated activation in float32: v the gate projection, u the up projection."""
     if act == ACT_RELU:
         return v * u if v > np.float32(0.0) else np.float32(0.0)
+    if act == ACT_SWIGLU_OAI:
+        x = min(v, OAI_LIMIT)
+        y = -OAI_LIMIT if u < -OAI_LIMIT else (OAI_LIMIT if u > OAI_LIMIT else u)
+        return x / (np.float32(1.0) + np.exp(OAI_ALPHA * (-x))) * (y + np.float32(1.0))
     return v / (np.float32(1.0) + np.exp(-v)) * u
 
 
 @njit(cache=True, error_model="numpy")
-def swiglu(g, u, act):
-    """g <- act(g) * u in float32 (SwiGLU for silu, ReGLU for relu)."""
-    for i in range(g.shape[0]):  # g, u (n, n_ff)
-        for c in range(g.shape[1]):
-            g[i, c] = gated(g[i, c], u[i, c], act)
+def gated(g, u, act, bias, r0, r1):
+    """g[:, r0:r1] <- act(g + bias gate, u + bias up) in float32 (no bias when `bias`
+    is empty); g, u (n, n_ff), bias (2 n_ff + n_embd,) or (0,)."""
+    n_ff = g.shape[1]
+    for i in range(g.shape[0]):
+        for c in range(r0, r1):
+            v, w = g[i, c], u[i, c]
+            if bias.shape[0]:
+                v += bias[c]
+                w += bias[n_ff + c]
+            g[i, c] = activate(v, w, act)
+
+
+@njit(cache=True, error_model="numpy")
+def add_down_bias(y, bias, n_ff):
+    """y (n, n_embd) += the down bias, the last n_embd values of bias (none when empty)."""
+    if bias.shape[0]:
+        for i in range(y.shape[0]):
+            for c in range(y.shape[1]):
+                y[i, c] += bias[2 * n_ff + c]
 
 
 @njit(cache=True, error_model="numpy")
@@ -88,8 +116,9 @@ def rounded(a, mode):
 
 
 @njit(cache=True, error_model="numpy")
-def expert_ffn(x, toks, gate, up, down, tys, modes, act, y):
-    """y (n, n_embd) <- down(act(gate xs) * up xs) for xs = x[toks]; False on unknown type.
+def expert_ffn(x, toks, gate, up, down, tys, modes, act, bias, y):
+    """y (n, n_embd) <- down(act(gate xs, up xs)) for xs = x[toks], with the expert's
+    biases (n_bias,) when not empty; False on unknown type.
 
     `modes` (3,) rounds each matrix's input activations as llama.cpp does (actquant)."""
     n = toks.shape[0]
@@ -102,8 +131,9 @@ def expert_ffn(x, toks, gate, up, down, tys, modes, act, y):
     xu = xg if modes[UP] == modes[GATE] else rounded(xs, modes[UP])  # (n, n_embd)
     ok = matmat_rows(gate, np.int64(tys[GATE]), xg, g)
     ok &= matmat_rows(up, np.int64(tys[UP]), xu, u)
-    swiglu(g, u, act)
+    gated(g, u, act, bias, 0, g.shape[1])
     ok &= matmat_rows(down, np.int64(tys[DOWN]), rounded(g, modes[DOWN]), y)
+    add_down_bias(y, bias, g.shape[1])
     return ok
 
 
@@ -117,7 +147,13 @@ def rows_of_pairs(pairs, n_tok, k):
 
 
 @njit(cache=True, error_model="numpy")
-def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, out):
+def expert_bias(bias, e):
+    """Expert e's biases (2 n_ff + n_embd,), or an empty row when bias is (0, 0)."""
+    return bias[e] if bias.shape[0] else bias.ravel()[:0]
+
+
+@njit(cache=True, error_model="numpy")
+def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, bias, out):
     """The whole routed-expert step; False if some used expert has an unknown type."""
     pairs, starts = group_by_expert(ids, types.shape[0])
     ys = np.empty((pairs.shape[0], x.shape[1]), dtype=np.float32)  # (n_pairs, n_embd)
@@ -135,6 +171,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, out):
                 types[e],
                 modes[e],
                 act,
+                expert_bias(bias, e),
                 ys[s:s_end],
             )
     sum_slots_parallel(ids, weights, ys, rows_of_pairs(pairs, ids.shape[0], ids.shape[1]), out)
@@ -187,8 +224,8 @@ def _items(starts, n_rows_of, types, which):
 
 
 @njit(cache=True, error_model="numpy")
-def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, act, qa, da, bs, xr, g, u):
-    """g/u[p, r0:r0+ITEM_ROWS] for the pairs p of expert e, then g <- act(g) * u."""
+def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u):
+    """g/u[p, r0:r0+ITEM_ROWS] for the pairs p of expert e, then g <- act(g, u)."""
     s, s_end = starts[e], starts[e + 1]
     gate, up = mats[3 * e + GATE], mats[3 * e + UP]
     r1 = min(gate.shape[0], r0 + ITEM_ROWS)
@@ -199,48 +236,57 @@ def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, act, qa, da, bs
     rows_times_tokens(
         up, types[e, UP], r0, r1, qa[b], da[b], bs[b], xr[b], toks[s:s_end], u[s:s_end], True
     )
-    for p in range(s, s_end):
-        for c in range(r0, r1):
-            g[p, c] = gated(g[p, c], u[p, c], act)
+    gated(g[s:s_end], u[s:s_end], act, expert_bias(bias, e), r0, r1)
 
 
 @njit(cache=True, error_model="numpy")
-def _down_item(mats, types, e, r0, starts, pair_ids, qa, da, bs, xr, ys):
+def _down_item(mats, types, e, r0, starts, pair_ids, bias, qa, da, bs, xr, ys):
     s, s_end = starts[e], starts[e + 1]
     down = mats[3 * e + DOWN]
+    r1 = min(down.shape[0], r0 + ITEM_ROWS)
     rows_times_tokens(
-        down,
-        types[e, DOWN],
-        r0,
-        min(down.shape[0], r0 + ITEM_ROWS),
-        qa,
-        da,
-        bs,
-        xr,
-        pair_ids[s:s_end],
-        ys[s:s_end],
-        True,
+        down, types[e, DOWN], r0, r1, qa, da, bs, xr, pair_ids[s:s_end], ys[s:s_end], True
     )
+    if bias.shape[0]:
+        n_ff = mats[3 * e + GATE].shape[0]
+        for p in range(s, s_end):
+            for c in range(r0, r1):
+                ys[p, c] += bias[e, 2 * n_ff + c]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _gate_up_parallel(
-    mats, types, item_e, item_r, starts, toks, slot, modes, act, qa, da, bs, xr, g, u
+    mats, types, item_e, item_r, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u
 ):
     for i in prange(item_e.shape[0]):
         _gate_up_item(
-            mats, types, item_e[i], item_r[i], starts, toks, slot, modes, act, qa, da, bs, xr, g, u
+            mats,
+            types,
+            item_e[i],
+            item_r[i],
+            starts,
+            toks,
+            slot,
+            modes,
+            act,
+            bias,
+            qa,
+            da,
+            bs,
+            xr,
+            g,
+            u,
         )
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _down_parallel(mats, types, item_e, item_r, starts, pair_ids, qa, da, bs, xr, ys):
+def _down_parallel(mats, types, item_e, item_r, starts, pair_ids, bias, qa, da, bs, xr, ys):
     for i in prange(item_e.shape[0]):
-        _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, qa, da, bs, xr, ys)
+        _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, bias, qa, da, bs, xr, ys)
 
 
 @njit(cache=True, error_model="numpy")
-def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, out):
+def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out):
     """moe_ffn_kernel with every matmul input rounded as llama.cpp does, by integer dots."""
     n_tok, n_embd = x.shape
     pairs, starts = group_by_expert(ids, types.shape[0])
@@ -274,7 +320,7 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, out):
     parallel = work >= PARALLEL_MIN_BYTES and item_e.shape[0] > 1
     if parallel:
         _gate_up_parallel(
-            mats, types, item_e, item_r, starts, toks, slot, modes, act, qa, da, bs, xr, g, u
+            mats, types, item_e, item_r, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u
         )
     else:
         for i in range(item_e.shape[0]):
@@ -288,6 +334,7 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, out):
                 slot,
                 modes,
                 act,
+                bias,
                 qa,
                 da,
                 bs,
@@ -308,10 +355,12 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, out):
     pair_ids = np.arange(n_pairs)  # (P,) row of each pair in the down activations
     item_e, item_r = _items(starts, n_rows_of, types, DOWN)
     if parallel:
-        _down_parallel(mats, types, item_e, item_r, starts, pair_ids, qh, dh, bh, xh, ys)
+        _down_parallel(mats, types, item_e, item_r, starts, pair_ids, bias, qh, dh, bh, xh, ys)
     else:
         for i in range(item_e.shape[0]):
-            _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, qh, dh, bh, xh, ys)
+            _down_item(
+                mats, types, item_e[i], item_r[i], starts, pair_ids, bias, qh, dh, bh, xh, ys
+            )
     sum_slots_serial(ids, weights, ys, rows_of_pairs(pairs, n_tok, ids.shape[1]), out)
 
 
@@ -480,15 +529,19 @@ def _fast_checks(
     return True
 
 
-def moe_ffn(x, ids, weights, mats, types, out=None, llama_numerics=False, act="silu") -> np.ndarray:
+def moe_ffn(
+    x, ids, weights, mats, types, out=None, llama_numerics=False, act="silu", bias=None
+) -> np.ndarray:
     """Routed experts of one layer for x (n_tok, n_embd) -> float32 (n_tok, n_embd).
 
-    act: the gate's activation, a key of `EXPERT_ACTS` ("silu", "relu").
     ids (n_tok, k) int32 expert per slot (-1 = skipped), weights (n_tok, k) float32,
     mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids.
     llama_numerics: round each matrix's input as llama.cpp does (see actquant) and multiply
-    by integer dot products (qdot), as llama.cpp's CPU backend does."""
+    by integer dot products (qdot), as llama.cpp's CPU backend does.
+    act: a key of EXPERT_ACTS; bias: None, or float32 (n_expert, 2 n_ff + n_embd) expert biases."""
     x, ids, weights, types = _check_inputs(x, ids, weights, types)
+    act_id = _act_id(act)
+    bias = _check_bias(bias, types.shape[0])
     if isinstance(mats, list):
         mats = expert_list(mats)
     modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
@@ -510,18 +563,46 @@ def moe_ffn(x, ids, weights, mats, types, out=None, llama_numerics=False, act="s
             )
         _slow_checks(x, ids, mats, types)
         raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
-    code = EXPERT_ACTS.get(act)
-    if code is None:
-        raise OptionError(f"expert activation {act!r} is not one of {', '.join(EXPERT_ACTS)}")
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
         raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
+    if bias.shape[0] and _used_n_ff(ids, mats) * 2 + x.shape[1] != bias.shape[1]:
+        raise OptionError(
+            f"expert biases have {bias.shape[1]} values per expert, expected "
+            f"2 n_ff + n_embd = {_used_n_ff(ids, mats) * 2 + x.shape[1]}"
+        )
     if llama_numerics:
-        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, code, out)
-    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, code, out):
+        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act_id, bias, out)
+    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, act_id, bias, out):
         raise AssertionError("jitted kernel rejected an expert type")  # checked above
     return out
+
+
+def _act_id(act):
+    if act not in EXPERT_ACTS:
+        raise OptionError(f"expert activation {act!r} is not one of {', '.join(EXPERT_ACTS)}")
+    return EXPERT_ACTS[act]
+
+
+def _check_bias(bias, n_expert):
+    """bias as a C-contiguous float32 (n_expert, n) array, NO_BIAS for None or empty."""
+    if bias is None or (isinstance(bias, np.ndarray) and bias.size == 0):
+        return NO_BIAS
+    if not _plain(bias, np.float32, 2):
+        bias = np.asarray(bias)
+        if bias.dtype != np.float32 or bias.ndim != 2:
+            raise OptionError(f"expert biases must be float32 (n_expert, n), got {bias.dtype}")
+        bias = np.ascontiguousarray(bias)
+    if bias.shape[0] != n_expert:
+        raise OptionError(f"expert biases have {bias.shape[0]} rows, expected {n_expert}")
+    return bias
+
+
+def _used_n_ff(ids, mats):
+    """n_ff of the first used expert (its gate matrix's rows); 0 when none is used."""
+    used = ids[ids >= 0]
+    return mats[3 * int(used[0]) + GATE].shape[0] if used.size else 0
 
 
 def _slow_checks(x, ids, mats, types):
@@ -538,7 +619,10 @@ def _slow_checks(x, ids, mats, types):
 
 
 track_sources(
-    swiglu,
+    activate,
+    gated,
+    add_down_bias,
+    expert_bias,
     group_by_expert,
     rounded,
     expert_ffn,

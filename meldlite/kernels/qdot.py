@@ -16,8 +16,9 @@ and `dot_row` multiplies one weight row by one token. A Q4_K row against Q8_K ac
 
 which equals the float product of the dequantized weights with xr up to float rounding
 (integer sums are exact, the float steps are fewer). Q4_K, Q6_K, Q8_0, Q4_0 and Q5_0 have
-integer kernels; F16 and F32 rows use float lanes; every other type decodes the row into
-float (decode.decode_span) and dots it with xr.
+integer kernels, and MXFP4 (gpt-oss's experts: E2M1 codes doubled to int8 by a table,
+the block's E8M0 scale halved, as ggml's vec_dot_mxfp4_q8_0); F16 and F32 rows use float
+lanes; every other type decodes the row into float (decode.decode_span) and dots it with xr.
 
 Each output (token, row) is one call of the same row function with a fixed operation order,
 so results do not depend on thread count, batch size or which rows share a chunk.
@@ -47,12 +48,14 @@ from meldlite.kernels.actquant import (
 from meldlite.kernels.actquant import (
     Q8_K as MODE_Q8_K,
 )
-from meldlite.kernels.bits import f16_to_f32
-from meldlite.kernels.decode import decode_span
+from meldlite.kernels.bits import e8m0_to_f32_half, f16_to_f32
+from meldlite.kernels.decode import KVALUES_MXFP4, decode_span
 from meldlite.kernels.matmul import operands
 from meldlite.kernels.qtypes import (
     F16,
     F32,
+    MXFP4,
+    MXFP4_BYTES,
     Q4_0,
     Q4_0_BYTES,
     Q4_K,
@@ -68,7 +71,8 @@ from meldlite.kernels.qtypes import (
 )
 from meldlite.kernels.simd import F16C, f16_hw, q4k_sums, q6k_sum, u16_at
 
-INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)  # ggml type ids with integer kernels
+INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4)  # ggml type ids with integer kernels
+KV_MXFP4 = KVALUES_MXFP4.astype(np.int16)  # (16,) E2M1 values times 2
 CHUNK = 16  # rows per parallel work item
 
 
@@ -364,6 +368,27 @@ def dot_f32(w, xr, n):
 
 
 @njit(cache=True, error_model="numpy")
+def dot_mxfp4(row, qa, da, nb, L):
+    """MXFP4 row (nb blocks of MXFP4_BYTES: e E8M0, qs[16]) . Q8_0 activations; L = 16.
+    Byte l of a block holds values l (low nibble) and 16+l (high nibble), codes into
+    KV_MXFP4; the block's scale is 2^(e-128) (E8M0 halved: the table is doubled)."""
+    sumf = np.float32(0.0)
+    for b in range(nb):
+        o = MXFP4_BYTES * b
+        oa = QK * b
+        s = np.int32(0)
+        for l in range(L):
+            v = row[o + 1 + l]
+            s = np.int32(
+                s
+                + KV_MXFP4[v & 15] * np.int16(qa[oa + l])
+                + KV_MXFP4[v >> 4] * np.int16(qa[oa + 16 + l])
+            )
+        sumf += e8m0_to_f32_half(row[o]) * da[b] * np.float32(s)
+    return sumf
+
+
+@njit(cache=True, error_model="numpy")
 def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics):
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
 
@@ -407,6 +432,8 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
                 v = dot_q4_0(row, qa[k], da[k], n32, 16)
             elif t == Q5_0:
                 v = dot_q5_0(row, qa[k], da[k], n32, 16)
+            elif t == MXFP4:
+                v = dot_mxfp4(row, qa[k], da[k], n32, 16)
             else:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
@@ -463,6 +490,7 @@ track_sources(
     dot_q8_0,
     dot_q4_0,
     dot_q5_0,
+    dot_mxfp4,
     f16_row_to_f32,
     dot_lanes16,
     dot_f32,

@@ -36,8 +36,8 @@ def _block(qtype: int) -> tuple[int, int]:
 QK = _block(Q8_0)[0]  # values per block of the 32-value types (Q4_0 ... Q8_0, IQ4_NL, MXFP4)
 QK_K = _block(Q4_K)[0]  # values per super-block of the K-quants and IQ4_XS
 # bytes per block of the types with integer dot products (qdot.py)
-Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q4_K_BYTES, Q6_K_BYTES = (
-    _block(t)[1] for t in (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K)
+Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, MXFP4_BYTES = (
+    _block(t)[1] for t in (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4)
 )
 
 SUPPORTED_TYPES = tuple(

@@ -70,14 +70,21 @@ def silu_ref(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
 
 
-def relu_ref(v: np.ndarray) -> np.ndarray:
-    return np.maximum(v, 0.0)
+def act_ref(g, u, act="silu"):
+    """The gated activation of the experts: silu(g) u, relu(g) u, or gpt-oss's clamped
+    SwiGLU min(g, 7) sigmoid(1.702 min(g, 7)) (clamp(u, -7, 7) + 1)."""
+    if act == "silu":
+        return silu_ref(g) * u
+    if act == "relu":
+        return np.maximum(g, 0.0) * u
+    alpha, limit = 1.702, 7.0
+    x = np.minimum(g, limit)
+    return x / (1.0 + np.exp(-alpha * x)) * (np.clip(u, -limit, limit) + 1.0)
 
 
-def moe_ffn_ref(x, ids, weights, mats, types, act="silu") -> np.ndarray:
-    """float64 routed-expert output (n_tok, n_embd), slots added in order;
-    act: the gate's activation, "silu" or "relu"."""
-    act_fn = {"silu": silu_ref, "relu": relu_ref}[act]
+def moe_ffn_ref(x, ids, weights, mats, types, act="silu", bias=None) -> np.ndarray:
+    """float64 routed-expert output (n_tok, n_embd), slots added in order; bias None or
+    (n_expert, 2 n_ff + n_embd) = [gate | up | down] biases added after each matmul."""
     x = np.asarray(x, dtype=np.float64)  # (n_tok, n_embd)
     out = np.zeros_like(x)  # (n_tok, n_embd)
     for t in range(x.shape[0]):
@@ -88,6 +95,8 @@ def moe_ffn_ref(x, ids, weights, mats, types, act="silu") -> np.ndarray:
             gate, up, down = (np.asarray(mats[3 * e + m]) for m in range(3))
             g = matmul_ref(gate, types[e][0], x[t])  # (n_ff,)
             u = matmul_ref(up, types[e][1], x[t])  # (n_ff,)
-            y = matmul_ref(down, types[e][2], act_fn(g) * u)  # (n_embd,)
-            out[t] += float(weights[t, j]) * y
+            n_ff = g.shape[0]
+            b = np.zeros(2 * n_ff + x.shape[1]) if bias is None else np.asarray(bias[e], np.float64)
+            y = matmul_ref(down, types[e][2], act_ref(g + b[:n_ff], u + b[n_ff : 2 * n_ff], act))
+            out[t] += float(weights[t, j]) * (y + b[2 * n_ff :])  # (n_embd,)
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meldlite.experts.store import expert_biases
 from meldlite.formats import KINDS
 from meldlite.kernels.qtypes import check_type, row_bytes
 from meldlite.transports import protocol as P
@@ -20,12 +21,14 @@ from meldlite.transports import protocol as P
 
 @dataclass
 class Expert:
-    """One expert's matrices (gate, up, down as uint8 (rows, row_bytes)) and types."""
+    """One expert's matrices (gate, up, down as uint8 (rows, row_bytes)) and types,
+    and its biases (float32 (2 n_ff + n_embd,) = [gate | up | down]) when it has them."""
 
     mats: tuple
     types: tuple
     nbytes: int
     refs: int = 0  # sessions using it
+    bias: np.ndarray = None
 
 
 def expert_nbytes(types, n_embd, n_ff):
@@ -44,8 +47,9 @@ def matrix_shapes(types, n_embd, n_ff):
     )
 
 
-def read_expert(gguf, layer, e, types, n_embd, n_ff, req_id):
-    """One expert from the peer's own file, by pread into owned memory."""
+def read_expert(gguf, layer, e, types, n_embd, n_ff, req_id, bias=False, n_expert=0):
+    """One expert from the peer's own file, by pread into owned memory (with its
+    biases when `bias`: the layer has n_expert)."""
     mats, nbytes = [], 0
     shapes = matrix_shapes(types, n_embd, n_ff)
     with open(gguf.path, "rb") as f:
@@ -64,7 +68,14 @@ def read_expert(gguf, layer, e, types, n_embd, n_ff, req_id):
                 raise OSError(f"{gguf.path}: short read of layer {layer} expert {e}")
             mats.append(buf)
             nbytes += buf.nbytes
-    return Expert(tuple(mats), tuple(types), nbytes)
+    b = None
+    if bias:
+        b = expert_biases(gguf, layer, n_expert, n_embd, n_ff, expert=e)  # (2F+E,)
+        if b.shape != (2 * n_ff + n_embd,):
+            raise P.WireError(
+                "MODEL_MISMATCH", f"layer {layer} expert {e}: the file has no expert biases", req_id
+            )
+    return Expert(tuple(mats), tuple(types), nbytes, bias=b)
 
 
 class ExpertBank:
@@ -98,7 +109,9 @@ class ExpertBank:
         for (L, e), ty in assigned.items():
             key = (s.model_hash, L, e)
             if key not in self.experts and self.gguf is not None:
-                self.experts[key] = read_expert(self.gguf, L, e, ty, s.n_embd, s.n_ff, req_id)
+                self.experts[key] = read_expert(
+                    self.gguf, L, e, ty, s.n_embd, s.n_ff, req_id, s.bias, s.n_expert
+                )
             if key in self.experts:
                 if self.experts[key].types != ty:
                     raise P.WireError(
@@ -111,11 +124,12 @@ class ExpertBank:
             else:
                 s.missing.add((L, e))
 
-    def receive(self, s, layer, e, mats):
-        """Expert (layer, e) of session s arrived (LOAD): mats (gate, up, down) uint8."""
+    def receive(self, s, layer, e, mats, bias=None):
+        """Expert (layer, e) of session s arrived (LOAD): mats (gate, up, down) uint8,
+        bias float32 (2F+E,) or None."""
         ty = s.assigned[(layer, e)]
         self.experts[(s.model_hash, layer, e)] = Expert(
-            tuple(mats), ty, sum(m.nbytes for m in mats), refs=1
+            tuple(mats), ty, sum(m.nbytes for m in mats), refs=1, bias=bias
         )
         s.missing.discard((layer, e))
 

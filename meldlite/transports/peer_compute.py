@@ -30,20 +30,25 @@ def warm_up():
 
 
 def build_layers(s, bank):
-    """Session s's per-layer (typed matrix list, types (X, 3), held (X,)), placeholders
-    for experts not held; then its kernels warmed up (the session is ready)."""
+    """Session s's per-layer (typed matrix list, types (X, 3), held (X,), biases
+    (X, 2F+E) or (0, 0)), placeholders (and zero biases) for experts not held; then
+    its kernels warmed up (the session is ready)."""
     layers = []
+    n_bias = 2 * s.n_ff + s.n_embd if s.bias else 0
     for L in range(s.n_layer):
         arrays = [None] * (3 * s.n_expert)
         types = np.zeros((s.n_expert, 3), np.int32)  # (X, 3)
         held = np.zeros(s.n_expert, bool)  # (X,)
+        bias = np.zeros((s.n_expert if n_bias else 0, n_bias), F32)  # (X, 2F+E)
         for e in range(s.n_expert):
             ex = bank.get((s.model_hash, L, e)) if (L, e) in s.assigned else None
             if ex is not None:
                 arrays[3 * e : 3 * e + 3] = ex.mats
                 types[e] = ex.types
                 held[e] = True
-        layers.append((kernels.expert_list(arrays), types, held))
+                if n_bias:
+                    bias[e] = ex.bias
+        layers.append((kernels.expert_list(arrays), types, held, bias))
     s.layers = layers
     warm_session(s)
 
@@ -53,7 +58,7 @@ def warm_session(s):
     ready: kernels a first request would need are loaded (or compiled) now."""
     seen = set()
     x = np.zeros((1, s.n_embd), F32)  # (1, E)
-    for mats, types, held in s.layers:
+    for mats, types, held, bias in s.layers:
         for e in np.flatnonzero(held):
             key = tuple(types[e])
             if key not in seen:
@@ -65,6 +70,8 @@ def warm_session(s):
                     mats,
                     types,
                     llama_numerics=s.llama_numerics,
+                    act=s.act,
+                    bias=bias,
                 )
 
 
@@ -77,7 +84,7 @@ def compute(s, h, payload, limits):
     if h.layer >= s.n_layer:
         raise P.WireError("BAD_REQUEST", f"layer {h.layer} of a {s.n_layer}-layer model", r)
     x, ids, weights = P.parse_compute(h, payload, s.n_embd, limits)  # (T, E), (T, k), (T, k)
-    mats, types, held = s.layers[h.layer]
+    mats, types, held, bias = s.layers[h.layer]
     if ids.size and (ids.min() < -1 or ids.max() >= s.n_expert):
         raise P.WireError(
             "BAD_REQUEST",
@@ -92,7 +99,9 @@ def compute(s, h, payload, limits):
         )
 
     def moe(xx, ii, ww):
-        return kernels.moe_ffn(xx, ii, ww, mats, types, llama_numerics=s.llama_numerics)
+        return kernels.moe_ffn(
+            xx, ii, ww, mats, types, llama_numerics=s.llama_numerics, act=s.act, bias=bias
+        )
 
     y = pair_outputs(moe, x, ids) if h.exact else moe(x, ids, weights)
     return y, x, ids

@@ -138,7 +138,7 @@ class PeerHandlers:
     def on_load(self, ident, h, payload):
         s = self.sessions.of(ident, h.req_id)
         r = h.req_id
-        P.expect_frames(h, payload, 4)
+        P.expect_frames(h, payload, 5 if s.bias else 4)
         obj = P.parse_json(payload[0], self.limits, r)
         L = P.field(obj, "layer", int, r, 0, max(0, s.n_layer - 1))
         e = P.field(obj, "expert", int, r, 0, max(0, s.n_expert - 1))
@@ -147,9 +147,13 @@ class PeerHandlers:
         shapes = matrix_shapes(s.assigned[(L, e)], s.n_embd, s.n_ff)
         mats = [
             P.array_frame(buf, np.uint8, shape, f"layer {L} expert {e} {kind}", r)
-            for kind, buf, shape in zip(KINDS, payload[1:], shapes)
+            for kind, buf, shape in zip(KINDS, payload[1:4], shapes)
         ]  # 3 x uint8 (rows, row_bytes)
-        self.bank.receive(s, L, e, mats)
+        bias = None
+        if s.bias:
+            n_bias = 2 * s.n_ff + s.n_embd
+            bias = P.array_frame(payload[4], np.float32, (n_bias,), f"layer {L} expert {e} bias", r)
+        self.bank.receive(s, L, e, mats, bias)
         if not s.missing:
             build_layers(s, self.bank)
             log.info("client %s: all %d experts received", ident.hex(), len(s.assigned))

@@ -20,7 +20,9 @@ Frames after the header, by type (shapes in numpy order; E = n_embd):
     HELLO, WELCOME, ASSIGN, ASSIGNED, LOADED, ERROR, STATS, STATS_REPLY, BYE:
                 one JSON frame: a UTF-8 object of at most `Limits.json` bytes
     LOAD        JSON {"layer", "expert"}, then three raw uint8 frames: the gate,
-                up and down matrices exactly as the GGUF file stores them
+                up and down matrices exactly as the GGUF file stores them; when
+                ASSIGN said "bias": true, a fourth, the expert's biases float32
+                (2 n_ff + E,) = [gate | up | down]
     COMPUTE     x (rows, E) encoded per `enc`; ids (rows, k) int8, or int16 with
                 IDS16 (-1 = slot not for this peer); compact mode only: weights
                 (rows, k) float32
@@ -54,7 +56,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from meldlite.errors import OptionError, ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: ASSIGN says "llama_numerics" (1 said "round_acts")
+PROTOCOL_VERSION = 3  # 3: ASSIGN says "act" and "bias" (the experts' activation and
+# biases, gpt-oss); 2: ASSIGN says "llama_numerics" (1 said "round_acts")
 MAGIC = b"ML"
 HEADER = struct.Struct("<2sBBIHBBII")  # magic version type req_id layer enc k rows aux
 assert HEADER.size == 20

@@ -5,6 +5,7 @@ expert it asks for (LOAD). `PeerClient` calls these during its handshake.
 
 import numpy as np
 
+from meldlite.experts.store import layer_biases
 from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
 
@@ -33,6 +34,7 @@ class PeerSetup:
         self.llama_numerics = llama_numerics
         self.model_hash = P.model_hash(gguf)
         self.types = expert_types(gguf, cfg, present)  # (L, X, 3)
+        self.bias = layer_biases(gguf, cfg)  # per layer (X, 2F+E) or (0, 0)
 
     def hello(self):
         return {
@@ -49,10 +51,16 @@ class PeerSetup:
             "n_layer": self.cfg.n_layer,
             "n_expert": self.cfg.n_expert,
             "llama_numerics": bool(self.llama_numerics),
+            "act": self.cfg.traits.expert_act,
+            "bias": bool(self.bias[0].size),
             "experts": [[L, e] for L, e in experts],
             "types": [self.types[L, e].tolist() for L, e in experts],
         }
 
     def expert_frames(self, layer, e):
-        """Expert (layer, e)'s gate, up and down as uint8 (rows, row_bytes) arrays."""
-        return [np.ascontiguousarray(self.gguf.expert_tensor(layer, kind, e).raw) for kind in KINDS]
+        """Expert (layer, e)'s gate, up and down as uint8 (rows, row_bytes) arrays, then
+        its biases float32 (2F+E,) when the model has them."""
+        mats = [np.ascontiguousarray(self.gguf.expert_tensor(layer, kind, e).raw) for kind in KINDS]
+        if self.bias[layer].size:
+            mats.append(np.ascontiguousarray(self.bias[layer][e]))
+        return mats

@@ -1,0 +1,45 @@
+"""Runs shared by the per-architecture tests: the logits of a prompt and a few greedy
+steps, all-resident, under a memory budget or with expert peers (whose bits must equal
+the all-resident ones)."""
+
+import numpy as np
+
+import meldlite
+from meldlite.api import Model
+from meldlite.options import Peers, Runtime
+
+
+def steps(m, tokens, n_decode=3):
+    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
+    m.cache.reset()
+    out = [m._eval(tokens, all_logits=True)]
+    for _ in range(n_decode):
+        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
+    return out
+
+
+def budget_steps(path, tokens, budget):
+    """(steps, expert misses) of `path` loaded with mem_budget=budget."""
+    m = meldlite.load(path, n_ctx=64, n_threads=1, mem_budget=budget)
+    try:
+        return steps(m, tokens), m.stats()["expert_misses"]
+    finally:
+        m.close()
+
+
+def peer_steps(path, tokens, model=None, n_peers=2):
+    """(steps, peer requests) of `path` with n_peers local peers in exact mode; `model`:
+    the peers' own copy of the file (None: they receive the experts)."""
+    from meldlite.transports.local_peer import LocalPeer
+
+    peers = LocalPeer.start(n_peers, model=model)
+    try:
+        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
+        m = Model(path, runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
+        try:
+            return steps(m, tokens), m.store.stats()["peers_requests"]
+        finally:
+            m.close()
+    finally:
+        for p in peers:
+            p.stop()
