@@ -46,6 +46,10 @@ class ArchTraits:
     # reads expert_weights_norm, expert_weights_scale and expert_gating_func from the
     # file (absent: no renormalisation, no scale, the row's gating), as deepseek2 does
     expert_keys: bool = False
+    # deepseek2's YaRN: the file's rope.scaling.yarn_log_multiplier is 0.1 * mscale_all_dim
+    # (llama.cpp divides it back), mscale_all_dim also stands for mscale when it is not 1,
+    # and Q.K is scaled by mscale^2 / sqrt(head_dim_k) with YaRN's magnitude folded in
+    yarn_mla_scale: bool = False
     # Sliding-window attention (SWA), on when the file gives attention.sliding_window > 0.
     # swa_pattern: llama.cpp's hard-coded n_pattern where the file has no
     # attention.sliding_window_pattern (every n-th layer is global; 0 all SWA; -1 the
@@ -123,6 +127,7 @@ ARCHITECTURES = {
         shared_expert="plain",
         expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
         expert_keys=True,
+        yarn_mla_scale=True,
     ),
     "granitemoe": ArchTraits(
         rope_neox=False,
@@ -191,6 +196,7 @@ class ModelConfig:
     rope_n_ctx_orig: int = 0  # YaRN's original context length (0: n_ctx_train)
     yarn_beta_fast: float = 32.0  # YaRN's correction range, llama.cpp's defaults
     yarn_beta_slow: float = 1.0
+    yarn_log_mul: float = 0.0  # rope.scaling.yarn_log_multiplier as llama.cpp holds it
     norm_topk: bool = False  # renormalise the chosen experts' weights to sum 1
     gating: str = "softmax"  # router gating (kernels.route.GATINGS)
     expert_weights_scale: float = 0.0  # multiplies the routed weights (0 or 1: none)
@@ -268,7 +274,9 @@ class ModelConfig:
         # without a shared expert width: expert_shared_count experts' worth (deepseek2)
         n_shared = get(Keys.LLM.EXPERT_SHARED_COUNT, 0) * n_ff_exp
         scales = _multipliers(get, head_dim_k, traits.multipliers)
-        rope = _rope_scaling(get)
+        rope = _rope_scaling(get, traits)
+        if traits.yarn_mla_scale:
+            scales["attention_scale"] = _mla_kq_scale(rope, head_dim_k)
         routing = _routing(get, traits)
         if traits.embd_scale_sqrt:
             scales["embedding_scale"] = float(np.sqrt(np.float32(n_embd)))
@@ -432,7 +440,7 @@ def _multipliers(get, head_dim_k, present):
     return {"attention_scale": float(1.0 / np.sqrt(head_dim_k)), **given}
 
 
-def _rope_scaling(get):
+def _rope_scaling(get, traits):
     """RoPE scaling from rope.scaling.* as llama.cpp reads it (llama-model.cpp) and
     sets up its context (llama-context.cpp) for the defaults llama-cpp-python passes:
     type "linear" unless given ("none" disables the factor); the factor's inverse
@@ -447,10 +455,16 @@ def _rope_scaling(get):
     freq_scale = F32(1.0) if factor == 0.0 or kind == "none" else F32(1.0) / F32(factor)
     ext_factor = 1.0 if kind == "yarn" else 0.0
     attn = F32(1.0)
+    log_mul = F32(get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, float))
+    mscale = F32(1.0)
+    if (
+        traits.yarn_mla_scale and log_mul != 0
+    ):  # deepseek2 (llama.cpp's TAG_DEEPSEEK2_YARN_LOG_MUL_FIX)
+        log_mul = log_mul / F32(0.1)
+        mscale = log_mul if log_mul != 1 else mscale
     if ext_factor:
         inv = F32(1.0) / freq_scale
-        log_mul = F32(get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0, float))
-        attn = _yarn_mscale(inv, F32(1.0))
+        attn = _yarn_mscale(inv, mscale)
         if log_mul != 0:
             attn = attn / _yarn_mscale(inv, log_mul)
         attn = attn * (F32(1.0) / (F32(1.0) + F32(0.1) * _logf(inv)))
@@ -460,7 +474,18 @@ def _rope_scaling(get):
         "rope_ext_factor": ext_factor,
         "rope_attn_factor": float(attn),
         "rope_n_ctx_orig": get(Keys.Rope.SCALING_ORIG_CTX_LEN, 0),
+        "yarn_log_mul": float(log_mul),
     }
+
+
+def _mla_kq_scale(rope, head_dim_k):
+    """deepseek2's Q.K scale, float32 as its graph: the rope attention factor with YaRN's
+    magnitude 1 + 0.1 ln(1/freq_scale) put back, times 1 + 0.1 log_mul ln(1/freq_scale),
+    squared, over sqrt(head_dim_k)."""
+    ln = _logf(F32(1.0) / F32(rope["rope_scale"]))
+    org = F32(rope["rope_attn_factor"]) * (F32(1.0) + F32(0.1) * ln)
+    m = org * (F32(1.0) + F32(0.1) * F32(rope["yarn_log_mul"]) * ln)
+    return float(F32(1.0) * m * m / np.sqrt(F32(head_dim_k)))
 
 
 def _logf(v):

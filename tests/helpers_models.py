@@ -102,13 +102,23 @@ class Mla:
     groups: tuple = (1, 1)  # n_group, topk_group
     probs_b: bool = False  # e_score_correction_bias (exp_probs_b)
     kv_b: bool = False  # the older converters' unsplit attn_kv_b
+    # rope_scaling (type yarn): factor, original_max_position_embeddings, mscale_all_dim;
+    # () none. V2-Lite: 40, 4096, 0.707; V3: 40, 4096, 1.0 (small here: 4, 32)
+    yarn: tuple = ()
 
 
 MLA = {
-    "lite": Mla(),
+    "lite": Mla(yarn=(4.0, 32, 0.707)),
     "kv_b": Mla(kv_b=True),
     "v3": Mla(
-        q_lora_rank=128, n_shared=1, gating=2, norm=True, scale=2.5, groups=(4, 2), probs_b=True
+        q_lora_rank=128,
+        n_shared=1,
+        gating=2,
+        norm=True,
+        scale=2.5,
+        groups=(4, 2),
+        probs_b=True,
+        yarn=(4.0, 32, 1.0),
     ),
 }
 
@@ -278,6 +288,14 @@ def _mla_metadata(w, s, m):
     w.add_expert_group_count(m.groups[0])
     w.add_expert_group_used_count(m.groups[1])
     w.add_expert_gating_func(ExpertGatingFuncType(m.gating))
+    if m.yarn:  # as TextModel and DeepseekV2Model write rope_scaling
+        factor, orig, mscale_all_dim = m.yarn
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_yarn_beta_fast(32.0)
+        w.add_rope_scaling_yarn_beta_slow(1.0)
+        w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all_dim)
 
 
 def _mla_tensors(mat, norm, p, s, m):
