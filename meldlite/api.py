@@ -287,11 +287,15 @@ class Model:
 
     def stats(self):
         """Counters of the expert store and of routing (adaptive top-k's
-        `routed_slots`, `experts_skipped`), plus peak resident memory."""
+        `routed_slots`, `experts_skipped`), plus peak resident memory and the KV cache's
+        bytes per token (`kv_bytes_per_token`, and `kv_bytes_per_token_full` for full keys
+        and values: they differ for latent attention)."""
         out = dict(self.store.stats()) if self.store else {}
         if self.store:
             out.update(self.route_counts)
         out["peak_rss_bytes"] = peak_rss_bytes()
+        cached, full = self.cfg.kv_bytes_per_token()
+        out["kv_bytes_per_token"], out["kv_bytes_per_token_full"] = cached, full
         return out
 
     def close(self):

@@ -112,6 +112,7 @@ def test_config_reads_the_converters_keys(tmp_path):
     cached, naive = b.cfg.kv_bytes_per_token()
     assert cached == SHAPE.n_layer * (m.kv_lora_rank + m.rope) * 2
     assert naive == SHAPE.n_layer * SHAPE.n_head * (m.nope + m.rope + m.v_head) * 2
+    assert b.stats()["kv_bytes_per_token"] == cached
     assert b.cache.k[0].shape[1:] == (1, m.kv_lora_rank + m.rope) and b.cache.v[0].size == 0
 
 
