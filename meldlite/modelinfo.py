@@ -105,6 +105,8 @@ def model_info(model):
         "n_ff": cfg.n_ff,
         "n_ff_exp": cfg.n_ff_exp,
         "n_ff_shexp": cfg.n_ff_shexp,
+        "n_swa": cfg.n_swa,
+        "swa_layers": [i for i in range(cfg.n_layer) if cfg.is_swa(i)],
         "expert_layout": gguf.expert_layout if cfg.is_moe else None,
         "params_total": total,
         "params_active": active,
