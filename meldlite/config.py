@@ -11,10 +11,11 @@ them from the file; the table mirrors what its graph builders do.
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import Keys
+from gguf import ExpertGatingFuncType, Keys
 
 from meldlite.errors import FormatError, UnsupportedError
 from meldlite.formats.layout import KEY_PRUNED
+from meldlite.kernels.route import GATINGS
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class ArchTraits:
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
     tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
     multipliers: bool = False  # reads Granite's embedding/residual/attention/logit scales
+    # router gating (kernels.route): "softmax", "sigmoid" (selection bias exp_probs_b),
+    # "softmax_weight" (softmax over the chosen k logits)
+    gating: str = "softmax"
+    # reads expert_weights_norm, expert_weights_scale and expert_gating_func from the
+    # file (absent: no renormalisation, no scale, the row's gating), as deepseek2 does
+    expert_keys: bool = False
     # Sliding-window attention (SWA), on when the file gives attention.sliding_window > 0.
     # swa_pattern: llama.cpp's hard-coded n_pattern where the file has no
     # attention.sliding_window_pattern (every n-th layer is global; 0 all SWA; -1 the
@@ -154,6 +161,12 @@ class ModelConfig:
     residual_scale: float = 1.0  # multiplies each block's attention and FFN output
     logit_scale: float = 1.0  # the logits are multiplied by 1/logit_scale
     expert_pruned: tuple = ()  # (L*X,) 1 = expert never routed (meldlite.expert_pruned); () none
+    norm_topk: bool = False  # renormalise the chosen experts' weights to sum 1
+    gating: str = "softmax"  # router gating (kernels.route.GATINGS)
+    expert_weights_scale: float = 0.0  # multiplies the routed weights (0 or 1: none)
+    n_expert_groups: int = 0  # group-limited top-k: experts in this many groups (<= 1: none)
+    n_group_used: int = 0  # ... of which this many groups are kept per token
+    n_layer_dense_lead: int = 0  # the first layers have a dense FFN instead of experts
     rope_scale: float = 1.0  # RoPE frequency scale of the global layers: 1/rope.scaling.factor
     n_swa: int = 0  # sliding window: a token sees the n_swa positions up to itself; 0 none
     swa_layers: tuple = ()  # (L,) 1 = the layer uses the sliding window; () none
@@ -166,6 +179,10 @@ class ModelConfig:
     @property
     def is_moe(self):
         return self.n_expert > 0
+
+    def moe_layer(self, layer):
+        """True when `layer` has routed experts (not one of the leading dense layers)."""
+        return self.is_moe and layer >= self.n_layer_dense_lead
 
     @classmethod
     def from_metadata(cls, md, n_vocab=None):
@@ -203,6 +220,7 @@ class ModelConfig:
             fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
             n_ff_exp = get(traits.expert_ff_key, fallback or None)
         scales = _multipliers(get, head_dim_k, traits.multipliers)
+        routing = _routing(get, traits)
         if traits.embd_scale_sqrt:
             scales["embedding_scale"] = float(np.sqrt(np.float32(n_embd)))
         if traits.q_prescale:
@@ -239,6 +257,7 @@ class ModelConfig:
                 else 0
             ),
             **scales,
+            **routing,
             **_rope_and_swa(md, arch, traits, get),
             expert_pruned=_pruned_flags(md.get(KEY_PRUNED)),
         )
@@ -299,8 +318,24 @@ class ModelConfig:
             raise FormatError(f"{self.arch}: expert FFN width must be positive")
         if not self.n_expert and self.n_ff <= 0:
             raise FormatError(f"{self.arch}: feed_forward_length must be positive")
+        if self.n_expert_groups > 1:
+            self._check_groups()
         if self.expert_pruned:
             self._check_pruned()
+
+    def _check_groups(self):
+        g, used = self.n_expert_groups, self.n_group_used
+        if self.n_expert % g or not 0 < used <= g or self.n_expert // g < 2:
+            raise FormatError(
+                f"{self.arch}: expert_group_count {g} must divide expert_count "
+                f"{self.n_expert} into groups of 2 or more, expert_group_used_count {used} "
+                f"in 1..{g}"
+            )
+        if used * (self.n_expert // g) < self.n_expert_used:
+            raise FormatError(
+                f"{self.arch}: {used} expert groups hold fewer than the "
+                f"{self.n_expert_used} experts used per token"
+            )
 
     def _check_pruned(self):
         if len(self.expert_pruned) != self.n_layer * self.n_expert:
@@ -334,6 +369,27 @@ def _multipliers(get, head_dim_k, present):
     return {"attention_scale": float(1.0 / np.sqrt(head_dim_k)), **given}
 
 
+def _gating_name(code):
+    """The router gating named by an expert_gating_func value (gguf ExpertGatingFuncType)."""
+    names = {int(t): t.name.lower() for t in ExpertGatingFuncType}
+    if code not in names or names[code] not in GATINGS:
+        raise UnsupportedError(f"expert_gating_func {code} is not supported")
+    return names[code]
+
+
+def _routing(get, traits):
+    """Router settings: gating, renormalisation, scale, expert groups. Rows with
+    `expert_keys` read the first three from the file; groups are read for every row."""
+    out = {"norm_topk": traits.norm_topk, "gating": traits.gating}
+    if traits.expert_keys:
+        out["norm_topk"] = bool(get(Keys.LLM.EXPERT_WEIGHTS_NORM, False, bool))
+        out["expert_weights_scale"] = get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 0.0, float)
+        code = get(Keys.LLM.EXPERT_GATING_FUNC, 0)
+        if code:
+            out["gating"] = _gating_name(code)
+    out["n_expert_groups"] = get(Keys.LLM.EXPERT_GROUP_COUNT, 0)
+    out["n_group_used"] = get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0)
+    return out
 def _rope_and_swa(md, arch, traits, get):
     """The RoPE frequency scale and the sliding-window fields, as llama.cpp reads them:
     rope.scaling.factor f gives scale 1/f; the window from attention.sliding_window

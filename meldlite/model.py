@@ -10,6 +10,7 @@ import numpy as np
 from meldlite.errors import OptionError
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
+from meldlite.kernels.route import GATINGS
 
 F32 = np.float32
 
@@ -109,7 +110,6 @@ def forward(
             cfg.residual_scale,
             *layer.ffn,
             k_used,
-            tr.norm_topk,
             h,
             ids,
             weights,
@@ -212,7 +212,7 @@ class LayerPlan:
     absent), q/k norm weights (empty when absent), qk-norm kind, post-attention norm
     weight (empty when absent)); ffn: (ffn_norm, router
     raw/type/mode: an empty matrix for dense models, router bias (X,): -inf for pruned
-    experts, empty when none is pruned)."""
+    experts, empty when none is pruned, then the gating of `routing`)."""
 
     def __init__(self, cfg, w, i):
         p = f"blk.{i}."
@@ -243,7 +243,23 @@ class LayerPlan:
             vec("post_attention_norm.weight"),
         )
         router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
-        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i))
+        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i), *routing(cfg, w, p))
+
+
+def routing(cfg, w, p):
+    """The router's gating arguments of layer prefix `p` for `route.route_gated`:
+    (selection bias (X,) `exp_probs_b` or empty, gating code, expert groups, groups used,
+    renormalise, weight scale)."""
+    name = p + "exp_probs_b.bias"
+    bias = w[name] if name in w else _EMPTY_F32
+    return (
+        bias,
+        GATINGS[cfg.gating],
+        cfg.n_expert_groups,
+        cfg.n_group_used,
+        cfg.norm_topk,
+        cfg.expert_weights_scale,
+    )
 
 
 def layer_plans(cfg, w):

@@ -2,7 +2,7 @@
 
 RMSNorm -> Q/K/V projections -> (bias) -> Q/K norm -> RoPE -> KV cache (float16 bits)
 -> causal grouped-query attention -> output projection -> residual -> FFN RMSNorm ->
-router -> softmax top-k. The NumPy versions in `attention_ref` are the references;
+router -> gating and top-k (`route`). The NumPy versions in `attention_ref` are the references;
 the numerics follow them and llama.cpp's CPU path: squares summed in float64, Q and the
 softmax probabilities rounded to float16, softmax summed in float64, every projection
 through qdot's kernels with its input rounded per the matrix's activation mode (actquant:
@@ -25,6 +25,7 @@ from meldlite.kernels.qdot import (
     quantize_rows,
     rows_times_tokens,
 )
+from meldlite.kernels.route import GATE_SOFTMAX, NO_BIAS, route_gated
 
 QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
 
@@ -181,40 +182,10 @@ def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out):
 
 @njit(cache=True, error_model="numpy")
 def route_rows(logits, k, norm_topk, ids, weights):
-    """Softmax over experts (float64 sum), the k most probable (ties: lower id first) in
-    descending order, their probabilities, renormalised to sum 1 when norm_topk.
-    An expert whose logit is -inf (pruned) gets probability 0 and is never chosen."""
-    n_x = logits.shape[1]
-    probs = np.empty(n_x, dtype=np.float32)  # (X,)
-    taken = np.zeros(n_x, dtype=np.bool_)  # (X,)
-    for t in range(logits.shape[0]):
-        mx = logits[t].max()
-        tot = 0.0
-        for e in range(n_x):
-            probs[e] = np.exp(logits[t, e] - mx)
-            tot += np.float64(probs[e])
-        inv = 1.0 / tot
-        for e in range(n_x):
-            probs[e] = np.float32(probs[e] * inv)
-            taken[e] = False
-        wsum = np.float32(0.0)
-        for j in range(k):
-            best = -1
-            for e in range(n_x):
-                if (
-                    not taken[e]
-                    and logits[t, e] != -np.inf
-                    and (best < 0 or probs[e] > probs[best])
-                ):
-                    best = e
-            taken[best] = True
-            ids[t, j] = best
-            weights[t, j] = probs[best]
-            wsum += probs[best]
-        if norm_topk:
-            total = max(wsum, np.float32(6.103515625e-5))
-            for j in range(k):
-                weights[t, j] = weights[t, j] / total
+    """Softmax routing (`route.route_gated` with no bias, groups or scale): the k most
+    probable experts (ties: lower id first) in descending order, their probabilities,
+    renormalised to sum 1 when norm_topk. A -inf logit (pruned expert) is never chosen."""
+    route_gated(logits, k, GATE_SOFTMAX, NO_BIAS, 0, 0, norm_topk, 0.0, ids, weights)
 
 
 @njit(cache=True, error_model="numpy")
@@ -292,15 +263,21 @@ def attention_block(
     tr,
     mr,
     rbias,
-    k_used,
+    sel_bias,
+    gating,
+    n_group,
+    n_group_used,
     norm_topk,
+    w_scale,
+    k_used,
     h,
     ids,
     weights,
 ):
     """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
     ids/weights (T, k) <- routing (when the router wr has rows; rbias (X,), when not
-    empty, is added to the router logits: -inf masks a pruned expert). Modes m* say how
+    empty, is added to the router logits: -inf masks a pruned expert; sel_bias .. w_scale:
+    the gating of `route.route_gated`). Modes m* say how
     each projection's input is rounded (actquant; NONE = float). attn_scale multiplies
     Q.K, q_scale Q after RoPE (skipped when 1); window > 0: sliding-window attention over
     kc/vc (C, G, D), which may be a ring of C >= window rows (`attend_cached`); n_rot 0:
@@ -370,7 +347,18 @@ def attention_block(
         if rbias.shape[0]:
             for t in range(n_tok):
                 logits[t] += rbias
-        route_rows(logits, k_used, norm_topk, ids, weights)
+        route_gated(
+            logits,
+            k_used,
+            gating,
+            sel_bias,
+            n_group,
+            n_group_used,
+            norm_topk,
+            w_scale,
+            ids,
+            weights,
+        )
 
 
 track_sources(

@@ -11,6 +11,8 @@ H query heads, G KV heads, D head size, E n_embd, X experts.
 
 import numpy as np
 
+from meldlite.kernels import route_ref
+
 F32 = np.float32
 F16 = np.float16
 
@@ -74,16 +76,8 @@ def attention(q, k_cache, v_cache, pos0, scale, window=0):
 
 
 def route(logits, k, norm_topk):
-    """Top-k experts per token from router logits, as llama.cpp's build_moe_ffn.
-
-    Softmax over all experts, the k most probable in descending order, their
-    probabilities (renormalised to sum 1 when norm_topk).
+    """Top-k experts per token from router logits, as llama.cpp's build_moe_ffn with
+    softmax gating (the general router's reference is `route_ref.route`).
     Returns ids (T, k) int32 and weights (T, k) float32.
     """
-    probs = softmax(logits)  # (T, X)
-    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)  # (T, k)
-    weights = np.take_along_axis(probs, ids, axis=-1)  # (T, k)
-    if norm_topk:
-        total = np.maximum(weights.sum(axis=-1, keepdims=True), F32(6.103515625e-5))
-        weights = weights / total
-    return ids, np.ascontiguousarray(weights, dtype=F32)
+    return route_ref.route(logits, k, norm_topk)
