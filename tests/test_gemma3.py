@@ -131,3 +131,21 @@ def test_info_shows_the_sliding_window(files):
     assert r.exit_code == 0, r.output
     assert "gemma3" in r.output
     assert "sliding window 32 on 6 of 7 layers" in r.output
+
+
+def test_gelu_follows_ggmls_f16_table():
+    """ggml_vec_gelu_f32 with GGML_GELU_FP16: 0 at x <= -10, x at x >= 10, else the
+    half-precision table at f16(x) (so inputs rounding to the same half agree)."""
+    from meldlite.kernels.mathops import gelu
+
+    x = np.linspace(-12, 12, 20001, dtype=np.float32)  # (N,)
+    exact = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
+    got = gelu(x)
+    inside = np.abs(x) < 10
+    np.testing.assert_array_equal(got[x >= 10], x[x >= 10])
+    assert not got[x <= -10].any()
+    assert np.array_equal(got[inside], got[inside].astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(got[inside], exact[inside], rtol=2**-10, atol=2**-14)
+    nudged = np.nextafter(x, np.float32(np.inf))  # same half value mostly
+    same_half = (nudged.astype(np.float16) == x.astype(np.float16)) & inside
+    np.testing.assert_array_equal(gelu(nudged)[same_half], got[same_half])
