@@ -154,6 +154,21 @@ ARCHITECTURES = {
         ffn_norm=MODEL_TENSOR.ATTN_POST_NORM,
         attn_sinks=True,
     ),
+    "gemma3": ArchTraits(
+        rope_neox=True,
+        qk_norm="head",
+        norm_topk=False,
+        shared_expert="",
+        expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
+        swa_pattern=6,
+        swa_rope="own",
+        ffn_act="gelu",
+        post_norms=True,
+        embd_scale_sqrt=True,
+        q_prescale=True,
+        q_scale_embd_layers=(62,),  # Gemma 3 27B
+        logit_softcap=True,
+    ),
 }
 
 

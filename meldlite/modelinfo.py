@@ -110,6 +110,8 @@ def model_info(model):
         "q_lora_rank": cfg.q_lora_rank,
         "kv_bytes_per_token": cfg.kv_bytes_per_token()[0],
         "kv_bytes_per_token_naive": cfg.kv_bytes_per_token()[1],
+        "n_swa": cfg.n_swa,
+        "swa_layers": [i for i in range(cfg.n_layer) if cfg.is_swa(i)],
         "expert_layout": gguf.expert_layout if cfg.is_moe else None,
         "params_total": total,
         "params_active": active,

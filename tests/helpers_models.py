@@ -10,7 +10,15 @@ from dataclasses import dataclass, replace
 
 import gguf
 import numpy as np
-from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
+from gguf import (
+    ExpertGatingFuncType,
+    GGUFReader,
+    GGUFValueType,
+    GGUFWriter,
+    Keys,
+    RopeScalingType,
+    TokenType,
+)
 
 from meldlite.data import default_model_path
 
@@ -52,6 +60,8 @@ ARCHS = {
     "deepseek2": dict(
         moe=True, shexp=True, qk_norm="", bias=False, tied=False, mla="v3", self_flips=True
     ),
+    "gemma3": dict(moe=False, shexp=False, qk_norm="head", bias=False, tied=True, gemma=True),
+    "gemma3-4b": dict(moe=False, shexp=False, qk_norm="head", bias=False, tied=True, gemma=True),
 }
 
 # Not parity rows of their own (test_deepseek2 compares them): the older attn_kv_b form
@@ -65,6 +75,25 @@ GGUF_ARCH = {
     "granitemoe-shared": "granitemoe",
     "deepseek2-lite": "deepseek2",
     "deepseek2-kvb": "deepseek2",
+    "gemma3-4b": "gemma3",
+}
+
+# Gemma 3 1B (26 layers, 4 heads, 1 KV head of 256 > n_embd/n_head, window 512) and 4B
+# (8 heads, 4 KV heads, window 1024, linear RoPE scaling 8 on the global layers) scaled
+# down: 7 layers so that llama.cpp's hard-coded pattern (every 6th layer global) has a
+# global layer between SWA ones, windows shorter than the test contexts. Local RoPE base
+# 10000 and global 1e6 as the converter writes them (rope.freq_base_swa, rope.freq_base).
+GEMMA3 = {
+    "gemma3": dict(
+        shape=dict(n_layer=7, n_head=4, n_head_kv=1, head_dim=128, n_ff=512),
+        window=32,
+        rope_factor=None,
+    ),
+    "gemma3-4b": dict(
+        shape=dict(n_layer=7, n_head=8, n_head_kv=4, head_dim=64, n_ff=512),
+        window=48,
+        rope_factor=8.0,
+    ),
 }
 
 # Granite's multipliers (config.json: embedding_multiplier, residual_multiplier,
@@ -147,13 +176,22 @@ def vocab_fields(n_vocab=4096):
 
 
 def write_random_model(
-    path, arch, shape=Shape(), dtype=np.float32, seed=0, tied=None, expert_type=None, rope=None
+    path,
+    arch,
+    shape=Shape(),
+    dtype=np.float32,
+    seed=0,
+    tied=None,
+    expert_type=None,
+    rope=None,
+    softcap=None,
 ):
     """Write a random-weight model of `arch` (a key of ARCHS) to `path`; `tied`: no
     output.weight (None: as the architecture's converted files); expert_type: a
     GGMLQuantizationType for the routed experts, quantized by gguf-py (None: dtype);
     rope: RoPE scaling keys as convert_hf_to_gguf writes them, dict(type="yarn" or
-    "linear", factor, orig_ctx (yarn)) (None: none)."""
+    "linear", factor, orig_ctx (yarn)) (None: none); softcap: a final_logit_softcapping
+    value (gemma)."""
     spec = ARCHS.get(arch) or EXTRA_ARCHS[arch]
     if spec.get("gpt_oss"):
         return write_gpt_oss(path, shape, dtype, seed, expert_type)
@@ -162,6 +200,8 @@ def write_random_model(
     s = shape
     if arch == "olmoe":  # olmoe's q/k norms span the full projection: keep heads equal
         s = replace(s, n_head_kv=s.n_head)
+    if spec.get("gemma") and shape == Shape():
+        s = replace(s, **GEMMA3[arch]["shape"])
     rng = np.random.default_rng(seed)
     w = GGUFWriter(os.fspath(path), gguf_arch)
     w.add_context_length(s.n_ctx)
@@ -173,11 +213,14 @@ def write_random_model(
     w.add_head_count(s.n_head)
     if "mla" not in spec:
         w.add_head_count_kv(s.n_head_kv)
-    if "mla" not in spec:
         w.add_key_length(s.head_dim)
         w.add_value_length(s.head_dim)
-        w.add_rope_dimension_count(s.head_dim)
-    w.add_rope_freq_base(10000.0)
+    if spec.get("gemma"):  # as convert_hf_to_gguf's Gemma3Model writes them
+        write_gemma3_keys(w, GEMMA3[arch], softcap)
+    else:
+        if "mla" not in spec:
+            w.add_rope_dimension_count(s.head_dim)
+        w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(1 if dtype == np.float16 else 0)
     if rope:
@@ -215,6 +258,8 @@ def write_random_model(
     # Granite's embedding multiplier brings its rows to the size of the others' rows,
     # so attention and experts weigh on the logits as much as in the other files
     embd_scale = 1.0 / GRANITE_SCALES["embedding"] if spec.get("granite") else 1.0
+    if spec.get("gemma"):  # Gemma's sqrt(n_embd) scaling likewise, and its tied output
+        embd_scale = e**-0.5  # head then gives logits of unit spread
     mat("token_embd.weight", s.n_vocab, e, scale=embd_scale)
     norm("output_norm.weight", e)
     if not tied:
@@ -241,6 +286,9 @@ def write_random_model(
             norm(p + "attn_q_norm.weight", s.n_head * hd)
             norm(p + "attn_k_norm.weight", s.n_head_kv * hd)
         norm(p + "ffn_norm.weight", e)
+        if spec.get("gemma"):
+            norm(p + "post_attention_norm.weight", e)
+            norm(p + "post_ffw_norm.weight", e)
         if spec["moe"]:
             mat(p + "ffn_gate_inp.weight", s.n_expert, e, scale=2 * e**-0.5, keep_f32=True)
             mat(p + "ffn_gate_exps.weight", s.n_expert, s.n_ff_exp, e)
@@ -439,6 +487,19 @@ def write_gpt_oss(path, shape=Shape(), dtype=np.float32, seed=0, expert_type=Non
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_gemma3_keys(w, spec, softcap=None):
+    """Gemma 3's RoPE and sliding-window keys (no rope.dimension_count, no pattern key:
+    llama.cpp's pattern 6 applies), plus linear RoPE scaling for the 4B-like file."""
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_rope_freq_base_swa(10000.0)
+    w.add_sliding_window(spec["window"])
+    if spec["rope_factor"]:
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(spec["rope_factor"])
+    if softcap:
+        w.add_final_logit_softcapping(softcap)
 
 
 def llamacpp_quantize(src, dst, ftype_name, pure=False):

@@ -6,7 +6,7 @@ parity with llama.cpp on SWA models is in test_gemma3.py."""
 import numpy as np
 import pytest
 
-from meldlite.config import ARCHITECTURES, ArchTraits, _swa_layers
+from meldlite.config import ARCHITECTURES, ArchTraits, ModelConfig, _swa_layers
 from meldlite.errors import FormatError
 from meldlite.kernels import attention, attention_ref
 
@@ -95,3 +95,44 @@ def test_swa_patterns():
 def test_existing_architectures_have_no_swa():
     for name in ("qwen3moe", "qwen2moe", "olmoe", "llama", "qwen2", "qwen3", "granitemoe"):
         assert ARCHITECTURES[name].swa_pattern == -1
+
+
+def metadata(arch, **keys):
+    """A small dense model's metadata plus `keys` (names after "{arch}.")."""
+    base = {
+        "embedding_length": 64,
+        "block_count": 8,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.layer_norm_rms_epsilon": 1e-6,
+        "rope.freq_base": 500000.0,
+        **keys,
+    }
+    return {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in base.items()}}
+
+
+def test_swa_rope_global_with_nope_layers(monkeypatch):
+    """gpt-oss/smallthinker style: SWA layers keep the global base and scale unless
+    rope.freq_base_swa is given; a forced window; NoPE on every 4th layer (dense first)."""
+    traits = ArchTraits(
+        True, "", False, "", "", swa_pattern=4, swa_dense_first=True, swa_window=4096, nope_step=4
+    )
+    monkeypatch.setitem(ARCHITECTURES, "swa-test", traits)
+    md = metadata("swa-test", **{"attention.sliding_window": 128, "rope.scaling.factor": 4.0})
+    cfg = ModelConfig.from_metadata(md, n_vocab=32)
+    assert cfg.n_swa == 4096
+    assert cfg.swa_layers == (0, 1, 1, 1, 0, 1, 1, 1)
+    assert cfg.rope_of(0) == (500000.0, 0.25, 0)  # global, NoPE
+    assert cfg.rope_of(1) == (500000.0, 0.25, 16)
+    md["swa-test.rope.freq_base_swa"] = 10000.0
+    assert ModelConfig.from_metadata(md, n_vocab=32).rope_of(1) == (10000.0, 0.25, 16)
+    no_window = ModelConfig.from_metadata(metadata("swa-test"), n_vocab=32)
+    assert no_window.n_swa == 0 and no_window.swa_layers == () and no_window.nope_layers == ()
+    assert no_window.rope_of(0) == (500000.0, 1.0, 16)
+
+
+def test_gemma3_without_a_window_has_no_swa():
+    md = metadata("gemma3", **{"rope.freq_base_swa": 10000.0})
+    cfg = ModelConfig.from_metadata(md, n_vocab=32)
+    assert cfg.n_swa == 0 and not any(cfg.is_swa(i) for i in range(cfg.n_layer))
+    assert cfg.rope_of(3) == (500000.0, 1.0, 16)

@@ -61,6 +61,11 @@ def format_info(d, full=False):
         )
     else:
         yield f"ffn          {d['n_ff']}"
+    if d.get("n_swa"):
+        yield (
+            f"attention    sliding window {d['n_swa']} on {len(d['swa_layers'])} of "
+            f"{d['n_layer']} layers (their KV cache keeps the window only)"
+        )
     yield f"parameters   {d['params_total']:,} total, {d['params_active']:,} active per token"
     yield "types        " + ", ".join(f"{k} x{v}" for k, v in sorted(d["tensor_types"].items()))
     yield ""
