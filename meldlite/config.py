@@ -11,7 +11,7 @@ them from the file; the table mirrors what its graph builders do.
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import Keys
+from gguf import ExpertGatingFuncType, Keys
 
 from meldlite.errors import FormatError, UnsupportedError
 from meldlite.formats.layout import KEY_PRUNED
@@ -34,6 +34,13 @@ class ArchTraits:
     expert_ff_split: bool = False  # without that key, experts are n_ff / n_expert_used wide
     tied_output: bool = True  # `output.weight` may be absent: use `token_embd.weight`
     multipliers: bool = False  # reads Granite's embedding/residual/attention/logit scales
+    expert_act: str = "silu"  # the routed experts' gate activation: "silu" or "relu"
+    # what the router reads: "ffn_norm" the FFN-normed hidden state after attention,
+    # "layer" the layer's input before attention, not normed (smallthinker): the
+    # routing is then known one attention earlier (`ExpertStore.announce`)
+    router_input: str = "ffn_norm"
+    gating_key: bool = False  # the file's expert_gating_func says the router's gating
+    swa_key: bool = False  # a sliding_window key > 0 in the file turns on SWA (refused)
 
 
 ARCHITECTURES = {
@@ -88,6 +95,17 @@ ARCHITECTURES = {
         shared_expert="plain",
         expert_ff_key=Keys.LLM.FEED_FORWARD_LENGTH,
         multipliers=True,
+    ),
+    "smallthinker": ArchTraits(
+        rope_neox=True,
+        qk_norm="",
+        norm_topk=True,
+        shared_expert="",
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+        expert_act="relu",
+        router_input="layer",
+        gating_key=True,
+        swa_key=True,
     ),
 }
 
@@ -160,6 +178,8 @@ class ModelConfig:
             fallback = n_ff // max(n_expert_used, 1) if traits.expert_ff_split else n_ff
             n_ff_exp = get(traits.expert_ff_key, fallback or None)
         scales = _multipliers(get, head_dim_k, traits.multipliers)
+        _check_gating(get, traits.gating_key)
+        _check_no_swa(get, traits.swa_key)
         cfg = cls(
             arch=arch,
             traits=traits,
@@ -268,6 +288,25 @@ def _multipliers(get, head_dim_k, present):
         given = {name: get(key, 0.0, float) for name, key in keys.items()}
         given = {name: value for name, value in given.items() if value}
     return {"attention_scale": float(1.0 / np.sqrt(head_dim_k)), **given}
+
+
+def _check_gating(get, from_file):
+    """The file's expert_gating_func, where the architecture reads it: softmax only
+    (sigmoid gating is not supported yet)."""
+    if not from_file:
+        return
+    kind = get(Keys.LLM.EXPERT_GATING_FUNC, int(ExpertGatingFuncType.SOFTMAX))
+    if kind != ExpertGatingFuncType.SOFTMAX:
+        names = {int(t): t.name.lower() for t in ExpertGatingFuncType}
+        raise UnsupportedError(
+            f"expert gating {names.get(kind, kind)!r} is not supported (softmax only)"
+        )
+
+
+def _check_no_swa(get, from_file):
+    """Sliding-window attention is not supported yet: refuse files that turn it on."""
+    if from_file and get(Keys.Attention.SLIDING_WINDOW, 0):
+        raise UnsupportedError("sliding-window attention is not supported")
 
 
 def _pruned_flags(value):

@@ -10,6 +10,7 @@ import numpy as np
 from meldlite.errors import OptionError
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
+from meldlite.kernels.router import route_input
 
 F32 = np.float32
 
@@ -52,7 +53,9 @@ def forward(
 
     Each layer's attention half (norm, projections, RoPE, KV cache, attention,
     residual, FFN norm, router) is one jitted call (`kernels.attention`); the
-    routed experts go through `store.moe`.
+    routed experts go through `store.moe`. Where the router reads the layer input
+    (`router_input` "layer"), it runs before attention and `store.announce` learns
+    the layer's experts while its attention runs.
     """
     tr = cfg.traits
     n_tok, pos0 = len(tokens), cache.n_past
@@ -70,6 +73,10 @@ def forward(
         h = np.empty_like(x)  # (T, E)
         ids = np.empty((n_tok, k_used), np.int32)  # (T, k)
         weights = np.empty((n_tok, k_used), F32)  # (T, k)
+        if layer.router is not None:  # routing known before attention
+            route_input(x, *layer.router, k_used, tr.norm_topk, ids, weights)
+            routed = adapt_route(ids, weights, min_expert_weight, route_counts)
+            store.announce(i, routed[0])
         attention_block(
             x,
             *layer.attn,
@@ -94,8 +101,9 @@ def forward(
         if cfg.is_moe:
             if on_route is not None:
                 on_route(i, h, ids, weights)
-            ids, weights = adapt_route(ids, weights, min_expert_weight, route_counts)
-            f = store.moe(i, h, ids, weights)  # (T, E)
+            if layer.router is None:
+                routed = adapt_route(ids, weights, min_expert_weight, route_counts)
+            f = store.moe(i, h, *routed)  # (T, E)
             if cfg.n_ff_shexp:
                 g = w[p + "ffn_gate_shexp.weight"] @ h  # (T, Fs)
                 u = w[p + "ffn_up_shexp.weight"] @ h  # (T, Fs)
@@ -205,6 +213,10 @@ class LayerPlan:
             qk,
         )
         router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
+        self.router = None
+        if cfg.is_moe and cfg.traits.router_input == "layer":
+            self.router = (*router, cfg.router_bias(i))
+            router = (_NO_MATRIX, 0, 0)  # attention_block does not route
         self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i))
 
 

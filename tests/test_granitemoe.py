@@ -4,21 +4,23 @@ all-resident bits, `pack`, `quantize --type` and mixed files run, `profile` and
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from helpers_models import GRANITE_SCALES, Shape, llamacpp_logits, write_random_model
+from helpers_models import (
+    GRANITE_SCALES,
+    Shape,
+    check_info_and_profile,
+    decode_steps,
+    llamacpp_logits,
+    peer_steps,
+    quantized_pair,
+    write_random_model,
+)
 
 import meldlite
-from meldlite.api import Model
-from meldlite.cli import main
-from meldlite.compress.quantize import quantize_model
-from meldlite.experts.profile import build_profile
 from meldlite.formats import pack
 from meldlite.metrics import kl_divergence
-from meldlite.options import Peers, Runtime
 
 SHAPE = Shape(n_expert=8, n_expert_used=2, n_ff_exp=128, n_ff_shexp=128, n_ctx=128)
 ARCHS = ["granitemoe", "granitemoe-shared"]
-PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -30,19 +32,10 @@ def files(request, tmp_path_factory):
     return {"arch": request.param, "f16": f16, "packed": d / "packed.gguf"}
 
 
-def steps(m, tokens=PROMPT, n_decode=3):
-    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
-    m.cache.reset()
-    out = [m._eval(tokens, all_logits=True)]
-    for _ in range(n_decode):
-        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
-    return out
-
-
 @pytest.fixture(scope="module")
 def resident(files):
     m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m)
+    out = decode_steps(m)
     m.close()
     return out
 
@@ -61,7 +54,7 @@ def test_config_reads_the_multipliers(files):
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
     m = meldlite.load(files[layout], n_ctx=64, n_threads=1, mem_budget=budget)
-    got = steps(m)
+    got = decode_steps(m)
     misses = m.stats()["expert_misses"]
     m.close()
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
@@ -69,20 +62,7 @@ def test_memory_budget_is_bit_identical(files, resident, layout, budget):
 
 
 def test_peers_exact_mode_is_bit_identical(files, resident):
-    from meldlite.transports.local_peer import LocalPeer
-
-    peers = LocalPeer.start(2)
-    try:
-        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
-        m = Model(files["packed"], runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
-        try:
-            got = steps(m)
-            requests = m.store.stats()["peers_requests"]
-        finally:
-            m.close()
-    finally:
-        for p in peers:
-            p.stop()
+    got, requests = peer_steps(files["packed"])
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 
@@ -90,11 +70,7 @@ def test_peers_exact_mode_is_bit_identical(files, resident):
 def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
     pytest.importorskip("llama_cpp")
     tokens = np.random.default_rng(1).integers(3, 4000, 64)
-    uniform = quantize_model(files["f16"], tmp_path / "q4k.gguf", qtype="Q4_K").path
-    m = meldlite.load(files["f16"], n_ctx=64)
-    prof = build_profile(m, "Once upon a time there was a little girl. " * 8)
-    m.close()
-    mixed = quantize_model(files["f16"], tmp_path / "mixed.gguf", bpw=5.0, profile=prof).path
+    uniform, mixed = quantized_pair(files["f16"], tmp_path)
     ref = llamacpp_logits(uniform, tokens, n_ctx=64)  # llama.cpp loads the uniform file
     assert kl_divergence(ref, meldlite.load(uniform, n_ctx=64).logits(tokens)).mean() <= 1e-3
     # the per-expert mixed file is meldlite's own: against llama.cpp on the F16 source
@@ -104,12 +80,4 @@ def test_quantize_uniform_and_mixed_files_run_like_llamacpp(files, tmp_path):
 
 
 def test_info_and_profile_commands(files, tmp_path):
-    r = CliRunner().invoke(main, ["info", str(files["f16"])])
-    assert r.exit_code == 0, r.output
-    assert "granitemoe" in r.output
-    text = tmp_path / "t.txt"
-    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
-    out = tmp_path / "prof.json"
-    r = CliRunner().invoke(main, ["profile", str(files["f16"]), str(text), "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    assert out.exists()
+    check_info_and_profile(files["f16"], tmp_path, "granitemoe")

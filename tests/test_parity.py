@@ -1,8 +1,9 @@
 """Logit parity with llama.cpp on random-weight models of every architecture.
 
 The reference is llama.cpp through llama-cpp-python (`logits_all=True`) on the
-same file. F32/F16 files must agree to 1e-3 of the largest logit with the same
-argmax everywhere; llama.cpp-quantized files (whose dot products quantize the
+same file. F32/F16 files must agree to 1e-3 of the largest logit (the median
+difference to 5e-4 of it) with the same argmax except at near-ties (llama.cpp's
+top-2 gap below the largest difference), at most 1% of positions; llama.cpp-quantized files (whose dot products quantize the
 activations too, see meldlite/kernels/actquant.py) to a mean KL divergence
 below 1e-3; argmax agreement is checked pooled over architectures.
 """
@@ -50,9 +51,14 @@ def test_float_logits_match_llamacpp(models, arch, kind):
     ref = llamacpp_logits(path, ids)  # (T, V)
     ours = meldlite.load(path, n_ctx=256).logits(ids)  # (T, V)
     assert ours.shape == ref.shape and ours.dtype == np.float32
-    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    diff = np.abs(ours - ref)  # (T, V)
+    rel = diff.max() / np.abs(ref).max()
     assert rel <= 1e-3, f"max |diff| / max |logit| = {rel:.2e}"
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert np.median(diff) <= 5e-4 * np.abs(ref).max()
+    flips = np.flatnonzero(ours.argmax(-1) != ref.argmax(-1))  # (n_flips,)
+    top2 = np.sort(ref[flips], axis=-1)[:, -2:]  # (n_flips, 2)
+    assert (top2[:, 1] - top2[:, 0] <= diff.max()).all(), "argmax flip at a clear top-1"
+    assert len(flips) <= 0.01 * len(ids), f"{len(flips)} argmax flips"
 
 
 QUANT_KINDS = ["Q8_0", "Q4_0", "Q4_K_M"]

@@ -3,7 +3,9 @@
 For expert e of layer L with float weights G, U (F, E) and D (E, F), and the
 sampled rows x routed to it with router weights w:
 
-    a = silu(x G^T) * (x U^T)          (n, F)   the down projection's input
+    a = act(x G^T) * (x U^T)           (n, F)   the down projection's input
+                                                (act: silu, or relu where the
+                                                architecture's experts use it)
     y = a D^T                          (n, E)   the expert's output
 
 An expert is two allocation units: "gate_up" (G and U, one type) and "down" (D).
@@ -26,6 +28,7 @@ import numpy as np
 
 from meldlite.compress import ladder
 from meldlite.compress.quantizers import importance_from_activations
+from meldlite.config import ARCHITECTURES
 from meldlite.kernels import dequantize
 from meldlite.kernels.mathops import silu
 
@@ -45,12 +48,15 @@ class ExpertData:
     importance: dict  # kind -> (cols,) float32 or None
     a: np.ndarray = None  # (n, F) exact inner activation
     y: np.ndarray = None  # (n, E) exact output
+    act: str = "silu"  # the gate's activation: "silu" or "relu"
 
     def inner(self, gate=None, up=None):
         if gate is None and up is None and self.a is not None:
             return self.a
         g = self.x @ (self.gate if gate is None else gate).T  # (n, F)
         u = self.x @ (self.up if up is None else up).T  # (n, F)
+        if self.act == "relu":
+            return np.maximum(g, np.float32(0)) * u  # (n, F)
         return silu(g) * u  # (n, F)
 
 
@@ -66,7 +72,9 @@ def expert_data(f, layer, e, sample_layer, share, input_sq):
     """ExpertData of expert e from the file `f` and the layer's calibration sample."""
     mats = {k: f.expert_tensor(layer, k, e).dequantize() for k in ("gate", "up", "down")}
     x, w = rows_of(sample_layer, e)
-    d = ExpertData(mats["gate"], mats["up"], mats["down"], x, w, float(share), {})
+    arch = ARCHITECTURES.get(f.architecture)
+    act = arch.expert_act if arch is not None else "silu"
+    d = ExpertData(mats["gate"], mats["up"], mats["down"], x, w, float(share), {}, act=act)
     sq = None if input_sq is None or not np.any(input_sq) else np.asarray(input_sq, np.float32)
     if len(x):
         d.a = d.inner()  # (n, F)

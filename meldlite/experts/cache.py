@@ -71,6 +71,7 @@ class CachedStore(ExpertStore):
         self.cfg = cfg
         self.n_layer, self.n_expert, self.k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
         self.llama_numerics = llama_numerics
+        self.act = cfg.traits.expert_act
         self.reader = ExpertReader(gguf, mechanism, io_throttle, drop_cache)
         self.mechanism, self.slabs = self.reader.mechanism, self.reader.slabs
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.reader.file.direct else 1)
@@ -143,6 +144,12 @@ class CachedStore(ExpertStore):
         """Queue background loads of experts `ids` of `layer` (ignored without prefetch)."""
         if self.prefetcher is not None:
             self.prefetcher.hint(layer, ids)
+
+    def announce(self, layer, ids):
+        """Load exactly the experts `ids` (T, k) of `layer` first, in the background
+        (its router ran before its attention; ignored without prefetch)."""
+        if self.prefetcher is not None:
+            self.prefetcher.announce(layer, ids)
 
     def preload(self, order):
         """Read the experts `order` (global ids, most wanted first) into the cache
@@ -230,12 +237,22 @@ class CachedStore(ExpertStore):
             kernels.set_expert(mats, int(g - layer * self.n_expert), *arrays)
             self._bound[g] = s
 
+    def _kernel(self, layer, x, ids, weights):
+        """`kernels.moe_ffn` on layer's experts (bound to their slots)."""
+        return kernels.moe_ffn(
+            x,
+            ids,
+            weights,
+            self.mats[layer],
+            self.types[layer],
+            llama_numerics=self.llama_numerics,
+            act=self.act,
+        )
+
     def _compute_all(self, layer, x, ids, weights, gs, n_pairs=None):
         self._bind(layer, gs)
         t0 = time.perf_counter()
-        out = kernels.moe_ffn(
-            x, ids, weights, self.mats[layer], self.types[layer], llama_numerics=self.llama_numerics
-        )
+        out = self._kernel(layer, x, ids, weights)
         self.estimates.note_compute(time.perf_counter() - t0, n_pairs or int((ids >= 0).sum()))
         return out
 
@@ -248,9 +265,7 @@ class CachedStore(ExpertStore):
         ip = np.ascontiguousarray(ids[t_idx, j_idx][:, None], dtype=np.int32)  # (P, 1)
         wp = np.ones((len(t_idx), 1), F32)  # (P, 1)
         t0 = time.perf_counter()
-        Y[t_idx, j_idx] = kernels.moe_ffn(
-            xp, ip, wp, self.mats[layer], self.types[layer], llama_numerics=self.llama_numerics
-        )
+        Y[t_idx, j_idx] = self._kernel(layer, xp, ip, wp)
         self.estimates.note_compute(time.perf_counter() - t0, len(t_idx))
         self.counters.groups_split += 1
 

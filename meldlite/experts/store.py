@@ -15,7 +15,7 @@ from meldlite.errors import FormatError
 
 
 class ExpertStore:
-    """Interface: `moe`, optional `hint` for prefetch, `stats`, `close`."""
+    """Interface: `moe`, optional `hint` and `announce` for prefetch, `stats`, `close`."""
 
     def moe(self, layer, x, ids, weights):
         """x (T, E) float32, ids (T, k) int32 (-1 = skipped), weights (T, k) -> (T, E)."""
@@ -23,6 +23,11 @@ class ExpertStore:
 
     def hint(self, layer, ids):
         """Experts `ids` of `layer` will probably be needed soon (may be ignored)."""
+
+    def announce(self, layer, ids):
+        """Layer `layer` will call `moe` with exactly these ids (T, k) (-1 = skipped):
+        its router ran before its attention. A store that loads experts may start
+        their loads now (may be ignored)."""
 
     def stats(self):
         """Counters of this store (hits, misses, bytes read, ...)."""
@@ -77,6 +82,7 @@ class ResidentStore(ExpertStore):
             for i in range(cfg.n_layer)
         ]
         self.llama_numerics = llama_numerics
+        self.act = cfg.traits.expert_act
         self._calls = self._uses = 0
 
     def moe(self, layer, x, ids, weights):
@@ -84,7 +90,9 @@ class ResidentStore(ExpertStore):
         ids = np.asarray(ids)
         self._calls += 1
         self._uses += _distinct(ids)
-        return kernels.moe_ffn(x, ids, weights, mats, types, llama_numerics=self.llama_numerics)
+        return kernels.moe_ffn(
+            x, ids, weights, mats, types, llama_numerics=self.llama_numerics, act=self.act
+        )
 
     def stats(self):
         """Every expert is always there: all uses are hits, nothing is read."""

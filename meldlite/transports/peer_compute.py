@@ -65,6 +65,7 @@ def warm_session(s):
                     mats,
                     types,
                     llama_numerics=s.llama_numerics,
+                    act=s.expert_act,
                 )
 
 
@@ -92,7 +93,9 @@ def compute(s, h, payload, limits):
         )
 
     def moe(xx, ii, ww):
-        return kernels.moe_ffn(xx, ii, ww, mats, types, llama_numerics=s.llama_numerics)
+        return kernels.moe_ffn(
+            xx, ii, ww, mats, types, llama_numerics=s.llama_numerics, act=s.expert_act
+        )
 
     y = pair_outputs(moe, x, ids) if h.exact else moe(x, ids, weights)
     return y, x, ids

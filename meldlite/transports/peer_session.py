@@ -5,6 +5,7 @@ the model hash agreed in the handshake, the config and the experts assigned.
 import time
 from dataclasses import dataclass, field
 
+from meldlite.kernels.moe import EXPERT_ACTS
 from meldlite.kernels.qtypes import check_type
 from meldlite.transports import protocol as P
 
@@ -18,6 +19,7 @@ class Session:
     n_layer: int = 0
     n_expert: int = 0
     llama_numerics: bool = True
+    expert_act: str = "silu"  # the experts' gate activation (kernels.moe EXPERT_ACTS)
     assigned: dict = field(default_factory=dict)  # (layer, e) -> (g, u, d) types
     missing: set = field(default_factory=set)  # (layer, e) still to LOAD
     layers: list = None  # per layer: (typed mats, types (X, 3), held bool (X,))
@@ -36,6 +38,9 @@ def read_assignment(s, obj, limits, req_id):
     s.n_layer = P.field(obj, "n_layer", int, r, 1, lim.layers)
     s.n_expert = P.field(obj, "n_expert", int, r, 1, lim.experts)
     s.llama_numerics = bool(P.field(obj, "llama_numerics", bool, r))
+    s.expert_act = P.field(obj, "expert_act", str, r, optional=True) or "silu"
+    if s.expert_act not in EXPERT_ACTS:
+        raise P.WireError("BAD_REQUEST", f"expert_act {s.expert_act!r} is not supported", r)
     experts = P.field(obj, "experts", list, r)
     types = P.field(obj, "types", list, r)
     if len(experts) != len(types) or len(experts) > s.n_layer * s.n_expert:

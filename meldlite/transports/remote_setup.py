@@ -49,6 +49,7 @@ class PeerSetup:
             "n_layer": self.cfg.n_layer,
             "n_expert": self.cfg.n_expert,
             "llama_numerics": bool(self.llama_numerics),
+            "expert_act": self.cfg.traits.expert_act,
             "experts": [[L, e] for L, e in experts],
             "types": [self.types[L, e].tolist() for L, e in experts],
         }
