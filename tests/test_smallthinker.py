@@ -10,7 +10,7 @@ Files are shaped like SmallThinker-4BA0.6B scaled down (32 experts of 768, top-4
 
 import numpy as np
 import pytest
-from gguf import ExpertGatingFuncType, GGUFReader, GGUFWriter, Keys
+from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter, Keys
 from helpers_models import (
     PROMPT,
     Shape,
@@ -23,9 +23,8 @@ from helpers_models import (
 )
 
 import meldlite
-from meldlite.errors import UnsupportedError
 from meldlite.formats import pack
-from meldlite.kernels import attention_ref
+from meldlite.kernels import route_ref
 from meldlite.kernels.reference import matmul_ref
 from meldlite.kernels.router import route_input
 from meldlite.metrics import kl_divergence
@@ -67,11 +66,13 @@ def test_router_kernel_matches_reference():
     raw.flags.writeable = False
     bias = np.zeros(16, np.float32)
     bias[3] = -np.inf  # a pruned expert
-    for norm in (True, False):
+    no_bias = np.zeros(0, np.float32)
+    for gating, norm in ((0, True), (0, False), (1, True)):  # softmax, sigmoid (GATINGS)
         ids, wts = np.empty((5, 4), np.int32), np.empty((5, 4), np.float32)
-        route_input(x, raw, 0, 0, bias, 4, norm, ids, wts)
+        route_input(x, raw, 0, 0, bias, no_bias, gating, 0, 0, norm, 0.0, 4, ids, wts)
         logits = (matmul_ref(raw, 0, x) + bias).astype(np.float32)  # (T, X)
-        want_ids, want_w = attention_ref.route(logits, 4, norm)
+        name = ("softmax", "sigmoid")[gating]
+        want_ids, want_w = route_ref.route(logits, 4, norm, name)
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_allclose(wts, want_w, rtol=1e-5)
         assert not (ids == 3).any()
@@ -104,16 +105,17 @@ def test_greedy_decoding_matches_llamacpp(files):
     assert ours == ref
 
 
-def _rewrite(src, dst, key, value, vtype):
-    """A copy of src with metadata `key` set to value (tensors unchanged)."""
+def _rewrite(src, dst, values):
+    """A copy of src with the metadata {key: (value, GGUFValueType)} set (tensors unchanged)."""
     r = GGUFReader(src)
     w = GGUFWriter(str(dst), "smallthinker")
     for name, field in r.fields.items():
-        if name.startswith("GGUF.") or name in (Keys.General.ARCHITECTURE, key):
+        if name.startswith("GGUF.") or name == Keys.General.ARCHITECTURE or name in values:
             continue
         sub = field.types[1] if len(field.types) > 1 else None
         w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    w.add_key_value(key, value, vtype)
+    for key, (value, vtype) in values.items():
+        w.add_key_value(key, value, vtype)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -123,23 +125,36 @@ def _rewrite(src, dst, key, value, vtype):
     return dst
 
 
-def test_unsupported_variants_are_named(files, tmp_path):
-    from gguf import GGUFValueType
+U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+VARIANTS = {
+    # moe_primary_router_apply_softmax false: the converter writes sigmoid gating
+    "sigmoid": {Keys.LLM.EXPERT_GATING_FUNC: (int(ExpertGatingFuncType.SIGMOID), U32)},
+    # sliding_window_layout with SWA layers: layer 0 global without RoPE, layer 1 SWA
+    # (window forced to 4096) with RoPE of base rope.freq_base_swa
+    "swa": {
+        Keys.Attention.SLIDING_WINDOW: (4096, U32),
+        Keys.Rope.FREQ_BASE_SWA: (500000.0, F32),
+    },
+}
 
-    gating = Keys.LLM.EXPERT_GATING_FUNC.format(arch="smallthinker")
-    sig = _rewrite(
-        files["tied"],
-        tmp_path / "sig.gguf",
-        gating,
-        int(ExpertGatingFuncType.SIGMOID),
-        GGUFValueType.UINT32,
-    )
-    with pytest.raises(UnsupportedError, match="sigmoid"):
-        meldlite.load(sig, n_ctx=64)
-    swa = Keys.Attention.SLIDING_WINDOW.format(arch="smallthinker")
-    swa_file = _rewrite(files["tied"], tmp_path / "swa.gguf", swa, 4096, GGUFValueType.UINT32)
-    with pytest.raises(UnsupportedError, match="sliding-window"):
-        meldlite.load(swa_file, n_ctx=64)
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_match_llamacpp(files, tmp_path, variant):
+    pytest.importorskip("llama_cpp")
+    keys = {k.format(arch="smallthinker"): v for k, v in VARIANTS[variant].items()}
+    path = _rewrite(files["tied"], tmp_path / f"{variant}.gguf", keys)
+    m = meldlite.load(path, n_ctx=64)
+    if variant == "swa":
+        assert m.cfg.swa_layers == (0, 1) and m.cfg.nope_layers == (1, 0)
+        assert m.cfg.n_swa == 4096 and m.cfg.rope_base_swa == 500000.0
+    else:
+        assert m.cfg.gating == "sigmoid"
+    tokens = [1] + np.random.default_rng(3).integers(3, 4000, 47).tolist()
+    ref = llamacpp_logits(path, tokens, n_ctx=64)
+    ours = m.logits(tokens)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1e-3 * np.abs(ref).max()
+    assert np.median(diff) <= 5e-4 * np.abs(ref).max()
 
 
 class _Recorder:
