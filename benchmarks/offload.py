@@ -4,6 +4,8 @@
         [--budgets 100,50,25,12.5] [--storage cold,200MB/s] [--policies lru,lfu,forecast]
         [--prefetch off,on] [--prefetch-depth 1,2] [--prefetch-top 0,5] [--mechanisms pread]
         [--prompt 32] [--decode 32] [--reps 1] [--no-llamacpp] [--adaptive THRESHOLDS]
+    python benchmarks/offload.py --early-routing [--rounds 3] [--reps 3] [--budgets 25]
+        [--storage cold,200MB/s]
 
 Each model is packed into meldlite's per-expert layout (one expert = one read),
 profiled on the first half of ../shared/models/valid.txt and replayed on stories
@@ -23,6 +25,15 @@ peak RSS and the budget promise R0 + N + B (R0: the interpreter with meldlite's
 kernels loaded, N: non-expert bytes, B: budget). llama.cpp runs the original
 (stacked) file on the same tokens in the same run (all weights mapped, no
 budget) as the peer.
+
+--early-routing: SmallThinker's router reads the layer input, so the store learns a
+layer's exact experts before that layer's attention (`ExpertStore.announce`). On a
+random-weight SmallThinker file shaped like SmallThinker-4BA0.6B (its hidden size,
+heads, 32 experts of 768, top-4; 8 of its 32 layers; llama.cpp's Q4_0), packed,
+random teacher-forced tokens: no prefetch, the route guesses alone, the guesses plus
+the exact early loads (the default), and the exact early loads alone. Each row is
+--rounds fresh processes (rows interleaved, cold page cache each), each the median
+over --reps token sequences; printed: the median over rounds and the range.
 """
 
 import argparse
@@ -37,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this working tree's meldlite, not an installed copy
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 OUT = ROOT / "benchmarks" / "out"
@@ -313,9 +325,14 @@ def worker(spec):
         expert_io=spec.get("mechanism"),
         min_expert_weight=spec.get("min_expert_weight"),
     )
+    pf = getattr(m.store, "prefetcher", None)
     for attr in ("prefetch_depth", "prefetch_top"):  # prefetcher attributes (experiments)
-        if spec.get(attr) and m.store.prefetcher is not None:
-            setattr(m.store.prefetcher, attr, spec[attr])
+        if spec.get(attr) and pf is not None:
+            setattr(pf, attr, spec[attr])
+    if pf is not None and spec.get("exact_early") is not None:
+        pf.exact_early = spec["exact_early"]  # announced experts loaded first
+    if pf is not None and spec.get("guesses") is False:
+        pf.prefetch_depth = 0  # no route guesses: only the announced loads
     res = []
     for prompt, dec in spec["tokens"]:
         m.cache.reset()
@@ -396,6 +413,109 @@ def summarize(r, bw, opt_bytes, non_expert):
     }
 
 
+# -- early routing (SmallThinker) -----------------------------------------------------
+
+# SmallThinker-4BA0.6B's layer (config.json: hidden 1536, 12/2 heads of 128, 32 experts of
+# 768, top-4); 8 of its 32 layers keep the file at ~0.5 GB
+SMALLTHINKER = dict(
+    n_embd=1536,
+    n_layer=8,
+    n_head=12,
+    n_head_kv=2,
+    head_dim=128,
+    n_expert=32,
+    n_expert_used=4,
+    n_ff_exp=768,
+    n_ctx=512,
+)
+EARLY_ROWS = {  # label -> (prefetch, route guesses, exact early loads)
+    "no prefetch": (False, None, None),
+    "guesses": (True, True, False),
+    "guesses + exact early (default)": (True, True, True),
+    "exact early only": (True, False, True),
+}
+
+
+def prepare_smallthinker():
+    """(Q4_0 file by llama.cpp, its packed layout) of the benchmark's SmallThinker."""
+    from helpers_models import Shape, llamacpp_quantize, write_random_model
+
+    from meldlite.formats import pack
+
+    q4 = OUT / "offload-smallthinker-q4_0.gguf"
+    packed = OUT / "offload-smallthinker-packed.gguf"
+    if not packed.exists():
+        OUT.mkdir(exist_ok=True)
+        f16 = OUT / "offload-smallthinker-f16.gguf"
+        write_random_model(f16, "smallthinker", Shape(**SMALLTHINKER), np.float16, seed=11)
+        llamacpp_quantize(f16, q4, "Q4_0")
+        f16.unlink()
+        pack(q4, packed, "SRC")
+    return q4, packed
+
+
+def early_routing(args):
+    """The --early-routing table: decode with and without the exact early loads."""
+    _, packed = prepare_smallthinker()
+    rng = np.random.default_rng(0)
+    n_decode = args.decode or 24
+    toks = [
+        (
+            [1] + rng.integers(3, 4000, args.prompt - 1).tolist(),
+            rng.integers(3, 4000, n_decode).tolist(),
+        )
+        for _ in range(args.reps)
+    ]
+    from meldlite.options import DEFAULT_POLICY
+    from meldlite.units import parse_rate
+
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}; {packed.name}, {packed.stat().st_size / 1e6:.0f} MB; "
+        f"threads {args.threads}; prompt {args.prompt}, {n_decode} decode tokens "
+        f"(random, teacher-forced); {args.reps} sequences per process, {args.rounds} "
+        f"rounds; policy {DEFAULT_POLICY}; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    print(
+        "\n| budget | storage | configuration | decode tok/s (range) | s/token | stall s/token "
+        "| MB read/token | hit rate | prefetches used / in time |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b in (float(x) for x in args.budgets.split(",")):
+        for storage in args.storage.split(","):
+            throttle = None if storage == "cold" else storage
+            bw = parse_rate(throttle) if throttle else 1e9
+            out = {label: [] for label in EARLY_ROWS}
+            for r in range(args.rounds):
+                labels = list(EARLY_ROWS)
+                labels = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate
+                for label in labels:
+                    prefetch, guesses, exact = EARLY_ROWS[label]
+                    spec = dict(
+                        path=str(packed),
+                        threads=args.threads,
+                        tokens=toks,
+                        budget=f"{b}%",
+                        policy=DEFAULT_POLICY,
+                        prefetch=prefetch,
+                        throttle=throttle,
+                        guesses=guesses,
+                        exact_early=exact,
+                    )
+                    out[label].append(summarize(run_config(spec), bw, 0, 0))
+            for label, rows in out.items():
+                med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                rates = [r["tok_s"] for r in rows]
+                used = f"{med['used']:.2f} / {med['on_time']:.2f}" if EARLY_ROWS[label][0] else "-"
+                print(
+                    f"| {b:g}% | {storage} | {label} | {med['tok_s']:.2f} "
+                    f"({min(rates):.2f}-{max(rates):.2f}) | {med['s_tok']:.4f} | "
+                    f"{med['stall']:.4f} | {med['mb_tok']:.1f} | {med['hit']:.3f} | {used} |",
+                    flush=True,
+                )
+    print(f"(load average {os.getloadavg()[0]:.2f} at the end)", flush=True)
+
+
 def variants(args):
     """(prefetch, depth, top) per row: without prefetch once, with it per depth and top."""
     for pf in args.prefetch.split(","):
@@ -434,6 +554,12 @@ def main():
     )
     ap.add_argument("--adaptive-stories", type=int, default=40)
     ap.add_argument(
+        "--early-routing",
+        action="store_true",
+        help="only the SmallThinker early-routing table (exact early loads or not)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="processes per --early-routing row")
+    ap.add_argument(
         "--prefetch-depth", default="1", help="layers guessed ahead, e.g. 1,2 (prefetch rows only)"
     )
     ap.add_argument(
@@ -444,6 +570,8 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.early_routing:
+        return early_routing(args)
     if args.adaptive:
         import meldlite
 

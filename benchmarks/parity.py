@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this working tree's meldlite, not an installed copy
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers_models import ARCHS, llamacpp_quantize, write_random_model  # noqa: E402

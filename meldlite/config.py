@@ -73,6 +73,11 @@ class ArchTraits:
     # the RMSNorm before the FFN (gpt-oss names it post_attention_norm)
     ffn_norm: MODEL_TENSOR = MODEL_TENSOR.FFN_NORM
     attn_sinks: bool = False  # per-head sink logits in the softmax denominator (gpt-oss)
+    # what the router reads: "ffn_norm" the FFN-normed hidden state after attention,
+    # "layer" the layer's input before attention, not normed (smallthinker): the
+    # routing is then known one attention earlier (`ExpertStore.announce`)
+    router_input: str = "ffn_norm"
+    gating_key: bool = False  # the file's expert_gating_func (when given) sets `gating`
 
 
 ARCHITECTURES = {
@@ -168,6 +173,22 @@ ARCHITECTURES = {
         q_prescale=True,
         q_scale_embd_layers=(62,),  # Gemma 3 27B
         logit_softcap=True,
+    ),
+    "smallthinker": ArchTraits(
+        rope_neox=True,
+        qk_norm="",
+        norm_topk=True,
+        shared_expert="",
+        expert_ff_key=Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+        expert_act="relu",
+        router_input="layer",
+        gating_key=True,
+        # with a sliding window in the file: every 4th layer global, opening the group,
+        # the window forced to 4096, the global layers without RoPE (llama.cpp)
+        swa_pattern=4,
+        swa_dense_first=True,
+        swa_window=4096,
+        nope_step=4,
     ),
 }
 
@@ -523,11 +544,13 @@ def _gating_name(code):
 
 def _routing(get, traits):
     """Router settings: gating, renormalisation, scale, expert groups. Rows with
-    `expert_keys` read the first three from the file; groups are read for every row."""
+    `expert_keys` read the first three from the file (`gating_key`: the gating only);
+    groups are read for every row."""
     out = {"norm_topk": traits.norm_topk, "gating": traits.gating}
     if traits.expert_keys:
         out["norm_topk"] = bool(get(Keys.LLM.EXPERT_WEIGHTS_NORM, False, bool))
         out["expert_weights_scale"] = get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 0.0, float)
+    if traits.expert_keys or traits.gating_key:
         code = get(Keys.LLM.EXPERT_GATING_FUNC, 0)
         if code:
             out["gating"] = _gating_name(code)

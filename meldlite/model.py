@@ -13,6 +13,7 @@ from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
 from meldlite.kernels.mla import mla_block
 from meldlite.kernels.route import GATINGS
+from meldlite.kernels.router import route_input
 
 F32 = np.float32
 
@@ -84,7 +85,9 @@ def forward(
 
     Each layer's attention half (norm, projections, RoPE, KV cache, attention,
     residual, FFN norm, router) is one jitted call (`kernels.attention`); the
-    routed experts go through `store.moe`.
+    routed experts go through `store.moe`. Where the router reads the layer input
+    (`router_input` "layer"), it runs before attention and `store.announce` learns
+    the layer's experts while its attention runs.
     """
     tr = cfg.traits
     n_tok, pos0 = len(tokens), cache.n_past
@@ -101,6 +104,10 @@ def forward(
         h = np.empty_like(x)  # (T, E)
         ids = np.empty((n_tok, k_used), np.int32)  # (T, k)
         weights = np.empty((n_tok, k_used), F32)  # (T, k)
+        if layer.router is not None:  # routing known before attention
+            route_input(x, *layer.router, k_used, ids, weights)
+            routed = adapt_route(ids, weights, min_expert_weight, route_counts)
+            store.announce(i, routed[0])
         layer.block(
             x,
             *layer.attn,
@@ -126,8 +133,9 @@ def forward(
         if cfg.moe_layer(i):
             if on_route is not None:
                 on_route(i, h, ids, weights)
-            ids, weights = adapt_route(ids, weights, min_expert_weight, route_counts)
-            f = store.moe(i, h, ids, weights)  # (T, E)
+            if layer.router is None:
+                routed = adapt_route(ids, weights, min_expert_weight, route_counts)
+            f = store.moe(i, h, *routed)  # (T, E)
             if cfg.n_ff_shexp:
                 g = w[p + "ffn_gate_shexp.weight"] @ h  # (T, Fs)
                 u = w[p + "ffn_up_shexp.weight"] @ h  # (T, Fs)
@@ -222,7 +230,9 @@ class LayerPlan:
     weight (empty unless the architecture has post norms), sink logits (H,) (empty when
     absent)); ffn: (ffn_norm, router raw/type/mode: an empty matrix for dense models,
     router bias (X,): the file's plus -inf for pruned experts, empty when none, then the
-    gating of `routing`)."""
+    gating of `routing`).; router: the
+    router's raw/type/mode and the same router arguments when it reads the layer input
+    (run before attention by `route_input`, `ffn` then has an empty router), else None."""
 
     def __init__(self, cfg, w, i):
         p = f"blk.{i}."
@@ -244,8 +254,12 @@ class LayerPlan:
             self.attn = self.standard_weights(cfg, w, p, mat, vec, qk)
         router = mat("ffn_gate_inp.weight") if cfg.moe_layer(i) else (_NO_MATRIX, 0, 0)
         ffn_norm = w[tensor_name(cfg.traits.ffn_norm, i)]
-        rbias = router_bias(cfg, vec("ffn_gate_inp.bias"), i)
-        self.ffn = (ffn_norm, *router, rbias, *routing(cfg, w, p))
+        gates = (router_bias(cfg, vec("ffn_gate_inp.bias"), i), *routing(cfg, w, p))
+        self.router = None
+        if cfg.moe_layer(i) and cfg.traits.router_input == "layer":
+            self.router = (*router, *gates)
+            router = (_NO_MATRIX, 0, 0)  # the attention block does not route
+        self.ffn = (ffn_norm, *router, *gates)
 
     @staticmethod
     def standard_weights(cfg, w, p, mat, vec, qk):

@@ -62,6 +62,11 @@ ARCHS = {
     ),
     "gemma3": dict(moe=False, shexp=False, qk_norm="head", bias=False, tied=True, gemma=True),
     "gemma3-4b": dict(moe=False, shexp=False, qk_norm="head", bias=False, tied=True, gemma=True),
+    # SmallThinker (PowerInfer/SmallThinker-4BA0.6B): ReLU experts, router on the layer
+    # input; without sliding_window (then llama.cpp has no NoPE layers either)
+    "smallthinker": dict(
+        moe=True, shexp=False, qk_norm="", bias=False, smallthinker=True, self_flips=True
+    ),
 }
 
 # Not parity rows of their own (test_deepseek2 compares them): the older attn_kv_b form
@@ -208,7 +213,9 @@ def write_random_model(
     w.add_embedding_length(s.n_embd)
     w.add_block_count(s.n_layer)
     w.add_feed_forward_length(
-        s.n_ff_exp if spec["moe"] and gguf_arch in ("llama", "olmoe", "granitemoe") else s.n_ff
+        s.n_ff_exp
+        if spec["moe"] and gguf_arch in ("llama", "olmoe", "granitemoe", "smallthinker")
+        else s.n_ff
     )
     w.add_head_count(s.n_head)
     if "mla" not in spec:
@@ -218,7 +225,7 @@ def write_random_model(
     if spec.get("gemma"):  # as convert_hf_to_gguf's Gemma3Model writes them
         write_gemma3_keys(w, GEMMA3[arch], softcap)
     else:
-        if "mla" not in spec:
+        if "mla" not in spec and not spec.get("smallthinker"):
             w.add_rope_dimension_count(s.head_dim)
         w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
@@ -239,8 +246,10 @@ def write_random_model(
     if spec["moe"]:
         w.add_expert_count(s.n_expert)
         w.add_expert_used_count(s.n_expert_used)
-        if gguf_arch in ("qwen3moe", "qwen2moe"):
+        if gguf_arch in ("qwen3moe", "qwen2moe", "smallthinker"):
             w.add_expert_feed_forward_length(s.n_ff_exp)
+        if spec.get("smallthinker"):  # its converter always writes the gating kind
+            w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX)
         if spec["shexp"] and not mla:
             w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
     for key, value, vtype, sub in vocab_fields(s.n_vocab):
@@ -549,3 +558,68 @@ def llamacpp_step_logits(path, tokens, n_ctx=256, n_threads=2):
         rows.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
     llm.close()
     return np.array(rows)
+
+
+# -- shared checks of the per-architecture test files (test_granitemoe, test_smallthinker)
+
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
+
+
+def decode_steps(m, tokens=PROMPT, n_decode=3):
+    """Prefill logits, then greedy decode steps' logits, from an empty cache."""
+    m.cache.reset()
+    out = [m._eval(tokens, all_logits=True)]
+    for _ in range(n_decode):
+        out.append(m._eval([int(np.argmax(out[-1][-1]))], all_logits=True))
+    return out
+
+
+def peer_steps(path, n_peers=2):
+    """(decode_steps of `path` with its experts on n_peers local peers in exact mode,
+    requests the peers served)."""
+    from meldlite.api import Model
+    from meldlite.options import Peers, Runtime
+    from meldlite.transports.local_peer import LocalPeer
+
+    peers = LocalPeer.start(n_peers)
+    try:
+        opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0, connect_timeout=120.0)
+        m = Model(path, runtime=Runtime(n_ctx=64, n_threads=1), peers=opts)
+        try:
+            return decode_steps(m), m.store.stats()["peers_requests"]
+        finally:
+            m.close()
+    finally:
+        for p in peers:
+            p.stop()
+
+
+def quantized_pair(f16, out_dir, bpw=5.0):
+    """(uniform Q4_K file, mixed file of `bpw` from a short profile) of `f16`, by
+    `meldlite quantize`'s library calls."""
+    import meldlite
+    from meldlite.compress.quantize import quantize_model
+    from meldlite.experts.profile import build_profile
+
+    uniform = quantize_model(f16, out_dir / "q4k.gguf", qtype="Q4_K").path
+    m = meldlite.load(f16, n_ctx=64)
+    prof = build_profile(m, "Once upon a time there was a little girl. " * 8)
+    m.close()
+    return uniform, quantize_model(f16, out_dir / "mixed.gguf", bpw=bpw, profile=prof).path
+
+
+def check_info_and_profile(path, out_dir, arch):
+    """`meldlite info` names the architecture; `meldlite profile` writes its file."""
+    from click.testing import CliRunner
+
+    from meldlite.cli import main
+
+    r = CliRunner().invoke(main, ["info", str(path)])
+    assert r.exit_code == 0, r.output
+    assert arch in r.output
+    text = out_dir / "t.txt"
+    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
+    out = out_dir / "prof.json"
+    r = CliRunner().invoke(main, ["profile", str(path), str(text), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists()

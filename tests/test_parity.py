@@ -1,8 +1,9 @@
 """Logit parity with llama.cpp on random-weight models of every architecture.
 
 The reference is llama.cpp through llama-cpp-python (`logits_all=True`) on the
-same file. F32/F16 files must agree to 1e-3 of the largest logit with the same
-argmax everywhere; llama.cpp-quantized files (whose dot products quantize the
+same file. F32/F16 files must agree to 1e-3 of the largest logit (the median
+difference to 5e-4 of it) with the same argmax except at near-ties (llama.cpp's
+top-2 gap below the largest difference), at most 1% of positions; llama.cpp-quantized files (whose dot products quantize the
 activations too, see meldlite/kernels/actquant.py) to a mean KL divergence
 below 1e-3; argmax agreement is checked pooled over architectures.
 """
@@ -56,7 +57,8 @@ def test_float_logits_match_llamacpp(models, arch, kind):
     ref = llamacpp_logits(path, ids)  # (T, V)
     ours = meldlite.load(path, n_ctx=256).logits(ids)  # (T, V)
     assert ours.shape == ref.shape and ours.dtype == np.float32
-    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    diff = np.abs(ours - ref)  # (T, V)
+    rel = diff.max() / np.abs(ref).max()
     assert rel <= 1e-3, f"max |diff| / max |logit| = {rel:.2e}"
     med = np.median(np.abs(ours - ref)) / np.abs(ref).max()
     assert med <= 5e-4, f"median |diff| / max |logit| = {med:.2e}"

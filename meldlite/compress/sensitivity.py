@@ -3,7 +3,9 @@
 For expert e of layer L with float weights G, U (F, E) and D (E, F), and the
 sampled rows x routed to it with router weights w:
 
-    a = silu(x G^T) * (x U^T)          (n, F)   the down projection's input
+    a = act(x G^T) * (x U^T)           (n, F)   the down projection's input
+                                                (act: silu, or relu where the
+                                                architecture's experts use it)
     y = a D^T                          (n, E)   the expert's output
 
 (with the architecture's expert activation in place of silu, and the expert's gate and

@@ -71,6 +71,7 @@ class CachedStore(ExpertStore):
         self.cfg = cfg
         self.n_layer, self.n_expert, self.k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
         self.llama_numerics = llama_numerics
+        self.act = cfg.traits.expert_act
         self.reader = ExpertReader(gguf, mechanism, io_throttle, drop_cache)
         self.mechanism, self.slabs = self.reader.mechanism, self.reader.slabs
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.reader.file.direct else 1)
@@ -145,6 +146,12 @@ class CachedStore(ExpertStore):
         """Queue background loads of experts `ids` of `layer` (ignored without prefetch)."""
         if self.prefetcher is not None:
             self.prefetcher.hint(layer, ids)
+
+    def announce(self, layer, ids):
+        """Load exactly the experts `ids` (T, k) of `layer` first, in the background
+        (its router ran before its attention; ignored without prefetch)."""
+        if self.prefetcher is not None:
+            self.prefetcher.announce(layer, ids)
 
     def preload(self, order):
         """Read the experts `order` (global ids, most wanted first) into the cache
@@ -233,6 +240,7 @@ class CachedStore(ExpertStore):
             self._bound[g] = s
 
     def _kernel(self, layer, x, ids, weights):
+        """`kernels.moe_ffn` on layer's experts (bound to their slots)."""
         return kernels.moe_ffn(
             x,
             ids,

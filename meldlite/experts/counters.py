@@ -24,6 +24,7 @@ class CacheCounters:
     predicted: int = 0  # router guesses for the next layer (decode)
     predicted_right: int = 0  # of those, routed to
     actual_routed: int = 0  # experts routed to where guesses were made
+    announced: int = 0  # experts a layer's early router named before its attention
     expert_uses: int = 0  # distinct experts per layer visit, summed
     moe_calls: int = 0  # layer visits
     groups_split: int = 0  # kernel calls on a part of a layer's experts

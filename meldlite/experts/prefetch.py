@@ -9,7 +9,10 @@
 - `LoadQueue`: pending speculative loads by priority (predictions in rank order,
   then popularity guesses), one entry per expert.
 - `Prefetcher` (compute thread): after each layer's routing, queues the
-  predictor's guesses for the coming layers and scores the earlier ones.
+  predictor's guesses for the coming layers and scores the earlier ones. Where
+  the router reads the layer input (smallthinker), it runs before the layer's
+  attention and `announce` queues exactly its experts, ahead of every guess, so
+  their loads overlap that attention.
 - `Loader` (background thread): drives a `LoadSource` through its public
   methods: takes the next load the source allows (the source decides what it
   may evict), reads it with os.preadv / madvise (which release the GIL) and
@@ -32,6 +35,7 @@ import numpy as np
 from meldlite.config import tensor_name
 from meldlite.experts.residency import ABSENT, READY
 
+EXACT = 0  # priority band of announced loads: the router already chose them
 PREDICTED = 1  # priority band of predicted loads (plus rank / 1000)
 HINTED = 2  # popularity fallback and external hints
 
@@ -50,13 +54,18 @@ class RoutePredictor:
             np.asarray(weights[tensor_name(cfg.traits.ffn_norm, i)], np.float32)
             for i in range(cfg.n_layer)
         ]
+        # a router on the layer input reads x itself; rmsnorm(x) is x up to a
+        # positive factor per token, which changes no top-k
+        on_input = cfg.traits.router_input == "layer"
+        self.router_norms = [np.ones_like(n) for n in self.norms] if on_input else self.norms
         self._ratios = {}
 
     def ratio(self, layer, target):
-        """h_L = rmsnorm(x) * n_L, so rmsnorm(x) * n_T = h_L * (n_T / n_L)."""
+        """h_L = rmsnorm(x) * n_L, so rmsnorm(x) * n_T = h_L * (n_T / n_L)
+        (n_T = 1 for a router on the layer input)."""
         key = (layer, target)
         if key not in self._ratios:
-            self._ratios[key] = _ratio(self.norms[target], self.norms[layer])
+            self._ratios[key] = _ratio(self.router_norms[target], self.norms[layer])
         return self._ratios[key]
 
     def predict(self, layer, h, limit, target=None):
@@ -139,6 +148,7 @@ class Prefetcher:
         self.prefetch_depth = depth  # layers guessed ahead
         self.prefetch_top = k  # guesses per layer (router's top ones)
         self._pred = [None] * self.n_layer  # per layer: (guesses, their ranks) or None
+        self.exact_early = True  # announced experts are loaded first (`announce`)
         self._rank_hits = np.full(k, 1.0)  # per predicted rank: hits (+1 prior)
         self._rank_tries = np.full(k, 2.0)  # per predicted rank: tries (+2 prior)
 
@@ -196,6 +206,34 @@ class Prefetcher:
         c.actual_routed += int(self.table.served[layer * self.n_expert + used].sum())
         self._rank_tries[ranks] += 1
         self._rank_hits[ranks] += right
+
+    def announce(self, layer, ids):
+        """Layer `layer` will use exactly the experts in ids (T, k) (-1 = skipped):
+        queue their loads ahead of every guess, keep them from eviction by guesses,
+        and drop the queued guesses for that layer that they prove wrong."""
+        if not self.exact_early:
+            return
+        tab, X = self.table, self.n_expert
+        ids = np.asarray(ids)
+        used = np.unique(ids[ids >= 0])  # (U,)
+        base = layer * X
+        gs = base + used.astype(np.int64)  # (U,)
+        wrong = np.setdiff1d(np.arange(base, base + X), gs)  # (X - U,)
+        with tab.cond:
+            for g in wrong:
+                self.queue.discard(int(g))
+            tab.reserved[wrong] = False
+            tab.reserved[gs] = True
+            tab.policy.expect(gs, np.ones(len(gs)))
+            tab.counters.announced += len(gs)
+            pushed = False
+            for r, g in enumerate(gs):
+                if tab.state[g] == ABSENT and tab.served[g]:
+                    pushed |= self.queue.push(
+                        int(g), EXACT + r / 1000, (layer, int(tab.visits[layer]))
+                    )
+            if pushed:
+                tab.cond.notify_all()
 
     def hint(self, layer, ids):
         """Queue loads of experts `ids` of `layer` at the hint priority."""

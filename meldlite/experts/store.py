@@ -17,7 +17,7 @@ from meldlite.formats.layout import KINDS, stacked_bias_name
 
 
 class ExpertStore:
-    """Interface: `moe`, optional `hint` for prefetch, `stats`, `close`."""
+    """Interface: `moe`, optional `hint` and `announce` for prefetch, `stats`, `close`."""
 
     def moe(self, layer, x, ids, weights):
         """x (T, E) float32, ids (T, k) int32 (-1 = skipped), weights (T, k) -> (T, E)."""
@@ -25,6 +25,11 @@ class ExpertStore:
 
     def hint(self, layer, ids):
         """Experts `ids` of `layer` will probably be needed soon (may be ignored)."""
+
+    def announce(self, layer, ids):
+        """Layer `layer` will call `moe` with exactly these ids (T, k) (-1 = skipped):
+        its router ran before its attention. A store that loads experts may start
+        their loads now (may be ignored)."""
 
     def stats(self):
         """Counters of this store (hits, misses, bytes read, ...)."""
@@ -114,6 +119,7 @@ class ResidentStore(ExpertStore):
         self.bias = layer_biases(gguf, cfg)  # per layer (X, 2F+E) or (0, 0)
         self.act = cfg.traits.expert_act
         self.llama_numerics = llama_numerics
+        self.act = cfg.traits.expert_act
         self._calls = self._uses = 0
 
     def moe(self, layer, x, ids, weights):

@@ -160,12 +160,23 @@ class RemoteStore(ExpertStore):
 
     def hint(self, layer, ids):
         """Passed on to the local store for the experts held here only."""
+        here = self._held_here(layer, ids)
+        if here is not None:
+            self.local.hint(layer, here)
+
+    def _held_here(self, layer, ids):
+        """ids with the experts not held here set to -1; None when none is."""
         if self.local_node is None:
-            return
+            return None
         ids = np.asarray(ids)
         here = (ids >= 0) & self.holds[self.local_node][layer][np.where(ids >= 0, ids, 0)]
-        if here.any():
-            self.local.hint(layer, np.where(here, ids, -1))
+        return np.where(here, ids, -1) if here.any() else None
+
+    def announce(self, layer, ids):
+        """Passed on to the local store for the experts held here only."""
+        here = self._held_here(layer, ids)
+        if here is not None:
+            self.local.announce(layer, here)
 
     def peer_stats(self, timeout=2.0):
         """Each ready peer's own counters (STATS request), by address."""
