@@ -231,6 +231,15 @@ BPE_CASES = {
         "command-r",
         "chatglm-bpe",
         "glm4",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "gpt-4o",
+        "tekken",
+        "granite-embed-multi-97m",
+        "poro-chat",
+        "viking",
+        "bloom",
     )
 }
 BPE_CASES.update(
@@ -297,6 +306,7 @@ def _class_sample(seed=0):
         unicode_data.NUMBER,
         unicode_data.PUNCTUATION,
         unicode_data.MARK,
+        unicode_data.SYMBOL,
     ):
         for a, b in table:
             cpts.update((a - 1, a, b, b + 1))
@@ -330,7 +340,7 @@ def _probe_vocab(chars, leads):
 
 # pre -> lead character: a word "<lead><char>" stays whole (and merges into one token)
 # only if llama.cpp puts <char> in the same class run as <lead>
-CLASS_PROBES = {"llama3": ["x", "1"], "default": ["!"], "qwen35": ["x"]}
+CLASS_PROBES = {"llama3": ["x", "1"], "default": ["!"], "qwen35": ["x"], "deepseek-v3": ["!"]}
 
 
 @pytest.mark.parametrize("pre", sorted(CLASS_PROBES))
@@ -383,6 +393,20 @@ FUZZ_ALPHABET = list("abcXYZ019 \t\n\r'sStTdDmMlLrReEvV.,!?$+<=>^~|`-_\"()[]{}\\
     "'Re",
     "123",
     "4567",
+    # DeepSeek's literal ranges, symbols (\\p{S}), case runs (gpt-4o)
+    "\u212a",
+    "\uff21",
+    "\uff01",
+    "\u2018",
+    "\u30fc",
+    "\uac00",
+    "\u0800",
+    "\u01c5",
+    "\u02b0",
+    "\u00a9",
+    "\u20ac",
+    "HTTPServer",
+    "#x",
 ]
 
 
@@ -399,7 +423,20 @@ def random_texts(seed, n):
 
 
 @pytest.mark.parametrize(
-    "pre", ["spm", "default", "gpt-2", "llama3", "qwen2", "qwen35", "jina-v2-de"]
+    "pre",
+    [
+        "spm",
+        "default",
+        "gpt-2",
+        "llama3",
+        "qwen2",
+        "qwen35",
+        "jina-v2-de",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "gpt-4o",
+    ],
 )
 def test_random_strings_match_llama_cpp(tmp_path, bpe_tables, pre):
     if pre == "spm" and not TINYSTORIES.exists():
