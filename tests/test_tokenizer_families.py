@@ -408,3 +408,34 @@ def test_gemma3_vocab_loads_quickly(gemma3_file):
     print(f"gemma3 262k: read {t1 - t0:.2f} s, tables {t2 - t1:.2f} s, peak {peak / 2**20:.0f} MiB")
     assert tok.n_vocab == GEMMA3_SIZE
     assert t2 - t1 < 10 and peak < 400 * 2**20
+
+
+# -- Granite 3.x: the refact vocabulary with Granite's special tokens and flags --------
+
+GRANITE_ROLES = ["<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"]
+
+
+def test_granite_vocab_matches_llama_cpp(tmp_path):
+    """Granite 3 files: pre "refact", token 0 <|end_of_text|> is BOS, EOS, UNK and PAD,
+    add_bos_token false, role tokens added as CONTROL."""
+    md = read_metadata(_vocab_path("refact"))
+    tokens = ["<|end_of_text|>", *md[K.LIST][1:], *GRANITE_ROLES]
+    types = [int(TokenType.CONTROL), *md[K.TOKEN_TYPE][1:]]
+    types += [int(TokenType.CONTROL)] * len(GRANITE_ROLES)
+    path = write_vocab_gguf(
+        tmp_path / "granite.gguf",
+        "gpt2",
+        tokens,
+        types,
+        merges=md[K.MERGES],
+        pre="refact",
+        arch="granitemoe",
+        extra={K.BOS_ID: 0, K.EOS_ID: 0, K.UNK_ID: 0, K.PAD_ID: 0, K.ADD_BOS: False},
+    )
+    tok, oracle = Tokenizer.from_metadata(read_metadata(path)), LlamaOracle(path)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (0, 0, False)
+    assert_same_ids(tok, oracle, _corpus())
+    assert_same_pieces_sampled(tok, oracle, [*range(200), *range(len(tokens) - 10, len(tokens))])
+    assert_same_detokenize(tok, oracle, CHAT_TEXTS[:3])
+    ids = tok.encode(CHAT_TEXTS[2], parse_special=True)
+    assert ids[0] == len(tokens) - 3 and 0 in ids and tok.is_eog(0)
