@@ -274,14 +274,16 @@ def test_deepseek_v3_vocab_matches_llama_cpp(deepseek3):
 
 GEMMA3_SIZE = 262144
 SPACE = "\u2581"
+# as in published Gemma 3 files: <unk> is CONTROL (types 3 3 3 3 3 4 3 3 ...), scores -1000
 GEMMA3_HEAD = [
     ("<pad>", TokenType.CONTROL),
     ("<eos>", TokenType.CONTROL),
     ("<bos>", TokenType.CONTROL),
-    ("<unk>", TokenType.UNKNOWN),
-    ("<mask>", TokenType.USER_DEFINED),
-    ("[@BOS@]", TokenType.CONTROL),
-    *[(f"<unused{i}>", TokenType.CONTROL if i % 2 else TokenType.UNUSED) for i in range(99)],
+    ("<unk>", TokenType.CONTROL),
+    ("<mask>", TokenType.CONTROL),
+    ("[@BOS@]", TokenType.USER_DEFINED),
+    *[(f"<unused{i}>", TokenType.CONTROL) for i in range(98)],
+    ("<unused98>", TokenType.UNUSED),
     ("<start_of_turn>", TokenType.CONTROL),
     ("<end_of_turn>", TokenType.CONTROL),
     *[("\n" * n, TokenType.NORMAL) for n in range(1, 32)],
@@ -328,7 +330,7 @@ def _sp_pieces(text, n_pieces):
 def gemma3_like_vocab(text, seed=0):
     tokens = [t for t, _ in GEMMA3_HEAD]
     types = [int(k) for _, k in GEMMA3_HEAD]
-    scores = [0.0] * len(tokens)
+    scores = [0.0 if k == TokenType.NORMAL else -1000.0 for _, k in GEMMA3_HEAD]
     seen = set(tokens)
     for piece, score in _sp_pieces(text, 40000):
         if piece not in seen:
@@ -360,6 +362,7 @@ def gemma3_file(tmp_path_factory):
         tokens,
         types,
         scores=scores,
+        pre="default",
         arch="gemma3",
         extra={
             K.BOS_ID: 2,
