@@ -280,6 +280,41 @@ def test_bpe_matches_llama_cpp(tmp_path, bpe_tables, case):
     assert_same_detokenize(tok, oracle, VARIED[16:30])
 
 
+# pre-tokenizers of other families: a lighter check (their regexes are llama.cpp's,
+# run by the same machinery as the cases above)
+MORE_PRES = [
+    "seed-coder",
+    "ufakzeka",
+    "spark2_5",
+    "youtu",
+    "laguna",
+    "chameleon",
+    "bailingmoe",
+    "minicpm5",
+    "exaone-moe",
+    "jais-2",
+    "gpt3-finnish",
+]
+MORE_TEXTS = [
+    "<sentinel:12>IMGIMGABZ IMGIMGAAAAAZ x    y  z",
+    " " * 600 + "x" + "\t" * 70 + "y\n\n" + " " * 33,
+    "한국어 ㄱㄴ！…“quoted”—：；，、〃︰ ㄅㄆ 日本語のカタカナ",
+    "Crème BRÛLÉE McDonald'S ǅungla e\u0301e\u0301 a b c 1234567 ½",
+]
+
+
+@pytest.mark.parametrize("pre", MORE_PRES)
+def test_more_pre_tokenizers_match_llama_cpp(tmp_path, bpe_tables, pre):
+    path = _bpe_file(tmp_path, bpe_tables, pre, {})
+    tok, oracle = Tokenizer.from_metadata(read_metadata(path)), LlamaOracle(path)
+    assert_same_ids(tok, oracle, VARIED + MORE_TEXTS, flags=[(True, False), (False, True)])
+    for text, add_bos, special in random_texts(len(pre), 100):
+        assert tok.encode(text, add_bos=add_bos, parse_special=special) == oracle.tokenize(
+            text, add_bos, special
+        ), text
+    assert_same_detokenize(tok, oracle, [*VARIED[16:20], *MORE_TEXTS[2:]])
+
+
 def test_bpe_ignore_merges_takes_whole_words(tmp_path, bpe_tables):
     tok = Tokenizer.from_metadata(read_metadata(_bpe_file(tmp_path, bpe_tables, "llama3", {})))
     word = "".join(BYTE_CHARS[b] for b in b" television")

@@ -87,6 +87,11 @@ _CLASS_BODIES = {
     r"\p{P}": _ascii_class(unicode_data.PUNCTUATION, _PUNCT),
     r"\p{M}": _ascii_class(unicode_data.MARK, _MARK),
     r"\p{S}": _ascii_class(unicode_data.SYMBOL, _SYMBOL),
+    # llama.cpp maps the letter subclasses to the whole letter class
+    **dict.fromkeys(
+        (r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}"),
+        _ascii_class(unicode_data.LETTER, _LETTER),
+    ),
     r"\s": _ascii_class([(c, c) for c in unicode_data.WHITESPACE], _WS),
 }
 
@@ -164,6 +169,50 @@ DEEPSEEK3 = (
     _ASCII_PUNCT_WORD + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|" + _SPACES,
 )
 BLOOM = r" ?[^(\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_QWEN2_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|" + _SPACES
+SEED_CODER = _ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]{1}| ?[^\s\p{L}\p{N}\r\n]+|" + _SPACES
+BAILINGMOE = (
+    r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]"
+    + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|[\s]*[\r\n]|[\s]+(?![^\s])|[\s]+"
+)
+UFAKZEKA = r"[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]" + _QWEN2_TAIL
+MINICPM5 = (r"[\p{N}]{1,3}", _ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]+" + _QWEN2_TAIL)
+SPARK25 = (
+    r"[\p{N}]{1,3}",
+    r"[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    _ASCII_PUNCT_WORD
+    + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|[\r\n]|[\s]+(?![^\s])|[\s]+",
+    r"[\p{N}]",
+)
+_YOUTU_UPPER, _YOUTU_LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+YOUTU = (
+    r"[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b"
+    r"\uff0c\u3001-\u303f\ufe30-\ufe4f]+|[\u3105-\u312f]+|[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_YOUTU_UPPER}*{_YOUTU_LOWER}+{_CONTRACTION}"
+    + rf"|[^\r\n\p{{L}}\p{{N}}]?{_YOUTU_UPPER}+{_YOUTU_LOWER}*{_CONTRACTION}"
+    + r"|[\p{N}]| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+    + _SPACES,
+)
+EXAONE_MOE = (
+    _ANYCASE
+    + r"|[^\r\n\p{L}\p{N}]?(?:[\p{L}][\p{M}]*(?: [\p{L}][\p{M}]*)*)+|[\p{N}]"
+    + r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|[\s]*[\r\n]|[\s]+(?![^\s])|[\s]+"
+)
+JAIS2 = (
+    _ANYCASE
+    + r"|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|[\s]*[\r\n]+|"
+    + "|".join(rf"[\s]{{{n}}}(?![^\s])" for n in (512, 256, 128, 64, 32, 16, 8, 4))
+    + r"|[\s]{1,2}(?![^\s])|[\s]{1}"
+)
+LINES = r"[^\n]+|[\n]+"
+CHAMELEON = (
+    r"<sentinel:[0-9]+>",
+    r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z",
+    r"([\t\n]|    |  )",
+    r"[\p{N}]",
+    r"[\p{P}!-/:-@\[-`{-~]",
+    GPT2,
+)
 DIGITS = r"[\p{N}]+"
 DIGIT = r"[\p{N}]"
 ASCII_DIGITS_3 = r"[0-9][0-9][0-9]"
@@ -300,6 +349,13 @@ def _pre_types():
     table.update(
         dict.fromkeys(("command-r", "smollm"), PreType("STARCODER", _STARCODER, clean_spaces=False))
     )
+    table.update(
+        {
+            "minicpm5": PreType("MINICPM5", MINICPM5, ignore_merges=True),
+            "exaone-moe": PreType("EXAONE_MOE", (EXAONE_MOE,)),
+            "jais-2": PreType("JAIS2", (JAIS2,)),
+        }
+    )
     table.update(_pre_types_no_clean())
     return table
 
@@ -322,6 +378,18 @@ def _pre_types_no_clean():
         "bloom": PreType("BLOOM", (BLOOM,)),
         "gpt3-finnish": PreType("GPT3_FINNISH", (BLOOM,)),
     }
+    table.update(
+        {
+            "seed-coder": PreType("SEED_CODER", (SEED_CODER,), clean_spaces=False),
+            "ufakzeka": PreType("UFAKZEKA", (UFAKZEKA,), clean_spaces=False),
+            "spark2_5": PreType("SPARK2_5", SPARK25, clean_spaces=False),
+            "youtu": PreType("YOUTU", YOUTU, ignore_merges=True, clean_spaces=False),
+            "laguna": PreType("LAGUNA", (LINES, QWEN2), clean_spaces=False),
+            "chameleon": PreType("CHAMELEON", CHAMELEON, add_bos=True, clean_spaces=False),
+        }
+    )
+    bailing = PreType("BAILINGMOE", (BAILINGMOE,), clean_spaces=False)
+    table.update(dict.fromkeys(("bailingmoe", "bailingmoe2", "llada-moe"), bailing))
     table.update(dict.fromkeys(("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), deepseek3))
     table.update(dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), gpt4o))
     return table
