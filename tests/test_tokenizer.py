@@ -30,6 +30,7 @@ from helpers_vocab import (
 
 from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.tokenizer import StreamDecoder, Tokenizer, unicode_data
+from meldlite.tokenizer.pretokenize import HAN_RANGES
 
 K = Keys.Tokenizer
 needs_model = pytest.mark.skipif(not TINYSTORIES.exists(), reason="shared/models not present")
@@ -294,12 +295,14 @@ MORE_PRES = [
     "exaone-moe",
     "jais-2",
     "gpt3-finnish",
+    "kimi-k2",
 ]
 MORE_TEXTS = [
     "<sentinel:12>IMGIMGABZ IMGIMGAAAAAZ x    y  z",
     " " * 600 + "x" + "\t" * 70 + "y\n\n" + " " * 33,
     "한국어 ㄱㄴ！…“quoted”—：；，、〃︰ ㄅㄆ 日本語のカタカナ",
     "Crème BRÛLÉE McDonald'S ǅungla e\u0301e\u0301 a b c 1234567 ½",
+    "中文abc日本語テキスト!日 한국어 𠀀𪛟\U0002a6e0 \uf900\ufaff's X'LL",
 ]
 
 
@@ -348,6 +351,8 @@ def _class_sample(seed=0):
     rng = random.Random(seed)
     cpts.update(rng.randrange(0x80, 0x110000) for _ in range(400))
     cpts.update(range(0x0897, 0x089A))  # Unicode 16 additions: undefined for llama.cpp
+    for a, b in HAN_RANGES:  # Kimi-K2's Han ranges (unassigned code points at some ends)
+        cpts.update((a - 1, a, b, b + 1))
     return sorted(c for c in cpts if 0x80 <= c < 0x110000 and not 0xD800 <= c < 0xE000)
 
 
@@ -375,7 +380,13 @@ def _probe_vocab(chars, leads):
 
 # pre -> lead character: a word "<lead><char>" stays whole (and merges into one token)
 # only if llama.cpp puts <char> in the same class run as <lead>
-CLASS_PROBES = {"llama3": ["x", "1"], "default": ["!"], "qwen35": ["x"], "deepseek-v3": ["!"]}
+CLASS_PROBES = {
+    "llama3": ["x", "1"],
+    "default": ["!"],
+    "qwen35": ["x"],
+    "deepseek-v3": ["!"],
+    "kimi-k2": ["x"],
+}
 
 
 @pytest.mark.parametrize("pre", sorted(CLASS_PROBES))

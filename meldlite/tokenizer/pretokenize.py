@@ -31,6 +31,19 @@ from meldlite.tokenizer import unicode_data
 
 _WS, _OTHER, _LETTER, _NUMBER, _PUNCT, _MARK = "\x0b", "\x80", "\x81", "\x82", "\x83", "\x84"
 _SYMBOL = "\x86"
+_HAN = "\x87"  # only in the Kimi-K2 view (its splitter treats Han apart from other letters)
+# llama.cpp's `unicode_cpt_is_han`
+HAN_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0x2CEB0, 0x2EBEF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
 _CLASS_RANGES = (
     (unicode_data.LETTER, _LETTER),
     (unicode_data.NUMBER, _NUMBER),
@@ -49,6 +62,7 @@ def _boundaries():
 
 _STARTS, _ENDS, _PLACEHOLDERS = _boundaries()
 _COLLAPSE = {}  # code point -> placeholder, filled lazily for code points >= 128
+_COLLAPSE_HAN = {}  # the same with Han code points as _HAN
 _WIDE = {c: _WS for c in _WHITESPACE if c >= 128}  # the std::wregex view: only white space
 
 
@@ -61,13 +75,16 @@ def _placeholder(cpt):
     return _OTHER
 
 
-def collapse(text):
-    """`text` with every non-ASCII code point replaced by its class placeholder."""
+def collapse(text, han=False):
+    """`text` with every non-ASCII code point replaced by its class placeholder
+    (`han`: Han code points by _HAN)."""
+    table = _COLLAPSE_HAN if han else _COLLAPSE
     for ch in set(text):
         cpt = ord(ch)
-        if cpt >= 128 and cpt not in _COLLAPSE:
-            _COLLAPSE[cpt] = _placeholder(cpt)
-    return text.translate(_COLLAPSE)
+        if cpt >= 128 and cpt not in table:
+            is_han = han and any(a <= cpt <= b for a, b in HAN_RANGES)
+            table[cpt] = _HAN if is_han else _placeholder(cpt)
+    return text.translate(table)
 
 
 def widen(text):
@@ -81,24 +98,33 @@ def _ascii_class(ranges, placeholder):
     return "".join(f"\\x{c:02x}" for c in chars) + f"\\x{ord(placeholder):02x}"
 
 
+_LETTERS_NOT_HAN = _ascii_class(unicode_data.LETTER, _LETTER)
+_LETTERS = _LETTERS_NOT_HAN + f"\\x{ord(_HAN):02x}"
 _CLASS_BODIES = {
-    r"\p{L}": _ascii_class(unicode_data.LETTER, _LETTER),
+    r"\p{L}": _LETTERS,
     r"\p{N}": _ascii_class(unicode_data.NUMBER, _NUMBER),
     r"\p{P}": _ascii_class(unicode_data.PUNCTUATION, _PUNCT),
     r"\p{M}": _ascii_class(unicode_data.MARK, _MARK),
     r"\p{S}": _ascii_class(unicode_data.SYMBOL, _SYMBOL),
     # llama.cpp maps the letter subclasses to the whole letter class
-    **dict.fromkeys(
-        (r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}"),
-        _ascii_class(unicode_data.LETTER, _LETTER),
-    ),
+    **dict.fromkeys((r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}"), _LETTERS),
+    r"\p{Han}": f"\\x{ord(_HAN):02x}",
+    r"\p{L_not_Han}": _LETTERS_NOT_HAN,  # meldlite's name for [\p{L}&&[^\p{Han}]]
     r"\s": _ascii_class([(c, c) for c in unicode_data.WHITESPACE], _WS),
 }
 
 
-def uses_classes(pattern):
-    """True if llama.cpp runs `pattern` over the collapsed text (it has a \\p{..} class)."""
-    return any(marker in pattern for marker in _CLASS_BODIES if marker != r"\s")
+def text_view(pattern):
+    """The text llama.cpp runs `pattern` over: "han" (the Kimi-K2 splitter),
+    "collapsed" (a regex with a \\p{..} class) or "wide" (std::wregex)."""
+    if r"\p{Han}" in pattern:
+        return "han"
+    if any(marker in pattern for marker in _CLASS_BODIES if marker != r"\s"):
+        return "collapsed"
+    return "wide"
+
+
+_VIEWS = {"han": lambda t: collapse(t, han=True), "collapsed": collapse, "wide": widen}
 
 
 def compile_collapsed(pattern):
@@ -168,6 +194,12 @@ DEEPSEEK3 = (
     r"[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
     _ASCII_PUNCT_WORD + r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|" + _SPACES,
 )
+KIMI_K2 = (  # llama.cpp's hand-written splitter: letters are \p{L} only (no \p{M})
+    r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{L_not_Han}]+"
+    + _CONTRACTION
+    + r"|[\p{N}]{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    + _SPACES
+)
 BLOOM = r" ?[^(\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 _QWEN2_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|" + _SPACES
 SEED_CODER = _ANYCASE + r"|[^\r\n\p{L}\p{N}]?[\p{L}]+|[\p{N}]{1}| ?[^\s\p{L}\p{N}\r\n]+|" + _SPACES
@@ -223,15 +255,15 @@ class PreTokenizer:
 
     def __init__(self, patterns):
         self.patterns = tuple(patterns)
-        self._compiled = [(uses_classes(p), compile_collapsed(p)) for p in self.patterns]
+        self._compiled = [(text_view(p), compile_collapsed(p)) for p in self.patterns]
 
     def split(self, text):
         views = {}
         spans = [(0, len(text))] if text else []
-        for collapsed, regex in self._compiled:
-            if collapsed not in views:
-                views[collapsed] = collapse(text) if collapsed else widen(text)
-            spans = _split_spans(regex, views[collapsed], spans)
+        for view, regex in self._compiled:
+            if view not in views:
+                views[view] = _VIEWS[view](text)
+            spans = _split_spans(regex, views[view], spans)
         return [text[a:b] for a, b in spans]
 
 
@@ -386,6 +418,7 @@ def _pre_types_no_clean():
             "youtu": PreType("YOUTU", YOUTU, ignore_merges=True, clean_spaces=False),
             "laguna": PreType("LAGUNA", (LINES, QWEN2), clean_spaces=False),
             "chameleon": PreType("CHAMELEON", CHAMELEON, add_bos=True, clean_spaces=False),
+            "kimi-k2": PreType("KIMI_K2", (KIMI_K2,), clean_spaces=False),
         }
     )
     bailing = PreType("BAILINGMOE", (BAILINGMOE,), clean_spaces=False)
