@@ -10,23 +10,46 @@ import numpy as np
 from meldlite.errors import OptionError
 from meldlite.kernels import mathops
 from meldlite.kernels.attention import QK_FULL, QK_HEAD, QK_NONE, attention_block, rms_norm_rows
+from meldlite.kernels.route import GATINGS
 
 F32 = np.float32
 
 
+SWA_CHUNK = 32  # a sliding-window layer's ring holds window + SWA_CHUNK - 1 positions
+
+
 class KVCache:
-    """Keys and values of every layer, float16 like llama.cpp's default cache."""
+    """Keys and values of every layer, float16 like llama.cpp's default cache.
+
+    A global layer keeps n_ctx rows; a sliding-window layer only a ring of
+    min(n_ctx, window + SWA_CHUNK - 1) rows (position p at row p % rows): a batch is
+    attended in chunks of SWA_CHUNK tokens so that every position a token sees is still
+    held, which gives the logits of llama.cpp's full-size SWA cache. Per layer: k[i]
+    (C_i, G, D), v[i] (C_i, G, Dv), and the RoPE tables cos[i]/sin[i] (n_ctx, R/2) of
+    the layer's base and scale (shared between layers with the same)."""
 
     def __init__(self, cfg, n_ctx):
         self.n_ctx = n_ctx
-        self.k = np.zeros(
-            (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_k), np.float16
-        )  # (L, C, G, D)
-        self.v = np.zeros(
-            (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim_v), np.float16
-        )  # (L, C, G, Dv)
-        self.cos, self.sin = mathops.rope_tables(n_ctx, cfg.n_rot, cfg.rope_base)  # (C, R/2)
+        self.k, self.v, self.cos, self.sin, self.window = [], [], [], [], []
+        tables = {}
+        for i in range(cfg.n_layer):
+            window = cfg.n_swa if cfg.is_swa(i) else 0
+            rows = min(n_ctx, window + SWA_CHUNK - 1) if window else n_ctx
+            self.window.append(window)
+            self.k.append(np.zeros((rows, cfg.n_head_kv, cfg.head_dim_k), np.float16))
+            self.v.append(np.zeros((rows, cfg.n_head_kv, cfg.head_dim_v), np.float16))
+            base, scale, _ = cfg.rope_of(i)
+            if (base, scale) not in tables:
+                tables[base, scale] = mathops.rope_tables(n_ctx, cfg.n_rot, base, scale)
+            cos, sin = tables[base, scale]  # (C, R/2)
+            self.cos.append(cos)
+            self.sin.append(sin)
         self.n_past = 0
+
+    @property
+    def nbytes(self):
+        """Bytes of keys and values held."""
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
     def reset(self):
         self.n_past = 0
@@ -63,7 +86,6 @@ def forward(
     x = w["token_embd.weight"].rows(tokens)  # (T, E)
     if cfg.embedding_scale != 1.0:
         x *= F32(cfg.embedding_scale)
-    kc, vc = cache.k.view(np.uint16), cache.v.view(np.uint16)  # float16 bits
     k_used = max(cfg.n_expert_used, 1)
     for i, layer in enumerate(layer_plans(cfg, w)):
         p = f"blk.{i}."
@@ -73,20 +95,21 @@ def forward(
         attention_block(
             x,
             *layer.attn,
-            kc[i],
-            vc[i],
-            cache.cos,
-            cache.sin,
+            cache.k[i].view(np.uint16),  # float16 bits
+            cache.v[i].view(np.uint16),
+            cache.cos[i],
+            cache.sin[i],
             pos0,
             cfg.n_head,
             cfg.attention_scale,
-            cfg.n_rot,
+            cfg.q_scale,
+            cache.window[i],
+            cfg.rope_of(i)[2],
             tr.rope_neox,
             cfg.rms_eps,
             cfg.residual_scale,
             *layer.ffn,
             k_used,
-            tr.norm_topk,
             h,
             ids,
             weights,
@@ -107,7 +130,9 @@ def forward(
         else:
             g = w[p + "ffn_gate.weight"] @ h  # (T, F)
             u = w[p + "ffn_up.weight"] @ h  # (T, F)
-            f = w[p + "ffn_down.weight"] @ (mathops.silu(g) * u)  # (T, E)
+            f = w[p + "ffn_down.weight"] @ (ACTIVATIONS[tr.ffn_act](g) * u)  # (T, E)
+        if tr.post_norms:
+            rms_norm_rows(f, w[p + "post_ffw_norm.weight"], cfg.rms_eps, f)  # (T, E)
         if cfg.residual_scale != 1.0:
             f = f * F32(cfg.residual_scale)  # (T, E)
         x += f  # (T, E)
@@ -120,7 +145,18 @@ def forward(
     logits = output_matrix(cfg, w) @ h  # (T, V)
     if cfg.logit_scale != 1.0:
         logits *= F32(1.0) / F32(cfg.logit_scale)
+    if cfg.logit_softcap:
+        logits = softcap(logits, cfg.logit_softcap)  # (T, V)
     return logits
+
+
+ACTIVATIONS = {"silu": mathops.silu, "gelu": mathops.gelu}
+
+
+def softcap(logits, cap):
+    """cap * tanh(logits / cap) as ggml's scale, tanh, scale (tanh correctly rounded)."""
+    t = np.tanh((logits * (F32(1.0) / F32(cap))).astype(np.float64)).astype(F32)  # (T, V)
+    return t * F32(cap)
 
 
 def adapt_route(ids, weights, min_weight, counts=None):
@@ -173,9 +209,10 @@ class LayerPlan:
     """One layer's arguments for `attention_block`, looked up once per model.
 
     attn: (attn_norm, then raw/type/mode of q, k, v, output, the four biases (empty when
-    absent), q/k norm weights (empty when absent), qk-norm kind); ffn: (ffn_norm, router
+    absent), q/k norm weights (empty when absent), qk-norm kind, post-attention norm
+    weight (empty when absent)); ffn: (ffn_norm, router
     raw/type/mode: an empty matrix for dense models, router bias (X,): -inf for pruned
-    experts, empty when none is pruned)."""
+    experts, empty when none is pruned, then the gating of `routing`)."""
 
     def __init__(self, cfg, w, i):
         p = f"blk.{i}."
@@ -203,9 +240,26 @@ class LayerPlan:
             vec("attn_q_norm.weight"),
             vec("attn_k_norm.weight"),
             qk,
+            vec("post_attention_norm.weight"),
         )
         router = mat("ffn_gate_inp.weight") if cfg.is_moe else (_NO_MATRIX, 0, 0)
-        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i))
+        self.ffn = (w[p + "ffn_norm.weight"], *router, cfg.router_bias(i), *routing(cfg, w, p))
+
+
+def routing(cfg, w, p):
+    """The router's gating arguments of layer prefix `p` for `route.route_gated`:
+    (selection bias (X,) `exp_probs_b` or empty, gating code, expert groups, groups used,
+    renormalise, weight scale)."""
+    name = p + "exp_probs_b.bias"
+    bias = w[name] if name in w else _EMPTY_F32
+    return (
+        bias,
+        GATINGS[cfg.gating],
+        cfg.n_expert_groups,
+        cfg.n_group_used,
+        cfg.norm_topk,
+        cfg.expert_weights_scale,
+    )
 
 
 def layer_plans(cfg, w):
@@ -235,6 +289,9 @@ def check_weights(cfg, w):
         p = f"blk.{i}."
         w.vector(p + "attn_norm.weight", e)
         w.vector(p + "ffn_norm.weight", e)
+        if cfg.traits.post_norms:
+            w.vector(p + "post_attention_norm.weight", e)
+            w.vector(p + "post_ffw_norm.weight", e)
         w.matrix(p + "attn_q.weight", cfg.n_head * dk, e)
         w.matrix(p + "attn_k.weight", cfg.n_head_kv * dk, e)
         w.matrix(p + "attn_v.weight", cfg.n_head_kv * dv, e)

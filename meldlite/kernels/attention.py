@@ -2,7 +2,7 @@
 
 RMSNorm -> Q/K/V projections -> (bias) -> Q/K norm -> RoPE -> KV cache (float16 bits)
 -> causal grouped-query attention -> output projection -> residual -> FFN RMSNorm ->
-router -> softmax top-k. The NumPy versions in `attention_ref` are the references;
+router -> gating and top-k (`route`). The NumPy versions in `attention_ref` are the references;
 the numerics follow them and llama.cpp's CPU path: squares summed in float64, Q and the
 softmax probabilities rounded to float16, softmax summed in float64, every projection
 through qdot's kernels with its input rounded per the matrix's activation mode (actquant:
@@ -25,6 +25,7 @@ from meldlite.kernels.qdot import (
     quantize_rows,
     rows_times_tokens,
 )
+from meldlite.kernels.route import GATE_SOFTMAX, NO_BIAS, route_gated
 
 QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
 
@@ -84,47 +85,60 @@ def f32_to_f16_bits(v):
 
 @njit(cache=True, error_model="numpy")
 def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
-    """Write k (T, G*D), v (T, G*Dv) as float16 bits into kc (C, G, D), vc (C, G, Dv)."""
+    """Write k (T, G*D), v (T, G*Dv) as float16 bits into kc (C, G, D), vc (C, G, Dv).
+
+    Position p goes to row p % C: a cache of n_ctx rows holds each position at its own
+    row, a sliding-window layer's ring of C rows the latest C positions."""
+    rows = kc.shape[0]
     for t in range(k.shape[0]):
+        r = (pos0 + t) % rows
         for g in range(n_head_kv):
             for i in range(dk):
-                kc[pos0 + t, g, i] = f32_to_f16_bits(k[t, g * dk + i])
+                kc[r, g, i] = f32_to_f16_bits(k[t, g * dk + i])
             for i in range(dv):
-                vc[pos0 + t, g, i] = f32_to_f16_bits(v[t, g * dv + i])
+                vc[r, g, i] = f32_to_f16_bits(v[t, g * dv + i])
 
 
 @njit(cache=True, error_model="numpy")
-def attention_rows(q, kc, vc, pos0, n_head, scale, out):
+def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0):
     """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
 
     Per head: scores = f16(q) . K (float32 sums), times `scale` (float32; 1/sqrt(D) in
-    most models); softmax summed in
-    float64; probabilities rounded to float16; out = sum over positions of p * V."""
+    most models); softmax summed in float64; probabilities rounded to float16; out = sum
+    over positions of p * V. With window > 0 the token at position p sees positions
+    p - window + 1 .. p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD mask: masked when
+    p - p0 >= window). Position s is read from cache row s % C, in position order; the
+    rows must hold every position the T tokens see (checked)."""
     n_tok = q.shape[0]
-    n_head_kv, d = kc.shape[1], kc.shape[2]
+    rows, n_head_kv, d = kc.shape[0], kc.shape[1], kc.shape[2]
     dv = vc.shape[2]
     group = n_head // n_head_kv
     scale = np.float32(scale)
     n_s = pos0 + n_tok
-    kf = np.empty((n_s, d), dtype=np.float32)  # (S, D) keys of one KV head
-    vf = np.empty((n_s, dv), dtype=np.float32)  # (S, Dv)
+    lo = max(0, pos0 - window + 1) if window > 0 else 0  # first position any token sees
+    if n_s - lo > rows:
+        raise ValueError("attention_rows: the cache rows do not hold the attended positions")
+    kf = np.empty((n_s - lo, d), dtype=np.float32)  # (S, D) keys of one KV head
+    vf = np.empty((n_s - lo, dv), dtype=np.float32)  # (S, Dv)
     qh = np.empty(d, dtype=np.float32)  # (D,)
-    p = np.empty(n_s, dtype=np.float32)  # (S,)
+    p = np.empty(n_s - lo, dtype=np.float32)  # (S,)
     acc = np.empty(dv, dtype=np.float32)  # (Dv,)
     for g in range(n_head_kv):
-        for s in range(n_s):
+        for s in range(lo, n_s):
+            r = s % rows
             for i in range(d):
-                kf[s, i] = _f16_bits_to_f32(np.uint32(kc[s, g, i]))
+                kf[s - lo, i] = _f16_bits_to_f32(np.uint32(kc[r, g, i]))
             for i in range(dv):
-                vf[s, i] = _f16_bits_to_f32(np.uint32(vc[s, g, i]))
+                vf[s - lo, i] = _f16_bits_to_f32(np.uint32(vc[r, g, i]))
         for t in range(n_tok):
-            last = pos0 + t  # attends to positions 0..last
+            last = pos0 + t - lo  # attends to positions first..last (offsets from lo)
+            first = max(0, last - window + 1) if window > 0 else 0
             for j in range(group):
                 h = g * group + j
                 for i in range(d):
                     qh[i] = _f16_round(q[t, h * d + i])
                 mx = -np.inf
-                for s in range(last + 1):
+                for s in range(first, last + 1):
                     a = np.float32(0.0)
                     for i in range(d):
                         a += qh[i] * kf[s, i]
@@ -132,14 +146,14 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out):
                     p[s] = a
                     mx = max(mx, a)
                 tot = 0.0
-                for s in range(last + 1):
+                for s in range(first, last + 1):
                     e = np.exp(p[s] - mx)
                     p[s] = e
                     tot += np.float64(e)
                 inv = 1.0 / tot
                 for i in range(dv):
                     acc[i] = 0.0
-                for s in range(last + 1):
+                for s in range(first, last + 1):
                     w = _f16_round(np.float32(p[s] * inv))
                     for i in range(dv):
                         acc[i] += w * vf[s, i]
@@ -148,41 +162,30 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out):
 
 
 @njit(cache=True, error_model="numpy")
+def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out):
+    """Store k, v (T, G*D / G*Dv) in the cache and attend q (T, H*D) -> out (T, H*Dv).
+
+    A cache of fewer rows than the positions (a sliding-window ring) takes the tokens in
+    chunks of rows - window + 1, so that each chunk's attended positions are all held;
+    every token sees the same positions in the same order as with a full cache."""
+    n_tok = q.shape[0]
+    n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    rows = kc.shape[0]
+    step = n_tok
+    if window > 0 and pos0 + n_tok > rows:
+        step = rows - window + 1
+    for c0 in range(0, n_tok, step):
+        c1 = min(n_tok, c0 + step)
+        store_kv(k[c0:c1], v[c0:c1], n_head_kv, dk, dv, kc, vc, pos0 + c0)
+        attention_rows(q[c0:c1], kc, vc, pos0 + c0, n_head, scale, out[c0:c1], window)
+
+
+@njit(cache=True, error_model="numpy")
 def route_rows(logits, k, norm_topk, ids, weights):
-    """Softmax over experts (float64 sum), the k most probable (ties: lower id first) in
-    descending order, their probabilities, renormalised to sum 1 when norm_topk.
-    An expert whose logit is -inf (pruned) gets probability 0 and is never chosen."""
-    n_x = logits.shape[1]
-    probs = np.empty(n_x, dtype=np.float32)  # (X,)
-    taken = np.zeros(n_x, dtype=np.bool_)  # (X,)
-    for t in range(logits.shape[0]):
-        mx = logits[t].max()
-        tot = 0.0
-        for e in range(n_x):
-            probs[e] = np.exp(logits[t, e] - mx)
-            tot += np.float64(probs[e])
-        inv = 1.0 / tot
-        for e in range(n_x):
-            probs[e] = np.float32(probs[e] * inv)
-            taken[e] = False
-        wsum = np.float32(0.0)
-        for j in range(k):
-            best = -1
-            for e in range(n_x):
-                if (
-                    not taken[e]
-                    and logits[t, e] != -np.inf
-                    and (best < 0 or probs[e] > probs[best])
-                ):
-                    best = e
-            taken[best] = True
-            ids[t, j] = best
-            weights[t, j] = probs[best]
-            wsum += probs[best]
-        if norm_topk:
-            total = max(wsum, np.float32(6.103515625e-5))
-            for j in range(k):
-                weights[t, j] = weights[t, j] / total
+    """Softmax routing (`route.route_gated` with no bias, groups or scale): the k most
+    probable experts (ties: lower id first) in descending order, their probabilities,
+    renormalised to sum 1 when norm_topk. A -inf logit (pruned expert) is never chosen."""
+    route_gated(logits, k, GATE_SOFTMAX, NO_BIAS, 0, 0, norm_topk, 0.0, ids, weights)
 
 
 @njit(cache=True, error_model="numpy")
@@ -241,6 +244,7 @@ def attention_block(
     q_norm,
     k_norm,
     qk_norm,
+    post_norm,
     kc,
     vc,
     cos,
@@ -248,6 +252,8 @@ def attention_block(
     pos0,
     n_head,
     attn_scale,
+    q_scale,
+    window,
     n_rot,
     neox,
     eps,
@@ -257,17 +263,26 @@ def attention_block(
     tr,
     mr,
     rbias,
-    k_used,
+    sel_bias,
+    gating,
+    n_group,
+    n_group_used,
     norm_topk,
+    w_scale,
+    k_used,
     h,
     ids,
     weights,
 ):
     """One layer's attention half, in place on x (T, E); h (T, E) <- FFN-normed x;
     ids/weights (T, k) <- routing (when the router wr has rows; rbias (X,), when not
-    empty, is added to the router logits: -inf masks a pruned expert). Modes m* say how
+    empty, is added to the router logits: -inf masks a pruned expert; sel_bias .. w_scale:
+    the gating of `route.route_gated`). Modes m* say how
     each projection's input is rounded (actquant; NONE = float). attn_scale multiplies
-    Q.K; res_scale the attention output before the residual add (skipped when 1)."""
+    Q.K, q_scale Q after RoPE (skipped when 1); window > 0: sliding-window attention over
+    kc/vc (C, G, D), which may be a ring of C >= window rows (`attend_cached`); n_rot 0:
+    no RoPE. post_norm (E,), when not empty, RMS-normalises the attention output before
+    the residual add; res_scale multiplies it (skipped when 1)."""
     n_tok, n_embd = x.shape
     n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
     toks = np.arange(n_tok)
@@ -299,9 +314,10 @@ def attention_block(
         rms_norm_rows(k, k_norm, eps, k)
     rope_rows(q, n_head, dk, cos, sin, pos0, n_rot, neox)
     rope_rows(k, n_head_kv, dk, cos, sin, pos0, n_rot, neox)
-    store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0)
+    if q_scale != 1.0:
+        q *= np.float32(q_scale)
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
-    attention_rows(q, kc, vc, pos0, n_head, attn_scale, a)
+    attend_cached(q, k, v, kc, vc, pos0, n_head, attn_scale, window, a)
     n = a.shape[1]
     nb = max(1, n // 32)
     qa2 = np.empty((n_tok, n), dtype=np.int8)
@@ -310,10 +326,17 @@ def attention_block(
     xr2 = np.empty((n_tok, n), dtype=np.float32)
     o = np.empty((n_tok, n_embd), dtype=np.float32)  # (T, E)
     project(wo, to, mo, a, qa2, da2, bs2, xr2, toks, o, True)
+    add_bias = bo.shape[0] > 0
+    if post_norm.shape[0]:
+        if add_bias:
+            for t in range(n_tok):
+                o[t] += bo
+        rms_norm_rows(o, post_norm, eps, o)
+        add_bias = False
     rs = np.float32(res_scale)
     for t in range(n_tok):
         for i in range(n_embd):
-            ob = o[t, i] + bo[i] if bo.shape[0] else o[t, i]
+            ob = o[t, i] + bo[i] if add_bias else o[t, i]
             if res_scale != 1.0:
                 ob = ob * rs
             x[t, i] = x[t, i] + ob
@@ -324,7 +347,18 @@ def attention_block(
         if rbias.shape[0]:
             for t in range(n_tok):
                 logits[t] += rbias
-        route_rows(logits, k_used, norm_topk, ids, weights)
+        route_gated(
+            logits,
+            k_used,
+            gating,
+            sel_bias,
+            n_group,
+            n_group_used,
+            norm_topk,
+            w_scale,
+            ids,
+            weights,
+        )
 
 
 track_sources(
@@ -332,6 +366,7 @@ track_sources(
     rope_rows,
     store_kv,
     attention_rows,
+    attend_cached,
     route_rows,
     project,
     qkv_parallel,

@@ -11,6 +11,8 @@ H query heads, G KV heads, D head size, E n_embd, X experts.
 
 import numpy as np
 
+from meldlite.kernels import route_ref
+
 F32 = np.float32
 F16 = np.float16
 
@@ -50,11 +52,12 @@ def rope(x, cos, sin, n_rot, neox):
     return out
 
 
-def attention(q, k_cache, v_cache, pos0, scale):
+def attention(q, k_cache, v_cache, pos0, scale, window=0):
     """Causal grouped-query attention of T new tokens over S = pos0 + T positions.
 
     q: (T, H, D) float32; k_cache: (S, G, D) float16; v_cache: (S, G, Dv) float16;
-    scale multiplies Q.K (1/sqrt(D) in most models). Returns (T, H * Dv) float32.
+    scale multiplies Q.K (1/sqrt(D) in most models); window > 0: position p sees only
+    p - window + 1 .. p (llama.cpp's standard SWA mask). Returns (T, H * Dv) float32.
     """
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv = k_cache.shape[0], k_cache.shape[1]
@@ -64,24 +67,17 @@ def attention(q, k_cache, v_cache, pos0, scale):
     v = v_cache.astype(F32)  # (S, G, Dv)
     scores = np.einsum("tgjd,sgd->gjts", qh, k, optimize=True)  # (G, H/G, T, S)
     scores *= F32(scale)
-    future = np.arange(n_kv)[None, :] > (pos0 + np.arange(n_tok))[:, None]  # (T, S)
-    scores[..., future] = -np.inf
+    dist = (pos0 + np.arange(n_tok))[:, None] - np.arange(n_kv)[None, :]  # (T, S)
+    masked = (dist < 0) | ((dist >= window) if window > 0 else False)  # (T, S)
+    scores[..., masked] = -np.inf
     probs = softmax(scores).astype(F16).astype(F32)  # (G, H/G, T, S)
     out = np.einsum("gjts,sgd->tgjd", probs, v, optimize=True)  # (T, G, H/G, Dv)
     return np.ascontiguousarray(out.reshape(n_tok, -1), dtype=F32)  # (T, H*Dv)
 
 
 def route(logits, k, norm_topk):
-    """Top-k experts per token from router logits, as llama.cpp's build_moe_ffn.
-
-    Softmax over all experts, the k most probable in descending order, their
-    probabilities (renormalised to sum 1 when norm_topk).
+    """Top-k experts per token from router logits, as llama.cpp's build_moe_ffn with
+    softmax gating (the general router's reference is `route_ref.route`).
     Returns ids (T, k) int32 and weights (T, k) float32.
     """
-    probs = softmax(logits)  # (T, X)
-    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k].astype(np.int32)  # (T, k)
-    weights = np.take_along_axis(probs, ids, axis=-1)  # (T, k)
-    if norm_topk:
-        total = np.maximum(weights.sum(axis=-1, keepdims=True), F32(6.103515625e-5))
-        weights = weights / total
-    return ids, np.ascontiguousarray(weights, dtype=F32)
+    return route_ref.route(logits, k, norm_topk)

@@ -1,7 +1,8 @@
 """moe_ffn: one jitted call for a layer's routed experts, any mix of quant types.
 
 out[t] = sum over slots j = 0..k-1 with ids[t, j] >= 0, in slot order, starting from 0.0,
-         of weights[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]),   e = ids[t, j].
+         of weights[t, j] * down_e(act(gate_e x[t]) * up_e x[t]),   e = ids[t, j],
+act = silu (default) or relu (`EXPERT_ACTS`, the architecture's `expert_act`).
 
 The (token, slot) pairs are grouped by expert, each used expert runs once on all its
 tokens (mat-mat, so its blocks are decoded once), its outputs land in one row per pair,
@@ -33,15 +34,25 @@ MATRIX_TYPE = nbtypes.Array(
     nbtypes.uint8, 2, "C", readonly=True
 )  # numba type of each entry of `mats`
 GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
+ACT_SILU, ACT_RELU = 0, 1
+EXPERT_ACTS = {"silu": ACT_SILU, "relu": ACT_RELU}  # ArchTraits.expert_act -> kernel code
+
+
+@njit(inline="always")
+def gated(v, u, act):
+    """act(v) * u in float32: silu(v) = v / (1 + exp(-v)); relu as ggml's reglu
+    (v * u where v > 0, else 0)."""
+    if act == ACT_RELU:
+        return v * u if v > np.float32(0.0) else np.float32(0.0)
+    return v / (np.float32(1.0) + np.exp(-v)) * u
 
 
 @njit(cache=True, error_model="numpy")
-def swiglu(g, u):
-    """g <- silu(g) * u in float32, silu(v) = v / (1 + exp(-v))."""
+def swiglu(g, u, act):
+    """g <- act(g) * u in float32 (SwiGLU for silu, ReGLU for relu)."""
     for i in range(g.shape[0]):  # g, u (n, n_ff)
         for c in range(g.shape[1]):
-            v = g[i, c]
-            g[i, c] = v / (np.float32(1.0) + np.exp(-v)) * u[i, c]
+            g[i, c] = gated(g[i, c], u[i, c], act)
 
 
 @njit(cache=True, error_model="numpy")
@@ -77,8 +88,8 @@ def rounded(a, mode):
 
 
 @njit(cache=True, error_model="numpy")
-def expert_ffn(x, toks, gate, up, down, tys, modes, y):
-    """y (n, n_embd) <- down(silu(gate xs) * up xs) for xs = x[toks]; False on unknown type.
+def expert_ffn(x, toks, gate, up, down, tys, modes, act, y):
+    """y (n, n_embd) <- down(act(gate xs) * up xs) for xs = x[toks]; False on unknown type.
 
     `modes` (3,) rounds each matrix's input activations as llama.cpp does (actquant)."""
     n = toks.shape[0]
@@ -91,7 +102,7 @@ def expert_ffn(x, toks, gate, up, down, tys, modes, y):
     xu = xg if modes[UP] == modes[GATE] else rounded(xs, modes[UP])  # (n, n_embd)
     ok = matmat_rows(gate, np.int64(tys[GATE]), xg, g)
     ok &= matmat_rows(up, np.int64(tys[UP]), xu, u)
-    swiglu(g, u)
+    swiglu(g, u, act)
     ok &= matmat_rows(down, np.int64(tys[DOWN]), rounded(g, modes[DOWN]), y)
     return ok
 
@@ -106,7 +117,7 @@ def rows_of_pairs(pairs, n_tok, k):
 
 
 @njit(cache=True, error_model="numpy")
-def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
+def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, out):
     """The whole routed-expert step; False if some used expert has an unknown type."""
     pairs, starts = group_by_expert(ids, types.shape[0])
     ys = np.empty((pairs.shape[0], x.shape[1]), dtype=np.float32)  # (n_pairs, n_embd)
@@ -123,6 +134,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
                 mats[3 * e + DOWN],
                 types[e],
                 modes[e],
+                act,
                 ys[s:s_end],
             )
     sum_slots_parallel(ids, weights, ys, rows_of_pairs(pairs, ids.shape[0], ids.shape[1]), out)
@@ -175,8 +187,8 @@ def _items(starts, n_rows_of, types, which):
 
 
 @njit(cache=True, error_model="numpy")
-def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr, g, u):
-    """g/u[p, r0:r0+ITEM_ROWS] for the pairs p of expert e, then g <- silu(g) * u."""
+def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, act, qa, da, bs, xr, g, u):
+    """g/u[p, r0:r0+ITEM_ROWS] for the pairs p of expert e, then g <- act(g) * u."""
     s, s_end = starts[e], starts[e + 1]
     gate, up = mats[3 * e + GATE], mats[3 * e + UP]
     r1 = min(gate.shape[0], r0 + ITEM_ROWS)
@@ -189,8 +201,7 @@ def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, qa, da, bs, xr,
     )
     for p in range(s, s_end):
         for c in range(r0, r1):
-            v = g[p, c]
-            g[p, c] = v / (np.float32(1.0) + np.exp(-v)) * u[p, c]
+            g[p, c] = gated(g[p, c], u[p, c], act)
 
 
 @njit(cache=True, error_model="numpy")
@@ -213,10 +224,12 @@ def _down_item(mats, types, e, r0, starts, pair_ids, qa, da, bs, xr, ys):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _gate_up_parallel(mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u):
+def _gate_up_parallel(
+    mats, types, item_e, item_r, starts, toks, slot, modes, act, qa, da, bs, xr, g, u
+):
     for i in prange(item_e.shape[0]):
         _gate_up_item(
-            mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs, xr, g, u
+            mats, types, item_e[i], item_r[i], starts, toks, slot, modes, act, qa, da, bs, xr, g, u
         )
 
 
@@ -227,7 +240,7 @@ def _down_parallel(mats, types, item_e, item_r, starts, pair_ids, qa, da, bs, xr
 
 
 @njit(cache=True, error_model="numpy")
-def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out):
+def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, out):
     """moe_ffn_kernel with every matmul input rounded as llama.cpp does, by integer dots."""
     n_tok, n_embd = x.shape
     pairs, starts = group_by_expert(ids, types.shape[0])
@@ -261,12 +274,26 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out):
     parallel = work >= PARALLEL_MIN_BYTES and item_e.shape[0] > 1
     if parallel:
         _gate_up_parallel(
-            mats, types, item_e, item_r, starts, toks, slot, modes, qa, da, bs, xr, g, u
+            mats, types, item_e, item_r, starts, toks, slot, modes, act, qa, da, bs, xr, g, u
         )
     else:
         for i in range(item_e.shape[0]):
             _gate_up_item(
-                mats, types, item_e[i], item_r[i], starts, toks, slot, modes, qa, da, bs, xr, g, u
+                mats,
+                types,
+                item_e[i],
+                item_r[i],
+                starts,
+                toks,
+                slot,
+                modes,
+                act,
+                qa,
+                da,
+                bs,
+                xr,
+                g,
+                u,
             )
     # the down matrices' inputs: each pair's SwiGLU row, rounded per its expert's down type
     nbf = max(1, n_ff // 32)
@@ -453,9 +480,10 @@ def _fast_checks(
     return True
 
 
-def moe_ffn(x, ids, weights, mats, types, out=None, llama_numerics=False) -> np.ndarray:
+def moe_ffn(x, ids, weights, mats, types, out=None, llama_numerics=False, act="silu") -> np.ndarray:
     """Routed experts of one layer for x (n_tok, n_embd) -> float32 (n_tok, n_embd).
 
+    act: the gate's activation, a key of `EXPERT_ACTS` ("silu", "relu").
     ids (n_tok, k) int32 expert per slot (-1 = skipped), weights (n_tok, k) float32,
     mats typed List of 3*n_expert uint8 matrices, types (n_expert, 3) ggml type ids.
     llama_numerics: round each matrix's input as llama.cpp does (see actquant) and multiply
@@ -482,13 +510,16 @@ def moe_ffn(x, ids, weights, mats, types, out=None, llama_numerics=False) -> np.
             )
         _slow_checks(x, ids, mats, types)
         raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
+    code = EXPERT_ACTS.get(act)
+    if code is None:
+        raise OptionError(f"expert activation {act!r} is not one of {', '.join(EXPERT_ACTS)}")
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
         raise OptionError(f"out must be a C-contiguous float32 array of shape {x.shape}")
     if llama_numerics:
-        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, out)
-    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, out):
+        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, code, out)
+    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, code, out):
         raise AssertionError("jitted kernel rejected an expert type")  # checked above
     return out
 

@@ -70,8 +70,14 @@ def silu_ref(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
 
 
-def moe_ffn_ref(x, ids, weights, mats, types) -> np.ndarray:
-    """float64 routed-expert output (n_tok, n_embd), slots added in order."""
+def relu_ref(v: np.ndarray) -> np.ndarray:
+    return np.maximum(v, 0.0)
+
+
+def moe_ffn_ref(x, ids, weights, mats, types, act="silu") -> np.ndarray:
+    """float64 routed-expert output (n_tok, n_embd), slots added in order;
+    act: the gate's activation, "silu" or "relu"."""
+    act_fn = {"silu": silu_ref, "relu": relu_ref}[act]
     x = np.asarray(x, dtype=np.float64)  # (n_tok, n_embd)
     out = np.zeros_like(x)  # (n_tok, n_embd)
     for t in range(x.shape[0]):
@@ -82,6 +88,6 @@ def moe_ffn_ref(x, ids, weights, mats, types) -> np.ndarray:
             gate, up, down = (np.asarray(mats[3 * e + m]) for m in range(3))
             g = matmul_ref(gate, types[e][0], x[t])  # (n_ff,)
             u = matmul_ref(up, types[e][1], x[t])  # (n_ff,)
-            y = matmul_ref(down, types[e][2], silu_ref(g) * u)  # (n_embd,)
+            y = matmul_ref(down, types[e][2], act_fn(g) * u)  # (n_embd,)
             out[t] += float(weights[t, j]) * y
     return out
