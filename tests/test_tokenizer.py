@@ -30,6 +30,7 @@ from helpers_vocab import (
 
 from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.tokenizer import StreamDecoder, Tokenizer, unicode_data
+from meldlite.tokenizer.pretokenize import HAN_RANGES
 
 K = Keys.Tokenizer
 needs_model = pytest.mark.skipif(not TINYSTORIES.exists(), reason="shared/models not present")
@@ -231,6 +232,15 @@ BPE_CASES = {
         "command-r",
         "chatglm-bpe",
         "glm4",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "gpt-4o",
+        "tekken",
+        "granite-embed-multi-97m",
+        "poro-chat",
+        "viking",
+        "bloom",
     )
 }
 BPE_CASES.update(
@@ -271,6 +281,43 @@ def test_bpe_matches_llama_cpp(tmp_path, bpe_tables, case):
     assert_same_detokenize(tok, oracle, VARIED[16:30])
 
 
+# pre-tokenizers of other families: a lighter check (their regexes are llama.cpp's,
+# run by the same machinery as the cases above)
+MORE_PRES = [
+    "seed-coder",
+    "ufakzeka",
+    "spark2_5",
+    "youtu",
+    "laguna",
+    "chameleon",
+    "bailingmoe",
+    "minicpm5",
+    "exaone-moe",
+    "jais-2",
+    "gpt3-finnish",
+    "kimi-k2",
+]
+MORE_TEXTS = [
+    "<sentinel:12>IMGIMGABZ IMGIMGAAAAAZ x    y  z",
+    " " * 600 + "x" + "\t" * 70 + "y\n\n" + " " * 33,
+    "한국어 ㄱㄴ！…“quoted”—：；，、〃︰ ㄅㄆ 日本語のカタカナ",
+    "Crème BRÛLÉE McDonald'S ǅungla e\u0301e\u0301 a b c 1234567 ½",
+    "中文abc日本語テキスト!日 한국어 𠀀𪛟\U0002a6e0 \uf900\ufaff's X'LL",
+]
+
+
+@pytest.mark.parametrize("pre", MORE_PRES)
+def test_more_pre_tokenizers_match_llama_cpp(tmp_path, bpe_tables, pre):
+    path = _bpe_file(tmp_path, bpe_tables, pre, {})
+    tok, oracle = Tokenizer.from_metadata(read_metadata(path)), LlamaOracle(path)
+    assert_same_ids(tok, oracle, VARIED + MORE_TEXTS, flags=[(True, False), (False, True)])
+    for text, add_bos, special in random_texts(len(pre), 100):
+        assert tok.encode(text, add_bos=add_bos, parse_special=special) == oracle.tokenize(
+            text, add_bos, special
+        ), text
+    assert_same_detokenize(tok, oracle, [*VARIED[16:20], *MORE_TEXTS[2:]])
+
+
 def test_bpe_ignore_merges_takes_whole_words(tmp_path, bpe_tables):
     tok = Tokenizer.from_metadata(read_metadata(_bpe_file(tmp_path, bpe_tables, "llama3", {})))
     word = "".join(BYTE_CHARS[b] for b in b" television")
@@ -297,12 +344,15 @@ def _class_sample(seed=0):
         unicode_data.NUMBER,
         unicode_data.PUNCTUATION,
         unicode_data.MARK,
+        unicode_data.SYMBOL,
     ):
         for a, b in table:
             cpts.update((a - 1, a, b, b + 1))
     rng = random.Random(seed)
     cpts.update(rng.randrange(0x80, 0x110000) for _ in range(400))
     cpts.update(range(0x0897, 0x089A))  # Unicode 16 additions: undefined for llama.cpp
+    for a, b in HAN_RANGES:  # Kimi-K2's Han ranges (unassigned code points at some ends)
+        cpts.update((a - 1, a, b, b + 1))
     return sorted(c for c in cpts if 0x80 <= c < 0x110000 and not 0xD800 <= c < 0xE000)
 
 
@@ -330,7 +380,13 @@ def _probe_vocab(chars, leads):
 
 # pre -> lead character: a word "<lead><char>" stays whole (and merges into one token)
 # only if llama.cpp puts <char> in the same class run as <lead>
-CLASS_PROBES = {"llama3": ["x", "1"], "default": ["!"], "qwen35": ["x"]}
+CLASS_PROBES = {
+    "llama3": ["x", "1"],
+    "default": ["!"],
+    "qwen35": ["x"],
+    "deepseek-v3": ["!"],
+    "kimi-k2": ["x"],
+}
 
 
 @pytest.mark.parametrize("pre", sorted(CLASS_PROBES))
@@ -383,6 +439,20 @@ FUZZ_ALPHABET = list("abcXYZ019 \t\n\r'sStTdDmMlLrReEvV.,!?$+<=>^~|`-_\"()[]{}\\
     "'Re",
     "123",
     "4567",
+    # DeepSeek's literal ranges, symbols (\\p{S}), case runs (gpt-4o)
+    "\u212a",
+    "\uff21",
+    "\uff01",
+    "\u2018",
+    "\u30fc",
+    "\uac00",
+    "\u0800",
+    "\u01c5",
+    "\u02b0",
+    "\u00a9",
+    "\u20ac",
+    "HTTPServer",
+    "#x",
 ]
 
 
@@ -399,7 +469,20 @@ def random_texts(seed, n):
 
 
 @pytest.mark.parametrize(
-    "pre", ["spm", "default", "gpt-2", "llama3", "qwen2", "qwen35", "jina-v2-de"]
+    "pre",
+    [
+        "spm",
+        "default",
+        "gpt-2",
+        "llama3",
+        "qwen2",
+        "qwen35",
+        "jina-v2-de",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "gpt-4o",
+    ],
 )
 def test_random_strings_match_llama_cpp(tmp_path, bpe_tables, pre):
     if pre == "spm" and not TINYSTORIES.exists():

@@ -16,7 +16,7 @@ runtime dependency):
 import sys
 
 MAX_CODEPOINT = 0x110000
-CLASSES = {"LETTER": "L", "NUMBER": "N", "PUNCTUATION": "P", "MARK": "M"}
+CLASSES = {"LETTER": "L", "NUMBER": "N", "PUNCTUATION": "P", "MARK": "M", "SYMBOL": "S"}
 PER_LINE = 6
 
 

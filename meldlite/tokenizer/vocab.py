@@ -41,6 +41,7 @@ _TYPE_TO_ATTR = {
     TokenType.UNUSED: TokenAttr.UNUSED,
     TokenType.BYTE: TokenAttr.BYTE,
 }
+_TYPE_TO_INT = {int(t): int(a) for t, a in _TYPE_TO_ATTR.items()}
 SPECIAL_ATTRS = TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN
 
 # Token texts llama.cpp recognises when the metadata does not name the id
@@ -300,7 +301,7 @@ def _list(md, key, n=None, item_types=None):
         raise FormatError(f"metadata {key!r} is not an array")
     if n is not None and len(value) != n:
         raise FormatError(f"metadata {key!r} has {len(value)} entries for {n} tokens")
-    if item_types and not all(isinstance(v, item_types) for v in value):
+    if item_types and not all(issubclass(t, item_types) for t in set(map(type, value))):
         raise FormatError(f"metadata {key!r} has entries of the wrong type")
     return value
 
@@ -326,7 +327,7 @@ def _attrs(md, n):
     types = _list(md, K.TOKEN_TYPE, n, numbers.Integral)
     if types is None:
         return [int(TokenAttr.NORMAL)] * n
-    return [int(_TYPE_TO_ATTR.get(t, TokenAttr.UNDEFINED)) for t in types]
+    return [_TYPE_TO_INT.get(t, 0) for t in types]  # 0: UNDEFINED
 
 
 def _merge_ranks(md):
@@ -361,7 +362,8 @@ def _int(md, key):
 
 def _special_order(vocab):
     """Ids that split text before tokenizing, longest UTF-8 text first."""
-    ids = [i for i, a in enumerate(vocab.attrs) if a & SPECIAL_ATTRS]
+    special = int(SPECIAL_ATTRS)
+    ids = [i for i, a in enumerate(vocab.attrs) if a & special]
     return tuple(sorted(ids, key=lambda i: -len(vocab.texts[i].encode("utf-8", "surrogatepass"))))
 
 
