@@ -71,7 +71,6 @@ class CachedStore(ExpertStore):
         self.cfg = cfg
         self.n_layer, self.n_expert, self.k = cfg.n_layer, cfg.n_expert, cfg.n_expert_used
         self.llama_numerics = llama_numerics
-        self.act = cfg.traits.expert_act
         self.reader = ExpertReader(gguf, mechanism, io_throttle, drop_cache)
         self.mechanism, self.slabs = self.reader.mechanism, self.reader.slabs
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.reader.file.direct else 1)

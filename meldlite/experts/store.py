@@ -119,7 +119,6 @@ class ResidentStore(ExpertStore):
         self.bias = layer_biases(gguf, cfg)  # per layer (X, 2F+E) or (0, 0)
         self.act = cfg.traits.expert_act
         self.llama_numerics = llama_numerics
-        self.act = cfg.traits.expert_act
         self._calls = self._uses = 0
 
     def moe(self, layer, x, ids, weights):
