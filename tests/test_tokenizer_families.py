@@ -14,7 +14,6 @@ tokens at their real ids), DeepSeek-V3 (pre "deepseek-v3", its special tokens)
 and Gemma 3 (SentencePiece, 262144 tokens, byte fallback, <start_of_turn> ...).
 """
 
-import os
 import random
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from gguf import Keys, TokenType
+from helpers_llamacpp_src import vocab_dir
 from helpers_vocab import (
     BPE_SPECIALS,
     BYTE_CHARS,
@@ -43,9 +43,6 @@ from test_tokenizer import (
 from meldlite.tokenizer import Tokenizer
 
 K = Keys.Tokenizer
-LLAMA_CPP = Path(
-    os.environ.get("MELDLITE_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
-)
 FAMILY_VOCABS = ["deepseek-llm", "deepseek-coder", "refact", "qwen2"]
 OTHER_VOCABS = [
     "gpt-2",
@@ -77,9 +74,10 @@ CHAT_TEXTS = [
 
 
 def _vocab_path(name):
-    path = LLAMA_CPP / "models" / f"ggml-vocab-{name}.gguf"
-    if not path.exists():
-        pytest.skip(f"llama.cpp source not at {LLAMA_CPP} (set MELDLITE_LLAMA_CPP_SRC)")
+    folder = vocab_dir()
+    path = folder / f"ggml-vocab-{name}.gguf" if folder else None
+    if path is None or not path.exists():
+        pytest.skip("llama.cpp's vocabularies unavailable (no PyPI; set MELDLITE_LLAMA_CPP_SRC)")
     return path
 
 
