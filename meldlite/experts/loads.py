@@ -146,7 +146,8 @@ class Loads:
 
     def read_demand(self, absent, ready, inflight, flush):
         """Read the experts in `absent` on this thread (emptying it; each one read
-        joins `ready`). Meanwhile the loader starts no guess: demand first."""
+        joins `ready`, as do those of `inflight` that land while a slot is sought).
+        Meanwhile the loader starts no guess: demand first."""
         with self.cond:
             self._demand += 1
         try:
@@ -180,6 +181,10 @@ class Loads:
                 busy = tab.filling(g)
                 if not ready and not busy and tab.make_room(g, False, allow_protected=True):
                     return True
+                landed = [h for h in inflight if tab.state[h] == READY]
+                if landed:  # background loads of this layer that ended hold the slots
+                    inflight[:] = [h for h in inflight if tab.state[h] != READY]
+                    ready.extend(landed)
             if ready:  # the budget is full of this layer's experts: compute them
                 flush()
             elif busy:  # slots are being filled in the background: wait for one
