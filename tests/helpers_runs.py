@@ -43,3 +43,37 @@ def peer_steps(path, tokens, model=None, n_peers=2):
     finally:
         for p in peers:
             p.stop()
+
+
+PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
+
+
+def quantized_pair(f16, out_dir, bpw=5.0):
+    """(uniform Q4_K file, mixed file of `bpw` from a short profile) of `f16`, by
+    `meldlite quantize`'s library calls."""
+    import meldlite
+    from meldlite.compress.quantize import quantize_model
+    from meldlite.experts.profile import build_profile
+
+    uniform = quantize_model(f16, out_dir / "q4k.gguf", qtype="Q4_K").path
+    m = meldlite.load(f16, n_ctx=64)
+    prof = build_profile(m, "Once upon a time there was a little girl. " * 8)
+    m.close()
+    return uniform, quantize_model(f16, out_dir / "mixed.gguf", bpw=bpw, profile=prof).path
+
+
+def check_info_and_profile(path, out_dir, arch):
+    """`meldlite info` names the architecture; `meldlite profile` writes its file."""
+    from click.testing import CliRunner
+
+    from meldlite.cli import main
+
+    r = CliRunner().invoke(main, ["info", str(path)])
+    assert r.exit_code == 0, r.output
+    assert arch in r.output
+    text = out_dir / "t.txt"
+    text.write_text("Once upon a time there was a little girl named Lily.\n" * 4)
+    out = out_dir / "prof.json"
+    r = CliRunner().invoke(main, ["profile", str(path), str(text), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists()

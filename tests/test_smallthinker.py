@@ -11,16 +11,8 @@ Files are shaped like SmallThinker-4BA0.6B scaled down (32 experts of 768, top-4
 import numpy as np
 import pytest
 from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter, Keys
-from helpers_models import (
-    PROMPT,
-    Shape,
-    check_info_and_profile,
-    decode_steps,
-    llamacpp_logits,
-    peer_steps,
-    quantized_pair,
-    write_random_model,
-)
+from helpers_models import Shape, llamacpp_logits, write_random_model
+from helpers_runs import PROMPT, check_info_and_profile, peer_steps, quantized_pair, steps
 
 import meldlite
 from meldlite.formats import pack
@@ -45,7 +37,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def resident(files):
     m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = decode_steps(m)
+    out = steps(m, PROMPT)
     m.close()
     return out
 
@@ -176,7 +168,7 @@ def test_routing_is_announced_before_attention(files, resident):
     m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
     rec = _Recorder(m.store)
     m.store = rec
-    got = decode_steps(m)
+    got = steps(m, PROMPT)
     m.store = rec.store
     m.close()
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
@@ -216,7 +208,7 @@ def test_announce_queues_exact_loads_first(files):
 @pytest.mark.parametrize("budget", ["25%", "50%"])
 def test_memory_budget_is_bit_identical(files, resident, layout, budget):
     m = meldlite.load(files[layout], n_ctx=64, n_threads=1, mem_budget=budget, prefetch=True)
-    got = decode_steps(m)
+    got = steps(m, PROMPT)
     st = m.stats()
     m.close()
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
@@ -224,7 +216,7 @@ def test_memory_budget_is_bit_identical(files, resident, layout, budget):
 
 
 def test_peers_exact_mode_is_bit_identical(files, resident):
-    got, requests = peer_steps(files["packed"])
+    got, requests = peer_steps(files["packed"], PROMPT)
     assert all(np.array_equal(a, b) for a, b in zip(resident, got))
     assert requests > 0
 
