@@ -815,3 +815,42 @@ def test_cli_bad_budget_is_one_line_exit_2(models, args, match):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meldlite: error:") and match in lines[0]
+
+
+def test_demand_read_computes_background_loads_that_landed(models):
+    """A demand read whose pool is full of this layer's background loads that ended
+    meanwhile (READY, pinned by the call, not yet in its ready list) computes them
+    to free a slot, and the output equals the kernel's (it used to raise 'no slot
+    can be freed')."""
+    m = meldlite.load(models["packed"], n_ctx=32, mem_budget=minimum_budget(models["packed"]),
+                      prefetch=False)  # fmt: skip
+    store, tab = m.store, m.store.table
+    ids = np.array([[0, 1], [2, 0]], np.int32)  # (T, k): the pool holds two of the three
+    weights = np.array([[0.6, 0.4], [0.7, 0.3]], np.float32)  # (T, k)
+    x = np.random.default_rng(0).standard_normal((2, SMALL.n_embd)).astype(np.float32)
+    with tab.cond:
+        for g in range(tab.state.size):
+            if tab.state[g] == READY:
+                tab.evict(g)
+        assert tab.make_room(0, speculative=True)  # experts 0 and 1 of layer 0: in flight
+        assert tab.make_room(1, speculative=True)
+    landed = []
+    demand = store.loads.read_demand
+
+    def land_then_demand(absent, ready, inflight, flush):
+        if not landed:  # the background reads end before the demand read of expert 2
+            for g in (0, 1):
+                store.loads.read(g)
+                with tab.cond:
+                    tab.loaded(g, speculative=True)
+                landed.append(g)
+        return demand(absent, ready, inflight, flush)
+
+    store.loads.read_demand = land_then_demand
+    got = store.moe(0, x, ids, weights)  # (T, E)
+    m.close()
+    full = meldlite.load(models["packed"], n_ctx=32)
+    want = full.store.moe(0, x, ids, weights)  # (T, E)
+    full.close()
+    assert landed
+    np.testing.assert_array_equal(got, want)
