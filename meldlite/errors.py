@@ -32,3 +32,7 @@ class ProtocolError(MeldliteError):
 
 class PeerError(MeldliteError):
     """A peer could not be reached, timed out or refused the request."""
+
+
+class TemplateError(MeldliteError):
+    """A chat template is malformed, or raised an error while rendering messages."""
