@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from meldlite import sampling
+from meldlite.chat import Reply
 from meldlite.config import ModelConfig
 from meldlite.data import default_model_path
 from meldlite.errors import OptionError
@@ -21,6 +22,7 @@ from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.options import Generation, Runtime, Sampler, Store, from_keywords, load_keywords
 from meldlite.tokenizer import Tokenizer
+from meldlite.tokenizer.chat import ChatTemplate
 from meldlite.weights import Weights
 
 
@@ -249,6 +251,24 @@ class Model:
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
+
+    # --- chat ---
+    @property
+    def chat_template(self):
+        """The model's ChatTemplate (its tokenizer.chat_template, else ChatML)."""
+        if getattr(self, "_chat_template", None) is None:
+            self._chat_template = ChatTemplate.for_model(self.gguf.metadata, self.tokenizer)
+        return self._chat_template
+
+    def chat(self, messages, max_tokens=Generation.max_tokens, stop=(), sampler=None,
+             template=None, **sampling_keywords):  # fmt: skip
+        """A `meldlite.chat.Reply` to `messages` ([{"role", "content"}, ...]): iterate it
+        for text pieces, then read `text`, `finish_reason` and `usage`. The prompt
+        reuses the KV cache of the part a previous chat call already ran (multi-turn
+        chat does not re-read the history). `template`: a ChatTemplate (default: the
+        model's); sampling as in `generate` (`sampler` or its keywords)."""
+        params = sampler or Sampler(**sampling_keywords)
+        return Reply(self, messages, params, max_tokens, stop, template)
 
     # --- evaluation ---
     def perplexity(self, text, separator=None):

@@ -55,6 +55,7 @@ class KVCache:
             self.cos.append(cos)
             self.sin.append(sin)
         self.n_past = 0
+        self.tokens = []  # ids at positions 0..n_past-1, where the caller records them
 
     @property
     def nbytes(self):
@@ -63,6 +64,21 @@ class KVCache:
 
     def reset(self):
         self.n_past = 0
+        self.tokens = []
+
+    def rewind(self, n):
+        """Keep the first n positions (a common prefix) and forget the rest. False,
+        and nothing changed, when a sliding-window ring no longer holds positions that
+        the token at position n must see (the caller then starts over)."""
+        if not 0 <= n <= self.n_past:
+            return False
+        for k, window in zip(self.k, self.window):
+            rows = k.shape[0]
+            if window and rows < self.n_ctx and self.n_past - n > rows - window + 1:
+                return False
+        self.n_past = n
+        self.tokens = self.tokens[:n]
+        return True
 
 
 def forward(
