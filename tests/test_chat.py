@@ -114,3 +114,28 @@ def test_sliding_window_cache_rewinds_only_while_the_ring_holds_the_window(tmp_p
         np.testing.assert_array_equal(got, want)
     finally:
         m.close()
+
+
+def test_cli_chat_streams_replies_resets_and_quits(model):
+    from click.testing import CliRunner
+
+    from meldlite.cli import main
+
+    want = "".join(model.chat(TURN1, max_tokens=10, temperature=0))
+    hi = "".join(model.chat([{"role": "user", "content": "Hi"}], max_tokens=10, temperature=0))
+    inp = f"{TURN1[0]['content']}\n/reset\nHi\n/exit\nnot read\n"
+    res = CliRunner().invoke(main, ["chat", "--temp", "0", "-n", "10"], input=inp)
+    assert res.exit_code == 0, res.output
+    assert want in res.output and hi in res.output  # after /reset: a fresh conversation
+
+
+def test_cli_chat_bad_template_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from meldlite.cli import main
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    res = CliRunner().invoke(main, ["chat", "--chat-template", str(bad)], input="hi\n")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "chat template does not parse" in res.output

@@ -44,6 +44,10 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     )
 
 
+def _one_line(err):
+    return " ".join(str(err).split())
+
+
 def _raise_exception(message):
     raise TemplateError(f"chat template: {message}")
 
@@ -68,7 +72,7 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateError as e:
-            raise TemplateError(f"chat template does not parse: {e}") from None
+            raise TemplateError(f"chat template does not parse: {_one_line(e)}") from None
         self.source = source
         self.bos_token, self.eos_token = bos_token, eos_token
 
@@ -102,7 +106,9 @@ class ChatTemplate:
         except TemplateError:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
-            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+            raise TemplateError(
+                f"chat template failed: {type(e).__name__}: {_one_line(e)}"
+            ) from None
 
 
 def _check_messages(messages):
