@@ -22,7 +22,7 @@ from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.options import Generation, Runtime, Sampler, Store, from_keywords, load_keywords
 from meldlite.tokenizer import Tokenizer
-from meldlite.tokenizer.chat import ChatTemplate
+from meldlite.tokenizer.chat import ChatTemplate, prompt_ids
 from meldlite.weights import Weights
 
 
@@ -267,8 +267,18 @@ class Model:
         reuses the KV cache of the part a previous chat call already ran (multi-turn
         chat does not re-read the history). `template`: a ChatTemplate (default: the
         model's); sampling as in `generate` (`sampler` or its keywords)."""
-        params = sampler or Sampler(**sampling_keywords)
-        return Reply(self, messages, params, max_tokens, stop, template)
+        text = (template or self.chat_template).render(messages, add_generation_prompt=True)
+        ids = prompt_ids(self.tokenizer, text)
+        return Reply(self, ids, sampler or Sampler(**sampling_keywords), max_tokens, stop)
+
+    def complete(self, prompt, max_tokens=Generation.max_tokens, stop=(), sampler=None,
+                 **sampling_keywords):  # fmt: skip
+        """A `meldlite.chat.Reply` continuing the raw text `prompt` (BOS per the
+        vocabulary), with the stop strings, finish reason, usage and KV reuse of `chat`."""
+        if not isinstance(prompt, str):
+            raise OptionError("prompt must be text")
+        ids = self.tokenize(prompt, add_bos=True)
+        return Reply(self, ids, sampler or Sampler(**sampling_keywords), max_tokens, stop)
 
     # --- evaluation ---
     def perplexity(self, text, separator=None):

@@ -9,24 +9,25 @@ import numpy as np
 
 from meldlite import sampling
 from meldlite.errors import OptionError
-from meldlite.tokenizer.chat import prompt_ids
 
 
 class Reply:
-    """Iterate for the reply's text pieces. Afterwards: `text`, `finish_reason`
+    """A reply to prompt `ids` (the rendered chat, or a raw prompt's tokens).
+    Iterate for the reply's text pieces. Afterwards: `text`, `finish_reason`
     ("stop": an end-of-generation token or a stop string; "length": max_tokens or
     the context is full) and `usage` (prompt_tokens, completion_tokens,
     total_tokens, and cached_tokens: prompt tokens whose KV was reused)."""
 
-    def __init__(self, model, messages, params, max_tokens, stop, template):
+    def __init__(self, model, ids, params, max_tokens, stop):
         if max_tokens < 0:
             raise OptionError("max_tokens must be >= 0")
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             raise OptionError("stop strings must be non-empty text")
         self.model, self.params, self.max_tokens, self.stop = model, params, max_tokens, stop
-        text = (template or model.chat_template).render(messages, add_generation_prompt=True)
-        self.ids = model._check_ids(prompt_ids(model.tokenizer, text))
+        self.ids = model._check_ids(ids)
+        if not len(self.ids):
+            raise OptionError("the prompt has no tokens")
         self.text, self.finish_reason, self.usage = "", None, None
 
     def __iter__(self):
