@@ -77,3 +77,24 @@ def check_info_and_profile(path, out_dir, arch):
     r = CliRunner().invoke(main, ["profile", str(path), str(text), "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert out.exists()
+
+
+def resident_steps(path, tokens):
+    """`steps` of `path` loaded all-resident (the bits budgets and peers must give)."""
+    m = meldlite.load(path, n_ctx=64, n_threads=1)
+    try:
+        return steps(m, tokens)
+    finally:
+        m.close()
+
+
+def stacked_and_packed(d, arch, shape, seed=5):
+    """{"arch", "f16": a random F16 file of `arch` in directory d, "packed": its
+    per-expert layout}."""
+    from helpers_models import write_random_model
+
+    from meldlite.formats import pack
+
+    f16 = write_random_model(d / "f16.gguf", arch, shape, np.float16, seed=seed)
+    pack(f16, d / "packed.gguf", "SRC")
+    return {"arch": arch, "f16": f16, "packed": d / "packed.gguf"}

@@ -11,14 +11,13 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType
 from helpers_models import MLA, Shape, llamacpp_logits, llamacpp_step_logits, write_random_model
-from helpers_runs import budget_steps, peer_steps, steps
+from helpers_runs import budget_steps, peer_steps, resident_steps, stacked_and_packed
 
 import meldlite
 from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.config import ModelConfig
 from meldlite.experts.profile import build_profile
-from meldlite.formats import pack
 from meldlite.kernels.actquant import NONE
 from meldlite.kernels.mathops import rope_tables
 from meldlite.kernels.matmul import readonly_matrix
@@ -137,17 +136,12 @@ def test_older_kv_b_form_and_absent_q_lora_rank(tmp_path):
 def files(request, tmp_path_factory):
     """{"f16": stacked F16 file, "packed": its per-expert layout} of one deepseek2 shape."""
     d = tmp_path_factory.mktemp(request.param)
-    f16 = write_random_model(d / "f16.gguf", request.param, SHAPE, np.float16, seed=5)
-    pack(f16, d / "packed.gguf", "SRC")
-    return {"arch": request.param, "f16": f16, "packed": d / "packed.gguf"}
+    return stacked_and_packed(d, request.param, SHAPE)
 
 
 @pytest.fixture(scope="module")
 def resident(files):
-    m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m, PROMPT)
-    m.close()
-    return out
+    return resident_steps(files["f16"], PROMPT)
 
 
 def test_greedy_generation_matches_llamacpp(files):

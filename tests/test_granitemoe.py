@@ -5,14 +5,13 @@ all-resident bits, `pack`, `quantize --type` and mixed files run, `profile` and
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers_models import GRANITE_SCALES, Shape, llamacpp_logits, write_random_model
-from helpers_runs import budget_steps, peer_steps, steps
+from helpers_models import GRANITE_SCALES, Shape, llamacpp_logits
+from helpers_runs import budget_steps, peer_steps, resident_steps, stacked_and_packed
 
 import meldlite
 from meldlite.cli import main
 from meldlite.compress.quantize import quantize_model
 from meldlite.experts.profile import build_profile
-from meldlite.formats import pack
 from meldlite.metrics import kl_divergence
 
 SHAPE = Shape(n_expert=8, n_expert_used=2, n_ff_exp=128, n_ff_shexp=128, n_ctx=128)
@@ -24,17 +23,12 @@ PROMPT = [1, 450, 2217, 310, 263, 931, 1892, 727, 471, 263, 2217, 1024, 77]
 def files(request, tmp_path_factory):
     """{"f16": stacked F16 file, "packed": its per-expert layout} of one Granite arch."""
     d = tmp_path_factory.mktemp(request.param)
-    f16 = write_random_model(d / "f16.gguf", request.param, SHAPE, np.float16, seed=5)
-    pack(f16, d / "packed.gguf", "SRC")
-    return {"arch": request.param, "f16": f16, "packed": d / "packed.gguf"}
+    return stacked_and_packed(d, request.param, SHAPE)
 
 
 @pytest.fixture(scope="module")
 def resident(files):
-    m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m, PROMPT)
-    m.close()
-    return out
+    return resident_steps(files["f16"], PROMPT)
 
 
 def test_config_reads_the_multipliers(files):

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from gguf import ExpertGatingFuncType, GGUFReader, GGUFValueType, GGUFWriter, Keys
 from helpers_models import Shape, llamacpp_logits, write_random_model
-from helpers_runs import PROMPT, check_info_and_profile, peer_steps, quantized_pair, steps
+from helpers_runs import (
+    PROMPT,
+    check_info_and_profile,
+    peer_steps,
+    quantized_pair,
+    resident_steps,
+    steps,
+)
 
 import meldlite
 from meldlite.formats import pack
@@ -36,10 +43,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resident(files):
-    m = meldlite.load(files["f16"], n_ctx=64, n_threads=1)
-    out = steps(m, PROMPT)
-    m.close()
-    return out
+    return resident_steps(files["f16"], PROMPT)
 
 
 def test_config(files):
