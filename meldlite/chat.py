@@ -36,38 +36,63 @@ class Reply:
         logits = m._eval(self.ids[reused:], all_logits=False)[-1]  # (V,)
         cache.tokens = list(self.ids)
         rng = np.random.default_rng(self.params.seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        held, n_out, self.finish_reason = "", 0, "length"
-        while n_out < self.max_tokens and cache.n_past < m.n_ctx:
+        text = Decoding(m.tokenizer, self.stop, self.max_tokens)
+        while True:
             token = sampling.sample(logits, self.params, rng, cache.tokens)
-            if m.tokenizer.is_eog(token):
-                self.finish_reason = "stop"
-                break
-            n_out += 1
-            held += decoder.decode(m.tokenizer.token_to_piece(token))
-            held, out, stopped = _split_stop(held, self.stop)
+            out = text.push(token, room=m.n_ctx - cache.n_past)
             if out:
                 self.text += out
                 yield out
-            if stopped:
-                self.finish_reason = "stop"
-                break
-            if n_out == self.max_tokens or cache.n_past >= m.n_ctx:
+            if text.finish_reason is not None:
                 break
             logits = m._eval([token], all_logits=False)[-1]  # (V,)
             cache.tokens.append(token)
-        if self.finish_reason == "length":
-            tail = held + decoder.decode(b"", final=True)
-            if tail:
-                self.text += tail
-                yield tail
-        n_prompt = len(self.ids)
-        self.usage = {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": n_out,
-            "total_tokens": n_prompt + n_out,
-            "cached_tokens": reused,
-        }
+        self.finish_reason = text.finish_reason
+        self.usage = usage(len(self.ids), text.n_out, reused)
+
+
+class Decoding:
+    """The text of a reply, token by token: incremental UTF-8, stop strings held back
+    until decided, and why the reply ended. `push(token, room)` returns the text that
+    is safe to send; afterwards `finish_reason` is None while the reply goes on, "stop"
+    (an end-of-generation token or a stop string) or "length" (max_tokens, or no room
+    left in the context for the next token: `room` = positions still free)."""
+
+    def __init__(self, tokenizer, stop, max_tokens):
+        self.tokenizer, self.stop, self.max_tokens = tokenizer, stop, max_tokens
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held, self.n_out, self.finish_reason = "", 0, None
+        if max_tokens == 0:
+            self.finish_reason = "length"
+
+    def push(self, token, room):
+        """Take one sampled token; room: context positions free before it is fed."""
+        if self.finish_reason is not None:
+            return ""
+        if self.tokenizer.is_eog(token):  # what was held for a stop string is text
+            self.finish_reason = "stop"
+            out, self.held = self.held + self.decoder.decode(b"", final=True), ""
+            return out
+        self.n_out += 1
+        self.held += self.decoder.decode(self.tokenizer.token_to_piece(token))
+        self.held, out, stopped = _split_stop(self.held, self.stop)
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.n_out >= self.max_tokens or room <= 0:
+            self.finish_reason = "length"
+            out += self.held + self.decoder.decode(b"", final=True)
+            self.held = ""
+        return out
+
+
+def usage(n_prompt, n_out, reused):
+    """OpenAI's usage fields, with the prompt tokens whose KV was reused."""
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_out,
+        "total_tokens": n_prompt + n_out,
+        "cached_tokens": reused,
+    }
 
 
 def _reuse_prefix(cache, ids):

@@ -4,10 +4,10 @@ reply, stop strings, finish reasons, usage and errors."""
 
 import numpy as np
 import pytest
+from helpers_serve import llamacpp_greedy
 
 import meldlite
 from meldlite.chat import _split_stop
-from meldlite.data import default_model_path
 from meldlite.errors import OptionError
 from meldlite.tokenizer.chat import prompt_ids
 
@@ -19,23 +19,6 @@ def model():
     m = meldlite.load(n_ctx=256)
     yield m
     m.close()
-
-
-def llamacpp_greedy(ids, n):
-    """llama.cpp's greedy continuation (n ids) of `ids` on the built-in model."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=256, verbose=False, logits_all=True)
-    try:
-        out = []
-        llm.eval(ids)
-        for _ in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(tok)
-            llm.eval([tok])
-        return out
-    finally:
-        llm.close()
 
 
 def test_greedy_reply_equals_llama_cpp(model):
