@@ -98,3 +98,48 @@ def test_templates_run_sandboxed():
         ChatTemplate(evil).render(MESSAGES)
     with pytest.raises(TemplateError):  # immutable: a template cannot change the messages
         ChatTemplate("{{ messages.append(1) }}").render(MESSAGES)
+
+
+# templates whose format llama.cpp also implements in C++ (llama_chat_apply_template)
+# as the template renders it. Its built-in deepseek3, llama3 and gpt-oss formats are
+# simplified (no date header, no <think></think>, no default system message), so
+# those are checked against the Jinja2 renderer only.
+BUILTIN_FORMATS = [
+    "Qwen-Qwen2.5-7B-Instruct.jinja",
+    "Qwen-Qwen3-0.6B.jinja",
+    "ibm-granite-granite-3.3-2B-Instruct.jinja",
+    "moonshotai-Kimi-K2.jinja",
+    "google-gemma-2-2b-it.jinja",
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+]
+
+
+def llama_chat_apply_template(source, messages, add_assistant):
+    """llama.cpp's own C++ rendering of the format it detects in `source`."""
+    import ctypes
+
+    import llama_cpp
+
+    chat = (llama_cpp.llama_chat_message * len(messages))()
+    keep = []  # the encoded strings must outlive the call
+    for i, m in enumerate(messages):
+        keep += [m["role"].encode(), m["content"].encode()]
+        chat[i].role, chat[i].content = keep[-2], keep[-1]
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(
+        source.encode(), chat, len(messages), add_assistant, buf, len(buf)
+    )
+    assert 0 <= n <= len(buf), "llama.cpp does not know this template's format"
+    return buf.raw[:n].decode()
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+@pytest.mark.parametrize("name", BUILTIN_FORMATS)
+def test_templates_render_as_llama_cpps_builtin_formats(name, generation_prompt):
+    source = template_text(name)
+    msgs = messages_for(name)
+    ours = ChatTemplate(source, "<s>", "</s>").render(msgs, generation_prompt)
+    ref = llama_chat_apply_template(source, msgs, generation_prompt)
+    # llama.cpp's formats leave BOS to the tokenizer; a template writes it (prompt_ids
+    # then adds no second one)
+    assert ours.removeprefix("<s>") == ref
