@@ -207,7 +207,10 @@ class Model:
         temperature 0 is greedy; `seed` makes sampling reproducible; `sampler`, a
         `meldlite.options.Sampler`, replaces the sampling keywords. Generation
         stops at end-of-generation tokens, after max_tokens, or when the
-        context is full. Timings land in `self.timings`.
+        context is full. Timings land in `self.timings`, and why generation
+        stopped in `self.timings["stop_reason"]`: "eog" (an end-of-generation
+        token), "max_tokens", "context_full" (None while running or when the
+        caller stopped early).
         """
         params = sampler or Sampler(
             temperature=temperature,
@@ -231,18 +234,22 @@ class Model:
             "prefill_s": t1 - t0,
             "decode_tokens": 0,
             "decode_s": 0.0,
+            "stop_reason": "max_tokens" if max_tokens == 0 else None,
         }
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         history = list(ids)
         for n in range(max_tokens):
             token = sampling.sample(logits, params, rng, history)
             if stop_at_eos and self.tokenizer.is_eog(token):
+                self.timings["stop_reason"] = "eog"
                 break
             history.append(token)
             piece = decoder.decode(self.tokenizer.token_to_piece(token))
             if piece:
                 yield piece
             if n + 1 == max_tokens or self.cache.n_past >= self.n_ctx:
+                full = n + 1 < max_tokens
+                self.timings["stop_reason"] = "context_full" if full else "max_tokens"
                 break
             t = time.perf_counter()
             logits = self._eval([token], all_logits=False)[-1]

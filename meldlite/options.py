@@ -368,6 +368,13 @@ class Generation(Group):
     """What `meldlite run` generates from."""
 
     prompt: str = option("Once upon a time", "Prompt text.", flags=("-p", "--prompt"))
+    prompt_file: str = option(
+        None,
+        "Read the prompt from FILE (UTF-8; one trailing newline dropped, as llama.cpp "
+        "does); '-' reads standard input. Not with -p.",
+        flags=("-f", "--file"),
+        metavar="FILE",
+    )
     max_tokens: int = option(
         128, "Tokens to generate at most.", flags=("-n", "--n-predict"), kind=int, lo=0
     )
