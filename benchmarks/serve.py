@@ -7,8 +7,9 @@
 Each engine serves the same GGUF file (default: meldlite's built-in model) from a
 subprocess on a free loopback port, started with the same thread count and context,
 and is waited for (/health for meldlite, /v1/models for llama-cpp-python), then
-stopped through its Popen handle (terminate, wait, kill). The engines run one
-after the other, never at once, so they do not take each other's cores.
+stopped through its Popen handle (terminate, wait, kill). Both servers run from
+the start, but only one computes at a time: the engines take turns round by round,
+so a burst of load from other processes hits both.
 
 Clients are the official `openai` client, one thread and one connection each. A
 round starts N clients together, each streaming one chat completion
@@ -34,9 +35,17 @@ without a chat template (the built-in model has none). `--parallel N` is passed 
 `meldlite serve` only when its --help offers --parallel. The last line counts the
 prompts whose greedy replies are equal in both engines (a check that both did the
 same work).
+
+The clients and the servers' own event loops run on the same machine as the
+compute threads: with --threads equal to the core count of a small machine they
+compete. On 2 cores, llama.cpp's spinning OpenMP workers (its default) then made
+its figures vary up to threefold between runs; --llamacpp-wait passive gives it
+sleeping workers as meldlite's (slower for llama.cpp there), and --threads 1 left a
+core to the clients and gave steady figures for both.
 """
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -198,30 +207,56 @@ def run_round(clients, engine, batch, max_tokens, model):
     return time.perf_counter() - t0, results
 
 
-def measure(engine, args, texts):
-    """{n_clients: summary} and {prompt index: reply text} for one engine."""
-    import openai
+class Session:
+    """A running server of `engine` and its clients (one per concurrent stream)."""
 
-    out, replies = {}, {}
-    with Server(engine, args) as server:
-        server.wait_ready(args.start_timeout)
-        new = lambda: openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)  # noqa: E731
-        clients = [new() for _ in range(max(args.clients))]
-        model = clients[0].models.list().data[0].id  # the id the server answers to
-        stream_one(clients[0], engine, texts[0], args.max_tokens, model)  # warm-up
+    def __init__(self, engine, server, n_clients):
+        import openai
+
+        self.engine, self.server = engine, server
+        url = server.base_url
+        self.clients = [
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0) for _ in range(n_clients)
+        ]
+        self.model = self.clients[0].models.list().data[0].id  # the id the server answers to
+
+    def round(self, batch, max_tokens):
+        return run_round(self.clients, self.engine, batch, max_tokens, self.model)
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+
+
+def measure(args, texts):
+    """{engine: {n_clients: summary}} and {engine: {prompt index: reply text}}.
+
+    Both servers run from the start (idle while the other is measured); the engines
+    take turns round by round, so a burst of load from other processes hits both."""
+    rounds = {e: {n: [] for n in args.clients} for e in args.engines}
+    replies = {e: {} for e in args.engines}
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(Server(e, args)) for e in args.engines]
+        sessions = []
+        for server in servers:
+            server.wait_ready(args.start_timeout)
+            sessions.append(Session(server.engine, server, max(args.clients)))
+            stack.callback(sessions[-1].close)
+            sessions[-1].round(texts[:1], args.max_tokens)  # warm-up
         for n in args.clients:
-            rounds = []
             for r in range(args.rounds):
                 idx = [(r * n + i) % len(texts) for i in range(n)]
-                batch = [texts[i] for i in idx]
-                wall, res = run_round(clients, engine, batch, args.max_tokens, model)
-                rounds.append((wall, res))
-                replies.update({i: x["text"] for i, x in zip(idx, res) if x["finished"]})
-            out[n] = summarise(rounds)
-            print(f"  {engine}, {n} clients: {fmt_summary(out[n])}", file=sys.stderr)
-        for c in clients:
-            c.close()
-    return out, replies
+                for ses in sessions:
+                    wall, res = ses.round([texts[i] for i in idx], args.max_tokens)
+                    rounds[ses.engine][n].append((wall, res))
+                    done = {i: x["text"] for i, x in zip(idx, res) if x["finished"]}
+                    replies[ses.engine].update(done)
+            for e in args.engines:
+                print(
+                    f"  {e}, {n} clients: {fmt_summary(summarise(rounds[e][n]))}", file=sys.stderr
+                )
+    results = {e: {n: summarise(rs) for n, rs in by_n.items()} for e, by_n in rounds.items()}
+    return results, replies
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -338,15 +373,14 @@ def parse_args():
 def main():
     args = parse_args()
     texts = prompts(args.text, args.words, max(args.clients) * args.rounds)
-    results, replies = {}, {}
-    for engine in args.engines:
-        results[engine], replies[engine] = measure(engine, args, texts)
+    load_before = os.getloadavg()[0]
+    results, replies = measure(args, texts)
     parallel = args.parallel if args.parallel and meldlite_accepts_parallel() else None
     print(
         f"{time.strftime('%Y-%m-%d')}, {Path(args.model).name}, {args.threads} threads per "
         f"server, max_tokens {args.max_tokens}, {args.rounds} rounds, ctx {args.ctx}, "
         f"meldlite --parallel {parallel or 'not given'}, CPUs {os.cpu_count()}, "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     print(table(results, args.clients))
     equal, both = same_replies(replies)
