@@ -35,7 +35,8 @@ def load(path=None, **options):
 
     n_ctx: context length (default: the model's training context, at most 4096);
     n_threads: compute threads (default: all cores); n_batch: prompt tokens per
-    forward call during prefill; llama_numerics: round activations before each
+    forward call during prefill; n_parallel: sequences kept and decoded together
+    (`Model._eval_seqs`), each with a KV cache of n_ctx positions; llama_numerics: round activations before each
     quantized matmul as llama.cpp does (8-bit blocks for quantized weights,
     f16 for F16), which makes logits agree with llama.cpp's; False computes
     with float activations instead.
@@ -111,7 +112,7 @@ class Model:
         self.route_observers = []  # callables (layer, x (T, E), ids (T, k), weights (T, k))
         self.route_counts = {"routed_slots": 0, "experts_skipped": 0}
         self.store = self._build_store(store, peers)
-        self.cache = KVCache(self.cfg, self.n_ctx)
+        self.cache = KVCache(self.cfg, self.n_ctx, n_seq=runtime.n_parallel)
         self.timings = {}
 
     def _build_store(self, store, peers):
@@ -167,6 +168,34 @@ class Model:
             if all_logits or last:
                 out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.n_vocab), np.float32)
+
+    def _eval_seqs(self, ids, seqs):
+        """Feed several sequences' tokens through one forward pass: ids is the
+        concatenation of the segments' tokens, seqs the (seq, n) segments (see
+        `model.forward`). Returns (S, V) float32, each segment's last-token logits, in
+        segment order. No n_batch chunking: the caller sizes the batch."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.n_vocab):
+            raise OptionError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
+        for seq, n in seqs:
+            held = self.cache.seq(seq).n_past
+            if held + n > self.n_ctx:
+                raise OptionError(
+                    f"sequence {seq}: {held + n} tokens do not fit the context "
+                    f"of {self.n_ctx} (load with a larger n_ctx)"
+                )
+        return forward(
+            self.cfg,
+            self.weights,
+            self.store,
+            self.cache,
+            ids,
+            all_logits=False,
+            on_route=self._observe if self.route_observers else None,
+            min_expert_weight=self.runtime.min_expert_weight,
+            route_counts=self.route_counts,
+            seqs=seqs,
+        )
 
     def _observe(self, layer, x, ids, weights):
         for observe in self.route_observers:
@@ -326,13 +355,15 @@ class Model:
         """Counters of the expert store and of routing (adaptive top-k's
         `routed_slots`, `experts_skipped`), plus peak resident memory and the KV cache's
         bytes per token (`kv_bytes_per_token`, and `kv_bytes_per_token_full` for full keys
-        and values: they differ for latent attention)."""
+        and values: they differ for latent attention), the bytes the cache holds for all
+        its sequences (`kv_bytes`) and their number (`n_parallel`)."""
         out = dict(self.store.stats()) if self.store else {}
         if self.store:
             out.update(self.route_counts)
         out["peak_rss_bytes"] = peak_rss_bytes()
         cached, full = self.cfg.kv_bytes_per_token()
         out["kv_bytes_per_token"], out["kv_bytes_per_token_full"] = cached, full
+        out["kv_bytes"], out["n_parallel"] = self.cache.nbytes, self.cache.n_seq
         return out
 
     def close(self):

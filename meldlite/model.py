@@ -22,19 +22,25 @@ SWA_CHUNK = 32  # a sliding-window layer's ring holds window + SWA_CHUNK - 1 pos
 
 
 class KVCache:
-    """Keys and values of every layer, float16 like llama.cpp's default cache.
+    """Keys and values of every layer for n_seq independent sequences, float16 like
+    llama.cpp's default cache.
 
-    A global layer keeps n_ctx rows; a sliding-window layer only a ring of
+    A global layer keeps n_ctx rows per sequence; a sliding-window layer only a ring of
     min(n_ctx, window + SWA_CHUNK - 1) rows (position p at row p % rows): a batch is
     attended in chunks of SWA_CHUNK tokens so that every position a token sees is still
     held, which gives the logits of llama.cpp's full-size SWA cache. Per layer: k[i]
-    (C_i, G, D), v[i] (C_i, G, Dv), and the RoPE tables cos[i]/sin[i] (n_ctx, R/2) of
-    the layer's base and scale (shared between layers with the same). A multi-head
-    latent attention model caches its normed latent and RoPE'd key part instead:
-    k[i] (C, 1, kv_lora_rank + n_rot), v[i] (C, 1, 0)."""
+    (S, C_i, G, D), v[i] (S, C_i, G, Dv) (S = n_seq), and the RoPE tables cos[i]/sin[i]
+    (n_ctx, R/2) of the layer's base and scale (shared between layers with the same). A
+    multi-head latent attention model caches its normed latent and RoPE'd key part
+    instead: k[i] (S, C, 1, kv_lora_rank + n_rot), v[i] (S, C, 1, 0).
 
-    def __init__(self, cfg, n_ctx):
-        self.n_ctx = n_ctx
+    `seq(j)` is sequence j's `SeqCache` (n_past, tokens, reset, rewind); the cache's
+    own n_past, tokens, reset and rewind are sequence 0's."""
+
+    def __init__(self, cfg, n_ctx, n_seq=1):
+        if n_seq < 1:
+            raise OptionError(f"n_seq must be >= 1, got {n_seq}")
+        self.n_ctx, self.n_seq = n_ctx, n_seq
         self.k, self.v, self.cos, self.sin, self.window = [], [], [], [], []
         g, dk, dv = cfg.n_head_kv, cfg.head_dim_k, cfg.head_dim_v
         if cfg.kv_lora_rank:  # MLA: one shared [latent | rope part] per position, no V
@@ -44,8 +50,8 @@ class KVCache:
             window = cfg.n_swa if cfg.is_swa(i) else 0
             rows = min(n_ctx, window + SWA_CHUNK - 1) if window else n_ctx
             self.window.append(window)
-            self.k.append(np.zeros((rows, g, dk), np.float16))
-            self.v.append(np.zeros((rows, g, dv), np.float16))
+            self.k.append(np.zeros((n_seq, rows, g, dk), np.float16))  # (S, C_i, G, D)
+            self.v.append(np.zeros((n_seq, rows, g, dv), np.float16))  # (S, C_i, G, Dv)
             base, scale, _ = cfg.rope_of(i)
             if (base, scale) not in tables:
                 tables[base, scale] = mathops.rope_tables(
@@ -54,13 +60,53 @@ class KVCache:
             cos, sin = tables[base, scale]  # (C, R/2)
             self.cos.append(cos)
             self.sin.append(sin)
-        self.n_past = 0
-        self.tokens = []  # ids at positions 0..n_past-1, where the caller records them
+        self.seqs = [SeqCache(self, j) for j in range(n_seq)]
+
+    def seq(self, j):
+        """Sequence j's SeqCache."""
+        if not 0 <= j < self.n_seq:
+            raise OptionError(f"sequence {j} is not in 0..{self.n_seq - 1}")
+        return self.seqs[j]
 
     @property
     def nbytes(self):
-        """Bytes of keys and values held."""
+        """Bytes of keys and values held (all sequences)."""
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    @property
+    def n_past(self):
+        """Positions sequence 0 holds."""
+        return self.seqs[0].n_past
+
+    @n_past.setter
+    def n_past(self, n):
+        self.seqs[0].n_past = n
+
+    @property
+    def tokens(self):
+        """Sequence 0's token ids at positions 0..n_past-1, where the caller records them."""
+        return self.seqs[0].tokens
+
+    @tokens.setter
+    def tokens(self, ids):
+        self.seqs[0].tokens = ids
+
+    def reset(self):
+        self.seqs[0].reset()
+
+    def rewind(self, n):
+        """Sequence 0's `SeqCache.rewind`."""
+        return self.seqs[0].rewind(n)
+
+
+class SeqCache:
+    """One sequence of a KVCache: the positions it holds (n_past) and the token ids the
+    caller records for them (tokens); its rows are k[i][index], v[i][index]."""
+
+    def __init__(self, cache, index):
+        self.cache, self.index = cache, index
+        self.n_past = 0
+        self.tokens = []  # ids at positions 0..n_past-1, where the caller records them
 
     def reset(self):
         self.n_past = 0
@@ -72,9 +118,10 @@ class KVCache:
         the token at position n must see (the caller then starts over)."""
         if not 0 <= n <= self.n_past:
             return False
-        for k, window in zip(self.k, self.window):
-            rows = k.shape[0]
-            if window and rows < self.n_ctx and self.n_past - n > rows - window + 1:
+        c = self.cache
+        for k, window in zip(c.k, c.window):
+            rows = k.shape[1]
+            if window and rows < c.n_ctx and self.n_past - n > rows - window + 1:
                 return False
         self.n_past = n
         self.tokens = self.tokens[:n]
@@ -91,13 +138,21 @@ def forward(
     on_route=None,
     min_expert_weight=None,
     route_counts=None,
+    seqs=None,
 ):
-    """Run `tokens` (T,) after the `cache.n_past` tokens already in `cache`.
+    """Run `tokens` (T,) after the tokens already in `cache`.
 
-    Returns logits (T, V) float32, or (1, V) for the last token only when
-    `all_logits` is False. `on_route(layer, h, ids, weights)` (optional) sees each
-    layer's routing as the router made it, for profiling. `min_expert_weight`:
-    adaptive top-k (`adapt_route`), counted in the dict `route_counts` (optional).
+    seqs: None runs them all in sequence 0, after its n_past tokens; else a list of
+    (seq, n) segments: `tokens` is their tokens concatenated in that order, and segment
+    j's n tokens go into sequence seq at that sequence's n_past (each sequence at most
+    once). All T tokens share the projections, experts and output head; the RoPE, KV
+    cache and attention run per segment. Each sequence's n_past advances by its n.
+
+    Returns logits (T, V) float32, or (S, V), the last token of each segment in
+    segment order, when `all_logits` is False. `on_route(layer, h, ids, weights)`
+    (optional) sees each layer's routing as the router made it, for profiling.
+    `min_expert_weight`: adaptive top-k (`adapt_route`), counted in the dict
+    `route_counts` (optional).
 
     Each layer's attention half (norm, projections, RoPE, KV cache, attention,
     residual, FFN norm, router) is one jitted call (`kernels.attention`); the
@@ -106,9 +161,8 @@ def forward(
     the layer's experts while its attention runs.
     """
     tr = cfg.traits
-    n_tok, pos0 = len(tokens), cache.n_past
-    if pos0 + n_tok > cache.n_ctx:
-        raise OptionError(f"context overflow: {pos0 + n_tok} tokens > n_ctx {cache.n_ctx}")
+    n_tok = len(tokens)
+    segs = segments(cache, n_tok, seqs)  # (S, 3) seq, pos0, n
     if n_tok == 0:
         return np.zeros((0, cfg.n_vocab), F32)
     x = w["token_embd.weight"].rows(tokens)  # (T, E)
@@ -131,7 +185,7 @@ def forward(
             cache.v[i].view(np.uint16),
             cache.cos[i],
             cache.sin[i],
-            pos0,
+            segs,
             cfg.n_head,
             cfg.attention_scale,
             cfg.q_scale,
@@ -170,9 +224,10 @@ def forward(
             f = f * F32(cfg.residual_scale)  # (T, E)
         x += f  # (T, E)
 
-    cache.n_past = pos0 + n_tok
+    for seq, _, n in segs:
+        cache.seqs[seq].n_past += int(n)
     if not all_logits:
-        x = x[-1:]  # (1, E)
+        x = x[np.cumsum(segs[:, 2]) - 1]  # (S, E) each segment's last token
     h = np.empty_like(x)
     rms_norm_rows(x, w["output_norm.weight"], cfg.rms_eps, h)  # (T, E)
     logits = output_matrix(cfg, w) @ h  # (T, V)
@@ -181,6 +236,32 @@ def forward(
     if cfg.logit_softcap:
         logits = softcap(logits, cfg.logit_softcap)  # (T, V)
     return logits
+
+
+def segments(cache, n_tok, seqs):
+    """The (S, 3) int64 array of (seq, pos0, n) rows `forward` runs: seqs None is one
+    segment of the n_tok tokens in sequence 0. OptionError for a repeated or unknown
+    sequence, an empty segment, counts that do not add up to n_tok, or a sequence whose
+    context would overflow."""
+    if seqs is None:
+        seqs = [(0, n_tok)] if n_tok else []
+    segs = np.zeros((len(seqs), 3), np.int64)  # (S, 3)
+    seen = set()
+    for j, (seq, n) in enumerate(seqs):
+        if not 0 <= seq < cache.n_seq or seq in seen:
+            raise OptionError(
+                f"segment {j}: sequence {seq} is repeated or not in 0..{cache.n_seq - 1}"
+            )
+        if n < 1:
+            raise OptionError(f"segment {j}: {n} tokens (at least 1)")
+        pos0 = cache.seqs[seq].n_past
+        if pos0 + n > cache.n_ctx:
+            raise OptionError(f"context overflow: {pos0 + n} tokens > n_ctx {cache.n_ctx}")
+        seen.add(seq)
+        segs[j] = seq, pos0, n
+    if segs[:, 2].sum() != n_tok:
+        raise OptionError(f"the segments hold {segs[:, 2].sum()} tokens, not {n_tok}")
+    return segs
 
 
 ACTIVATIONS = {"silu": mathops.silu, "gelu": mathops.gelu}

@@ -110,6 +110,8 @@ def model_info(model):
         "q_lora_rank": cfg.q_lora_rank,
         "kv_bytes_per_token": cfg.kv_bytes_per_token()[0],
         "kv_bytes_per_token_naive": cfg.kv_bytes_per_token()[1],
+        "kv_bytes": model.cache.nbytes,
+        "n_parallel": model.cache.n_seq,
         "n_swa": cfg.n_swa,
         "swa_layers": [i for i in range(cfg.n_layer) if cfg.is_swa(i)],
         "expert_layout": gguf.expert_layout if cfg.is_moe else None,

@@ -187,6 +187,14 @@ class Runtime(Group):
         None, "Compute threads (default: all cores).", flags=("-t", "--threads"), kind=int, lo=1
     )
     n_batch: int = option(512, "Prompt tokens per forward call during prefill.", kind=int, lo=1)
+    n_parallel: int = option(
+        1,
+        "Sequences kept and decoded together (server slots); each has its own KV cache "
+        "of n_ctx positions.",
+        flags=("-np", "--parallel"),
+        kind=int,
+        lo=1,
+    )
     llama_numerics: bool = option(
         True,
         "Round activations before each quantized matmul as llama.cpp does (logits agree "

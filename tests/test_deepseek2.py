@@ -55,13 +55,18 @@ def test_mla_block_matches_numpy_reference(q_lora):
         w["q"] = rand(h * dk, e)
     none = (readonly_matrix(np.zeros((0, 0), np.uint8), GGMLQuantizationType.F32), 0, NONE)
     cos, sin = rope_tables(n_ctx, dr, 10000.0)
-    kc = np.zeros((n_ctx, 1, r + dr), np.float16)  # (C, 1, R+Dr)
-    lat, pe = np.zeros((n_ctx, r), np.float16), np.zeros((n_ctx, dr), np.float16)
+    n_seq = 2
+    kc = np.zeros((n_seq, n_ctx, 1, r + dr), np.float16)  # (N, C, 1, R+Dr)
+    lat = np.zeros((n_seq, n_ctx, r), np.float16)  # (N, C, R)
+    pe = np.zeros((n_seq, n_ctx, dr), np.float16)  # (N, C, Dr)
     scale = 1 / np.sqrt(dk)
-    pos0 = 0
-    for n_tok in (7, 1, 3):  # prefill then decode steps over the same cache
+    n_past = [0, 0]
+    # prefills of two sequences together, decode steps in either order, one alone, mixed
+    for step in ([(0, 7), (1, 4)], [(1, 1), (0, 1)], [(0, 3)], [(1, 2), (0, 1)]):
+        segs = np.array([(s, n_past[s], n) for s, n in step], np.int64)  # (S, 3)
+        n_tok = int(segs[:, 2].sum())
         x = rng.standard_normal((n_tok, e)).astype(F32)
-        want = mla_layer(x, w, lat, pe, pos0, cos, sin, dr, scale, 1e-6)
+        want = mla_layer(x, w, lat, pe, segs, cos, sin, dr, scale, 1e-6)
         got = x.copy()
         hbuf = np.empty_like(x)
         ids, wts = np.empty((n_tok, 1), np.int32), np.empty((n_tok, 1), F32)
@@ -74,18 +79,19 @@ def test_mla_block_matches_numpy_reference(q_lora):
             *_mat(w["kv_a"]), w["kv_a_norm"],
             *_mat(w["k_b"].reshape(h * r, nope)), *_mat(w["v_b"].reshape(h * dv, r)),
             *_mat(w["out"]),
-            kc.view(np.uint16), np.zeros((n_ctx, 1, 0), np.uint16), cos, sin, pos0, h, scale,
-            1.0, 0, dr, False, 1e-6, 1.0,
+            kc.view(np.uint16), np.zeros((n_seq, n_ctx, 1, 0), np.uint16), cos, sin, segs, h,
+            scale, 1.0, 0, dr, False, 1e-6, 1.0,
             (np.ones(e, F32), *none, np.zeros(0, F32), np.zeros(0, F32), GATE_SOFTMAX, 0, 0,
              False, 0.0),
             1, hbuf, ids, wts,
         )  # fmt: skip
-        new = slice(pos0, pos0 + n_tok)  # the cache: [latent | k_pe], float16 (1 ulp)
-        np.testing.assert_allclose(kc[new, 0, :r], lat[new], rtol=1e-3, atol=1e-4)
-        np.testing.assert_allclose(kc[new, 0, r:], pe[new], rtol=1e-3, atol=1e-4)
+        for s, pos0, n in segs:  # the cache: [latent | k_pe], float16 (1 ulp)
+            new = slice(pos0, pos0 + n)
+            np.testing.assert_allclose(kc[s, new, 0, :r], lat[s, new], rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(kc[s, new, 0, r:], pe[s, new], rtol=1e-3, atol=1e-4)
+            n_past[s] += n
         d = np.abs(got - want).max() / np.abs(want - x).max()
         assert d < 5e-3, f"attention output off by {d:.2e} of its size"  # f16 Q and probabilities
-        pos0 += n_tok
 
 
 def test_config_reads_the_converters_keys(tmp_path):
@@ -112,7 +118,7 @@ def test_config_reads_the_converters_keys(tmp_path):
     assert cached == SHAPE.n_layer * (m.kv_lora_rank + m.rope) * 2
     assert naive == SHAPE.n_layer * SHAPE.n_head * (m.nope + m.rope + m.v_head) * 2
     assert b.stats()["kv_bytes_per_token"] == cached
-    assert b.cache.k[0].shape[1:] == (1, m.kv_lora_rank + m.rope) and b.cache.v[0].size == 0
+    assert b.cache.k[0].shape[2:] == (1, m.kv_lora_rank + m.rope) and b.cache.v[0].size == 0
 
 
 def test_older_kv_b_form_and_absent_q_lora_rank(tmp_path):
@@ -124,7 +130,7 @@ def test_older_kv_b_form_and_absent_q_lora_rank(tmp_path):
     ref = llamacpp_logits(path, tokens, n_ctx=64)
     m = meldlite.load(path, n_ctx=64)
     got = m.logits(tokens)
-    assert m.cache.k[0].shape[1:] == (1, MLA["kv_b"].kv_lora_rank + MLA["kv_b"].rope)
+    assert m.cache.k[0].shape[2:] == (1, MLA["kv_b"].kv_lora_rank + MLA["kv_b"].rope)
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     md = dict(m.gguf.metadata)

@@ -15,6 +15,7 @@ LOAD_KEYWORDS = {
     "n_ctx": None,
     "n_threads": None,
     "n_batch": 512,
+    "n_parallel": 1,
     "llama_numerics": True,
     "mem_budget": None,
     "cache_policy": None,

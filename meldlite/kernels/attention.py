@@ -193,6 +193,43 @@ def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out, sinks=None)
 
 
 @njit(cache=True, error_model="numpy")
+def rope_segments(x, n_head, d, cos, sin, segs, n_rot, neox):
+    """`rope_rows` on x (T, n_head*d) in place, segment by segment: segs (S, 3) rows
+    (seq, pos0, n) say that the next n rows of x are positions pos0.. of their sequence."""
+    t0 = 0
+    for j in range(segs.shape[0]):
+        pos0, n = segs[j, 1], segs[j, 2]
+        rope_rows(x[t0 : t0 + n], n_head, d, cos, sin, pos0, n_rot, neox)  # (n, n_head*d)
+        t0 += n
+
+
+@njit(cache=True, error_model="numpy")
+def attend_segments(q, k, v, kc, vc, segs, n_head, scale, window, out, sinks=None):
+    """`attend_cached` per segment: segs (S, 3) rows (seq, pos0, n) give the next n
+    tokens of q (T, H*D), k (T, G*D), v (T, G*Dv) and out (T, H*Dv) to positions pos0..
+    of sequence seq, whose cache is kc[seq] (C, G, D), vc[seq] (C, G, Dv) of
+    kc (N, C, G, D), vc (N, C, G, Dv) (N sequences)."""
+    t0 = 0
+    for j in range(segs.shape[0]):
+        seq, pos0, n = segs[j, 0], segs[j, 1], segs[j, 2]
+        t1 = t0 + n
+        attend_cached(
+            q[t0:t1],  # (n, H*D)
+            k[t0:t1],  # (n, G*D)
+            v[t0:t1],  # (n, G*Dv)
+            kc[seq],  # (C, G, D)
+            vc[seq],  # (C, G, Dv)
+            pos0,
+            n_head,
+            scale,
+            window,
+            out[t0:t1],  # (n, H*Dv)
+            sinks,
+        )
+        t0 = t1
+
+
+@njit(cache=True, error_model="numpy")
 def route_rows(logits, k, norm_topk, ids, weights):
     """Softmax routing (`route.route_gated` with no bias, groups or scale): the k most
     probable experts (ties: lower id first) in descending order, their probabilities,
@@ -262,7 +299,7 @@ def attention_block(
     vc,
     cos,
     sin,
-    pos0,
+    segs,
     n_head,
     attn_scale,
     q_scale,
@@ -283,13 +320,18 @@ def attention_block(
     rbias (X,), when not empty, is added to the router logits (-inf masks a pruned
     expert); the rest is the gating of `route.route_gated`. Modes m* say how
     each projection's input is rounded (actquant; NONE = float). attn_scale multiplies
-    Q.K, q_scale Q after RoPE (skipped when 1); window > 0: sliding-window attention over
-    kc/vc (C, G, D), which may be a ring of C >= window rows (`attend_cached`); n_rot 0:
+    Q.K, q_scale Q after RoPE (skipped when 1). The T tokens are segments of independent
+    sequences: segs (S, 3) int64 rows (seq, pos0, n), the next n tokens at positions
+    pos0.. of sequence seq, whose keys and values are kc[seq] (C, G, D), vc[seq]
+    (C, G, Dv) of kc/vc (N, C, G, D/Dv); projections, norms and the router take all T
+    tokens at once, RoPE, the cache and attention go per segment (`attend_segments`).
+    window > 0: sliding-window attention, kc/vc may be rings of C >= window rows
+    (`attend_cached`); n_rot 0:
     no RoPE. post_norm (E,), when not empty, RMS-normalises the attention output before
     the residual add; res_scale multiplies it (skipped when 1); sinks (H,) the attention
     sink logits (empty: none)."""
     n_tok, n_embd = x.shape
-    n_head_kv, dk, dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    n_head_kv, dk, dv = kc.shape[2], kc.shape[3], vc.shape[3]
     toks = np.arange(n_tok)
     rms_norm_rows(x, attn_norm, eps, h)
     n = n_embd
@@ -317,12 +359,12 @@ def attention_block(
     if qk_norm == QK_FULL or qk_norm == QK_HEAD:
         rms_norm_rows(q, q_norm, eps, q)
         rms_norm_rows(k, k_norm, eps, k)
-    rope_rows(q, n_head, dk, cos, sin, pos0, n_rot, neox)
-    rope_rows(k, n_head_kv, dk, cos, sin, pos0, n_rot, neox)
+    rope_segments(q, n_head, dk, cos, sin, segs, n_rot, neox)  # (T, H*D)
+    rope_segments(k, n_head_kv, dk, cos, sin, segs, n_rot, neox)  # (T, G*D)
     if q_scale != 1.0:
         q *= np.float32(q_scale)
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
-    attend_cached(q, k, v, kc, vc, pos0, n_head, attn_scale, window, a, sinks)
+    attend_segments(q, k, v, kc, vc, segs, n_head, attn_scale, window, a, sinks)
     finish_block(x, a, wo, to, mo, bo, post_norm, res_scale, eps, ffn, k_used, h, ids, weights)
 
 
@@ -376,6 +418,8 @@ track_sources(
     store_kv,
     attention_rows,
     attend_cached,
+    rope_segments,
+    attend_segments,
     route_rows,
     project,
     qkv_parallel,

@@ -26,7 +26,7 @@ from meldlite.kernels.attention import (
     attention_rows,
     finish_block,
     rms_norm_rows,
-    rope_rows,
+    rope_segments,
     store_kv,
 )
 from meldlite.kernels.qdot import linear
@@ -64,6 +64,23 @@ def mla_queries(h, wq, tq, mq, wqa, tqa, mqa, q_a_norm, wqb, tqb, mqb, eps):
 
 
 @njit(cache=True, error_model="numpy")
+def mla_attend(q_cat, kv, kc, vc, segs, n_head, scale, o_lat):
+    """Per segment (seq, pos0, n) of segs (S, 3): store the next n rows of kv (T, R + Dr)
+    [latent | k_pe] at positions pos0.. of kc[seq] (C, 1, R + Dr), then attend their
+    queries q_cat (T, H*(R+Dr)) over it with the latent as values -> o_lat (T, H*R)."""
+    r = o_lat.shape[1] // n_head
+    no_v = np.empty((kv.shape[0], 0), dtype=np.float32)  # (T, 0)
+    t0 = 0
+    for j in range(segs.shape[0]):
+        seq, pos0, n = segs[j, 0], segs[j, 1], segs[j, 2]
+        t1 = t0 + n
+        cache = kc[seq]  # (C, 1, R + Dr)
+        store_kv(kv[t0:t1], no_v[t0:t1], 1, kv.shape[1], 0, cache, vc[seq], pos0)
+        attention_rows(q_cat[t0:t1], cache, cache[:, :, :r], pos0, n_head, scale, o_lat[t0:t1])
+        t0 = t1
+
+
+@njit(cache=True, error_model="numpy")
 def mla_block(
     x,
     attn_norm,
@@ -94,7 +111,7 @@ def mla_block(
     vc,
     cos,
     sin,
-    pos0,
+    segs,
     n_head,
     attn_scale,
     q_scale,
@@ -110,8 +127,9 @@ def mla_block(
     weights,
 ):
     """One MLA layer's attention half, in place on x (T, E), as `attention.attention_block`
-    (h, ids, weights, the router arguments, modes m*). kc (C, 1, R + Dr) float16 bits
-    holds [latent | k_pe] per position; vc (C, 1, 0) is unused. wq has no rows when
+    (h, ids, weights, the router arguments, modes m*, the segments segs (S, 3) of
+    (seq, pos0, n)). kc (N, C, 1, R + Dr) float16 bits holds [latent | k_pe] per
+    sequence and position; vc (N, C, 1, 0) is unused. wq has no rows when
     q_lora_rank > 0 (then wqa/q_a_norm/wqb are used); wkb is Wk_b as H*R rows of nope
     values, wvb Wv_b as H*Dv rows of R values. q_scale and window are the standard
     block's (arguments in the same places); MLA layers have neither (1 and 0)."""
@@ -125,18 +143,17 @@ def mla_block(
     kv = np.empty((n_tok, r + dr), dtype=np.float32)  # (T, R + Dr) [latent | k_pe]
     linear(wkva, tkva, mkva, h, kv)
     k_pe = np.ascontiguousarray(kv[:, r:])  # (T, Dr)
-    rope_rows(k_pe, 1, dr, cos, sin, pos0, n_rot, neox)
+    rope_segments(k_pe, 1, dr, cos, sin, segs, n_rot, neox)
     lat = np.ascontiguousarray(kv[:, :r])  # (T, R)
     rms_norm_rows(lat, kv_a_norm, eps, lat)
     kv[:, :r] = lat
     kv[:, r:] = k_pe
-    store_kv(kv, np.empty((n_tok, 0), dtype=np.float32), 1, r + dr, 0, kc, vc, pos0)
     q_nope = np.empty((n_tok, n_head * nope), dtype=np.float32)  # (T, H*nope)
     q_pe = np.empty((n_tok, n_head * dr), dtype=np.float32)  # (T, H*Dr)
     for hd in range(n_head):
         q_nope[:, hd * nope : (hd + 1) * nope] = q[:, hd * dk : hd * dk + nope]
         q_pe[:, hd * dr : (hd + 1) * dr] = q[:, hd * dk + nope : (hd + 1) * dk]
-    rope_rows(q_pe, n_head, dr, cos, sin, pos0, n_rot, neox)
+    rope_segments(q_pe, n_head, dr, cos, sin, segs, n_rot, neox)
     q_abs = np.empty((n_tok, n_head * r), dtype=np.float32)  # (T, H*R)
     per_head(wkb, tkb, mkb, q_nope, n_head, nope, q_abs, r)
     q_cat = np.empty((n_tok, n_head * (r + dr)), dtype=np.float32)  # (T, H*(R+Dr))
@@ -144,7 +161,7 @@ def mla_block(
         q_cat[:, hd * (r + dr) : hd * (r + dr) + r] = q_abs[:, hd * r : (hd + 1) * r]
         q_cat[:, hd * (r + dr) + r : (hd + 1) * (r + dr)] = q_pe[:, hd * dr : (hd + 1) * dr]
     o_lat = np.empty((n_tok, n_head * r), dtype=np.float32)  # (T, H*R)
-    attention_rows(q_cat, kc, kc[:, :, :r], pos0, n_head, attn_scale, o_lat)
+    mla_attend(q_cat, kv, kc, vc, segs, n_head, attn_scale, o_lat)
     dv = wvb.shape[0] // n_head
     a = np.empty((n_tok, n_head * dv), dtype=np.float32)  # (T, H*Dv)
     per_head(wvb, tvb, mvb, o_lat, n_head, r, a, dv)
@@ -167,4 +184,4 @@ def mla_block(
     )
 
 
-track_sources(per_head, mla_queries, mla_block)
+track_sources(per_head, mla_queries, mla_attend, mla_block)
