@@ -36,3 +36,7 @@ class PeerError(MeldliteError):
 
 class TemplateError(MeldliteError):
     """A chat template is malformed, or raised an error while rendering messages."""
+
+
+class ContextError(OptionError):
+    """A prompt longer than the context the model was loaded with."""

@@ -33,6 +33,36 @@ def llamacpp_greedy(ids, n, n_ctx=256):
         llm.close()
 
 
+def llamacpp_gaps(ids, reply):
+    """Teacher-forced through llama.cpp (the built-in model): for each reply token, how
+    far its logit is below the largest (0: llama.cpp's greedy choice too)."""
+    import llama_cpp
+
+    n_ctx = len(ids) + len(reply)
+    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=n_ctx, verbose=False, logits_all=True)
+    try:
+        llm.eval(list(ids) + list(reply))
+        scores = np.asarray(llm.scores[len(ids) - 1 : n_ctx - 1])  # (R, V)
+        return scores.max(axis=1) - scores[np.arange(len(reply)), reply]  # (R,)
+    finally:
+        llm.close()
+
+
+def greedy_reply_ids(m, ids, n):
+    """The single-sequence engine's greedy reply ids (n at most, ending at end of
+    generation), from a fresh cache."""
+    m.cache.reset()
+    logits, out = m._eval(ids, all_logits=False)[-1], []  # (V,)
+    while len(out) < n:
+        tok = int(np.argmax(logits))
+        if m.tokenizer.is_eog(tok):
+            break
+        out.append(tok)
+        logits = m._eval([tok], all_logits=False)[-1]  # (V,)
+    m.cache.reset()
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

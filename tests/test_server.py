@@ -23,7 +23,7 @@ def served():
 
 def test_health_and_models(served):
     _, c = served
-    assert c.get("/health").json() == {"status": "ok"}
+    assert c.get("/health").json() == {"status": "ok", "slots": 1, "active": 0, "waiting": 0}
     data = c.get("/v1/models").json()["data"]
     assert [d["id"] for d in data] == ["tiny"]
 

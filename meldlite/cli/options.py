@@ -42,14 +42,16 @@ def click_option(name, opt, default):
     return click.option(*opt.flags, name, **kw)
 
 
-def declared(group, *names):
-    """Decorator: the command-line options of `group`'s fields `names` (all with flags if none)."""
+def declared(group, *names, defaults=None):
+    """Decorator: the command-line options of `group`'s fields `names` (all with flags if
+    none); `defaults` {name: value} replaces a field's default for this command."""
     table = group.opts()
     names = names or tuple(n for n, (opt, _) in table.items() if opt.flags)
 
     def wrap(fn):
         for name in reversed(names):
             opt, default = table[name]
+            default = (defaults or {}).get(name, default)
             if not opt.flags:
                 raise ValueError(f"{group.__name__}.{name} has no command-line flags")
             fn = click_option(name, opt, default)(fn)
