@@ -154,17 +154,7 @@ class Model:
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]
             last = start + self.n_batch >= len(ids)
-            logits = forward(
-                self.cfg,
-                self.weights,
-                self.store,
-                self.cache,
-                chunk,
-                all_logits=all_logits,
-                on_route=self._observe if self.route_observers else None,
-                min_expert_weight=self.runtime.min_expert_weight,
-                route_counts=self.route_counts,
-            )
+            logits = self._forward(chunk, all_logits)
             if all_logits or last:
                 out.append(logits)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.n_vocab), np.float32)
@@ -174,23 +164,17 @@ class Model:
         concatenation of the segments' tokens, seqs the (seq, n) segments (see
         `model.forward`). Returns (S, V) float32, each segment's last-token logits, in
         segment order. No n_batch chunking: the caller sizes the batch."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.n_vocab):
-            raise OptionError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
-        for seq, n in seqs:
-            held = self.cache.seq(seq).n_past
-            if held + n > self.n_ctx:
-                raise OptionError(
-                    f"sequence {seq}: {held + n} tokens do not fit the context "
-                    f"of {self.n_ctx} (load with a larger n_ctx)"
-                )
+        return self._forward(self._check_ids(ids, seqs), False, seqs)
+
+    def _forward(self, ids, all_logits, seqs=None):
+        """`model.forward` of ids with this model's route observers and adaptive top-k."""
         return forward(
             self.cfg,
             self.weights,
             self.store,
             self.cache,
             ids,
-            all_logits=False,
+            all_logits=all_logits,
             on_route=self._observe if self.route_observers else None,
             min_expert_weight=self.runtime.min_expert_weight,
             route_counts=self.route_counts,
@@ -201,15 +185,20 @@ class Model:
         for observe in self.route_observers:
             observe(layer, x, ids, weights)
 
-    def _check_ids(self, ids):
+    def _check_ids(self, ids, seqs=None):
+        """ids as an int64 array, checked: in the vocabulary, and each (seq, n) segment's
+        n tokens fit sequence seq's context (seqs None: all of ids in sequence 0)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.n_vocab):
             raise OptionError(f"token ids must be in 0..{self.cfg.n_vocab - 1}")
-        if self.cache.n_past + ids.size > self.n_ctx:
-            raise OptionError(
-                f"{self.cache.n_past + ids.size} tokens do not fit the context "
-                f"of {self.n_ctx} (load with a larger n_ctx)"
-            )
+        for seq, n in [(0, ids.size)] if seqs is None else seqs:
+            held = self.cache.seq(seq).n_past
+            if held + n > self.n_ctx:
+                where = f"sequence {seq}: " if self.cache.n_seq > 1 else ""
+                raise OptionError(
+                    f"{where}{held + n} tokens do not fit the context "
+                    f"of {self.n_ctx} (load with a larger n_ctx)"
+                )
         return ids
 
     def logits(self, ids):

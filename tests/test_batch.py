@@ -130,6 +130,40 @@ def llamacpp_greedy(path, ids, n):
         llm.close()
 
 
+@pytest.mark.parametrize("where", ["budget", "peers"])
+def test_a_budgeted_store_and_peers_batch_like_alone(paths, where):
+    """Batched steps (several tokens, one per sequence) through the memory-budgeted
+    expert cache, and through two local peers in exact mode, give the all-resident
+    single-sequence logits."""
+    from meldlite.api import Model
+    from meldlite.options import Peers, Runtime, Store
+    from meldlite.transports.local_peer import LocalPeer
+
+    ps = prompts(FILES["qwen3moe"][1], seed=2)
+    resident = meldlite.load(paths["qwen3moe"], n_ctx=N_CTX, n_threads=2)
+    want = [alone(resident, p, 4) for p in ps]
+    resident.close()
+    runtime = Runtime(n_ctx=N_CTX, n_threads=2, n_parallel=N_SEQ)
+    peers = LocalPeer.start(2) if where == "peers" else []
+    try:
+        if where == "peers":
+            opts = Peers([p.endpoint for p in peers], exact=True, timeout=30.0)
+            m = Model(paths["qwen3moe"], runtime=runtime, peers=opts)
+        else:
+            m = Model(paths["qwen3moe"], runtime=runtime, store=Store(mem_budget="40%"))
+        try:
+            rows, toks = batched(m, ps, 4)
+            counts = m.stats()
+        finally:
+            m.close()
+    finally:
+        for p in peers:
+            p.stop()
+    for j, (w_rows, w_toks) in enumerate(want):
+        assert toks[j] == w_toks and np.array_equal(rows[j], w_rows), f"sequence {j}"
+    assert counts["peers_requests" if where == "peers" else "expert_misses"] > 0
+
+
 @pytest.fixture(scope="module")
 def gemma(paths):
     m = meldlite.load(paths["gemma3"], n_ctx=N_CTX, n_parallel=3, n_threads=2)
