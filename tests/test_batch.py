@@ -4,13 +4,14 @@ sequence's logits equal the same sequence run alone, bit for bit, whatever the o
 sequences in the batch and however its prompt is cut (prefills together, a decode token
 next to another sequence's prompt chunk, batched decode steps in any order), on files of
 every attention kind: grouped-query with qk-norm (qwen3moe), sliding window past the
-ring (gemma3), latent attention (deepseek2), sinks and sliding window (gpt-oss), and the
-built-in quantized model, whose batched greedy tokens equal llama.cpp's continuations."""
+ring (gemma3), latent attention (deepseek2), sinks and sliding window (gpt-oss, F32 and
+MXFP4 experts), and the built-in quantized model (Q4_K_M), whose batched greedy tokens equal llama.cpp's continuations."""
 
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 from helpers_models import Shape, write_random_model
 
 import meldlite
@@ -31,6 +32,10 @@ FILES = {  # arch: (write_random_model arguments, prompt lengths of the four seq
         (13, 7, 21, 4),
     ),
     "gpt-oss": (dict(arch="gpt-oss", shape=SMALL_MOE, seed=4), (13, 7, 21, 4)),
+    "gpt-oss-mxfp4": (  # the published files' expert type: integer dot products
+        dict(arch="gpt-oss", shape=SMALL_MOE, seed=4, expert_type=GGMLQuantizationType.MXFP4),
+        (13, 7, 21, 4),
+    ),
 }
 
 
