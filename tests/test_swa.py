@@ -1,5 +1,6 @@
 """Sliding-window attention pieces: the window mask against the NumPy reference, the
-window-only ring cache against a full cache (bit-identical), and the SWA layer
+window-only ring cache against a full cache (bit-identical), the per-segment RoPE and
+attention of several sequences against the reference, and the SWA layer
 patterns as llama.cpp's llama_hparams::set_swa_pattern lays them out. End-to-end
 parity with llama.cpp on SWA models is in test_gemma3.py."""
 
@@ -56,6 +57,46 @@ def test_ring_cache_gives_the_full_cache_bits():
             outs.append(out)
         np.testing.assert_array_equal(outs[0], outs[1])
         pos += n_tok
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_segments_of_several_sequences_match_reference(window):
+    """rope_segments and attend_segments (the kernels' per-segment RoPE, cache write and
+    attention) against the reference: three sequences' prefills together, decode steps
+    in another order, a decode token beside another sequence's prompt chunk; the
+    kernels' sliding-window caches are rings, the reference's full size; with sinks."""
+    from meldlite.kernels.mathops import rope_tables
+
+    rng = np.random.default_rng(63)
+    n_seq, n_head, n_kv, d, n_ctx = 3, 4, 2, 32, 64
+    rows = window + 3 if window else n_ctx
+    kc = np.zeros((n_seq, rows, n_kv, d), np.uint16)  # (N, C, G, D) float16 bits
+    vc = np.zeros((n_seq, rows, n_kv, d), np.uint16)  # (N, C, G, D)
+    k_ref = np.zeros((n_seq, n_ctx, n_kv, d), np.float16)  # (N, n_ctx, G, D)
+    v_ref = np.zeros((n_seq, n_ctx, n_kv, d), np.float16)  # (N, n_ctx, G, D)
+    cos, sin = rope_tables(n_ctx, d, 10000.0)  # (n_ctx, D/2)
+    sinks = (3.0 * rng.standard_normal(n_head)).astype(np.float32)  # (H,)
+    n_past = [0] * n_seq
+    for step in ([(0, 13), (1, 21)], [(1, 1), (0, 1)], [(0, 1), (2, 9), (1, 1)], [(2, 1)]):
+        segs = np.array([(s, n_past[s], n) for s, n in step], np.int64)  # (S, 3)
+        n_tok = int(segs[:, 2].sum())
+        q, k, v = random_step(rng, n_tok, n_head, n_kv, d)
+        pos = np.concatenate([np.arange(p, p + n) for _, p, n in segs])  # (T,)
+        want_q = attention_ref.rope(q.reshape(n_tok, n_head, d), cos[pos], sin[pos], d, True)
+        want_k = attention_ref.rope(k.reshape(n_tok, n_kv, d), cos[pos], sin[pos], d, True)
+        attention.rope_segments(q, n_head, d, cos, sin, segs, d, True)
+        attention.rope_segments(k, n_kv, d, cos, sin, segs, d, True)
+        np.testing.assert_array_equal(q, want_q.reshape(n_tok, -1))
+        np.testing.assert_array_equal(k, want_k.reshape(n_tok, -1))
+        got = np.empty((n_tok, n_head * d), np.float32)  # (T, H*D)
+        attention.attend_segments(q, k, v, kc, vc, segs, n_head, 0.125, window, got, sinks)
+        want = attention_ref.attention_segments(
+            q.reshape(n_tok, n_head, d), k.reshape(n_tok, n_kv, d), v.reshape(n_tok, n_kv, d),
+            k_ref, v_ref, segs, 0.125, window, sinks,
+        )  # fmt: skip
+        assert rel_err(got, want) < 1e-5
+        for s, _, n in segs:
+            n_past[s] += n
 
 
 def test_ring_too_small_for_the_positions_raises():

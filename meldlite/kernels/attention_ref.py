@@ -84,6 +84,25 @@ def attention(q, k_cache, v_cache, pos0, scale, window=0, sinks=None):
     return np.ascontiguousarray(out.reshape(n_tok, -1), dtype=F32)  # (T, H*Dv)
 
 
+def attention_segments(q, k, v, k_cache, v_cache, segs, scale, window=0, sinks=None):
+    """Attention of T tokens that are segments of independent sequences: segs rows
+    (seq, pos0, n), the next n tokens at positions pos0.. of sequence seq. Their keys
+    k (T, G, D) and values v (T, G, Dv) are written (float16, in place) to rows pos0..
+    of k_cache[seq] (C, G, D) and v_cache[seq] (C, G, Dv) of the full-size caches
+    (N, C, G, D/Dv), then their queries q (T, H, D) attend over that sequence's
+    positions as `attention`. Returns (T, H * Dv) float32."""
+    out = []
+    t0 = 0
+    for seq, pos0, n in segs:
+        rows = slice(t0, t0 + n)
+        k_cache[seq, pos0 : pos0 + n] = k[rows]
+        v_cache[seq, pos0 : pos0 + n] = v[rows]
+        kc, vc = k_cache[seq, : pos0 + n], v_cache[seq, : pos0 + n]  # (S, G, D), (S, G, Dv)
+        out.append(attention(q[rows], kc, vc, pos0, scale, window, sinks))  # (n, H*Dv)
+        t0 += n
+    return np.concatenate(out)  # (T, H*Dv)
+
+
 def route(logits, k, norm_topk):
     """Top-k experts per token from router logits, as llama.cpp's build_moe_ffn with
     softmax gating (the general router's reference is `route_ref.route`).
