@@ -201,6 +201,20 @@ def test_rewind_and_reset_of_one_sequence_leave_the_others(gemma):
     assert np.array_equal(m._eval_seqs([tok], [(0, 1)])[0], want0[2])
 
 
+def test_all_logits_of_segments_are_each_sequences_rows(gemma):
+    """all_logits=True returns (T, V): the rows of each segment are its sequence's
+    logits at those positions, as `Model.logits` of the prompt alone gives them."""
+    m = gemma
+    p0, p1 = prompts((11, 70), seed=9)
+    want0, want1 = m.logits(p0), m.logits(p1)  # (11, V), (70, V)
+    for j in range(3):
+        m.cache.seq(j).reset()
+    got = forward(m.cfg, m.weights, m.store, m.cache, p1 + p0, seqs=[(2, 70), (1, 11)])
+    assert got.shape == (81, m.cfg.n_vocab)
+    assert np.array_equal(got[:70], want1) and np.array_equal(got[70:], want0)
+    assert (m.cache.seq(1).n_past, m.cache.seq(2).n_past) == (11, 70)
+
+
 def test_a_ring_rewinds_per_sequence(gemma):
     """The sliding-window rule applies to each sequence's own history: a long sequence
     can no longer rewind far, a short one next to it can."""
