@@ -54,7 +54,7 @@ def mode_of(ggml_type):
     return _MODE.get(T(int(ggml_type)), NONE)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _f16_round(v):
     """v rounded to the nearest float16 value (ties to even), as float32."""
     a = abs(v)
@@ -71,7 +71,7 @@ def _f16_round(v):
     return r
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _bf16_round(v):
     u = np.array([v], np.float32).view(np.uint32)[0]
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays NaN
@@ -80,7 +80,7 @@ def _bf16_round(v):
     return np.array([u], np.uint32).view(np.float32)[0]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _q8_0_block(src, dst):
     amax = np.float32(0.0)
     for v in src:
@@ -91,7 +91,7 @@ def _q8_0_block(src, dst):
         dst[j] = np.float32(np.rint(src[j] * inv)) * d
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _q8_k_block(src, dst):
     amax, mx = np.float32(0.0), np.float32(0.0)
     for v in src:
@@ -106,7 +106,7 @@ def _q8_k_block(src, dst):
         dst[j] = np.float32(min(np.float32(127.0), np.rint(iscale * src[j]))) * d
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def round_row(src, mode, dst):
     """Round one activation row (n,) into dst (n,) per `mode`."""
     n = src.shape[0]
@@ -126,7 +126,7 @@ def round_row(src, mode, dst):
         dst[:] = src
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _round_rows(x, mode, out):
     for t in prange(x.shape[0]):
         round_row(x[t], mode, out[t])

@@ -31,7 +31,7 @@ from meldlite.kernels.route import GATE_SOFTMAX, NO_BIAS, route_gated
 QK_NONE, QK_HEAD, QK_FULL = 0, 1, 2
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rms_norm_rows(x, w, eps, out):
     """out[t] = x[t] * 1/sqrt(mean(x[t]^2) + eps) * w; squares summed in float64.
     x (T, n) may equal out; w (n,) (or (m,) with n a multiple of m: per-head norm)."""
@@ -47,7 +47,7 @@ def rms_norm_rows(x, w, eps, out):
                 out[t, i] = (x[t, i] * scale) * w[i - h * m]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rope_rows(x, n_head, d, cos, sin, pos0, n_rot, neox):
     """Rotate the first n_rot dims of each head of x (T, n_head*d) in place."""
     half = n_rot // 2
@@ -84,7 +84,7 @@ def f32_to_f16_bits(v):
     )
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
     """Write k (T, G*D), v (T, G*Dv) as float16 bits into kc (C, G, D), vc (C, G, Dv).
 
@@ -100,7 +100,7 @@ def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
                 vc[r, g, i] = f32_to_f16_bits(v[t, g * dv + i])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
     """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
 
@@ -172,7 +172,7 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
                     out[t, h * dv + i] = acc[i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out, sinks=None):
     """Store k, v (T, G*D / G*Dv) in the cache and attend q (T, H*D) -> out (T, H*Dv).
 
@@ -192,7 +192,7 @@ def attend_cached(q, k, v, kc, vc, pos0, n_head, scale, window, out, sinks=None)
         attention_rows(q[c0:c1], kc, vc, pos0 + c0, n_head, scale, out[c0:c1], window, sinks)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rope_segments(x, n_head, d, cos, sin, segs, n_rot, neox):
     """`rope_rows` on x (T, n_head*d) in place, segment by segment: segs (S, 3) rows
     (seq, pos0, n) say that the next n rows of x are positions pos0.. of their sequence."""
@@ -203,7 +203,7 @@ def rope_segments(x, n_head, d, cos, sin, segs, n_rot, neox):
         t0 += n
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def attend_segments(q, k, v, kc, vc, segs, n_head, scale, window, out, sinks=None):
     """`attend_cached` per segment: segs (S, 3) rows (seq, pos0, n) give the next n
     tokens of q (T, H*D), k (T, G*D), v (T, G*Dv) and out (T, H*Dv) to positions pos0..
@@ -229,7 +229,7 @@ def attend_segments(q, k, v, kc, vc, segs, n_head, scale, window, out, sinks=Non
         t0 = t1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def route_rows(logits, k, norm_topk, ids, weights):
     """Softmax routing (`route.route_gated` with no bias, groups or scale): the k most
     probable experts (ties: lower id first) in descending order, their probabilities,
@@ -237,7 +237,7 @@ def route_rows(logits, k, norm_topk, ids, weights):
     route_gated(logits, k, GATE_SOFTMAX, NO_BIAS, 0, 0, norm_topk, 0.0, ids, weights)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def project(raw, t, mode, src, qa, da, bs, xr, toks, out, quantize):
     """out = W src with src's rounded activations in qa/da/bs/xr (filled when `quantize`)."""
     if quantize:
@@ -245,7 +245,7 @@ def project(raw, t, mode, src, qa, da, bs, xr, toks, out, quantize):
     matmul_acts(raw, t, qa, da, bs, xr, toks, out, mode != NONE)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, llama_numerics):
     """q, k, v = Wq h, Wk h, Wv h for one set of rounded activations, all three matrices'
     row chunks in one parallel loop (one thread start-up instead of three)."""
@@ -270,7 +270,7 @@ def qkv_parallel(wq, tq, wk, tk, wv, tv, qa, da, bs, xr, toks, q, k, v, llama_nu
             )
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def attention_block(
     x,
     attn_norm,
@@ -368,7 +368,7 @@ def attention_block(
     finish_block(x, a, wo, to, mo, bo, post_norm, res_scale, eps, ffn, k_used, h, ids, weights)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def finish_block(x, a, wo, to, mo, bo, post_norm, res_scale, eps, ffn, k_used, h, ids, weights):
     """The end of every attention half: x (T, E) += res_scale * post_norm(Wo a + bo) for
     the attention output a (T, n) (post_norm (E,) empty: none); h <- FFN-normed x; the

@@ -12,7 +12,7 @@ from meldlite.kernels.qtypes import check_type, row_cols
 _TYPED_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def dequantize_rows(raw, t, out):
     """raw (n_rows, row_bytes) uint8 of type t -> out (n_rows, n_cols) float32.
 

@@ -52,7 +52,7 @@ def _tile(raw, t, x, out, r0, wbuf, acc):
     return True
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def matmat_rows(raw, t, x, out):
     """raw (n_rows, row_bytes) uint8 of type t, x (n_tok, n_cols) f32 -> out (n_tok, n_rows).
 

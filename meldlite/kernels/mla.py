@@ -32,7 +32,7 @@ from meldlite.kernels.attention import (
 from meldlite.kernels.qdot import linear
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def per_head(w, t, mode, src, n_head, d_in, out, d_out):
     """out[:, h*d_out:(h+1)*d_out] = W_h src[:, h*d_in:(h+1)*d_in] for each head h, where
     W_h is rows h*d_out.. of w (a 3-D (H, d_out, d_in) tensor seen as H*d_out rows)."""
@@ -47,7 +47,7 @@ def per_head(w, t, mode, src, n_head, d_in, out, d_out):
             out[i, h * d_out : (h + 1) * d_out] = ys[i]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def mla_queries(h, wq, tq, mq, wqa, tqa, mqa, q_a_norm, wqb, tqb, mqb, eps):
     """q (T, H*Dk) from the normed input h (T, E): Wq h, or Wq_b rmsnorm(Wq_a h)."""
     n_tok = h.shape[0]
@@ -63,7 +63,7 @@ def mla_queries(h, wq, tq, mq, wqa, tqa, mqa, q_a_norm, wqb, tqb, mqb, eps):
     return q
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def mla_attend(q_cat, kv, kc, vc, segs, n_head, scale, o_lat):
     """Per segment (seq, pos0, n) of segs (S, 3): store the next n rows of kv (T, R + Dr)
     [latent | k_pe] at positions pos0.. of kc[seq] (C, 1, R + Dr), then attend their
@@ -80,7 +80,7 @@ def mla_attend(q_cat, kv, kc, vc, segs, n_head, scale, o_lat):
         t0 = t1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def mla_block(
     x,
     attn_norm,

@@ -60,7 +60,7 @@ def activate(v, u, act):
     return v / (np.float32(1.0) + np.exp(-v)) * u
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def gated(g, u, act, bias, r0, r1):
     """g[:, r0:r1] <- act(g + bias gate, u + bias up) in float32 (no bias when `bias`
     is empty); g, u (n, n_ff), bias (2 n_ff + n_embd,) or (0,)."""
@@ -74,7 +74,7 @@ def gated(g, u, act, bias, r0, r1):
             g[i, c] = activate(v, w, act)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def add_down_bias(y, bias, n_ff):
     """y (n, n_embd) += the down bias, the last n_embd values of bias (none when empty)."""
     if bias.shape[0]:
@@ -83,7 +83,7 @@ def add_down_bias(y, bias, n_ff):
                 y[i, c] += bias[2 * n_ff + c]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def group_by_expert(ids, n_expert):
     """Pairs p = t*k + j sorted by expert (stable), and starts (n_expert+1,) into them."""
     n_tok, k = ids.shape
@@ -104,7 +104,7 @@ def group_by_expert(ids, n_expert):
     return pairs, starts
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rounded(a, mode):
     """a (n, m) with each row rounded per activation mode (a itself when mode is NONE)."""
     if mode == NONE:
@@ -115,7 +115,7 @@ def rounded(a, mode):
     return r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def expert_ffn(x, toks, gate, up, down, tys, modes, act, bias, y):
     """y (n, n_embd) <- down(act(gate xs, up xs)) for xs = x[toks], with the expert's
     biases (n_bias,) when not empty; False on unknown type.
@@ -137,7 +137,7 @@ def expert_ffn(x, toks, gate, up, down, tys, modes, act, bias, y):
     return ok
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rows_of_pairs(pairs, n_tok, k):
     """row_of (n_tok, k): the row i of ys holding pair pairs[i] = t*k + j."""
     row_of = np.zeros((n_tok, k), dtype=np.int64)  # (n_tok, k)
@@ -146,13 +146,13 @@ def rows_of_pairs(pairs, n_tok, k):
     return row_of
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def expert_bias(bias, e):
     """Expert e's biases (2 n_ff + n_embd,), or an empty row when bias is (0, 0)."""
     return bias[e] if bias.shape[0] else bias.ravel()[:0]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, bias, out):
     """The whole routed-expert step; False if some used expert has an unknown type."""
     pairs, starts = group_by_expert(ids, types.shape[0])
@@ -188,7 +188,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, bias, out):
 ITEM_ROWS = 64
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _act_slots(ids, modes):
     """slot (n_modes,) of each activation mode the used experts' gate/up need (-1: none)."""
     slot = np.full(8, -1, dtype=np.int64)  # (n_modes,) modes are small ints (actquant)
@@ -204,7 +204,7 @@ def _act_slots(ids, modes):
     return slot, n
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _items(starts, n_rows_of, types, which):
     """Work items (expert, first row) over the used experts' matrices `which`."""
     n = 0
@@ -223,7 +223,7 @@ def _items(starts, n_rows_of, types, which):
     return item_e, item_r
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u):
     """g/u[p, r0:r0+ITEM_ROWS] for the pairs p of expert e, then g <- act(g, u)."""
     s, s_end = starts[e], starts[e + 1]
@@ -239,7 +239,7 @@ def _gate_up_item(mats, types, e, r0, starts, toks, slot, modes, act, bias, qa, 
     gated(g[s:s_end], u[s:s_end], act, expert_bias(bias, e), r0, r1)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _down_item(mats, types, e, r0, starts, pair_ids, bias, qa, da, bs, xr, ys):
     s, s_end = starts[e], starts[e + 1]
     down = mats[3 * e + DOWN]
@@ -254,7 +254,7 @@ def _down_item(mats, types, e, r0, starts, pair_ids, bias, qa, da, bs, xr, ys):
                 ys[p, c] += bias[e, 2 * n_ff + c]
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _gate_up_parallel(
     mats, types, item_e, item_r, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u
 ):
@@ -279,13 +279,13 @@ def _gate_up_parallel(
         )
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _down_parallel(mats, types, item_e, item_r, starts, pair_ids, bias, qa, da, bs, xr, ys):
     for i in prange(item_e.shape[0]):
         _down_item(mats, types, item_e[i], item_r[i], starts, pair_ids, bias, qa, da, bs, xr, ys)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out):
     """moe_ffn_kernel with every matmul input rounded as llama.cpp does, by integer dots."""
     n_tok, n_embd = x.shape
@@ -481,7 +481,7 @@ _SUPPORTED = np.zeros(len(MODE_BY_ID), dtype=np.bool_)  # (n_type_ids,) types th
 _SUPPORTED[SUPPORTED_IDS] = True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _fast_checks(
     n_embd, ids, mats, types, supported, block_elems, block_bytes, llama_numerics, mode_by_id, modes
 ):

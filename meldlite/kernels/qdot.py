@@ -79,7 +79,7 @@ CHUNK = 16  # rows per parallel work item
 # ---------------------------------------------------------------- activations
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_0_row(x, qa, da, bs):
     """One row as Q8_0 blocks of 32 (the x86 rounding of actquant: round-half-even)."""
     for b in range(x.shape[0] // QK):
@@ -97,7 +97,7 @@ def quantize_q8_0_row(x, qa, da, bs):
         bs[b] = s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_k_row(x, qa, da, bs):
     """One row as Q8_K blocks of 256: iscale = -127/max (signed), q = min(127, rint)."""
     for b in range(x.shape[0] // QK_K):
@@ -121,7 +121,7 @@ def quantize_q8_k_row(x, qa, da, bs):
             bs[s] = t
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_row(x, mode, qa, da, bs, xr):
     """Fill one token's activation arrays for `mode` (actquant's modes)."""
     n = x.shape[0]
@@ -137,7 +137,7 @@ def quantize_row(x, mode, qa, da, bs, xr):
         round_row(x, mode, xr)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_rows(x, mode, qa, da, bs, xr):
     """x (T, n) float32 -> qa (T, n) int8, da (T, n/32), bs (T, n/32), xr (T, n)."""
     for t in range(x.shape[0]):
@@ -177,7 +177,7 @@ def _f16_bits(row, o):
 # the float steps here in block order. Flat offsets instead of slices (no reference counts).
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dot_q4_k(w, r, qa, da, bs, k, nb):
     """Q4_K row (nb super-blocks of Q4_K_BYTES) . Q8_K activations."""
     sumf = np.float32(0.0)
@@ -190,7 +190,7 @@ def dot_q4_k(w, r, qa, da, bs, k, nb):
     return sumf
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dot_q6_k(w, r, qa, da, k, nb):
     """Q6_K row (nb super-blocks of Q6_K_BYTES) . Q8_K activations."""
     sumf = np.float32(0.0)
@@ -202,7 +202,7 @@ def dot_q6_k(w, r, qa, da, k, nb):
     return sumf
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dot_q8_0(w, r, qa, da, k, nb, L):
     """Q8_0 row (nb blocks of Q8_0_BYTES: d f16, qs[32]) . Q8_0 activations. A plain Numba loop (LLVM
     vectorizes int8 x int8 to vpdpwssd; faster here than simd's vpmaddubsw form), four
@@ -239,7 +239,7 @@ def dot_q8_0(w, r, qa, da, k, nb, L):
     return sumf
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dot_q4_0(row, qa, da, nb, L):
     """Q4_0 row (nb blocks of Q4_0_BYTES: d f16, qs[16]) . Q8_0 activations; L must be 16.
     Byte l of a block holds values l (low nibble) and 16+l (high nibble), minus 8."""
@@ -281,7 +281,7 @@ def dot_q4_0(row, qa, da, nb, L):
     return sumf
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dot_q5_0(row, qa, da, nb, L):
     """Q5_0 row (nb blocks of Q5_0_BYTES: d f16, qh u32, qs[16]) . Q8_0 activations; L = 16.
     Value l has bit l of qh as its 5th bit, value 16+l bit 16+l; minus 16."""
@@ -326,14 +326,14 @@ def _f16w(row, i):
     return _f16_bits_to_f32(np.uint32(row[2 * i]) | (np.uint32(row[2 * i + 1]) << np.uint32(8)))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def f16_row_to_f32(row, n, out):
     """n float16 values (little-endian bytes of `row`) -> out[:n] float32 (vectorized)."""
     for i in range(n):
         out[i] = _f16w(row, i)
 
 
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def dot_lanes16(w, xr, n, acc, L):
     """sum of w[i] * xr[i] as llama.cpp's AVX-512 GEMM sums it (tinyBLAS): 16 lanes (lane l
     takes i = l, l+16, ...) accumulated with FMA, then reduced as _mm512_reduce_add_ps
@@ -355,7 +355,7 @@ def dot_lanes16(w, xr, n, acc, L):
     return s
 
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def dot_f32(w, xr, n):
     """Float row . float activations (w: n float32, e.g. a decoded row)."""
     s = np.float32(0.0)
@@ -367,7 +367,7 @@ def dot_f32(w, xr, n):
 # ---------------------------------------------------------------- rows x tokens
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def dot_mxfp4(row, qa, da, nb, L):
     """MXFP4 row (nb blocks of MXFP4_BYTES: e E8M0, qs[16]) . Q8_0 activations; L = 16.
     Byte l of a block holds values l (low nibble) and 16+l (high nibble), codes into
@@ -388,7 +388,7 @@ def dot_mxfp4(row, qa, da, nb, L):
     return sumf
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics):
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
 
@@ -441,7 +441,7 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
             out[i, r] = v
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
     """out (n, n_rows) for all rows, CHUNK rows per work item, in parallel."""
     n_rows = raw.shape[0]
@@ -462,7 +462,7 @@ def matmul_parallel(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
         )
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def matmul_serial(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
     """matmul_parallel on the calling thread (small matrices: no thread start-up)."""
     rows_times_tokens(raw, t, 0, raw.shape[0], qa, da, bs, xr, toks, out, llama_numerics)
@@ -471,7 +471,7 @@ def matmul_serial(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
 PARALLEL_MIN_BYTES = 1 << 19  # weight bytes x tokens below which one thread is faster (measured)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def matmul_acts(raw, t, qa, da, bs, xr, toks, out, llama_numerics):
     """Pick the serial or parallel row loop by work size (both give the same bits)."""
     if raw.shape[0] * raw.shape[1] * toks.shape[0] < PARALLEL_MIN_BYTES or raw.shape[0] < 2 * CHUNK:
@@ -501,7 +501,7 @@ track_sources(
 )
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def linear(raw, t, mode, x, out):
     """out (T, n_rows) = W x for x (T, n_cols) rounded per `mode`, in one call."""
     n_tok, n = x.shape

@@ -26,7 +26,7 @@ GATINGS = {"softmax": GATE_SOFTMAX, "sigmoid": GATE_SIGMOID, "softmax_weight": G
 NO_BIAS = np.zeros(0, np.float32)  # (0,) no selection bias
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def gate_row(logits, gating, probs):
     """probs (X,) <- gate(logits (X,)) in float32."""
     n_x = logits.shape[0]
@@ -40,7 +40,7 @@ def gate_row(logits, gating, probs):
         softmax_row(logits, probs)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_row(v, out):
     """out (n,) <- softmax(v (n,)), exponentials summed in float64 as ggml; v may be out."""
     mx = v.max()
@@ -53,7 +53,7 @@ def softmax_row(v, out):
         out[i] = np.float32(out[i] * inv)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def top_index(values, allowed):
     """Index of the largest value among `allowed` (ties: lower index); -1 if none."""
     best = -1
@@ -63,7 +63,7 @@ def top_index(values, allowed):
     return best
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def mask_groups(sel, n_group, n_group_used, allowed):
     """allowed (X,) &= expert is in one of the n_group_used groups with the largest
     top-2 sums of sel (X,); a group's two values are summed in float64 as ggml_sum_rows."""
@@ -87,7 +87,7 @@ def mask_groups(sel, n_group, n_group_used, allowed):
         allowed[e] = allowed[e] and keep[e // per]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def route_gated(
     logits, k, gating, sel_bias, n_group, n_group_used, norm_topk, w_scale, ids, weights
 ):
@@ -112,7 +112,7 @@ def route_gated(
         finish_weights(weights[t], gating, norm_topk, w_scale)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def finish_weights(w, gating, norm_topk, w_scale):
     """The chosen experts' weights w (k,) in place: softmax ("softmax_weight"), sum-1
     normalisation, scale."""

@@ -16,7 +16,7 @@ from meldlite.kernels.attention import project
 from meldlite.kernels.route import route_gated
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def route_input(
     x,
     wr,

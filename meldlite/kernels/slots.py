@@ -31,7 +31,7 @@ def _sum_token(ids, weights, ys, row_of, out, t):
                 out[t, c] += w * y[c]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def sum_slots_serial(ids, weights, ys, row_of, out):
     """The slot-order sum on the calling thread. ids (T, k), weights (T, k), ys (P, E),
     row_of (T, k) row of ys holding pair (t, j), out (T, E)."""
@@ -39,7 +39,7 @@ def sum_slots_serial(ids, weights, ys, row_of, out):
         _sum_token(ids, weights, ys, row_of, out, t)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def sum_slots_parallel(ids, weights, ys, row_of, out):
     """sum_slots_serial with the tokens spread over threads (the same bits)."""
     for t in prange(ids.shape[0]):
