@@ -2,9 +2,10 @@
 
 The model's KV cache holds `n_parallel` sequences (slots). A worker thread runs the
 model in steps; each step is one forward pass (`Model._eval_seqs`) over every active
-request's next token and, within a budget of `n_batch` tokens, chunks of the prompts
-still being read, so running replies never wait for a whole prompt and every active
-request advances one token per step (fair turns). Requests beyond the slots wait in
+request's next token and, within PROMPT_STEP tokens (and n_batch), chunks of the
+prompts still being read in arrival order, so running replies never wait for more than
+a chunk of someone's prompt, earlier requests get their first token first, and every
+active request advances one token per step (fair turns). Requests beyond the slots wait in
 arrival order. A request admitted to a slot reuses the KV cache of the longest common
 prefix any free slot holds (a follow-up chat turn does not re-read its history).
 
@@ -15,6 +16,7 @@ slot before the next step.
 """
 
 import collections
+import itertools
 import threading
 
 import numpy as np
@@ -22,6 +24,9 @@ import numpy as np
 from meldlite import sampling
 from meldlite.chat import Decoding, usage
 from meldlite.errors import ContextError, OptionError
+
+PROMPT_STEP = 128  # prompt tokens per step at most: bounds the pause of running replies
+_arrivals = itertools.count()
 
 
 class Request:
@@ -33,6 +38,7 @@ class Request:
         self.text = Decoding(tokenizer, stop, max_tokens)
         self.slot, self.fed, self.reused, self.next_token = None, 0, 0, None
         self.cancelled, self.finish_reason, self.usage = False, None, None
+        self.arrival = next(_arrivals)
 
     def cancel(self):
         """Stop this request (from any thread): its slot is freed before the next step."""
@@ -129,17 +135,17 @@ class Scheduler:
 
     def _batch(self):
         """[(request, tokens)] of this step: every decoding request's next token, then
-        prompt chunks in admission order while the step has room (n_batch tokens)."""
-        batch, room = [], self.model.n_batch
-        for req in self.slots:
-            if req is not None and req.next_token is not None:
-                batch.append((req, [req.next_token]))
-                room -= 1
-        for req in self.slots:
-            if req is not None and req.next_token is None and room > 0:
-                chunk = req.ids[req.fed : req.fed + room]
-                batch.append((req, chunk))
-                room -= len(chunk)
+        prompt chunks in arrival order while the step has room (PROMPT_STEP tokens)."""
+        running = [r for r in self.slots if r is not None]
+        batch = [(r, [r.next_token]) for r in running if r.next_token is not None]
+        room = min(PROMPT_STEP, self.model.n_batch)
+        reading = sorted((r for r in running if r.next_token is None), key=lambda r: r.arrival)
+        for req in reading:
+            if room <= 0:
+                break
+            chunk = req.ids[req.fed : req.fed + room]
+            batch.append((req, chunk))
+            room -= len(chunk)
         return batch
 
     def _step(self, batch):
