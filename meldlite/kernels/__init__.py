@@ -6,7 +6,8 @@ Public API:
 - `matmul(raw, ggml_type, x, out=None)`: W x from the blocks, x (n_cols,) or (n_tok, n_cols).
 - `moe_ffn(x, ids, weights, mats, types, out=None, act="silu", bias=None)`: one layer's
   routed experts (activation kinds and expert biases: see moe.py).
-- `expert_list`, `set_expert`, `placeholder`, `check_types`: helpers for `mats`.
+- `expert_list`, `set_expert` (mats.py: built by cached kernels, so no process compiles
+  `numba.typed.List`'s methods), `placeholder`, `check_types`: helpers for `mats`.
 - `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
 - `sum_slots(ids, weights, ys, row_of, out=None)`: the slot-order sum of expert outputs
   that every MoE path ends with (one token's experts added in slot order from 0.0).
@@ -29,7 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read once, when libgomp l
 
 from meldlite.kernels.dequant import dequantize
 from meldlite.kernels.matmul import matmul
-from meldlite.kernels.moe import check_types, expert_list, moe_ffn, placeholder, set_expert
+from meldlite.kernels.mats import expert_list, set_expert
+from meldlite.kernels.moe import check_types, moe_ffn, placeholder
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
 from meldlite.kernels.slots import sum_slots
