@@ -17,6 +17,7 @@ from meldlite.errors import OptionError
 from meldlite.experts import make_store
 from meldlite.experts.io import drop_file_cache
 from meldlite.formats import read_gguf
+from meldlite.kernels import prepare_target, release_compiler_pages
 from meldlite.kernels.threads import set_threads
 from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
@@ -96,6 +97,7 @@ class Model:
         the experts placed here and failover)."""
         self.path = default_model_path() if path is None else os.fspath(path)
         self.runtime = runtime
+        prepare_target()  # Numba's setup, without the compiler's pages of the import
         self.cold_cache = drop_file_cache(self.path) if runtime.cold else None  # (before, after)
         self.gguf = read_gguf(self.path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
@@ -114,6 +116,7 @@ class Model:
         self.store = self._build_store(store, peers)
         self.cache = KVCache(self.cfg, self.n_ctx, n_seq=runtime.n_parallel)
         self.timings = {}
+        release_compiler_pages()  # what loading the kernels of the checks mapped
 
     def _build_store(self, store, peers):
         """The local store, wrapped by a RemoteStore when there are peers (None: dense)."""
