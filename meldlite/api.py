@@ -23,7 +23,6 @@ from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.options import Generation, Runtime, Sampler, Store, from_keywords, load_keywords
 from meldlite.tokenizer import Tokenizer
-from meldlite.tokenizer.chat import ChatTemplate, prompt_ids
 from meldlite.weights import Weights
 
 
@@ -285,6 +284,8 @@ class Model:
     def chat_template(self):
         """The model's ChatTemplate (its tokenizer.chat_template, else ChatML)."""
         if getattr(self, "_chat_template", None) is None:
+            from meldlite.tokenizer.chat import ChatTemplate  # jinja2: loaded for chat only
+
             self._chat_template = ChatTemplate.for_model(self.gguf.metadata, self.tokenizer)
         return self._chat_template
 
@@ -295,6 +296,8 @@ class Model:
         reuses the KV cache of the part a previous chat call already ran (multi-turn
         chat does not re-read the history). `template`: a ChatTemplate (default: the
         model's); sampling as in `generate` (`sampler` or its keywords)."""
+        from meldlite.tokenizer.chat import prompt_ids
+
         text = (template or self.chat_template).render(messages, add_generation_prompt=True)
         ids = prompt_ids(self.tokenizer, text)
         return Reply(self, ids, sampler or Sampler(**sampling_keywords), max_tokens, stop)
