@@ -31,6 +31,7 @@ from helpers_vocab import (
 from meldlite.errors import FormatError, OptionError, UnsupportedError
 from meldlite.tokenizer import StreamDecoder, Tokenizer, unicode_data
 from meldlite.tokenizer.pretokenize import HAN_RANGES
+from meldlite.tokenizer.vocab import MergeRanks
 
 K = Keys.Tokenizer
 needs_model = pytest.mark.skipif(not TINYSTORIES.exists(), reason="shared/models not present")
@@ -567,6 +568,21 @@ def test_out_of_range_ids_are_option_errors():
         tok.decode([0, -1])
     with pytest.raises(OptionError):
         tok.encode(b"bytes")
+
+
+def test_merge_ranks_are_llama_cpp_pairs():
+    """MergeRanks (keyed by the merge strings) answers as the table of (left, right) pairs
+    llama.cpp builds: split at the first space after the first character, first rank kept."""
+    merges = ["a b", "ab c", " x y", "  z", "a b", "p q r", "nospace", "t ", " ", "ab c"]
+    pairs = {}
+    for rank, m in enumerate(merges):
+        pos = m.find(" ", 1)
+        pairs.setdefault((m[:pos], m[pos + 1 :]) if pos >= 0 else ("", ""), rank)
+    ranks = MergeRanks(merges)
+    sides = {s for pair in pairs for s in pair if s} | {"p q", "r", " x", "x", "y", " ", "t"}
+    for left in sides:
+        for right in sides:
+            assert ranks.get((left, right)) == pairs.get((left, right)), (left, right)
 
 
 # -- streaming ----------------------------------------------------------------------
