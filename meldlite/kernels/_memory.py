@@ -24,6 +24,7 @@ Each uses Numba internals; where they differ from what is expected it does nothi
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import pathlib
 import re
@@ -111,9 +112,11 @@ def prepare_target() -> None:
     release_compiler_pages()
 
 
+@functools.cache
 def _clean_readonly_mappings(name):
     """(start, end) of this process's mappings of files named like `name` that are not
-    writable and hold no private dirty page (the relocated ones are left alone)."""
+    writable and hold no private dirty page (the relocated ones are left alone). Read
+    once: a loaded library's mappings and their protection do not change."""
     out, current = [], None
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -126,7 +129,7 @@ def _clean_readonly_mappings(name):
                     out.append(current)
             elif current is not None and line.startswith("Private_Dirty:"):
                 current[2] = int(line.split()[1])
-    return [(start, end) for start, end, dirty in out if dirty == 0]
+    return tuple((start, end) for start, end, dirty in out if dirty == 0)
 
 
 def release_compiler_pages() -> int:
@@ -134,8 +137,7 @@ def release_compiler_pages() -> int:
     the mappings span (0 where /proc or madvise are missing)."""
     try:
         ranges = _clean_readonly_mappings(_LLVM_LIBRARY)
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
