@@ -17,7 +17,7 @@ from meldlite.errors import OptionError
 from meldlite.experts import make_store
 from meldlite.experts.io import drop_file_cache
 from meldlite.formats import read_gguf
-from meldlite.kernels import prepare_target, release_compiler_pages
+from meldlite.kernels import prepare_target, release_compiler_pages, trim_heap
 from meldlite.kernels.threads import set_threads
 from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
@@ -115,6 +115,7 @@ class Model:
         self.store = self._build_store(store, peers)
         self.cache = KVCache(self.cfg, self.n_ctx, n_seq=runtime.n_parallel)
         self.timings = {}
+        self._settled = False  # the first forward pass loads the kernels, then settles
         release_compiler_pages()  # what loading the kernels of the checks mapped
 
     def _build_store(self, store, peers):
@@ -170,7 +171,7 @@ class Model:
 
     def _forward(self, ids, all_logits, seqs=None):
         """`model.forward` of ids with this model's route observers and adaptive top-k."""
-        return forward(
+        logits = forward(
             self.cfg,
             self.weights,
             self.store,
@@ -182,6 +183,11 @@ class Model:
             route_counts=self.route_counts,
             seqs=seqs,
         )
+        if not self._settled:  # drop what loading the forward pass's kernels left mapped
+            self._settled = True
+            release_compiler_pages()
+            trim_heap()
+        return logits
 
     def _observe(self, layer, x, ids, weights):
         for observe in self.route_observers:

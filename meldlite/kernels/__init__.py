@@ -8,7 +8,7 @@ Public API:
   routed experts (activation kinds and expert biases: see moe.py).
 - `expert_list`, `set_expert` (mats.py: built by cached kernels, so no process compiles
   `numba.typed.List`'s methods), `placeholder`, `check_types`: helpers for `mats`.
-- `release_compiler_pages()`, `prepare_target()`: see _memory.py (fixed memory).
+- `release_compiler_pages()`, `prepare_target()`, `trim_heap()`: see _memory.py (fixed memory).
 - `SUPPORTED_TYPES`, `check_type`: the ggml types the kernels decode.
 - `sum_slots(ids, weights, ys, row_of, out=None)`: the slot-order sum of expert outputs
   that every MoE path ends with (one token's experts added in slot order from 0.0).
@@ -29,7 +29,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read once, when libgomp loads
 
-from meldlite.kernels._memory import install, prepare_target, release_compiler_pages
+from meldlite.kernels._memory import install, prepare_target, release_compiler_pages, trim_heap
 from meldlite.kernels.dequant import dequantize
 from meldlite.kernels.matmul import matmul
 from meldlite.kernels.mats import expert_list, set_expert
@@ -57,4 +57,5 @@ __all__ = [
     "set_expert",
     "set_threads",
     "sum_slots",
+    "trim_heap",
 ]

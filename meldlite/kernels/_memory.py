@@ -17,6 +17,8 @@ itself up as for compiling (docs/speed.md, "Fixed memory", has the measurements)
   of it. The clean, read-only mappings of that library are dropped from this process
   (they fault back in from the page cache if a compilation happens), and Linux's page
   reclaim no longer protects them as executable code in use.
+- `trim_heap`: glibc keeps freed heap pages (the parsed linking modules, 5 MiB after a
+  run's first forward pass); malloc_trim returns them.
 - `install`: the first two, before Numba's target is set up (`meldlite.kernels` import).
 
 Each uses Numba internals; where they differ from what is expected it does nothing.
@@ -144,3 +146,12 @@ def release_compiler_pages() -> int:
     return sum(
         end - start for start, end in ranges if madvise(start, end - start, MADV_DONTNEED) == 0
     )
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere nothing),
+    e.g. those of the linking modules parsed and freed while kernels loaded."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
