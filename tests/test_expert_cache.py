@@ -475,11 +475,13 @@ RSS_SCRIPT = r"""
 import json, sys, gc
 from meldlite.experts.io import memory_status, reset_peak_rss
 import meldlite
-warm = meldlite.load(sys.argv[1], n_ctx=16)          # load the kernels first
-warm.logits([1, 2, 3]); warm.close(); del warm; gc.collect()
+opts = json.loads(sys.argv[2])
+# load the kernels this configuration runs first: a kernel loaded later maps LLVM's pages
+# again, which Model releases after its first forward pass (kernels/_memory.py)
+warm = meldlite.load(sys.argv[1], n_ctx=64, **opts)
+warm.logits(list(range(1, 40))); warm.close(); del warm; gc.collect()
 reset_peak_rss()
 r0 = memory_status()["VmRSS"]
-opts = json.loads(sys.argv[2])
 m = meldlite.load(sys.argv[1], n_ctx=64, **opts)
 for t in range(3):
     m.logits(list(range(1, 40)))
