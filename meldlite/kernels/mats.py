@@ -19,7 +19,7 @@ from meldlite.kernels.moe import MATRIX_TYPE, _as_matrix, placeholder
 KINDS = ("gate", "up", "down")
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _filled_list(n, fill):  # pragma: no cover - jitted
     mats = List.empty_list(MATRIX_TYPE)
     for _ in range(n):
@@ -27,7 +27,7 @@ def _filled_list(n, fill):  # pragma: no cover - jitted
     return mats
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _set_matrix(mats, i, mat):  # pragma: no cover - jitted
     mats[i] = mat
 
