@@ -15,7 +15,7 @@ from meldlite.config import ModelConfig
 from meldlite.data import default_model_path
 from meldlite.errors import OptionError
 from meldlite.experts import make_store
-from meldlite.experts.io import drop_file_cache
+from meldlite.experts.io import drop_file_cache, memory_status
 from meldlite.formats import read_gguf
 from meldlite.kernels import prepare_target, release_compiler_pages, trim_heap
 from meldlite.kernels.threads import set_threads
@@ -80,8 +80,11 @@ load.__signature__ = _load_signature()
 
 
 def peak_rss_bytes():
-    """Peak resident set size of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far: VmHWM where /proc has it. Not
+    getrusage's ru_maxrss, which in a process started by fork (or vfork) and exec also
+    counts the parent's resident memory at the fork (a test runner's hundreds of MiB)."""
+    hwm = memory_status().get("VmHWM")
+    return hwm if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Model:
