@@ -168,6 +168,51 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
     np.testing.assert_array_equal(got, reference.q6k_sum_ref(blocks, qa))
 
 
+TILED = {  # type: (tiled kernel, one-token kernel, its arguments after (w, r, qa, da), n_cols)
+    "Q4_K": (qdot.tiles_q4_k, qdot.dot_q4_k, lambda bs, k, nb: (bs, k, nb), 512),
+    "Q6_K": (qdot.tiles_q6_k, qdot.dot_q6_k, lambda bs, k, nb: (k, nb), 512),
+    "Q8_0": (qdot.tiles_q8_0, qdot.dot_q8_0, lambda bs, k, nb: (k, nb, 32), 1056),  # 33 blocks
+}
+
+
+@pytest.mark.parametrize("x86", [True, False])
+@pytest.mark.parametrize("name", list(TILED))
+def test_token_tiles_equal_one_token_kernels(name, x86, monkeypatch):
+    """The tiled kernels (each block unpacked once for up to TILE tokens) give the one-token
+    row kernels' bits for every (token, row), for token counts around the tile size, tokens
+    repeated and out of order, a sub-range of rows (the others untouched); x86=False
+    compiles both with the generic vector IR that other CPUs get. The float64 product of
+    the dequantized matrix with the rounded activations bounds both."""
+    from meldlite.kernels import simd
+
+    if x86 and not simd.AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setattr(simd, "AVX2", x86)
+    tiled, one, more, n_cols = TILED[name]
+    tiled, one = (numba.njit(error_model="numpy")(f.py_func) for f in (tiled, one))  # uncached
+    qtype = T[name]
+    rng = np.random.default_rng(70 + int(qtype))
+    raw = random_matrix(rng, qtype, 40, n_cols)
+    raw[0, : raw.shape[1] // 2] = 255  # all code and scale bits set
+    raw.flags.writeable = False
+    x = rng.standard_normal((20, n_cols)).astype(np.float32)
+    qa, da, bs, xr = qdot.empty_acts(20, n_cols)
+    qdot.quantize_rows(x, mode_of(qtype), qa, da, bs, xr)
+    nb = n_cols // (256 if name != "Q8_0" else 32)
+    for n in (2, 7, 8, 9, 17):
+        toks = rng.integers(0, 20, n)  # (n,) repeats allowed
+        out = np.full((n, 40), -1.0, np.float32)  # (n, rows)
+        tiled(raw, 3, 37, qa, da, *((bs,) if name == "Q4_K" else ()), toks, out, nb)
+        want = np.array(
+            [[one(raw, r, qa, da, *more(bs, k, nb)) for r in range(3, 37)] for k in toks],
+            np.float32,
+        )
+        np.testing.assert_array_equal(out[:, 3:37].view(np.uint32), want.view(np.uint32))
+        assert (out[:, :3] == -1).all() and (out[:, 37:] == -1).all()
+        ref = matmul_ref(raw[3:37], qtype, xr[toks])  # (n, 34)
+        assert rel_err(out[:, 3:37], ref) < 2e-6
+
+
 def test_f16_hw_equals_numpy():
     from meldlite.kernels import simd
 

@@ -22,6 +22,9 @@ lanes; every other type decodes the row into float (decode.decode_span) and dots
 
 Each output (token, row) is one call of the same row function with a fixed operation order,
 so results do not depend on thread count, batch size or which rows share a chunk.
+For two tokens or more, Q4_K, Q6_K and Q8_0 take token tiles instead (`tiles_q4_k` ...):
+each block is unpacked once for up to TILE tokens (simd's *_tile intrinsics) and each
+token's float steps are the row function's, in its order, so the bits are the same.
 
 Q4_K, Q6_K and Q8_0 take their per-block integer sums from simd.py (LLVM vector code:
 vpmaddubsw/vpmaddwd on x86) and do the float steps here, block by block in order. Q4_0 and
@@ -69,11 +72,21 @@ from meldlite.kernels.qtypes import (
     QK,
     QK_K,
 )
-from meldlite.kernels.simd import F16C, f16_hw, q4k_sums, q6k_sum, u16_at
+from meldlite.kernels.simd import (
+    F16C,
+    f16_hw,
+    q4k_sums,
+    q4k_tile,
+    q6k_sum,
+    q6k_tile,
+    q8_0_tile,
+    u16_at,
+)
 
 INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4)  # ggml type ids with integer kernels
 KV_MXFP4 = KVALUES_MXFP4.astype(np.int16)  # (16,) E2M1 values times 2
 CHUNK = 16  # rows per parallel work item
+TILE = 8  # tokens per unpacked block in the tiled kernels (their codes stay in L1)
 
 
 # ---------------------------------------------------------------- activations
@@ -364,6 +377,67 @@ def dot_f32(w, xr, n):
     return s
 
 
+# ---------------------------------------------------------------- token tiles
+# Rows [r0, r1) of w against the tokens toks (n,), TILE tokens at a time: each block is
+# unpacked once per tile (simd.q4k_tile / q6k_tile) and its term added to each token's
+# output in block order, starting from 0.0, with dot_q4_k's / dot_q6_k's float steps;
+# so out[i, r] has the bits of the one-token kernel.
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def tiles_q4_k(w, r0, r1, qa, da, bs, toks, out, nb):
+    """out[:, r0:r1] of a Q4_K matrix (nb super-blocks per row) . Q8_K activations."""
+    n = toks.shape[0]
+    for i0 in range(0, n, TILE):
+        m = min(TILE, n - i0)
+        for r in range(r0, r1):
+            for i in range(i0, i0 + m):
+                out[i, r] = 0.0
+            for b in range(nb):
+                o = r * w.shape[1] + Q4_K_BYTES * b
+                q4k_tile(w, o, _f16(w, o), _f16(w, o + 2), qa, bs, da, toks, i0, m, b, out, r)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def tiles_q6_k(w, r0, r1, qa, da, toks, out, nb):
+    """out[:, r0:r1] of a Q6_K matrix (nb super-blocks per row) . Q8_K activations."""
+    n = toks.shape[0]
+    for i0 in range(0, n, TILE):
+        m = min(TILE, n - i0)
+        for r in range(r0, r1):
+            for i in range(i0, i0 + m):
+                out[i, r] = 0.0
+            for b in range(nb):
+                o = r * w.shape[1] + Q6_K_BYTES * b
+                q6k_tile(w, o, _f16(w, o + Q6_K_BYTES - 2), qa, da, toks, i0, m, b, out, r)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def tiles_q8_0(w, r0, r1, qa, da, toks, out, nb):
+    """out[:, r0:r1] of a Q8_0 matrix (nb blocks per row) . Q8_0 activations: four blocks
+    per q8_0_tile call, then the nb % 4 last ones one by one."""
+    n = toks.shape[0]
+    n4 = nb // 4
+    for i0 in range(0, n, TILE):
+        m = min(TILE, n - i0)
+        for r in range(r0, r1):
+            for i in range(i0, i0 + m):
+                out[i, r] = 0.0
+            o = r * w.shape[1]
+            for b in range(n4):
+                p = o + 4 * Q8_0_BYTES * b
+                ds = (
+                    _f16_bits(w[r], 4 * Q8_0_BYTES * b),
+                    _f16_bits(w[r], 4 * Q8_0_BYTES * b + Q8_0_BYTES),
+                    _f16_bits(w[r], 4 * Q8_0_BYTES * b + 2 * Q8_0_BYTES),
+                    _f16_bits(w[r], 4 * Q8_0_BYTES * b + 3 * Q8_0_BYTES),
+                )
+                q8_0_tile(w, p, ds, qa, da, toks, i0, m, b, out, r)
+            for b in range(4 * n4, nb):
+                ds1 = (_f16_bits(w[r], Q8_0_BYTES * b),)
+                q8_0_tile(w, o + Q8_0_BYTES * b, ds1, qa, da, toks, i0, m, b, out, r)
+
+
 # ---------------------------------------------------------------- rows x tokens
 
 
@@ -401,6 +475,15 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
     if n == 0:
         return
     nk, n32 = n_cols // 256, n_cols // 32
+    if llama_numerics and n >= 2 and t == Q4_K:
+        tiles_q4_k(raw, r0, r1, qa, da, bs, toks, out, nk)
+        return
+    if llama_numerics and n >= 2 and t == Q6_K:
+        tiles_q6_k(raw, r0, r1, qa, da, toks, out, nk)
+        return
+    if llama_numerics and n >= 2 and t == Q8_0:
+        tiles_q8_0(raw, r0, r1, qa, da, toks, out, n32)
+        return
     if llama_numerics and (t == Q4_K or t == Q6_K or t == Q8_0):  # the simd kernels, no slices
         for r in range(r0, r1):
             for i in range(n):
@@ -491,6 +574,9 @@ track_sources(
     dot_q4_0,
     dot_q5_0,
     dot_mxfp4,
+    tiles_q4_k,
+    tiles_q6_k,
+    tiles_q8_0,
     f16_row_to_f32,
     dot_lanes16,
     dot_f32,

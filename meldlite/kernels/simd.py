@@ -11,6 +11,8 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         isum = sum_j sc_j * sum_l q_jl * qa[oa + 32j + l],  msum = sum_j m_j * bs[ob + j]
     q6k_sum(row, o, qa, oa) -> isum                    Q6_K super-block at row[o:]
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
+    q4k_tile, q6k_tile, q8_0_tile                      one block against several tokens
+        (the block unpacked once; qdot's float steps per token; see "token tiles")
     f16_hw(row, o) -> float32                          the float16 at byte o (F16C)
     u16_at(row, o) -> uint16                           the uint16 at byte o
 
@@ -220,3 +222,231 @@ def u16_at(typingctx, row, o):
     """The little-endian uint16 at byte o of the uint8 array `row`."""
     if _typed((row, types.uint8)):
         return types.uint16(row, o), _u16_codegen
+
+
+# ---------------------------------------------------------------- token tiles
+# The same sums for several tokens against one block, with the float step of qdot's row
+# kernels: the block is unpacked once (codes, scales; kept in registers), then a loop in
+# the IR takes each token k = toks[i0 + i], i < n: its codes qa[k, 256 b:], its sums
+# bs[k, 8 b:], its scale da[k, b], and adds the block's term to out[i0 + i, r] with the
+# float operations, in the order, of qdot.dot_q4_k / dot_q6_k / dot_q8_0 (no fast-math
+# flags: LLVM keeps them as written). So a row's outputs, accumulated block by block from
+# 0.0, carry the one-token kernels' bits. (q8_0_tile: b counts groups of len(dws) blocks.)
+
+
+def _dims(c, aryty, ary):
+    """The shape of an array argument as i64 values."""
+    return cgutils.unpack_tuple(c.b, c.context.make_array(aryty)(c.context, c.b, ary).shape)
+
+
+def _at(c, aryty, ary, off):
+    """Pointer to element `off` (flat, C order) of an array argument."""
+    return c.b.gep(c.context.make_array(aryty)(c.context, c.b, ary).data, [off])
+
+
+class _Tile:
+    """Per-token addressing of a tile intrinsic: the token's row k, the row offsets of its
+    codes and sums, and the float term added to out[i0 + i, r]."""
+
+    def __init__(self, c, sig, args, names):
+        self.c, self.ty, self.v = c, dict(zip(names, sig.args)), dict(zip(names, args))
+
+    def loop(self, body):
+        c, v = self.c, self.v
+        with cgutils.for_range(c.b, v["n"]) as loop:
+            i = loop.index
+            k = c.load(self.ty["toks"], v["toks"], c.b.add(v["i0"], i), I64)
+            body(i, k)
+
+    def row_off(self, name, k, per_block):
+        """Element offset of token k's block b in array `name` (C-contiguous 2-D)."""
+        c = self.c
+        width = _dims(c, self.ty[name], self.v[name])[1]
+        return c.b.add(c.b.mul(k, width), c.b.mul(self.v["b"], ir.Constant(I64, per_block)))
+
+    def scale(self, k):
+        c = self.c
+        return c.b.load(_at(c, self.ty["da"], self.v["da"], self.row_off("da", k, 1)))
+
+    def out_at(self, i):
+        """Pointer to out[i0 + i, r]."""
+        c, v = self.c, self.v
+        width = _dims(c, self.ty["out"], v["out"])[1]
+        return _at(
+            c, self.ty["out"], v["out"], c.b.add(c.b.mul(c.b.add(v["i0"], i), width), v["r"])
+        )
+
+    def add_out(self, i, term):
+        p = self.out_at(i)
+        self.c.b.store(self.c.b.fadd(self.c.b.load(p), term), p)
+
+
+def _f32(c, v):
+    return c.b.sitofp(v, ir.FloatType())
+
+
+def _tree_sum(b, vs):
+    """Sum of the vectors vs as a balanced tree (short dependency chains; integers: exact)."""
+    while len(vs) > 1:
+        vs = [b.add(vs[i], vs[i + 1]) if i + 1 < len(vs) else vs[i] for i in range(0, len(vs), 2)]
+    return vs[0]
+
+
+def _q4k_tile_codegen(context, builder, sig, args):
+    names = ("row", "o", "dw", "mw", "qa", "bs", "da", "toks", "i0", "n", "b", "out", "r")
+    t = _Tile(_Ctx(context, builder, AVX2), sig, _offsets(context, builder, sig, args), names)
+    c, b, v = t.c, builder, t.v
+    sc, mn = _q4k_scales(c, t.ty["row"], v["row"], v["o"])
+    mn32 = b.sext(mn, V8I32)
+    lanes = []  # per 64 values: low / high nibble codes and their sub-blocks' scales
+    for k in range(4):
+        w = c.load(t.ty["row"], v["row"], v["o"], V32I8, 16 + 32 * k)
+        lo, hi = b.and_(w, c.const8(15)), b.lshr(w, c.const8(4))
+        lanes.append((lo, hi, c.splat(sc, [2 * k] * 16), c.splat(sc, [2 * k + 1] * 16)))
+
+    def token(i, k):
+        oa = t.row_off("qa", k, 256)
+        parts = []
+        for j, (lo, hi, sl, sh) in enumerate(lanes):
+            al = c.load(t.ty["qa"], v["qa"], oa, V32I8, 64 * j)
+            ah = c.load(t.ty["qa"], v["qa"], oa, V32I8, 64 * j + 32)
+            parts += [c.madd(c.maddubs(lo, al), sl), c.madd(c.maddubs(hi, ah), sh)]
+        acc = _tree_sum(b, parts)
+        bsv = c.load(t.ty["bs"], v["bs"], t.row_off("bs", k, 8), V8I32)
+        isum, msum = c.reduce(acc), c.reduce(b.mul(mn32, bsv))
+        d = t.scale(k)  # dw * d * isum - mw * d * msum, as dot_q4_k
+        term = b.fsub(
+            b.fmul(b.fmul(v["dw"], d), _f32(c, isum)), b.fmul(b.fmul(v["mw"], d), _f32(c, msum))
+        )
+        t.add_out(i, term)
+
+    t.loop(token)
+    return context.get_dummy_value()
+
+
+def _tile_typed(row, qa, da, toks, out, *more):
+    return _typed(
+        (row, types.uint8),
+        (qa, types.int8),
+        (da, types.float32),
+        (toks, types.int64),
+        (out, types.float32),
+        *more,
+    ) and all(a.ndim == 2 for a in (qa, da, out))
+
+
+@intrinsic
+def q4k_tile(typingctx, row, o, dw, mw, qa, bs, da, toks, i0, n, b, out, r):
+    """out[i0 + i, r] += dw * d * isum - mw * d * msum for i < n: the Q4_K super-block at
+    row[o:] (d = dw, dmin = mw as float32) against token k = toks[i0 + i]'s block b,
+    d = da[k, b] and (isum, msum) = q4k_sums(row, o, qa[k], 256 b, bs[k], 8 b)."""
+    floats = dw == types.float32 and mw == types.float32
+    if floats and _tile_typed(row, qa, da, toks, out, (bs, types.int32)) and bs.ndim == 2:
+        return types.void(row, o, dw, mw, qa, bs, da, toks, i0, n, b, out, r), _q4k_tile_codegen
+
+
+def _q6k_tile_codegen(context, builder, sig, args):
+    names = ("row", "o", "dw", "qa", "da", "toks", "i0", "n", "b", "out", "r")
+    t = _Tile(_Ctx(context, builder, AVX2), sig, _offsets(context, builder, sig, args), names)
+    c, b, v = t.c, builder, t.v
+    rowty, row, o = t.ty["row"], v["row"], v["o"]
+    sc = b.sext(c.load(rowty, row, o, V16I8, 192), V16I16)  # (16,) int8 scales
+    m15, m3 = c.const8(15), c.const8(3)
+    lanes = []  # per 32 values: 6-bit codes and their two sub-blocks' scales
+    for h in range(2):
+        l0, l1 = c.load(rowty, row, o, V32I8, 64 * h), c.load(rowty, row, o, V32I8, 64 * h + 32)
+        hb = c.load(rowty, row, o, V32I8, 128 + 32 * h)
+        top = [b.shl(b.and_(b.lshr(hb, c.const8(2 * i)), m3), c.const8(4)) for i in range(4)]
+        codes = (
+            b.or_(b.and_(l0, m15), top[0]),
+            b.or_(b.and_(l1, m15), top[1]),
+            b.or_(b.lshr(l0, c.const8(4)), top[2]),
+            b.or_(b.lshr(l1, c.const8(4)), top[3]),
+        )
+        for k, q in enumerate(codes):  # values 128h+32k.., scales 8h+2k and 8h+2k+1
+            lanes.append((q, c.splat(sc, [8 * h + 2 * k] * 8 + [8 * h + 2 * k + 1] * 8)))
+
+    def token(i, k):
+        oa = t.row_off("qa", k, 256)
+        parts = []
+        for j, (q, s16) in enumerate(lanes):
+            a = c.load(t.ty["qa"], v["qa"], oa, V32I8, 32 * j)
+            p = b.sub(c.maddubs(q, a), c.maddubs(c.const8(32), a))  # (q - 32) * a pairs
+            parts.append(c.madd(p, s16))
+        acc = _tree_sum(b, parts)
+        t.add_out(i, b.fmul(b.fmul(v["dw"], t.scale(k)), _f32(c, c.reduce(acc))))
+
+    t.loop(token)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def q6k_tile(typingctx, row, o, dw, qa, da, toks, i0, n, b, out, r):
+    """out[i0 + i, r] += dw * da[k, b] * isum for i < n: the Q6_K super-block at row[o:]
+    (d = dw as float32) against token k = toks[i0 + i]'s block b, isum = q6k_sum(row, o,
+    qa[k], 256 b)."""
+    if _tile_typed(row, qa, da, toks, out) and dw == types.float32:
+        return types.void(row, o, dw, qa, da, toks, i0, n, b, out, r), _q6k_tile_codegen
+
+
+def _halve(c, a, z):
+    """The pair sums of a's lanes then z's (a, z <n x i32>), or of a's alone when z is a."""
+    n = a.type.count if a is not z else a.type.count // 2
+    ev = ir.Constant(ir.VectorType(I32, n), [2 * i for i in range(n)])
+    od = ir.Constant(ir.VectorType(I32, n), [2 * i + 1 for i in range(n)])
+    return c.b.add(c.b.shuffle_vector(a, z, ev), c.b.shuffle_vector(a, z, od))
+
+
+def _lane_sums(c, vs):
+    """[sum of the lanes of v for v in vs] for 1, 2, 4 or 8 vectors <8 x i32>: lane pairs
+    added across the vectors, then within the one left (shuffles and adds, exact)."""
+    g = len(vs)
+    while len(vs) > 1:
+        vs = [_halve(c, vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
+    v = vs[0]  # 8 / g lanes per input vector, in order
+    while v.type.count > g:
+        v = _halve(c, v, v)
+    return [c.b.extract_element(v, ir.Constant(I32, i)) for i in range(g)]
+
+
+def _q8_0_tile_codegen(context, builder, sig, args):
+    names = ("row", "o", "dws", "qa", "da", "toks", "i0", "n", "b", "out", "r")
+    t = _Tile(_Ctx(context, builder, AVX2), sig, _offsets(context, builder, sig, args), names)
+    c, b, v = t.c, builder, t.v
+    g = sig.args[2].count  # blocks per call
+    lo, hi = (ir.Constant(ir.VectorType(I32, 16), list(r)) for r in (range(16), range(16, 32)))
+    half = lambda x, m: b.sext(b.shuffle_vector(x, x, m), V16I16)  # noqa: E731
+    ws = []  # per block: its 32 codes widened to int16, in two halves
+    for j in range(g):
+        w = c.load(t.ty["row"], v["row"], v["o"], V32I8, 2 + 34 * j)
+        ws.append((half(w, lo), half(w, hi)))
+    dws = [b.extract_value(v["dws"], j) for j in range(g)]
+
+    def token(i, k):
+        oa = t.row_off("qa", k, 32 * g)
+        parts = []
+        for j, (wl, wh) in enumerate(ws):
+            a = c.load(t.ty["qa"], v["qa"], oa, V32I8, 32 * j)
+            parts.append(b.add(c.madd(wl, half(a, lo)), c.madd(wh, half(a, hi))))
+        sums = _lane_sums(c, parts)
+        da = t.ty["da"]
+        od = t.row_off("da", k, g)
+        p = t.out_at(i)
+        acc = b.load(p)
+        for j in range(g):  # sumf += d_w * d_a * s per block, as dot_q8_0
+            d = b.load(_at(c, da, v["da"], b.add(od, ir.Constant(I64, j))))
+            acc = b.fadd(acc, b.fmul(b.fmul(dws[j], d), _f32(c, sums[j])))
+        b.store(acc, p)
+
+    t.loop(token)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def q8_0_tile(typingctx, row, o, dws, qa, da, toks, i0, n, b, out, r):
+    """out[i0 + i, r] += sum over the g = len(dws) Q8_0 blocks at row[o:] (34 bytes each,
+    scales dws as float32) of dws[j] * da[k, g b + j] * (codes . qa[k, 32 (g b + j):][:32]),
+    block by block, for token k = toks[i0 + i], i < n (dot_q8_0's float steps)."""
+    ok = isinstance(dws, types.UniTuple) and dws.dtype == types.float32 and dws.count in (1, 4)
+    if ok and _tile_typed(row, qa, da, toks, out):
+        return types.void(row, o, dws, qa, da, toks, i0, n, b, out, r), _q8_0_tile_codegen
