@@ -180,6 +180,12 @@ def _f16(w, o):
 
 
 @njit(inline="always")
+def _f16_flat(w, o):
+    """The float16 at flat byte o of w, converted from its bits in code (as _f16_bits)."""
+    return f16_to_f32(np.uint32(u16_at(w, o)))
+
+
+@njit(inline="always")
 def _f16_bits(row, o):
     """The float16 at row[o:o+2] of a 1-D row, converted from its bits in code."""
     return f16_to_f32(np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8)))
@@ -427,15 +433,15 @@ def tiles_q8_0(w, r0, r1, qa, da, toks, out, nb):
             for b in range(n4):
                 p = o + 4 * Q8_0_BYTES * b
                 ds = (
-                    _f16_bits(w[r], 4 * Q8_0_BYTES * b),
-                    _f16_bits(w[r], 4 * Q8_0_BYTES * b + Q8_0_BYTES),
-                    _f16_bits(w[r], 4 * Q8_0_BYTES * b + 2 * Q8_0_BYTES),
-                    _f16_bits(w[r], 4 * Q8_0_BYTES * b + 3 * Q8_0_BYTES),
+                    _f16_flat(w, p),
+                    _f16_flat(w, p + Q8_0_BYTES),
+                    _f16_flat(w, p + 2 * Q8_0_BYTES),
+                    _f16_flat(w, p + 3 * Q8_0_BYTES),
                 )
                 q8_0_tile(w, p, ds, qa, da, toks, i0, m, b, out, r)
             for b in range(4 * n4, nb):
-                ds1 = (_f16_bits(w[r], Q8_0_BYTES * b),)
-                q8_0_tile(w, o + Q8_0_BYTES * b, ds1, qa, da, toks, i0, m, b, out, r)
+                p = o + Q8_0_BYTES * b
+                q8_0_tile(w, p, (_f16_flat(w, p),), qa, da, toks, i0, m, b, out, r)
 
 
 # ---------------------------------------------------------------- rows x tokens
