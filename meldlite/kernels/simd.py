@@ -13,7 +13,7 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
     q4k_tile, q6k_tile, q8_0_tile                      one block against several tokens
         (the block unpacked once; qdot's float steps per token; see "token tiles")
-    f16_hw(row, o) -> float32                          the float16 at byte o (F16C)
+    f16_hw(row, o) -> float32                          the float16 at byte o (F16C, fcvt)
     u16_at(row, o) -> uint16                           the uint16 at byte o
 
 Offsets count elements from the start of C-contiguous arrays of any number of dimensions
@@ -40,8 +40,12 @@ _FEATURES = (
     if config.CPU_FEATURES is not None
     else llb.get_host_cpu_features().flatten()
 )
+_AARCH64 = llb.get_process_triple().startswith(("aarch64", "arm64"))
 AVX2 = "+avx2" in _FEATURES.split(",")  # x86 with AVX2: call the x86 intrinsics
-F16C = "+f16c" in _FEATURES.split(",")  # float16 -> float32 in one instruction
+# float16 -> float32 in one instruction: x86's F16C, or AArch64's fcvt (in the base
+# ISA); without them LLVM lowers f16_hw to a runtime-library call, and qdot converts
+# the bits in code instead
+F16C = "+f16c" in _FEATURES.split(",") or _AARCH64
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V32I8, V16I8, V8I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I8, 8)
@@ -206,8 +210,8 @@ def _f16_codegen(context, builder, sig, args):
 
 @intrinsic
 def f16_hw(typingctx, row, o):
-    """The little-endian float16 at row[o:o+2] as float32 (an F16C instruction; only used
-    when F16C is set, see qdot)."""
+    """The little-endian float16 at row[o:o+2] as float32 (one F16C or AArch64 fcvt
+    instruction; only used when F16C is set, see qdot)."""
     if _typed((row, types.uint8)):
         return types.float32(row, o), _f16_codegen
 
