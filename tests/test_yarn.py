@@ -35,6 +35,7 @@ def test_tables_match_the_reference(scaling):
     ],
 )
 def test_scaled_models_match_llamacpp(tmp_path, arch, rope):
+    pytest.importorskip("llama_cpp")
     path = write_random_model(tmp_path / "m.gguf", arch, Shape(n_ctx=128), seed=2, rope=rope)
     ids = [1] + np.random.default_rng(1).integers(3, 4096, 95).tolist()
     m = meldlite.load(path, n_ctx=128)
