@@ -91,7 +91,7 @@ WARMUP_PROMPT, WARMUP_DECODE = 8, 2  # warm-up of both engines before they are t
 
 def time_llamacpp(path, ids, n_decode, threads):
     """(prefill tok/s, decode tok/s) of llama.cpp, measured in a child process."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if LLAMACPP_WAIT != "default":
         env["OMP_WAIT_POLICY"] = LLAMACPP_WAIT
     out = subprocess.run(

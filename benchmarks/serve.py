@@ -97,7 +97,9 @@ def server_command(engine, args, port):
     argv += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     argv += ["--n_ctx", str(args.ctx), "--chat_format", "chatml"]
     argv += ["--interrupt_requests", "False", "--verbose", "False"]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp's own
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    }  # llama.cpp's own
     if args.llamacpp_wait == "passive":
         env["OMP_WAIT_POLICY"] = "passive"  # sleeping OpenMP workers, as meldlite's
     return argv, env, "/v1/models"

@@ -19,15 +19,12 @@ Public API:
 
 All kernels are compiled with Numba's on-disk cache; NumPy references are in `reference`.
 
-Threads: unless the environment says otherwise, OpenMP workers sleep as soon as they are
-idle (OMP_WAIT_POLICY=passive). With the default spin-waiting, a 2-core machine that also
-runs anything else stalls every parallel loop for a scheduler tick whenever a worker is
-preempted (measured: a 1024x512 Q4_K mat-vec went from 0.08 ms to 6 ms).
+Threads: OpenMP workers spin for a bounded time (about 0.5-1 ms, GOMP_SPINCOUNT=30000)
+before they sleep, unless the environment sets OMP_WAIT_POLICY or GOMP_SPINCOUNT itself
+(see threads.py: a token's ~50 parallel loops each cost 60-90 us to wake a sleeping
+worker, 2-9 us to start a spinning one). On a machine shared with other busy processes,
+OMP_WAIT_POLICY=passive is the better choice.
 """
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # read once, when libgomp loads
 
 from meldlite.kernels._memory import install, prepare_target, release_compiler_pages, trim_heap
 from meldlite.kernels.dequant import dequantize
@@ -37,9 +34,10 @@ from meldlite.kernels.moe import check_types, moe_ffn, placeholder
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
 from meldlite.kernels.slots import sum_slots
-from meldlite.kernels.threads import check_threads, set_threads
+from meldlite.kernels.threads import bounded_spin, check_threads, set_threads
 
 install()  # before any kernel runs: see _memory.py
+bounded_spin()  # before libgomp loads (the first parallel loop): it reads its environment once
 
 __all__ = [
     "SUPPORTED_TYPES",
