@@ -281,11 +281,13 @@ def adapt_route(ids, weights, min_weight, counts=None):
     counts (optional dict): "routed_slots" += the router's slots, "experts_skipped"
     += the slots skipped. ids (T, k), weights (T, k) -> (ids', weights')."""
     n_routed = int(np.count_nonzero(ids >= 0)) if counts is not None else 0
+    kept = n_routed
     if min_weight:
         ids, weights = skip_light_experts(ids, weights, min_weight)
+        kept = int(np.count_nonzero(ids >= 0))
     if counts is not None:
         counts["routed_slots"] += n_routed
-        counts["experts_skipped"] += n_routed - int(np.count_nonzero(ids >= 0))
+        counts["experts_skipped"] += n_routed - kept
     return ids, weights
 
 

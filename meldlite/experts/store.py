@@ -14,6 +14,7 @@ from meldlite import kernels
 from meldlite.errors import FormatError
 from meldlite.formats.gguf import dequantize_raw
 from meldlite.formats.layout import KINDS, stacked_bias_name
+from meldlite.kernels.moe import distinct_experts
 
 
 class ExpertStore:
@@ -102,12 +103,6 @@ def layer_biases(gguf, cfg):
     ]
 
 
-def _distinct(ids) -> int:
-    """Number of distinct expert ids >= 0 in ids (cheaper than np.unique for a few)."""
-    used = ids[ids >= 0]  # (n_routed,)
-    return int(np.count_nonzero(np.bincount(used))) if used.size else 0
-
-
 class ResidentStore(ExpertStore):
     """All experts stay where the memory map puts them; nothing is evicted."""
 
@@ -123,10 +118,7 @@ class ResidentStore(ExpertStore):
 
     def moe(self, layer, x, ids, weights):
         mats, types = self._layers[layer]
-        ids = np.asarray(ids)
-        self._calls += 1
-        self._uses += _distinct(ids)
-        return kernels.moe_ffn(
+        out = kernels.moe_ffn(
             x,
             ids,
             weights,
@@ -136,6 +128,9 @@ class ResidentStore(ExpertStore):
             act=self.act,
             bias=self.bias[layer],
         )
+        self._calls += 1
+        self._uses += distinct_experts(ids, types.shape[0])  # ids checked by moe_ffn
+        return out
 
     def stats(self):
         """Every expert is always there: all uses are hits, nothing is read."""

@@ -529,6 +529,49 @@ def _fast_checks(
     return True
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def distinct_experts(ids, n_expert):
+    """Number of distinct expert ids in [0, n_expert) in ids (T, k) (-1 = skipped)."""
+    seen = np.zeros(n_expert, dtype=np.bool_)  # (n_expert,)
+    n = 0
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if 0 <= e < n_expert and not seen[e]:
+                seen[e] = True
+                n += 1
+    return n
+
+
+REFUSED, NO_KERNEL = -1, -2  # _checked_moe's failures
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _checked_moe(x, ids, weights, mats, types, supported, llama_numerics, act, bias, out):
+    """_fast_checks, then the integer (llama_numerics) or float kernel into out, in one
+    call from Python. Returns REFUSED when the checks refuse the inputs, NO_KERNEL when the
+    float kernel lacks a type, else 0."""
+    modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
+    if not _fast_checks(
+        x.shape[1],
+        ids,
+        mats,
+        types,
+        supported,
+        BLOCK_ELEMS,
+        BLOCK_BYTES,
+        llama_numerics,
+        MODE_BY_ID,
+        modes,
+    ):
+        return REFUSED
+    if llama_numerics:
+        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out)
+    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, act, bias, out):
+        return NO_KERNEL
+    return 0
+
+
 def moe_ffn(
     x, ids, weights, mats, types, out=None, llama_numerics=False, act="silu", bias=None
 ) -> np.ndarray:
@@ -544,25 +587,6 @@ def moe_ffn(
     bias = _check_bias(bias, types.shape[0])
     if isinstance(mats, list):
         mats = expert_list(mats)
-    modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
-    if not _fast_checks(
-        x.shape[1],
-        ids,
-        mats,
-        types,
-        _SUPPORTED,
-        BLOCK_ELEMS,
-        BLOCK_BYTES,
-        bool(llama_numerics),
-        MODE_BY_ID,
-        modes,
-    ):
-        if len(mats) != 3 * types.shape[0]:
-            raise OptionError(
-                f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}"
-            )
-        _slow_checks(x, ids, mats, types)
-        raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
     if out is None:
         out = np.empty(x.shape, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
@@ -572,9 +596,17 @@ def moe_ffn(
             f"expert biases have {bias.shape[1]} values per expert, expected "
             f"2 n_ff + n_embd = {_used_n_ff(ids, mats) * 2 + x.shape[1]}"
         )
-    if llama_numerics:
-        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act_id, bias, out)
-    elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, act_id, bias, out):
+    status = _checked_moe(
+        x, ids, weights, mats, types, _SUPPORTED, bool(llama_numerics), act_id, bias, out
+    )
+    if status == REFUSED:
+        if len(mats) != 3 * types.shape[0]:
+            raise OptionError(
+                f"mats has {len(mats)} entries, expected 3 per expert = {3 * types.shape[0]}"
+            )
+        _slow_checks(x, ids, mats, types)
+        raise AssertionError("moe_ffn: the fast checks refused inputs the full checks accept")
+    if status == NO_KERNEL:
         raise AssertionError("jitted kernel rejected an expert type")  # checked above
     return out
 
@@ -636,4 +668,6 @@ track_sources(
     _down_parallel,
     moe_ffn_int_kernel,
     _fast_checks,
+    _checked_moe,
+    distinct_experts,
 )
