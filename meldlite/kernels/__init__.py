@@ -29,8 +29,8 @@ OMP_WAIT_POLICY=passive is the better choice.
 from meldlite.kernels._memory import install, prepare_target, release_compiler_pages, trim_heap
 from meldlite.kernels.dequant import dequantize
 from meldlite.kernels.matmul import matmul
-from meldlite.kernels.mats import expert_list, set_expert
-from meldlite.kernels.moe import check_types, moe_ffn, placeholder
+from meldlite.kernels.mats import expert_list, placeholder, set_expert
+from meldlite.kernels.moe import check_types, moe_ffn
 from meldlite.kernels.qdot import qmatmul
 from meldlite.kernels.qtypes import SUPPORTED_TYPES, check_type
 from meldlite.kernels.slots import sum_slots

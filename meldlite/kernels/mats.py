@@ -8,15 +8,37 @@ do the same inside `cache=True` kernels, which later processes load instead of c
 
 - `expert_list(arrays)`: the List of [gate_0, up_0, down_0, gate_1, ...] (None: not loaded).
 - `set_expert(mats, e, gate, up, down)`: replace expert e's three matrices.
+- `placeholder()`: the (0, 0) matrix of an expert that is not loaded.
 """
 
+import numpy as np
 from numba import njit
+from numba import types as nbtypes
 from numba.typed import List
 
+from meldlite.errors import OptionError
 from meldlite.kernels._cache import track_sources
-from meldlite.kernels.moe import MATRIX_TYPE, _as_matrix, placeholder
 
 KINDS = ("gate", "up", "down")
+MATRIX_TYPE = nbtypes.Array(nbtypes.uint8, 2, "C", readonly=True)  # each entry of `mats`
+
+
+def placeholder() -> np.ndarray:
+    """A (0, 0) read-only uint8 array for experts that are not loaded."""
+    arr = np.zeros((0, 0), dtype=np.uint8)
+    arr.flags.writeable = False
+    return arr
+
+
+def _as_matrix(arr, what) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8 or arr.ndim != 2 or not arr.flags.c_contiguous:
+        raise OptionError(
+            f"{what} must be a 2-D C-contiguous uint8 array, got {arr.dtype} {arr.shape}"
+        )
+    view = arr.view()
+    view.flags.writeable = False
+    return view
 
 
 @njit(cache=True, nogil=True)

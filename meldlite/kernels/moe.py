@@ -26,20 +26,16 @@ kernels lack (moe_ffn checks the experts it uses itself).
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
-from numba import types as nbtypes
-from numba.typed import List
 
 from meldlite.errors import OptionError, UnsupportedError
 from meldlite.kernels._cache import track_sources
 from meldlite.kernels.actquant import MODE_BY_ID, NONE, round_row
 from meldlite.kernels.matmul import matmat_rows, writable_rows
+from meldlite.kernels.mats import expert_list
 from meldlite.kernels.qdot import PARALLEL_MIN_BYTES, quantize_row, rows_times_tokens
 from meldlite.kernels.qtypes import BLOCK_BYTES, BLOCK_ELEMS, SUPPORTED_IDS, check_type, row_bytes
 from meldlite.kernels.slots import sum_slots_parallel, sum_slots_serial
 
-MATRIX_TYPE = nbtypes.Array(
-    nbtypes.uint8, 2, "C", readonly=True
-)  # numba type of each entry of `mats`
 GATE, UP, DOWN = 0, 1, 2  # matrix index within an expert's triple
 ACT_SILU, ACT_RELU, ACT_SWIGLU_OAI = 0, 1, 2
 EXPERT_ACTS = {"silu": ACT_SILU, "relu": ACT_RELU, "swiglu_oai": ACT_SWIGLU_OAI}
@@ -362,40 +358,6 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out):
                 mats, types, item_e[i], item_r[i], starts, pair_ids, bias, qh, dh, bh, xh, ys
             )
     sum_slots_serial(ids, weights, ys, rows_of_pairs(pairs, n_tok, ids.shape[1]), out)
-
-
-def placeholder() -> np.ndarray:
-    """A (0, 0) read-only uint8 array for experts that are not loaded."""
-    arr = np.zeros((0, 0), dtype=np.uint8)
-    arr.flags.writeable = False
-    return arr
-
-
-def _as_matrix(arr, what) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8 or arr.ndim != 2 or not arr.flags.c_contiguous:
-        raise OptionError(
-            f"{what} must be a 2-D C-contiguous uint8 array, got {arr.dtype} {arr.shape}"
-        )
-    view = arr.view()
-    view.flags.writeable = False
-    return view
-
-
-def expert_list(arrays) -> List:
-    """typed List for `moe_ffn` from a flat sequence [gate_0, up_0, down_0, gate_1, ...] of
-    2-D C-contiguous uint8 arrays (None for a matrix that is not loaded). No copies."""
-    mats = List.empty_list(MATRIX_TYPE)
-    for i, arr in enumerate(arrays):
-        what = f"expert {i // 3} {('gate', 'up', 'down')[i % 3]} matrix"
-        mats.append(placeholder() if arr is None else _as_matrix(arr, what))
-    return mats
-
-
-def set_expert(mats: List, e: int, gate=None, up=None, down=None) -> None:
-    """Replace expert e's three matrices (None = placeholder, e.g. when it leaves a cache)."""
-    for m, arr in enumerate((gate, up, down)):
-        mats[3 * e + m] = placeholder() if arr is None else _as_matrix(arr, f"expert {e}")
 
 
 def check_types(types, experts=None) -> None:
