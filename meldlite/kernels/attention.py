@@ -101,6 +101,37 @@ def store_kv(k, v, n_head_kv, dk, dv, kc, vc, pos0):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def scores(qh, kf, first, last, p):
+    """p[s] = sum over i in order of qh[i] * kf[s, i] (float32), s in first..last: eight
+    positions' serial sums side by side (independent chains instead of one at a time)."""
+    d = qh.shape[0]
+    s = first
+    while s + 8 <= last + 1:
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+        k0, k1, k2, k3 = kf[s], kf[s + 1], kf[s + 2], kf[s + 3]  # (D,)
+        k4, k5, k6, k7 = kf[s + 4], kf[s + 5], kf[s + 6], kf[s + 7]
+        for i in range(d):
+            qi = qh[i]
+            a0 += qi * k0[i]
+            a1 += qi * k1[i]
+            a2 += qi * k2[i]
+            a3 += qi * k3[i]
+            a4 += qi * k4[i]
+            a5 += qi * k5[i]
+            a6 += qi * k6[i]
+            a7 += qi * k7[i]
+        p[s], p[s + 1], p[s + 2], p[s + 3] = a0, a1, a2, a3
+        p[s + 4], p[s + 5], p[s + 6], p[s + 7] = a4, a5, a6, a7
+        s += 8
+    while s <= last:
+        a = np.float32(0.0)
+        for i in range(d):
+            a += qh[i] * kf[s, i]
+        p[s] = a
+        s += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
     """Causal GQA of T tokens at positions pos0.. over the cache; q (T, H*D) -> out (T, H*Dv).
 
@@ -133,10 +164,11 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
     for g in range(n_head_kv):
         for s in range(lo, n_s):
             r = s % rows
+            kr, vr, kfr, vfr = kc[r, g], vc[r, g], kf[s - lo], vf[s - lo]  # (D,) (Dv,)
             for i in range(d):
-                kf[s - lo, i] = _f16_bits_to_f32(np.uint32(kc[r, g, i]))
+                kfr[i] = _f16_bits_to_f32(np.uint32(kr[i]))
             for i in range(dv):
-                vf[s - lo, i] = _f16_bits_to_f32(np.uint32(vc[r, g, i]))
+                vfr[i] = _f16_bits_to_f32(np.uint32(vr[i]))
         for t in range(n_tok):
             last = pos0 + t - lo  # attends to positions first..last (offsets from lo)
             first = max(0, last - window + 1) if window > 0 else 0
@@ -144,12 +176,10 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
                 h = g * group + j
                 for i in range(d):
                     qh[i] = _f16_round(q[t, h * d + i])
+                scores(qh, kf, first, last, p)
                 mx = -np.inf
                 for s in range(first, last + 1):
-                    a = np.float32(0.0)
-                    for i in range(d):
-                        a += qh[i] * kf[s, i]
-                    a *= scale
+                    a = p[s] * scale
                     p[s] = a
                     mx = max(mx, a)
                 if sk.shape[0]:
@@ -166,8 +196,9 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
                     acc[i] = 0.0
                 for s in range(first, last + 1):
                     w = _f16_round(np.float32(p[s] * inv))
+                    vs = vf[s]  # (Dv,)
                     for i in range(dv):
-                        acc[i] += w * vf[s, i]
+                        acc[i] += w * vs[i]
                 for i in range(dv):
                     out[t, h * dv + i] = acc[i]
 
@@ -416,6 +447,7 @@ track_sources(
     rms_norm_rows,
     rope_rows,
     store_kv,
+    scores,
     attention_rows,
     attend_cached,
     rope_segments,
