@@ -150,57 +150,81 @@ def attention_rows(q, kc, vc, pos0, n_head, scale, out, window=0, sinks=None):
     n_tok = q.shape[0]
     rows, n_head_kv, d = kc.shape[0], kc.shape[1], kc.shape[2]
     dv = vc.shape[2]
-    group = n_head // n_head_kv
     scale = np.float32(scale)
     n_s = pos0 + n_tok
     lo = max(0, pos0 - window + 1) if window > 0 else 0  # first position any token sees
     if n_s - lo > rows:
         raise ValueError("attention_rows: the cache rows do not hold the attended positions")
-    kf = np.empty((n_s - lo, d), dtype=np.float32)  # (S, D) keys of one KV head
+    work = n_tok * n_head * (n_s - lo) * (d + dv)  # multiply-adds of scores and values
+    if n_head_kv > 1 and work >= ATTEND_PARALLEL_MIN:
+        _groups_parallel(q, kc, vc, pos0, lo, n_head, scale, window, sk, out)
+    else:
+        for g in range(n_head_kv):
+            _attend_group(g, q, kc, vc, pos0, lo, n_head, scale, window, sk, out)
+
+
+ATTEND_PARALLEL_MIN = 1 << 17  # multiply-adds below which one thread attends all heads
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _groups_parallel(q, kc, vc, pos0, lo, n_head, scale, window, sk, out):
+    """_attend_group for every KV head, in parallel (each writes its own heads' columns)."""
+    for g in prange(kc.shape[1]):
+        _attend_group(g, q, kc, vc, pos0, lo, n_head, scale, window, sk, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _attend_group(g, q, kc, vc, pos0, lo, n_head, scale, window, sk, out):
+    """attention_rows for the query heads of KV head g (its keys and values converted
+    from float16 once for all of them)."""
+    n_tok = q.shape[0]
+    rows, d, dv = kc.shape[0], kc.shape[2], vc.shape[2]
+    group = n_head // kc.shape[1]
+    n_s = pos0 + n_tok
+    kf = np.empty((n_s - lo, d), dtype=np.float32)  # (S, D) keys of KV head g
     vf = np.empty((n_s - lo, dv), dtype=np.float32)  # (S, Dv)
     qh = np.empty(d, dtype=np.float32)  # (D,)
     p = np.empty(n_s - lo, dtype=np.float32)  # (S,)
     acc = np.empty(dv, dtype=np.float32)  # (Dv,)
-    for g in range(n_head_kv):
-        for s in range(lo, n_s):
-            r = s % rows
-            kr, vr, kfr, vfr = kc[r, g], vc[r, g], kf[s - lo], vf[s - lo]  # (D,) (Dv,)
+    for s in range(lo, n_s):
+        r = s % rows
+        kr, vr, kfr, vfr = kc[r, g], vc[r, g], kf[s - lo], vf[s - lo]  # (D,) (Dv,)
+        for i in range(d):
+            kfr[i] = _f16_bits_to_f32(np.uint32(kr[i]))
+        for i in range(dv):
+            vfr[i] = _f16_bits_to_f32(np.uint32(vr[i]))
+    for t in range(n_tok):
+        last = pos0 + t - lo  # attends to positions first..last (offsets from lo)
+        first = max(0, last - window + 1) if window > 0 else 0
+        for j in range(group):
+            h = g * group + j
             for i in range(d):
-                kfr[i] = _f16_bits_to_f32(np.uint32(kr[i]))
+                qh[i] = _f16_round(q[t, h * d + i])
+            scores(qh, kf, first, last, p)
+            mx = -np.inf
+            for s in range(first, last + 1):
+                a = p[s] * scale
+                p[s] = a
+                mx = max(mx, a)
+            if sk.shape[0]:
+                mx = max(mx, sk[h])
+            tot = 0.0
+            for s in range(first, last + 1):
+                e = np.exp(p[s] - mx)
+                p[s] = e
+                tot += np.float64(e)
+            if sk.shape[0]:
+                tot += np.float64(np.exp(sk[h] - mx))
+            inv = 1.0 / tot
             for i in range(dv):
-                vfr[i] = _f16_bits_to_f32(np.uint32(vr[i]))
-        for t in range(n_tok):
-            last = pos0 + t - lo  # attends to positions first..last (offsets from lo)
-            first = max(0, last - window + 1) if window > 0 else 0
-            for j in range(group):
-                h = g * group + j
-                for i in range(d):
-                    qh[i] = _f16_round(q[t, h * d + i])
-                scores(qh, kf, first, last, p)
-                mx = -np.inf
-                for s in range(first, last + 1):
-                    a = p[s] * scale
-                    p[s] = a
-                    mx = max(mx, a)
-                if sk.shape[0]:
-                    mx = max(mx, sk[h])
-                tot = 0.0
-                for s in range(first, last + 1):
-                    e = np.exp(p[s] - mx)
-                    p[s] = e
-                    tot += np.float64(e)
-                if sk.shape[0]:
-                    tot += np.float64(np.exp(sk[h] - mx))
-                inv = 1.0 / tot
+                acc[i] = 0.0
+            for s in range(first, last + 1):
+                w = _f16_round(np.float32(p[s] * inv))
+                vs = vf[s]  # (Dv,)
                 for i in range(dv):
-                    acc[i] = 0.0
-                for s in range(first, last + 1):
-                    w = _f16_round(np.float32(p[s] * inv))
-                    vs = vf[s]  # (Dv,)
-                    for i in range(dv):
-                        acc[i] += w * vs[i]
-                for i in range(dv):
-                    out[t, h * dv + i] = acc[i]
+                    acc[i] += w * vs[i]
+            for i in range(dv):
+                out[t, h * dv + i] = acc[i]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -448,6 +472,8 @@ track_sources(
     rope_rows,
     store_kv,
     scores,
+    _attend_group,
+    _groups_parallel,
     attention_rows,
     attend_cached,
     rope_segments,
