@@ -58,3 +58,29 @@ def test_bounded_spin_keeps_the_environments_choice(env, spin):
     assert bounded_spin(environ) == spin
     assert environ.get("GOMP_SPINCOUNT") == (spin if spin else env.get("GOMP_SPINCOUNT"))
     assert environ.get("OMP_WAIT_POLICY") == env.get("OMP_WAIT_POLICY")
+
+
+def test_attention_heads_in_parallel_give_the_serial_bits():
+    """The KV-head groups run in parallel above ATTEND_PARALLEL_MIN: the same bits as one
+    thread, and the NumPy reference's values (kernels.attention_ref)."""
+    from meldlite.kernels import attention, attention_ref, set_threads
+
+    rng = np.random.default_rng(7)
+    n_tok, n_head, n_kv, d, pos0 = 40, 8, 4, 64, 30
+    kc = rng.standard_normal((pos0 + n_tok, n_kv, d)).astype(np.float16)
+    vc = rng.standard_normal((pos0 + n_tok, n_kv, d)).astype(np.float16)
+    q = rng.standard_normal((n_tok, n_head * d)).astype(np.float32)
+    assert n_tok * n_head * (pos0 + n_tok) * 2 * d >= attention.ATTEND_PARALLEL_MIN
+    outs = []
+    for n in (1, 2):
+        set_threads(n)
+        out = np.empty((n_tok, n_head * d), np.float32)
+        attention.attention_rows(
+            q, kc.view(np.uint16), vc.view(np.uint16), pos0, n_head, 0.125, out
+        )
+        outs.append(out)
+    set_threads(None)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    want = attention_ref.attention(q.reshape(n_tok, n_head, d), kc, vc, pos0, 0.125, 0, None)
+    want = want.reshape(n_tok, -1)  # (T, H*D); probabilities rounded to f16 on both sides
+    assert np.linalg.norm(outs[1] - want) / np.linalg.norm(want) < 1e-5
