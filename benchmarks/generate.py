@@ -1,26 +1,30 @@
-"""Prefill and decode speed of meldlite beside llama.cpp, same file, same run.
+"""Prefill and decode speed of meldlite beside llama.cpp, same file, same run, per thread count.
 
-    python benchmarks/generate.py [--threads 2] [--reps 3] [--prompt 128] [--decode 64]
-                                  [--models trained,trained-q4,edge-q4]
+    python benchmarks/generate.py [--threads 1,2] [--reps 3] [--prompt 128] [--decode 64]
+                                  [--models edge-q4,edge-q8]
 
-Models: `trained` is ../shared/models' F16 tinystories MoE, `trained-q4` its
-Q4_K_M (llama.cpp's quantizer), `edge-q4`/`edge-q8` a random-weight qwen3moe
-of a realistic edge shape (24 layers, d_model 1024, 32 experts of 512, top-8,
-vocab 49152) in Q4_K_M / Q8_0, generated once into benchmarks/out/.
-Each engine first warms up on the same tokens (JIT, page-in: a prefill of the
-prompt's first WARMUP_PROMPT tokens and WARMUP_DECODE greedy decode steps; meldlite
-once per model, llama.cpp in each of its child processes), then prefills the
-prompt from a fresh context and decodes greedily; the table shows medians over
---reps runs and the ratio meldlite / llama.cpp (higher is better for meldlite).
-The two engines alternate within each repetition, so a burst of load from other
-processes hits both.
-llama.cpp runs in a child process with this process's environment minus the
-OMP_WAIT_POLICY that meldlite sets for itself (llama.cpp's own OpenMP default:
-spinning workers), or with --llamacpp-wait passive the same sleeping workers as
-meldlite (fairer when other processes load the machine: spinning workers then
-stall each other).
-Columns "cpu ms/tok" are meldlite's process CPU time per token (both threads),
-which a busy machine disturbs less than wall time.
+Models: `edge-q4`/`edge-q8` a random-weight qwen3moe of a realistic edge shape (24
+layers, d_model 1024, 32 experts of 512, top-8, vocab 49152) in Q4_K_M / Q8_0 (llama.cpp's
+quantizer), generated once into benchmarks/out/; `trained` is ../shared/models' F16
+tinystories MoE, `trained-q4` its Q4_K_M.
+
+For each model and each thread count (default 1, 2 and all cores when there are more),
+three engines run on the same prompt: meldlite, llama.cpp as it loads by default (CPU
+weight repacking into its interleaved layouts, "repack") and llama.cpp reading the file's
+blocks in place ("no repack", llama.cpp's --no-repack: the model params' use_extra_bufts
+off). llama.cpp's best configuration is, per thread count and per phase, the faster of
+the two, and the ratios are meldlite / that best (higher is better for meldlite). The
+scaling table gives each engine's speed at 2 (and more) threads over its own 1-thread
+speed (llama.cpp: its best configuration at each count).
+
+Each engine first warms up on the same tokens (JIT, page-in: a prefill of the prompt's
+first WARMUP_PROMPT tokens and WARMUP_DECODE greedy decode steps; meldlite once per
+model, llama.cpp in each of its child processes), then prefills the prompt from a fresh
+context and decodes greedily; the table shows medians over --reps runs. The engines
+alternate within each repetition, so a burst of load from other processes hits all.
+llama.cpp runs in a child process with this process's environment minus the OpenMP wait
+settings meldlite makes for itself (OMP_WAIT_POLICY, GOMP_SPINCOUNT): llama.cpp's own
+OpenMP default (spinning workers), or with --llamacpp-wait passive sleeping workers.
 
 On a shared machine, each measurement first waits (up to --quiet-wait seconds) until
 other processes use less than 15% of a CPU, and is repeated (up to 3 tries) when they
@@ -89,8 +93,9 @@ QUIET = None
 WARMUP_PROMPT, WARMUP_DECODE = 8, 2  # warm-up of both engines before they are timed
 
 
-def time_llamacpp(path, ids, n_decode, threads):
-    """(prefill tok/s, decode tok/s) of llama.cpp, measured in a child process."""
+def time_llamacpp(path, ids, n_decode, threads, repack=True):
+    """(prefill tok/s, decode tok/s) of llama.cpp, measured in a child process; repack False
+    loads it as --no-repack does."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if LLAMACPP_WAIT != "default":
         env["OMP_WAIT_POLICY"] = LLAMACPP_WAIT
@@ -99,7 +104,7 @@ def time_llamacpp(path, ids, n_decode, threads):
             sys.executable,
             __file__,
             "--llamacpp-child",
-            json.dumps([str(path), ids, n_decode, threads]),
+            json.dumps([str(path), ids, n_decode, threads, repack]),
         ],
         env=env,
         capture_output=True,
@@ -109,9 +114,19 @@ def time_llamacpp(path, ids, n_decode, threads):
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
 
-def llamacpp_child(path, ids, n_decode, threads):
+def llamacpp_child(path, ids, n_decode, threads, repack):
     import llama_cpp
+    from llama_cpp import llama_cpp as capi
 
+    if not repack:  # llama.cpp's --no-repack: no extra (repacked) CPU buffer types
+        defaults = capi.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        capi.llama_model_default_params = no_repack
     llm = llama_cpp.Llama(
         str(path),
         n_ctx=len(ids) + n_decode + 8,
@@ -139,8 +154,11 @@ def llamacpp_child(path, ids, n_decode, threads):
     return speeds
 
 
-def time_meldlite(model, ids, n_decode):
+def time_meldlite(model, ids, n_decode, threads):
     """(prefill tok/s, decode tok/s, prefill cpu ms/tok, decode cpu ms/tok)."""
+    from meldlite.kernels import set_threads
+
+    set_threads(threads)
     model.cache.reset()
     t0, c0 = time.perf_counter(), time.process_time()
     logits = model._eval(ids, all_logits=False)
@@ -211,29 +229,91 @@ def bytes_per_token(model):
     return total
 
 
-def bench(name, args):
+ENGINES = ("meldlite", "llama.cpp repack", "llama.cpp no repack")
+
+
+def bench(name, args, threads):
+    """{(engine, n_threads): (median prefill tok/s, median decode tok/s)} and the model."""
     import meldlite
 
     path = model_path(name)
-    model = meldlite.load(path, n_ctx=args.prompt + args.decode + 8, n_threads=args.threads)
+    model = meldlite.load(path, n_ctx=args.prompt + args.decode + 8, n_threads=max(threads))
     ids = prompt_ids(args.prompt, model.cfg.n_vocab)
-    time_meldlite(model, ids[:WARMUP_PROMPT], WARMUP_DECODE)  # warm-up, as llamacpp_child's
-    ours, ref = [], []
-    for _ in range(args.reps):
-        ref.append(QUIET(lambda: time_llamacpp(path, ids, args.decode, args.threads)))
-        ours.append(QUIET(lambda: time_meldlite(model, ids, args.decode)))
-    med = [statistics.median(r[i] for r in ours) for i in range(4)]
-    med += [statistics.median(r[i] for r in ref) for i in range(2)]
-    return name, path.stat().st_size, med, bytes_per_token(model)
+    time_meldlite(model, ids[:WARMUP_PROMPT], WARMUP_DECODE, max(threads))  # as the child's
+    runs = {(e, n): [] for e in ENGINES for n in threads}
+    for n in threads:
+        for _ in range(args.reps):
+            runs["llama.cpp repack", n].append(
+                QUIET(lambda n=n: time_llamacpp(path, ids, args.decode, n, True))
+            )
+            runs["meldlite", n].append(QUIET(lambda n=n: time_meldlite(model, ids, args.decode, n)))
+            runs["llama.cpp no repack", n].append(
+                QUIET(lambda n=n: time_llamacpp(path, ids, args.decode, n, False))
+            )
+    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(2)) for k, v in runs.items()}
+    return med, model
+
+
+def best_llamacpp(med, n, phase):
+    return max(med["llama.cpp repack", n][phase], med["llama.cpp no repack", n][phase])
+
+
+def print_model(name, med, model, threads):
+    path = model_path(name)
+    print(
+        f"\n{name}: {path.stat().st_size / 1e6:.1f} MB, "
+        f"{bytes_per_token(model) / 1e6:.1f} MB of weights read per decoded token\n"
+    )
+    print(
+        "| threads | meldlite prefill | llama.cpp repack | llama.cpp no repack | "
+        "meldlite / best | meldlite decode | llama.cpp repack | llama.cpp no repack | "
+        "meldlite / best |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in threads:
+        cells = []
+        for phase in (0, 1):
+            vals = [med[e, n][phase] for e in ENGINES]
+            ratio = vals[0] / best_llamacpp(med, n, phase)
+            cells += [f"{v:.1f}" for v in vals] + [f"**{ratio:.2f}**"]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
+def print_scaling(results, threads):
+    more = [n for n in threads if n > 1]
+    if 1 not in threads or not more:
+        return
+    head = " | ".join(
+        f"{e} {k} x{n}"
+        for n in more
+        for e in ("meldlite", "llama.cpp best")
+        for k in ("prefill", "decode")
+    )
+    print(f"\nScaling over each engine's own 1-thread speed:\n\n| model | {head} |")
+    print("|---" * (1 + 4 * len(more)) + "|")
+    for name, med in results.items():
+        cells = []
+        for n in more:
+            for phase in (0, 1):
+                cells.append(f"{med['meldlite', n][phase] / med['meldlite', 1][phase]:.2f}x")
+            for phase in (0, 1):
+                cells.append(f"{best_llamacpp(med, n, phase) / best_llamacpp(med, 1, phase):.2f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def thread_counts(text):
+    if text:
+        return sorted({int(n) for n in text.split(",")})
+    return sorted({1, 2, os.cpu_count() or 1})
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="", help="comma-separated (default: 1, 2, all cores)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--models", default="trained,trained-q4,edge-q4,edge-q8")
+    ap.add_argument("--models", default="edge-q4,edge-q8")
     ap.add_argument(
         "--llamacpp-wait",
         choices=["default", "passive"],
@@ -254,33 +334,27 @@ def main():
     if args.llamacpp_child:
         print(json.dumps(llamacpp_child(*json.loads(args.llamacpp_child))))
         return
-    load0 = os.getloadavg()[0]
+    threads = thread_counts(args.threads)
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M')}, threads {args.threads}, prompt {args.prompt} tokens, "
-        f"decode {args.decode} tokens, median of {args.reps} runs (tokens/s); llama.cpp "
-        f"OpenMP wait policy {args.llamacpp_wait}; "
-        f"1-min load average {load0:.2f} before"
+        f"{time.strftime('%Y-%m-%d %H:%M')}, threads {threads}, prompt {args.prompt} tokens, "
+        f"decode {args.decode} tokens, median of {args.reps} runs (tokens/s); llama.cpp OpenMP "
+        f"wait policy {args.llamacpp_wait}; 1-min load average {os.getloadavg()[0]:.2f} before"
     )
-    print(
-        "| model | size MB | meldlite prefill | llama.cpp prefill | ratio | "
-        "meldlite decode | llama.cpp decode | ratio | meldlite cpu ms/tok prefill, decode | "
-        "MB read per token | decode GB/s meldlite, llama.cpp |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = {}
     for name in args.models.split(","):
-        name, size, (mp, md, mpc, mdc, lp, ld), nbytes = bench(name, args)
-        print(
-            f"| {name} | {size / 1e6:.1f} | {mp:.1f} | {lp:.1f} | {mp / lp:.2f} | "
-            f"{md:.1f} | {ld:.1f} | {md / ld:.2f} | {mpc:.2f}, {mdc:.2f} | {nbytes / 1e6:.1f} | "
-            f"{nbytes * md / 1e9:.1f}, {nbytes * ld / 1e9:.1f} |",
-            flush=True,
-        )
+        med, model = bench(name, args, threads)
+        results[name] = med
+        print_model(name, med, model, threads)
+    print_scaling(results, threads)
+    import numba  # the layer is known once a parallel loop has run
+
     bw = [
         QUIET(lambda: memory_bandwidth(1.0, lambda fn: median_time(fn, 5))) / 1e9 for _ in range(3)
     ]
     print(
-        f"memory read bandwidth in this run (parallel XOR over 1 GiB, {args.threads} threads): "
-        f"{statistics.median(bw):.1f} GB/s (runs: {', '.join(f'{b:.1f}' for b in bw)})"
+        f"\nmemory read bandwidth in this run (parallel XOR over 1 GiB, {max(threads)} threads): "
+        f"{statistics.median(bw):.1f} GB/s (runs: {', '.join(f'{b:.1f}' for b in bw)}); "
+        f"meldlite ran on Numba's {numba.threading_layer()} threading layer"
     )
     print(
         f"1-min load average {os.getloadavg()[0]:.2f} after; {QUIET.measured} measurements, "
