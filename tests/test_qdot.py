@@ -21,8 +21,9 @@ from meldlite.kernels.mathops import rope_tables
 from meldlite.kernels.moe import NO_BIAS, moe_ffn_kernel
 from meldlite.kernels.reference import matmul_ref
 
-FAST = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "F16", "F32"]
-FALLBACK = ["Q4_1", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS", "MXFP4", "BF16"]
+FAST = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL"]
+FAST += ["MXFP4", "F16", "F32"]
+FALLBACK = ["Q4_1", "Q5_1", "BF16"]
 
 
 def cols(qtype):
@@ -112,6 +113,11 @@ def test_integer_kernels_vectorize():
         qdot.dot_q4_k: (mat, i64, i8, f32, i32, i64, i64),
         qdot.dot_q6_k: (mat, i64, i8, f32, i64, i64),
         qdot.dot_q8_0: (mat, i64, i8, f32, i64, i64, i64),
+        qdot.dot_q5_k: (mat, i64, i8, f32, i32, i64, i64),
+        qdot.dot_q2_k: (mat, i64, i8, f32, i64, i64),
+        qdot.dot_q3_k: (mat, i64, i8, f32, i64, i64),
+        qdot.dot_iq4_xs: (mat, i64, i8, f32, i64, i64),
+        qdot.dot_iq4_nl: (mat, i64, i8, f32, i64, i64),
     }
     for fn, sig in sigs.items():  # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)
@@ -166,6 +172,69 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
     got = np.empty(n, np.int32)
     q6k(blocks, qa, got)
     np.testing.assert_array_equal(got, reference.q6k_sum_ref(blocks, qa))
+
+
+def _block_sums(name):
+    """A fresh jitted loop over blocks calling the simd sums of `name`: out (n, 2) int32
+    (isum, msum; msum 0 for types without mins). IQ4_NL: 5 blocks (160 values) per item,
+    four through iq4nl_sums4 and the fifth through iq4nl_sum1."""
+    from meldlite.kernels import simd
+
+    def q5k(blocks, qa, bs, out):
+        for i in range(blocks.shape[0]):
+            out[i, 0], out[i, 1] = simd.q5k_sums(blocks[i], 0, qa[i], 0, bs[i], 0)
+
+    def q2k(blocks, qa, bs, out):
+        for i in range(blocks.shape[0]):
+            out[i, 0], out[i, 1] = simd.q2k_sums(blocks[i], 0, qa[i], 0)
+
+    def q3k(blocks, qa, bs, out):
+        for i in range(blocks.shape[0]):
+            out[i, 0] = simd.q3k_sum(blocks[i], 0, qa[i], 0)
+
+    def iq4xs(blocks, qa, bs, out):
+        for i in range(blocks.shape[0]):
+            out[i, 0] = simd.iq4xs_sum(blocks[i], 0, qa[i], 0)
+
+    def iq4nl(blocks, qa, bs, out):
+        for i in range(blocks.shape[0]):
+            out[5 * i, 0], out[5 * i + 1, 0], out[5 * i + 2, 0], out[5 * i + 3, 0] = (
+                simd.iq4nl_sums4(blocks[i], 0, qa[i], 0)
+            )
+            out[5 * i + 4, 0] = simd.iq4nl_sum1(blocks[i], 72, qa[i], 128)
+
+    fns = {"Q5_K": q5k, "Q2_K": q2k, "Q3_K": q3k, "IQ4_XS": iq4xs, "IQ4_NL": iq4nl}
+    return numba.njit(fns[name])
+
+
+@pytest.mark.parametrize("x86", [True, False])
+@pytest.mark.parametrize("name", ["Q5_K", "Q2_K", "Q3_K", "IQ4_XS", "IQ4_NL"])
+def test_more_block_sums_equal_numpy_references(name, x86, monkeypatch):
+    """The integer sums of the other types' blocks, exact, against gguf-py-based references
+    (reference.int_sums_ref), on the x86 path and the generic one; activation codes over
+    the whole int8 range (-128 included), code and scale bits all set or all clear."""
+    from meldlite.kernels import reference, simd
+
+    if x86 and not simd.AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setattr(simd, "AVX2", x86)
+    sums = _block_sums(name)
+    qtype = T[name]
+    rng = np.random.default_rng(61 + int(qtype))
+    n, n_cols = 300, (160 if name == "IQ4_NL" else 256)
+    blocks = random_matrix(rng, qtype, n, n_cols)
+    blocks[0] = 255
+    blocks[1] = 0
+    qa = rng.integers(-128, 128, (n, n_cols), dtype=np.int8)
+    qa[2], qa[3] = -128, 127
+    bs = qa.reshape(n, -1, 32).sum(-1, dtype=np.int32)
+    out = np.zeros((n * n_cols // 256 if name != "IQ4_NL" else 5 * n, 2), np.int32)
+    sums(blocks, qa, bs, out)
+    bytes_ = blocks.shape[1] * 256 // n_cols if name != "IQ4_NL" else 18
+    per = 256 if name != "IQ4_NL" else 32
+    isum, msum = reference.int_sums_ref(blocks.reshape(-1, bytes_), qtype, qa.reshape(-1, per))
+    np.testing.assert_array_equal(out[:, 0], isum)
+    np.testing.assert_array_equal(out[:, 1], msum)
 
 
 TILED = {  # type: (tiled kernel, one-token kernel, its arguments after (w, r, qa, da), n_cols)

@@ -15,10 +15,17 @@ and `dot_row` multiplies one weight row by one token. A Q4_K row against Q8_K ac
     S_bj = sum_l q_bjl * qa_bjl   (int32; j = 32-value sub-block)
 
 which equals the float product of the dequantized weights with xr up to float rounding
-(integer sums are exact, the float steps are fewer). Q4_K, Q6_K, Q8_0, Q4_0 and Q5_0 have
-integer kernels, and MXFP4 (gpt-oss's experts: E2M1 codes doubled to int8 by a table,
-the block's E8M0 scale halved, as ggml's vec_dot_mxfp4_q8_0); F16 and F32 rows use float
-lanes; every other type decodes the row into float (decode.decode_span) and dots it with xr.
+(integer sums are exact, the float steps are fewer). Q4_K, Q5_K, Q6_K, Q2_K, Q3_K,
+IQ4_XS (Q8_K activations), Q8_0, Q4_0, Q5_0, IQ4_NL (Q8_0) have integer kernels, and MXFP4
+(gpt-oss's experts: E2M1 codes doubled to int8 by a table, the block's E8M0 scale halved,
+as ggml's vec_dot_mxfp4_q8_0); each follows ggml's vec_dot_<type>_q8_<K|0>: int32 sums per
+(sub-)block, float scaling per block, block by block. A row of Q2_K against token k:
+
+    sum_b  da_b * ( d_b * sum_i (sc_bi & 15) * S_bi  -  dmin_b * sum_i (sc_bi >> 4) * A_bi ),
+    S_bi = sum_l q_bil * qa_bil,  A_bi = sum_l qa_bil   (i = group of 16 values)
+
+F16 and F32 rows use float lanes; every other type decodes the row into float
+(decode.decode_span) and dots it with xr.
 
 Each output (token, row) is one call of the same row function with a fixed operation order,
 so results do not depend on thread count, batch size or which rows share a chunk.
@@ -26,9 +33,9 @@ For two tokens or more, Q4_K, Q6_K and Q8_0 take token tiles instead (`tiles_q4_
 each block is unpacked once for up to TILE tokens (simd's *_tile intrinsics) and each
 token's float steps are the row function's, in its order, so the bits are the same.
 
-Q4_K, Q6_K and Q8_0 take their per-block integer sums from simd.py (LLVM vector code:
-vpmaddubsw/vpmaddwd on x86) and do the float steps here, block by block in order. Q4_0 and
-Q5_0 are plain Numba loops; there Numba widens int32 arithmetic to int64, so each
+The K-quants, IQ4_XS, IQ4_NL and Q8_0 take their per-block integer sums from simd.py (LLVM
+vector code: vpmaddubsw/vpmaddwd on x86) and do the float steps here, block by block in
+order. Q4_0, Q5_0 and MXFP4 are plain Numba loops; there Numba widens int32 arithmetic to int64, so each
 accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
 to vpdpwssd/vpmaddwd, and the inner loops run to a *runtime* length `L` (passed in)
 because loops with constant trip counts are fully unrolled before the loop vectorizer sees
@@ -57,14 +64,24 @@ from meldlite.kernels.matmul import operands
 from meldlite.kernels.qtypes import (
     F16,
     F32,
+    IQ4_NL,
+    IQ4_NL_BYTES,
+    IQ4_XS,
+    IQ4_XS_BYTES,
     MXFP4,
     MXFP4_BYTES,
+    Q2_K,
+    Q2_K_BYTES,
+    Q3_K,
+    Q3_K_BYTES,
     Q4_0,
     Q4_0_BYTES,
     Q4_K,
     Q4_K_BYTES,
     Q5_0,
     Q5_0_BYTES,
+    Q5_K,
+    Q5_K_BYTES,
     Q6_K,
     Q6_K_BYTES,
     Q8_0,
@@ -75,15 +92,33 @@ from meldlite.kernels.qtypes import (
 from meldlite.kernels.simd import (
     F16C,
     f16_hw,
+    iq4nl_sum1,
+    iq4nl_sums4,
+    iq4xs_sum,
+    q2k_sums,
+    q3k_sum,
     q4k_sums,
     q4k_tile,
+    q5k_sums,
     q6k_sum,
     q6k_tile,
     q8_0_tile,
     u16_at,
 )
 
-INT_TYPES = (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4)  # ggml type ids with integer kernels
+INT_TYPES = (
+    Q4_0,
+    Q5_0,
+    Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
+    MXFP4,
+)  # ggml type ids with integer kernels
 KV_MXFP4 = KVALUES_MXFP4.astype(np.int16)  # (16,) E2M1 values times 2
 CHUNK = 16  # rows per parallel work item
 TILE = 8  # tokens per unpacked block in the tiled kernels (their codes stay in L1)
@@ -218,6 +253,74 @@ def dot_q6_k(w, r, qa, da, k, nb):
         o = ow + Q6_K_BYTES * b
         d = _f16(w, o + Q6_K_BYTES - 2)  # the f16 scale ends the block
         sumf += d * da[k, b] * np.float32(q6k_sum(w, o, qa, oa + QK_K * b))
+    return sumf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_q5_k(w, r, qa, da, bs, k, nb):
+    """Q5_K row (nb super-blocks of Q5_K_BYTES) . Q8_K activations (dot_q4_k's float steps)."""
+    sumf = np.float32(0.0)
+    ow, oa, ob = r * w.shape[1], k * qa.shape[1], k * bs.shape[1]
+    for b in range(nb):
+        o = ow + Q5_K_BYTES * b
+        isum, msum = q5k_sums(w, o, qa, oa + QK_K * b, bs, ob + QK_K // QK * b)
+        d = da[k, b]
+        sumf += _f16(w, o) * d * np.float32(isum) - _f16(w, o + 2) * d * np.float32(msum)
+    return sumf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_q2_k(w, r, qa, da, k, nb):
+    """Q2_K row (nb super-blocks of Q2_K_BYTES; d, dmin at bytes 80, 82) . Q8_K activations."""
+    sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    for b in range(nb):
+        o = ow + Q2_K_BYTES * b
+        isum, msum = q2k_sums(w, o, qa, oa + QK_K * b)
+        d = da[k, b]
+        sumf += _f16(w, o + 80) * d * np.float32(isum) - _f16(w, o + 82) * d * np.float32(msum)
+    return sumf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_q3_k(w, r, qa, da, k, nb):
+    """Q3_K row (nb super-blocks of Q3_K_BYTES; d at byte 108) . Q8_K activations."""
+    sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    for b in range(nb):
+        o = ow + Q3_K_BYTES * b
+        sumf += _f16(w, o + 108) * da[k, b] * np.float32(q3k_sum(w, o, qa, oa + QK_K * b))
+    return sumf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_iq4_xs(w, r, qa, da, k, nb):
+    """IQ4_XS row (nb super-blocks of IQ4_XS_BYTES; d at byte 0) . Q8_K activations."""
+    sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    for b in range(nb):
+        o = ow + IQ4_XS_BYTES * b
+        sumf += _f16(w, o) * da[k, b] * np.float32(iq4xs_sum(w, o, qa, oa + QK_K * b))
+    return sumf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_iq4_nl(w, r, qa, da, k, nb):
+    """IQ4_NL row (nb blocks of IQ4_NL_BYTES: d f16, qs[16]) . Q8_0 activations: the sums
+    of four blocks per simd call, then the float steps block by block."""
+    sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        o = ow + IQ4_NL_BYTES * b
+        s0, s1, s2, s3 = iq4nl_sums4(w, o, qa, oa + QK * b)
+        sumf += _f16(w, o) * da[k, b] * np.float32(s0)
+        sumf += _f16(w, o + IQ4_NL_BYTES) * da[k, b + 1] * np.float32(s1)
+        sumf += _f16(w, o + 2 * IQ4_NL_BYTES) * da[k, b + 2] * np.float32(s2)
+        sumf += _f16(w, o + 3 * IQ4_NL_BYTES) * da[k, b + 3] * np.float32(s3)
+    for b in range(n4, nb):
+        o = ow + IQ4_NL_BYTES * b
+        sumf += _f16(w, o) * da[k, b] * np.float32(iq4nl_sum1(w, o, qa, oa + QK * b))
     return sumf
 
 
@@ -468,6 +571,41 @@ def dot_mxfp4(row, qa, da, nb, L):
     return sumf
 
 
+@njit(inline="always")
+def _flat_kernel(t):
+    """Whether type t has a row kernel on flat offsets (_dot_flat)."""
+    return (
+        t == Q4_K
+        or t == Q6_K
+        or t == Q8_0
+        or t == Q5_K
+        or t == Q3_K
+        or t == Q2_K
+        or t == IQ4_XS
+        or t == IQ4_NL
+    )
+
+
+@njit(inline="always")
+def _dot_flat(raw, t, r, qa, da, bs, k, nk, n32):
+    """Row r of raw (type t, a _flat_kernel type) . token k: nk super-blocks / n32 blocks."""
+    if t == Q4_K:
+        return dot_q4_k(raw, r, qa, da, bs, k, nk)
+    if t == Q6_K:
+        return dot_q6_k(raw, r, qa, da, k, nk)
+    if t == Q8_0:
+        return dot_q8_0(raw, r, qa, da, k, n32, 32)
+    if t == Q5_K:
+        return dot_q5_k(raw, r, qa, da, bs, k, nk)
+    if t == Q3_K:
+        return dot_q3_k(raw, r, qa, da, k, nk)
+    if t == Q2_K:
+        return dot_q2_k(raw, r, qa, da, k, nk)
+    if t == IQ4_XS:
+        return dot_iq4_xs(raw, r, qa, da, k, nk)
+    return dot_iq4_nl(raw, r, qa, da, k, n32)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics):
     """out[i, r] = row r of raw (type t) . token toks[i]'s activations, r in [r0, r1).
@@ -490,16 +628,10 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
     if llama_numerics and n >= 2 and t == Q8_0:
         tiles_q8_0(raw, r0, r1, qa, da, toks, out, n32)
         return
-    if llama_numerics and (t == Q4_K or t == Q6_K or t == Q8_0):  # the simd kernels, no slices
+    if llama_numerics and _flat_kernel(t):  # the simd kernels, no slices
         for r in range(r0, r1):
             for i in range(n):
-                k = toks[i]
-                if t == Q4_K:
-                    out[i, r] = dot_q4_k(raw, r, qa, da, bs, k, nk)
-                elif t == Q6_K:
-                    out[i, r] = dot_q6_k(raw, r, qa, da, k, nk)
-                else:
-                    out[i, r] = dot_q8_0(raw, r, qa, da, k, n32, 32)
+                out[i, r] = _dot_flat(raw, t, r, qa, da, bs, toks[i], nk, n32)
         return
     acc16 = np.empty(16, dtype=np.float32)  # (16,) lanes of dot_lanes16
     scratch = np.empty(n_cols, dtype=np.float32)  # (n_cols,) one decoded row
@@ -576,6 +708,11 @@ track_sources(
     quantize_rows,
     dot_q4_k,
     dot_q6_k,
+    dot_q5_k,
+    dot_q2_k,
+    dot_q3_k,
+    dot_iq4_xs,
+    dot_iq4_nl,
     dot_q8_0,
     dot_q4_0,
     dot_q5_0,

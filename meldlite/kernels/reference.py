@@ -59,6 +59,34 @@ def q4k_sums_ref(blocks, qa, bs):
     return (scq * qa).sum(1), (mins * bs).sum(1)
 
 
+# byte offsets of a block's float16 scale and (for the types with mins) min fields
+SCALE_FIELDS = {
+    GGMLQuantizationType.Q4_1: (0, 2),
+    GGMLQuantizationType.Q5_1: (0, 2),
+    GGMLQuantizationType.Q2_K: (80, 82),
+    GGMLQuantizationType.Q3_K: (108,),
+    GGMLQuantizationType.Q4_K: (0, 2),
+    GGMLQuantizationType.Q5_K: (0, 2),
+    GGMLQuantizationType.IQ4_NL: (0,),
+    GGMLQuantizationType.IQ4_XS: (0,),
+}
+
+
+def int_sums_ref(blocks, qtype, qa):
+    """(isum, msum) int64 (n,) of n blocks (n, block_bytes) of `qtype` against int8 codes qa
+    (n, block_values): isum = sum of (the block's integer weights with d = 1) * qa, msum =
+    sum of (the integer mins per value with dmin = 1) * qa (0 without a min field). From
+    gguf-py's dequantization with d=1, dmin=0 (values sc*q) and d=0, dmin=1 (-m)."""
+    qtype = GGMLQuantizationType(int(qtype))
+    fields = SCALE_FIELDS[qtype]
+    w = dequantize_ref(_with_f16_fields(blocks, dict(zip(fields, (1.0, 0.0)))), qtype)
+    isum = (w.astype(np.int64) * qa).sum(1)
+    if len(fields) == 1:
+        return isum, np.zeros_like(isum)
+    mins = -dequantize_ref(_with_f16_fields(blocks, dict(zip(fields, (0.0, 1.0)))), qtype)
+    return isum, (mins.astype(np.int64) * qa).sum(1)
+
+
 def q6k_sum_ref(blocks, qa):
     """isum int64 (n,) of Q6_K super-blocks (n, 210) . Q8_K codes qa (n, 256):
     sum_i sc_i * ((q_i - 32) . qa_i), from gguf-py's dequantization with d=1."""

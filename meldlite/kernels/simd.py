@@ -11,6 +11,11 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         isum = sum_j sc_j * sum_l q_jl * qa[oa + 32j + l],  msum = sum_j m_j * bs[ob + j]
     q6k_sum(row, o, qa, oa) -> isum                    Q6_K super-block at row[o:]
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
+    q5k_sums (as q4k_sums), q2k_sums (isum, msum; the per-16 code sums taken here),
+    q3k_sum, iq4xs_sum (isum)                          the other Q8_K types' super-blocks
+    iq4nl_sums4, iq4nl_sum1 -> int32 per block         four IQ4_NL blocks (or one)
+        (IQ4 codes are int8 values from a 16-entry table: vpshufb, then int8 x int8 pairs
+        as vpmaddubsw(|a|, q * sign(a)), exact as q > -128)
     q4k_tile, q6k_tile, q8_0_tile                      one block against several tokens
         (the block unpacked once; qdot's float steps per token; see "token tiles")
     f16_hw(row, o) -> float32                          the float16 at byte o (F16C, fcvt)
@@ -22,14 +27,15 @@ Offsets count elements from the start of C-contiguous arrays of any number of di
 Integer sums are exact, so the float steps around them (in qdot) decide the result bits,
 and they do not depend on which instructions computed the integers. On x86 with AVX2 the
 code calls the vpmaddubsw/vpmaddwd intrinsics; elsewhere it emits the same
-arithmetic as plain vector IR (widen, multiply, add even and odd lanes) that LLVM lowers
-for any target. No value can saturate the int16 pairs: |4-bit or 6-bit code x int8| pairs
-stay below 2 * 63 * 128.
+arithmetic as plain vector IR (widen, multiply, add even and odd lanes; table lookups as
+compare-and-select chains) that LLVM lowers for any target. No value can saturate the
+int16 pairs: |code x int8| pairs stay below 2 * 127 * 128 (IQ4's -127 is the largest code).
 
-NumPy references: `reference.q4k_sums_ref`, `q6k_sum_ref`.
+NumPy references: `reference.q4k_sums_ref`, `q6k_sum_ref`, `int_sums_ref`.
 """
 
 import llvmlite.binding as llb
+from gguf import quants as gguf_quants
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config
@@ -46,6 +52,8 @@ AVX2 = "+avx2" in _FEATURES.split(",")  # x86 with AVX2: call the x86 intrinsics
 # ISA); without them LLVM lowers f16_hw to a runtime-library call, and qdot converts
 # the bits in code instead
 F16C = "+f16c" in _FEATURES.split(",") or _AARCH64
+
+KVALUES_IQ4 = [int(v) for v in gguf_quants.IQ4_NL.kvalues]  # (16,) int8 code values
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V32I8, V16I8, V8I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I8, 8)
@@ -106,6 +114,26 @@ class _Ctx:
             return self.call("llvm.x86.avx2.pmadd.wd", V8I32, [a, b])
         return self._pairs(a, b, self.b.sext, V8I32)
 
+    def maddss(self, q, a):
+        """s8 q (32,) x s8 a (32,) -> int16 pair sums (16,), exact for q > -128 (any a).
+        x86: vpmaddubsw(|a|, q * sign(a)) - |-128| is 128 as u8, and q * sign(a) fits."""
+        if self.x86:
+            sign = lambda x, y: self.call("llvm.x86.avx2.psign.b", V32I8, [x, y])  # noqa: E731
+            return self.call("llvm.x86.avx2.pmadd.ub.sw", V16I16, [sign(a, a), sign(q, a)])
+        return self._pairs(q, a, self.b.sext, V16I16)
+
+    def lookup16(self, idx, table):
+        """table[idx] per lane for idx <32 x i8> in 0..15 and a table of 16 int8 values
+        (x86: vpshufb; elsewhere a chain of compares and selects)."""
+        if self.x86:
+            return self.call("llvm.x86.avx2.pshuf.b", V32I8, [ir.Constant(V32I8, table * 2), idx])
+        v = self.const8(table[0])
+        for i in range(1, 16):
+            v = self.b.select(
+                self.b.icmp_unsigned("==", idx, self.const8(i)), self.const8(table[i]), v
+            )
+        return v
+
     def reduce(self, v):
         return self.call(f"llvm.vector.reduce.add.v{v.type.count}i32", I32, [v])
 
@@ -141,24 +169,41 @@ def _q4k_scales(c, rowty, row, o):
 # ---------------------------------------------------------------- block sums
 
 
-def _q4k_codegen(context, builder, sig, args):
-    rowty, _, qaty, _, bsty, _ = sig.args
-    row, o, qa, oa, bs, ob = _offsets(context, builder, sig, args)
-    c = _Ctx(context, builder, AVX2)
-    b = c.b
-    sc, mn = _q4k_scales(c, rowty, row, o)
-    acc = None
-    for k in range(4):  # 64 values: 32 bytes, low nibbles = sub-block 2k, high = 2k+1
-        w = c.load(rowty, row, o, V32I8, 16 + 32 * k)
-        lo, hi = b.and_(w, c.const8(15)), b.lshr(w, c.const8(4))
-        al, ah = c.load(qaty, qa, oa, V32I8, 64 * k), c.load(qaty, qa, oa, V32I8, 64 * k + 32)
-        s = b.add(
-            c.madd(c.maddubs(lo, al), c.splat(sc, [2 * k] * 16)),
-            c.madd(c.maddubs(hi, ah), c.splat(sc, [2 * k + 1] * 16)),
-        )
-        acc = s if acc is None else b.add(acc, s)
-    msum = c.reduce(b.mul(b.sext(mn, V8I32), c.load(bsty, bs, ob, V8I32)))
-    return context.make_tuple(builder, sig.return_type, [c.reduce(acc), msum])
+def _k_affine_codegen(high):
+    """Codegen of q4k_sums (high=False) or q5k_sums (high: the 5th bits in qh[32] at byte
+    16, the nibbles at 48 instead of 16)."""
+
+    def codegen(context, builder, sig, args):
+        rowty, _, qaty, _, bsty, _ = sig.args
+        row, o, qa, oa, bs, ob = _offsets(context, builder, sig, args)
+        c = _Ctx(context, builder, AVX2)
+        b = c.b
+        sc, mn = _q4k_scales(c, rowty, row, o)
+        qh = c.load(rowty, row, o, V32I8, 16) if high else None
+        acc = None
+        for k in range(4):  # 64 values: 32 bytes, low nibbles = sub-block 2k, high = 2k+1
+            w = c.load(rowty, row, o, V32I8, (48 if high else 16) + 32 * k)
+            lo, hi = b.and_(w, c.const8(15)), b.lshr(w, c.const8(4))
+            if high:  # bit 2k of qh[l] tops value l of sub-block 2k, bit 2k+1 of 2k+1
+                lo, hi = (
+                    b.or_(
+                        v, b.shl(b.and_(b.lshr(qh, c.const8(2 * k + i)), c.const8(1)), c.const8(4))
+                    )
+                    for i, v in enumerate((lo, hi))
+                )
+            al, ah = c.load(qaty, qa, oa, V32I8, 64 * k), c.load(qaty, qa, oa, V32I8, 64 * k + 32)
+            s = b.add(
+                c.madd(c.maddubs(lo, al), c.splat(sc, [2 * k] * 16)),
+                c.madd(c.maddubs(hi, ah), c.splat(sc, [2 * k + 1] * 16)),
+            )
+            acc = s if acc is None else b.add(acc, s)
+        msum = c.reduce(b.mul(b.sext(mn, V8I32), c.load(bsty, bs, ob, V8I32)))
+        return context.make_tuple(builder, sig.return_type, [c.reduce(acc), msum])
+
+    return codegen
+
+
+_q4k_codegen = _k_affine_codegen(False)
 
 
 @intrinsic
@@ -167,6 +212,98 @@ def q4k_sums(typingctx, row, o, qa, oa, bs, ob):
     codes qa[oa:oa+256] and their per-32 sums bs[ob:ob+8]."""
     if _typed((row, types.uint8), (qa, types.int8), (bs, types.int32)):
         return types.UniTuple(types.int32, 2)(row, o, qa, oa, bs, ob), _q4k_codegen
+
+
+@intrinsic
+def q5k_sums(typingctx, row, o, qa, oa, bs, ob):
+    """(isum, msum) int32 of the Q5_K super-block at row[o:] (176 bytes: d, dmin,
+    scales[12] as Q4_K, qh[32], qs[128]) against Q8_K codes and per-32 sums, as q4k_sums
+    with 5-bit codes (nibble | bit j of qh[l] << 4 for value l of sub-block j)."""
+    if _typed((row, types.uint8), (qa, types.int8), (bs, types.int32)):
+        return types.UniTuple(types.int32, 2)(row, o, qa, oa, bs, ob), _k_affine_codegen(True)
+
+
+def _crumbs(c, w, k):
+    """The 2-bit fields (w >> 2k) & 3 of each byte of w <32 x i8>."""
+    return c.b.and_(c.b.lshr(w, c.const8(2 * k)), c.const8(3))
+
+
+def _q2k_codegen(context, builder, sig, args):
+    rowty, _, qaty, _ = sig.args
+    row, o, qa, oa = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    b = c.b
+    sc8 = c.load(rowty, row, o, V16I8, 0)  # (16,) scale | min << 4 per 16 values
+    sc = b.zext(b.and_(sc8, ir.Constant(V16I8, [15] * 16)), V16I16)
+    mn = b.zext(b.lshr(sc8, ir.Constant(V16I8, [4] * 16)), V16I16)
+    acc, macc = None, None
+    for h in range(2):  # values 128h..: 2-bit fields of qs[32h:32h+32], shift 2j for 32j..
+        w = c.load(rowty, row, o, V32I8, 16 + 32 * h)
+        for j in range(4):
+            a = c.load(qaty, qa, oa, V32I8, 128 * h + 32 * j)
+            lanes = [8 * h + 2 * j] * 8 + [8 * h + 2 * j + 1] * 8
+            s = c.madd(c.maddubs(_crumbs(c, w, j), a), c.splat(sc, lanes))
+            m = c.madd(c.maddubs(c.const8(1), a), c.splat(mn, lanes))  # per-16 sums x mins
+            acc = s if acc is None else b.add(acc, s)
+            macc = m if macc is None else b.add(macc, m)
+    return context.make_tuple(builder, sig.return_type, [c.reduce(acc), c.reduce(macc)])
+
+
+@intrinsic
+def q2k_sums(typingctx, row, o, qa, oa):
+    """(isum, msum) int32 of the Q2_K super-block at row[o:] (84 bytes: scales[16], qs[64],
+    d, dmin) against Q8_K codes qa[oa:oa+256]: isum = sum_i (sc_i & 15) * (q_i . qa_i),
+    msum = sum_i (sc_i >> 4) * sum(qa_i) over the 16 groups i of 16 values (the per-16
+    code sums are taken here: qdot's bs holds per-32 sums only)."""
+    if _typed((row, types.uint8), (qa, types.int8)):
+        return types.UniTuple(types.int32, 2)(row, o, qa, oa), _q2k_codegen
+
+
+def _q3k_scales(c, rowty, row, o):
+    """The 16 scales of a Q3_K block minus 32 as <16 x i16>, from the 12 bytes at row[o+96:]
+    (ggml's packing: scale i has the nibble i % 8 >> 4 (i // 8) of bytes 0-7 and the 2 bits
+    2 (i // 4) of byte 8 + i % 4 on top)."""
+    b = c.b
+    w0, w1, w2 = (c.load(rowty, row, o, I32, 96 + 4 * i) for i in range(3))
+    k4, k2 = ir.Constant(I32, 0x0F0F0F0F), ir.Constant(I32, 0x03030303)
+    top = lambda s: b.shl(b.and_(b.lshr(w2, ir.Constant(I32, s)), k2), ir.Constant(I32, 4))  # noqa: E731
+    nib = lambda w, s: b.and_(b.lshr(w, ir.Constant(I32, s)), k4)  # noqa: E731
+    words = [b.or_(nib(w0, 0), top(0)), b.or_(nib(w1, 0), top(2))]
+    words += [b.or_(nib(w0, 4), top(4)), b.or_(nib(w1, 4), top(6))]
+    v = ir.Constant(ir.VectorType(I32, 4), ir.Undefined)
+    for i, word in enumerate(words):
+        v = b.insert_element(v, word, ir.Constant(I32, i))
+    v = b.zext(b.bitcast(v, V16I8), V16I16)
+    return b.sub(v, ir.Constant(V16I16, [32] * 16))
+
+
+def _q3k_codegen(context, builder, sig, args):
+    rowty, _, qaty, _ = sig.args
+    row, o, qa, oa = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    b = c.b
+    sc = _q3k_scales(c, rowty, row, o)
+    hm = c.load(rowty, row, o, V32I8, 0)  # hmask[32]: bit 4h+j of byte l for value 128h+32j+l
+    acc = None
+    for h in range(2):
+        w = c.load(rowty, row, o, V32I8, 32 + 32 * h)
+        for j in range(4):
+            a = c.load(qaty, qa, oa, V32I8, 128 * h + 32 * j)
+            hb = b.and_(b.lshr(hm, c.const8(4 * h + j)), c.const8(1))
+            four = b.shl(b.xor(hb, c.const8(1)), c.const8(2))  # 4 where the bit is clear
+            p = b.sub(c.maddubs(_crumbs(c, w, j), a), c.maddubs(four, a))  # (q - 4 + 4 hb) a
+            s = c.madd(p, c.splat(sc, [8 * h + 2 * j] * 8 + [8 * h + 2 * j + 1] * 8))
+            acc = s if acc is None else b.add(acc, s)
+    return c.reduce(acc)
+
+
+@intrinsic
+def q3k_sum(typingctx, row, o, qa, oa):
+    """isum int32 of the Q3_K super-block at row[o:] (110 bytes: hmask[32], qs[64],
+    scales[12], d) . Q8_K codes qa[oa:oa+256]: sum_i (sc_i - 32) * (q_i . qa_i) over the
+    16 groups of 16 values, q = 2-bit field - 4 + 4 * hmask bit (-4..3)."""
+    if _typed((row, types.uint8), (qa, types.int8)):
+        return types.int32(row, o, qa, oa), _q3k_codegen
 
 
 def _q6k_codegen(context, builder, sig, args):
@@ -200,6 +337,91 @@ def q6k_sum(typingctx, row, o, qa, oa):
     """isum int32 of the Q6_K super-block at row[o:] (210 bytes) . Q8_K codes qa[oa:oa+256]."""
     if _typed((row, types.uint8), (qa, types.int8)):
         return types.int32(row, o, qa, oa), _q6k_codegen
+
+
+def _iq4xs_scales(c, rowty, row, o):
+    """The 8 sub-block scales of an IQ4_XS block minus 32 as <8 x i16>: 4 bits from the
+    nibble i % 2 of scales_l[i // 2] (bytes 4-7), 2 bits 2i of scales_h (bytes 2-3) on top."""
+    b = c.b
+    v8 = ir.VectorType(I16, 8)
+    lo = b.bitcast(c.load(rowty, row, o, I32, 4), ir.VectorType(I8, 4))
+    lo = b.zext(c.splat(lo, [0, 0, 1, 1, 2, 2, 3, 3]), v8)
+    lo = b.and_(b.lshr(lo, ir.Constant(v8, [0, 4] * 4)), ir.Constant(v8, [15] * 8))
+    hi = b.insert_element(
+        ir.Constant(v8, ir.Undefined), c.load(rowty, row, o, I16, 2), ir.Constant(I32, 0)
+    )
+    hi = b.lshr(c.splat(hi, [0] * 8), ir.Constant(v8, list(range(0, 16, 2))))
+    hi = b.shl(b.and_(hi, ir.Constant(v8, [3] * 8)), ir.Constant(v8, [4] * 8))
+    return b.sub(b.or_(lo, hi), ir.Constant(v8, [32] * 8))
+
+
+def _nibble_codes(c, w, first):
+    """Of 32 bytes w (two 16-byte runs), the 32 nibble indices of run 0 (first) or 1: its
+    low nibbles then its high nibbles (the value order of IQ4_NL / IQ4_XS blocks)."""
+    lo, hi = c.b.and_(w, c.const8(15)), c.b.lshr(w, c.const8(4))
+    base = 0 if first else 16
+    mask = list(range(base, base + 16)) + list(range(32 + base, 48 + base))
+    return c.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), mask))
+
+
+def _iq4xs_codegen(context, builder, sig, args):
+    rowty, _, qaty, _ = sig.args
+    row, o, qa, oa = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    b = c.b
+    sc = _iq4xs_scales(c, rowty, row, o)
+    acc = None
+    for k in range(4):  # sub-blocks 2k and 2k+1: qs bytes 16 each at 8 + 32k
+        w = c.load(rowty, row, o, V32I8, 8 + 32 * k)
+        for i in range(2):
+            q = c.lookup16(_nibble_codes(c, w, i == 0), KVALUES_IQ4)
+            a = c.load(qaty, qa, oa, V32I8, 64 * k + 32 * i)
+            s = c.madd(c.maddss(q, a), c.splat(sc, [2 * k + i] * 16))
+            acc = s if acc is None else b.add(acc, s)
+    return c.reduce(acc)
+
+
+@intrinsic
+def iq4xs_sum(typingctx, row, o, qa, oa):
+    """isum int32 of the IQ4_XS super-block at row[o:] (136 bytes: d, scales_h u16,
+    scales_l[4], qs[128]) . Q8_K codes qa[oa:oa+256]: sum_j (ls_j - 32) * (kv[q_j] . qa_j)
+    over the 8 sub-blocks of 32 (kv: gguf-py's IQ4_NL values, int8)."""
+    if _typed((row, types.uint8), (qa, types.int8)):
+        return types.int32(row, o, qa, oa), _iq4xs_codegen
+
+
+def _iq4nl_codegen(g):
+    def codegen(context, builder, sig, args):
+        rowty, _, qaty, _ = sig.args
+        row, o, qa, oa = _offsets(context, builder, sig, args)
+        c = _Ctx(context, builder, AVX2)
+        ones = ir.Constant(V16I16, [1] * 16)
+        parts = []
+        for j in range(g):  # block j: d, qs[16] at 2 + 18 j (loaded as 32 bytes from 2 + 18 j)
+            w = c.load(rowty, row, o, V16I8, 2 + 18 * j)
+            w = c.b.shuffle_vector(w, w, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+            q = c.lookup16(_nibble_codes(c, w, True), KVALUES_IQ4)
+            parts.append(c.madd(c.maddss(q, c.load(qaty, qa, oa, V32I8, 32 * j)), ones))
+        sums = _lane_sums(c, parts)
+        return context.make_tuple(builder, sig.return_type, sums) if g > 1 else sums[0]
+
+    return codegen
+
+
+def _iq4nl_intrinsic(g):
+    def typer(typingctx, row, o, qa, oa):
+        if _typed((row, types.uint8), (qa, types.int8)):
+            ret = types.UniTuple(types.int32, g) if g > 1 else types.int32
+            return ret(row, o, qa, oa), _iq4nl_codegen(g)
+
+    return intrinsic(typer)
+
+
+iq4nl_sums4 = _iq4nl_intrinsic(4)
+iq4nl_sums4.__doc__ = """(s0, s1, s2, s3) int32 of the four IQ4_NL blocks at row[o:] (18 bytes
+each: d, qs[16]) against Q8_0 codes qa[oa:oa+128]: s_j = kv[q_j] . qa[oa + 32 j:][:32]."""
+iq4nl_sum1 = _iq4nl_intrinsic(1)
+iq4nl_sum1.__doc__ = """s int32 of the IQ4_NL block at row[o:] . Q8_0 codes qa[oa:oa+32]."""
 
 
 def _f16_codegen(context, builder, sig, args):
