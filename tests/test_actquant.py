@@ -70,7 +70,8 @@ def _output_only_model(path, zero_blocks=True):
 
 @pytest.mark.parametrize(
     "ftype",
-    ["Q8_0", "Q4_0", "Q5_0", "IQ4_NL", "Q2_K", "Q3_K_S", "Q4_K_S", "Q5_K_S", "Q6_K", "IQ4_XS"],
+    ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K_S", "Q4_K_S", "Q5_K_S"]
+    + ["Q6_K", "IQ4_XS"],
 )
 def test_one_quantized_matmul_equals_llamacpp(tmp_path, ftype):
     """With blocks zeroed, a model's logits are one quantized matmul (output x

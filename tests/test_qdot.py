@@ -22,15 +22,38 @@ from meldlite.kernels.moe import NO_BIAS, moe_ffn_kernel
 from meldlite.kernels.reference import matmul_ref
 
 FAST = ["Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL"]
-FAST += ["MXFP4", "F16", "F32"]
-FALLBACK = ["Q4_1", "Q5_1", "BF16"]
+FAST += ["Q4_1", "Q5_1", "MXFP4", "F16", "F32"]
+FALLBACK = ["BF16"]
 
 
 def cols(qtype):
     return 512 if qtype in (T.F16, T.F32, T.BF16) else 1024
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "F16", "BF16", "F32"])
+def q8_1_sums(x):
+    """llama.cpp's block_q8_1 s per block of 32 of x (T, n): f16(d * sum of the codes),
+    d = amax/127 in float32, unrounded (quantize_row_q8_1); and the codes' sums (T, n/32)."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(b).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    sums = np.rint(b * inv[..., None]).sum(-1).astype(np.float32)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (d * sums).astype(np.float16).astype(np.float32), sums
+
+
+def q8_1_min_term(raw, qtype, x):
+    """What llama.cpp's Q4_1/Q5_1 product adds to the float product with the rounded
+    activations (T, rows): per block m * (s - f16(d) * sum), its s being f16-rounded."""
+    s, sums = q8_1_sums(x)
+    da = (np.abs(x.reshape(x.shape[0], -1, 32)).max(-1) / np.float32(127)).astype(np.float16)
+    nb = x.shape[1] // 32
+    m = raw.reshape(raw.shape[0], nb, -1)[:, :, 2:4].copy().view(np.float16)[..., 0]  # (rows, nb)
+    diff = s.astype(np.float64) - da.astype(np.float64) * sums  # (T, nb)
+    return diff @ m.astype(np.float64).T
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "Q4_1", "F16", "BF16", "F32"])
 def test_quantize_rows_equals_actquant(name):
     qtype = T[name]
     rng = np.random.default_rng(int(qtype))
@@ -41,12 +64,18 @@ def test_quantize_rows_equals_actquant(name):
     ref = round_activations_reference(x, qtype)
     np.testing.assert_array_equal(xr, ref)  # as values: codes of 0 give +0.0 where ref has -0.0
     mode = mode_of(qtype)
-    if mode in (3, 4):  # Q8_0 / Q8_K codes and sums
-        per = 32 if mode == 3 else 256
+    if mode in (3, 4, 5):  # Q8_0 / Q8_K / Q8_1 codes and sums
+        per = 256 if mode == 4 else 32
         np.testing.assert_array_equal(
             qa.astype(np.float32) * np.repeat(da[:, : 512 // per], per, axis=1), xr
         )
-        np.testing.assert_array_equal(bs[:, :16], qa.reshape(4, 16, 32).astype(np.int32).sum(-1))
+        sums = qa.reshape(4, 16, 32).astype(np.int32).sum(-1)
+        if mode == 5:  # Q8_1: bs holds the bits of s = f16(d * sum)
+            s, ref_sums = q8_1_sums(x)
+            np.testing.assert_array_equal(sums, ref_sums)
+            np.testing.assert_array_equal(bs[:, :16].view(np.float32), s)
+        else:
+            np.testing.assert_array_equal(bs[:, :16], sums)
 
 
 @pytest.mark.parametrize("name", FAST + FALLBACK)
@@ -58,6 +87,8 @@ def test_qmatmul_equals_rounded_float64_product(name):
     x = rng.standard_normal((5, n_cols)).astype(np.float32)
     y = kernels.qmatmul(raw, qtype, x)  # (5, 70)
     want = matmul_ref(raw, qtype, round_activations_reference(x, qtype))
+    if qtype in (T.Q4_1, T.Q5_1):  # Q8_1's f16-rounded block sums, as llama.cpp's
+        want += q8_1_min_term(raw, qtype, x)
     assert y.shape == (5, 70) and y.dtype == np.float32
     assert rel_err(y, want) < 2e-6
     np.testing.assert_array_equal(kernels.qmatmul(raw, qtype, x[2]), y[2])  # batch-invariant
@@ -118,6 +149,8 @@ def test_integer_kernels_vectorize():
         qdot.dot_q3_k: (mat, i64, i8, f32, i64, i64),
         qdot.dot_iq4_xs: (mat, i64, i8, f32, i64, i64),
         qdot.dot_iq4_nl: (mat, i64, i8, f32, i64, i64),
+        qdot.dot_q4_1: (mat, i64, i8, f32, i32, i64, i64),
+        qdot.dot_q5_1: (mat, i64, i8, f32, i32, i64, i64),
     }
     for fn, sig in sigs.items():  # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)
@@ -176,8 +209,8 @@ def test_simd_block_sums_equal_numpy_references(x86, monkeypatch):
 
 def _block_sums(name):
     """A fresh jitted loop over blocks calling the simd sums of `name`: out (n, 2) int32
-    (isum, msum; msum 0 for types without mins). IQ4_NL: 5 blocks (160 values) per item,
-    four through iq4nl_sums4 and the fifth through iq4nl_sum1."""
+    (isum, msum; msum only for Q5_K and Q2_K). The 32-value types: 5 blocks (160 values)
+    per item, four through their *_sums4 and the fifth through *_sum1."""
     from meldlite.kernels import simd
 
     def q5k(blocks, qa, bs, out):
@@ -196,19 +229,29 @@ def _block_sums(name):
         for i in range(blocks.shape[0]):
             out[i, 0] = simd.iq4xs_sum(blocks[i], 0, qa[i], 0)
 
-    def iq4nl(blocks, qa, bs, out):
-        for i in range(blocks.shape[0]):
-            out[5 * i, 0], out[5 * i + 1, 0], out[5 * i + 2, 0], out[5 * i + 3, 0] = (
-                simd.iq4nl_sums4(blocks[i], 0, qa[i], 0)
-            )
-            out[5 * i + 4, 0] = simd.iq4nl_sum1(blocks[i], 72, qa[i], 128)
+    def blocks32(sums4, sum1):
+        def loop(blocks, qa, bs, out):
+            nbytes = blocks.shape[1] // 5
+            for i in range(blocks.shape[0]):
+                out[5 * i, 0], out[5 * i + 1, 0], out[5 * i + 2, 0], out[5 * i + 3, 0] = sums4(
+                    blocks[i], 0, qa[i], 0
+                )
+                out[5 * i + 4, 0] = sum1(blocks[i], 4 * nbytes, qa[i], 128)
 
-    fns = {"Q5_K": q5k, "Q2_K": q2k, "Q3_K": q3k, "IQ4_XS": iq4xs, "IQ4_NL": iq4nl}
+        return loop
+
+    fns = {"Q5_K": q5k, "Q2_K": q2k, "Q3_K": q3k, "IQ4_XS": iq4xs}
+    fns["IQ4_NL"] = blocks32(simd.iq4nl_sums4, simd.iq4nl_sum1)
+    fns["Q4_1"] = blocks32(simd.q4_1_sums4, simd.q4_1_sum1)
+    fns["Q5_1"] = blocks32(simd.q5_1_sums4, simd.q5_1_sum1)
     return numba.njit(fns[name])
 
 
+BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1")
+
+
 @pytest.mark.parametrize("x86", [True, False])
-@pytest.mark.parametrize("name", ["Q5_K", "Q2_K", "Q3_K", "IQ4_XS", "IQ4_NL"])
+@pytest.mark.parametrize("name", ["Q5_K", "Q2_K", "Q3_K", "IQ4_XS", *BLOCKS32])
 def test_more_block_sums_equal_numpy_references(name, x86, monkeypatch):
     """The integer sums of the other types' blocks, exact, against gguf-py-based references
     (reference.int_sums_ref), on the x86 path and the generic one; activation codes over
@@ -221,20 +264,22 @@ def test_more_block_sums_equal_numpy_references(name, x86, monkeypatch):
     sums = _block_sums(name)
     qtype = T[name]
     rng = np.random.default_rng(61 + int(qtype))
-    n, n_cols = 300, (160 if name == "IQ4_NL" else 256)
+    n, n_cols = 300, (160 if name in BLOCKS32 else 256)
     blocks = random_matrix(rng, qtype, n, n_cols)
     blocks[0] = 255
     blocks[1] = 0
     qa = rng.integers(-128, 128, (n, n_cols), dtype=np.int8)
     qa[2], qa[3] = -128, 127
     bs = qa.reshape(n, -1, 32).sum(-1, dtype=np.int32)
-    out = np.zeros((n * n_cols // 256 if name != "IQ4_NL" else 5 * n, 2), np.int32)
+    per = 32 if name in BLOCKS32 else 256
+    out = np.zeros((n * n_cols // per, 2), np.int32)
     sums(blocks, qa, bs, out)
-    bytes_ = blocks.shape[1] * 256 // n_cols if name != "IQ4_NL" else 18
-    per = 256 if name != "IQ4_NL" else 32
-    isum, msum = reference.int_sums_ref(blocks.reshape(-1, bytes_), qtype, qa.reshape(-1, per))
+    isum, msum = reference.int_sums_ref(
+        blocks.reshape(out.shape[0], -1), qtype, qa.reshape(out.shape[0], per)
+    )
     np.testing.assert_array_equal(out[:, 0], isum)
-    np.testing.assert_array_equal(out[:, 1], msum)
+    if name in ("Q5_K", "Q2_K"):
+        np.testing.assert_array_equal(out[:, 1], msum)
 
 
 TILED = {  # type: (tiled kernel, one-token kernel, its arguments after (w, r, qa, da), n_cols)

@@ -12,7 +12,10 @@ kernels themselves compute exactly in float.
 Rounding details (llama.cpp's quantize_row_q8_0 and quantize_row_q8_K): Q8_0/Q8_1
 blocks of 32 with d = amax/127 stored as f16 and q = round-half-even(x * 127/amax)
 (the x86 SIMD path); Q8_K blocks of 256 with iscale = -127/max (signed max),
-q = min(127, nearest_int(iscale*x)) and d = 1/iscale kept in f32.
+q = min(127, nearest_int(iscale*x)) and d = 1/iscale kept in f32. Q8_1 rounds the values
+as Q8_0 and also keeps s = f16(d * sum(q)) per block (d unrounded) for the weights' min
+term m * s: no per-value rounding expresses that, so Q4_1/Q5_1 products here (and in the
+float kernels) use m * f16(d) * sum(q) instead; qdot's integer kernels use s.
 """
 
 import numpy as np
@@ -21,7 +24,7 @@ from numba import njit, prange
 
 from meldlite.kernels._cache import track_sources
 
-NONE, ROUND_F16, ROUND_BF16, Q8_0, Q8_K = 0, 1, 2, 3, 4
+NONE, ROUND_F16, ROUND_BF16, Q8_0, Q8_K, Q8_1 = 0, 1, 2, 3, 4, 5
 
 _MODE = {
     T.F16: ROUND_F16,
@@ -31,8 +34,8 @@ _MODE = {
     T.Q8_0: Q8_0,
     T.IQ4_NL: Q8_0,
     T.MXFP4: Q8_0,
-    T.Q4_1: Q8_0,
-    T.Q5_1: Q8_0,
+    T.Q4_1: Q8_1,
+    T.Q5_1: Q8_1,
     T.Q2_K: Q8_K,
     T.Q3_K: Q8_K,
     T.Q4_K: Q8_K,
@@ -118,7 +121,7 @@ def round_row(src, mode, dst):
     elif mode == ROUND_BF16:
         for j in range(n):
             dst[j] = _bf16_round(src[j])
-    elif mode == Q8_0 and n % 32 == 0:
+    elif (mode == Q8_0 or mode == Q8_1) and n % 32 == 0:
         for b in range(0, n, 32):
             _q8_0_block(src[b : b + 32], dst[b : b + 32])
     elif mode == Q8_K and n % 256 == 0:
@@ -156,7 +159,7 @@ def round_activations_reference(x, ggml_type):
         u = x.view(np.uint32).astype(np.uint64)
         r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
         return np.where(np.isnan(x), x, r)
-    if mode == Q8_0 and x.shape[-1] % 32 == 0:
+    if mode in (Q8_0, Q8_1) and x.shape[-1] % 32 == 0:
         b = x.reshape(-1, 32)
         amax = np.abs(b).max(axis=1, keepdims=True)
         d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)

@@ -6,7 +6,8 @@ block. Here the same: `quantize_rows` turns x (T, n) float32 into `Acts` arrays,
 
     qa (T, n) int8       activation codes,
     da (T, n/32) f32     one scale per 32 (Q8_0: f16-rounded amax/127) or per 256 (Q8_K: 1/iscale),
-    bs (T, n/32) int32   sum of the codes of each 32-block (for the K-quant mins),
+    bs (T, n/32) int32   sum of the codes of each 32-block (for the K-quant mins); for Q8_1
+                         (Q4_1, Q5_1) the float32 bits of block_q8_1's s = f16(d * sum),
     xr (T, n) f32        the rounded values qa*da (or x rounded to f16 for F16 weights),
 
 and `dot_row` multiplies one weight row by one token. A Q4_K row against Q8_K activations:
@@ -16,7 +17,9 @@ and `dot_row` multiplies one weight row by one token. A Q4_K row against Q8_K ac
 
 which equals the float product of the dequantized weights with xr up to float rounding
 (integer sums are exact, the float steps are fewer). Q4_K, Q5_K, Q6_K, Q2_K, Q3_K,
-IQ4_XS (Q8_K activations), Q8_0, Q4_0, Q5_0, IQ4_NL (Q8_0) have integer kernels, and MXFP4
+IQ4_XS (Q8_K activations), Q8_0, Q4_0, Q5_0, IQ4_NL (Q8_0), Q4_1, Q5_1 (Q8_1: Q8_0's codes,
+and per block s = f16(d * sum of codes) for the weights' min, m * s, as llama.cpp's
+block_q8_1 keeps it; bs holds its float32 bits) have integer kernels, and MXFP4
 (gpt-oss's experts: E2M1 codes doubled to int8 by a table, the block's E8M0 scale halved,
 as ggml's vec_dot_mxfp4_q8_0); each follows ggml's vec_dot_<type>_q8_<K|0>: int32 sums per
 (sub-)block, float scaling per block, block by block. A row of Q2_K against token k:
@@ -24,8 +27,8 @@ as ggml's vec_dot_mxfp4_q8_0); each follows ggml's vec_dot_<type>_q8_<K|0>: int3
     sum_b  da_b * ( d_b * sum_i (sc_bi & 15) * S_bi  -  dmin_b * sum_i (sc_bi >> 4) * A_bi ),
     S_bi = sum_l q_bil * qa_bil,  A_bi = sum_l qa_bil   (i = group of 16 values)
 
-F16 and F32 rows use float lanes; every other type decodes the row into float
-(decode.decode_span) and dots it with xr.
+F16 and F32 rows use float lanes; BF16 (and every type when the activations stay float)
+decodes the row into float (decode.decode_span) and dots it with xr.
 
 Each output (token, row) is one call of the same row function with a fixed operation order,
 so results do not depend on thread count, batch size or which rows share a chunk.
@@ -33,9 +36,10 @@ For two tokens or more, Q4_K, Q6_K and Q8_0 take token tiles instead (`tiles_q4_
 each block is unpacked once for up to TILE tokens (simd's *_tile intrinsics) and each
 token's float steps are the row function's, in its order, so the bits are the same.
 
-The K-quants, IQ4_XS, IQ4_NL and Q8_0 take their per-block integer sums from simd.py (LLVM
-vector code: vpmaddubsw/vpmaddwd on x86) and do the float steps here, block by block in
-order. Q4_0, Q5_0 and MXFP4 are plain Numba loops; there Numba widens int32 arithmetic to int64, so each
+The K-quants, IQ4_XS, IQ4_NL, Q4_1, Q5_1 and Q8_0 take their per-block integer sums from
+simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and do the float steps here, block
+by block in order. Q4_0, Q5_0 and MXFP4 are plain Numba loops; there Numba widens int32
+arithmetic to int64, so each
 accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
 to vpdpwssd/vpmaddwd, and the inner loops run to a *runtime* length `L` (passed in)
 because loops with constant trip counts are fully unrolled before the loop vectorizer sees
@@ -54,6 +58,9 @@ from meldlite.kernels.actquant import (
 )
 from meldlite.kernels.actquant import (
     Q8_0 as MODE_Q8_0,
+)
+from meldlite.kernels.actquant import (
+    Q8_1 as MODE_Q8_1,
 )
 from meldlite.kernels.actquant import (
     Q8_K as MODE_Q8_K,
@@ -76,10 +83,14 @@ from meldlite.kernels.qtypes import (
     Q3_K_BYTES,
     Q4_0,
     Q4_0_BYTES,
+    Q4_1,
+    Q4_1_BYTES,
     Q4_K,
     Q4_K_BYTES,
     Q5_0,
     Q5_0_BYTES,
+    Q5_1,
+    Q5_1_BYTES,
     Q5_K,
     Q5_K_BYTES,
     Q6_K,
@@ -97,8 +108,12 @@ from meldlite.kernels.simd import (
     iq4xs_sum,
     q2k_sums,
     q3k_sum,
+    q4_1_sum1,
+    q4_1_sums4,
     q4k_sums,
     q4k_tile,
+    q5_1_sum1,
+    q5_1_sums4,
     q5k_sums,
     q6k_sum,
     q6k_tile,
@@ -127,9 +142,17 @@ TILE = 8  # tokens per unpacked block in the tiled kernels (their codes stay in 
 # ---------------------------------------------------------------- activations
 
 
+@njit(nogil=True, error_model="numpy")
+def _q8_1_s_bits(d, s):
+    """The float32 bits (int32) of block_q8_1's s = f16(d * s) for the code sum s."""
+    return np.float32(_f16_round(d * np.float32(s))).view(np.int32)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_q8_0_row(x, qa, da, bs):
-    """One row as Q8_0 blocks of 32 (the x86 rounding of actquant: round-half-even)."""
+def quantize_q8_0_row(x, qa, da, bs, q8_1):
+    """One row as Q8_0 blocks of 32 (the x86 rounding of actquant: round-half-even); bs
+    gets each block's code sum, or with `q8_1` the float32 bits of block_q8_1's s =
+    f16(d * sum) with d = amax/127 unrounded (llama.cpp's quantize_row_q8_1)."""
     for b in range(x.shape[0] // QK):
         amax = np.float32(0.0)
         for j in range(QK * b, QK * b + QK):
@@ -142,7 +165,7 @@ def quantize_q8_0_row(x, qa, da, bs):
             q = np.int32(np.rint(x[j] * inv))
             qa[j] = q
             s += q
-        bs[b] = s
+        bs[b] = _q8_1_s_bits(d, s) if q8_1 else s
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -173,8 +196,8 @@ def quantize_q8_k_row(x, qa, da, bs):
 def quantize_row(x, mode, qa, da, bs, xr):
     """Fill one token's activation arrays for `mode` (actquant's modes)."""
     n = x.shape[0]
-    if mode == MODE_Q8_0 and n % QK == 0:
-        quantize_q8_0_row(x, qa, da, bs)
+    if (mode == MODE_Q8_0 or mode == MODE_Q8_1) and n % QK == 0:
+        quantize_q8_0_row(x, qa, da, bs, mode == MODE_Q8_1)
         for j in range(n):
             xr[j] = np.float32(qa[j]) * da[j // QK]
     elif mode == MODE_Q8_K and n % QK_K == 0:
@@ -403,6 +426,56 @@ def dot_q4_0(row, qa, da, nb, L):
     return sumf
 
 
+@njit(inline="always")
+def _q8_1_s(bs, k, b):
+    """block_q8_1's s of token k's block b (qdot stores its float32 bits in bs)."""
+    return np.int32(bs[k, b]).view(np.float32)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_q4_1(w, r, qa, da, bs, k, nb):
+    """Q4_1 row (nb blocks of Q4_1_BYTES: d, m f16, qs[16]) . Q8_1 activations: per block
+    d * da * (q . qa) + m * s (ggml's vec_dot_q4_1_q8_1), four blocks' sums per simd call."""
+    sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        o = ow + Q4_1_BYTES * b
+        s4 = q4_1_sums4(w, o, qa, oa + QK * b)
+        for j in range(4):
+            p = o + Q4_1_BYTES * j
+            sumf += _f16(w, p) * da[k, b + j] * np.float32(s4[j]) + _f16(w, p + 2) * _q8_1_s(
+                bs, k, b + j
+            )
+    for b in range(n4, nb):
+        o = ow + Q4_1_BYTES * b
+        s = q4_1_sum1(w, o, qa, oa + QK * b)
+        sumf += _f16(w, o) * da[k, b] * np.float32(s) + _f16(w, o + 2) * _q8_1_s(bs, k, b)
+    return sumf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def dot_q5_1(w, r, qa, da, bs, k, nb):
+    """Q5_1 row (nb blocks of Q5_1_BYTES: d, m f16, qh u32, qs[16]) . Q8_1 activations,
+    dot_q4_1's float steps on 5-bit codes (ggml's vec_dot_q5_1_q8_1)."""
+    sumf = np.float32(0.0)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        o = ow + Q5_1_BYTES * b
+        s4 = q5_1_sums4(w, o, qa, oa + QK * b)
+        for j in range(4):
+            p = o + Q5_1_BYTES * j
+            sumf += _f16(w, p) * da[k, b + j] * np.float32(s4[j]) + _f16(w, p + 2) * _q8_1_s(
+                bs, k, b + j
+            )
+    for b in range(n4, nb):
+        o = ow + Q5_1_BYTES * b
+        s = q5_1_sum1(w, o, qa, oa + QK * b)
+        sumf += _f16(w, o) * da[k, b] * np.float32(s) + _f16(w, o + 2) * _q8_1_s(bs, k, b)
+    return sumf
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def dot_q5_0(row, qa, da, nb, L):
     """Q5_0 row (nb blocks of Q5_0_BYTES: d f16, qh u32, qs[16]) . Q8_0 activations; L = 16.
@@ -583,6 +656,8 @@ def _flat_kernel(t):
         or t == Q2_K
         or t == IQ4_XS
         or t == IQ4_NL
+        or t == Q4_1
+        or t == Q5_1
     )
 
 
@@ -603,6 +678,10 @@ def _dot_flat(raw, t, r, qa, da, bs, k, nk, n32):
         return dot_q2_k(raw, r, qa, da, k, nk)
     if t == IQ4_XS:
         return dot_iq4_xs(raw, r, qa, da, k, nk)
+    if t == Q4_1:
+        return dot_q4_1(raw, r, qa, da, bs, k, n32)
+    if t == Q5_1:
+        return dot_q5_1(raw, r, qa, da, bs, k, n32)
     return dot_iq4_nl(raw, r, qa, da, k, n32)
 
 
@@ -715,7 +794,9 @@ track_sources(
     dot_iq4_nl,
     dot_q8_0,
     dot_q4_0,
+    dot_q4_1,
     dot_q5_0,
+    dot_q5_1,
     dot_mxfp4,
     tiles_q4_k,
     tiles_q6_k,

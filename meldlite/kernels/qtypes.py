@@ -39,8 +39,8 @@ QK_K = _block(Q4_K)[0]  # values per super-block of the K-quants and IQ4_XS
 Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q4_K_BYTES, Q6_K_BYTES, MXFP4_BYTES = (
     _block(t)[1] for t in (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4)
 )
-Q2_K_BYTES, Q3_K_BYTES, Q5_K_BYTES, IQ4_NL_BYTES, IQ4_XS_BYTES = (
-    _block(t)[1] for t in (Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS)
+Q2_K_BYTES, Q3_K_BYTES, Q5_K_BYTES, IQ4_NL_BYTES, IQ4_XS_BYTES, Q4_1_BYTES, Q5_1_BYTES = (
+    _block(t)[1] for t in (Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS, Q4_1, Q5_1)
 )
 
 SUPPORTED_TYPES = tuple(

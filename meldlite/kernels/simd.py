@@ -13,7 +13,8 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
     q5k_sums (as q4k_sums), q2k_sums (isum, msum; the per-16 code sums taken here),
     q3k_sum, iq4xs_sum (isum)                          the other Q8_K types' super-blocks
-    iq4nl_sums4, iq4nl_sum1 -> int32 per block         four IQ4_NL blocks (or one)
+    iq4nl_sums4, q4_1_sums4, q5_1_sums4 (and _sum1)    four 32-value blocks (or one)
+        -> int32 per block: the codes . qa, no scales (qdot scales each block)
         (IQ4 codes are int8 values from a 16-entry table: vpshufb, then int8 x int8 pairs
         as vpmaddubsw(|a|, q * sign(a)), exact as q > -128)
     q4k_tile, q6k_tile, q8_0_tile                      one block against several tokens
@@ -390,38 +391,57 @@ def iq4xs_sum(typingctx, row, o, qa, oa):
         return types.int32(row, o, qa, oa), _iq4xs_codegen
 
 
-def _iq4nl_codegen(g):
+def _blocks32_codegen(g, nbytes, qs, qh, table):
+    """Sums of g blocks of 32 values, nbytes each, 16 nibble bytes at qs (value j: low
+    nibble of byte j, 16 + j: its high nibble); qh: offset of a u32 whose bit j is value
+    j's 5th bit (or None); table: 16 int8 values the codes index (or None: unsigned codes)."""
+
     def codegen(context, builder, sig, args):
         rowty, _, qaty, _ = sig.args
         row, o, qa, oa = _offsets(context, builder, sig, args)
         c = _Ctx(context, builder, AVX2)
+        b = c.b
         ones = ir.Constant(V16I16, [1] * 16)
         parts = []
-        for j in range(g):  # block j: d, qs[16] at 2 + 18 j (loaded as 32 bytes from 2 + 18 j)
-            w = c.load(rowty, row, o, V16I8, 2 + 18 * j)
-            w = c.b.shuffle_vector(w, w, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-            q = c.lookup16(_nibble_codes(c, w, True), KVALUES_IQ4)
-            parts.append(c.madd(c.maddss(q, c.load(qaty, qa, oa, V32I8, 32 * j)), ones))
+        for j in range(g):
+            w = c.load(rowty, row, o, V16I8, qs + nbytes * j)
+            w = b.shuffle_vector(w, w, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+            q = _nibble_codes(c, w, True)
+            if qh is not None:  # u32 -> 32 lanes of its bits (lane j = bit j), times 16
+                bits = b.bitcast(
+                    c.load(rowty, row, o, I32, qh + nbytes * j), ir.VectorType(ir.IntType(1), 32)
+                )
+                q = b.or_(q, b.shl(b.zext(bits, V32I8), c.const8(4)))
+            a = c.load(qaty, qa, oa, V32I8, 32 * j)
+            p = c.maddss(c.lookup16(q, table), a) if table else c.maddubs(q, a)
+            parts.append(c.madd(p, ones))
         sums = _lane_sums(c, parts)
         return context.make_tuple(builder, sig.return_type, sums) if g > 1 else sums[0]
 
     return codegen
 
 
-def _iq4nl_intrinsic(g):
+def _blocks32(g, *layout):
+    """An intrinsic (row, o, qa, oa) -> g int32 sums (a tuple, or one int32 for g = 1) of
+    the g blocks at row[o:] against the codes qa[oa:oa + 32 g], block by block."""
+
     def typer(typingctx, row, o, qa, oa):
         if _typed((row, types.uint8), (qa, types.int8)):
             ret = types.UniTuple(types.int32, g) if g > 1 else types.int32
-            return ret(row, o, qa, oa), _iq4nl_codegen(g)
+            return ret(row, o, qa, oa), _blocks32_codegen(g, *layout)
 
     return intrinsic(typer)
 
 
-iq4nl_sums4 = _iq4nl_intrinsic(4)
-iq4nl_sums4.__doc__ = """(s0, s1, s2, s3) int32 of the four IQ4_NL blocks at row[o:] (18 bytes
-each: d, qs[16]) against Q8_0 codes qa[oa:oa+128]: s_j = kv[q_j] . qa[oa + 32 j:][:32]."""
-iq4nl_sum1 = _iq4nl_intrinsic(1)
-iq4nl_sum1.__doc__ = """s int32 of the IQ4_NL block at row[o:] . Q8_0 codes qa[oa:oa+32]."""
+# (block bytes, offset of qs, of qh or None, code table or None), from ggml's block structs
+IQ4_NL_LAYOUT = (18, 2, None, KVALUES_IQ4)  # d, qs[16]
+Q4_1_LAYOUT = (20, 4, None, None)  # d, m, qs[16]
+Q5_1_LAYOUT = (24, 8, 4, None)  # d, m, qh u32, qs[16]
+# (s0, s1, s2, s3) int32 of the four blocks at row[o:] . Q8_0/Q8_1 codes qa[oa:oa+128]
+# (s_j = codes of block j . qa[oa + 32 j:][:32]), and the one-block forms
+iq4nl_sums4, iq4nl_sum1 = _blocks32(4, *IQ4_NL_LAYOUT), _blocks32(1, *IQ4_NL_LAYOUT)
+q4_1_sums4, q4_1_sum1 = _blocks32(4, *Q4_1_LAYOUT), _blocks32(1, *Q4_1_LAYOUT)
+q5_1_sums4, q5_1_sum1 = _blocks32(4, *Q5_1_LAYOUT), _blocks32(1, *Q5_1_LAYOUT)
 
 
 def _f16_codegen(context, builder, sig, args):
