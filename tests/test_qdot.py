@@ -151,6 +151,7 @@ def test_integer_kernels_vectorize():
         qdot.dot_iq4_nl: (mat, i64, i8, f32, i64, i64),
         qdot.dot_q4_1: (mat, i64, i8, f32, i32, i64, i64),
         qdot.dot_q5_1: (mat, i64, i8, f32, i32, i64, i64),
+        qdot.dot_mxfp4: (mat, i64, i8, f32, i64, i64),
     }
     for fn, sig in sigs.items():  # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)
@@ -244,10 +245,11 @@ def _block_sums(name):
     fns["IQ4_NL"] = blocks32(simd.iq4nl_sums4, simd.iq4nl_sum1)
     fns["Q4_1"] = blocks32(simd.q4_1_sums4, simd.q4_1_sum1)
     fns["Q5_1"] = blocks32(simd.q5_1_sums4, simd.q5_1_sum1)
+    fns["MXFP4"] = blocks32(simd.mxfp4_sums4, simd.mxfp4_sum1)
     return numba.njit(fns[name])
 
 
-BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1")
+BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1", "MXFP4")
 
 
 @pytest.mark.parametrize("x86", [True, False])

@@ -36,11 +36,10 @@ For two tokens or more, Q4_K, Q6_K and Q8_0 take token tiles instead (`tiles_q4_
 each block is unpacked once for up to TILE tokens (simd's *_tile intrinsics) and each
 token's float steps are the row function's, in its order, so the bits are the same.
 
-The K-quants, IQ4_XS, IQ4_NL, Q4_1, Q5_1 and Q8_0 take their per-block integer sums from
-simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and do the float steps here, block
-by block in order. Q4_0, Q5_0 and MXFP4 are plain Numba loops; there Numba widens int32
-arithmetic to int64, so each
-accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
+The K-quants, IQ4_XS, IQ4_NL, MXFP4, Q4_1, Q5_1 and Q8_0 take their per-block integer sums
+from simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and do the float steps here,
+block by block in order. Q4_0 and Q5_0 are plain Numba loops; there Numba widens int32
+arithmetic to int64, so each accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
 to vpdpwssd/vpmaddwd, and the inner loops run to a *runtime* length `L` (passed in)
 because loops with constant trip counts are fully unrolled before the loop vectorizer sees
 them and then stay scalar.
@@ -66,7 +65,7 @@ from meldlite.kernels.actquant import (
     Q8_K as MODE_Q8_K,
 )
 from meldlite.kernels.bits import e8m0_to_f32_half, f16_to_f32
-from meldlite.kernels.decode import KVALUES_MXFP4, decode_span
+from meldlite.kernels.decode import decode_span
 from meldlite.kernels.matmul import operands
 from meldlite.kernels.qtypes import (
     F16,
@@ -106,6 +105,8 @@ from meldlite.kernels.simd import (
     iq4nl_sum1,
     iq4nl_sums4,
     iq4xs_sum,
+    mxfp4_sum1,
+    mxfp4_sums4,
     q2k_sums,
     q3k_sum,
     q4_1_sum1,
@@ -134,7 +135,6 @@ INT_TYPES = (
     IQ4_XS,
     MXFP4,
 )  # ggml type ids with integer kernels
-KV_MXFP4 = KVALUES_MXFP4.astype(np.int16)  # (16,) E2M1 values times 2
 CHUNK = 16  # rows per parallel work item
 TILE = 8  # tokens per unpacked block in the tiled kernels (their codes stay in L1)
 
@@ -624,23 +624,23 @@ def tiles_q8_0(w, r0, r1, qa, da, toks, out, nb):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def dot_mxfp4(row, qa, da, nb, L):
-    """MXFP4 row (nb blocks of MXFP4_BYTES: e E8M0, qs[16]) . Q8_0 activations; L = 16.
-    Byte l of a block holds values l (low nibble) and 16+l (high nibble), codes into
-    KV_MXFP4; the block's scale is 2^(e-128) (E8M0 halved: the table is doubled)."""
+def dot_mxfp4(w, r, qa, da, k, nb):
+    """MXFP4 row (nb blocks of MXFP4_BYTES: e E8M0, qs[16]) . Q8_0 activations: codes are
+    E2M1 values doubled (int8), the block's scale 2^(e-128) (E8M0 halved), as ggml's
+    vec_dot_mxfp4_q8_0; four blocks' sums per simd call, then the float steps in order."""
     sumf = np.float32(0.0)
-    for b in range(nb):
-        o = MXFP4_BYTES * b
-        oa = QK * b
-        s = np.int32(0)
-        for l in range(L):
-            v = row[o + 1 + l]
-            s = np.int32(
-                s
-                + KV_MXFP4[v & 15] * np.int16(qa[oa + l])
-                + KV_MXFP4[v >> 4] * np.int16(qa[oa + 16 + l])
-            )
-        sumf += e8m0_to_f32_half(row[o]) * da[b] * np.float32(s)
+    ow, oa = r * w.shape[1], k * qa.shape[1]
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        o = ow + MXFP4_BYTES * b
+        s4 = mxfp4_sums4(w, o, qa, oa + QK * b)
+        for j in range(4):
+            e = w[r, MXFP4_BYTES * (b + j)]
+            sumf += e8m0_to_f32_half(e) * da[k, b + j] * np.float32(s4[j])
+    for b in range(n4, nb):
+        o = ow + MXFP4_BYTES * b
+        s = mxfp4_sum1(w, o, qa, oa + QK * b)
+        sumf += e8m0_to_f32_half(w[r, MXFP4_BYTES * b]) * da[k, b] * np.float32(s)
     return sumf
 
 
@@ -658,6 +658,7 @@ def _flat_kernel(t):
         or t == IQ4_NL
         or t == Q4_1
         or t == Q5_1
+        or t == MXFP4
     )
 
 
@@ -682,6 +683,8 @@ def _dot_flat(raw, t, r, qa, da, bs, k, nk, n32):
         return dot_q4_1(raw, r, qa, da, bs, k, n32)
     if t == Q5_1:
         return dot_q5_1(raw, r, qa, da, bs, k, n32)
+    if t == MXFP4:
+        return dot_mxfp4(raw, r, qa, da, k, n32)
     return dot_iq4_nl(raw, r, qa, da, k, n32)
 
 
@@ -732,8 +735,6 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
                 v = dot_q4_0(row, qa[k], da[k], n32, 16)
             elif t == Q5_0:
                 v = dot_q5_0(row, qa[k], da[k], n32, 16)
-            elif t == MXFP4:
-                v = dot_mxfp4(row, qa[k], da[k], n32, 16)
             else:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)

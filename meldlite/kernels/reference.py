@@ -69,6 +69,7 @@ SCALE_FIELDS = {
     GGMLQuantizationType.Q5_K: (0, 2),
     GGMLQuantizationType.IQ4_NL: (0,),
     GGMLQuantizationType.IQ4_XS: (0,),
+    GGMLQuantizationType.MXFP4: (),  # E8M0 byte 0: int_sums_ref sets it to 128 (d = 1)
 }
 
 
@@ -79,9 +80,12 @@ def int_sums_ref(blocks, qtype, qa):
     gguf-py's dequantization with d=1, dmin=0 (values sc*q) and d=0, dmin=1 (-m)."""
     qtype = GGMLQuantizationType(int(qtype))
     fields = SCALE_FIELDS[qtype]
+    if qtype == GGMLQuantizationType.MXFP4:  # E8M0 halved: 2^(128-128) = 1
+        blocks = np.array(blocks, dtype=np.uint8)
+        blocks[:, 0] = 128
     w = dequantize_ref(_with_f16_fields(blocks, dict(zip(fields, (1.0, 0.0)))), qtype)
     isum = (w.astype(np.int64) * qa).sum(1)
-    if len(fields) == 1:
+    if len(fields) < 2:
         return isum, np.zeros_like(isum)
     mins = -dequantize_ref(_with_f16_fields(blocks, dict(zip(fields, (0.0, 1.0)))), qtype)
     return isum, (mins.astype(np.int64) * qa).sum(1)

@@ -13,7 +13,8 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         isum = sum_i sc_i * sum_l (q_il - 32) * qa[oa + 16i + l]
     q5k_sums (as q4k_sums), q2k_sums (isum, msum; the per-16 code sums taken here),
     q3k_sum, iq4xs_sum (isum)                          the other Q8_K types' super-blocks
-    iq4nl_sums4, q4_1_sums4, q5_1_sums4 (and _sum1)    four 32-value blocks (or one)
+    iq4nl_sums4, q4_1_sums4, q5_1_sums4, mxfp4_sums4   four 32-value blocks (or one:
+        (and *_sum1)                                   *_sum1)
         -> int32 per block: the codes . qa, no scales (qdot scales each block)
         (IQ4 codes are int8 values from a 16-entry table: vpshufb, then int8 x int8 pairs
         as vpmaddubsw(|a|, q * sign(a)), exact as q > -128)
@@ -55,6 +56,7 @@ AVX2 = "+avx2" in _FEATURES.split(",")  # x86 with AVX2: call the x86 intrinsics
 F16C = "+f16c" in _FEATURES.split(",") or _AARCH64
 
 KVALUES_IQ4 = [int(v) for v in gguf_quants.IQ4_NL.kvalues]  # (16,) int8 code values
+KVALUES_MXFP4 = [int(v) for v in gguf_quants.MXFP4.kvalues]  # (16,) E2M1 values times 2
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V32I8, V16I8, V8I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I8, 8)
@@ -435,6 +437,7 @@ def _blocks32(g, *layout):
 
 # (block bytes, offset of qs, of qh or None, code table or None), from ggml's block structs
 IQ4_NL_LAYOUT = (18, 2, None, KVALUES_IQ4)  # d, qs[16]
+MXFP4_LAYOUT = (17, 1, None, KVALUES_MXFP4)  # e (E8M0), qs[16]
 Q4_1_LAYOUT = (20, 4, None, None)  # d, m, qs[16]
 Q5_1_LAYOUT = (24, 8, 4, None)  # d, m, qh u32, qs[16]
 # (s0, s1, s2, s3) int32 of the four blocks at row[o:] . Q8_0/Q8_1 codes qa[oa:oa+128]
@@ -442,6 +445,7 @@ Q5_1_LAYOUT = (24, 8, 4, None)  # d, m, qh u32, qs[16]
 iq4nl_sums4, iq4nl_sum1 = _blocks32(4, *IQ4_NL_LAYOUT), _blocks32(1, *IQ4_NL_LAYOUT)
 q4_1_sums4, q4_1_sum1 = _blocks32(4, *Q4_1_LAYOUT), _blocks32(1, *Q4_1_LAYOUT)
 q5_1_sums4, q5_1_sum1 = _blocks32(4, *Q5_1_LAYOUT), _blocks32(1, *Q5_1_LAYOUT)
+mxfp4_sums4, mxfp4_sum1 = _blocks32(4, *MXFP4_LAYOUT), _blocks32(1, *MXFP4_LAYOUT)
 
 
 def _f16_codegen(context, builder, sig, args):
