@@ -33,22 +33,9 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from meldlite import kernels
+from meldlite.kernels.reference import F16_FIELDS  # byte offsets of f16 scales in a block
 
 SHAPES = [(512, 1024), (1024, 512), (4096, 4096)]
-F16_FIELDS = {
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q8_0: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_NL: (0,),
-    T.IQ4_XS: (0,),
-}  # byte offsets of f16 scales in a block
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

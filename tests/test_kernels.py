@@ -25,28 +25,11 @@ from helpers_gguf import (
 
 from meldlite import kernels
 from meldlite.errors import OptionError, UnsupportedError
-from meldlite.kernels.reference import matmul_ref, moe_ffn_ref, sum_slots_ref
+from meldlite.kernels.reference import F16_FIELDS, matmul_ref, moe_ffn_ref, sum_slots_ref
 
 ALL = [t.name for t in kernels.SUPPORTED_TYPES]
 PLAIN = {T.F32: np.float32, T.F16: np.float16}  # BF16 handled in random_matrix
 
-# byte offsets of the f16 scale fields of each block (d, dmin / m), in the field order of
-# llama.cpp's block structs (ggml/src/ggml-common.h): Q2_K, Q3_K and Q6_K store d (and
-# Q2_K dmin) after their quants and sub-block scales, the others first
-F16_FIELDS = {
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q8_0: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_NL: (0,),
-    T.IQ4_XS: (0,),
-}
 E8M0_FIELDS = {T.MXFP4: (0,)}
 
 

@@ -139,19 +139,12 @@ def test_integer_kernels_vectorize():
 
     mat = nt.Array(nt.uint8, 2, "C", readonly=True)
     i8, f32, i32 = (nt.Array(d, 2, "C") for d in (nt.int8, nt.float32, nt.int32))
-    i64 = nt.int64
+    i64, ids = nt.int64, nt.Array(nt.int64, 1, "C")
     sigs = {
         qdot.dot_q4_k: (mat, i64, i8, f32, i32, i64, i64),
         qdot.dot_q6_k: (mat, i64, i8, f32, i64, i64),
         qdot.dot_q8_0: (mat, i64, i8, f32, i64, i64, i64),
-        qdot.dot_q5_k: (mat, i64, i8, f32, i32, i64, i64),
-        qdot.dot_q2_k: (mat, i64, i8, f32, i64, i64),
-        qdot.dot_q3_k: (mat, i64, i8, f32, i64, i64),
-        qdot.dot_iq4_xs: (mat, i64, i8, f32, i64, i64),
-        qdot.dot_iq4_nl: (mat, i64, i8, f32, i64, i64),
-        qdot.dot_q4_1: (mat, i64, i8, f32, i32, i64, i64),
-        qdot.dot_q5_1: (mat, i64, i8, f32, i32, i64, i64),
-        qdot.dot_mxfp4: (mat, i64, i8, f32, i64, i64),
+        qdot.rows_typed: (mat, i64, i64, i64, i8, f32, i32, ids, f32, i64, i64),  # the others
     }
     for fn, sig in sigs.items():  # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)

@@ -134,6 +134,7 @@ INT_TYPES = (
     IQ4_NL,
     IQ4_XS,
     MXFP4,
+    MXFP4_BYTES,
 )  # ggml type ids with integer kernels
 CHUNK = 16  # rows per parallel work item
 TILE = 8  # tokens per unpacked block in the tiled kernels (their codes stay in L1)
@@ -279,72 +280,124 @@ def dot_q6_k(w, r, qa, da, k, nb):
     return sumf
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q5_k(w, r, qa, da, bs, k, nb):
-    """Q5_K row (nb super-blocks of Q5_K_BYTES) . Q8_K activations (dot_q4_k's float steps)."""
+@njit(inline="always")
+def _q8_k_row(w, t, r, qa, da, bs, k, nb):
+    """Row r of a Q5_K, Q2_K, Q3_K or IQ4_XS matrix (type t, nb super-blocks) . Q8_K
+    activations: per block d * da * isum - dmin * da * msum (dot_q4_k's steps; ggml's
+    vec_dot_*_q8_K) with the block's sums from simd; types without mins have msum = 0.
+    d, dmin: f16 at bytes 0, 2 (Q5_K), 80, 82 (Q2_K), 108 (Q3_K), 0 (IQ4_XS)."""
     sumf = np.float32(0.0)
+    nbytes = Q5_K_BYTES if t == Q5_K else Q2_K_BYTES if t == Q2_K else Q3_K_BYTES
+    nbytes = IQ4_XS_BYTES if t == IQ4_XS else nbytes  # (t: a constant, see rows_typed)
     ow, oa, ob = r * w.shape[1], k * qa.shape[1], k * bs.shape[1]
     for b in range(nb):
-        o = ow + Q5_K_BYTES * b
-        isum, msum = q5k_sums(w, o, qa, oa + QK_K * b, bs, ob + QK_K // QK * b)
+        o = ow + nbytes * b
+        p = oa + QK_K * b
+        msum, mw = np.int32(0), np.float32(0.0)
+        if t == Q5_K:
+            isum, msum = q5k_sums(w, o, qa, p, bs, ob + QK_K // QK * b)
+            dw, mw = _f16(w, o), _f16(w, o + 2)
+        elif t == Q2_K:
+            isum, msum = q2k_sums(w, o, qa, p)
+            dw, mw = _f16(w, o + 80), _f16(w, o + 82)
+        elif t == Q3_K:
+            isum, dw = q3k_sum(w, o, qa, p), _f16(w, o + 108)
+        else:
+            isum, dw = iq4xs_sum(w, o, qa, p), _f16(w, o)
         d = da[k, b]
-        sumf += _f16(w, o) * d * np.float32(isum) - _f16(w, o + 2) * d * np.float32(msum)
+        sumf += dw * d * np.float32(isum) - mw * d * np.float32(msum)
     return sumf
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q2_k(w, r, qa, da, k, nb):
-    """Q2_K row (nb super-blocks of Q2_K_BYTES; d, dmin at bytes 80, 82) . Q8_K activations."""
+@njit(inline="always")
+def _sums(w, t, o, qa, p, four):
+    """The integer sums of four blocks (or of one: (s, 0, 0, 0)) of a _blocks32_row type at
+    w's flat byte o against qa[p:]."""
+    z = np.int32(0)
+    if t == IQ4_NL:
+        return iq4nl_sums4(w, o, qa, p) if four else (iq4nl_sum1(w, o, qa, p), z, z, z)
+    if t == MXFP4:
+        return mxfp4_sums4(w, o, qa, p) if four else (mxfp4_sum1(w, o, qa, p), z, z, z)
+    if t == Q4_1:
+        return q4_1_sums4(w, o, qa, p) if four else (q4_1_sum1(w, o, qa, p), z, z, z)
+    return q5_1_sums4(w, o, qa, p) if four else (q5_1_sum1(w, o, qa, p), z, z, z)
+
+
+@njit(inline="always")
+def _term32(w, t, r, o, c, s, da, bs, k, b):
+    """Block b's float term: scale * da * s, plus m * s_q8_1 for Q4_1 / Q5_1 (ggml's
+    vec_dot_q4_1_q8_1); the scale is f16 at byte 0, or MXFP4's E8M0 2^(e-128) (w[r, c])."""
+    if t == MXFP4:
+        return e8m0_to_f32_half(w[r, c]) * da[k, b] * np.float32(s)
+    if t == IQ4_NL:
+        return _f16(w, o) * da[k, b] * np.float32(s)
+    return _f16(w, o) * da[k, b] * np.float32(s) + _f16(w, o + 2) * _q8_1_s(bs, k, b)
+
+
+@njit(inline="always")
+def _blocks32_row(w, t, r, qa, da, bs, k, nb):
+    """Row r of an IQ4_NL, MXFP4 (Q8_0 activations), Q4_1 or Q5_1 (Q8_1) matrix (type t,
+    nb blocks of 32) . token k: four blocks' sums per simd call, then each block's float
+    term (_term32) in block order (t: a constant, see dot_typed)."""
     sumf = np.float32(0.0)
-    ow, oa = r * w.shape[1], k * qa.shape[1]
-    for b in range(nb):
-        o = ow + Q2_K_BYTES * b
-        isum, msum = q2k_sums(w, o, qa, oa + QK_K * b)
-        d = da[k, b]
-        sumf += _f16(w, o + 80) * d * np.float32(isum) - _f16(w, o + 82) * d * np.float32(msum)
-    return sumf
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q3_k(w, r, qa, da, k, nb):
-    """Q3_K row (nb super-blocks of Q3_K_BYTES; d at byte 108) . Q8_K activations."""
-    sumf = np.float32(0.0)
-    ow, oa = r * w.shape[1], k * qa.shape[1]
-    for b in range(nb):
-        o = ow + Q3_K_BYTES * b
-        sumf += _f16(w, o + 108) * da[k, b] * np.float32(q3k_sum(w, o, qa, oa + QK_K * b))
-    return sumf
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_iq4_xs(w, r, qa, da, k, nb):
-    """IQ4_XS row (nb super-blocks of IQ4_XS_BYTES; d at byte 0) . Q8_K activations."""
-    sumf = np.float32(0.0)
-    ow, oa = r * w.shape[1], k * qa.shape[1]
-    for b in range(nb):
-        o = ow + IQ4_XS_BYTES * b
-        sumf += _f16(w, o) * da[k, b] * np.float32(iq4xs_sum(w, o, qa, oa + QK_K * b))
-    return sumf
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_iq4_nl(w, r, qa, da, k, nb):
-    """IQ4_NL row (nb blocks of IQ4_NL_BYTES: d f16, qs[16]) . Q8_0 activations: the sums
-    of four blocks per simd call, then the float steps block by block."""
-    sumf = np.float32(0.0)
+    nbytes = IQ4_NL_BYTES if t == IQ4_NL else MXFP4_BYTES if t == MXFP4 else Q4_1_BYTES
+    nbytes = Q5_1_BYTES if t == Q5_1 else nbytes  # (t: a constant, see rows_typed)
     ow, oa = r * w.shape[1], k * qa.shape[1]
     n4 = nb - nb % 4
     for b in range(0, n4, 4):
-        o = ow + IQ4_NL_BYTES * b
-        s0, s1, s2, s3 = iq4nl_sums4(w, o, qa, oa + QK * b)
-        sumf += _f16(w, o) * da[k, b] * np.float32(s0)
-        sumf += _f16(w, o + IQ4_NL_BYTES) * da[k, b + 1] * np.float32(s1)
-        sumf += _f16(w, o + 2 * IQ4_NL_BYTES) * da[k, b + 2] * np.float32(s2)
-        sumf += _f16(w, o + 3 * IQ4_NL_BYTES) * da[k, b + 3] * np.float32(s3)
+        o = ow + nbytes * b
+        s4 = _sums(w, t, o, qa, oa + QK * b, True)
+        for j in range(4):
+            c = nbytes * (b + j)
+            sumf += _term32(w, t, r, ow + c, c, s4[j], da, bs, k, b + j)
     for b in range(n4, nb):
-        o = ow + IQ4_NL_BYTES * b
-        sumf += _f16(w, o) * da[k, b] * np.float32(iq4nl_sum1(w, o, qa, oa + QK * b))
+        c = nbytes * b
+        s = _sums(w, t, ow + c, qa, oa + QK * b, False)[0]
+        sumf += _term32(w, t, r, ow + c, c, s, da, bs, k, b)
     return sumf
+
+
+@njit(inline="always")
+def _rows_of(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
+    """out[i, r] = row r . token toks[i] for r in [r0, r1), type t (_q8_k_row's or
+    _blocks32_row's)."""
+    for r in range(r0, r1):
+        for i in range(toks.shape[0]):
+            if _q8_k_type(t):
+                out[i, r] = _q8_k_row(w, t, r, qa, da, bs, toks[i], nk)
+            else:
+                out[i, r] = _blocks32_row(w, t, r, qa, da, bs, toks[i], n32)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def rows_typed(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
+    """_rows_of for the types of _q8_k_row (nk super-blocks per row) and _blocks32_row (n32
+    blocks), with t a constant in each branch: each inlined loop keeps only its type's
+    code (one loop switching on t, or reading the block size from a table, ran 15-60%
+    slower; a type switch per row call cost ~20 ns a row)."""
+    if t == Q5_K:
+        _rows_of(w, Q5_K, r0, r1, qa, da, bs, toks, out, nk, n32)
+    elif t == Q2_K:
+        _rows_of(w, Q2_K, r0, r1, qa, da, bs, toks, out, nk, n32)
+    elif t == Q3_K:
+        _rows_of(w, Q3_K, r0, r1, qa, da, bs, toks, out, nk, n32)
+    elif t == IQ4_XS:
+        _rows_of(w, IQ4_XS, r0, r1, qa, da, bs, toks, out, nk, n32)
+    else:
+        _rows_of32(w, t, r0, r1, qa, da, bs, toks, out, n32)
+
+
+@njit(inline="always")
+def _rows_of32(w, t, r0, r1, qa, da, bs, toks, out, n32):
+    """rows_typed's branches for the 32-value-block types."""
+    if t == IQ4_NL:
+        _rows_of(w, IQ4_NL, r0, r1, qa, da, bs, toks, out, 0, n32)
+    elif t == MXFP4:
+        _rows_of(w, MXFP4, r0, r1, qa, da, bs, toks, out, 0, n32)
+    elif t == Q4_1:
+        _rows_of(w, Q4_1, r0, r1, qa, da, bs, toks, out, 0, n32)
+    else:
+        _rows_of(w, Q5_1, r0, r1, qa, da, bs, toks, out, 0, n32)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -430,50 +483,6 @@ def dot_q4_0(row, qa, da, nb, L):
 def _q8_1_s(bs, k, b):
     """block_q8_1's s of token k's block b (qdot stores its float32 bits in bs)."""
     return np.int32(bs[k, b]).view(np.float32)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q4_1(w, r, qa, da, bs, k, nb):
-    """Q4_1 row (nb blocks of Q4_1_BYTES: d, m f16, qs[16]) . Q8_1 activations: per block
-    d * da * (q . qa) + m * s (ggml's vec_dot_q4_1_q8_1), four blocks' sums per simd call."""
-    sumf = np.float32(0.0)
-    ow, oa = r * w.shape[1], k * qa.shape[1]
-    n4 = nb - nb % 4
-    for b in range(0, n4, 4):
-        o = ow + Q4_1_BYTES * b
-        s4 = q4_1_sums4(w, o, qa, oa + QK * b)
-        for j in range(4):
-            p = o + Q4_1_BYTES * j
-            sumf += _f16(w, p) * da[k, b + j] * np.float32(s4[j]) + _f16(w, p + 2) * _q8_1_s(
-                bs, k, b + j
-            )
-    for b in range(n4, nb):
-        o = ow + Q4_1_BYTES * b
-        s = q4_1_sum1(w, o, qa, oa + QK * b)
-        sumf += _f16(w, o) * da[k, b] * np.float32(s) + _f16(w, o + 2) * _q8_1_s(bs, k, b)
-    return sumf
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q5_1(w, r, qa, da, bs, k, nb):
-    """Q5_1 row (nb blocks of Q5_1_BYTES: d, m f16, qh u32, qs[16]) . Q8_1 activations,
-    dot_q4_1's float steps on 5-bit codes (ggml's vec_dot_q5_1_q8_1)."""
-    sumf = np.float32(0.0)
-    ow, oa = r * w.shape[1], k * qa.shape[1]
-    n4 = nb - nb % 4
-    for b in range(0, n4, 4):
-        o = ow + Q5_1_BYTES * b
-        s4 = q5_1_sums4(w, o, qa, oa + QK * b)
-        for j in range(4):
-            p = o + Q5_1_BYTES * j
-            sumf += _f16(w, p) * da[k, b + j] * np.float32(s4[j]) + _f16(w, p + 2) * _q8_1_s(
-                bs, k, b + j
-            )
-    for b in range(n4, nb):
-        o = ow + Q5_1_BYTES * b
-        s = q5_1_sum1(w, o, qa, oa + QK * b)
-        sumf += _f16(w, o) * da[k, b] * np.float32(s) + _f16(w, o + 2) * _q8_1_s(bs, k, b)
-    return sumf
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -623,43 +632,20 @@ def tiles_q8_0(w, r0, r1, qa, da, toks, out, nb):
 # ---------------------------------------------------------------- rows x tokens
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_mxfp4(w, r, qa, da, k, nb):
-    """MXFP4 row (nb blocks of MXFP4_BYTES: e E8M0, qs[16]) . Q8_0 activations: codes are
-    E2M1 values doubled (int8), the block's scale 2^(e-128) (E8M0 halved), as ggml's
-    vec_dot_mxfp4_q8_0; four blocks' sums per simd call, then the float steps in order."""
-    sumf = np.float32(0.0)
-    ow, oa = r * w.shape[1], k * qa.shape[1]
-    n4 = nb - nb % 4
-    for b in range(0, n4, 4):
-        o = ow + MXFP4_BYTES * b
-        s4 = mxfp4_sums4(w, o, qa, oa + QK * b)
-        for j in range(4):
-            e = w[r, MXFP4_BYTES * (b + j)]
-            sumf += e8m0_to_f32_half(e) * da[k, b + j] * np.float32(s4[j])
-    for b in range(n4, nb):
-        o = ow + MXFP4_BYTES * b
-        s = mxfp4_sum1(w, o, qa, oa + QK * b)
-        sumf += e8m0_to_f32_half(w[r, MXFP4_BYTES * b]) * da[k, b] * np.float32(s)
-    return sumf
-
-
 @njit(inline="always")
 def _flat_kernel(t):
     """Whether type t has a row kernel on flat offsets (_dot_flat)."""
-    return (
-        t == Q4_K
-        or t == Q6_K
-        or t == Q8_0
-        or t == Q5_K
-        or t == Q3_K
-        or t == Q2_K
-        or t == IQ4_XS
-        or t == IQ4_NL
-        or t == Q4_1
-        or t == Q5_1
-        or t == MXFP4
-    )
+    return t == Q4_K or t == Q6_K or t == Q8_0
+
+
+@njit(inline="always")
+def _q8_k_type(t):
+    return t == Q5_K or t == Q2_K or t == Q3_K or t == IQ4_XS
+
+
+@njit(inline="always")
+def _blocks32_type(t):
+    return t == IQ4_NL or t == MXFP4 or t == Q4_1 or t == Q5_1
 
 
 @njit(inline="always")
@@ -669,23 +655,7 @@ def _dot_flat(raw, t, r, qa, da, bs, k, nk, n32):
         return dot_q4_k(raw, r, qa, da, bs, k, nk)
     if t == Q6_K:
         return dot_q6_k(raw, r, qa, da, k, nk)
-    if t == Q8_0:
-        return dot_q8_0(raw, r, qa, da, k, n32, 32)
-    if t == Q5_K:
-        return dot_q5_k(raw, r, qa, da, bs, k, nk)
-    if t == Q3_K:
-        return dot_q3_k(raw, r, qa, da, k, nk)
-    if t == Q2_K:
-        return dot_q2_k(raw, r, qa, da, k, nk)
-    if t == IQ4_XS:
-        return dot_iq4_xs(raw, r, qa, da, k, nk)
-    if t == Q4_1:
-        return dot_q4_1(raw, r, qa, da, bs, k, n32)
-    if t == Q5_1:
-        return dot_q5_1(raw, r, qa, da, bs, k, n32)
-    if t == MXFP4:
-        return dot_mxfp4(raw, r, qa, da, k, n32)
-    return dot_iq4_nl(raw, r, qa, da, k, n32)
+    return dot_q8_0(raw, r, qa, da, k, n32, 32)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -709,6 +679,9 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
         return
     if llama_numerics and n >= 2 and t == Q8_0:
         tiles_q8_0(raw, r0, r1, qa, da, toks, out, n32)
+        return
+    if llama_numerics and (_q8_k_type(t) or _blocks32_type(t)):
+        rows_typed(raw, t, r0, r1, qa, da, bs, toks, out, nk, n32)
         return
     if llama_numerics and _flat_kernel(t):  # the simd kernels, no slices
         for r in range(r0, r1):
@@ -788,17 +761,10 @@ track_sources(
     quantize_rows,
     dot_q4_k,
     dot_q6_k,
-    dot_q5_k,
-    dot_q2_k,
-    dot_q3_k,
-    dot_iq4_xs,
-    dot_iq4_nl,
     dot_q8_0,
     dot_q4_0,
-    dot_q4_1,
     dot_q5_0,
-    dot_q5_1,
-    dot_mxfp4,
+    rows_typed,
     tiles_q4_k,
     tiles_q6_k,
     tiles_q8_0,

@@ -59,17 +59,23 @@ def q4k_sums_ref(blocks, qa, bs):
     return (scq * qa).sum(1), (mins * bs).sum(1)
 
 
-# byte offsets of a block's float16 scale and (for the types with mins) min fields
-SCALE_FIELDS = {
-    GGMLQuantizationType.Q4_1: (0, 2),
-    GGMLQuantizationType.Q5_1: (0, 2),
-    GGMLQuantizationType.Q2_K: (80, 82),
-    GGMLQuantizationType.Q3_K: (108,),
-    GGMLQuantizationType.Q4_K: (0, 2),
-    GGMLQuantizationType.Q5_K: (0, 2),
-    GGMLQuantizationType.IQ4_NL: (0,),
-    GGMLQuantizationType.IQ4_XS: (0,),
-    GGMLQuantizationType.MXFP4: (),  # E8M0 byte 0: int_sums_ref sets it to 128 (d = 1)
+_T = GGMLQuantizationType
+# byte offsets of the f16 scale fields of each block (d, dmin / m), in the field order of
+# llama.cpp's block structs (ggml/src/ggml-common.h): Q2_K, Q3_K and Q6_K store d (and
+# Q2_K dmin) after their quants and sub-block scales, the others first
+F16_FIELDS = {
+    _T.Q4_0: (0,),
+    _T.Q4_1: (0, 2),
+    _T.Q5_0: (0,),
+    _T.Q5_1: (0, 2),
+    _T.Q8_0: (0,),
+    _T.Q2_K: (80, 82),
+    _T.Q3_K: (108,),
+    _T.Q4_K: (0, 2),
+    _T.Q5_K: (0, 2),
+    _T.Q6_K: (208,),
+    _T.IQ4_NL: (0,),
+    _T.IQ4_XS: (0,),
 }
 
 
@@ -79,8 +85,8 @@ def int_sums_ref(blocks, qtype, qa):
     sum of (the integer mins per value with dmin = 1) * qa (0 without a min field). From
     gguf-py's dequantization with d=1, dmin=0 (values sc*q) and d=0, dmin=1 (-m)."""
     qtype = GGMLQuantizationType(int(qtype))
-    fields = SCALE_FIELDS[qtype]
-    if qtype == GGMLQuantizationType.MXFP4:  # E8M0 halved: 2^(128-128) = 1
+    fields = F16_FIELDS.get(qtype, ())
+    if qtype == GGMLQuantizationType.MXFP4:  # E8M0 byte 0 halved: 2^(128-128) = 1
         blocks = np.array(blocks, dtype=np.uint8)
         blocks[:, 0] = 128
     w = dequantize_ref(_with_f16_fields(blocks, dict(zip(fields, (1.0, 0.0)))), qtype)

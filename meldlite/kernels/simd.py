@@ -80,6 +80,13 @@ def _offsets(context, builder, sig, args):
     ]
 
 
+def _block_args(context, builder, sig, args):
+    """(ctx, rowty, row, o, qaty, qa, oa) of a (row, o, qa, oa) block-sum intrinsic."""
+    rowty, _, qaty, _ = sig.args
+    row, o, qa, oa = _offsets(context, builder, sig, args)
+    return _Ctx(context, builder, AVX2), rowty, row, o, qaty, qa, oa
+
+
 class _Ctx:
     """An IR builder plus the Numba context, with the few operations the sums need."""
 
@@ -232,9 +239,7 @@ def _crumbs(c, w, k):
 
 
 def _q2k_codegen(context, builder, sig, args):
-    rowty, _, qaty, _ = sig.args
-    row, o, qa, oa = _offsets(context, builder, sig, args)
-    c = _Ctx(context, builder, AVX2)
+    c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
     b = c.b
     sc8 = c.load(rowty, row, o, V16I8, 0)  # (16,) scale | min << 4 per 16 values
     sc = b.zext(b.and_(sc8, ir.Constant(V16I8, [15] * 16)), V16I16)
@@ -281,9 +286,7 @@ def _q3k_scales(c, rowty, row, o):
 
 
 def _q3k_codegen(context, builder, sig, args):
-    rowty, _, qaty, _ = sig.args
-    row, o, qa, oa = _offsets(context, builder, sig, args)
-    c = _Ctx(context, builder, AVX2)
+    c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
     b = c.b
     sc = _q3k_scales(c, rowty, row, o)
     hm = c.load(rowty, row, o, V32I8, 0)  # hmask[32]: bit 4h+j of byte l for value 128h+32j+l
@@ -310,9 +313,7 @@ def q3k_sum(typingctx, row, o, qa, oa):
 
 
 def _q6k_codegen(context, builder, sig, args):
-    rowty, _, qaty, _ = sig.args
-    row, o, qa, oa = _offsets(context, builder, sig, args)
-    c = _Ctx(context, builder, AVX2)
+    c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
     b = c.b
     sc = b.sext(c.load(rowty, row, o, V16I8, 192), V16I16)  # (16,) int8 scales
     m15, m3 = c.const8(15), c.const8(3)
@@ -368,9 +369,7 @@ def _nibble_codes(c, w, first):
 
 
 def _iq4xs_codegen(context, builder, sig, args):
-    rowty, _, qaty, _ = sig.args
-    row, o, qa, oa = _offsets(context, builder, sig, args)
-    c = _Ctx(context, builder, AVX2)
+    c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
     b = c.b
     sc = _iq4xs_scales(c, rowty, row, o)
     acc = None
@@ -399,9 +398,7 @@ def _blocks32_codegen(g, nbytes, qs, qh, table):
     j's 5th bit (or None); table: 16 int8 values the codes index (or None: unsigned codes)."""
 
     def codegen(context, builder, sig, args):
-        rowty, _, qaty, _ = sig.args
-        row, o, qa, oa = _offsets(context, builder, sig, args)
-        c = _Ctx(context, builder, AVX2)
+        c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
         b = c.b
         ones = ir.Constant(V16I16, [1] * 16)
         parts = []
