@@ -1,9 +1,9 @@
 """Parity of meldlite's logits with llama.cpp's, per architecture and file type.
 
-    python benchmarks/parity.py [--tokens 128]
+    python benchmarks/parity.py [--tokens 128] [--arch qwen3moe] [--kinds Q8_0,Q4_0,Q4_K_M]
 
 For each architecture, a random-weight model (tests/helpers_models.py) in F32
-and F16 and llama.cpp's Q8_0, Q4_0 and Q4_K_M quantizations of it. Prints
+and F16 and llama.cpp's quantizations of it (--kinds: llama-quantize's file types). Prints
 max |logit diff| / max |logit|, mean KL(llama.cpp || meldlite) and argmax
 agreement, and beside them the same figures for llama.cpp's own decode path
 (token by token) against its prefill path: the noise floor of the reference.
@@ -55,6 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--arch", action="append", choices=list(ARCHS), help="default: all")
+    ap.add_argument("--kinds", default="Q8_0,Q4_0,Q4_K_M", help="llama.cpp file types")
     args = ap.parse_args()
     ids = [1] + np.random.default_rng(1).integers(3, 4096, args.tokens - 1).tolist()
     print(
@@ -69,7 +70,7 @@ def main():
                 "F32": f32,
                 "F16": write_random_model(Path(tmp) / f"{arch}-F16.gguf", arch, dtype=np.float16),
             }
-            for kind in ("Q8_0", "Q4_0", "Q4_K_M"):
+            for kind in args.kinds.split(","):
                 files[kind] = llamacpp_quantize(f32, Path(tmp) / f"{arch}-{kind}.gguf", kind)
             for kind, path in files.items():
                 prefill, decode = llamacpp_paths(path, ids)
