@@ -239,10 +239,12 @@ def _block_sums(name):
     fns["Q4_1"] = blocks32(simd.q4_1_sums4, simd.q4_1_sum1)
     fns["Q5_1"] = blocks32(simd.q5_1_sums4, simd.q5_1_sum1)
     fns["MXFP4"] = blocks32(simd.mxfp4_sums4, simd.mxfp4_sum1)
+    fns["Q4_0"] = blocks32(simd.q4_0_sums4, simd.q4_0_sum1)
+    fns["Q5_0"] = blocks32(simd.q5_0_sums4, simd.q5_0_sum1)
     return numba.njit(fns[name])
 
 
-BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1", "MXFP4")
+BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1", "MXFP4", "Q4_0", "Q5_0")
 
 
 @pytest.mark.parametrize("x86", [True, False])

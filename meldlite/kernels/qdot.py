@@ -36,10 +36,10 @@ For two tokens or more, Q4_K, Q6_K and Q8_0 take token tiles instead (`tiles_q4_
 each block is unpacked once for up to TILE tokens (simd's *_tile intrinsics) and each
 token's float steps are the row function's, in its order, so the bits are the same.
 
-The K-quants, IQ4_XS, IQ4_NL, MXFP4, Q4_1, Q5_1 and Q8_0 take their per-block integer sums
-from simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and do the float steps here,
-block by block in order. Q4_0 and Q5_0 are plain Numba loops; there Numba widens int32
-arithmetic to int64, so each accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
+The K-quants, IQ4_XS, IQ4_NL, MXFP4, Q4_0, Q5_0, Q4_1, Q5_1 and Q8_0's tiles take their
+per-block integer sums from simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and do
+the float steps here, block by block in order. Q8_0's one-token kernel is a plain Numba
+loop; there Numba widens int32 arithmetic to int64, so each accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
 to vpdpwssd/vpmaddwd, and the inner loops run to a *runtime* length `L` (passed in)
 because loops with constant trip counts are fully unrolled before the loop vectorizer sees
 them and then stay scalar.
@@ -109,10 +109,14 @@ from meldlite.kernels.simd import (
     mxfp4_sums4,
     q2k_sums,
     q3k_sum,
+    q4_0_sum1,
+    q4_0_sums4,
     q4_1_sum1,
     q4_1_sums4,
     q4k_sums,
     q4k_tile,
+    q5_0_sum1,
+    q5_0_sums4,
     q5_1_sum1,
     q5_1_sums4,
     q5k_sums,
@@ -318,6 +322,10 @@ def _sums(w, t, o, qa, p, four):
         return iq4nl_sums4(w, o, qa, p) if four else (iq4nl_sum1(w, o, qa, p), z, z, z)
     if t == MXFP4:
         return mxfp4_sums4(w, o, qa, p) if four else (mxfp4_sum1(w, o, qa, p), z, z, z)
+    if t == Q4_0:
+        return q4_0_sums4(w, o, qa, p) if four else (q4_0_sum1(w, o, qa, p), z, z, z)
+    if t == Q5_0:
+        return q5_0_sums4(w, o, qa, p) if four else (q5_0_sum1(w, o, qa, p), z, z, z)
     if t == Q4_1:
         return q4_1_sums4(w, o, qa, p) if four else (q4_1_sum1(w, o, qa, p), z, z, z)
     return q5_1_sums4(w, o, qa, p) if four else (q5_1_sum1(w, o, qa, p), z, z, z)
@@ -329,19 +337,20 @@ def _term32(w, t, r, o, c, s, da, bs, k, b):
     vec_dot_q4_1_q8_1); the scale is f16 at byte 0, or MXFP4's E8M0 2^(e-128) (w[r, c])."""
     if t == MXFP4:
         return e8m0_to_f32_half(w[r, c]) * da[k, b] * np.float32(s)
-    if t == IQ4_NL:
+    if t == IQ4_NL or t == Q4_0 or t == Q5_0:
         return _f16(w, o) * da[k, b] * np.float32(s)
     return _f16(w, o) * da[k, b] * np.float32(s) + _f16(w, o + 2) * _q8_1_s(bs, k, b)
 
 
 @njit(inline="always")
 def _blocks32_row(w, t, r, qa, da, bs, k, nb):
-    """Row r of an IQ4_NL, MXFP4 (Q8_0 activations), Q4_1 or Q5_1 (Q8_1) matrix (type t,
+    """Row r of a Q4_0, Q5_0, IQ4_NL, MXFP4 (Q8_0 activations), Q4_1 or Q5_1 (Q8_1) matrix (type t,
     nb blocks of 32) . token k: four blocks' sums per simd call, then each block's float
     term (_term32) in block order (t: a constant, see dot_typed)."""
     sumf = np.float32(0.0)
     nbytes = IQ4_NL_BYTES if t == IQ4_NL else MXFP4_BYTES if t == MXFP4 else Q4_1_BYTES
-    nbytes = Q5_1_BYTES if t == Q5_1 else nbytes  # (t: a constant, see rows_typed)
+    nbytes = Q5_1_BYTES if t == Q5_1 else Q4_0_BYTES if t == Q4_0 else nbytes
+    nbytes = Q5_0_BYTES if t == Q5_0 else nbytes  # (t: a constant, see rows_typed)
     ow, oa = r * w.shape[1], k * qa.shape[1]
     n4 = nb - nb % 4
     for b in range(0, n4, 4):
@@ -390,7 +399,11 @@ def rows_typed(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
 @njit(inline="always")
 def _rows_of32(w, t, r0, r1, qa, da, bs, toks, out, n32):
     """rows_typed's branches for the 32-value-block types."""
-    if t == IQ4_NL:
+    if t == Q4_0:
+        _rows_of(w, Q4_0, r0, r1, qa, da, bs, toks, out, 0, n32)
+    elif t == Q5_0:
+        _rows_of(w, Q5_0, r0, r1, qa, da, bs, toks, out, 0, n32)
+    elif t == IQ4_NL:
         _rows_of(w, IQ4_NL, r0, r1, qa, da, bs, toks, out, 0, n32)
     elif t == MXFP4:
         _rows_of(w, MXFP4, r0, r1, qa, da, bs, toks, out, 0, n32)
@@ -437,82 +450,10 @@ def dot_q8_0(w, r, qa, da, k, nb, L):
     return sumf
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q4_0(row, qa, da, nb, L):
-    """Q4_0 row (nb blocks of Q4_0_BYTES: d f16, qs[16]) . Q8_0 activations; L must be 16.
-    Byte l of a block holds values l (low nibble) and 16+l (high nibble), minus 8."""
-    sumf = np.float32(0.0)
-    b = 0
-    while b + 2 <= nb:
-        o = Q4_0_BYTES * b
-        oa = QK * b
-        s0 = np.int32(0)
-        s1 = np.int32(0)
-        for l in range(L):
-            v0 = row[o + 2 + l]
-            v1 = row[o + Q4_0_BYTES + 2 + l]
-            s0 = np.int32(
-                s0
-                + (np.int16(v0 & 15) - np.int16(8)) * np.int16(qa[oa + l])
-                + (np.int16(v0 >> 4) - np.int16(8)) * np.int16(qa[oa + 16 + l])
-            )
-            s1 = np.int32(
-                s1
-                + (np.int16(v1 & 15) - np.int16(8)) * np.int16(qa[oa + QK + l])
-                + (np.int16(v1 >> 4) - np.int16(8)) * np.int16(qa[oa + QK + 16 + l])
-            )
-        sumf += _f16(row, o) * da[b] * np.float32(s0)
-        sumf += _f16(row, o + Q4_0_BYTES) * da[b + 1] * np.float32(s1)
-        b += 2
-    while b < nb:
-        o = Q4_0_BYTES * b
-        s = np.int32(0)
-        for l in range(L):
-            v = row[o + 2 + l]
-            s = np.int32(
-                s
-                + (np.int16(v & 15) - np.int16(8)) * np.int16(qa[QK * b + l])
-                + (np.int16(v >> 4) - np.int16(8)) * np.int16(qa[QK * b + 16 + l])
-            )
-        sumf += _f16(row, o) * da[b] * np.float32(s)
-        b += 1
-    return sumf
-
-
 @njit(inline="always")
 def _q8_1_s(bs, k, b):
     """block_q8_1's s of token k's block b (qdot stores its float32 bits in bs)."""
     return np.int32(bs[k, b]).view(np.float32)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def dot_q5_0(row, qa, da, nb, L):
-    """Q5_0 row (nb blocks of Q5_0_BYTES: d f16, qh u32, qs[16]) . Q8_0 activations; L = 16.
-    Value l has bit l of qh as its 5th bit, value 16+l bit 16+l; minus 16."""
-    sumf = np.float32(0.0)
-    for b in range(nb):
-        o = Q5_0_BYTES * b
-        oa = QK * b
-        qh = (
-            np.uint32(row[o + 2])
-            | (np.uint32(row[o + 3]) << np.uint32(8))
-            | (np.uint32(row[o + 4]) << np.uint32(16))
-            | (np.uint32(row[o + 5]) << np.uint32(24))
-        )
-        s = np.int32(0)
-        for l in range(L):
-            v = row[o + 6 + l]
-            lo = np.int16(v & 15) | np.int16(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
-            hi = np.int16(v >> 4) | np.int16(
-                ((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4)
-            )
-            s = np.int32(
-                s
-                + (lo - np.int16(16)) * np.int16(qa[oa + l])
-                + (hi - np.int16(16)) * np.int16(qa[oa + 16 + l])
-            )
-        sumf += _f16(row, o) * da[b] * np.float32(s)
-    return sumf
 
 
 @njit(inline="always")
@@ -645,7 +586,7 @@ def _q8_k_type(t):
 
 @njit(inline="always")
 def _blocks32_type(t):
-    return t == IQ4_NL or t == MXFP4 or t == Q4_1 or t == Q5_1
+    return t == IQ4_NL or t == MXFP4 or t == Q4_1 or t == Q5_1 or t == Q4_0 or t == Q5_0
 
 
 @njit(inline="always")
@@ -704,10 +645,6 @@ def rows_times_tokens(raw, t, r0, r1, qa, da, bs, xr, toks, out, llama_numerics)
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
                 v = dot_f32(scratch, xr[k], n_cols)
-            elif t == Q4_0:
-                v = dot_q4_0(row, qa[k], da[k], n32, 16)
-            elif t == Q5_0:
-                v = dot_q5_0(row, qa[k], da[k], n32, 16)
             else:
                 if i == 0:
                     decode_span(t, row, 0, n_cols, scratch)
@@ -762,8 +699,6 @@ track_sources(
     dot_q4_k,
     dot_q6_k,
     dot_q8_0,
-    dot_q4_0,
-    dot_q5_0,
     rows_typed,
     tiles_q4_k,
     tiles_q6_k,

@@ -392,10 +392,11 @@ def iq4xs_sum(typingctx, row, o, qa, oa):
         return types.int32(row, o, qa, oa), _iq4xs_codegen
 
 
-def _blocks32_codegen(g, nbytes, qs, qh, table):
+def _blocks32_codegen(g, nbytes, qs, qh, table, offset):
     """Sums of g blocks of 32 values, nbytes each, 16 nibble bytes at qs (value j: low
     nibble of byte j, 16 + j: its high nibble); qh: offset of a u32 whose bit j is value
-    j's 5th bit (or None); table: 16 int8 values the codes index (or None: unsigned codes)."""
+    j's 5th bit (or None); table: 16 int8 values the codes index (or None: unsigned codes,
+    minus `offset`)."""
 
     def codegen(context, builder, sig, args):
         c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
@@ -412,7 +413,11 @@ def _blocks32_codegen(g, nbytes, qs, qh, table):
                 )
                 q = b.or_(q, b.shl(b.zext(bits, V32I8), c.const8(4)))
             a = c.load(qaty, qa, oa, V32I8, 32 * j)
-            p = c.maddss(c.lookup16(q, table), a) if table else c.maddubs(q, a)
+            if table:
+                p = c.maddss(c.lookup16(q, table), a)
+            else:  # (q - offset) * a pairs
+                p = c.maddubs(q, a)
+                p = b.sub(p, c.maddubs(c.const8(offset), a)) if offset else p
             parts.append(c.madd(p, ones))
         sums = _lane_sums(c, parts)
         return context.make_tuple(builder, sig.return_type, sums) if g > 1 else sums[0]
@@ -432,17 +437,22 @@ def _blocks32(g, *layout):
     return intrinsic(typer)
 
 
-# (block bytes, offset of qs, of qh or None, code table or None), from ggml's block structs
-IQ4_NL_LAYOUT = (18, 2, None, KVALUES_IQ4)  # d, qs[16]
-MXFP4_LAYOUT = (17, 1, None, KVALUES_MXFP4)  # e (E8M0), qs[16]
-Q4_1_LAYOUT = (20, 4, None, None)  # d, m, qs[16]
-Q5_1_LAYOUT = (24, 8, 4, None)  # d, m, qh u32, qs[16]
+# (block bytes, offset of qs, of qh or None, code table or None, code offset), from
+# ggml's block structs
+IQ4_NL_LAYOUT = (18, 2, None, KVALUES_IQ4, 0)  # d, qs[16]
+MXFP4_LAYOUT = (17, 1, None, KVALUES_MXFP4, 0)  # e (E8M0), qs[16]
+Q4_0_LAYOUT = (18, 2, None, None, 8)  # d, qs[16]; q - 8
+Q5_0_LAYOUT = (22, 6, 2, None, 16)  # d, qh u32, qs[16]; q - 16
+Q4_1_LAYOUT = (20, 4, None, None, 0)  # d, m, qs[16]
+Q5_1_LAYOUT = (24, 8, 4, None, 0)  # d, m, qh u32, qs[16]
 # (s0, s1, s2, s3) int32 of the four blocks at row[o:] . Q8_0/Q8_1 codes qa[oa:oa+128]
 # (s_j = codes of block j . qa[oa + 32 j:][:32]), and the one-block forms
 iq4nl_sums4, iq4nl_sum1 = _blocks32(4, *IQ4_NL_LAYOUT), _blocks32(1, *IQ4_NL_LAYOUT)
 q4_1_sums4, q4_1_sum1 = _blocks32(4, *Q4_1_LAYOUT), _blocks32(1, *Q4_1_LAYOUT)
 q5_1_sums4, q5_1_sum1 = _blocks32(4, *Q5_1_LAYOUT), _blocks32(1, *Q5_1_LAYOUT)
 mxfp4_sums4, mxfp4_sum1 = _blocks32(4, *MXFP4_LAYOUT), _blocks32(1, *MXFP4_LAYOUT)
+q4_0_sums4, q4_0_sum1 = _blocks32(4, *Q4_0_LAYOUT), _blocks32(1, *Q4_0_LAYOUT)
+q5_0_sums4, q5_0_sum1 = _blocks32(4, *Q5_0_LAYOUT), _blocks32(1, *Q5_0_LAYOUT)
 
 
 def _f16_codegen(context, builder, sig, args):
