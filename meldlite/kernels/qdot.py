@@ -344,9 +344,9 @@ def _term32(w, t, r, o, c, s, da, bs, k, b):
 
 @njit(inline="always")
 def _blocks32_row(w, t, r, qa, da, bs, k, nb):
-    """Row r of a Q4_0, Q5_0, IQ4_NL, MXFP4 (Q8_0 activations), Q4_1 or Q5_1 (Q8_1) matrix (type t,
-    nb blocks of 32) . token k: four blocks' sums per simd call, then each block's float
-    term (_term32) in block order (t: a constant, see dot_typed)."""
+    """Row r of a Q4_0, Q5_0, IQ4_NL, MXFP4 (Q8_0 activations), Q4_1 or Q5_1 (Q8_1) matrix
+    (type t, nb blocks of 32) . token k: four blocks' sums per simd call, then each block's
+    float term (_term32) in block order (t: a constant, see rows_typed)."""
     sumf = np.float32(0.0)
     nbytes = IQ4_NL_BYTES if t == IQ4_NL else MXFP4_BYTES if t == MXFP4 else Q4_1_BYTES
     nbytes = Q5_1_BYTES if t == Q5_1 else Q4_0_BYTES if t == Q4_0 else nbytes
