@@ -292,7 +292,7 @@ def _q8_k_row(w, t, r, qa, da, bs, k, nb):
     d, dmin: f16 at bytes 0, 2 (Q5_K), 80, 82 (Q2_K), 108 (Q3_K), 0 (IQ4_XS)."""
     sumf = np.float32(0.0)
     nbytes = Q5_K_BYTES if t == Q5_K else Q2_K_BYTES if t == Q2_K else Q3_K_BYTES
-    nbytes = IQ4_XS_BYTES if t == IQ4_XS else nbytes  # (t: a constant, see rows_typed)
+    nbytes = IQ4_XS_BYTES if t == IQ4_XS else nbytes
     ow, oa, ob = r * w.shape[1], k * qa.shape[1], k * bs.shape[1]
     for b in range(nb):
         o = ow + nbytes * b
@@ -346,11 +346,11 @@ def _term32(w, t, r, o, c, s, da, bs, k, b):
 def _blocks32_row(w, t, r, qa, da, bs, k, nb):
     """Row r of a Q4_0, Q5_0, IQ4_NL, MXFP4 (Q8_0 activations), Q4_1 or Q5_1 (Q8_1) matrix
     (type t, nb blocks of 32) . token k: four blocks' sums per simd call, then each block's
-    float term (_term32) in block order (t: a constant, see rows_typed)."""
+    float term (_term32) in block order."""
     sumf = np.float32(0.0)
     nbytes = IQ4_NL_BYTES if t == IQ4_NL else MXFP4_BYTES if t == MXFP4 else Q4_1_BYTES
     nbytes = Q5_1_BYTES if t == Q5_1 else Q4_0_BYTES if t == Q4_0 else nbytes
-    nbytes = Q5_0_BYTES if t == Q5_0 else nbytes  # (t: a constant, see rows_typed)
+    nbytes = Q5_0_BYTES if t == Q5_0 else nbytes
     ow, oa = r * w.shape[1], k * qa.shape[1]
     n4 = nb - nb % 4
     for b in range(0, n4, 4):
@@ -366,51 +366,18 @@ def _blocks32_row(w, t, r, qa, da, bs, k, nb):
     return sumf
 
 
-@njit(inline="always")
-def _rows_of(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
-    """out[i, r] = row r . token toks[i] for r in [r0, r1), type t (_q8_k_row's or
-    _blocks32_row's)."""
+@njit(cache=True, nogil=True, error_model="numpy")
+def rows_typed(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
+    """out[i, r] = row r . token toks[i] for r in [r0, r1), for the types of _q8_k_row (nk
+    super-blocks per row) and _blocks32_row (n32 blocks), t a runtime value (a copy of the
+    loops per type with t a constant ran no faster and made qdot's first compile 143 s of
+    CPU instead of 38)."""
     for r in range(r0, r1):
         for i in range(toks.shape[0]):
             if _q8_k_type(t):
                 out[i, r] = _q8_k_row(w, t, r, qa, da, bs, toks[i], nk)
             else:
                 out[i, r] = _blocks32_row(w, t, r, qa, da, bs, toks[i], n32)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def rows_typed(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
-    """_rows_of for the types of _q8_k_row (nk super-blocks per row) and _blocks32_row (n32
-    blocks), with t a constant in each branch: each inlined loop keeps only its type's
-    code (one loop switching on t, or reading the block size from a table, ran 15-60%
-    slower; a type switch per row call cost ~20 ns a row)."""
-    if t == Q5_K:
-        _rows_of(w, Q5_K, r0, r1, qa, da, bs, toks, out, nk, n32)
-    elif t == Q2_K:
-        _rows_of(w, Q2_K, r0, r1, qa, da, bs, toks, out, nk, n32)
-    elif t == Q3_K:
-        _rows_of(w, Q3_K, r0, r1, qa, da, bs, toks, out, nk, n32)
-    elif t == IQ4_XS:
-        _rows_of(w, IQ4_XS, r0, r1, qa, da, bs, toks, out, nk, n32)
-    else:
-        _rows_of32(w, t, r0, r1, qa, da, bs, toks, out, n32)
-
-
-@njit(inline="always")
-def _rows_of32(w, t, r0, r1, qa, da, bs, toks, out, n32):
-    """rows_typed's branches for the 32-value-block types."""
-    if t == Q4_0:
-        _rows_of(w, Q4_0, r0, r1, qa, da, bs, toks, out, 0, n32)
-    elif t == Q5_0:
-        _rows_of(w, Q5_0, r0, r1, qa, da, bs, toks, out, 0, n32)
-    elif t == IQ4_NL:
-        _rows_of(w, IQ4_NL, r0, r1, qa, da, bs, toks, out, 0, n32)
-    elif t == MXFP4:
-        _rows_of(w, MXFP4, r0, r1, qa, da, bs, toks, out, 0, n32)
-    elif t == Q4_1:
-        _rows_of(w, Q4_1, r0, r1, qa, da, bs, toks, out, 0, n32)
-    else:
-        _rows_of(w, Q5_1, r0, r1, qa, da, bs, toks, out, 0, n32)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
