@@ -128,7 +128,9 @@ from meldlite.kernels.simd import (
 
 INT_TYPES = (
     Q4_0,
+    Q4_1,
     Q5_0,
+    Q5_1,
     Q8_0,
     Q2_K,
     Q3_K,
@@ -138,7 +140,6 @@ INT_TYPES = (
     IQ4_NL,
     IQ4_XS,
     MXFP4,
-    MXFP4_BYTES,
 )  # ggml type ids with integer kernels
 CHUNK = 16  # rows per parallel work item
 TILE = 8  # tokens per unpacked block in the tiled kernels (their codes stay in L1)
