@@ -94,26 +94,33 @@ def test_qmatmul_equals_rounded_float64_product(name):
     np.testing.assert_array_equal(kernels.qmatmul(raw, qtype, x[2]), y[2])  # batch-invariant
 
 
-def test_qmatmul_threads_and_parallel_split():
-    """A matrix big enough for the parallel row loop gives the serial loop's bits."""
+@pytest.mark.parametrize("name", FAST)
+def test_qmatmul_threads_and_parallel_split(name):
+    """A matrix big enough for the parallel row loop gives the serial loop's bits, and
+    so does one thread, for every type with a fast path."""
+    qtype = T[name]
     rng = np.random.default_rng(30)
-    raw = random_matrix(rng, T.Q4_K, 300, 1024)
+    n_cols = cols(qtype)
+    raw = random_matrix(rng, qtype, 300, n_cols)
     raw.flags.writeable = False
-    x = rng.standard_normal((3, 1024)).astype(np.float32)
-    qa, da, bs, xr = qdot.empty_acts(3, 1024)
-    qdot.quantize_rows(x, mode_of(T.Q4_K), qa, da, bs, xr)
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    qa, da, bs, xr = qdot.empty_acts(3, n_cols)
+    qdot.quantize_rows(x, mode_of(qtype), qa, da, bs, xr)
     toks = np.arange(3)
     a, b = np.empty((3, 300), np.float32), np.empty((3, 300), np.float32)
-    qdot.matmul_parallel(raw, int(T.Q4_K), qa, da, bs, xr, toks, a, True)
-    qdot.matmul_serial(raw, int(T.Q4_K), qa, da, bs, xr, toks, b, True)
+    qdot.matmul_parallel(raw, int(qtype), qa, da, bs, xr, toks, a, True)
+    qdot.matmul_serial(raw, int(qtype), qa, da, bs, xr, toks, b, True)
     np.testing.assert_array_equal(a, b)
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = kernels.qmatmul(raw, T.Q4_K, x)
+        one = kernels.qmatmul(raw, qtype, x)
+        numba.set_num_threads(threads)
+        two = kernels.qmatmul(raw, qtype, x)
     finally:
         numba.set_num_threads(threads)
     np.testing.assert_array_equal(one, a)
+    np.testing.assert_array_equal(two, a)
 
 
 def test_float_activations_take_the_float_path():
