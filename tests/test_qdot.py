@@ -479,3 +479,39 @@ def test_attention_pieces_match_numpy_reference():
         want_ids, want_w = attention_ref.route(logits, 4, norm)
         np.testing.assert_array_equal(ids, want_ids)
         assert rel_err(wts, want_w) < 1e-6
+
+
+def test_moe_whole_expert_items_give_the_two_loop_bits():
+    """Decode-shaped layers (balanced pairs per expert) run each expert as one work item of
+    one parallel loop; the same bits as the two loops over 64-row items, on 1 and 2 threads."""
+    from meldlite.kernels.moe import moe_ffn_int_kernel
+
+    rng = np.random.default_rng(43)
+    n_embd, n_ff, n_expert = 1024, 512, 10
+    arrays, types = [], []
+    for e in range(n_expert):
+        qts = (T.Q4_K, T.Q4_K, T.Q6_K if e % 2 else T.Q4_K)
+        arrays += [
+            random_matrix(rng, qts[0], n_ff, n_embd, rms=n_embd**-0.5),
+            random_matrix(rng, qts[1], n_ff, n_embd, rms=n_embd**-0.5),
+            random_matrix(rng, qts[2], n_embd, n_ff, rms=n_ff**-0.5),
+        ]
+        types.append([int(q) for q in qts])
+    mats, types = kernels.expert_list(arrays), np.array(types, np.int32)
+    modes = MODE_BY_ID[types]
+    x = rng.standard_normal((2, n_embd)).astype(np.float32)
+    ids = np.array([[0, 3, 5, 7, 9, 1, 2, 4], [8, 6, 0, 3, 5, 7, 9, 1]], np.int32)
+    weights = rng.random(ids.shape).astype(np.float32)
+    threads = numba.get_num_threads()
+    outs = []
+    try:
+        for n in (1, threads):
+            numba.set_num_threads(n)
+            for whole_min in (0, 10**9):  # whole experts / always the two loops
+                out = np.empty_like(x)
+                moe_ffn_int_kernel(x, ids, weights, mats, types, modes, 0, NO_BIAS, out, whole_min)
+                outs.append(out)
+    finally:
+        numba.set_num_threads(threads)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])

@@ -23,6 +23,7 @@ with `expert_list`, replace entries with `set_expert`; `check_types` rejects typ
 kernels lack (moe_ffn checks the experts it uses itself).
 """
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
@@ -182,6 +183,7 @@ def moe_ffn_kernel(x, ids, weights, mats, types, modes, act, bias, out):
 # 64 rows give 64 + 128 items for 8 experts of 512 x 1024, plenty for a few threads.
 
 ITEM_ROWS = 64
+WHOLE_EXPERTS_PER_THREAD = 4  # used experts per thread from which each expert is one item
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -282,8 +284,49 @@ def _down_parallel(mats, types, item_e, item_r, starts, pair_ids, bias, qa, da, 
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out):
-    """moe_ffn_kernel with every matmul input rounded as llama.cpp does, by integer dots."""
+def _balanced(starts, used):
+    """The used experts' pair counts differ at most twofold (whole experts then share
+    the threads evenly enough)."""
+    lo, hi = starts[-1], 0
+    for e in used:
+        n = starts[e + 1] - starts[e]
+        lo, hi = min(lo, n), max(hi, n)
+    return hi <= 2 * lo
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _expert_item(mats, types, e, starts, toks, slot, modes, act, bias, acts, down_acts, ys):
+    """All of expert e for its pairs: gate/up and the activation, its pairs' down inputs
+    rounded, then down; the same row items as the two-phase path, so the same bits.
+    acts = (qa, da, bs, xr, g, u); down_acts = (qh, dh, bh, xh, pair_ids)."""
+    qa, da, bs, xr, g, u = acts
+    qh, dh, bh, xh, pair_ids = down_acts
+    for r0 in range(0, mats[3 * e + GATE].shape[0], ITEM_ROWS):
+        _gate_up_item(
+            mats, types, e, r0, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u
+        )
+    for p in range(starts[e], starts[e + 1]):
+        quantize_row(g[p], modes[e, DOWN], qh[p], dh[p], bh[p], xh[p])
+    for r0 in range(0, mats[3 * e + DOWN].shape[0], ITEM_ROWS):
+        _down_item(mats, types, e, r0, starts, pair_ids, bias, qh, dh, bh, xh, ys)
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _experts_parallel(mats, types, used, starts, toks, slot, modes, act, bias, acts, down_acts, ys):
+    """_expert_item for each used expert, in one parallel loop (one fork/join a layer)."""
+    for i in prange(used.shape[0]):
+        _expert_item(
+            mats, types, used[i], starts, toks, slot, modes, act, bias, acts, down_acts, ys
+        )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out, whole_min):
+    """moe_ffn_kernel with every matmul input rounded as llama.cpp does, by integer dots.
+
+    With at least whole_min used experts whose pair counts differ at most twofold, each
+    expert is one work item of a single parallel loop (gate/up, activation, down); else
+    two loops over 64-row items (all gate/up rows, then all down rows). Same bits."""
     n_tok, n_embd = x.shape
     pairs, starts = group_by_expert(ids, types.shape[0])
     n_pairs = pairs.shape[0]
@@ -312,8 +355,24 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out):
                     quantize_row(x[t], mode, qa[k, t], da[k, t], bs[k, t], xr[k, t])
     g = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F) gate, then silu(gate) * up
     u = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F)
+    nbf = max(1, n_ff // 32)
+    qh = np.empty((n_pairs, n_ff), dtype=np.int8)  # (P, F) the down matrices' inputs
+    dh = np.empty((n_pairs, nbf), dtype=np.float32)  # (P, F/32)
+    bh = np.empty((n_pairs, nbf), dtype=np.int32)  # (P, F/32)
+    xh = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F)
+    ys = np.empty((n_pairs, n_embd), dtype=np.float32)  # (P, E)
+    pair_ids = np.arange(n_pairs)  # (P,) row of each pair in the down activations
+    used = np.nonzero(starts[1:] > starts[:-1])[0]  # (U,) experts with pairs
+    parallel = work >= PARALLEL_MIN_BYTES
+    if parallel and used.shape[0] >= whole_min and _balanced(starts, used):
+        acts, down_acts = (qa, da, bs, xr, g, u), (qh, dh, bh, xh, pair_ids)
+        _experts_parallel(
+            mats, types, used, starts, toks, slot, modes, act, bias, acts, down_acts, ys
+        )
+        sum_slots_serial(ids, weights, ys, rows_of_pairs(pairs, n_tok, ids.shape[1]), out)
+        return
     item_e, item_r = _items(starts, n_rows_of, types, GATE)
-    parallel = work >= PARALLEL_MIN_BYTES and item_e.shape[0] > 1
+    parallel = parallel and item_e.shape[0] > 1
     if parallel:
         _gate_up_parallel(
             mats, types, item_e, item_r, starts, toks, slot, modes, act, bias, qa, da, bs, xr, g, u
@@ -339,16 +398,9 @@ def moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out):
                 u,
             )
     # the down matrices' inputs: each pair's SwiGLU row, rounded per its expert's down type
-    nbf = max(1, n_ff // 32)
-    qh = np.empty((n_pairs, n_ff), dtype=np.int8)  # (P, F)
-    dh = np.empty((n_pairs, nbf), dtype=np.float32)  # (P, F/32)
-    bh = np.empty((n_pairs, nbf), dtype=np.int32)  # (P, F/32)
-    xh = np.empty((n_pairs, n_ff), dtype=np.float32)  # (P, F)
     for e in range(types.shape[0]):
         for p in range(starts[e], starts[e + 1]):
             quantize_row(g[p], modes[e, DOWN], qh[p], dh[p], bh[p], xh[p])
-    ys = np.empty((n_pairs, n_embd), dtype=np.float32)  # (P, E)
-    pair_ids = np.arange(n_pairs)  # (P,) row of each pair in the down activations
     item_e, item_r = _items(starts, n_rows_of, types, DOWN)
     if parallel:
         _down_parallel(mats, types, item_e, item_r, starts, pair_ids, bias, qh, dh, bh, xh, ys)
@@ -441,6 +493,7 @@ def _check_inputs(x, ids, weights, types):
 
 _SUPPORTED = np.zeros(len(MODE_BY_ID), dtype=np.bool_)  # (n_type_ids,) types the kernels decode
 _SUPPORTED[SUPPORTED_IDS] = True
+_TABLES = (_SUPPORTED, BLOCK_ELEMS, BLOCK_BYTES, MODE_BY_ID)  # _checked_moe's per-type tables
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -509,10 +562,13 @@ REFUSED, NO_KERNEL = -1, -2  # _checked_moe's failures
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _checked_moe(x, ids, weights, mats, types, supported, llama_numerics, act, bias, out):
+def _checked_moe(x, ids, weights, mats, types, tables, llama_numerics, act, bias, out, whole_min):
     """_fast_checks, then the integer (llama_numerics) or float kernel into out, in one
     call from Python. Returns REFUSED when the checks refuse the inputs, NO_KERNEL when the
-    float kernel lacks a type, else 0."""
+    float kernel lacks a type, else 0. tables = (supported, block_elems, block_bytes,
+    mode_by_id) per type id, passed in (global arrays would keep the function out of
+    Numba's on-disk cache); whole_min: see moe_ffn_int_kernel."""
+    supported, block_elems, block_bytes, mode_by_id = tables
     modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
     if not _fast_checks(
         x.shape[1],
@@ -520,15 +576,15 @@ def _checked_moe(x, ids, weights, mats, types, supported, llama_numerics, act, b
         mats,
         types,
         supported,
-        BLOCK_ELEMS,
-        BLOCK_BYTES,
+        block_elems,
+        block_bytes,
         llama_numerics,
-        MODE_BY_ID,
+        mode_by_id,
         modes,
     ):
         return REFUSED
     if llama_numerics:
-        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out)
+        moe_ffn_int_kernel(x, ids, weights, mats, types, modes, act, bias, out, whole_min)
     elif not moe_ffn_kernel(x, ids, weights, mats, types, modes, act, bias, out):
         return NO_KERNEL
     return 0
@@ -558,8 +614,10 @@ def moe_ffn(
             f"expert biases have {bias.shape[1]} values per expert, expected "
             f"2 n_ff + n_embd = {_used_n_ff(ids, mats) * 2 + x.shape[1]}"
         )
+    whole_min = WHOLE_EXPERTS_PER_THREAD * numba.get_num_threads()  # (jitted: uncacheable)
+    numerics = bool(llama_numerics)
     status = _checked_moe(
-        x, ids, weights, mats, types, _SUPPORTED, bool(llama_numerics), act_id, bias, out
+        x, ids, weights, mats, types, _TABLES, numerics, act_id, bias, out, whole_min
     )
     if status == REFUSED:
         if len(mats) != 3 * types.shape[0]:
@@ -628,6 +686,9 @@ track_sources(
     _down_item,
     _gate_up_parallel,
     _down_parallel,
+    _balanced,
+    _expert_item,
+    _experts_parallel,
     moe_ffn_int_kernel,
     _fast_checks,
     _checked_moe,
