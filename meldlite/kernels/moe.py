@@ -566,8 +566,8 @@ def _checked_moe(x, ids, weights, mats, types, tables, llama_numerics, act, bias
     """_fast_checks, then the integer (llama_numerics) or float kernel into out, in one
     call from Python. Returns REFUSED when the checks refuse the inputs, NO_KERNEL when the
     float kernel lacks a type, else 0. tables = (supported, block_elems, block_bytes,
-    mode_by_id) per type id, passed in (global arrays would keep the function out of
-    Numba's on-disk cache); whole_min: see moe_ffn_int_kernel."""
+    mode_by_id) per type id, as _fast_checks takes them; whole_min: see
+    moe_ffn_int_kernel."""
     supported, block_elems, block_bytes, mode_by_id = tables
     modes = np.empty_like(types)  # (n_expert, 3) activation rounding per matrix
     if not _fast_checks(

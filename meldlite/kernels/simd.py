@@ -315,9 +315,23 @@ def q3k_sum(typingctx, row, o, qa, oa):
 def _q6k_codegen(context, builder, sig, args):
     c, rowty, row, o, qaty, qa, oa = _block_args(context, builder, sig, args)
     b = c.b
+    acc = None
+    for j, (q, s16) in enumerate(_q6k_lanes(c, rowty, row, o)):
+        a = c.load(qaty, qa, oa, V32I8, 32 * j)
+        p = b.sub(c.maddubs(q, a), c.maddubs(c.const8(32), a))  # (q - 32) * a pairs
+        s = c.madd(p, s16)
+        acc = s if acc is None else b.add(acc, s)
+    return c.reduce(acc)
+
+
+def _q6k_lanes(c, rowty, row, o):
+    """The Q6_K super-block at row[o:] as 8 (codes, scales) pairs of 32 values each: the
+    6-bit codes (<32 x i8>, 0..63) and their two 16-value sub-blocks' int8 scales splatted
+    to <16 x i16>; pair j holds values 32j..32j+31."""
+    b = c.b
     sc = b.sext(c.load(rowty, row, o, V16I8, 192), V16I16)  # (16,) int8 scales
     m15, m3 = c.const8(15), c.const8(3)
-    acc = None
+    lanes = []
     for h in range(2):  # half h: ql at 64h, qh at 128+32h, values 128h..128h+127
         l0, l1 = c.load(rowty, row, o, V32I8, 64 * h), c.load(rowty, row, o, V32I8, 64 * h + 32)
         hb = c.load(rowty, row, o, V32I8, 128 + 32 * h)
@@ -329,11 +343,8 @@ def _q6k_codegen(context, builder, sig, args):
             b.or_(b.lshr(l1, c.const8(4)), top[3]),
         )
         for k, q in enumerate(codes):  # values 128h+32k.., scales 8h+2k and 8h+2k+1
-            a = c.load(qaty, qa, oa, V32I8, 128 * h + 32 * k)
-            p = b.sub(c.maddubs(q, a), c.maddubs(c.const8(32), a))  # (q - 32) * a pairs
-            s = c.madd(p, c.splat(sc, [8 * h + 2 * k] * 8 + [8 * h + 2 * k + 1] * 8))
-            acc = s if acc is None else b.add(acc, s)
-    return c.reduce(acc)
+            lanes.append((q, c.splat(sc, [8 * h + 2 * k] * 8 + [8 * h + 2 * k + 1] * 8)))
+    return lanes
 
 
 @intrinsic
@@ -606,22 +617,7 @@ def _q6k_tile_codegen(context, builder, sig, args):
     names = ("row", "o", "dw", "qa", "da", "toks", "i0", "n", "b", "out", "r")
     t = _Tile(_Ctx(context, builder, AVX2), sig, _offsets(context, builder, sig, args), names)
     c, b, v = t.c, builder, t.v
-    rowty, row, o = t.ty["row"], v["row"], v["o"]
-    sc = b.sext(c.load(rowty, row, o, V16I8, 192), V16I16)  # (16,) int8 scales
-    m15, m3 = c.const8(15), c.const8(3)
-    lanes = []  # per 32 values: 6-bit codes and their two sub-blocks' scales
-    for h in range(2):
-        l0, l1 = c.load(rowty, row, o, V32I8, 64 * h), c.load(rowty, row, o, V32I8, 64 * h + 32)
-        hb = c.load(rowty, row, o, V32I8, 128 + 32 * h)
-        top = [b.shl(b.and_(b.lshr(hb, c.const8(2 * i)), m3), c.const8(4)) for i in range(4)]
-        codes = (
-            b.or_(b.and_(l0, m15), top[0]),
-            b.or_(b.and_(l1, m15), top[1]),
-            b.or_(b.lshr(l0, c.const8(4)), top[2]),
-            b.or_(b.lshr(l1, c.const8(4)), top[3]),
-        )
-        for k, q in enumerate(codes):  # values 128h+32k.., scales 8h+2k and 8h+2k+1
-            lanes.append((q, c.splat(sc, [8 * h + 2 * k] * 8 + [8 * h + 2 * k + 1] * 8)))
+    lanes = _q6k_lanes(c, t.ty["row"], v["row"], v["o"])  # per 32 values: codes, scales
 
     def token(i, k):
         oa = t.row_off("qa", k, 256)
