@@ -135,9 +135,8 @@ def test_float_activations_take_the_float_path():
 
 
 def test_integer_kernels_vectorize():
-    """The row kernels compile to vector integer multiply-adds: vpmaddubsw (u8 x s8 pairs;
-    Q4_K, Q6_K) then vpmaddwd / vpdpwssd, no multiplies on 64-bit lanes - skipped without
-    AVX2."""
+    """The row kernels compile to vector integer multiply-adds: vpmaddubsw (u8 x s8 pairs)
+    then vpmaddwd / vpdpwssd, no multiplies on 64-bit lanes - skipped without AVX2."""
     import llvmlite.binding as llvm
 
     if "+avx2" not in llvm.get_host_cpu_features().flatten():
@@ -150,14 +149,14 @@ def test_integer_kernels_vectorize():
     sigs = {
         qdot.dot_q4_k: (mat, i64, i8, f32, i32, i64, i64),
         qdot.dot_q6_k: (mat, i64, i8, f32, i64, i64),
-        qdot.dot_q8_0: (mat, i64, i8, f32, i64, i64, i64),
+        qdot.dot_q8_0: (mat, i64, i8, f32, i64, i64),
         qdot.rows_typed: (mat, i64, i64, i64, i8, f32, i32, ids, f32, i64, i64),  # the others
     }
     for fn, sig in sigs.items():  # an uncached copy: Numba cannot inspect cached code
         fresh = numba.njit(error_model="numpy")(fn.py_func)
         fresh.compile(sig)
         asm = fresh.inspect_asm(fresh.signatures[0])
-        assert "vpmaddubsw" in asm or fn is qdot.dot_q8_0, fn.__name__  # Q8_0: a Numba loop
+        assert "vpmaddubsw" in asm, fn.__name__
         assert any(op in asm for op in ("vpdpwssd", "vpmaddwd")), fn.__name__
         assert not any(op in asm for op in ("vpmuldq", "vpmullq")), fn.__name__  # no int64 lanes
 
@@ -248,10 +247,17 @@ def _block_sums(name):
     fns["MXFP4"] = blocks32(simd.mxfp4_sums4, simd.mxfp4_sum1)
     fns["Q4_0"] = blocks32(simd.q4_0_sums4, simd.q4_0_sum1)
     fns["Q5_0"] = blocks32(simd.q5_0_sums4, simd.q5_0_sum1)
+
+    def q8_0(blocks, qa, bs, out):  # one block per call (the four-block form: test_tiles)
+        for i in range(blocks.shape[0]):
+            for j in range(5):
+                out[5 * i + j, 0] = simd.q8_0_sum1(blocks[i], 34 * j, qa[i], 32 * j)
+
+    fns["Q8_0"] = q8_0
     return numba.njit(fns[name])
 
 
-BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1", "MXFP4", "Q4_0", "Q5_0")
+BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1", "MXFP4", "Q4_0", "Q5_0", "Q8_0")
 
 
 @pytest.mark.parametrize("x86", [True, False])
@@ -259,7 +265,8 @@ BLOCKS32 = ("IQ4_NL", "Q4_1", "Q5_1", "MXFP4", "Q4_0", "Q5_0")
 def test_more_block_sums_equal_numpy_references(name, x86, monkeypatch):
     """The integer sums of the other types' blocks, exact, against gguf-py-based references
     (reference.int_sums_ref), on the x86 path and the generic one; activation codes over
-    the whole int8 range (-128 included), code and scale bits all set or all clear."""
+    the whole int8 range (-128 included; Q8_0, whose activations never reach -128, from
+    -127), code and scale bits all set or all clear."""
     from meldlite.kernels import reference, simd
 
     if x86 and not simd.AVX2:
@@ -274,6 +281,8 @@ def test_more_block_sums_equal_numpy_references(name, x86, monkeypatch):
     blocks[1] = 0
     qa = rng.integers(-128, 128, (n, n_cols), dtype=np.int8)
     qa[2], qa[3] = -128, 127
+    if name == "Q8_0":
+        np.maximum(qa, -127, out=qa)
     bs = qa.reshape(n, -1, 32).sum(-1, dtype=np.int32)
     per = 32 if name in BLOCKS32 else 256
     out = np.zeros((n * n_cols // per, 2), np.int32)
@@ -289,7 +298,7 @@ def test_more_block_sums_equal_numpy_references(name, x86, monkeypatch):
 TILED = {  # type: (tiled kernel, one-token kernel, its arguments after (w, r, qa, da), n_cols)
     "Q4_K": (qdot.tiles_q4_k, qdot.dot_q4_k, lambda bs, k, nb: (bs, k, nb), 512),
     "Q6_K": (qdot.tiles_q6_k, qdot.dot_q6_k, lambda bs, k, nb: (k, nb), 512),
-    "Q8_0": (qdot.tiles_q8_0, qdot.dot_q8_0, lambda bs, k, nb: (k, nb, 32), 1056),  # 33 blocks
+    "Q8_0": (qdot.tiles_q8_0, qdot.dot_q8_0, lambda bs, k, nb: (k, nb), 1056),  # 33 blocks
 }
 
 

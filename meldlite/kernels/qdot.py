@@ -122,6 +122,8 @@ from meldlite.kernels.simd import (
     q5k_sums,
     q6k_sum,
     q6k_tile,
+    q8_0_acc4,
+    q8_0_sum1,
     q8_0_tile,
     u16_at,
 )
@@ -382,39 +384,17 @@ def rows_typed(w, t, r0, r1, qa, da, bs, toks, out, nk, n32):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def dot_q8_0(w, r, qa, da, k, nb, L):
-    """Q8_0 row (nb blocks of Q8_0_BYTES: d f16, qs[32]) . Q8_0 activations. A plain Numba loop (LLVM
-    vectorizes int8 x int8 to vpdpwssd; faster here than simd's vpmaddubsw form), four
-    blocks per pass so that the loop holds four independent sums; L must be 32."""
-    row, q = w[r], qa[k]
+def dot_q8_0(w, r, qa, da, k, nb):
+    """Q8_0 row (nb blocks of Q8_0_BYTES: d f16, qs[32]) . Q8_0 activations: per block
+    sumf += d_w * d_a * s in block order, four blocks per simd call."""
     sumf = np.float32(0.0)
-    b = 0
-    while b + 4 <= nb:
-        o0 = Q8_0_BYTES * b
-        o1 = o0 + Q8_0_BYTES
-        o2 = o1 + Q8_0_BYTES
-        o3 = o2 + Q8_0_BYTES
-        oa = QK * b
-        s0 = np.int32(0)
-        s1 = np.int32(0)
-        s2 = np.int32(0)
-        s3 = np.int32(0)
-        for l in range(L):
-            s0 = np.int32(s0 + np.int16(np.int8(row[o0 + 2 + l])) * np.int16(q[oa + l]))
-            s1 = np.int32(s1 + np.int16(np.int8(row[o1 + 2 + l])) * np.int16(q[oa + QK + l]))
-            s2 = np.int32(s2 + np.int16(np.int8(row[o2 + 2 + l])) * np.int16(q[oa + 2 * QK + l]))
-            s3 = np.int32(s3 + np.int16(np.int8(row[o3 + 2 + l])) * np.int16(q[oa + 3 * QK + l]))
-        sumf += _f16_bits(row, o0) * da[k, b] * np.float32(s0)
-        sumf += _f16_bits(row, o1) * da[k, b + 1] * np.float32(s1)
-        sumf += _f16_bits(row, o2) * da[k, b + 2] * np.float32(s2)
-        sumf += _f16_bits(row, o3) * da[k, b + 3] * np.float32(s3)
-        b += 4
-    for b in range(b, nb):  # noqa: B020 - continues from the unrolled loop
-        o = Q8_0_BYTES * b
-        s = np.int32(0)
-        for l in range(L):
-            s = np.int32(s + np.int16(np.int8(row[o + 2 + l])) * np.int16(q[QK * b + l]))
-        sumf += _f16_bits(row, o) * da[k, b] * np.float32(s)
+    ow, oa, od = r * w.shape[1], k * qa.shape[1], k * da.shape[1]
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        sumf = q8_0_acc4(w, ow + Q8_0_BYTES * b, qa, oa + QK * b, da, od + b, sumf)
+    for b in range(n4, nb):
+        o = ow + Q8_0_BYTES * b
+        sumf += _f16_flat(w, o) * da[k, b] * np.float32(q8_0_sum1(w, o, qa, oa + QK * b))
     return sumf
 
 
@@ -564,7 +544,7 @@ def _dot_flat(raw, t, r, qa, da, bs, k, nk, n32):
         return dot_q4_k(raw, r, qa, da, bs, k, nk)
     if t == Q6_K:
         return dot_q6_k(raw, r, qa, da, k, nk)
-    return dot_q8_0(raw, r, qa, da, k, n32, 32)
+    return dot_q8_0(raw, r, qa, da, k, n32)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -4,8 +4,7 @@ Numba's loop vectorizer does not find the instruction sequence these sums want: 
 weight codes times 8-bit activation codes, summed in pairs to int16 and then, times a
 per-sub-block scale, in pairs to int32 (x86: vpmaddubsw then vpmaddwd, which LLVM turns
 into vpdpwssd where AVX-VNNI exists). So each function below builds that sequence as LLVM
-IR on 32-byte vectors, one quantized block per call, and returns exact int32 sums
-(Q8_0, plain int8 x int8, vectorizes well enough as a Numba loop: qdot.dot_q8_0):
+IR on 32-byte vectors, one quantized block per call, and returns exact int32 sums:
 
     q4k_sums(row, o, qa, oa, bs, ob) -> (isum, msum)   Q4_K super-block at row[o:]
         isum = sum_j sc_j * sum_l q_jl * qa[oa + 32j + l],  msum = sum_j m_j * bs[ob + j]
@@ -18,6 +17,9 @@ IR on 32-byte vectors, one quantized block per call, and returns exact int32 sum
         -> int32 per block: the codes . qa, no scales (qdot scales each block)
         (IQ4 codes are int8 values from a 16-entry table: vpshufb, then int8 x int8 pairs
         as vpmaddubsw(|a|, q * sign(a)), exact as q > -128)
+    q8_0_sum1(row, o, qa, oa) -> s                     one Q8_0 block's codes . qa
+    q8_0_acc4(row, o, qa, oa, da, od, acc) -> float32  four Q8_0 blocks' float terms added
+        to acc in block order (their f16 scales converted together: vcvtph2ps)
     q4k_tile, q6k_tile, q8_0_tile                      one block against several tokens
         (the block unpacked once; qdot's float steps per token; see "token tiles")
     f16_hw(row, o) -> float32                          the float16 at byte o (F16C, fcvt)
@@ -464,6 +466,61 @@ q5_1_sums4, q5_1_sum1 = _blocks32(4, *Q5_1_LAYOUT), _blocks32(1, *Q5_1_LAYOUT)
 mxfp4_sums4, mxfp4_sum1 = _blocks32(4, *MXFP4_LAYOUT), _blocks32(1, *MXFP4_LAYOUT)
 q4_0_sums4, q4_0_sum1 = _blocks32(4, *Q4_0_LAYOUT), _blocks32(1, *Q4_0_LAYOUT)
 q5_0_sums4, q5_0_sum1 = _blocks32(4, *Q5_0_LAYOUT), _blocks32(1, *Q5_0_LAYOUT)
+
+
+def _q8_0_vector(c, rowty, row, o, qaty, qa, oa, g):
+    """<g x i32>: the sums of g Q8_0 blocks (34 bytes: d, qs[32] int8) at row[o:] against
+    Q8_0 codes qa[oa:], block by block: |w| (u8) x a * sign(w) pairs (ggml's
+    mul_sum_i8_pairs; exact for a > -128, which Q8_0 activations are), int16 pairs to
+    int32, one reduction for the g blocks."""
+    ones = ir.Constant(V16I16, [1] * 16)
+    vs = []
+    for j in range(g):
+        w = c.load(rowty, row, o, V32I8, 2 + 34 * j)
+        a = c.load(qaty, qa, oa, V32I8, 32 * j)
+        vs.append(c.madd(c.maddss(a, w), ones))
+    while len(vs) > 1:
+        vs = [_halve(c, vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
+    v = vs[0]
+    while v.type.count > g:
+        v = _halve(c, v, v)
+    return v
+
+
+def _q8_0_sum_codegen(context, builder, sig, args):
+    v = _q8_0_vector(*_block_args(context, builder, sig, args), 1)
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def _q8_0_acc4_codegen(context, builder, sig, args):
+    rowty, _, qaty, _, daty, _, _ = sig.args
+    row, o, qa, oa, da, od, acc = _offsets(context, builder, sig, args)
+    c = _Ctx(context, builder, AVX2)
+    b, v4f = builder, ir.VectorType(ir.FloatType(), 4)
+    s = b.sitofp(_q8_0_vector(c, rowty, row, o, qaty, qa, oa, 4), v4f)
+    dw = ir.Constant(ir.VectorType(ir.HalfType(), 4), ir.Undefined)
+    for j in range(4):  # the four f16 scales, converted together (vcvtph2ps with F16C)
+        dw = b.insert_element(dw, c.load(rowty, row, o, ir.HalfType(), 34 * j), ir.Constant(I32, j))
+    t = b.fmul(b.fmul(b.fpext(dw, v4f), c.load(daty, da, od, v4f)), s)
+    for j in range(4):
+        acc = b.fadd(acc, b.extract_element(t, ir.Constant(I32, j)))
+    return acc
+
+
+@intrinsic
+def q8_0_sum1(typingctx, row, o, qa, oa):
+    """int32 sum of the Q8_0 block at row[o:] (34 bytes) . Q8_0 codes qa[oa:oa+32]."""
+    if _typed((row, types.uint8), (qa, types.int8)):
+        return types.int32(row, o, qa, oa), _q8_0_sum_codegen
+
+
+@intrinsic
+def q8_0_acc4(typingctx, row, o, qa, oa, da, od, acc):
+    """acc + t0 + t1 + t2 + t3 (in that order) for the four Q8_0 blocks j at row[o:]:
+    t_j = d_j * da[od + j] * s_j, d_j the block's f16 scale, s_j its codes . qa[oa + 32 j:]
+    (float steps of qdot.dot_q8_0 one block at a time; da float32, flat offset od)."""
+    if _typed((row, types.uint8), (qa, types.int8), (da, types.float32)):
+        return types.float32(row, o, qa, oa, da, od, acc), _q8_0_acc4_codegen
 
 
 def _f16_codegen(context, builder, sig, args):
