@@ -236,6 +236,80 @@ def test_prefill_in_small_batches_with_minimum_budget_splits_groups(models, refe
         m.close()
 
 
+# -- bit-identical results on quantized files (integer-dot experts) -------------------
+
+QSHAPE = replace(SMALL, n_embd=256, n_ff=256, n_ff_exp=256)  # K-quant rows: 256 values
+N_DECODE = 6
+MIX = "Q4_K,1.*=Q8_0,0.2=F16,0.5=Q8_0,2.1=Q6_K,2.6=Q6_K"  # per-expert types (pack SPEC)
+# a budget that evicts; the mix's four size classes need one slot each, 1.02 of its 4.0 MB
+QBUDGET = {"Q4_K_M": "25%", "Q8_0": "25%", "mixed": "50%"}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """{name: per-expert path}: llama.cpp's Q4_K_M (Q4_K experts, Q6_K ffn_down in the
+    last layer), Q8_0, and a per-expert mix of Q4_K, Q6_K, Q8_0 and F16 experts."""
+    pytest.importorskip("llama_cpp")
+    from helpers_models import llamacpp_quantize
+
+    d = tmp_path_factory.mktemp("quantized")
+    f16 = write_random_model(d / "f16.gguf", "qwen3moe", shape=QSHAPE, dtype=np.float16, seed=2)
+    src = {t: llamacpp_quantize(f16, d / f"{t}.gguf", t) for t in ("Q4_K_M", "Q8_0", "Q6_K")}
+    out = {}
+    for t in ("Q4_K_M", "Q8_0"):
+        out[t] = d / f"{t}-packed.gguf"
+        pack(src[t], out[t], "SRC")
+    out["mixed"] = d / "mixed.gguf"
+    pack(src["Q4_K_M"], out["mixed"], MIX, {"Q8_0": src["Q8_0"], "Q6_K": src["Q6_K"], "F16": f16})
+    return {k: fsynced(v) for k, v in out.items()}
+
+
+def prefill_and_decode(m, ids, n_decode=N_DECODE):
+    """(prefill logits (T, V), decode logits (n_decode, V)): the prompt in one batch,
+    then n_decode greedy tokens one at a time."""
+    m.cache.reset()
+    prefill = m._eval(ids, all_logits=True)  # (T, V)
+    steps, token = [], int(np.argmax(prefill[-1]))
+    for _ in range(n_decode):
+        row = m._eval([token], all_logits=True)  # (1, V)
+        steps.append(row[0])
+        token = int(np.argmax(row[0]))
+    return prefill, np.stack(steps)
+
+
+def test_quantized_files_have_the_types_they_should(quantized):
+    types = {k: {t for L in range(QSHAPE.n_layer) for e in read_gguf(p).expert_types(L)
+                 for t in e} for k, p in quantized.items()}  # fmt: skip
+    assert types == {"Q4_K_M": {"Q4_K", "Q6_K"}, "Q8_0": {"Q8_0"},
+                     "mixed": {"Q4_K", "Q6_K", "Q8_0", "F16"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q8_0", "mixed"])
+def test_quantized_files_bit_identical_under_a_budget(quantized, name):
+    """The integer-dot path of quantized experts (llama.cpp's activation rounding):
+    prefill and decode logits under budgets that evict equal the all-resident run's."""
+    path = quantized[name]
+    ref = meldlite.load(path, n_ctx=64)
+    ids = ref.tokenize(TEXT)[:16]
+    want_prefill, want_decode = prefill_and_decode(ref, ids)
+    ref.close()
+    for budget in (minimum_budget(path), QBUDGET[name]):
+        for prefetch in (False, True):
+            for policy in ("forecast", "lru"):
+                m = meldlite.load(
+                    path, n_ctx=64, mem_budget=budget, prefetch=prefetch, cache_policy=policy
+                )
+                try:
+                    prefill, decode = prefill_and_decode(m, ids)
+                    stats = m.stats()
+                finally:
+                    m.close()
+                where = (name, budget, prefetch, policy)
+                assert np.array_equal(prefill, want_prefill), where
+                assert np.array_equal(decode, want_decode), where
+                assert stats["evictions"] > 0, where
+
+
 def test_pairs_add_in_slot_order_like_the_kernel():
     # the cache computes (token, slot) pairs in groups into rows t * k + j of Y and
     # sums them with kernels.sum_slots: the order of moe_ffn's own sum
