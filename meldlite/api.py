@@ -16,6 +16,7 @@ from meldlite.data import default_model_path
 from meldlite.errors import OptionError
 from meldlite.experts import make_store
 from meldlite.experts.io import drop_file_cache, memory_status
+from meldlite.experts.limit import LimitSizing, margin_bytes
 from meldlite.formats import read_gguf
 from meldlite.kernels import prepare_target, release_compiler_pages, trim_heap
 from meldlite.kernels.threads import set_threads
@@ -23,6 +24,7 @@ from meldlite.metrics import log_softmax
 from meldlite.model import KVCache, check_weights, forward
 from meldlite.options import Generation, Runtime, Sampler, Store, from_keywords, load_keywords
 from meldlite.tokenizer import Tokenizer
+from meldlite.units import parse_limit
 from meldlite.weights import Weights
 
 
@@ -44,7 +46,11 @@ def load(path=None, **options):
     Expert offloading (docs/experts.md): mem_budget ("64MB", "1.5GB", "25%" of
     the expert bytes, or bytes) keeps at most that much expert weight in memory,
     reading experts from the file when routed to (None: all experts stay in the
-    memory map); cache_policy "forecast" (default), "lfu" or "lru"; prefetch:
+    memory map; with a budget the non-expert weights are copied into memory);
+    mem_limit ("340MB", not with mem_budget): the memory of the whole process,
+    of which the experts get what the runtime, the non-expert weights, the KV
+    cache and a margin leave (`Model.stats()` shows the split);
+    cache_policy "forecast" (default), "lfu" or "lru"; prefetch:
     predict the next layer's experts and load them in a background thread;
     profile: a `meldlite profile` JSON whose popularity seeds the policy (without
     one, a file from `meldlite quantize` seeds it with its own expert popularity and
@@ -104,6 +110,10 @@ class Model:
         self.gguf = read_gguf(self.path)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.weights = Weights(self.gguf, runtime.llama_numerics)
+        if store.budgeted:  # memory is tight: no re-reads of these under it
+            # the embedding is read a row per token: left in the map unless it is the output
+            rows_only = ("token_embd.weight",) if "output.weight" in self.weights else ()
+            self.weights.keep_resident(skip=rows_only)
         self.cfg = ModelConfig.from_metadata(
             self.gguf.metadata, n_vocab=self.weights["token_embd.weight"].shape[0]
         )
@@ -115,24 +125,42 @@ class Model:
         self.n_threads = set_threads(runtime.n_threads)
         self.route_observers = []  # callables (layer, x (T, E), ids (T, k), weights (T, k))
         self.route_counts = {"routed_slots": 0, "experts_skipped": 0}
-        self.store = self._build_store(store, peers)
         self.cache = KVCache(self.cfg, self.n_ctx, n_seq=runtime.n_parallel)
+        self.limit = self._limit_sizing(store)  # None without mem_limit
+        self.store = self._build_store(store, peers)
         self.timings = {}
         self._settled = False  # the first forward pass loads the kernels, then settles
         release_compiler_pages()  # what loading the kernels of the checks mapped
 
+    def _limit_sizing(self, store):
+        """How `mem_limit` splits (experts/limit.py), from the RSS now: the runtime and
+        the non-expert weights, copied in by now (None without mem_limit)."""
+        if store.mem_limit is None:
+            return None
+        release_compiler_pages()  # what loading the kernels of the checks mapped
+        return LimitSizing(
+            limit=parse_limit(store.mem_limit),
+            resident=memory_status().get("VmRSS") or peak_rss_bytes(),
+            weights=self.weights.resident_bytes,
+            kv=self.cache.nbytes,
+            margin=margin_bytes(self.cfg, min(self.n_batch, self.n_ctx)),  # a chunk's tokens
+        )
+
     def _build_store(self, store, peers):
         """The local store, wrapped by a RemoteStore when there are peers (None: dense)."""
         if not self.cfg.is_moe:
-            if store.mem_budget is not None:
+            if store.budgeted:
                 raise OptionError(
-                    "mem_budget applies to Mixture-of-Experts models; this one has no experts"
+                    "mem_budget and mem_limit apply to Mixture-of-Experts models; this one "
+                    "has no experts"
                 )
             if peers is not None:
                 raise OptionError("peers serve routed experts; this model has none")
             return None
         numerics = self.weights.llama_numerics
-        local = make_store(self.gguf, self.cfg, self.weights, store, llama_numerics=numerics)
+        local = make_store(
+            self.gguf, self.cfg, self.weights, store, llama_numerics=numerics, sizing=self.limit
+        )
         if peers is None:
             return local
         from meldlite.transports.remote import RemoteStore
@@ -368,6 +396,9 @@ class Model:
         cached, full = self.cfg.kv_bytes_per_token()
         out["kv_bytes_per_token"], out["kv_bytes_per_token_full"] = cached, full
         out["kv_bytes"], out["n_parallel"] = self.cache.nbytes, self.cache.n_seq
+        out["weights_resident_bytes"] = self.weights.resident_bytes  # copied out of the map
+        if self.limit is not None:
+            out.update(self.limit.stats())
         return out
 
     def close(self):

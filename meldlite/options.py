@@ -19,7 +19,7 @@ import numbers
 from dataclasses import dataclass, field, fields
 
 from meldlite.errors import OptionError
-from meldlite.units import parse_budget, parse_rate
+from meldlite.units import parse_budget, parse_limit, parse_rate
 
 POLICIES = ("forecast", "lfu", "lru")  # expert cache policies (experts/policy.py)
 DEFAULT_POLICY = "forecast"  # chosen by benchmarks/offload.py, see docs/benchmarks.md
@@ -139,6 +139,12 @@ def check_budget(value):
     return value
 
 
+def check_limit(value):
+    """A total memory limit's form ("340MB", "1GiB", bytes; not a percentage)."""
+    parse_limit(value)
+    return value
+
+
 def check_rate(value):
     parse_rate(value)
     return value
@@ -186,7 +192,13 @@ class Runtime(Group):
     n_threads: int = option(
         None, "Compute threads (default: all cores).", flags=("-t", "--threads"), kind=int, lo=1
     )
-    n_batch: int = option(512, "Prompt tokens per forward call during prefill.", kind=int, lo=1)
+    n_batch: int = option(
+        512,
+        "Prompt tokens per forward call during prefill (fewer: less memory for activations).",
+        flags=("-b", "--batch-size"),
+        kind=int,
+        lo=1,
+    )
     n_parallel: int = option(
         1,
         "Sequences kept and decoded together (server slots); each has its own KV cache "
@@ -221,6 +233,16 @@ class Store(Group):
     """The local expert store: all resident, or a memory-budgeted cache."""
 
     mem_budget: object = mem_budget_option()
+    mem_limit: object = option(
+        None,
+        'Memory for the whole process, e.g. "340MB": the expert budget is what is left '
+        "after the runtime, the non-expert weights, the KV cache and a margin "
+        "(docs/experts.md). Not with --mem-budget.",
+        flags=("--mem-limit",),
+        kind=object,
+        metavar="SIZE",
+        check=check_limit,
+    )
     cache_policy: str = option(
         None,
         f"Expert cache policy with --mem-budget (default: {DEFAULT_POLICY}).",
@@ -257,14 +279,24 @@ class Store(Group):
     )
 
     def check(self):
-        if self.mem_budget is not None:
+        if self.mem_budget is not None and self.mem_limit is not None:
+            raise OptionError(
+                "give mem_budget (the experts' memory) or mem_limit (the whole "
+                "process's, the budget derived from it), not both"
+            )
+        if self.budgeted:
             return
         for name in ("cache_policy", "io_throttle", "profile", "expert_io"):
             if getattr(self, name) is not None:
                 raise OptionError(
                     f"{name} applies to a memory-budgeted store: give mem_budget "
-                    f"too (e.g. mem_budget='100%')"
+                    f"or mem_limit too (e.g. mem_budget='100%')"
                 )
+
+    @property
+    def budgeted(self):
+        """Whether experts go to a memory-budgeted cache (mem_budget or mem_limit)."""
+        return self.mem_budget is not None or self.mem_limit is not None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
     parse_budget("1.5GiB", expert_bytes) -> 1_610_612_736
     parse_budget("25%", expert_bytes)    -> expert_bytes // 4
     parse_rate("200MB/s")                -> 200_000_000.0
+    parse_limit("340MB")                 -> 340_000_000
 
 Units: B, kB/KB, MB, GB, TB are powers of 1000; KiB, MiB, GiB, TiB powers of 1024
 (so "64MB" is what a storage vendor means, "64MiB" what `free -m` shows). A bare
@@ -37,11 +38,13 @@ _SIZE_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-
 _PCT_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*%\s*$")
 
 BUDGET_FORMS = '"64MB", "1.5GB", "512MiB", "25%" (of the expert bytes) or a number of bytes'
+LIMIT_FORMS = '"340MB", "1.5GB", "512MiB" or a number of bytes'
 RATE_FORMS = '"200MB/s", "50MiB/s" or a number of bytes per second'
 
 
-def parse_size(value, what="size"):
-    """Bytes (int) from an int, a float or a string with a unit; OptionError otherwise."""
+def parse_size(value, what="size", forms=BUDGET_FORMS):
+    """Bytes (int) from an int, a float or a string with a unit; OptionError otherwise
+    (naming `what` and the accepted `forms`)."""
     if isinstance(value, bool):
         raise OptionError(f"{what} must be a size, got {value!r}")
     if isinstance(value, (int, float)):
@@ -49,7 +52,7 @@ def parse_size(value, what="size"):
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if not m or m.group(2).lower() not in UNITS:
-            raise OptionError(f"{what} {value!r} is not a size; use e.g. {BUDGET_FORMS}")
+            raise OptionError(f"{what} {value!r} is not a size; use e.g. {forms}")
         number, unit = float(m.group(1)), m.group(2).lower()
     else:
         raise OptionError(f"{what} must be a number or a string, got {type(value).__name__}")
@@ -81,6 +84,19 @@ def parse_budget(value, expert_bytes):
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
         raise OptionError(f"mem_budget must be positive, got {value!r}")
     return parse_size(value, "mem_budget")
+
+
+def parse_limit(value):
+    """A total memory limit in bytes (`mem_limit`): a size, not a percentage; None stays
+    None."""
+    if value is None:
+        return None
+    if isinstance(value, str) and "%" in value:
+        raise OptionError(
+            f'mem_limit {value!r} must be a size (the process\'s memory), e.g. "340MB", '
+            f'"1GiB"; a share of the experts is mem_budget\'s form'
+        )
+    return parse_size(value, "mem_limit", LIMIT_FORMS)
 
 
 def parse_rate(value):

@@ -3,7 +3,14 @@
 `Weights["blk.0.attn_q.weight"]` gives a `QMatrix` for a 2-D tensor (kept in
 its quantized form, multiplied by the kernels) or a float32 array for a 1-D
 tensor (norms, biases). Nothing is renamed, so loading needs no mapping table.
+
+By default the tensors are views of the file's memory map, pages the kernel may
+drop under memory pressure and read again on the next token. `keep_resident`
+copies them into anonymous memory instead (done when a memory budget is in force:
+the budget leaves the rest of memory tight, and these weights are read every token).
 """
+
+import os
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -11,6 +18,7 @@ from gguf import GGMLQuantizationType
 from meldlite import kernels
 from meldlite.errors import FormatError, UnsupportedError
 from meldlite.formats.gguf import TensorView
+from meldlite.formats.pack import non_expert_names
 from meldlite.kernels.actquant import NONE, mode_of
 from meldlite.kernels.matmul import readonly_matrix
 from meldlite.kernels.qdot import linear
@@ -73,13 +81,43 @@ class Weights:
         self.gguf = gguf
         self.llama_numerics = llama_numerics
         self._cache = {}
+        self._copies = {}  # name -> TensorView of an anonymous copy (keep_resident)
+
+    @property
+    def resident_bytes(self):
+        """Bytes of the tensors copied into anonymous memory by `keep_resident`."""
+        return sum(t.nbytes for t in self._copies.values())
+
+    def keep_resident(self, skip=()):
+        """Copy every non-expert tensor but those named in `skip` out of the memory map
+        into anonymous memory (read with pread, so no page of the map is touched, then
+        dropped from the page cache). Call before any tensor is looked up: views made
+        earlier stay views."""
+        fd = os.open(self.gguf.path, os.O_RDONLY)
+        try:
+            for name in non_expert_names(self.gguf):
+                if name in skip:
+                    continue
+                t = self.gguf.tensor(name)
+                buf = np.empty(t.raw.shape, np.uint8)  # (*shape[:-1], row_bytes)
+                _read_exactly(fd, buf.reshape(-1), t.offset)
+                buf.flags.writeable = False  # as read-only as the map
+                self._copies[name] = TensorView(name, t.ggml_type, t.shape, buf, t.offset)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def tensor(self, name):
+        """The TensorView of `name`: its resident copy, else the memory map's view."""
+        return self._copies.get(name) or self.gguf.tensor(name)
 
     def __contains__(self, name):
         return self.gguf.has_tensor(name)
 
     def __getitem__(self, name):
         if name not in self._cache:
-            tensor = self.gguf.tensor(name)
+            tensor = self.tensor(name)
             if len(tensor.shape) == 1:
                 self._cache[name] = np.ascontiguousarray(tensor.dequantize(), dtype=np.float32)
             else:
@@ -91,7 +129,7 @@ class Weights:
         (MLA's attn_k_b / attn_v_b); cached like the others."""
         key = name + "#heads"
         if key not in self._cache:
-            t = self.gguf.tensor(name)
+            t = self.tensor(name)
             if len(t.shape) != 3:
                 raise FormatError(f"tensor {name!r} should be 3-D, has shape {t.shape}")
             flat = (t.shape[0] * t.shape[1], t.shape[2])
@@ -134,3 +172,13 @@ class Weights:
                 f"has {getattr(m, 'shape', None)}"
             )
         return m
+
+
+def _read_exactly(fd, buf, offset):
+    """Fill uint8 buf (n,) from the file at `offset`; FormatError on a short file."""
+    done = 0
+    while done < buf.size:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise FormatError(f"file ends inside a tensor at offset {offset + done}")
+        done += n

@@ -54,14 +54,18 @@ def fsynced(path):
     return path
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{"stacked": path, "packed": path} of a small random qwen3moe (F16)."""
-    d = tmp_path_factory.mktemp("cache")
+def write_small(d):
+    """{"stacked": path, "packed": path} of a small random qwen3moe (F16) in directory d,
+    fsynced (their pages clean)."""
     stacked = write_random_model(d / "small.gguf", "qwen3moe", shape=SMALL, dtype=np.float16)
     packed = d / "small-packed.gguf"
     pack(stacked, packed, "SRC")
     return {"stacked": fsynced(stacked), "packed": fsynced(packed)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_small(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -884,6 +888,10 @@ def test_cli_run_with_budget_prints_stats(models):
         (["--mem-budget", "150%"], "mem_budget"),
         (["--mem-budget", "1"], "too small"),
         (["--mem-budget", "50%", "--io-throttle", "fast"], "io_throttle"),
+        (["--mem-limit", "lots"], "mem_limit 'lots' is not a size"),
+        (["--mem-limit", "25%"], "must be a size"),
+        (["--mem-limit", "20MB"], "too small"),
+        (["--mem-limit", "1GB", "--mem-budget", "25%"], "not both"),
     ],
 )
 def test_cli_bad_budget_is_one_line_exit_2(models, args, match):

@@ -18,6 +18,7 @@ LOAD_KEYWORDS = {
     "n_parallel": 1,
     "llama_numerics": True,
     "mem_budget": None,
+    "mem_limit": None,
     "cache_policy": None,
     "prefetch": True,
     "min_expert_weight": None,

@@ -21,7 +21,7 @@ STOPPED = {
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @declared(Generation, "prompt", "prompt_file", "max_tokens")
 @declared(Sampler)
-@declared(Runtime, "n_threads", "n_ctx")
+@declared(Runtime, "n_threads", "n_ctx", "n_batch")
 @declared(Store)
 @declared(Runtime, "min_expert_weight", "cold")
 @click.option("--stats", "show_stats", is_flag=True, help="Print the expert store's counters.")

@@ -75,7 +75,7 @@ class CachedStore(ExpertStore):
         self.mechanism, self.slabs = self.reader.mechanism, self.reader.slabs
         self.plan = plan = ExpertPlan(gguf, cfg, eio.DIO_ALIGN if self.reader.file.direct else 1)
         self.pools = SlotPools(plan, budget, self.k, self.slabs)
-        self.reader.quiet_map(plan)
+        self.reader.quiet_map(plan, willneed=not weights.resident_bytes)
 
         self.types = [np.ascontiguousarray(plan.types[i]) for i in range(self.n_layer)]
         self.bias = layer_biases(gguf, cfg)  # per layer (X, 2F+E) or (0, 0), resident

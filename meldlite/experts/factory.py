@@ -1,5 +1,6 @@
 """`make_store`: the local expert store that the `Store` options ask for."""
 
+from meldlite.errors import BudgetError
 from meldlite.experts.cache import CachedStore
 from meldlite.experts.seed import metadata_seed
 from meldlite.experts.store import ResidentStore
@@ -19,13 +20,26 @@ def expert_bytes(gguf, cfg):
     )
 
 
-def make_store(gguf, cfg, weights, options=Store(), llama_numerics=True):
+def make_store(gguf, cfg, weights, options=Store(), llama_numerics=True, sizing=None):
     """The local expert store that a `meldlite.options.Store` asks for: a
-    ResidentStore without a memory budget, else a CachedStore."""
-    if options.mem_budget is None:
+    ResidentStore without a memory budget, else a CachedStore of `mem_budget`, or of
+    the budget `sizing` (an `experts.limit.LimitSizing`) derives from `mem_limit`,
+    at most the experts' bytes."""
+    if not options.budgeted:
         return ResidentStore(gguf, cfg, llama_numerics)
+    total = expert_bytes(gguf, cfg)
+    if sizing is None:
+        budget = parse_budget(options.mem_budget, total)
+        return _cached_store(gguf, cfg, weights, options, llama_numerics, budget)
+    budget = min(max(sizing.budget, 1), total)
+    try:
+        return _cached_store(gguf, cfg, weights, options, llama_numerics, budget)
+    except BudgetError as e:
+        raise sizing.too_small(e.minimum) from None
+
+
+def _cached_store(gguf, cfg, weights, options, llama_numerics, budget):
     profile = options.profile
-    budget = parse_budget(options.mem_budget, expert_bytes(gguf, cfg))
     seed = None if profile is not None else metadata_seed(gguf.metadata, cfg.n_layer, cfg.n_expert)
     prior = load_prior(profile, cfg) if profile is not None else (seed.prior() if seed else None)
     store = CachedStore(

@@ -42,17 +42,19 @@ class ExpertReader:
         self.mechanism = mechanism
         self.slabs = mechanism != "mmap"
 
-    def quiet_map(self, plan):
+    def quiet_map(self, plan, willneed=True):
         """No expert page resident or cached now, and no read-around into expert
         pages later. Opening the file already read its first read_ahead_kb (8 MB on
         the benchmark machine) into the page cache. The whole map is MADV_RANDOM:
         a fault on a non-expert page next to an expert would otherwise read the
         expert's pages back into the page cache; WILLNEED reads the non-expert
-        tensors in large requests instead of a page per fault."""
+        tensors in large requests instead of a page per fault (`willneed` False: the
+        non-expert tensors are copies in memory, `Weights.keep_resident`, and their
+        pages of the file are not wanted)."""
         f = self.file
         if self.map_base % eio.PAGE == 0:
             f.advise(0, f.map_size, eio.MADV_RANDOM, outward=True)
-            for off, nb in plan.other_ranges:
+            for off, nb in plan.other_ranges if willneed else ():
                 f.advise(off, nb, eio.MADV_WILLNEED, outward=False)
         for ranges in plan.ranges:
             for off, nb in ranges:

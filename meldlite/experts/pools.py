@@ -104,11 +104,13 @@ class SlotPools:
         self.budget = int(budget)
         self.minimum = minimum_budget(sizes, plan.present, plan.n_layer, k, slabs)
         if self.budget < self.minimum:
-            raise BudgetError(
+            err = BudgetError(
                 f"mem_budget {format_bytes(self.budget)} is too small: this model needs at "
                 f"least {format_bytes(self.minimum)} ({self.minimum} bytes: the {k} largest "
                 f"experts of one layer); its experts total {format_bytes(plan.expert_bytes)}"
             )
+            err.minimum = self.minimum  # for mem_limit's message (experts/limit.py)
+            raise err
         if slabs:
             split, _ = split_budget(self.budget, sizes[plan.present])
             self.pools = [SlabPool(s, n) for s, n in sorted(split.items())]
