@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from meldlite.errors import OptionError
 from meldlite.units import format_bytes
 
-# measured (docs/experts.md): 14-26 MiB above the RSS at sizing besides activations,
-# most of it the kernels loaded at the first forward passes (more variants with more
-# chunk shapes), and 6-8 float32 values per prompt token per unit of width in a chunk
-MARGIN_FIXED = 32 * 2**20  # bytes
+# measured (docs/experts.md): 14-31 MiB above the RSS at sizing besides activations
+# (kernels loaded at the first forward passes, heap growth over a chunked prompt), and
+# 6-8 float32 values per prompt token per unit of width in a chunk
+MARGIN_FIXED = 40 * 2**20  # bytes
 MARGIN_PER_TOKEN_VALUES = 10  # float32 values per token of a chunk and per unit of width
 
 
