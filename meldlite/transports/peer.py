@@ -11,7 +11,8 @@ Per client (one coordinator connection, a ROUTER identity) the peer keeps a
 session: the model hash agreed in the handshake, the config, the experts
 assigned. Expert bytes are shared between sessions of the same model and
 counted once against the memory budget. A malformed request gets an ERROR
-reply naming what is wrong and a log line; the loop goes on serving.
+reply naming what is wrong and a log line (at most a few per client and
+minute, then one summary line: `log_limit`); the loop goes on serving.
 
 This module is the socket and its loop; the parts:
 - `peer_session`: the sessions, and an ASSIGN message read into one;
@@ -136,6 +137,7 @@ class PeerServer:
                     self.handle(frames)
             if time.monotonic() >= next_beat:
                 self.beat()
+                self.handlers.limiter.tick()
                 next_beat = time.monotonic() + self.heartbeat
 
     def stop(self, *_):
@@ -187,6 +189,8 @@ class PeerServer:
         self.sessions.drop(ident)
 
     def close(self):
+        if getattr(self, "handlers", None) is not None:
+            self.handlers.limiter.flush()  # pending "suppressed" summaries
         if getattr(self, "sessions", None) is not None:
             self.sessions.drop_all()
         if getattr(self, "sock", None) is not None:

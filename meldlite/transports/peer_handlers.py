@@ -1,8 +1,9 @@
 """A peer's answers: one handler per message type a coordinator may send (HELLO,
 ASSIGN, LOAD, COMPUTE, STATS, BYE), and the ERROR reply for a request that fails.
 
-A malformed request gets an ERROR reply naming what is wrong and a log line;
-nothing raised here stops the peer's loop.
+A malformed request gets an ERROR reply naming what is wrong and a log line
+(rate-limited per client by `log_limit.LogLimiter`); nothing raised here stops
+the peer's loop.
 """
 
 import logging
@@ -14,6 +15,7 @@ import numpy as np
 from meldlite.errors import MeldliteError
 from meldlite.formats import KINDS
 from meldlite.transports import protocol as P
+from meldlite.transports.log_limit import LogLimiter
 from meldlite.transports.peer_bank import matrix_shapes
 from meldlite.transports.peer_compute import build_layers, compute
 from meldlite.transports.peer_session import read_assignment
@@ -38,12 +40,14 @@ def new_counters():
 
 class PeerHandlers:
     """Replies of the peer `info` (a dict: model_hash, has_model, name, heartbeat)
-    holding experts in `bank` for `sessions`, requests checked against `limits`."""
+    holding experts in `bank` for `sessions`, requests checked against `limits`;
+    refusals logged through `limiter` (default: a `LogLimiter` with its defaults)."""
 
-    def __init__(self, info, bank, sessions, limits):
+    def __init__(self, info, bank, sessions, limits, limiter=None):
         self.info, self.bank, self.sessions, self.limits = info, bank, sessions, limits
         self.counters = new_counters()
         self.error_codes = {}  # code -> ERROR replies sent
+        self.limiter = limiter if limiter is not None else LogLimiter(log)
 
     def reply(self, ident, body):
         """The reply frames to one received message body [header, ...] (None: no reply)."""
@@ -57,13 +61,16 @@ class PeerHandlers:
         except MeldliteError as e:
             return self.fail(ident, "BAD_REQUEST", str(e), req_id)
         except Exception as e:
-            log.exception("client %s: request %d failed", ident.hex(), req_id)
-            return self.fail(ident, "INTERNAL", f"{type(e).__name__}: {e}", req_id)
+            if self.limiter.allow(ident, "INTERNAL"):
+                log.exception("client %s: request %d failed", ident.hex(), req_id)
+            return self.fail(ident, "INTERNAL", f"{type(e).__name__}: {e}", req_id, logged=True)
 
-    def fail(self, ident, code, text, req_id):
+    def fail(self, ident, code, text, req_id, logged=False):
+        """The ERROR reply; a log line unless `logged` or the client's lines are used up."""
         self.counters["errors"] += 1
         self.error_codes[code] = self.error_codes.get(code, 0) + 1
-        log.warning("client %s: request %d: %s: %s", ident.hex(), req_id, code, text)
+        if not logged and self.limiter.allow(ident, code):
+            log.warning("client %s: request %d: %s: %s", ident.hex(), req_id, code, text)
         return P.error_message(code, text, req_id)
 
     def dispatch(self, ident, h, payload):
