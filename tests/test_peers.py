@@ -438,9 +438,44 @@ def test_model_mismatch_and_budget_are_refused(models, tmp_path):
             with_peers(other, [b.endpoint])
 
 
-def test_unreachable_peer_is_named(models):
-    with pytest.raises(PeerError, match=r"tcp://127\.0\.0\.1:9 not ready"):
-        with_peers(models["f16"], ["tcp://127.0.0.1:9"], timeout=1.0, connect_timeout=0.5)
+def test_start_up_waits_follow_the_peer_timeout(models):
+    """A peer that makes no progress in its handshake fails start-up after the peer
+    timeout (1 s here), not after connect_timeout (60 s, which still bounds the whole
+    start-up): nobody listening, or a socket that accepts but never answers HELLO."""
+    t = time.monotonic()
+    with pytest.raises(PeerError, match=r"tcp://127\.0\.0\.1:9 not ready: no progress in 1 s"):
+        with_peers(models["f16"], ["tcp://127.0.0.1:9"], timeout=1.0, connect_timeout=60.0)
+    assert time.monotonic() - t < 10
+    with pytest.raises(PeerError, match=r"tcp://127\.0\.0\.1:9 not ready after 0\.5 s"):
+        with_peers(models["f16"], ["tcp://127.0.0.1:9"], timeout=30.0, connect_timeout=0.5)
+    ctx = zmq.Context()
+    mute = ctx.socket(zmq.ROUTER)  # completes ZMTP, never replies
+    mute.linger = 0
+    try:
+        port = mute.bind_to_random_port("tcp://127.0.0.1")
+        t = time.monotonic()
+        with pytest.raises(PeerError, match=r"no progress in 1 s, the peer timeout \(hello\)"):
+            with_peers(models["f16"], [f"tcp://127.0.0.1:{port}"], timeout=1.0)
+        assert time.monotonic() - t < 10
+    finally:
+        mute.close()
+        ctx.term()
+
+
+def test_cli_run_with_an_unreachable_peer_fails_within_the_peer_timeout(models):
+    """`run --peers tcp://127.0.0.1:1 --peer-timeout 1`: one error line naming the
+    peer, exit status 2, within a few seconds (it waited connect_timeout, 60 s, before)."""
+    t = time.monotonic()
+    r = run_cli(
+        "run", models["f16"], "--peers", "tcp://127.0.0.1:1", "--peer-timeout", "1", "-p", "a"
+    )
+    elapsed = time.monotonic() - t
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "meldlite: error: peer tcp://127.0.0.1:1 not ready: no progress in 1 s, "
+        "the peer timeout (connecting)"
+    ]
+    assert elapsed < 10
 
 
 def raw_socket(endpoint):

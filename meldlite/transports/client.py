@@ -137,6 +137,12 @@ class PeerClient:
         self.close()
         self.open()
 
+    def progress(self):
+        """Where the handshake is: changes with each step it takes (a reconnection
+        attempt is not a step)."""
+        state = CONNECTING if self.state == DEAD else self.state
+        return (state, len(self.to_load) + len(self.loading))
+
     @property
     def ready(self):
         return self.state == READY

@@ -129,7 +129,7 @@ class RemoteStore(ExpertStore):
                 liveness=options.liveness,
                 retry_s=options.retry_s,
             )
-            self.links.start(float(options.connect_timeout))
+            self.links.start(float(options.connect_timeout), self.timeout)
         except BaseException:
             if not self._own_local:
                 self.local = None  # the caller's store stays open
@@ -178,9 +178,10 @@ class RemoteStore(ExpertStore):
         if here is not None:
             self.local.announce(layer, here)
 
-    def peer_stats(self, timeout=2.0):
-        """Each ready peer's own counters (STATS request), by address."""
-        return self.links.query_stats(timeout)
+    def peer_stats(self, timeout=None):
+        """Each ready peer's own counters (STATS request), by address, waited for
+        `timeout` seconds (default: the request deadline, `--peer-timeout`)."""
+        return self.links.query_stats(self.timeout if timeout is None else timeout)
 
     def stats(self):
         out = {f"peers_{k}": v for k, v in self.counters.items()}

@@ -104,9 +104,13 @@ class PeerLinks:
                 c.die(f"no heartbeat for {now - c.last_heard:.1f} s")
         self._last_service = now
 
-    def start(self, timeout):
-        """Wait until every peer is ready (PeerError if one refuses or timeout passes)."""
-        end = time.monotonic() + timeout
+    def start(self, timeout, stall):
+        """Wait until every peer is ready. PeerError if one refuses, if one makes no
+        progress in its handshake (connection, each reply) for `stall` seconds (the
+        request deadline), or if `timeout` seconds pass in all."""
+        now = time.monotonic()
+        end = now + timeout
+        seen = {c.node: (c.progress(), now) for c in self}  # node -> (progress, since)
         while True:
             self.pump(0.05)
             cs = list(self)
@@ -114,37 +118,39 @@ class PeerLinks:
             if bad:
                 c = bad[0]
                 raise PeerError(f"peer {c.address}: {c.error}")
-            self.reopen(time.monotonic())
+            now = time.monotonic()
+            self.reopen(now)
             if all(c.ready for c in cs):
-                self._last_service = time.monotonic()
+                self._last_service = now
                 for c in cs:
-                    c.last_heard = self._last_service
+                    c.last_heard = now
                 return
-            if time.monotonic() > end:
-                late = [c for c in cs if not c.ready]
+            for c in cs:
+                if c.progress() != seen[c.node][0]:
+                    seen[c.node] = (c.progress(), now)
+            stalled = [c for c in cs if not c.ready and now - seen[c.node][1] > stall]
+            if stalled:
                 raise PeerError(
-                    "; ".join(
-                        f"peer {c.address} not ready after {timeout:g} s ({c.state}"
-                        + (f": {c.error}" if c.error else "")
-                        + ")"
-                        for c in late
-                    )
+                    _not_ready(stalled, f": no progress in {stall:g} s, the peer timeout")
                 )
+            if now > end:
+                raise PeerError(_not_ready([c for c in cs if not c.ready], f" after {timeout:g} s"))
 
     # -- stats ----------------------------------------------------------------------------
 
     def query_stats(self, timeout):
-        """Each ready peer's own counters (STATS request), by address."""
-        out = {}
+        """Each ready peer's own counters (STATS request), by address; the peers are
+        asked at once and waited for `timeout` seconds in all."""
+        asked = {}  # PeerClient -> request id
         for c in self:
-            if not c.ready:
-                continue
-            req = c.next_id()
-            if not c.send(P.message(P.Msg.STATS, {}, req)):
-                continue
-            end = time.monotonic() + timeout
-            while req not in c.done and time.monotonic() < end:
-                self.pump(0.05)
+            req = c.next_id() if c.ready else None
+            if req is not None and c.send(P.message(P.Msg.STATS, {}, req)):
+                asked[c] = req
+        end = time.monotonic() + timeout
+        while any(r not in c.done for c, r in asked.items()) and time.monotonic() < end:
+            self.pump(min(0.05, max(0.0, end - time.monotonic())))
+        out = {}
+        for c, req in asked.items():
             got = c.done.pop(req, None)
             if isinstance(got, tuple):
                 out[c.address] = P.parse_json(got[1][0], self.limits)
@@ -161,3 +167,11 @@ class PeerLinks:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
+
+def _not_ready(clients, why):
+    """ "peer ADDR not readyWHY (STATE[: ERROR])", joined by "; "."""
+    return "; ".join(
+        f"peer {c.address} not ready{why} ({c.state}" + (f": {c.error}" if c.error else "") + ")"
+        for c in clients
+    )
