@@ -79,16 +79,37 @@ def test_a_message_after_the_interval_opens_a_new_one(limiter):
     ]
 
 
-def test_table_is_bounded_and_evicted_counts_are_reported(limiter):
+def test_table_is_bounded_and_evicted_counts_are_reported_together(limiter):
     lim, clock, caplog = limiter
+    lim.max_lines = 1000
     for _ in range(5):
         lim.allow(A, "MALFORMED")  # 2 suppressed
     for i in range(100):
         clock.t += 0.1
-        lim.allow(i.to_bytes(2, "big") + b"\x01", "MALFORMED")
+        key = bytes([i, 1])
+        for _ in range(4):
+            lim.allow(key, "TRUNCATED")  # 1 suppressed each
         assert len(lim.windows) <= 4
-    assert summaries(caplog)[0].startswith("client 00aa: 2 more refused requests")
-    assert len(summaries(caplog)) == 1  # the others had nothing suppressed
+    assert summaries(caplog) == []  # evicted counts wait for the interval's end
+    clock.t += 60.0
+    lim.tick()
+    assert summaries(caplog) == [
+        f"client {i:02x}01: 1 more refused requests suppressed in the last 60 s (TRUNCATED 1)"
+        for i in range(96, 100)
+    ] + [
+        "97 evicted clients: 98 more refused requests suppressed in the last 70 s "
+        "(MALFORMED 2, TRUNCATED 96)"
+    ]
+    assert not lim.windows
+
+
+def test_lines_of_all_clients_are_capped_per_interval(limiter):
+    lim, clock, _ = limiter
+    lim.max_lines = 10
+    allowed = [lim.allow(bytes([i]), "MALFORMED") for i in range(4) for _ in range(3)]
+    assert sum(allowed) == 10 and allowed[-2:] == [False, False]
+    clock.t += 60.0
+    assert lim.allow(b"\x09", "MALFORMED")  # a new interval for all clients
 
 
 def test_flush_reports_pending_summaries_at_shutdown(limiter):
