@@ -68,7 +68,7 @@ def load(path=None, **options):
     "f32", "f16" or "q8" hidden states; exact: bit-identical to one node (f32);
     fuse: token-fusion threshold for prefill; keys: CurveZMQ key directory;
     insecure: allow unencrypted non-loopback peers; peer_timeout: seconds per
-    request; link ("100Mbit/5ms"): link emulation, a measurement aid.
+    request and per start-up step of a peer; link ("100Mbit/5ms"): link emulation, a measurement aid.
     """
     return Model(path, **from_keywords(options))
 

@@ -345,14 +345,15 @@ class Peers(Group):
     )
     timeout: float = option(
         10.0,
-        "Seconds a peer has to answer a request before its work is done here.",
+        "Seconds a peer has to answer a request before its work is done here, and to "
+        "take each start-up step (connect, welcome, assignment, each expert loaded).",
         flags=("--peer-timeout",),
         kind=float,
         lo=0.01,
         keyword="peer_timeout",
     )
     connect_timeout: float = option(
-        60.0, "Seconds for all peers to be ready at start.", kind=float, lo=0.01, keyword=""
+        60.0, "Seconds at most for all peers to be ready at start.", kind=float, lo=0.01, keyword=""
     )
     liveness: float = option(
         3, "Missed heartbeats before a peer counts as dead.", kind=float, lo=1, keyword=""
