@@ -48,12 +48,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 OUT = ROOT / "benchmarks" / "out"
 SHARED = ROOT.parent / "shared" / "models"
 
-from helpers_models import Shape, llamacpp_quantize, write_random_model  # noqa: E402
-
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels import busy_cpu_seconds, median_time, memory_bandwidth  # noqa: E402
+# helpers_models (gguf) and kernels (Numba, meldlite's kernels) are imported where they are
+# used, so that a llama.cpp child process (here and in memcap.py) loads neither
 
-EDGE = Shape(
+EDGE = dict(  # helpers_models.Shape fields
     n_vocab=49152,
     n_embd=1024,
     n_layer=24,
@@ -69,6 +68,8 @@ EDGE = Shape(
 
 
 def model_path(name):
+    from helpers_models import Shape, llamacpp_quantize, write_random_model
+
     OUT.mkdir(parents=True, exist_ok=True)
     if name.startswith("trained"):
         f16 = SHARED / "tinystories-moe-f16.gguf"
@@ -78,7 +79,7 @@ def model_path(name):
         return dst if dst.exists() else llamacpp_quantize(f16, dst, "Q4_K_M")
     f16 = OUT / "edge-f16.gguf"
     if not f16.exists():
-        write_random_model(f16, "qwen3moe", shape=EDGE, dtype=np.float16)
+        write_random_model(f16, "qwen3moe", shape=Shape(**EDGE), dtype=np.float16)
     kind = {"edge-q4": "Q4_K_M", "edge-q8": "Q8_0"}[name]
     dst = OUT / f"edge-{kind.lower()}.gguf"
     return dst if dst.exists() else llamacpp_quantize(f16, dst, kind)
@@ -96,9 +97,6 @@ WARMUP_PROMPT, WARMUP_DECODE = 8, 2  # warm-up of both engines before they are t
 def time_llamacpp(path, ids, n_decode, threads, repack=True):
     """(prefill tok/s, decode tok/s) of llama.cpp, measured in a child process; repack False
     loads it as --no-repack does."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if LLAMACPP_WAIT != "default":
-        env["OMP_WAIT_POLICY"] = LLAMACPP_WAIT
     out = subprocess.run(
         [
             sys.executable,
@@ -106,7 +104,7 @@ def time_llamacpp(path, ids, n_decode, threads, repack=True):
             "--llamacpp-child",
             json.dumps([str(path), ids, n_decode, threads, repack]),
         ],
-        env=env,
+        env=llamacpp_env(),
         capture_output=True,
         text=True,
         check=True,
@@ -114,19 +112,35 @@ def time_llamacpp(path, ids, n_decode, threads, repack=True):
     return tuple(json.loads(out.strip().splitlines()[-1]))
 
 
-def llamacpp_child(path, ids, n_decode, threads, repack):
-    import llama_cpp
+def llamacpp_env():
+    """This process's environment minus the OpenMP wait settings meldlite makes for itself
+    (llama.cpp's own default), or with LLAMACPP_WAIT's policy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if LLAMACPP_WAIT != "default":
+        env["OMP_WAIT_POLICY"] = LLAMACPP_WAIT
+    return env
+
+
+def disable_repack():
+    """Make llama-cpp-python load models as llama.cpp's --no-repack does: no extra
+    (repacked) CPU buffer types (the model params' use_extra_bufts off)."""
     from llama_cpp import llama_cpp as capi
 
-    if not repack:  # llama.cpp's --no-repack: no extra (repacked) CPU buffer types
-        defaults = capi.llama_model_default_params
+    defaults = capi.llama_model_default_params
 
-        def no_repack():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
 
-        capi.llama_model_default_params = no_repack
+    capi.llama_model_default_params = no_repack
+
+
+def llamacpp_child(path, ids, n_decode, threads, repack):
+    import llama_cpp
+
+    if not repack:
+        disable_repack()
     llm = llama_cpp.Llama(
         str(path),
         n_ctx=len(ids) + n_decode + 8,
@@ -183,6 +197,8 @@ class Quiet:
 
     def foreign(self, fn):
         """(result of fn(), CPU-seconds per second used by other processes meanwhile)."""
+        from kernels import busy_cpu_seconds
+
         busy0, own0, wall0 = busy_cpu_seconds(), sum(os.times()[:4]), time.perf_counter()
         result = fn()
         if busy0 is None:
@@ -347,6 +363,7 @@ def main():
         print_model(name, med, model, threads)
     print_scaling(results, threads)
     import numba  # the layer is known once a parallel loop has run
+    from kernels import median_time, memory_bandwidth
 
     bw = [
         QUIET(lambda: memory_bandwidth(1.0, lambda fn: median_time(fn, 5))) / 1e9 for _ in range(3)

@@ -298,18 +298,26 @@ def adaptive(name, thresholds, n_stories, threads, decode_spec):
 # -- one configuration (child process) ----------------------------------------------
 
 
+def load_kernels():
+    """Load meldlite's compiled kernels (Numba cache) by running the built-in model once,
+    then let it go, so that a measured model starts with its kernels in memory."""
+    import gc
+
+    import meldlite
+
+    warm = meldlite.load(n_ctx=64)
+    warm.logits(warm.tokenize("Once upon a time"))
+    warm.close()
+    del warm
+    gc.collect()
+
+
 def worker(spec):
     """Run one configuration and print a JSON line of measurements."""
     import meldlite
     from meldlite.experts.io import drop_file_cache, memory_status, reset_peak_rss
 
-    warm = meldlite.load(n_ctx=64)  # load the kernels (Numba cache)
-    warm.logits(warm.tokenize("Once upon a time"))
-    warm.close()
-    del warm
-    import gc
-
-    gc.collect()
+    load_kernels()
     reset_peak_rss()
     r0 = memory_status().get("VmRSS", 0)
     cold = drop_file_cache(spec["path"])
