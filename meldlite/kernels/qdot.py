@@ -36,13 +36,13 @@ For two tokens or more, Q4_K, Q6_K and Q8_0 take token tiles instead (`tiles_q4_
 each block is unpacked once for up to TILE tokens (simd's *_tile intrinsics) and each
 token's float steps are the row function's, in its order, so the bits are the same.
 
-The K-quants, IQ4_XS, IQ4_NL, MXFP4, Q4_0, Q5_0, Q4_1, Q5_1 and Q8_0's tiles take their
-per-block integer sums from simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and do
-the float steps here, block by block in order. Q8_0's one-token kernel is a plain Numba
-loop; there Numba widens int32 arithmetic to int64, so each accumulation is written `s = np.int32(s + np.int16(q) * np.int16(a))`, which LLVM narrows
-to vpdpwssd/vpmaddwd, and the inner loops run to a *runtime* length `L` (passed in)
-because loops with constant trip counts are fully unrolled before the loop vectorizer sees
-them and then stay scalar.
+Every type here (the K-quants, IQ4_XS, IQ4_NL, MXFP4, Q4_0, Q5_0, Q4_1, Q5_1, Q8_0) takes
+its per-block integer sums from simd.py (LLVM vector code: vpmaddubsw/vpmaddwd on x86) and
+does the float steps here, block by block in order (Q8_0's row kernel has simd add four
+blocks' terms in that order: q8_0_acc4). Loops that Numba vectorizes on its own
+(dot_lanes16) run to a *runtime* length `L` (passed in) because loops with
+constant trip counts are fully unrolled before the loop vectorizer sees them and then stay
+scalar.
 """
 
 import numpy as np
