@@ -2,7 +2,7 @@
 
     python benchmarks/memcap.py [--models edge-q4] [--big] [--caps 1.0,0.75,0.5,0.4,0.25]
         [--reps 3] [--prompt 32] [--decode 24] [--threads 2] [--margin 32MiB] [--timeout 900]
-        [--big-shape n_layer=2,n_expert=16,...]
+        [--big-shape n_layer=2,n_expert=16,...] [--mem-limit]
 
 Models: names of benchmarks/generate.py (`edge-q4`, ...; generated into benchmarks/out/ when
 absent), `builtin` (a copy of the built-in model, which itself warms meldlite's kernels), `big` (also --big) or a GGUF path. `big` is a
@@ -54,6 +54,9 @@ bookkeeping, reads in flight; docs/experts.md measured 13-18 MiB above R0 + N + 
 edge model). B is clamped to [the store's minimum (one layer's top-k experts), all expert
 bytes]; a budget raised to the minimum is marked "min" (the cap is then too small for the
 rule, and the run shows what happens). Without a cap meldlite runs without a budget.
+With --mem-limit, meldlite instead gets the cap itself as `mem_limit` (the library sizes
+the budget from its own RSS, KV cache and margin, docs/experts.md; the prompt is one
+chunk) and the budget column shows what it chose.
 """
 
 import argparse
@@ -328,6 +331,7 @@ class Setup:
     threads: int
     n_prompt: int
     n_decode: int
+    mem_limit: bool = False  # meldlite sized by the library's mem_limit, not the rule
     runs: int = 0
 
 
@@ -374,6 +378,7 @@ def run_capped(setup, spec, limit):
     res.update(
         engine=spec["engine"],
         budget=spec.get("budget"),
+        mem_limit=spec.get("mem_limit"),
         limit=limit,
         status=run_status(code, ooms, timed_out, phases),
         peak=peak,
@@ -417,7 +422,9 @@ def run_cap(setup, base, cap, budget, reps):
             if runs[engine] and runs[engine][-1]["status"] != "ok":
                 continue  # killed, failed or timed out once: not again
             spec = dict(base, engine=engine)
-            if engine == "meldlite":
+            if engine == "meldlite" and setup.mem_limit:
+                spec.update(budget=None, mem_limit=cap)
+            elif engine == "meldlite":
                 spec["budget"] = budget
             runs[engine].append(run_capped(setup, spec, cap))
     return runs
@@ -477,6 +484,8 @@ def bench_model(setup, name, path, caps, reps, margin):
         label = "none" if cap is None else f"{cap_text} ({cap / 1e6:.0f} MB)"
         shown = "none" if budget is None else f"{budget / 1e6:.1f} MB"
         shown += f" ({note})" if note and budget is not None else ""
+        if setup.mem_limit and cap is not None:
+            shown = limit_budget_text(runs["meldlite"])
         print_cap(name, label, shown, runs, rows, bandwidth)
         summary.append(f"| {name} | {label} | " + " | ".join(ratio_cells(rows)) + " |")
     print(f"\n{SUMMARY_HEADER}\n" + "\n".join(summary), flush=True)
@@ -585,6 +594,13 @@ def timed_greedy(prefill, step, ids, n_decode):
     emit("decode", decode_tok_s=n_decode / (t2 - t1), decode_read=r2 - r1, tokens=tokens)
 
 
+def limit_budget_text(runs):
+    """The budget meldlite's mem_limit sizing chose (median over the runs that got that
+    far), for the table's budget column."""
+    got = [r["budget_bytes"] for r in runs if r.get("budget_bytes") is not None]
+    return f"{statistics.median(got) / 1e6:.1f} MB (mem_limit)" if got else "- (mem_limit)"
+
+
 def meldlite_child(spec):
     from offload import load_kernels
 
@@ -592,9 +608,12 @@ def meldlite_child(spec):
     import meldlite
 
     emit("kernels loaded")
-    m = meldlite.load(
-        spec["path"], n_ctx=spec["n_ctx"], n_threads=spec["threads"], mem_budget=spec["budget"]
-    )
+    if spec.get("mem_limit"):  # the library sizes its budget; chunks of the prompt's size
+        store = dict(mem_limit=spec["mem_limit"], n_batch=len(spec["ids"]))
+    else:
+        store = dict(mem_budget=spec["budget"])
+    m = meldlite.load(spec["path"], n_ctx=spec["n_ctx"], n_threads=spec["threads"], **store)
+    emit("model loaded", budget_bytes=m.stats().get("budget_bytes"))
     emit("model loaded")
     timed_greedy(
         lambda ids: m._eval(ids, all_logits=False)[-1],
@@ -680,6 +699,11 @@ def main():
     ap.add_argument("--decode", type=int, default=24)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--margin", default="32MiB", help="the budget rule's margin M")
+    ap.add_argument(
+        "--mem-limit",
+        action="store_true",
+        help="give meldlite the cap as mem_limit (its own sizing) instead of the rule's budget",
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--json", type=Path, help="write every run's measurements to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -697,7 +721,9 @@ def main():
         return None
     from meldlite.units import parse_size
 
-    setup = Setup(version, base, args.timeout, args.threads, args.prompt, args.decode)
+    setup = Setup(
+        version, base, args.timeout, args.threads, args.prompt, args.decode, args.mem_limit
+    )
     names = [n for n in args.models.split(",") if n] + (["big"] if args.big else [])
     overrides = shape_overrides(args.big_shape)
     paths = [resolve_model(n, overrides) for n in names]
