@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 
 from meldlite import kernels
 from meldlite.errors import FormatError, UnsupportedError
-from meldlite.formats.gguf import TensorView
+from meldlite.formats.gguf import TensorView, pread_full
 from meldlite.formats.pack import non_expert_names
 from meldlite.kernels.actquant import NONE, mode_of
 from meldlite.kernels.matmul import readonly_matrix
@@ -100,7 +100,9 @@ class Weights:
                     continue
                 t = self.gguf.tensor(name)
                 buf = np.empty(t.raw.shape, np.uint8)  # (*shape[:-1], row_bytes)
-                _read_exactly(fd, buf.reshape(-1), t.offset)
+                done = pread_full(fd, buf, t.offset)
+                if done < buf.size:
+                    raise FormatError(f"file ends inside a tensor at offset {t.offset + done}")
                 buf.flags.writeable = False  # as read-only as the map
                 self._copies[name] = TensorView(name, t.ggml_type, t.shape, buf, t.offset)
                 if hasattr(os, "posix_fadvise"):
@@ -172,13 +174,3 @@ class Weights:
                 f"has {getattr(m, 'shape', None)}"
             )
         return m
-
-
-def _read_exactly(fd, buf, offset):
-    """Fill uint8 buf (n,) from the file at `offset`; FormatError on a short file."""
-    done = 0
-    while done < buf.size:
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n <= 0:
-            raise FormatError(f"file ends inside a tensor at offset {offset + done}")
-        done += n

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from meldlite.errors import FormatError
+from meldlite.formats.gguf import pread_full
 
 PAGE = mmap.PAGESIZE
 
@@ -193,17 +194,12 @@ class ExpertFile:
         fd = self.fd_direct if self.direct else self.fd
 
         def read():
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    if done >= need:
-                        break
-                    raise FormatError(
-                        f"{self.path}: file ends at byte {offset + done}, "
-                        f"expected expert bytes up to {offset + need}"
-                    )
-                done += got
+            done = pread_full(fd, view, offset)
+            if done < need:
+                raise FormatError(
+                    f"{self.path}: file ends at byte {offset + done}, "
+                    f"expected expert bytes up to {offset + need}"
+                )
             if self.drop_cache and not self.direct:
                 drop_range(fd, offset, n)
             return done

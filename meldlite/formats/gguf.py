@@ -9,6 +9,7 @@ stacked layout of llama.cpp and meldlite's per-expert layout (see layout.py and
 docs/format.md).
 """
 
+import os
 import struct
 from pathlib import Path
 
@@ -20,6 +21,20 @@ from meldlite.formats import layout
 from meldlite.formats.validate import SCALAR_DTYPES, check_header
 
 _RESERVED_PREFIX = "GGUF."  # GGUFReader's pseudo-fields for the header counts
+
+
+def pread_full(fd, buf, offset):
+    """Read the file `fd` from byte `offset` into the writable buffer `buf` (uint8 array
+    or memoryview) until it is full or the file ends (os.preadv, no seek: safe across
+    threads); returns the number of bytes read."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    return done
 
 
 def read_gguf(path):

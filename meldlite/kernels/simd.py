@@ -479,12 +479,7 @@ def _q8_0_vector(c, rowty, row, o, qaty, qa, oa, g):
         w = c.load(rowty, row, o, V32I8, 2 + 34 * j)
         a = c.load(qaty, qa, oa, V32I8, 32 * j)
         vs.append(c.madd(c.maddss(a, w), ones))
-    while len(vs) > 1:
-        vs = [_halve(c, vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
-    v = vs[0]
-    while v.type.count > g:
-        v = _halve(c, v, v)
-    return v
+    return _lane_vector(c, vs)
 
 
 def _q8_0_sum_codegen(context, builder, sig, args):
@@ -707,16 +702,23 @@ def _halve(c, a, z):
     return c.b.add(c.b.shuffle_vector(a, z, ev), c.b.shuffle_vector(a, z, od))
 
 
-def _lane_sums(c, vs):
-    """[sum of the lanes of v for v in vs] for 1, 2, 4 or 8 vectors <8 x i32>: lane pairs
-    added across the vectors, then within the one left (shuffles and adds, exact)."""
+def _lane_vector(c, vs):
+    """<g x i32> whose lane i is the sum of the lanes of vs[i], for g = 1, 2, 4 or 8
+    vectors <8 x i32>: lane pairs added across the vectors, then within the one left
+    (shuffles and adds, exact)."""
     g = len(vs)
     while len(vs) > 1:
         vs = [_halve(c, vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
     v = vs[0]  # 8 / g lanes per input vector, in order
     while v.type.count > g:
         v = _halve(c, v, v)
-    return [c.b.extract_element(v, ir.Constant(I32, i)) for i in range(g)]
+    return v
+
+
+def _lane_sums(c, vs):
+    """[sum of the lanes of v for v in vs] (_lane_vector's lanes as scalars)."""
+    v = _lane_vector(c, vs)
+    return [c.b.extract_element(v, ir.Constant(I32, i)) for i in range(len(vs))]
 
 
 def _q8_0_tile_codegen(context, builder, sig, args):
