@@ -235,3 +235,24 @@ def test_run_under_a_limit_peaks_below_it(tmp_path):
     assert got["budget_bytes"] < got["expert_bytes"] // 2 and got["evictions"] > 0
     assert peak <= limit, (peak, limit, got)
     print(json.dumps({"limit": limit, "peak": peak, **got}))
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "serve"])
+def test_cli_batch_size_reaches_the_model(command, monkeypatch):
+    """`-b` (the prompt chunk, which the mem_limit margin grows with) is an option of
+    run, chat and serve, and reaches the Model's runtime; the run stops at the Model."""
+    from click.testing import CliRunner
+
+    from meldlite import api
+    from meldlite.cli import main
+
+    seen = {}
+
+    def record(self, path=None, runtime=None, **kw):
+        seen["n_batch"] = runtime.n_batch
+        raise OptionError("stopped by the test")
+
+    monkeypatch.setattr(api.Model, "__init__", record)
+    res = CliRunner().invoke(main, [command, "-b", "16"], input="")
+    assert res.exit_code == 2 and "stopped by the test" in res.output, res.output
+    assert seen == {"n_batch": 16}

@@ -15,7 +15,7 @@ HELP_LINE = "Type a message. /reset starts over, /exit or Ctrl-D quits, Ctrl-C s
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @declared(Generation, "max_tokens")
 @declared(Sampler)
-@declared(Runtime, "n_threads", "n_ctx")
+@declared(Runtime, "n_threads", "n_ctx", "n_batch")
 @declared(Store)
 @declared(Runtime, "min_expert_weight", "cold")
 @click.option("--system", default=None, help="A system message that opens the conversation.")

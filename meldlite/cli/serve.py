@@ -24,7 +24,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
     default=None,
     help="Require `Authorization: Bearer KEY` on /v1/ requests (also $MELDLITE_API_KEY).",
 )
-@declared(Runtime, "n_threads", "n_ctx", "n_parallel", defaults={"n_parallel": 4})
+@declared(Runtime, "n_threads", "n_ctx", "n_batch", "n_parallel", defaults={"n_parallel": 4})
 @declared(Store)
 @declared(Runtime, "min_expert_weight", "cold")
 @declared(Peers)
